@@ -1,0 +1,48 @@
+"""tensorpress: a compiler, on Apache TVM, for compressed LLM inference on NVIDIA Tensor Cores.
+
+    import tensorpress
+    artifact = tensorpress.compile("model.onnx", "model.tpk", target="cpu")
+    model = tensorpress.runtime.load("model.tpk", device="cpu")
+    outputs = model.run({"x": x})
+
+Importing this package is cheap: TVM, torch and the compiler load only when first used, so the
+runtime (which must never pull in the compiler) and `tensorpress --help` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "compile": "tensorpress.compiler.api",
+    "FPxConfig": "tensorpress.compiler.configs",
+    "SparseConfig": "tensorpress.compiler.configs",
+    "KVCacheConfig": "tensorpress.compiler.configs",
+    "runtime": "tensorpress.runtime",
+    "TensorpressError": "tensorpress.errors",
+}
+
+if TYPE_CHECKING:
+    from tensorpress import runtime as runtime
+    from tensorpress.compiler.api import compile as compile
+    from tensorpress.compiler.configs import FPxConfig as FPxConfig
+    from tensorpress.compiler.configs import KVCacheConfig as KVCacheConfig
+    from tensorpress.compiler.configs import SparseConfig as SparseConfig
+    from tensorpress.errors import TensorpressError as TensorpressError
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'tensorpress' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted(_LAZY) + ["__version__"]
