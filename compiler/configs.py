@@ -1,0 +1,155 @@
+"""Compression configs the user passes to `tensorpress.compile` (torchao style: plain, serialisable).
+
+    tensorpress.compile(model, weights=FPxConfig(ebits=3, mbits=2, scale_search="mse", skip=("*.fc2",)))
+
+Each config validates itself when built (a bad value raises ConfigError, saying which field and what
+is allowed) and round-trips through `to_dict()` / `config_from_dict()`, which is how the artifact's
+manifest stores it as written. `implemented` says whether `compile` can carry the config out yet; the
+sparse and KV-cache configs are accepted by the API and rejected by compile until their issues land.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from tensorpress.compiler.formats import fpx
+from tensorpress.compiler.formats.registry import SCALE_SEARCHES, WEIGHT_FORMATS, FPxFormat
+from tensorpress.errors import ConfigError
+
+SPARSE_FORMATS = ("tiled-csl", "bitmap")
+KV_CACHE_FORMATS = ("fp16", "int2-kitty", "int2-oscar")
+
+
+class _Config:
+    """to_dict / from_dict shared by the configs: {"kind": KIND, field: value, ...}, JSON-friendly."""
+
+    kind: ClassVar[str]
+    implemented: ClassVar[bool]
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        data = dict(data)
+        kind = data.pop("kind", cls.kind)
+        if kind != cls.kind:
+            raise ConfigError(f"a {kind!r} config cannot be read as {cls.__name__} (kind {cls.kind!r}).")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__} has no field {', '.join(unknown)}; fields: {', '.join(sorted(names))}."
+            )
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class FPxConfig(_Config):
+    """FPx weights (FP6-LLM): eXmY codes, one fp16 scale per output channel.
+
+    ebits, mbits: exponent and mantissa bits (e3m2 = FP6 default, e2m3, e2m2 = FP5, e2m1 = FP4, ...).
+    scale_search: "absmax" (absmax / max value, the default) or "mse" (per-channel clip search).
+    skip: name patterns (fnmatch) of linear layers to keep dense, on top of the default filter.
+    """
+
+    ebits: int = 3
+    mbits: int = 2
+    scale_search: str = "absmax"
+    skip: tuple[str, ...] = ()
+
+    kind: ClassVar[str] = "fpx"
+    implemented: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if isinstance(self.ebits, bool) or isinstance(self.mbits, bool):
+            raise ConfigError("FPxConfig ebits and mbits must be integers, not booleans.")
+        fpx.check_format(self.ebits, self.mbits)
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ConfigError(
+                f"FPxConfig scale_search must be one of {', '.join(SCALE_SEARCHES)}, "
+                f"got {self.scale_search!r}."
+            )
+        if isinstance(self.skip, str) or not isinstance(self.skip, Sequence):
+            raise ConfigError(f"FPxConfig skip takes a list of name patterns, got {self.skip!r}.")
+        if not all(isinstance(p, str) for p in self.skip):
+            raise ConfigError(f"FPxConfig skip patterns must be strings, got {list(self.skip)!r}.")
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    @classmethod
+    def from_format_name(cls, name: str, scale_search: str = "absmax", skip: Sequence[str] = ()) -> FPxConfig:
+        """The config of a registered FPx name ("fp6", "fp5", "e2m3", ...)."""
+        fmt = WEIGHT_FORMATS.get(name)
+        if not isinstance(fmt, FPxFormat):
+            valid = ", ".join(n for n, f in sorted(WEIGHT_FORMATS.items()) if isinstance(f, FPxFormat))
+            raise ConfigError(f"{name!r} is not an FPx format name; valid names: {valid}.")
+        return cls(fmt.ebits, fmt.mbits, scale_search, tuple(skip))
+
+    @property
+    def format_name(self) -> str:
+        """The canonical eXmY name, e.g. "e3m2"."""
+        return f"e{self.ebits}m{self.mbits}"
+
+    def weight_format(self) -> FPxFormat:
+        """The registry's format for this config (packs and unpacks weights)."""
+        return FPxFormat(self.format_name, self.ebits, self.mbits, self.scale_search)
+
+
+@dataclass(frozen=True)
+class SparseConfig(_Config):
+    """Unstructured-sparse weights (Flash-LLM): keep the largest (1 - sparsity) of each weight.
+
+    sparsity: fraction of zeros, 0 <= sparsity < 1; format: "tiled-csl" or "bitmap".
+    Accepted by the API, rejected by compile until the sparse-weights issue lands (`implemented`).
+    """
+
+    sparsity: float
+    format: str = "tiled-csl"
+
+    kind: ClassVar[str] = "sparse"
+    implemented: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise ConfigError(f"SparseConfig sparsity must be a number in [0, 1), got {self.sparsity!r}.")
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"SparseConfig sparsity must be in [0, 1), got {self.sparsity}.")
+        object.__setattr__(self, "sparsity", float(self.sparsity))
+        if self.format not in SPARSE_FORMATS:
+            raise ConfigError(
+                f"SparseConfig format must be one of {', '.join(SPARSE_FORMATS)}, got {self.format!r}."
+            )
+
+
+@dataclass(frozen=True)
+class KVCacheConfig(_Config):
+    """How the KV cache is stored: "fp16", "int2-kitty" or "int2-oscar".
+
+    Accepted by the API, rejected by compile until the 2-bit KV cache issue lands (`implemented`).
+    """
+
+    format: str = "fp16"
+
+    kind: ClassVar[str] = "kv_cache"
+    implemented: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.format not in KV_CACHE_FORMATS:
+            raise ConfigError(
+                f"KVCacheConfig format must be one of {', '.join(KV_CACHE_FORMATS)}, got {self.format!r}."
+            )
+
+
+CONFIG_KINDS: dict[str, type[_Config]] = {c.kind: c for c in (FPxConfig, SparseConfig, KVCacheConfig)}
+
+
+def config_from_dict(data: dict[str, Any]) -> FPxConfig | SparseConfig | KVCacheConfig:
+    """Rebuild any config from its `to_dict()` (dispatching on "kind")."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in CONFIG_KINDS:
+        raise ConfigError(f"unknown config kind {kind!r}; valid kinds: {', '.join(CONFIG_KINDS)}.")
+    return CONFIG_KINDS[kind].from_dict(data)
