@@ -1,0 +1,1 @@
+"""Our definitions of decoder LLM families (tvm.relax.frontend.nn), loaded with Hugging Face weights."""

@@ -1,0 +1,90 @@
+"""The pieces of a decoder layer that touch the paged KV cache: RoPE, append, attention.
+
+`PagedKV` is the per-call view of the cache that the model threads through its layers: the page
+pool tensor (updated in place by each layer's append, see `schedules/kv_attention.py` for the
+layout) and the metadata that says where each token goes:
+
+    positions[N]       absolute position of each token in its sequence (int32)
+    seq_slot[N]        row of `block_table` of each token's sequence (int32)
+    block_table[B, M]  page ids of each sequence, in order (int32; unused entries are never read)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tensorpress.schedules.kv_attention import kv_append_func, paged_attention_func
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+
+def rope_func(num_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
+    """Rotary embedding, rotate-half convention (Llama/Qwen2 in HF): x[N, heads, D] -> same shape.
+
+    out[n, h, i] = x[n, h, i] * cos(a) + rot[n, h, i] * sin(a),  a = positions[n] * inv_freq[i mod D/2],
+    rot = (-x[D/2:], x[:D/2]). Angles and products in fp32, like transformers.
+    """
+    half = head_dim // 2
+    n = tirx.Var("n", "int64")
+    x = te.placeholder((n, num_heads, head_dim), dtype, name="x")
+    positions = te.placeholder((n,), "int32", name="positions")
+    inv_freq = te.placeholder((half,), "float32", name="inv_freq")
+
+    def rotate(i, h, d):
+        angle = positions[i].astype("float32") * inv_freq[d % half]
+        partner = tirx.if_then_else(d < half, -x[i, h, d + half], x[i, h, d - half])
+        value = x[i, h, d].astype("float32") * tirx.cos(angle) + partner.astype("float32") * tirx.sin(angle)
+        return value.astype(dtype)
+
+    out = te.compute((n, num_heads, head_dim), rotate, name="rope")
+    return te.create_prim_func([x, positions, inv_freq, out]).without_attr("global_symbol")
+
+
+@dataclass
+class PagedKV:
+    """The page pool and per-token metadata of one prefill/decode call (see module docstring)."""
+
+    pages: nn.Tensor  # [L, P, 2, KVH, PS, D]
+    positions: nn.Tensor
+    seq_slot: nn.Tensor
+    block_table: nn.Tensor
+    phase: str  # "prefill" or "decode": which attention kernel (and schedule) to use
+
+    @property
+    def page_size(self) -> int:
+        return int(self.pages.shape[4])
+
+    def attend(self, layer: int, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor) -> nn.Tensor:
+        """Append k, v ([N, KVH, D]) of this layer to the pages, then attend q ([N, H, D]) over them."""
+        _, heads, head_dim = (int(s) if isinstance(s, int) else s for s in q.shape)
+        kv_heads = int(k.shape[1])
+        dtype = q.dtype
+        layer_arg = tirx.IntImm("int64", layer)
+        append = kv_append_func(kv_heads, head_dim, self.page_size, dtype)
+        self.pages = op.tensor_ir_inplace_op(
+            append,
+            "kv_append",
+            [self.pages, k, v, self.positions, self.seq_slot, self.block_table, layer_arg],
+            inplace_indices=[0],
+            out=nn.Tensor.placeholder(self.pages.shape, dtype),
+        )
+        attention = paged_attention_func(heads, kv_heads, head_dim, self.page_size, dtype, self.phase)
+        return op.tensor_ir_op(
+            attention,
+            f"paged_attention_{self.phase}",
+            [q, self.pages, self.positions, self.seq_slot, self.block_table, layer_arg],
+            out=nn.Tensor.placeholder(q.shape, dtype),
+        )
+
+
+def apply_rope(x: nn.Tensor, positions: nn.Tensor, inv_freq: np.ndarray) -> nn.Tensor:
+    """RoPE on x [N, heads, D] at `positions` [N]; inv_freq [D/2] float32 becomes a constant."""
+    heads, head_dim = int(x.shape[1]), int(x.shape[2])
+    return op.tensor_ir_op(
+        rope_func(heads, head_dim, x.dtype),
+        "rope",
+        [x, positions, nn.Tensor.from_const(inv_freq)],
+        out=nn.Tensor.placeholder(x.shape, x.dtype),
+    )

@@ -1,0 +1,157 @@
+"""Hugging Face decoder folder -> ImportedModel(kind="decoder") with prefill/decode over a paged KV cache.
+
+The folder is not traced: config.json names the architecture, we build our own definition of that
+family (frontend/decoders/) and fill its parameters from the folder's *.safetensors under their
+Hugging Face names. Linear layers export as `R.matmul(x, R.permute_dims(W))` (+ `R.add(.., bias)`)
+with W a named parameter, so the compiler's weight-format pass treats them like any other model's.
+
+    imported = import_hf_decoder("path/to/llama", dtype="float16")
+    imported.mod          prefill / decode (see frontend/decoders/causal_lm.py for the signatures)
+    imported.params       {hf name: numpy array}, in trailing-parameter order
+    imported.info         {"decoder": manifest section for the runtime, "extra_files": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tensorpress.frontend.decoders.causal_lm import DECODE, PREFILL, CausalLM
+from tensorpress.frontend.decoders.config import (
+    SUPPORTED_ARCHITECTURES,
+    DecoderConfig,
+    decoder_config_from_hf,
+)
+from tensorpress.frontend.decoders.safetensors_reader import read_safetensors_folder
+from tensorpress.frontend.imported_model import ImportedModel, TensorSpec
+
+from tensorpress.errors import ModelImportError
+
+DEFAULT_PAGE_SIZE = 16
+TOKENIZER_FILE = "tokenizer.json"
+_DTYPES = ("float32", "float16")
+
+
+def is_hf_decoder_folder(folder: str | Path) -> bool:
+    """True when folder/config.json names an architecture this frontend defines."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return bool(archs) and archs[0] in SUPPORTED_ARCHITECTURES
+
+
+def read_decoder_config(folder: str | Path) -> DecoderConfig:
+    """The DecoderConfig of a Hugging Face folder (config.json + generation_config.json if present)."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelImportError(f"{folder}: no config.json; expected a Hugging Face model folder.") from None
+    except ValueError as err:
+        raise ModelImportError(f"{path}: not valid JSON ({err}).") from None
+    gen_path = folder / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    return decoder_config_from_hf(hf, generation, where=str(path))
+
+
+def build_decoder_module(config: DecoderConfig, dtype: str) -> CausalLM:
+    """Our nn.Module for the config's family (parameters unset)."""
+    if config.family == "llama":
+        from tensorpress.frontend.decoders.llama import LlamaForCausalLM
+
+        return LlamaForCausalLM(config, dtype)
+    from tensorpress.frontend.decoders.opt import OPTForCausalLM
+
+    return OPTForCausalLM(config, dtype)
+
+
+def _default_dtype(folder: Path) -> str:
+    hf = json.loads((folder / "config.json").read_text())
+    stored = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return "float32" if stored == "float32" else "float16"
+
+
+def _load_params(
+    named: list[tuple[str, Any]], tensors: dict[str, np.ndarray], dtype: str, folder: Path
+) -> dict[str, np.ndarray]:
+    params: dict[str, np.ndarray] = {}
+    for name, param in named:
+        if name not in tensors:
+            raise ModelImportError(f"{folder}: weight {name} is missing from the *.safetensors files.")
+        array = tensors[name]
+        expected = tuple(int(s) for s in param.shape)
+        if array.shape != expected:
+            raise ModelImportError(
+                f"{folder}: weight {name} has shape {list(array.shape)}, but config.json implies "
+                f"{list(expected)}."
+            )
+        params[name] = np.ascontiguousarray(array.astype(dtype, copy=False))
+    return params
+
+
+def import_hf_decoder(
+    folder: str | Path, dtype: str | None = None, page_size: int = DEFAULT_PAGE_SIZE
+) -> ImportedModel:
+    """Import a Llama/Qwen2/OPT causal-LM folder as prefill/decode functions over a paged KV cache.
+
+    dtype: compute and weight dtype ("float32" or "float16"; default: float32 for float32
+    checkpoints, else float16). page_size: tokens per KV page (fixed in the compiled kernels).
+    """
+    folder = Path(folder)
+    config = read_decoder_config(folder)
+    dtype = dtype or _default_dtype(folder)
+    if dtype not in _DTYPES:
+        supported = " or ".join(_DTYPES)
+        raise ModelImportError(f"{folder}: dtype {dtype!r} is not supported for decoders (use {supported}).")
+    module = build_decoder_module(config, dtype)
+    mod, named = module.export_tvm(spec=module.export_spec(page_size))
+    params = _load_params(named, read_safetensors_folder(folder), dtype, folder)
+
+    cache_shape = module.cache_shape(page_size)
+    # learned position tables end; RoPE has no hard limit
+    max_len = config.max_position_embeddings if config.position_encoding == "learned" else None
+    tokenizer = folder / TOKENIZER_FILE
+    decoder_info = {
+        "config": config.to_dict(),
+        "dtype": dtype,
+        "page_size": page_size,
+        "cache_shape": cache_shape,  # "num_pages" is chosen by the runtime
+        "cache_dtype": dtype,
+        "functions": {"prefill": PREFILL, "decode": DECODE},
+        "max_sequence_length": max_len,
+        "eos_token_ids": list(config.eos_token_ids),
+        "bos_token_id": config.bos_token_id,
+        "tokenizer": TOKENIZER_FILE if tokenizer.is_file() else None,
+    }
+    info = {
+        "architecture": config.architecture,
+        "decoder": decoder_info,
+        # files the artifact must carry beside the weights: {name in artifact: path on disk}
+        "extra_files": {TOKENIZER_FILE: str(tokenizer)} if tokenizer.is_file() else {},
+    }
+    pages = TensorSpec("kv_pages", tuple(cache_shape), dtype)
+    inputs = [
+        TensorSpec("input_ids", ("n",), "int32"),
+        TensorSpec("positions", ("n",), "int32"),
+        TensorSpec("seq_slot", ("n",), "int32"),
+        TensorSpec("block_table", ("b", "m"), "int32"),
+        TensorSpec("last_token_index", ("b",), "int32"),
+        pages,
+    ]
+    outputs = [TensorSpec("logits", ("b", config.vocab_size), "float32")]
+    return ImportedModel(
+        mod=mod,
+        params=params,
+        inputs=inputs,
+        outputs=outputs,
+        kind="decoder",
+        source=str(folder),
+        info=info,
+    )

@@ -1,0 +1,334 @@
+"""Text generation with a compiled decoder: the runtime owns the paged KV cache and the batch.
+
+    model = tensorpress.runtime.load("llm.tpk", device="cpu")          # -> DecoderModel
+    model.generate([1, 2, 3], max_new_tokens=32)                       # -> [new token ids]
+    model.generate(["Hello", [5, 6]], max_new_tokens=8, temperature=0.7, top_p=0.9, seed=1)
+    for seq, token in model.generate_stream("Hello", max_new_tokens=8): ...
+
+One call to `generate` runs a small continuous-batching loop: prompts of any lengths are admitted
+while the page pool can hold them, prefilled together (ragged, one `prefill` call), then decoded
+together one token per step (one `decode` call per step). A finished sequence gives its pages back at
+once and waiting prompts take them. A prompt is only admitted when the pool can hold it through its
+last token (prompt + max_new_tokens - 1 cached tokens), so a running sequence never runs out of
+pages mid-way; a prompt that could not fit even in an empty pool raises `OutOfKVPagesError`.
+
+Greedy decoding (temperature 0) is deterministic. Sampling draws from a generator seeded with
+(seed, prompt index), so a prompt's tokens do not depend on what else is in the batch.
+
+Imports only numpy and tensorpress' runtime-side modules: it runs in a runtime-only bundle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
+
+from tensorpress.errors import InputError, TensorpressError
+
+DEFAULT_MAX_TOTAL_TOKENS = 4096
+
+Prompt = str | Sequence[int] | np.ndarray
+
+
+class DecoderArtifact(Protocol):
+    """What DecoderModel needs from a loaded artifact (tensorpress.runtime's LoadedArtifact)."""
+
+    vm: Any  # vm["prefill"](*args) runs a compiled function
+    params: list[Any]  # device tensors, in the functions' trailing-parameter order
+    manifest: dict[str, Any]  # our section is manifest["decoder"]
+
+    def to_device(self, array: np.ndarray) -> Any: ...
+    def to_numpy(self, tensor: Any) -> np.ndarray: ...
+    def empty(self, shape: Sequence[int], dtype: str) -> Any: ...
+
+
+class GeneratedToken(NamedTuple):
+    """One token of a streamed generation: which prompt (index in the call) and the token id."""
+
+    sequence: int
+    token: int
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last generate call (seconds; tokens counted over all sequences)."""
+
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0  # tokens produced by decode steps (the first token of each comes from prefill)
+    generated_tokens: int = 0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    max_new_tokens: int
+    rng: np.random.Generator | None
+    reserved_pages: int  # pages this request may hold at its longest
+    seq_id: int = -1
+    output: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+def sample_token(
+    logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None
+) -> int:
+    """Pick a token from one row of logits [vocab]: argmax when temperature <= 0, else nucleus sampling."""
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cut = int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1  # smallest set with mass >= top_p
+        kept = np.zeros_like(probs)
+        kept[order[:cut]] = probs[order[:cut]]
+        probs = kept / kept.sum()
+    assert rng is not None
+    return int(rng.choice(probs.shape[0], p=probs))
+
+
+class DecoderModel:
+    """A compiled decoder on a device, with its KV page pool and (optionally) its tokenizer."""
+
+    def __init__(
+        self,
+        artifact: DecoderArtifact,
+        max_total_tokens: int | None = None,
+        memory_fraction: float | None = None,
+        tokenizer: Any = None,
+    ):
+        """max_total_tokens: KV tokens the pool holds over all live sequences (default 4096); or
+        memory_fraction: that share of the device's free memory (needs artifact.free_memory_bytes())."""
+        self.artifact = artifact
+        section = artifact.manifest["decoder"]
+        self.section = section
+        self.config: dict[str, Any] = section["config"]
+        self.page_size = int(section["page_size"])
+        self.eos_token_ids = [int(t) for t in section.get("eos_token_ids") or []]
+        self.max_sequence_length = section.get("max_sequence_length")
+        self._prefill = artifact.vm[section["functions"]["prefill"]]
+        self._decode = artifact.vm[section["functions"]["decode"]]
+        self._params = list(artifact.params)
+        num_pages = self._pool_pages(max_total_tokens, memory_fraction)
+        shape = [num_pages if dim == "num_pages" else int(dim) for dim in section["cache_shape"]]
+        self.kv_pages = artifact.empty(shape, section["cache_dtype"])
+        self.cache = PagedKVCache(num_pages, self.page_size)
+        self._tokenizer = tokenizer
+        self.last_stats = GenerationStats()
+
+    # ------------------------------------------------------------------ setup
+
+    def _bytes_per_page(self) -> int:
+        dims = [int(d) for d in self.section["cache_shape"] if d != "num_pages"]
+        return int(np.prod(dims)) * np.dtype(self.section["cache_dtype"]).itemsize
+
+    def _pool_pages(self, max_total_tokens: int | None, memory_fraction: float | None) -> int:
+        if max_total_tokens is not None and memory_fraction is not None:
+            raise InputError("give either max_total_tokens or memory_fraction for the KV cache, not both.")
+        if memory_fraction is not None:
+            if not 0.0 < memory_fraction <= 1.0:
+                raise InputError(f"memory_fraction must be in (0, 1], got {memory_fraction}.")
+            free = getattr(self.artifact, "free_memory_bytes", None)
+            if free is None:
+                raise InputError("this runtime cannot query device memory; use max_total_tokens instead.")
+            return max(1, int(free() * memory_fraction) // self._bytes_per_page())
+        tokens = DEFAULT_MAX_TOTAL_TOKENS if max_total_tokens is None else int(max_total_tokens)
+        if tokens < 1:
+            raise InputError(f"max_total_tokens must be at least 1, got {tokens}.")
+        return pages_for(tokens, self.page_size)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The folder's tokenizer (a `tokenizers.Tokenizer`), or None when the model has none."""
+        if self._tokenizer is None and self.section.get("tokenizer"):
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise InputError(
+                    "text prompts need the `tokenizers` package (pip install tokenizers); or pass token ids."
+                ) from None
+            data = self.artifact.read_file(self.section["tokenizer"])  # type: ignore[attr-defined]
+            self._tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InputError(
+                "this model has no tokenizer (tokenizer.json was not in its folder); pass token ids."
+            )
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer; it cannot turn token ids into text.")
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> list[int] | list[list[int]]:
+        """New token ids for one prompt (token ids or text), or a list of them for a list of prompts.
+
+        stop_ids: a sequence ends after emitting one of these (included in its output); default: the
+        model's eos ids. seed: sampling seed (ignored for greedy decoding).
+        """
+        single = _is_single_prompt(prompts)
+        batch = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
+        outputs: list[list[int]] = [[] for _ in batch]
+        for event in self.generate_stream(batch, max_new_tokens, temperature, top_p, stop_ids, seed):
+            outputs[event.sequence].append(event.token)
+        return outputs[0] if single else outputs
+
+    def generate_stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[GeneratedToken]:
+        """Like `generate`, but yields each token as soon as it exists, as GeneratedToken(sequence, token)."""
+        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item, arg-type]
+        if max_new_tokens < 0 or not 0.0 < top_p <= 1.0:
+            raise InputError(f"need max_new_tokens >= 0 and 0 < top_p <= 1 (got {max_new_tokens}, {top_p}).")
+        stops = set(self.eos_token_ids if stop_ids is None else (int(t) for t in stop_ids))
+        requests = [self._request(i, p, max_new_tokens, temperature, seed) for i, p in enumerate(batch)]
+        self.last_stats = stats = GenerationStats()
+        if max_new_tokens == 0:
+            return
+        waiting, running = deque(requests), []
+        try:
+            while waiting or running:
+                admitted = self._admit(waiting, running)
+                if admitted:
+                    t0 = time.perf_counter()
+                    logits = self._run_prefill(admitted)
+                    stats.prefill_seconds += time.perf_counter() - t0
+                    stats.prefill_tokens += sum(len(r.prompt) for r in admitted)
+                    for r, row in zip(admitted, logits):
+                        yield self._emit(r, row, temperature, top_p, stops)
+                    running.extend(r for r in admitted if not r.done)
+                    stats.generated_tokens += len(admitted)
+                if running:
+                    t0 = time.perf_counter()
+                    logits = self._run_decode(running)
+                    stats.decode_seconds += time.perf_counter() - t0
+                    stats.decode_tokens += len(running)
+                    stats.generated_tokens += len(running)
+                    for r, row in zip(list(running), logits):
+                        yield self._emit(r, row, temperature, top_p, stops)
+                running = [r for r in running if not r.done]
+        finally:
+            for r in requests:  # also when the caller stops iterating early
+                if r.seq_id >= 0 and not r.done:
+                    self.cache.release(r.seq_id)
+                    r.done = True
+
+    def _request(
+        self, index: int, prompt: Prompt, max_new: int, temperature: float, seed: int | None
+    ) -> _Request:
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in np.asarray(prompt).ravel()]
+        if not ids:
+            raise InputError(f"prompt {index} is empty; give at least one token.")
+        vocab = int(self.config["vocab_size"])
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InputError(f"prompt {index} has token ids outside the vocabulary [0, {vocab}).")
+        total = len(ids) + max_new
+        if self.max_sequence_length is not None and total > self.max_sequence_length:
+            raise InputError(
+                f"prompt {index}: {len(ids)} prompt + {max_new} new tokens exceed the model's "
+                f"{self.max_sequence_length} positions."
+            )
+        rng = np.random.default_rng([seed if seed is not None else np.random.SeedSequence().entropy, index])
+        cached = len(ids) + max(max_new - 1, 0)  # the last generated token is never appended
+        return _Request(
+            index, ids, max_new, rng if temperature > 0 else None, pages_for(cached, self.page_size)
+        )
+
+    def _admit(self, waiting: deque[_Request], running: list[_Request]) -> list[_Request]:
+        """Start waiting requests while the pool can hold them to their end (in order, no overtaking)."""
+        admitted: list[_Request] = []
+        promised = sum(r.reserved_pages - len(self.cache.pages(r.seq_id)) for r in running)
+        while waiting:
+            r = waiting[0]
+            if r.reserved_pages > self.cache.num_pages:
+                raise OutOfKVPagesError(
+                    f"prompt {r.index} needs {r.reserved_pages} KV pages of {self.page_size} tokens "
+                    f"({len(r.prompt)} prompt + {r.max_new_tokens} new tokens) but the pool has only "
+                    f"{self.cache.num_pages}; raise max_total_tokens."
+                )
+            if r.reserved_pages > self.cache.num_free_pages - promised:
+                break
+            waiting.popleft()
+            r.seq_id = self.cache.add_sequence()
+            self.cache.extend(r.seq_id, len(r.prompt))
+            promised += r.reserved_pages - len(self.cache.pages(r.seq_id))
+            admitted.append(r)
+        if not admitted and not running and waiting:  # cannot happen: an empty pool takes any request
+            raise TensorpressError("internal error: the KV scheduler made no progress.")
+        return admitted
+
+    def _emit(self, r: _Request, logits: np.ndarray, temperature: float, top_p: float, stops: set[int]):
+        token = sample_token(logits, temperature, top_p, r.rng)
+        r.output.append(token)
+        if token in stops or len(r.output) >= r.max_new_tokens:
+            r.done = True
+            self.cache.release(r.seq_id)
+        return GeneratedToken(r.index, token)
+
+    # ------------------------------------------------------------------ compiled calls
+
+    def _call(self, function: Any, *arrays: np.ndarray) -> np.ndarray:
+        device_args = [self.artifact.to_device(a) for a in arrays]
+        logits = function(*device_args, self.kv_pages, *self._params)
+        return self.artifact.to_numpy(logits)
+
+    def _run_prefill(self, requests: list[_Request]) -> np.ndarray:
+        lengths = [len(r.prompt) for r in requests]
+        input_ids = np.concatenate([r.prompt for r in requests]).astype(np.int32)
+        positions = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
+        seq_slot = np.repeat(np.arange(len(requests)), lengths).astype(np.int32)
+        block_table = self.cache.block_table([r.seq_id for r in requests])
+        last_token_index = (np.cumsum(lengths) - 1).astype(np.int32)
+        return self._call(self._prefill, input_ids, positions, seq_slot, block_table, last_token_index)
+
+    def _run_decode(self, requests: list[_Request]) -> np.ndarray:
+        positions = np.array([self.cache.length(r.seq_id) for r in requests], dtype=np.int32)
+        for r, pos in zip(requests, positions):
+            self.cache.extend(r.seq_id, int(pos) + 1)  # never fails: admission reserved the pages
+        input_ids = np.array([r.output[-1] for r in requests], dtype=np.int32)
+        seq_slot = np.arange(len(requests), dtype=np.int32)
+        block_table = self.cache.block_table([r.seq_id for r in requests])
+        return self._call(self._decode, input_ids, positions, seq_slot, block_table)
+
+
+def _is_single_prompt(prompts: Any) -> bool:
+    """A str, or a flat sequence of ints, is one prompt; a list of those is a batch."""
+    if isinstance(prompts, str):
+        return True
+    if isinstance(prompts, np.ndarray):
+        return prompts.ndim == 1
+    items = list(prompts)
+    return bool(items) and all(isinstance(t, int | np.integer) for t in items)
