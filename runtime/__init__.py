@@ -1,0 +1,35 @@
+"""The tensorpress runtime: load an artifact and run it, with TVM's runtime and numpy only.
+
+    model = tensorpress.runtime.load("model.tpk", device="cpu")      # or "cuda:0"
+    outputs = model.run({"input_ids": ids, "attention_mask": mask})   # list of numpy arrays
+    model.signature                                                   # input/output names, shapes, dtypes
+
+Decoder artifacts load as a `DecoderModel` with `generate()`. Nothing here imports torch or TVM's
+compiler (a test checks it in a fresh process), so a runtime bundle (`tensorpress package`) runs it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tensorpress.runtime.loaded_artifact import load_artifact
+
+
+def load(path: str | os.PathLike, device: str = "cpu", verify: bool = True) -> Any:
+    """Load an artifact on `device` ("cpu", "cuda", "cuda:N"): a GraphModel, or a DecoderModel.
+
+    `verify` checks every part's sha256 (reads the whole file once). Raises ArtifactError /
+    DeviceMismatchError with one sentence when the file is bad or built for another device.
+    """
+    loaded = load_artifact(path, device, verify=verify)
+    if loaded.manifest.get("kind") == "decoder":
+        from tensorpress.runtime.decoder import DecoderModel
+
+        return DecoderModel(loaded)
+    from tensorpress.runtime.graph_model import GraphModel
+
+    return GraphModel(loaded)
+
+
+__all__ = ["load"]

@@ -125,6 +125,9 @@ def make_weight_gemm(
             FORMAT_ATTR: stage.name,
             "tensorpress.mk": [m, k],
             "tirx.noalias": True,
+            # Opaque to Relax's FuseOps: the kernel is scheduled whole by its own rule, and its bias and
+            # casts are already inside it.
+            "op_pattern": 8,
         }
     )
 

@@ -28,8 +28,8 @@ straddles a word, and 32 codes fill exactly p words. The weight W[M, K] is padde
                   '--- lane 4g+0 -------' '--- lane 4g+1 --------'       '--- lane 4g+3 --------'
 
 So the 8 codes a lane (4g + c) feeds to two m16n8k16 steps for one row are slots 8c .. 8c+7: one
-contiguous run of 8p bits (one word of plane4, half a word of plane2, a byte of plane1), and the
-four lanes of a quad read p consecutive words; lanes of 8 consecutive rows hit 32 distinct banks.
+contiguous run of 8p bits (one word of plane4, half a word of plane2, a byte of plane1, two words of
+plane8), and shared-memory reads of a warp (32-bit; 64-bit for plane8) are free of bank conflicts.
 
 The layout is written once, as integer arithmetic on (row, col) that works on numpy arrays and on
 TVM PrimExprs alike (`word_index`, `bit_offset`); the TIR decode stage and `unpack_fpx_planes` both

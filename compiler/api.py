@@ -1,0 +1,84 @@
+"""`tensorpress.compile`: the Python face of `tensorpress compile`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tensorpress.compiler.configs import FPxConfig, KVCacheConfig, SparseConfig
+from tensorpress.compiler.formats.registry import get_weight_format
+from tensorpress.compiler.pipeline import CompileReport, compile_imported
+from tensorpress.compiler.targets import parse_target
+from tensorpress.compiler.weight_plan import WeightRecipe
+from tensorpress.errors import ConfigError
+
+DTYPES = ("float32", "float16")
+
+
+def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, ...)
+    model: Any,
+    output: str | os.PathLike,
+    *,
+    target: str = "cpu",
+    dtype: str | None = None,
+    weights: FPxConfig | str | None = None,
+    sparsity: SparseConfig | None = None,
+    kv_cache: KVCacheConfig | None = None,
+    skip: Sequence[str] = (),
+    scale_search: str | None = None,
+    example_inputs: tuple | None = None,
+    input_shapes: dict[str, list[int | str]] | None = None,
+    tracer: str = "export",
+    **import_options: Any,
+) -> CompileReport:
+    """Compile `model` into one artifact file at `output`.
+
+    model: a path (.onnx, .pt2, Hugging Face folder), an onnx.ModelProto, a torch.nn.Module (with
+        `example_inputs`), a torch.export.ExportedProgram or an fx GraphModule.
+    target: "cpu", "cuda", "cuda:sm_80" or "cuda:sm_90a".
+    dtype: "float32" or "float16" activations for decoders (default: float16 on CUDA, float32 on CPU).
+    weights: None (dense), a weight format name ("fp6", "fp5", "fp4", "fp6-auto", "e2m3", ...), or an
+        FPxConfig. `skip` adds fnmatch patterns of weights to keep dense; `scale_search` is "absmax"
+        (default) or "mse".
+    Returns a CompileReport (artifact path, manifest, seconds per stage).
+    """
+    from tensorpress.frontend import import_model
+
+    target_spec = parse_target(target)
+    dtype = dtype or target_spec.default_dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    recipe, as_written = _recipe(weights, skip, scale_search)
+    if sparsity is not None and not sparsity.implemented:
+        raise ConfigError("sparse weights are not implemented yet (SparseConfig is accepted but not compiled).")
+    if kv_cache is not None and kv_cache.format != "fp16":
+        raise ConfigError(f"the {kv_cache.format} KV cache is not implemented yet; use KVCacheConfig('fp16').")
+    as_written["dtype"] = dtype
+    start = time.perf_counter()
+    imported = import_model(
+        model, example_inputs=example_inputs, input_shapes=input_shapes, dtype=dtype, tracer=tracer,
+        **import_options,
+    )
+    timings = {"import": time.perf_counter() - start}
+    return compile_imported(imported, Path(output), target_spec, recipe, as_written, timings)
+
+
+def _recipe(weights, skip, scale_search) -> tuple[WeightRecipe, dict[str, Any]]:
+    if isinstance(weights, FPxConfig):
+        fmt = weights.format_name
+        search = scale_search or weights.scale_search
+        skip = tuple(weights.skip) + tuple(skip)
+        written = {"weights": weights.to_dict()}
+    elif isinstance(weights, str) or weights is None:
+        fmt = weights
+        search = scale_search or "absmax"
+        written = {"weights": weights}
+        if fmt is not None:
+            get_weight_format(fmt, search)  # unknown names fail here, listing the valid ones
+    else:
+        raise ConfigError(f"weights must be a format name or an FPxConfig, got {type(weights).__name__}.")
+    written.update({"skip": list(skip), "scale_search": search})
+    return WeightRecipe(fmt, search, tuple(skip)), written

@@ -1,0 +1,113 @@
+"""Relax module (weights as parameters) -> one compiled library for a target.
+
+The Relax lowering is TVM's own (legalize, fuse, lower to the VM); the one step that is ours is which
+schedule rules turn each TIR function into a kernel (`schedules/rules.py`): the weight-GEMM template
+for compressed and dense linear layers, our CPU schedules, dlight for the rest on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tensorpress.compiler.targets import TargetSpec
+from tensorpress.errors import TensorpressError
+
+
+@dataclass
+class BuildResult:
+    library: Path
+    seconds: float
+    kernels: list[str]  # names of the TIR kernels in the library
+
+
+def _relax_pipeline(target_spec: TargetSpec, tvm_target):
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    from tensorpress.schedules.rules import rules_for
+
+    # dlight reads the arch with a parser that cannot read "sm_90a" and silently drops Tensor Cores;
+    # it schedules against sm_90, the kernels are still built for sm_90a (field guide, fact 4).
+    rule_target = tvm_target
+    if target_spec.kind == "cuda" and target_spec.arch == "sm_90a":
+        rule_target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=tvm_target.host)
+
+    @tvm.transform.module_pass(opt_level=0, name="TensorpressRelaxPipeline")
+    def pipeline(mod, _ctx):
+        lowering = [
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+        with tvm_target:
+            mod = tvm.transform.Sequential(lowering)(mod)
+        with rule_target:
+            mod = dl.ApplyDefaultSchedule(*rules_for(tvm_target))(mod)
+        finalize = [
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
+        with tvm_target:
+            return tvm.transform.Sequential(finalize)(mod)
+
+    return pipeline
+
+
+def build_library(mod, target_spec: TargetSpec, out_path: Path) -> BuildResult:
+    """Compile `mod` for `target_spec` and export the library to `out_path` (a shared object).
+
+    CUDA libraries carry real fatbins built by nvcc (a source-only CUDA module is refused).
+    """
+    if target_spec.kind == "cuda":
+        from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support, library_has_gpu_binary
+
+        ensure_cuda_build_support()
+    import tvm
+
+    start = time.perf_counter()
+    tvm_target = target_spec.tvm_target()
+    config = {"tirx.use_async_copy": True} if target_spec.kind == "cuda" else {}
+    with tvm_target, tvm.transform.PassContext(opt_level=3, config=config):
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=_relax_pipeline(target_spec, tvm_target))
+    executable.export_library(str(out_path))
+    seconds = time.perf_counter() - start
+    if target_spec.kind == "cuda" and not library_has_gpu_binary(out_path):
+        raise TensorpressError(
+            f"the CUDA build for {target_spec.arch} produced no GPU binary (only CUDA source); check that "
+            "nvcc works (TVM_CUDA_COMPILE_MODE=nvcc) and that no other process loaded TVM without the CUDA "
+            "runtime."
+        )
+    kernels = sorted(
+        gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    )
+    return BuildResult(Path(out_path), seconds, kernels)
+
+
+def compiler_versions() -> dict[str, str]:
+    import tvm
+    import tvm_ffi
+
+    from tensorpress import __version__
+
+    return {"tensorpress": __version__, "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__}
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,227 @@
+"""RewriteLinearToWeightGemm: linear layers with a weight parameter -> the weight-GEMM kernel of a format.
+
+Every frontend lowers a linear layer to one of
+
+    matmul(x, permute_dims(W))      W: [M, K] parameter (torch nn.Linear, ONNX Gemm transB=1)
+    matmul(x, W)                    W: [K, M] parameter (ONNX MatMul with an initializer)
+
+optionally followed by add(·, b) with a bias parameter b: [M], and with astype() around W where a
+dtype conversion put one there. Each such site whose weight the plan assigns a format becomes
+
+    y = reshape(call_tir(weight_gemm[format, M, K], [reshape(x, [N, K]), *packed arrays(, b)]), [..., M])
+
+The weight is packed offline by the format (pure numpy, `compiler/formats/`); the packed arrays replace
+W among the function's trailing parameters, in the same place, named `<W>.<array>`. A weight that
+something other than a rewritten linear still uses stays as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+from tensorpress.compiler.formats.registry import PackedWeight
+from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A linear layer found in the graph: its weight parameter, sizes and activation dtype."""
+
+    weight: str
+    m: int  # output features
+    k: int  # input features
+    act_dtype: str
+    transposed_in_graph: bool  # True when the parameter is stored [M, K] (matmul(x, permute_dims(W)))
+    bias: str | None
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What the plan decided for one weight: the format it is stored in, and the kernel's act dtype."""
+
+    format: str
+    act_dtype: str
+
+
+def _linear_patterns():
+    x, w, b = wildcard(), wildcard(), wildcard()
+    w_maybe_cast = w | is_op("relax.astype")(w)
+    w_t = is_op("relax.permute_dims")(w_maybe_cast)
+    mm_t = is_op("relax.matmul")(x, w_t)
+    mm = is_op("relax.matmul")(x, w_maybe_cast)
+    return x, w, b, w_t, [is_op("relax.add")(mm_t, b), is_op("relax.add")(mm, b), mm_t, mm]
+
+
+def _weight_params(func: relax.Function) -> dict[relax.Var, str]:
+    num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 0
+    return {var: var.name for var in list(func.params)[num_input:]}
+
+
+def _site_from_match(match, func_weights, pats) -> LinearSite | None:
+    x_pat, w_pat, b_pat, w_t_pat, _ = pats
+    x, w = match[x_pat], match[w_pat]
+    if not isinstance(w, relax.Var) or w not in func_weights:
+        return None
+    w_ty, x_ty = w.ty, x.ty
+    if not isinstance(x_ty, relax.TensorType) or x_ty.ndim < 1 or w_ty.ndim != 2:
+        return None
+    if any(not isinstance(d, tvm.tirx.IntImm) for d in w_ty.shape.values):
+        return None
+    rows, cols = (int(d) for d in w_ty.shape.values)
+    transposed = w_t_pat in match
+    if transposed:
+        axes = match[w_t_pat].attrs.axes
+        if axes is not None and [int(a) for a in axes] != [1, 0]:
+            return None
+    m, k = (rows, cols) if transposed else (cols, rows)
+    bias = None
+    if b_pat in match:
+        b = match[b_pat]
+        if not (isinstance(b, relax.Var) and b in func_weights and b.ty.ndim == 1):
+            return None
+        if [int(d) for d in b.ty.shape.values] != [m]:
+            return None
+        bias = func_weights[b]
+    return LinearSite(func_weights[w], m, k, str(x_ty.dtype), transposed, bias)
+
+
+def find_linear_sites(mod: tvm.IRModule) -> list[LinearSite]:
+    """Every linear layer of every Relax function in `mod`, one entry per distinct weight."""
+    pats = _linear_patterns()
+    found: dict[str, LinearSite] = {}
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        func_weights = _weight_params(func)
+        for pattern in pats[4]:
+
+            def record(call, match, pattern=pattern):
+                site = _site_from_match(match, func_weights, pats)
+                if site is not None and site.weight not in found:
+                    found[site.weight] = site
+                return call
+
+            rewrite_call(pattern, record, func)
+    return list(found.values())
+
+
+class RewriteLinearToWeightGemm:
+    """The pass. `choices` maps weight names to their LayerChoice; weights not in it are left alone.
+
+    `pack(name, weight [M, K] float32, choice) -> PackedWeight` is the format's packer.
+    """
+
+    def __init__(self, choices: dict[str, LayerChoice], pack):
+        self.choices = choices
+        self.pack = pack
+
+    def __call__(self, model: ImportedModel) -> ImportedModel:
+        bb = relax.BlockBuilder(model.mod)
+        kernels: dict[tuple, relax.GlobalVar] = {}
+        packed: dict[str, PackedWeight] = {}
+        pats = _linear_patterns()
+        new_funcs = {}
+        for gvar, func in model.mod.functions_items():
+            if isinstance(func, relax.Function) and _weight_params(func):
+                new_funcs[gvar] = self._rewrite_function(func, model, bb, kernels, packed, pats)
+        mod = bb.get()
+        for gvar, func in new_funcs.items():
+            mod[gvar] = func
+        mod = relax.transform.DeadCodeElimination()(mod)
+        params = _new_param_order(model.params, packed, mod)
+        return ImportedModel(mod, params, model.inputs, model.outputs, model.kind, model.source, model.info)
+
+    def _rewrite_function(self, func, model, bb, kernels, packed, pats):
+        func_weights = _weight_params(func)
+        packed_vars: dict[str, relax.Var] = {}
+
+        def rewriter(call, match):
+            site = _site_from_match(match, func_weights, pats)
+            if site is None or site.weight not in self.choices:
+                return call
+            if site.bias is not None and match[pats[2]] is None:
+                return call
+            choice = self.choices[site.weight]
+            if site.weight not in packed:
+                w = np.asarray(model.params[site.weight], dtype=np.float32)
+                packed[site.weight] = self.pack(site.weight, w if site.transposed_in_graph else w.T, choice)
+            pw = packed[site.weight]
+            for array_name, array in pw.arrays.items():
+                key = packed_param_name(site.weight, pw, array_name)
+                if key not in packed_vars:
+                    packed_vars[key] = relax.Var(key, relax.TensorType(array.shape, str(array.dtype)))
+            stored = [packed_vars[packed_param_name(site.weight, pw, a)] for a in pw.arrays]
+            return _emit_weight_gemm(match[pats[0]], stored, site, choice, pw.format, match, pats, bb, kernels)
+
+        body_func = func
+        for pattern in pats[4]:  # with-bias patterns first, so the add is fused into the kernel
+            body_func = rewrite_call(pattern, rewriter, body_func)
+        if not packed_vars:
+            return func
+        num_input = int(func.attrs["num_input"])
+        inputs = list(func.params)[:num_input]
+        free = {v.name for v in relax.analysis.free_vars(body_func.body)}
+        weights: list[relax.Var] = []
+        old_by_name = {v.name: v for v in list(func.params)[num_input:]}
+        for name in model.params:
+            if name in old_by_name and name in free:
+                weights.append(old_by_name[name])
+            elif name in packed:
+                names = [packed_param_name(name, packed[name], a) for a in packed[name].arrays]
+                weights.extend(packed_vars[n] for n in names if n in packed_vars)
+        return relax.Function(inputs + weights, body_func.body, func.ret_ty, func.is_pure, func.attrs)
+
+
+def packed_param_name(weight: str, packed: PackedWeight, array_name: str) -> str:
+    """`fc1.weight` keeps its name when stored as one array; otherwise `fc1.weight.<array>`."""
+    return weight if len(packed.arrays) == 1 else f"{weight}.{array_name}"
+
+
+def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kernels):
+    """y = reshape(call_tir(kernel, [x2d, *stored(, bias)]), out_shape), with dtype casts if needed."""
+    x_ty = x.ty
+    orig_dtype = str(x_ty.dtype)
+    lead = list(x_ty.shape.values[:-1])
+    n = 1
+    for d in lead:
+        n = n * d
+    has_bias = site.bias is not None
+    key = (stage_name, site.m, site.k, choice.act_dtype, has_bias)
+    if key not in kernels:
+        stage = get_decode_stage(stage_name)
+        func = make_weight_gemm(stage, site.m, site.k, act_dtype=choice.act_dtype, with_bias=has_bias)
+        name = f"weight_gemm_{stage_name}_{site.m}x{site.k}_{choice.act_dtype}" + ("_bias" if has_bias else "")
+        kernels[key] = bb.add_func(func.with_attr("global_symbol", name.replace("-", "_")), name.replace("-", "_"))
+    x2d = relax.op.reshape(x, [n, site.k]) if len(lead) != 1 else x
+    if orig_dtype != choice.act_dtype:
+        x2d = relax.op.astype(x2d, choice.act_dtype)
+    args = [x2d, *stored]
+    if has_bias:
+        bias = match[pats[2]]
+        args.append(relax.op.astype(bias, choice.act_dtype) if str(bias.ty.dtype) != choice.act_dtype else bias)
+    y = relax.call_tir(kernels[key], args, relax.TensorType([n, site.m], choice.act_dtype))
+    if orig_dtype != choice.act_dtype:
+        y = relax.op.astype(y, orig_dtype)
+    return relax.op.reshape(y, [*lead, site.m]) if len(lead) != 1 else y
+
+
+def _new_param_order(old: dict[str, np.ndarray], packed: dict[str, PackedWeight], mod) -> dict[str, np.ndarray]:
+    """Old params with each packed weight replaced, in place, by its arrays; unused ones dropped."""
+    used: set[str] = set()
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            used.update(v.name for v in func.params)
+    params: dict[str, np.ndarray] = {}
+    for name, value in old.items():
+        if name in used:
+            params[name] = value
+        if name in packed:
+            for array_name, array in packed[name].arrays.items():
+                params[packed_param_name(name, packed[name], array_name)] = array
+    return params

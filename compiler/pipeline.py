@@ -1,0 +1,141 @@
+"""The story of a compile, top to bottom: import -> plan -> rewrite -> build -> write the artifact.
+
+    imported = import_model(model)                      frontend/: Relax + weights as named parameters
+    imported = drop_unused_weights(imported)            weights nothing reads (e.g. an unused pooler)
+    sites    = find_linear_sites(imported.mod)           every linear layer with a weight parameter
+    plan     = plan_weights(sites, recipe, target)       which format each weight is stored in
+    imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
+    library  = build_library(imported.mod, target)       schedules/ rules, tvm.compile, nvcc for CUDA
+    write_artifact(out, library, imported.params, manifest)
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorpress.compiler.build import build_library, compiler_versions
+from tensorpress.compiler.formats.registry import PackedWeight, get_weight_format
+from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
+from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
+    LayerChoice,
+    RewriteLinearToWeightGemm,
+    find_linear_sites,
+)
+from tensorpress.compiler.targets import CPU_REQUIRED_FLAGS, TargetSpec
+from tensorpress.compiler.weight_plan import LayerPlan, WeightRecipe, plan_weights
+from tensorpress.frontend.imported_model import ImportedModel
+
+
+@dataclass
+class CompileReport:
+    """What a compile did, for people: where it wrote, how long each stage took, the layer plan."""
+
+    artifact: Path
+    manifest: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def compile_imported(
+    imported: ImportedModel,
+    output: Path,
+    target: TargetSpec,
+    recipe: WeightRecipe,
+    recipe_as_written: dict[str, Any],
+    timings: dict[str, float] | None = None,
+) -> CompileReport:
+    """Everything after the import: plan, rewrite, build, write `output` atomically."""
+    seconds = dict(timings or {})
+    start = time.perf_counter()
+    imported = drop_unused_weights(imported)
+    sites = find_linear_sites(imported.mod)
+    plans, choices = plan_weights(sites, recipe, target)
+    packed: dict[str, PackedWeight] = {}
+
+    def pack(name: str, w: np.ndarray, choice: LayerChoice) -> PackedWeight:
+        packed[name] = get_weight_format(choice.format, recipe.scale_search).pack(w)
+        return packed[name]
+
+    rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
+    seconds["rewrite"] = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="tensorpress-build-") as tmp:
+        build = build_library(rewritten.mod, target, Path(tmp) / "library.so")
+        seconds["build"] = build.seconds
+        manifest = _manifest(rewritten, target, plans, packed, recipe_as_written, build.kernels)
+        start = time.perf_counter()
+        from tensorpress.compiler.artifact_writer import write_artifact
+
+        manifest = write_artifact(output, build.library, rewritten.params, manifest)
+        seconds["write"] = time.perf_counter() - start
+    return CompileReport(Path(output), manifest, seconds)
+
+
+def _manifest(
+    model: ImportedModel,
+    target: TargetSpec,
+    plans: list[LayerPlan],
+    packed: dict[str, PackedWeight],
+    recipe: dict[str, Any],
+    kernels: list[str],
+) -> dict[str, Any]:
+    from tvm import relax
+
+    functions = {}
+    for gvar, func in model.mod.functions_items():
+        if isinstance(func, relax.Function) and func.attrs is not None and "num_input" in func.attrs:
+            num_input = int(func.attrs["num_input"])
+            functions[gvar.name_hint] = {
+                "num_input": num_input,
+                "params": [v.name for v in list(func.params)[num_input:]],
+            }
+    layers = []
+    for plan in plans:
+        m, k = plan.shape
+        stored = packed[plan.weight].nbytes if plan.weight in packed else m * k * 2
+        layers.append(
+            {
+                "weight": plan.weight,
+                "shape": [m, k],
+                "format": plan.format or "generic",
+                "stored_format": packed[plan.weight].format if plan.weight in packed else None,
+                "reason": plan.reason,
+                "stored_bytes": stored,
+                "fp16_bytes": m * k * 2,
+            }
+        )
+    weight_bytes = int(sum(np.asarray(v).nbytes for v in model.params.values()))
+    return {
+        "kind": model.kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": compiler_versions(),
+        "built_on": {"python": platform.python_version(), "machine": platform.machine()},
+        "source": model.source,
+        "target": target.to_dict(),
+        "cpu_flags": list(CPU_REQUIRED_FLAGS),
+        "inputs": [s.to_dict() for s in model.inputs],
+        "outputs": [s.to_dict() for s in model.outputs],
+        "functions": functions,
+        "recipe": recipe,
+        "layers": layers,
+        "weights": {"count": len(model.params), "bytes": weight_bytes},
+        "kernels": kernels,
+        "info": _jsonable(model.info),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)

@@ -1,0 +1,159 @@
+"""The artifact file: one zip (stored, not compressed) holding everything a model needs to run.
+
+    model.tpk (zip, ZIP_STORED)
+    ├── manifest.json        format version, versions, target + GPU arch, signature, layers, sha256 of parts
+    ├── library.so           the compiled kernels + Relax VM executable (host code + GPU fatbin)
+    └── weights.safetensors  every weight the functions take, in their parameter order
+
+Members are stored uncompressed so the weights can be memory-mapped straight out of the zip. The
+reader checks the manifest's format version and every part's size and sha256 before anything is
+loaded, so a truncated or corrupt file is refused with one sentence. Only numpy and the standard
+library are used here (the runtime never imports the compiler).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorpress.errors import ArtifactError
+
+FORMAT_NAME = "tensorpress-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY = "library.so"
+WEIGHTS = "weights.safetensors"
+
+# safetensors dtype names <-> numpy
+SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+NUMPY_TO_SAFETENSORS = {np.dtype(v).str: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def sha256_of(path_or_file, offset: int = 0, size: int | None = None) -> str:
+    """sha256 of `size` bytes of a file from `offset` (the whole file by default), read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path_or_file, "rb") as f:
+        f.seek(offset)
+        remaining = size
+        while remaining is None or remaining > 0:
+            chunk = f.read(8 << 20 if remaining is None else min(8 << 20, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class ArtifactFile:
+    """An opened, verified artifact: its manifest and where each part lies inside the zip."""
+
+    path: Path
+    manifest: dict[str, Any]
+    offsets: dict[str, tuple[int, int]]  # member -> (byte offset of its data in the file, size)
+
+    def read_member(self, member: str) -> bytes:
+        offset, size = self.offsets[member]
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Weights as read-only numpy arrays memory-mapped from the file (insertion order = file order)."""
+        offset, size = self.offsets[WEIGHTS]
+        return read_safetensors(self.path, offset, size)
+
+
+def open_artifact(path: str | os.PathLike, verify: bool = True) -> ArtifactFile:
+    """Open and check an artifact. Raises ArtifactError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} does not exist.")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = {info.filename: info for info in zf.infolist()}
+            if MANIFEST not in infos:
+                raise ArtifactError(f"{path} is not a tensorpress artifact (no {MANIFEST}); recompile it.")
+            manifest = json.loads(zf.read(MANIFEST))
+            offsets = {name: (_data_offset(path, info), info.file_size) for name, info in infos.items()}
+            for info in infos.values():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise ArtifactError(f"{path}: member {info.filename} is compressed; recompile the artifact.")
+    except zipfile.BadZipFile as err:
+        raise ArtifactError(
+            f"{path} is truncated or not a tensorpress artifact ({err}); copy it again or recompile it."
+        ) from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: its manifest is corrupt; recompile the artifact.") from err
+    if manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path} is not a tensorpress artifact (manifest format {manifest.get('format')!r}).")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format version {manifest.get('format_version')}, this runtime reads version "
+            f"{FORMAT_VERSION}; recompile it with this tensorpress."
+        )
+    artifact = ArtifactFile(path, manifest, offsets)
+    for member, expected in manifest.get("parts", {}).items():
+        if member not in offsets:
+            raise ArtifactError(f"{path} lacks its {member}; the file is incomplete, recompile it.")
+        offset, size = offsets[member]
+        if size != expected["bytes"] or offset + size > path.stat().st_size:
+            raise ArtifactError(f"{path}: {member} is truncated; copy the artifact again or recompile it.")
+        if verify and sha256_of(path, offset, size) != expected["sha256"]:
+            raise ArtifactError(
+                f"{path}: {member} fails its sha256 check (the file is corrupt); copy it again or recompile it."
+            )
+    return artifact
+
+
+def _data_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where a stored member's bytes start: after its local header (30 bytes + name + extra field)."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise ArtifactError(f"{path} is corrupt (bad zip header for {info.filename}); recompile it.")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def read_safetensors(path: Path, offset: int = 0, size: int | None = None) -> dict[str, np.ndarray]:
+    """Parse a safetensors blob (8-byte little-endian header length, JSON header, raw data) zero-copy."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data_start = offset + 8 + header_len
+    header.pop("__metadata__", None)
+    arrays = {}
+    for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = entry["data_offsets"]
+        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+        shape = tuple(entry["shape"])
+        if end - begin == 0:
+            arrays[name] = np.zeros(shape, dtype)
+            continue
+        arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+    return arrays

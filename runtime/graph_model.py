@@ -1,0 +1,120 @@
+"""A compiled graph model (encoder, CNN, MLP): `run(inputs) -> outputs`, numpy in, numpy out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tensorpress.errors import InputError
+from tensorpress.runtime.loaded_artifact import LoadedArtifact
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    name: str
+    shape: tuple[int | str, ...]  # a str is a symbolic dimension ("batch"), "?" is unknown
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSignature, ...]
+    outputs: tuple[TensorSignature, ...]
+
+    def __str__(self) -> str:
+        ins = ", ".join(str(t) for t in self.inputs)
+        outs = ", ".join(str(t) for t in self.outputs)
+        return f"({ins}) -> ({outs})"
+
+
+def _specs(entries) -> tuple[TensorSignature, ...]:
+    return tuple(TensorSignature(e["name"], tuple(e["shape"]), e["dtype"]) for e in entries)
+
+
+class GraphModel:
+    """A loaded graph artifact. `model.run({"x": x})` or `model.run([x])` -> list of numpy outputs."""
+
+    def __init__(self, loaded: LoadedArtifact):
+        self.loaded = loaded
+        self.signature = Signature(_specs(loaded.manifest["inputs"]), _specs(loaded.manifest["outputs"]))
+        self._main = loaded.vm["main"]
+        self._weights = loaded.function_params("main")
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.loaded.manifest
+
+    def run(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[np.ndarray]:
+        """Run the model. Inputs by name (dict) or in signature order (list): numpy arrays or DLPack
+        tensors. Raises InputError naming the input, for a missing/unknown name, shape or dtype."""
+        arrays = self._check_inputs(inputs)
+        result = self._main(*[self.loaded.to_device(a) for a in arrays], *self._weights)
+        outputs = list(result) if _is_sequence(result) else [result]
+        return [self.loaded.to_numpy(o) for o in outputs]
+
+    def _check_inputs(self, inputs) -> list[np.ndarray]:
+        specs = self.signature.inputs
+        names = [s.name for s in specs]
+        if isinstance(inputs, Mapping):
+            unknown = [k for k in inputs if k not in names]
+            if unknown:
+                raise InputError(f"the model has no input named {unknown[0]!r}; its inputs are {', '.join(names)}.")
+            missing = [n for n in names if n not in inputs]
+            if missing:
+                raise InputError(f"input {missing[0]!r} is missing; the model takes {', '.join(names)}.")
+            values = [inputs[n] for n in names]
+        else:
+            values = list(inputs)
+            if len(values) != len(specs):
+                raise InputError(f"the model takes {len(specs)} inputs ({', '.join(names)}), got {len(values)}.")
+        symbols: dict[str, int] = {}
+        arrays = []
+        for spec, value in zip(specs, values):
+            array = _as_numpy(value, spec.name)
+            if str(array.dtype) != spec.dtype:
+                raise InputError(f"input {spec.name!r} must be {spec.dtype}, got {array.dtype}.")
+            if array.ndim != len(spec.shape):
+                raise InputError(
+                    f"input {spec.name!r} must have {len(spec.shape)} dimensions {list(spec.shape)}, "
+                    f"got shape {list(array.shape)}."
+                )
+            for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
+                if isinstance(want, int) and want != got:
+                    raise InputError(
+                        f"input {spec.name!r} must have size {want} on axis {axis} (shape {list(spec.shape)}), "
+                        f"got shape {list(array.shape)}."
+                    )
+                if isinstance(want, str) and want != "?":
+                    if symbols.setdefault(want, got) != got:
+                        raise InputError(
+                            f"input {spec.name!r} has {want}={got} on axis {axis}, but another input has "
+                            f"{want}={symbols[want]}; they must agree."
+                        )
+            arrays.append(array)
+        return arrays
+
+
+def _as_numpy(value: Any, name: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "__dlpack__"):
+        try:
+            return np.from_dlpack(value)
+        except (BufferError, RuntimeError, TypeError) as err:
+            if hasattr(value, "cpu"):
+                return np.from_dlpack(value.cpu())
+            raise InputError(f"input {name!r} is a DLPack tensor numpy cannot read ({err}).") from err
+    try:
+        return np.asarray(value)
+    except Exception as err:
+        raise InputError(f"input {name!r} is not an array ({type(value).__name__}).") from err
+
+
+def _is_sequence(result: Any) -> bool:
+    return not hasattr(result, "shape") and hasattr(result, "__len__")
