@@ -26,6 +26,7 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from tensorpress.compiler.formats.registry import PackedWeight
 from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.frontend.relax_params import rename_params
 from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
 
 
@@ -130,11 +131,20 @@ class RewriteLinearToWeightGemm:
         for gvar, func in model.mod.functions_items():
             if isinstance(func, relax.Function) and _weight_params(func):
                 new_funcs[gvar] = self._rewrite_function(func, model, bb, kernels, packed, pats)
+        # A weight stored as one array takes over its original name, unless the original is still
+        # read by something else (e.g. an embedding tied to the LM head).
+        still_used = {v.name for f in new_funcs.values() for v in f.params}
+        short = {
+            packed_param_name(w, pw, a): w
+            for w, pw in packed.items()
+            for a in pw.arrays
+            if len(pw.arrays) == 1 and w not in still_used
+        }
         mod = bb.get()
         for gvar, func in new_funcs.items():
-            mod[gvar] = func
+            mod[gvar] = rename_params(func, short)
         mod = relax.transform.DeadCodeElimination()(mod)
-        params = _new_param_order(model.params, packed, mod)
+        params = _new_param_order(model.params, packed, short, mod)
         return ImportedModel(mod, params, model.inputs, model.outputs, model.kind, model.source, model.info)
 
     def _rewrite_function(self, func, model, bb, kernels, packed, pats):
@@ -166,21 +176,21 @@ class RewriteLinearToWeightGemm:
             return func
         num_input = int(func.attrs["num_input"])
         inputs = list(func.params)[:num_input]
-        free = {v.name for v in relax.analysis.free_vars(body_func.body)}
+        free = set(relax.analysis.free_vars(body_func.body))
         weights: list[relax.Var] = []
         old_by_name = {v.name: v for v in list(func.params)[num_input:]}
         for name in model.params:
-            if name in old_by_name and name in free:
+            if name in old_by_name and old_by_name[name] in free:
                 weights.append(old_by_name[name])
-            elif name in packed:
+            if name in packed:
                 names = [packed_param_name(name, packed[name], a) for a in packed[name].arrays]
                 weights.extend(packed_vars[n] for n in names if n in packed_vars)
         return relax.Function(inputs + weights, body_func.body, func.ret_ty, func.is_pure, func.attrs)
 
 
 def packed_param_name(weight: str, packed: PackedWeight, array_name: str) -> str:
-    """`fc1.weight` keeps its name when stored as one array; otherwise `fc1.weight.<array>`."""
-    return weight if len(packed.arrays) == 1 else f"{weight}.{array_name}"
+    """The parameter holding one of a packed weight's arrays: `fc1.weight.<array>`."""
+    return f"{weight}.{array_name}"
 
 
 def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kernels):
@@ -211,17 +221,19 @@ def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kern
     return relax.op.reshape(y, [*lead, site.m]) if len(lead) != 1 else y
 
 
-def _new_param_order(old: dict[str, np.ndarray], packed: dict[str, PackedWeight], mod) -> dict[str, np.ndarray]:
-    """Old params with each packed weight replaced, in place, by its arrays; unused ones dropped."""
-    used: set[str] = set()
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            used.update(v.name for v in func.params)
+def _new_param_order(
+    old: dict[str, np.ndarray], packed: dict[str, PackedWeight], short: dict[str, str], mod: tvm.IRModule
+) -> dict[str, np.ndarray]:
+    """Old params with each packed weight replaced, in place, by its arrays (under their final names);
+    an original weight stays only where some function still reads it."""
+    used = {v.name for _, f in mod.functions_items() if isinstance(f, relax.Function) for v in f.params}
     params: dict[str, np.ndarray] = {}
     for name, value in old.items():
-        if name in used:
+        for array_name, array in packed[name].arrays.items() if name in packed else ():
+            long_name = packed_param_name(name, packed[name], array_name)
+            final = short.get(long_name, long_name)
+            if final in used:
+                params[final] = array
+        if name in used and name not in params:
             params[name] = value
-        if name in packed:
-            for array_name, array in packed[name].arrays.items():
-                params[packed_param_name(name, packed[name], array_name)] = array
     return params
