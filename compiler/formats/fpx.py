@@ -160,14 +160,14 @@ def encode_mse(
     """
     check_format(ebits, mbits)
     w = _check_weight(w)
-    best_codes = best_scales = best_err = None
-    for clip in sorted(np.asarray(clip_ratios, dtype=np.float64), reverse=True):
+    ratios = sorted(np.asarray(clip_ratios, dtype=np.float64), reverse=True)
+    best_scales = absmax_scales(w, ebits, mbits, ratios[0])
+    best_codes = quantize(w, best_scales, ebits, mbits)
+    best_err = reconstruction_error(w, best_codes, best_scales, ebits, mbits)
+    for clip in ratios[1:]:
         scales = absmax_scales(w, ebits, mbits, clip)
         codes = quantize(w, scales, ebits, mbits)
         err = reconstruction_error(w, codes, scales, ebits, mbits)
-        if best_err is None:
-            best_codes, best_scales, best_err = codes, scales, err
-            continue
         better = err < best_err
         best_codes = np.where(better[:, None], codes, best_codes)
         best_scales = np.where(better, scales, best_scales)
