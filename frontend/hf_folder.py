@@ -8,6 +8,7 @@ main(input_ids, attention_mask[, token_type_ids]) -> last_hidden_state.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -64,13 +65,20 @@ def import_hf_encoder(folder: str | os.PathLike) -> ImportedModel:
     if getattr(model.config, "type_vocab_size", 0):
         names.append("token_type_ids")
 
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+
     class LastHiddenState(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
         def forward(self, *args):
-            return self.inner(**dict(zip(names, args))).last_hidden_state
+            kwargs = dict(zip(names, args))
+            if takes_positions:
+                # Explicit positions keep the sequence length symbolic: HF slices a 512-long buffer
+                # instead, whose min(seq, 512) length Relax cannot match against seq.
+                kwargs["position_ids"] = torch.arange(args[0].shape[1], device=args[0].device).unsqueeze(0)
+            return self.inner(**kwargs).last_hidden_state
 
     batch, seq = torch.export.Dim("batch", max=4096), torch.export.Dim("seq", max=model.config.max_position_embeddings)
     example = tuple(torch.ones(2, 8, dtype=torch.int64) for _ in names)
@@ -102,4 +110,5 @@ def _transformers():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     return transformers

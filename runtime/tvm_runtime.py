@@ -108,11 +108,26 @@ def empty(shape, dtype: str, dev) -> Any:
     return get_global_func("runtime.TVMTensorAllocWithScope")(tuple(int(s) for s in shape), dtype, dev, None)
 
 
+# TVM's CPU kernels assume 64-byte aligned buffers (aligned vector loads); numpy only promises 16.
+ALIGNMENT = 64
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `array` whose data starts on a 64-byte boundary."""
+    raw = np.empty(array.nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    out = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
 def to_device(array: np.ndarray, dev) -> Any:
-    """Copy a numpy array to a new tensor on `dev` (zero-copy view for CPU when already contiguous)."""
+    """Copy a numpy array to a new tensor on `dev`. On the CPU a contiguous, 64-byte aligned, writable
+    array is shared zero-copy; anything else is copied into an aligned buffer first."""
+    if dev.dlpack_device_type() == KDL_CPU:
+        aligned = array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0
+        return ffi().from_dlpack(array if aligned else aligned_copy(array))
     array = np.ascontiguousarray(array)
-    if dev.dlpack_device_type() == KDL_CPU and array.flags.writeable:
-        return ffi().from_dlpack(array)
     out = empty(array.shape, str(array.dtype), dev)
     get_global_func("runtime.TVMTensorCopyFromBytes")(out, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
     return out
