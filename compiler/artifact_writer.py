@@ -1,25 +1,16 @@
-"""Write an artifact (see `tensorpress.runtime.artifact` for the layout) so that it appears whole or not at all.
-
-The file is built in an unnamed temporary file in the destination folder (Linux O_TMPFILE: if the
-process is killed, there is nothing to clean up) and linked into place only when complete; where
-O_TMPFILE is unavailable, a hidden temporary name is used and removed on any error.
-"""
+"""Write an artifact (see `tensorpress.runtime.artifact` for the layout) so that it appears whole or not
+at all (`atomic_output`)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tensorpress.runtime.artifact import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -28,46 +19,7 @@ from tensorpress.runtime.artifact import (
     NUMPY_TO_SAFETENSORS,
     WEIGHTS,
 )
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Any]:
-    """Yield a writable binary file; on success it becomes `path`, on any error nothing is left."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = None
-    if hasattr(os, "O_TMPFILE"):
-        with contextlib.suppress(OSError):
-            fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o644)
-    if fd is not None:
-        with os.fdopen(fd, "w+b") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-            # Give the finished file a temporary name, then rename over the destination (atomic).
-            tmp_name = folder / f".{path.name}.{os.getpid()}.tmp"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N gives the unnamed file a name; os.link only
-            # calls linkat (rather than link) when a dir_fd is given.
-            proc_fd = os.open("/proc/self/fd", os.O_RDONLY)
-            try:
-                os.link(str(f.fileno()), tmp_name, src_dir_fd=proc_fd, follow_symlinks=True)
-            finally:
-                os.close(proc_fd)
-        os.replace(tmp_name, path)
-        return
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w+b") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from tensorpress.runtime.atomic_file import atomic_output
 
 
 def _safetensors_header(params: dict[str, np.ndarray]) -> bytes:

@@ -97,7 +97,7 @@ def _manifest(
     layers = []
     for plan in plans:
         m, k = plan.shape
-        stored = packed[plan.weight].nbytes if plan.weight in packed else m * k * 2
+        stored = packed[plan.weight].nbytes if plan.weight in packed else int(model.params[plan.weight].nbytes)
         layers.append(
             {
                 "weight": plan.weight,

@@ -1,0 +1,172 @@
+"""`tensorpress` command line: compile, run, inspect, package, generate.
+
+Start-up stays under a second: only argparse is imported here; each command imports what it needs.
+A `TensorpressError` is printed as one line (`error: ...`) with exit status 1; warnings as `warning: ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import warnings
+from collections.abc import Sequence
+
+TARGET_CHOICES = ("cpu", "cuda", "cuda:sm_80", "cuda:sm_90a")
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import tensorpress
+
+    shapes = dict(_parse_shape(s) for s in args.input_shape or [])
+    report = tensorpress.compile(
+        args.model,
+        args.output,
+        target=args.target,
+        dtype=args.dtype,
+        weights=args.weights,
+        skip=args.skip or (),
+        scale_search=args.scale_search,
+        input_shapes=shapes or None,
+    )
+    manifest = report.manifest
+    layers = manifest["layers"]
+    stored = sum(layer["stored_bytes"] for layer in layers)
+    fp16 = sum(layer["fp16_bytes"] for layer in layers)
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    print(f"compiled {args.model} -> {report.artifact} for {args.target} ({timing})")
+    if layers:
+        formats = sorted({layer["format"] for layer in layers})
+        print(
+            f"  {len(layers)} linear layers ({', '.join(formats)}): {stored / 1e6:.2f} MB stored, "
+            f"{fp16 / 1e6:.2f} MB as fp16 ({fp16 / max(stored, 1):.2f}x smaller)"
+        )
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[str, list[int | str]]:
+    from tensorpress.errors import ConfigError
+
+    name, _, dims = text.partition("=")
+    if not name or not dims:
+        raise ConfigError(f"--input-shape {text!r} must look like name=1,128 (a name, '=', comma-separated dims).")
+    return name, [int(d) if d.strip().isdigit() else d.strip() for d in dims.split(",")]
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import tensorpress.runtime
+    from tensorpress.errors import InputError
+    from tensorpress.runtime.atomic_file import atomic_output
+
+    model = tensorpress.runtime.load(args.artifact, device=args.device)
+    try:
+        with np.load(args.inputs) as data:
+            inputs = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as err:
+        raise InputError(f"{args.inputs} is not a readable .npz file of named arrays ({err}).") from err
+    outputs = model.run(inputs)
+    names = [spec.name for spec in model.signature.outputs]
+    with atomic_output(args.output) as f:
+        np.savez(f, **dict(zip(names, outputs)))
+    for name, value in zip(names, outputs):
+        print(f"{name}: {value.dtype}{list(value.shape)}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tensorpress.runtime.inspect_artifact import describe_artifact
+
+    print(describe_artifact(args.artifact, as_json=args.json, verify=not args.no_verify))
+    return 0
+
+
+def _package(args: argparse.Namespace) -> int:
+    from tensorpress.compiler.runtime_bundle import make_runtime_bundle
+
+    bundle = make_runtime_bundle(args.artifact, args.output, python_version=args.python_version)
+    print(f"runtime bundle for {args.artifact}: {bundle.folder} ({bundle.bytes / 1e6:.1f} MB)")
+    print(f"  run it with: python3 {bundle.folder}/run.py --help")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tensorpress.runtime.generate_cli import generate_command
+
+    return generate_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorpress",
+        description="Compile models with compressed weights for Tensor Cores, and run them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile a model (.onnx, .pt2, Hugging Face folder) into one artifact")
+    p.add_argument("model", help="an .onnx file, a .pt2 file (torch.export.save) or a Hugging Face folder")
+    p.add_argument("-o", "--output", required=True, help="artifact file to write (.tpk)")
+    p.add_argument("--target", default="cpu", help=f"one of {', '.join(TARGET_CHOICES)} (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16"), help="activation dtype (default: fp16 on CUDA)")
+    p.add_argument("--weights", help="weight format: fp6, fp6_e2m3, fp5, fp4, fp6-auto, eXmY (default dense)")
+    p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
+    p.add_argument("--scale-search", choices=("absmax", "mse"), help="FPx scale search (default absmax)")
+    p.add_argument("--input-shape", action="append", help="override an input shape: name=1,128 (repeatable)")
+    p.set_defaults(func=_compile)
+
+    p = sub.add_parser("run", help="run a graph artifact on inputs from an .npz file")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", required=True, help=".npz with one array per model input, by name")
+    p.add_argument("--output", required=True, help=".npz to write the outputs to")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("inspect", help="show an artifact's manifest, layers and sizes")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the parts")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("package", help="make a self-contained runtime bundle (no TVM needed where it runs)")
+    p.add_argument("artifact")
+    p.add_argument("-o", "--output", required=True, help="folder to create")
+    p.add_argument("--python-version", help="Python of the machine it runs on, e.g. 3.12 (default: this one)")
+    p.set_defaults(func=_package)
+
+    p = sub.add_parser("generate", help="generate tokens with a decoder artifact")
+    from tensorpress.runtime.generate_cli import add_generate_arguments
+
+    add_generate_arguments(p)
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def _raise_on_sigterm(signum, frame):  # pragma: no cover - exercised by a subprocess test
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # A terminated compile unwinds (and cleans up) like an interrupted one.
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    from tensorpress.errors import TensorpressError
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show_warning
+    try:
+        return int(args.func(args) or 0)
+    except TensorpressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
