@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tensorpress.errors import ModelImportError
 from tensorpress.frontend.decoders.causal_lm import DECODE, PREFILL, CausalLM
 from tensorpress.frontend.decoders.config import (
     SUPPORTED_ARCHITECTURES,
@@ -26,8 +28,6 @@ from tensorpress.frontend.decoders.config import (
 )
 from tensorpress.frontend.decoders.safetensors_reader import read_safetensors_folder
 from tensorpress.frontend.imported_model import ImportedModel, TensorSpec
-
-from tensorpress.errors import ModelImportError
 
 DEFAULT_PAGE_SIZE = 16
 TOKENIZER_FILE = "tokenizer.json"

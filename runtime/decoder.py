@@ -20,32 +20,41 @@ Imports only numpy and tensorpress' runtime-side modules: it runs in a runtime-o
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
-from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
 
 from tensorpress.errors import InputError, TensorpressError
+from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
 
 DEFAULT_MAX_TOTAL_TOKENS = 4096
+_KDL_CPU = 1
+_ATTR_AVAILABLE_MEMORY = 15  # TVM DeviceAttrKind kAvailableGlobalMemory
 
 Prompt = str | Sequence[int] | np.ndarray
 
 
 class DecoderArtifact(Protocol):
-    """What DecoderModel needs from a loaded artifact (tensorpress.runtime's LoadedArtifact)."""
+    """What DecoderModel needs from a loaded artifact (`runtime.loaded_artifact.LoadedArtifact`).
+
+    Optional, used when present: `function_params(name)` (weights of one function, else `params`),
+    `empty(shape, dtype)`, `read_file(name) -> bytes` (files packed beside the weights, e.g. the
+    tokenizer), `free_memory_bytes()`.
+    """
 
     vm: Any  # vm["prefill"](*args) runs a compiled function
     params: list[Any]  # device tensors, in the functions' trailing-parameter order
-    manifest: dict[str, Any]  # our section is manifest["decoder"]
+    manifest: dict[str, Any]  # our section: manifest["decoder"] or manifest["info"]["decoder"]
+    device: Any  # a tvm-ffi Device
 
     def to_device(self, array: np.ndarray) -> Any: ...
     def to_numpy(self, tensor: Any) -> np.ndarray: ...
-    def empty(self, shape: Sequence[int], dtype: str) -> Any: ...
 
 
 class GeneratedToken(NamedTuple):
@@ -114,23 +123,63 @@ class DecoderModel:
         """max_total_tokens: KV tokens the pool holds over all live sequences (default 4096); or
         memory_fraction: that share of the device's free memory (needs artifact.free_memory_bytes())."""
         self.artifact = artifact
-        section = artifact.manifest["decoder"]
+        manifest = artifact.manifest
+        section = manifest["decoder"] if "decoder" in manifest else manifest["info"]["decoder"]
         self.section = section
         self.config: dict[str, Any] = section["config"]
         self.page_size = int(section["page_size"])
         self.eos_token_ids = [int(t) for t in section.get("eos_token_ids") or []]
         self.max_sequence_length = section.get("max_sequence_length")
-        self._prefill = artifact.vm[section["functions"]["prefill"]]
-        self._decode = artifact.vm[section["functions"]["decode"]]
-        self._params = list(artifact.params)
+        self._prefill = self._function(section["functions"]["prefill"])
+        self._decode = self._function(section["functions"]["decode"])
         num_pages = self._pool_pages(max_total_tokens, memory_fraction)
         shape = [num_pages if dim == "num_pages" else int(dim) for dim in section["cache_shape"]]
-        self.kv_pages = artifact.empty(shape, section["cache_dtype"])
+        self.kv_pages = self._empty(shape, section["cache_dtype"])
         self.cache = PagedKVCache(num_pages, self.page_size)
         self._tokenizer = tokenizer
+        self._tokenizer_looked_up = tokenizer is not None
+        self._tokenizer_needs_package = False
         self.last_stats = GenerationStats()
 
     # ------------------------------------------------------------------ setup
+
+    def _function(self, name: str) -> tuple[Any, list[Any]]:
+        """A compiled function and the device weights it takes after its inputs."""
+        if hasattr(self.artifact, "function_params"):
+            params = self.artifact.function_params(name)
+        else:
+            params = list(self.artifact.params)
+        return self.artifact.vm[name], params
+
+    def _empty(self, shape: list[int], dtype: str) -> Any:
+        if hasattr(self.artifact, "empty"):
+            return self.artifact.empty(shape, dtype)
+        from tensorpress.runtime import tvm_runtime
+
+        return tvm_runtime.empty(shape, dtype, self.artifact.device)
+
+    def _free_memory_bytes(self) -> int:
+        if hasattr(self.artifact, "free_memory_bytes"):
+            return int(self.artifact.free_memory_bytes())
+        device = self.artifact.device
+        if device.dlpack_device_type() == _KDL_CPU:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        from tensorpress.runtime import tvm_runtime
+
+        get_attr = tvm_runtime.get_global_func("runtime.GetDeviceAttr")
+        return int(get_attr(device.dlpack_device_type(), device.index, _ATTR_AVAILABLE_MEMORY))
+
+    def _read_file(self, name: str) -> bytes | None:
+        """A file packed with the model (e.g. tokenizer.json), or None when it is not there."""
+        if hasattr(self.artifact, "read_file"):
+            try:
+                return self.artifact.read_file(name)
+            except (KeyError, FileNotFoundError):
+                return None
+        # Artifacts that do not pack extra files yet: the path recorded at compile time, if still there.
+        info = self.artifact.manifest.get("info", {})
+        path = info.get("extra_files", {}).get(name)
+        return Path(path).read_bytes() if path and Path(path).is_file() else None
 
     def _bytes_per_page(self) -> int:
         dims = [int(d) for d in self.section["cache_shape"] if d != "num_pages"]
@@ -142,10 +191,7 @@ class DecoderModel:
         if memory_fraction is not None:
             if not 0.0 < memory_fraction <= 1.0:
                 raise InputError(f"memory_fraction must be in (0, 1], got {memory_fraction}.")
-            free = getattr(self.artifact, "free_memory_bytes", None)
-            if free is None:
-                raise InputError("this runtime cannot query device memory; use max_total_tokens instead.")
-            return max(1, int(free() * memory_fraction) // self._bytes_per_page())
+            return max(1, int(self._free_memory_bytes() * memory_fraction) // self._bytes_per_page())
         tokens = DEFAULT_MAX_TOTAL_TOKENS if max_total_tokens is None else int(max_total_tokens)
         if tokens < 1:
             raise InputError(f"max_total_tokens must be at least 1, got {tokens}.")
@@ -153,23 +199,28 @@ class DecoderModel:
 
     @property
     def tokenizer(self) -> Any:
-        """The folder's tokenizer (a `tokenizers.Tokenizer`), or None when the model has none."""
-        if self._tokenizer is None and self.section.get("tokenizer"):
-            try:
-                from tokenizers import Tokenizer
-            except ImportError:
-                raise InputError(
-                    "text prompts need the `tokenizers` package (pip install tokenizers); or pass token ids."
-                ) from None
-            data = self.artifact.read_file(self.section["tokenizer"])  # type: ignore[attr-defined]
-            self._tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        """The model's tokenizer (a `tokenizers.Tokenizer`), or None when it has none or the optional
+        `tokenizers` package is not installed."""
+        if not self._tokenizer_looked_up:
+            self._tokenizer_looked_up = True
+            name = self.section.get("tokenizer")
+            data = self._read_file(name) if name else None
+            if data is not None:
+                try:
+                    from tokenizers import Tokenizer
+                except ImportError:
+                    self._tokenizer_needs_package = True
+                else:
+                    self._tokenizer = Tokenizer.from_str(data.decode("utf-8"))
         return self._tokenizer
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise InputError(
-                "this model has no tokenizer (tokenizer.json was not in its folder); pass token ids."
-            )
+            if self._tokenizer_needs_package:
+                raise InputError(
+                    "text prompts need the `tokenizers` package (pip install tokenizers); or pass token ids."
+                )
+            raise InputError("this model has no tokenizer (no tokenizer.json in its folder); pass token ids.")
         return list(self.tokenizer.encode(text).ids)
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
@@ -246,6 +297,25 @@ class DecoderModel:
                     self.cache.release(r.seq_id)
                     r.done = True
 
+    def next_token_logits(self, prompts: Prompt | Sequence[Prompt]) -> np.ndarray:
+        """Logits [B, vocab] (float32) of the token after each prompt: one prefill, nothing kept."""
+        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item, arg-type]
+        requests = [self._request(i, p, 1, 0.0, None) for i, p in enumerate(batch)]
+        needed = sum(r.reserved_pages for r in requests)
+        if needed > self.cache.num_free_pages:
+            raise OutOfKVPagesError(
+                f"these prompts need {needed} KV pages together but {self.cache.num_free_pages} are free; "
+                "pass fewer prompts at once or raise max_total_tokens."
+            )
+        for r in requests:
+            r.seq_id = self.cache.add_sequence()
+            self.cache.extend(r.seq_id, len(r.prompt))
+        try:
+            return self._run_prefill(requests)
+        finally:
+            for r in requests:
+                self.cache.release(r.seq_id)
+
     def _request(
         self, index: int, prompt: Prompt, max_new: int, temperature: float, seed: int | None
     ) -> _Request:
@@ -300,9 +370,10 @@ class DecoderModel:
 
     # ------------------------------------------------------------------ compiled calls
 
-    def _call(self, function: Any, *arrays: np.ndarray) -> np.ndarray:
+    def _call(self, function: tuple[Any, list[Any]], *arrays: np.ndarray) -> np.ndarray:
+        run, params = function
         device_args = [self.artifact.to_device(a) for a in arrays]
-        logits = function(*device_args, self.kv_pages, *self._params)
+        logits = run(*device_args, self.kv_pages, *params)
         return self.artifact.to_numpy(logits)
 
     def _run_prefill(self, requests: list[_Request]) -> np.ndarray:

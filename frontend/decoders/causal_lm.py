@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tensorpress.frontend.decoders.config import DecoderConfig
-from tensorpress.frontend.decoders.paged_attention import PagedKV
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
+
+from tensorpress.frontend.decoders.config import DecoderConfig
+from tensorpress.frontend.decoders.paged_attention import PagedKV
 
 PREFILL = "prefill"
 DECODE = "decode"

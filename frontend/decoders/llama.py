@@ -7,11 +7,12 @@ Activations are [N, hidden]: the N tokens of a call, flattened across sequences.
 
 from __future__ import annotations
 
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
 from tensorpress.frontend.decoders.causal_lm import CausalLM
 from tensorpress.frontend.decoders.config import DecoderConfig
 from tensorpress.frontend.decoders.paged_attention import PagedKV, apply_rope
-from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn import op
 
 
 class LlamaAttention(nn.Module):

@@ -9,11 +9,12 @@ attention kernel applies the same scale to q inside the kernel.
 
 from __future__ import annotations
 
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
 from tensorpress.frontend.decoders.causal_lm import CausalLM
 from tensorpress.frontend.decoders.config import DecoderConfig
 from tensorpress.frontend.decoders.paged_attention import PagedKV
-from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn import op
 
 
 def _activation(name: str, x: nn.Tensor) -> nn.Tensor:

@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tensorpress.schedules.kv_attention import kv_append_func, paged_attention_func
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
+
+from tensorpress.schedules.kv_attention import kv_append_func, paged_attention_func
 
 
 def rope_func(num_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:

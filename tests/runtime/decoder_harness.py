@@ -1,12 +1,8 @@
-"""Test support for decoders: tiny random Hugging Face folders, and compiled models run in-process.
-
-`InProcessArtifact` gives DecoderModel what a loaded .tpk gives it (vm, params, manifest, device
-helpers), from an ImportedModel compiled here with `tvm.compile`, so the decoder runtime is tested
-on its own as well as through the artifact path.
-"""
+"""Test support for decoders: tiny random Hugging Face folders, transformers' answers, compiling."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -71,37 +67,32 @@ def hf_last_logits(folder: Path, prompt: list[int]) -> np.ndarray:
         return model(torch.tensor([prompt])).logits[0, -1].numpy()
 
 
-class InProcessArtifact:
-    """An ImportedModel(kind="decoder") compiled for llvm and held in this process."""
+@contextlib.contextmanager
+def kv_rules_installed():
+    """Make the compile pipeline's rule list start with the paged-KV rules (until schedules/rules.py
+    lists them itself; dlight's CPU GEMV rule trips over our kernels' data-dependent regions)."""
+    import tensorpress.schedules.rules as rules
+    from tensorpress.schedules.kv_attention import KVAttentionCPU, kv_attention_rules
 
-    def __init__(self, imported, target: str = "llvm"):
-        import tvm
-        from tensorpress.schedules.kv_attention import kv_attention_rules
-        from tvm import relax
-        from tvm.s_tir import dlight as dl
+    original = rules.rules_for
 
-        tvm_target = tvm.target.Target({"kind": target, "num-cores": 2})
-        with tvm_target:
-            mod = dl.ApplyDefaultSchedule(*kv_attention_rules())(imported.mod)
-        executable = tvm.compile(mod, target=tvm_target)
-        self.device = tvm.cpu()
-        self.vm = relax.VirtualMachine(executable, self.device)
-        self.params = [tvm.runtime.tensor(v, self.device) for v in imported.params.values()]
-        self.manifest = {"kind": "decoder", "decoder": imported.info["decoder"]}
-        self._files = imported.info.get("extra_files", {})
+    def rules_for(target):
+        found = original(target)
+        if any(isinstance(rule, KVAttentionCPU) for rule in found):
+            return found
+        return [*kv_attention_rules(), *found]
 
-    def to_device(self, array: np.ndarray):
-        import tvm
+    rules.rules_for = rules_for
+    try:
+        yield
+    finally:
+        rules.rules_for = original
 
-        return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
 
-    def to_numpy(self, tensor) -> np.ndarray:
-        return tensor.numpy()
+def compile_decoder(folder: Path, artifact: Path, **options) -> Path:
+    """tensorpress.compile(folder -> artifact) for the CPU."""
+    import tensorpress.compiler.api as api
 
-    def empty(self, shape, dtype: str):
-        import tvm
-
-        return tvm.runtime.empty(tuple(shape), dtype, self.device)
-
-    def read_file(self, name: str) -> bytes:
-        return Path(self._files[name]).read_bytes()
+    with kv_rules_installed():
+        api.compile(folder, artifact, target="cpu", **options)
+    return artifact

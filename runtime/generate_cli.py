@@ -1,0 +1,75 @@
+"""`tensorpress generate ARTIFACT.tpk --prompt "..." | --prompt-ids 1,2,3 [options]`
+
+Output contract (scripts read it):
+    stdout line 1   the new token ids, comma-separated
+    stdout line 2+  the new text, when the model has a tokenizer
+    stderr (last)   token counts and tokens/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tensorpress.errors import InputError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `tensorpress generate` (the CLI's subparser calls this)."""
+    parser.add_argument("artifact", help="a .tpk file compiled from a decoder model")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
+    prompt.add_argument("--prompt-ids", type=_int_list, help="prompt token ids, e.g. 1,2,3")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+    parser.add_argument(
+        "--stop-ids", type=_int_list, default=None, help="stop after one of these ids (default: the eos ids)"
+    )
+    parser.add_argument(
+        "--max-total-tokens", type=int, default=None, help="KV cache size in tokens, all sequences together"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Run `tensorpress generate`; returns the exit status. TensorpressErrors propagate to the CLI."""
+    from tensorpress.runtime.decoder import DecoderModel
+    from tensorpress.runtime.loaded_artifact import load_artifact
+
+    loaded = load_artifact(args.artifact, args.device)
+    if loaded.manifest.get("kind") != "decoder":
+        raise InputError(f"{args.artifact} is not a decoder model; `generate` needs an artifact of an LLM.")
+    model = DecoderModel(loaded, max_total_tokens=args.max_total_tokens)
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    start = time.perf_counter()
+    tokens = model.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop_ids=args.stop_ids,
+        seed=args.seed,
+    )
+    seconds = time.perf_counter() - start
+    print(",".join(str(t) for t in tokens), flush=True)
+    if model.tokenizer is not None:
+        print(model.decode_text(tokens), flush=True)
+    stats = model.last_stats
+    rate = len(tokens) / seconds if seconds else 0.0
+    print(
+        f"{len(tokens)} new tokens in {seconds:.3f} s ({rate:.1f} tokens/s); "
+        f"prefill {stats.prefill_tokens} tokens in {stats.prefill_seconds * 1e3:.1f} ms, "
+        f"decode {stats.decode_tokens_per_second:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
