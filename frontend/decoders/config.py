@@ -22,6 +22,7 @@ SUPPORTED_ARCHITECTURES = {
     "OPTForCausalLM": "opt",
 }
 
+_CAUSAL_LM_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}
 _ROPE_TYPES = ("default", "linear", "llama3")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu"}
 
@@ -130,7 +131,12 @@ def decoder_config_from_hf(
     """
     generation = generation or {}
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else f"<none; model_type={hf.get('model_type')!r}>"
+    # configs without `architectures` (built in code, never saved by a model) name only the model type
+    arch = (
+        archs[0]
+        if archs
+        else _CAUSAL_LM_OF_MODEL_TYPE.get(hf.get("model_type"), f"<model_type {hf.get('model_type')!r}>")
+    )
     family = SUPPORTED_ARCHITECTURES.get(arch)
     if family is None:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)

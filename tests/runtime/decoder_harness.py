@@ -12,25 +12,61 @@ TINY = dict(
 )
 
 
+ARCHITECTURES = ("llama", "qwen2", "opt", "llama-tied-rope3", "opt-post-norm")
+
+
+def hf_config(arch: str):
+    """A tiny transformers config (2 layers, hidden 64, 4 heads) of one family, or of a variant:
+    llama-tied-rope3: tied embeddings, llama3 RoPE scaling, attention and MLP biases;
+    opt-post-norm: OPT-350m's layout (norms after the residual, 32-wide embeddings, project_in/out)."""
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY, intermediate_size=128, num_key_value_heads=2, eos_token_id=2)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**TINY, intermediate_size=128, num_key_value_heads=2, eos_token_id=2)
+    if arch == "opt":
+        return tf.OPTConfig(**TINY, ffn_dim=128, word_embed_proj_dim=64, eos_token_id=2)
+    if arch == "llama-tied-rope3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+        return tf.LlamaConfig(
+            **TINY,
+            intermediate_size=128,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters=rope,
+            eos_token_id=2,
+        )
+    if arch == "opt-post-norm":
+        return tf.OPTConfig(
+            **TINY, ffn_dim=128, word_embed_proj_dim=32, do_layer_norm_before=False, eos_token_id=2
+        )
+    raise ValueError(arch)
+
+
 def make_hf_decoder(arch: str, folder: Path, seed: int = 0) -> Path:
-    """Save a random-init LlamaForCausalLM / Qwen2ForCausalLM / OPTForCausalLM (2 layers, hidden 64)."""
+    """Save a random-init model of `hf_config(arch)` into `folder`."""
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    if arch == "llama":
-        config = tf.LlamaConfig(**TINY, intermediate_size=128, num_key_value_heads=2, eos_token_id=2)
-    elif arch == "qwen2":
-        config = tf.Qwen2Config(**TINY, intermediate_size=128, num_key_value_heads=2, eos_token_id=2)
-    elif arch == "opt":
-        config = tf.OPTConfig(**TINY, ffn_dim=128, word_embed_proj_dim=64, eos_token_id=2)
-    else:
-        raise ValueError(arch)
+    config = hf_config(arch)
     model = tf.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # default init gives near-uniform logits; widen them so argmax is not a tie
+    with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() == 2:  # the default init gives near-uniform logits: widen it so argmax is no tie
                 p.normal_(0.0, 0.08)
+            else:  # biases and norm weights away from their 0 / 1 init, so using them wrongly shows
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     return folder
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from decoder_harness import compile_decoder, hf_greedy, hf_last_logits, make_hf_decoder
+from decoder_harness import ARCHITECTURES, compile_decoder, hf_greedy, hf_last_logits, make_hf_decoder
 
 import tensorpress
 from tensorpress.errors import InputError
@@ -36,7 +36,7 @@ class Compiled:
         return model
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "opt"])
+@pytest.fixture(scope="module", params=ARCHITECTURES)
 def compiled(request, tmp_path_factory) -> Compiled:
     return Compiled(request.param, tmp_path_factory.mktemp("decoders"))
 
