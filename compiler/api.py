@@ -59,7 +59,11 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     as_written["dtype"] = dtype
     start = time.perf_counter()
     imported = import_model(
-        model, example_inputs=example_inputs, input_shapes=input_shapes, dtype=dtype, tracer=tracer,
+        model,
+        example_inputs=example_inputs,
+        input_shapes=input_shapes,
+        dtype=dtype,
+        tracer=tracer,
         **import_options,
     )
     timings = {"import": time.perf_counter() - start}

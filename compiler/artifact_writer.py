@@ -11,6 +11,7 @@ import zipfile
 from typing import Any
 
 import numpy as np
+
 from tensorpress.runtime.artifact import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -29,7 +30,11 @@ def _safetensors_header(params: dict[str, np.ndarray]) -> bytes:
         dtype = NUMPY_TO_SAFETENSORS.get(np.dtype(array.dtype).newbyteorder("<").str)
         if dtype is None:
             raise TypeError(f"weight {name} has dtype {array.dtype}, which safetensors cannot store")
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as the safetensors library writes it
@@ -37,7 +42,10 @@ def _safetensors_header(params: dict[str, np.ndarray]) -> bytes:
 
 
 def write_artifact(
-    path: str | os.PathLike, library: str | os.PathLike, params: dict[str, np.ndarray], manifest: dict[str, Any]
+    path: str | os.PathLike,
+    library: str | os.PathLike,
+    params: dict[str, np.ndarray],
+    manifest: dict[str, Any],
 ) -> dict[str, Any]:
     """Write library + weights + manifest into one artifact at `path`; returns the final manifest."""
     manifest = dict(manifest)

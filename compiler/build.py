@@ -94,9 +94,7 @@ def build_library(mod, target_spec: TargetSpec, out_path: Path) -> BuildResult:
             "nvcc works (TVM_CUDA_COMPILE_MODE=nvcc) and that no other process loaded TVM without the CUDA "
             "runtime."
         )
-    kernels = sorted(
-        gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
-    )
+    kernels = sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
     return BuildResult(Path(out_path), seconds, kernels)
 
 

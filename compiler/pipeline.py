@@ -1,12 +1,12 @@
 """The story of a compile, top to bottom: import -> plan -> rewrite -> build -> write the artifact.
 
-    imported = import_model(model)                      frontend/: Relax + weights as named parameters
-    imported = drop_unused_weights(imported)            weights nothing reads (e.g. an unused pooler)
-    sites    = find_linear_sites(imported.mod)           every linear layer with a weight parameter
-    plan     = plan_weights(sites, recipe, target)       which format each weight is stored in
-    imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
-    library  = build_library(imported.mod, target)       schedules/ rules, tvm.compile, nvcc for CUDA
-    write_artifact(out, library, imported.params, manifest)
+imported = import_model(model)                      frontend/: Relax + weights as named parameters
+imported = drop_unused_weights(imported)            weights nothing reads (e.g. an unused pooler)
+sites    = find_linear_sites(imported.mod)           every linear layer with a weight parameter
+plan     = plan_weights(sites, recipe, target)       which format each weight is stored in
+imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
+library  = build_library(imported.mod, target)       schedules/ rules, tvm.compile, nvcc for CUDA
+write_artifact(out, library, imported.params, manifest)
 """
 
 from __future__ import annotations

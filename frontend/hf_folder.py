@@ -80,11 +80,17 @@ def import_hf_encoder(folder: str | os.PathLike) -> ImportedModel:
                 kwargs["position_ids"] = torch.arange(args[0].shape[1], device=args[0].device).unsqueeze(0)
             return self.inner(**kwargs).last_hidden_state
 
-    batch, seq = torch.export.Dim("batch", max=4096), torch.export.Dim("seq", max=model.config.max_position_embeddings)
+    batch, seq = (
+        torch.export.Dim("batch", max=4096),
+        torch.export.Dim("seq", max=model.config.max_position_embeddings),
+    )
     example = tuple(torch.ones(2, 8, dtype=torch.int64) for _ in names)
     dynamic = tuple({0: batch, 1: seq} for _ in names)
     imported = import_torch(
-        LastHiddenState(model), example, input_names=names, output_names=["last_hidden_state"],
+        LastHiddenState(model),
+        example,
+        input_names=names,
+        output_names=["last_hidden_state"],
         dynamic_shapes=(dynamic,),
     )
     # Weights lose the wrapper's "inner." prefix so users see the folder's own names.

@@ -90,12 +90,11 @@ class GraphModel:
                         f"input {spec.name!r} must have size {want} on axis {axis} (shape {list(spec.shape)}), "
                         f"got shape {list(array.shape)}."
                     )
-                if isinstance(want, str) and want != "?":
-                    if symbols.setdefault(want, got) != got:
-                        raise InputError(
-                            f"input {spec.name!r} has {want}={got} on axis {axis}, but another input has "
-                            f"{want}={symbols[want]}; they must agree."
-                        )
+                if isinstance(want, str) and want != "?" and symbols.setdefault(want, got) != got:
+                    raise InputError(
+                        f"input {spec.name!r} has {want}={got} on axis {axis}, but another input has "
+                        f"{want}={symbols[want]}; they must agree."
+                    )
             arrays.append(array)
         return arrays
 

@@ -41,9 +41,29 @@ def tvm_lib_dir() -> Path:
     )
 
 
+def _import_tvm_ffi_without_torch() -> Any:
+    """Import tvm_ffi without letting it import torch.
+
+    tvm_ffi 0.1.14 tries `import torch` on import (a workaround for a Windows symbol clash) and, when
+    torch is there, may build a DLPack helper extension. The runtime must stay free of torch (seconds of
+    start-up, hundreds of MB), so during that import `import torch` fails as if torch were absent.
+    Where the user already imported torch, nothing changes.
+    """
+    if "tvm_ffi" in sys.modules or "torch" in sys.modules:
+        import tvm_ffi
+
+        return tvm_ffi
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    try:
+        import tvm_ffi
+    finally:
+        del sys.modules["torch"]
+    return tvm_ffi
+
+
 @cache
 def _load_core() -> Any:
-    import tvm_ffi
+    tvm_ffi = _import_tvm_ffi_without_torch()
 
     if "tvm" not in sys.modules:
         ctypes.CDLL(str(tvm_lib_dir() / "libtvm_runtime.so"), ctypes.RTLD_GLOBAL)

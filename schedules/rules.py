@@ -11,6 +11,23 @@ from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 
+class NotMineOnError(dl.ScheduleRule):
+    """A rule that answers "not mine" (None) where the wrapped rule raises, so the next rule is tried.
+
+    dlight's CUDA matmul rule raises on some PrimFuncs it claims (int64 symbolic extents next to int32
+    indices, TVM 0.27); the weight-GEMM fallback and dlight's Fallback schedule those instead.
+    """
+
+    def __init__(self, rule: dl.ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception:  # noqa: BLE001 - any failure of a third-party rule means "not mine"
+            return None
+
+
 def rules_for(target: Target) -> list[dl.ScheduleRule]:
     """The rule list for `target` (a TVM Target of kind llvm or cuda)."""
     if target.kind.name == "cuda":
@@ -18,10 +35,10 @@ def rules_for(target: Target) -> list[dl.ScheduleRule]:
 
         return [
             *tensorcore_rules(),
-            dl.gpu.Matmul(),
-            dl.gpu.GEMV(),
-            dl.gpu.Reduction(),
-            dl.gpu.GeneralReduction(),
+            NotMineOnError(dl.gpu.Matmul()),
+            NotMineOnError(dl.gpu.GEMV()),
+            NotMineOnError(dl.gpu.Reduction()),
+            NotMineOnError(dl.gpu.GeneralReduction()),
             dl.gpu.Fallback(),
         ]
     from tensorpress.schedules.cpu import cpu_rules

@@ -112,9 +112,7 @@ def make_weight_gemm(
     args = [x, *stored]
     if with_bias:
         bias = te.placeholder((m,), act_dtype, name="bias")
-        y = te.compute(
-            (rows, m), lambda i, j: (acc[i, j] + bias[j].astype("float32")).astype(out_dtype), name="store"
-        )
+        y = te.compute((rows, m), lambda i, j: (acc[i, j] + bias[j].astype("float32")).astype(out_dtype), name="store")
         args.append(bias)
     else:
         y = te.compute((rows, m), lambda i, j: acc[i, j].astype(out_dtype), name="store")

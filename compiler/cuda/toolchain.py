@@ -103,9 +103,7 @@ def ensure_cuda_build_support() -> Path:
     """
     home = cuda_home()
     if home is None:
-        raise ConfigError(
-            "compiling for a CUDA target needs nvcc (CUDA 13 toolkit); put it on PATH or set CUDA_HOME."
-        )
+        raise ConfigError("compiling for a CUDA target needs nvcc (CUDA 13 toolkit); put it on PATH or set CUDA_HOME.")
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     os.environ["PATH"] = f"{home / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
     if not _has_real_driver():

@@ -102,7 +102,7 @@ def find_linear_sites(mod: tvm.IRModule) -> list[LinearSite]:
         func_weights = _weight_params(func)
         for pattern in pats[4]:
 
-            def record(call, match, pattern=pattern):
+            def record(call, match, func_weights=func_weights):
                 site = _site_from_match(match, func_weights, pats)
                 if site is not None and site.weight not in found:
                     found[site.weight] = site

@@ -14,9 +14,7 @@ from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import find_linea
 from tensorpress.errors import ModelImportError
 from tensorpress.frontend.hf_decoder import SUPPORTED_ARCHITECTURES, import_hf_decoder, is_hf_decoder_folder
 
-TINY = dict(
-    vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
-)
+TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
 
 def _save(model, folder):

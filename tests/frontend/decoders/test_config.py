@@ -10,9 +10,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from tensorpress.errors import ModelImportError
 from tensorpress.frontend.decoders.config import DecoderConfig, decoder_config_from_hf
 
-TINY = dict(
-    vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
-)
+TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
 
 def _ours(config) -> DecoderConfig:

