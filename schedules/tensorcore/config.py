@@ -1,0 +1,183 @@
+"""The tile parameters of the Tensor Core weight GEMM, their bounds, and the search space.
+
+One CTA computes a block_n × block_m tile of Y (tokens × weight rows) over one K slice:
+
+            K slice (K / split_k), walked block_k at a time through a `stages`-deep cp.async ring
+          ┌──────────────────────────────┐
+  block_n │ X tile (tokens)              │  ─┐
+          └──────────────────────────────┘   │  mma.sync m16n8k16, fp32 accumulators in registers;
+          ┌──────────────────────────────┐   │  `warps` warps split the weight rows, each computing
+  block_m │ W tile (weight rows,         │  ─┘  all block_n tokens × (block_m / warps) rows
+          │ decoded into shared memory)  │
+          └──────────────────────────────┘
+
+Grid: blockIdx.x = N tiles (fastest, so CTAs that share a W tile run together and hit L2),
+blockIdx.y = M tiles, blockIdx.z = K slices. With split_k > 1 every CTA writes fp32 partial sums to
+a workspace and a second kernel adds the slices in a fixed order (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from tensorpress.errors import ConfigError, ShapeError
+from tensorpress.schedules.tensorcore.arch import ArchSpec
+
+MMA_TILE = 16  # rows, cols and k of one warp-level tile (two m16n8k16)
+WARP_SIZE = 32
+VECTOR_BYTES = 16  # one cp.async / ldmatrix row
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Typed parameters of the template; `validate(arch)` checks them against the architecture."""
+
+    block_n: int = 16  # tokens per CTA (N is padded to a multiple of it inside the kernel)
+    block_m: int = 128  # weight rows per CTA
+    block_k: int = 64  # K per pipeline stage
+    warps: int = 4  # warps per CTA, splitting block_m
+    stages: int = 4  # cp.async ring depth, >= 2
+    split_k: int = 1  # K slices reduced by a second kernel, in fixed order
+
+    @property
+    def threads(self) -> int:
+        return self.warps * WARP_SIZE
+
+    @property
+    def warp_tile_m(self) -> int:
+        """Weight rows per warp (every warp covers all block_n tokens)."""
+        return self.block_m // self.warps
+
+    def shared_bytes(self, weight_tile_bytes_per_element: float = 2.0) -> int:
+        """Model of the dynamic shared memory: the stage ring plus the fp32 output tile.
+
+        `weight_tile_bytes_per_element` is what one W element costs in shared memory at the stage
+        where it waits (2 for fp16; a packed format stages fewer bytes and adds a decoded fp16 tile).
+        """
+        ring = self.stages * self.block_k * (self.block_n * 2 + self.block_m * weight_tile_bytes_per_element)
+        epilogue = self.block_n * self.block_m * 4 if self.split_k == 1 else 0
+        return int(ring + epilogue)
+
+    def accumulator_registers(self) -> int:
+        """fp32 accumulator registers per thread (8 per 16×16 tile)."""
+        return (self.block_n // MMA_TILE) * (self.warp_tile_m // MMA_TILE) * 8
+
+    def validate(self, arch: ArchSpec) -> None:
+        """Raise ConfigError naming the first parameter that breaks a rule of the template or `arch`."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"tile parameter {f.name}={value!r} must be a positive integer.")
+        for name in ("block_n", "block_m", "block_k"):
+            if getattr(self, name) % MMA_TILE:
+                raise ConfigError(f"tile parameter {name}={getattr(self, name)} must be a multiple of 16.")
+        if self.block_k not in (32, 64, 128, 256):
+            raise ConfigError(f"block_k={self.block_k} must be 32, 64, 128 or 256 (rows of the swizzled tiles).")
+        if self.block_n > 64:
+            raise ConfigError(f"block_n={self.block_n}: at most 64 tokens per CTA (more tokens take more CTAs).")
+        if self.warp_tile_m * self.warps != self.block_m or self.warp_tile_m % MMA_TILE:
+            raise ConfigError(f"block_m={self.block_m} must split into warps={self.warps} multiples of 16.")
+        if self.stages < 2:
+            raise ConfigError(f"stages={self.stages}: the cp.async pipeline needs at least 2 stages.")
+        if self.threads > arch.max_threads_per_block:
+            raise ConfigError(
+                f"{self.warps} warps exceed {arch.max_threads_per_block} threads per block on {arch.name}."
+            )
+        if self.accumulator_registers() > 128:
+            raise ConfigError(
+                f"warp tile {self.block_n}x{self.warp_tile_m} needs {self.accumulator_registers()} accumulator"
+                " registers per thread (at most 128, or ptxas spills)."
+            )
+        if self.shared_bytes() > arch.shared_bytes_per_block:
+            raise ConfigError(
+                f"tile config needs about {self.shared_bytes()} B of shared memory, more than the "
+                f"{arch.shared_bytes_per_block} B a block may use on {arch.name}; lower stages or block_k."
+            )
+
+    def check_shape(self, m: int, k: int) -> None:
+        """Raise ShapeError when an [m, k] weight cannot be tiled by this config."""
+        check_weight_shape(m, k)
+        if m % self.block_m:
+            raise ShapeError(f"weight GEMM with M={m}: M must be a multiple of block_m={self.block_m}.")
+        if k % (self.split_k * self.block_k):
+            raise ShapeError(
+                f"weight GEMM with K={k}: K must be a multiple of split_k*block_k={self.split_k * self.block_k}."
+            )
+
+    def label(self) -> str:
+        """Short stable name, e.g. 'n16m128k64w4s4sk1' (used in file names and results)."""
+        return f"n{self.block_n}m{self.block_m}k{self.block_k}w{self.warps}s{self.stages}sk{self.split_k}"
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def check_weight_shape(m: int, k: int) -> None:
+    """The template's one hard rule on shapes: M and K multiples of 16 (N may be anything >= 1)."""
+    if m % MMA_TILE or k % MMA_TILE or m <= 0 or k <= 0:
+        raise ShapeError(
+            f"weight GEMM with M={m}, K={k}: the Tensor Core kernel needs M and K to be positive multiples"
+            " of 16; pad the layer or compile it for the CPU."
+        )
+
+
+def search_space(m: int, k: int, arch: ArchSpec) -> list[TileConfig]:
+    """Every valid config for an [m, k] weight on `arch` within the tuner's bounds (small, hardware-aware)."""
+    configs = []
+    for block_n in (16, 32, 64):
+        for block_m in (32, 64, 128, 256):
+            for block_k in (32, 64, 128):
+                for warps in (1, 2, 4, 8):
+                    for stages in (2, 3, 4, 5):
+                        for split_k in (1, 2, 3, 4, 6, 8):
+                            cfg = TileConfig(block_n, block_m, block_k, warps, stages, split_k)
+                            try:
+                                cfg.validate(arch)
+                                cfg.check_shape(m, k)
+                            except (ConfigError, ShapeError):
+                                continue
+                            if k // split_k < 2 * block_k:
+                                continue
+                            configs.append(cfg)
+    return configs
+
+
+def choose_config(m: int, k: int, arch: ArchSpec, n_hint: int = 16) -> TileConfig:
+    """The untuned default for an [m, k] weight and about `n_hint` tokens on `arch`.
+
+    A weight-streaming kernel is bound by the bytes of W, so the choice aims at (1) enough CTAs to
+    fill every SM, with whole waves; (2) several 16 KB stages in flight per SM; (3) little extra
+    traffic: split-K partials (split_k·N·M·4 B written and read) and X re-reads. Raises ShapeError when
+    M or K is not a multiple of 16; otherwise always finds a config (16×16 tiles fit every such shape).
+    """
+    check_weight_shape(m, k)
+    block_n = 16 if n_hint <= 16 else 32 if n_hint <= 32 else 64
+    best: tuple[float, TileConfig] | None = None
+    for cfg in search_space(m, k, arch):
+        if cfg.block_n != block_n:
+            continue
+        score = _score(cfg, m, k, arch, n_hint)
+        if best is None or score < best[0]:
+            best = (score, cfg)
+    if best is None:
+        return TileConfig(block_n=16, block_m=16, block_k=32, warps=1, stages=2, split_k=1)
+    return best[1]
+
+
+def _score(cfg: TileConfig, m: int, k: int, arch: ArchSpec, n_hint: int) -> float:
+    """Estimated time in units of 'streaming all of W once at full bandwidth' (lower is better)."""
+    weight_bytes = m * k * 2.0
+    ctas = (m // cfg.block_m) * cfg.split_k * math.ceil(n_hint / cfg.block_n)
+    per_sm = max(1, min(arch.shared_bytes_per_sm // max(cfg.shared_bytes(), 1), 2048 // cfg.threads, 16))
+    slots = arch.sm_count * per_sm
+    waves = math.ceil(ctas / slots)
+    # CTAs resident together share the SM's bandwidth; an uneven last wave idles SMs.
+    balance = ctas / (waves * min(ctas, slots)) if ctas else 1.0
+    in_flight = per_sm * (cfg.stages - 1) * cfg.block_m * cfg.block_k * 2
+    latency_penalty = max(0.0, 1.0 - in_flight / 32768) * 0.5
+    partial_bytes = 2 * cfg.split_k * max(n_hint, 1) * m * 4 if cfg.split_k > 1 else 0
+    x_rereads = (m / cfg.block_m) * cfg.block_n * k * 2.0 * 0.25  # mostly from L2
+    launch = 0.1 if cfg.split_k > 1 else 0.0  # the second kernel
+    fill = min(1.0, ctas / arch.sm_count)
+    return (1.0 + (partial_bytes + x_rereads) / weight_bytes) / (balance * fill) + latency_penalty + launch

@@ -1,0 +1,174 @@
+"""Replay a Tensor Core schedule on the CPU: thread loops made serial, scratch memory poisoned.
+
+The template is scheduled with the emulated intrinsic set (`emulation.py`), so ldmatrix and mma run
+as plain loops fed the same address expressions as on the GPU. Then:
+
+* every thread-bound loop (blockIdx.*, threadIdx.*) becomes a serial loop that visits its indices in
+  a shuffled order (an affine permutation i -> (a·i + b) mod extent, or reversed for symbolic
+  extents), so a result that depends on which thread runs first differs between seeds;
+* every shared-memory and warp/local buffer is filled with NaN (integers: all ones) right where it is
+  allocated, so reading an element nobody wrote poisons the output instead of passing by luck;
+* the module is lowered by TVM's own s_tir pipeline minus the GPU-only passes (barriers, cp.async
+  injection, warp-memory lowering) and built for llvm.
+
+What the replay cannot see: races and missing barriers (serial execution has none), GPU-only passes
+and CUDA codegen, resource limits. nvcc/ptxas (`inspection.py`) and the GPU tests cover those.
+
+Serial loops also change one thing about the program: a cooperative copy nested in a warp loop runs
+once per warp instead of once per CTA, which is harmless for copies and decodes (they are idempotent)
+but would hide cooperative accumulation in shared memory; the template has none.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.tirx.compilation_pipeline import register_tir_pipeline
+
+REPLAY_PIPELINE = "tensorpress_replay"
+SCRATCH_SCOPES = ("shared", "shared.dyn", "warp", "local")
+THREAD_ANNOTATION = "tensorpress.replay_thread"
+
+
+def serialize_threads(mod: tvm.IRModule, seed: int | None = None) -> tvm.IRModule:
+    """Turn thread-bound loops into serial loops, in shuffled order unless `seed` is None.
+
+    Each loop keeps its thread tag as the annotation `tensorpress.replay_thread`.
+    """
+    rng = random.Random(seed)
+
+    def permute(index: tirx.Var, extent: tirx.PrimExpr) -> tirx.PrimExpr:
+        if seed is None:
+            return index
+        if isinstance(extent, tirx.IntImm):
+            n = int(extent)
+            if n <= 1:
+                return index
+            stride = rng.choice([a for a in range(1, n) if math.gcd(a, n) == 1] or [1])
+            offset = rng.randrange(n)
+            return tirx.floormod(index * stride + offset, n)
+        return extent - 1 - index
+
+    def serialize(loop: tirx.For) -> tirx.For:
+        if loop.kind != tirx.ForKind.THREAD_BINDING:
+            return loop
+        index = tirx.Var(loop.loop_var.name, loop.loop_var.ty)
+        order = permute(index, loop.extent)
+        old = loop.loop_var
+        body = tvm_ffi.structural_map(loop.body, (tirx.Var, lambda v: order if v.same_as(old) else v))
+        annotations = dict(loop.annotations)
+        annotations[THREAD_ANNOTATION] = loop.thread_binding.thread_tag
+        return tirx.For(
+            index, loop.min, loop.extent, tirx.ForKind.SERIAL, body, None, annotations, loop.step, loop.span
+        )
+
+    return tvm_ffi.structural_map(mod, (tirx.For, serialize))
+
+
+def _poison_value(dtype: str) -> tirx.PrimExpr:
+    if dtype.startswith(("float", "bfloat")):
+        return tirx.const(float("nan"), dtype)
+    if dtype.startswith("uint"):
+        return tirx.const((1 << int(dtype[4:])) - 1, dtype)
+    return tirx.const(-1, dtype)
+
+
+def _poison_fill(buffer: tirx.Buffer) -> tirx.Stmt:
+    """for i in range(size): buffer[i] = poison   (buffers are flat when this runs)"""
+    index = tirx.Var("poison_i", "int32")
+    size = 1
+    for extent in buffer.shape:
+        size = size * extent
+    store = tirx.BufferStore(buffer, _poison_value(str(buffer.dtype)), [index])
+    return tirx.For(index, 0, size, tirx.ForKind.SERIAL, store)
+
+
+@tirx.transform.prim_func_pass(opt_level=0, name="tensorpress.PoisonScratchBuffers")
+def poison_scratch_buffers(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+    """After every allocation of a shared/warp/local buffer, fill it with NaN (or all-ones bits)."""
+
+    def poison(seq: tirx.SeqStmt) -> tirx.SeqStmt:
+        stmts = []
+        changed = False
+        for stmt in seq.seq:
+            stmts.append(stmt)
+            if isinstance(stmt, tirx.AllocBuffer) and stmt.buffer.scope() in SCRATCH_SCOPES:
+                stmts.append(_poison_fill(stmt.buffer))
+                changed = True
+        return tirx.SeqStmt(stmts) if changed else seq
+
+    return tvm_ffi.structural_map(func, (tirx.SeqStmt, poison))
+
+
+def _replay_pipeline():
+    """TVM 0.27's s_tir pipeline (tvm/s_tir/pipeline.py) for a CPU replay: the same lowering of
+    blocks, layouts, permuted layouts and software pipelines, with the poisoning inserted once buffers
+    are flat, and without the passes that only exist for real GPU threads."""
+
+    @tvm.transform.module_pass(opt_level=0, name="tensorpress.ReplayPipeline")
+    def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        passes = [
+            s_tir.transform.CanonicalizeLoop(),
+            s_tir.transform.LowerCrossThreadReduction(),
+            s_tir.transform.LowerInitBlock(),
+            s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+            s_tir.transform.ConvertBlocksToOpaque(),
+            s_tir.transform.LiftThreadBinding(),
+            s_tir.transform.ManifestSharedMemoryLocalStage(),
+            s_tir.transform.CompactBufferAllocation(),
+            s_tir.transform.LowerAutoCopy(),
+            s_tir.transform.UnifyThreadBinding(),
+            s_tir.transform.LowerMatchBuffer(),
+            s_tir.transform.StmtSimplify(),
+            s_tir.transform.InjectPermutedLayout(),
+            s_tir.transform.AnnotateIrregularLoop(),
+            s_tir.transform.InjectSoftwarePipeline(),
+            s_tir.transform.TransformMmaBufferLayout(),
+            s_tir.transform.LowerOpaqueBlock(),
+            tirx.transform.FlattenBuffer(),
+            poison_scratch_buffers,
+            tirx.transform.BF16ComputeLegalize(),
+            tirx.transform.NarrowDataType(32),
+            s_tir.transform.LoopPartition(),
+            tirx.transform.VectorizeLoop(True),
+            s_tir.transform.InjectVirtualThread(),
+            s_tir.transform.InjectDoubleBuffer(),
+            tirx.transform.StorageRewrite(),
+            s_tir.transform.HoistIfThenElse(),
+            tirx.transform.UnrollLoop(),
+            s_tir.transform.RenormalizeSplitPattern(),
+            tirx.transform.StmtSimplify(),
+            tirx.transform.RemoveNoOp(),
+            s_tir.transform.RewriteUnsafeSelect(),
+            tirx.transform.CommonSubexprElim(),
+            tirx.transform.FP8ComputeLegalize(),
+            tirx.transform.VerifyMemory(),
+            tirx.transform.AnnotateEntryFunc(),
+            tirx.transform.SplitHostDevice(),
+            tirx.transform.MakePackedAPI(),
+            tirx.transform.FP8StorageLegalize(),
+            tirx.transform.BF16StorageLegalize(),
+        ]
+        return tvm.transform.Sequential(passes)(mod)
+
+    def finalize_host():
+        return tvm.transform.Sequential([tirx.transform.LowerTVMBuiltin(), tirx.transform.LowerIntrin()])
+
+    def finalize_device():
+        return tvm.transform.Sequential([tirx.transform.LowerIntrin()])
+
+    return pipeline, finalize_host, finalize_device
+
+
+register_tir_pipeline(REPLAY_PIPELINE, _replay_pipeline)
+
+
+def build_replay(mod: tvm.IRModule, seed: int | None = 0) -> tvm.runtime.Executable:
+    """Build a module scheduled with the emulated intrinsics for the CPU (llvm), threads serialized
+    in the order `seed` picks (None: natural order) and scratch buffers poisoned."""
+    serial = serialize_threads(mod, seed)
+    return tvm.compile(serial, target=tvm.target.Target("llvm"), tir_pipeline=REPLAY_PIPELINE)

@@ -1,0 +1,308 @@
+"""The Tensor Core weight-GEMM template: one schedule for every weight format.
+
+    sch = schedule_weight_gemm(make_weight_gemm(stage, m, k), TileConfig(...), cuda_intrinsics())
+
+The PrimFunc (`schedules/weight_gemm.py`) computes Y[n, m] = Σ_k X[n, k]·W[m, k] with W produced by the
+format's "decode" block. The template never looks at the format's name; it reads the decode block
+like any other producer:
+
+    global ──cp.async──▶ X tile (shared, swizzled) ──ldmatrix──▶ A fragments ─┐
+    global ──cp.async──▶ staged stored tiles (shared; formats that ask)      │ mma.sync
+                 └─(decode block: plain TIR, any dtype/bit ops)──▶ W tile     ├─▶ fp32 accumulators
+                   (for dense W the decode block is itself the cp.async copy) │
+                                          W tile ──ldmatrix──▶ B fragments ─┘
+    accumulators ──▶ shared fp32 tile ──▶ "store" block (cast, + bias, only rows n < N) ──▶ Y
+      (split_k > 1: accumulators ──▶ fp32 workspace; a second kernel adds the K slices in order)
+
+A format opts into staging by implementing `StagedDecode.shared_staged_buffers` (see
+`decode_hints.py`); otherwise its decode reads global memory inside the W-tile fetch.
+N is padded to block_n inside the kernel (predicated, zero-filled loads; unpadded stores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.stmt import SBlock, SBlockRealize
+
+from tensorpress.errors import ConfigError, ShapeError
+from tensorpress.schedules.tensorcore import fragments as frag
+from tensorpress.schedules.tensorcore.config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
+from tensorpress.schedules.tensorcore.decode_hints import staged_buffer_names
+from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
+from tensorpress.schedules.weight_gemm import get_decode_stage, is_weight_gemm
+
+PIPELINE_ANNOTATIONS = ("software_pipeline_stage", "software_pipeline_order", "software_pipeline_async_stages")
+
+
+@dataclass(frozen=True)
+class TemplateBlocks:
+    """Names of the template's blocks in a scheduled module (tests reach into them)."""
+
+    x_shared: str
+    w_shared: str
+    x_fragment: str  # ldmatrix of X tiles (outer block carrying the permuted_layout annotation)
+    w_fragment: str
+
+    @staticmethod
+    def of(intrinsics: IntrinsicSet) -> TemplateBlocks:
+        x, w = f"X_pad_{intrinsics.shared_scope}", f"decode_{intrinsics.shared_scope}"
+        frag = intrinsics.fragment_scope
+        return TemplateBlocks(x, w, f"{x}_{frag}_o", f"{w}_{frag}_o")
+
+
+def weight_gemm_shape(func: tirx.PrimFunc) -> tuple[int, int]:
+    """(M, K) of a weight-GEMM PrimFunc, from its `tensorpress.mk` attribute."""
+    m, k = (int(v) for v in func.attrs["tensorpress.mk"])
+    return m, k
+
+
+def schedule_weight_gemm(func: tirx.PrimFunc, config: TileConfig, intrinsics: IntrinsicSet) -> s_tir.Schedule:
+    """Schedule a weight-GEMM PrimFunc onto Tensor Cores with `config`, tensorizing with `intrinsics`.
+
+    Raises ShapeError for M/K the config cannot tile and ConfigError for unsupported dtypes.
+    """
+    if not is_weight_gemm(func):
+        raise ConfigError("schedule_weight_gemm expects a PrimFunc made by make_weight_gemm.")
+    m, k = weight_gemm_shape(func)
+    config.check_shape(m, k)
+    return _Template(func, config, intrinsics).schedule()
+
+
+class _Template:
+    def __init__(self, func: tirx.PrimFunc, config: TileConfig, intrinsics: IntrinsicSet):
+        self.cfg = config
+        self.intr = intrinsics
+        self.m, self.k = weight_gemm_shape(func)
+        self.stage = get_decode_stage(str(func.attrs["tensorpress.format"]))
+        self.staged = staged_buffer_names(self.stage, self.m, self.k)
+        _check_dtypes(func)
+        # int32 index math everywhere (N is int64 in the PrimFunc; mixed widths break layout maps).
+        narrow = tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
+        self.sch = s_tir.Schedule(narrow)
+
+    # -- orchestration --------------------------------------------------------------------------------
+
+    def schedule(self) -> s_tir.Schedule:
+        self._pad_tokens()
+        self._split_reduction()
+        self._tile()
+        self._fetch_operands()
+        self._fragments()
+        self._epilogue()
+        self._tensorize()
+        self._pipeline()
+        return self.sch
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    def _pad_tokens(self) -> None:
+        """N -> ceil(N / block_n) * block_n; padded X rows read as 0, padded Y rows never stored."""
+        sch = self.sch
+        sch.pad_einsum(sch.get_sblock("gemm"), [self.cfg.block_n, 1, 1])
+        sch.compute_inline(sch.get_sblock("gemm_pad"))  # the un-pad copy; "store" reads the padded acc
+
+    def _split_reduction(self) -> None:
+        """split_k > 1: rfactor K into slices; "gemm" becomes the fixed-order sum of the slices."""
+        sch = self.sch
+        gemm = sch.get_sblock("gemm")
+        if self.cfg.split_k == 1:
+            self.main, self.final = gemm, None
+            return
+        n, m, k = sch.get_loops(gemm)
+        ks, _ = sch.split(k, [self.cfg.split_k, None])
+        sch.reorder(ks, n, m)
+        self.main, self.final = sch.rfactor(ks, factor_axis=0), gemm
+
+    def _tile(self) -> None:
+        """16×16×16 tensor-core blocks; CTA and warp tiling; grid and warp bindings."""
+        sch, cfg = self.sch, self.cfg
+        loops = sch.get_loops(self.main)
+        k_slice = loops[0] if cfg.split_k > 1 else None
+        n, m, k = loops[-3:]
+        n, n_t = sch.split(n, [None, MMA_TILE])
+        m, m_t = sch.split(m, [None, MMA_TILE])
+        k, k_t = sch.split(k, [None, MMA_TILE])
+        sch.reorder(n, m, k, n_t, m_t, k_t)
+        self.inner = self.main
+        self.outer = sch.blockize(n_t)
+        n0, n2 = sch.split(n, [None, cfg.block_n // MMA_TILE])
+        m0, m1, m2 = sch.split(m, [None, cfg.warps, cfg.warp_tile_m // MMA_TILE])
+        k0, k1 = sch.split(k, [None, cfg.block_k // MMA_TILE])
+        sch.reorder(m0, n0, m1, k0, k1, n2, m2)
+        sch.bind(n0, "blockIdx.x")
+        sch.bind(m0, "blockIdx.y")
+        if k_slice is not None:
+            sch.bind(k_slice, "blockIdx.z")
+        sch.bind(m1, "threadIdx.y")
+        self.warp, self.cta, self.k0, self.k1 = m1, n0, k0, k1
+
+    def _fetch_operands(self) -> None:
+        """cp.async-able global→shared copies of X and W (the decode block fused into W's fetch)."""
+        sch, scope = self.sch, self.intr.shared_scope
+        self.x_shared = sch.cache_read(self.outer, 0, scope)
+        sch.compute_at(self.x_shared, self.k0)
+        sch.compute_inline(sch.get_sblock("X_pad"))
+        self.w_shared = sch.cache_read(self.outer, 1, scope)
+        sch.compute_at(self.w_shared, self.k0)
+        decode = sch.get_sblock("decode")
+        stored_names = [str(b.name) for b in self.stage.stored_buffers(self.m, self.k)]
+        staged_blocks = []
+        for name in self.staged:
+            staged_blocks.append(sch.cache_read(decode, stored_names.index(name), scope))
+        sch.compute_inline(decode)
+        for block in staged_blocks:
+            sch.compute_at(block, self.k0)
+        self.staged_blocks = staged_blocks
+        for block in [self.x_shared, *staged_blocks]:
+            self._cooperative(block, vector=True)
+        self._cooperative(self.w_shared, vector=self._is_copy(self.w_shared))
+        # Tiles are XOR-swizzled (TVM's permuted_layout) so ldmatrix reads are free of bank conflicts.
+        # InjectPermutedLayout would also rewrite the staged buffers a decode reads, which it cannot
+        # lay out (32-bit words); a decoded W tile therefore gets padded rows (+16 B) instead.
+        self.swizzle_w = not staged_blocks
+        sch.annotate(self.x_shared, "permuted_layout", 1)
+        if self.swizzle_w:
+            sch.annotate(self.w_shared, "permuted_layout", 1)
+        else:
+            sch.storage_align(self.w_shared, 0, axis=-2, factor=32 if self.cfg.block_k == 32 else 64, offset=8)
+
+    def _fragments(self) -> None:
+        """ldmatrix sources/targets and the warp accumulator, laid out as the mma fragments."""
+        sch = self.sch
+        self.x_frag = sch.cache_read(self.outer, 0, self.intr.fragment_scope)
+        self.w_frag = sch.cache_read(self.outer, 1, self.intr.fragment_scope)
+        sch.compute_at(self.x_frag, self.k1)
+        sch.compute_at(self.w_frag, self.k1)
+        self.acc = sch.cache_write(self.outer, 0, "warp")
+        sch.reverse_compute_at(self.acc, self.warp)
+        rows, cols = sch.get_loops(self.acc)[-2:]
+        r0, r1 = sch.split(rows, [None, MMA_TILE])
+        c0, c1 = sch.split(cols, [None, MMA_TILE])
+        sch.reorder(r0, c0, r1, c1)
+        for block in (self.x_frag, self.w_frag):
+            rows, cols = sch.get_loops(block)[-2:]
+            r0, r1 = sch.split(rows, [None, MMA_TILE])
+            c0, c1 = sch.split(cols, [None, MMA_TILE])
+            sch.reorder(r0, c0, r1, c1)
+        sch.transform_layout(self.x_frag, ("write", 0), frag.a_warp_layout)
+        sch.transform_layout(self.w_frag, ("write", 0), frag.b_warp_layout)
+        sch.transform_layout(self.acc, ("read", 0), frag.c_warp_layout)
+        # InjectPermutedLayout rewrites the ldmatrix addresses only inside annotated blocks.
+        self.frag_tiles = []
+        for block, swizzled in ((self.x_frag, True), (self.w_frag, self.swizzle_w)):
+            tile = sch.blockize(sch.get_loops(block)[-2])
+            if swizzled:
+                sch.annotate(tile, "permuted_layout", 1)
+            self.frag_tiles.append(tile)
+
+    def _epilogue(self) -> None:
+        """Accumulators -> Y: through a shared fp32 tile (split_k == 1) or a workspace + 2nd kernel."""
+        sch, cfg = self.sch, self.cfg
+        store = sch.get_sblock("store")
+        if cfg.split_k == 1:
+            sch.set_scope(self.acc, 0, self.intr.shared_scope)
+            sch.reverse_compute_at(store, self.cta)
+            out_bytes = tvm.DataType(str(sch.get(store).writes[0].source.dtype)).bits // 8
+            self._cooperative(store, vector=True, vector_bytes=min(VECTOR_BYTES, 8 * out_bytes))
+        else:
+            i, j = sch.get_loops(store)
+            sch.compute_at(self.final, j)
+            sch.set_scope(self.final, 0, "local")
+            bx, tx = sch.split(sch.fuse(i, j), [None, 256])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+        self.init = sch.decompose_reduction(self.outer, self.k0)
+
+    def _tensorize(self) -> None:
+        sch, intr = self.sch, self.intr
+        # Loops over fragments, unrolled so register arrays are indexed by constants (no stack frame).
+        fragment_loops = [self.k1]
+        for block in (*self.frag_tiles, self.outer):
+            fragment_loops += _loops_below(sch, block, self.k1, 0)
+        fragment_loops += _loops_below(sch, self.init, self.warp, 0)
+        fragment_loops += _loops_below(sch, self.acc, self.warp, 2)
+        sch.tensorize(sch.get_loops(self.x_frag)[-2], intr.load_a)
+        sch.tensorize(sch.get_loops(self.w_frag)[-2], intr.load_b)
+        sch.tensorize(sch.get_loops(self.inner)[-3], intr.mma)
+        sch.tensorize(sch.get_loops(sch.get_child_blocks(self.init)[0])[-2], intr.fill)
+        store = intr.store_shared if self.cfg.split_k == 1 else intr.store_global
+        sch.tensorize(sch.get_loops(self.acc)[-2], store)
+        for loop in fragment_loops:
+            sch.unroll(loop)
+
+    def _pipeline(self) -> None:
+        """Stage 0: every global→shared copy (cp.async); last stage: decode from shared + mma."""
+        sch = self.sch
+        copies = {sch.get(b).name_hint for b in [self.x_shared, *self.staged_blocks]}
+        if not self.staged_blocks:
+            copies.add(sch.get(self.w_shared).name_hint)
+        stages = []
+        for child in _loop_children(sch.get(self.k0)):
+            names = _block_names(child)
+            stages.append(0 if names and names <= copies else self.cfg.stages - 1)
+        if stages.count(0) == 0 or stages[-1] == 0:
+            raise ShapeError("internal: the k loop of the weight GEMM has no copy stage to pipeline")
+        sch.annotate(self.k0, "software_pipeline_stage", stages)
+        sch.annotate(self.k0, "software_pipeline_order", list(range(len(stages))))
+        sch.annotate(self.k0, "software_pipeline_async_stages", [0])
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _cooperative(self, block, vector: bool, vector_bytes: int = VECTOR_BYTES) -> None:
+        """Spread the 2-D loop nest of `block` over all threads of the CTA, 16-byte vectors if a copy."""
+        sch, cfg = self.sch, self.cfg
+        rows, cols = sch.get_loops(block)[-2:]
+        inner = int(sch.get(cols).extent)
+        elem = tvm.DataType(str(sch.get(block).writes[0].source.dtype)).bits // 8
+        lanes = max(1, vector_bytes // elem) if vector else 1
+        while inner % lanes:
+            lanes //= 2
+        fused = sch.fuse(rows, cols)
+        _, ty, tx, vec = sch.split(fused, [None, cfg.warps, WARP_SIZE, lanes])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        if lanes > 1:
+            sch.vectorize(vec)
+
+    def _is_copy(self, block) -> bool:
+        """True when the block stores a plain load of a global buffer (cp.async can do it)."""
+        stmt = self.sch.get(block).body
+        return isinstance(stmt, tirx.BufferStore) and isinstance(stmt.value, tvm.ir.TensorLoad)
+
+
+def _loops_below(sch: s_tir.Schedule, block, ancestor, tile_loops: int) -> list:
+    """Loops of `block` strictly inside `ancestor`, minus its innermost `tile_loops` (tensorized)."""
+    loops = sch.get_loops(block)
+    start = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(ancestor))) + 1
+    return list(loops[start : len(loops) - tile_loops])
+
+
+def _check_dtypes(func: tirx.PrimFunc) -> None:
+    x = func.params[0]  # in TVM 0.27 a buffer parameter is a Var of BufferType
+    if str(x.dtype) != "float16":
+        raise ConfigError(
+            f"the Tensor Core weight GEMM takes float16 activations, not {x.dtype}; compile with dtype float16."
+        )
+
+
+def _loop_children(loop: tirx.For) -> list[tirx.Stmt]:
+    body = loop.body
+    if isinstance(body, SBlockRealize):
+        body = body.block.body
+    return list(body.seq) if isinstance(body, tirx.SeqStmt) else [body]
+
+
+def _block_names(stmt: tirx.Stmt) -> set[str]:
+    import tvm_ffi
+
+    names: set[str] = set()
+
+    def visit(block):
+        names.add(str(block.name_hint))
+        return block
+
+    tvm_ffi.structural_map(stmt, (SBlock, visit))
+    return names
