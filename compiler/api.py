@@ -39,7 +39,10 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     model: a path (.onnx, .pt2, Hugging Face folder), an onnx.ModelProto, a torch.nn.Module (with
         `example_inputs`), a torch.export.ExportedProgram or an fx GraphModule.
     target: "cpu", "cuda", "cuda:sm_80" or "cuda:sm_90a".
-    dtype: "float32" or "float16" activations for decoders (default: float16 on CUDA, float32 on CPU).
+    dtype: "float32" or "float16" compute dtype. Decoders default to float16 on CUDA and float32 on the
+        CPU; graph models keep their own dtype unless asked (torch and Hugging Face models are cast before
+        export; ONNX graphs compile in the dtype they were exported in). On CUDA, linear layers always run
+        on fp16 Tensor Cores.
     weights: None (dense), a weight format name ("fp6", "fp5", "fp4", "fp6-auto", "e2m3", ...), or an
         FPxConfig. `skip` adds fnmatch patterns of weights to keep dense; `scale_search` is "absmax"
         (default) or "mse".
@@ -48,15 +51,15 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     from tensorpress.frontend import import_model
 
     target_spec = parse_target(target)
-    dtype = dtype or target_spec.default_dtype
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
     recipe, as_written = _recipe(weights, skip, scale_search)
     if sparsity is not None and not sparsity.implemented:
         raise ConfigError("sparse weights are not implemented yet (SparseConfig is accepted but not compiled).")
     if kv_cache is not None and kv_cache.format != "fp16":
         raise ConfigError(f"the {kv_cache.format} KV cache is not implemented yet; use KVCacheConfig('fp16').")
-    as_written["dtype"] = dtype
+    if dtype is None and target_spec.kind == "cuda" and _is_decoder_folder(model):
+        dtype = "float16"  # LLMs on GPUs run in fp16 (the Tensor Core GEMMs take fp16 activations)
     start = time.perf_counter()
     imported = import_model(
         model,
@@ -67,7 +70,21 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         **import_options,
     )
     timings = {"import": time.perf_counter() - start}
+    as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
     return compile_imported(imported, Path(output), target_spec, recipe, as_written, timings)
+
+
+def _is_decoder_folder(model: Any) -> bool:
+    if not isinstance(model, (str, os.PathLike)) or not Path(model, "config.json").is_file():
+        return False
+    from tensorpress.frontend.hf_folder import is_decoder_folder
+
+    return is_decoder_folder(model)
+
+
+def _graph_dtype(imported) -> str:
+    floats = [spec.dtype for spec in imported.inputs + imported.outputs if spec.dtype.startswith("float")]
+    return floats[0] if floats else "float32"
 
 
 def _recipe(weights, skip, scale_search) -> tuple[WeightRecipe, dict[str, Any]]:

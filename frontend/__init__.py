@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tensorpress.errors import ModelImportError
+from tensorpress.errors import ConfigError, ModelImportError
 from tensorpress.frontend.imported_model import ImportedModel, TensorSpec
 
 SUPPORTED_FILES = ".onnx file, .pt2 file (torch.export.save), or Hugging Face model folder"
@@ -17,18 +17,27 @@ def import_model(
     *,
     example_inputs: tuple | None = None,
     input_shapes: dict[str, list[int | str]] | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     tracer: str = "export",
     **options: Any,
 ) -> ImportedModel:
     """Import `model`: a path (.onnx, .pt2, HF folder), an onnx.ModelProto, a torch.nn.Module (with
-    `example_inputs`), a torch.export.ExportedProgram or a torch.fx.GraphModule."""
+    `example_inputs`), a torch.export.ExportedProgram or a torch.fx.GraphModule.
+
+    dtype: None keeps the model's own dtype (decoders: float32); "float16"/"float32" casts torch and
+    Hugging Face models before they are traced.
+    """
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if path.is_dir():
             from tensorpress.frontend.hf_folder import import_hf_folder
 
             return import_hf_folder(path, dtype=dtype, **options)
+        if dtype not in (None, "float32") and path.suffix == ".onnx":
+            raise ConfigError(
+                f"{path}: ONNX graphs compile in the dtype they were exported in; export it in {dtype} "
+                "(linear layers on CUDA run on fp16 Tensor Cores either way)."
+            )
         if not path.exists():
             raise ModelImportError(f"model {path} does not exist; pass a {SUPPORTED_FILES}.")
         if path.suffix == ".onnx":
@@ -44,16 +53,18 @@ def import_model(
                 program = torch.export.load(str(path))
             except Exception as err:
                 raise ModelImportError(f"{path} could not be read as a torch.export program: {err}.") from err
-            return import_torch(program)
+            return import_torch(program, dtype=dtype)
         raise ModelImportError(f"{path} has an unknown model type {path.suffix!r}; pass a {SUPPORTED_FILES}.")
     if type(model).__module__.startswith("onnx"):
         from tensorpress.frontend.onnx_importer import import_onnx
 
+        if dtype not in (None, "float32"):
+            raise ConfigError("ONNX graphs compile in the dtype they were exported in; export the model in float16.")
         return import_onnx(model, input_shapes)
     if type(model).__module__.startswith("torch") or hasattr(model, "state_dict"):
         from tensorpress.frontend.torch_importer import import_torch
 
-        return import_torch(model, example_inputs, tracer=tracer)
+        return import_torch(model, example_inputs, tracer=tracer, dtype=dtype)
     raise ModelImportError(f"cannot import a {type(model).__name__}; pass a {SUPPORTED_FILES}, or a torch module.")
 
 

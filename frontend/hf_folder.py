@@ -35,7 +35,7 @@ def is_decoder_folder(folder: str | os.PathLike) -> bool:
     return bool(architectures) and architectures[0] in SUPPORTED_ARCHITECTURES
 
 
-def import_hf_folder(folder: str | os.PathLike, dtype: str = "float32", **decoder_options) -> ImportedModel:
+def import_hf_folder(folder: str | os.PathLike, dtype: str | None = None, **decoder_options) -> ImportedModel:
     """Import a Hugging Face folder: decoders through hf_decoder, everything else as an encoder graph."""
     config = read_hf_config(folder)
     if not list(Path(folder).glob("*.safetensors")):
@@ -45,10 +45,10 @@ def import_hf_folder(folder: str | os.PathLike, dtype: str = "float32", **decode
         from tensorpress.frontend.hf_decoder import import_hf_decoder
 
         return import_hf_decoder(folder, dtype=dtype, **decoder_options)
-    return import_hf_encoder(folder)
+    return import_hf_encoder(folder, dtype or "float32")
 
 
-def import_hf_encoder(folder: str | os.PathLike) -> ImportedModel:
+def import_hf_encoder(folder: str | os.PathLike, dtype: str = "float32") -> ImportedModel:
     import torch
 
     from tensorpress.frontend.torch_importer import import_torch
@@ -60,7 +60,7 @@ def import_hf_encoder(folder: str | os.PathLike) -> ImportedModel:
         raise ModelImportError(
             f"transformers could not build the model in {folder}: {str(err).splitlines()[0]}."
         ) from err
-    model = model.float().eval()
+    model = (model.half() if dtype == "float16" else model.float()).eval()
     names = ["input_ids", "attention_mask"]
     if getattr(model.config, "type_vocab_size", 0):
         names.append("token_type_ids")
@@ -103,7 +103,7 @@ def import_hf_encoder(folder: str | os.PathLike) -> ImportedModel:
     imported.inputs = [tensor_spec(v) for v in list(func.params)[:num_input]]
     imported.outputs = output_specs(func, ["last_hidden_state"])
     imported.source = f"hf:{folder}"
-    imported.info = {"architecture": type(model).__name__, "hf_folder": str(Path(folder).resolve())}
+    imported.info = {"architecture": type(model).__name__, "hf_folder": str(Path(folder).resolve()), "dtype": dtype}
     return imported
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -18,16 +19,27 @@ def import_torch(
     output_names: list[str] | None = None,
     dynamic_shapes: Any = None,
     tracer: str = "export",
+    dtype: str | None = None,
 ) -> ImportedModel:
     """Import a torch.nn.Module (with example inputs), a torch.export.ExportedProgram, or an fx GraphModule.
 
     tracer="export" (default) uses torch.export; "fx" uses torch.fx.symbolic_trace and needs example
-    inputs for the shapes. Weights become named parameters under their state-dict names
+    inputs for the shapes. dtype "float16"/"float32" casts the module and its floating-point example
+    inputs first (None keeps them). Weights become named parameters under their state-dict names
     (`encoder.layer.0.attention.self.query.weight`). Unsupported operators fail before translation,
     naming the operator and the source line that produced it.
     """
     import torch
 
+    if dtype is not None and isinstance(model, torch.nn.Module):
+        cast = getattr(torch, dtype)
+        model = copy.deepcopy(model).to(cast)  # nn.Module.to works in place: leave the user's module be
+        if example_inputs is not None:
+            example_inputs = tuple(t.to(cast) if t.is_floating_point() else t for t in example_inputs)
+    elif dtype is not None and isinstance(model, torch.export.ExportedProgram):
+        raise ModelImportError(
+            "an ExportedProgram is compiled in its own dtype; export the module in the dtype you want."
+        )
     if tracer == "fx" or isinstance(model, torch.fx.GraphModule):
         return _import_fx(model, example_inputs, input_names, output_names)
     if tracer != "export":
@@ -55,7 +67,11 @@ def _import_exported_program(program, input_names, output_names) -> ImportedMode
     program = program.run_decompositions()
     check_torch_operators(program.graph.nodes, ExportedProgramImporter().convert_map, "torch.export")
     mod = from_exported_program(
-        program, keep_params_as_input=True, unwrap_unit_return_tuple=True, run_ep_decomposition=False
+        program,
+        keep_params_as_input=True,
+        unwrap_unit_return_tuple=True,
+        run_ep_decomposition=False,
+        custom_convert_map={"addmm.default": _addmm_in_input_dtype},
     )
     kinds = torch.export.graph_signature.InputKind
     buffers = dict(program.named_buffers())
@@ -122,6 +138,27 @@ def _import_fx(model, example_inputs, input_names, output_names) -> ImportedMode
     params = {var.name: to_numpy(v) for var, v in zip(list(func.params)[num_input:], values)}
     inputs = [tensor_spec(v) for v in list(func.params)[:num_input]]
     return ImportedModel(mod, params, inputs, output_specs(func, output_names), source="torch.fx")
+
+
+def _addmm_in_input_dtype(node, importer):
+    """aten.addmm (what nn.Linear decomposes to) in the inputs' dtype.
+
+    TVM 0.27's translator computes it with out_dtype="float32" whatever the inputs, so a float16 model
+    fails to type-check (fp16 bias + fp32 product). torch's addmm returns the inputs' dtype.
+    """
+    from tvm import relax
+
+    bias, x, w = (importer.env[a] for a in node.args[:3])
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    emit = importer.block_builder.emit
+    product = emit(relax.op.matmul(x, w))
+    if alpha != 1:
+        product = emit(relax.op.multiply(product, relax.const(alpha, product.ty.dtype)))
+    if beta == 0:
+        return product
+    if beta != 1:
+        bias = emit(relax.op.multiply(bias, relax.const(beta, bias.ty.dtype)))
+    return emit(relax.op.add(bias, product))
 
 
 def check_torch_operators(nodes, convert_map: dict, frontend: str) -> None:

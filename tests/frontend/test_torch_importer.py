@@ -51,3 +51,15 @@ def test_unsupported_torch_operator_names_op_and_source_line(tracer, tmp_path):
     if tracer == "export":
         assert "test_torch_importer.py" in str(err.value)
     assert not (tmp_path / "z.tpk").exists()
+
+
+def test_dtype_float16_casts_the_module_before_export(tmp_path):
+    module = build("mlp")
+    x = example_inputs("mlp")[0]
+    report = tensorpress.compile(module, tmp_path / "m.tpk", example_inputs=(x,), dtype="float16")
+    model = tensorpress.runtime.load(report.artifact)
+    assert model.signature.inputs[0].dtype == "float16"
+    (got,) = model.run([x.half().numpy()])
+    assert got.dtype == np.float16
+    want = module(x).detach().numpy()
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-2, atol=2e-2)
