@@ -1,0 +1,180 @@
+"""CPU decode throughput: the compiled decoder vs transformers eager, same model, same process.
+
+For each batch size B, both generate greedily from B prompts of P tokens. Decode throughput counts
+the tokens produced by decode steps only (prefill excluded): for tensorpress from the runtime's own
+timers (`model.last_stats`), for transformers as (B * (N - 1)) / (t(N new tokens) - t(1 new token)).
+Both use the same number of threads. The continuations are also compared token for token (greedy).
+
+    .venv/bin/python benchmarks/decode_throughput_cpu.py                       # examples/tiny_llama
+    .venv/bin/python benchmarks/decode_throughput_cpu.py --model path/to/hf_folder --batch 1 4 16
+    .venv/bin/python benchmarks/decode_throughput_cpu.py --random-llama 512x8   # hidden x layers
+
+Writes JSON (default benchmarks/results/decode_throughput_cpu.json) with machine, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+import transformers
+
+import tensorpress
+from tensorpress.runtime.decoder import DecoderModel
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "decode_throughput_cpu.json"
+DEFAULT_MODEL = HERE.parent / "examples" / "tiny_llama"
+
+
+@contextlib.contextmanager
+def kv_rules_first():
+    """Put the paged-KV schedule rules at the front of the compile pipeline's CPU rule list, where
+    schedules/rules.py does not list them yet (dlight's GEMV rule cannot read those kernels)."""
+    import tensorpress.schedules.rules as rules
+    from tensorpress.schedules.kv_attention import KVAttentionCPU, kv_attention_rules
+
+    original = rules.rules_for
+
+    def rules_for(target):
+        found = original(target)
+        return found if any(isinstance(r, KVAttentionCPU) for r in found) else [*kv_attention_rules(), *found]
+
+    rules.rules_for = rules_for
+    try:
+        yield
+    finally:
+        rules.rules_for = original
+
+
+def random_llama(spec: str, folder: Path) -> Path:
+    hidden, layers = (int(x) for x in spec.split("x"))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        max_position_embeddings=2048,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def hf_decode_rate(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, list[list[int]]]:
+    def run(n: int):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        return time.perf_counter() - start, out
+
+    run(2)  # warm-up
+    t1, _ = run(1)
+    tn, out = run(new_tokens)
+    tokens = out[:, prompts.shape[1] :].tolist()
+    return prompts.shape[0] * (new_tokens - 1) / (tn - t1), tokens
+
+
+def ours_decode_rate(model: DecoderModel, prompts: list[list[int]], new_tokens: int):
+    model.generate(prompts, max_new_tokens=2, stop_ids=[])  # warm-up
+    tokens = model.generate(prompts, max_new_tokens=new_tokens, stop_ids=[])
+    return model.last_stats.decode_tokens_per_second, tokens
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a Hugging Face Llama/Qwen2/OPT folder")
+    parser.add_argument("--random-llama", help="benchmark a random Llama instead: HIDDENxLAYERS, e.g. 512x8")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+
+    with tempfile.TemporaryDirectory(prefix="tp-bench-") as tmp:
+        folder = random_llama(args.random_llama, Path(tmp) / "model") if args.random_llama else args.model
+        artifact = Path(tmp) / "model.tpk"
+        start = time.perf_counter()
+        with kv_rules_first():
+            tensorpress.compile(folder, artifact, target="cpu", dtype="float32")
+        compile_seconds = time.perf_counter() - start
+        ours = tensorpress.runtime.load(artifact)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        vocab = theirs.config.vocab_size
+        rows = []
+        for batch in args.batch:
+            rng = np.random.default_rng(batch)
+            prompts = rng.integers(3, vocab, (batch, args.prompt_tokens))
+            ours_rate, ours_tokens = ours_decode_rate(ours, prompts.tolist(), args.new_tokens)
+            hf_rate, hf_tokens = hf_decode_rate(theirs, torch.from_numpy(prompts), args.new_tokens)
+            same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+            rows.append(
+                {
+                    "batch": batch,
+                    "tensorpress_tokens_per_s": round(ours_rate, 1),
+                    "transformers_tokens_per_s": round(hf_rate, 1),
+                    "speedup": round(ours_rate / hf_rate, 2),
+                    "greedy_sequences_equal": f"{same}/{batch}",
+                }
+            )
+            print(
+                f"batch {batch:3d}: tensorpress {ours_rate:8.1f} tok/s   transformers {hf_rate:8.1f} tok/s   "
+                f"x{ours_rate / hf_rate:5.2f}   greedy equal {same}/{batch}",
+                flush=True,
+            )
+    config = theirs.config
+    result = {
+        "benchmark": "decode_throughput_cpu",
+        "model": args.random_llama and f"random Llama {args.random_llama}" or str(args.model),
+        "architecture": config.architectures[0] if config.architectures else type(theirs).__name__,
+        "weights": sum(p.numel() for p in theirs.parameters()),
+        "dtype": "float32",
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "compile_seconds": round(compile_seconds, 1),
+        "rows": rows,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
