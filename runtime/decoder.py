@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from tensorpress.errors import InputError, TensorpressError
+from tensorpress.errors import InputError
 from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
 
 DEFAULT_MAX_TOTAL_TOKENS = 4096
@@ -91,9 +91,7 @@ class _Request:
     done: bool = False
 
 
-def sample_token(
-    logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None
-) -> int:
+def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None) -> int:
     """Pick a token from one row of logits [vocab]: argmax when temperature <= 0, else nucleus sampling."""
     if temperature <= 0.0:
         return int(np.argmax(logits))
@@ -136,6 +134,7 @@ class DecoderModel:
         shape = [num_pages if dim == "num_pages" else int(dim) for dim in section["cache_shape"]]
         self.kv_pages = self._empty(shape, section["cache_dtype"])
         self.cache = PagedKVCache(num_pages, self.page_size)
+        self._live: dict[int, _Request] = {}  # sequences holding pages, by cache sequence id
         self._tokenizer = tokenizer
         self._tokenizer_looked_up = tokenizer is not None
         self._tokenizer_needs_package = False
@@ -294,31 +293,28 @@ class DecoderModel:
         finally:
             for r in requests:  # also when the caller stops iterating early
                 if r.seq_id >= 0 and not r.done:
-                    self.cache.release(r.seq_id)
-                    r.done = True
+                    self._finish(r)
 
     def next_token_logits(self, prompts: Prompt | Sequence[Prompt]) -> np.ndarray:
         """Logits [B, vocab] (float32) of the token after each prompt: one prefill, nothing kept."""
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item, arg-type]
         requests = [self._request(i, p, 1, 0.0, None) for i, p in enumerate(batch)]
         needed = sum(r.reserved_pages for r in requests)
-        if needed > self.cache.num_free_pages:
+        promised = sum(r.reserved_pages - len(self.cache.pages(r.seq_id)) for r in self._live.values())
+        if needed > self.cache.num_free_pages - promised:
             raise OutOfKVPagesError(
-                f"these prompts need {needed} KV pages together but {self.cache.num_free_pages} are free; "
-                "pass fewer prompts at once or raise max_total_tokens."
+                f"these prompts need {needed} KV pages together but {self.cache.num_free_pages - promised} "
+                "are free; pass fewer prompts at once or raise max_total_tokens."
             )
         for r in requests:
-            r.seq_id = self.cache.add_sequence()
-            self.cache.extend(r.seq_id, len(r.prompt))
+            self._start(r)
         try:
             return self._run_prefill(requests)
         finally:
             for r in requests:
-                self.cache.release(r.seq_id)
+                self._finish(r)
 
-    def _request(
-        self, index: int, prompt: Prompt, max_new: int, temperature: float, seed: int | None
-    ) -> _Request:
+    def _request(self, index: int, prompt: Prompt, max_new: int, temperature: float, seed: int | None) -> _Request:
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in np.asarray(prompt).ravel()]
         if not ids:
             raise InputError(f"prompt {index} is empty; give at least one token.")
@@ -333,14 +329,16 @@ class DecoderModel:
             )
         rng = np.random.default_rng([seed if seed is not None else np.random.SeedSequence().entropy, index])
         cached = len(ids) + max(max_new - 1, 0)  # the last generated token is never appended
-        return _Request(
-            index, ids, max_new, rng if temperature > 0 else None, pages_for(cached, self.page_size)
-        )
+        return _Request(index, ids, max_new, rng if temperature > 0 else None, pages_for(cached, self.page_size))
 
     def _admit(self, waiting: deque[_Request], running: list[_Request]) -> list[_Request]:
-        """Start waiting requests while the pool can hold them to their end (in order, no overtaking)."""
+        """Start waiting requests while the pool can hold them to their end (in order, no overtaking).
+
+        Pages promised to live sequences (of this call and of other streams still open on this model)
+        are held back, so a live sequence can always grow to its reserved length.
+        """
         admitted: list[_Request] = []
-        promised = sum(r.reserved_pages - len(self.cache.pages(r.seq_id)) for r in running)
+        promised = sum(r.reserved_pages - len(self.cache.pages(r.seq_id)) for r in self._live.values())
         while waiting:
             r = waiting[0]
             if r.reserved_pages > self.cache.num_pages:
@@ -352,20 +350,31 @@ class DecoderModel:
             if r.reserved_pages > self.cache.num_free_pages - promised:
                 break
             waiting.popleft()
-            r.seq_id = self.cache.add_sequence()
-            self.cache.extend(r.seq_id, len(r.prompt))
+            self._start(r)
             promised += r.reserved_pages - len(self.cache.pages(r.seq_id))
             admitted.append(r)
-        if not admitted and not running and waiting:  # cannot happen: an empty pool takes any request
-            raise TensorpressError("internal error: the KV scheduler made no progress.")
+        if not admitted and not running and waiting:  # the pages are held by another open stream
+            raise OutOfKVPagesError(
+                f"prompt {waiting[0].index} waits for KV pages that another generation still in progress "
+                "on this model holds; finish or close that stream first, or raise max_total_tokens."
+            )
         return admitted
+
+    def _start(self, r: _Request) -> None:
+        r.seq_id = self.cache.add_sequence()
+        self.cache.extend(r.seq_id, len(r.prompt))
+        self._live[r.seq_id] = r
+
+    def _finish(self, r: _Request) -> None:
+        r.done = True
+        self.cache.release(r.seq_id)
+        del self._live[r.seq_id]
 
     def _emit(self, r: _Request, logits: np.ndarray, temperature: float, top_p: float, stops: set[int]):
         token = sample_token(logits, temperature, top_p, r.rng)
         r.output.append(token)
         if token in stops or len(r.output) >= r.max_new_tokens:
-            r.done = True
-            self.cache.release(r.seq_id)
+            self._finish(r)
         return GeneratedToken(r.index, token)
 
     # ------------------------------------------------------------------ compiled calls

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-TINY = dict(
-    vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256
-)
+TINY = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 
 
 ARCHITECTURES = ("llama", "qwen2", "opt", "llama-tied-rope3", "opt-post-norm")
@@ -47,9 +45,7 @@ def hf_config(arch: str):
             eos_token_id=2,
         )
     if arch == "opt-post-norm":
-        return tf.OPTConfig(
-            **TINY, ffn_dim=128, word_embed_proj_dim=32, do_layer_norm_before=False, eos_token_id=2
-        )
+        return tf.OPTConfig(**TINY, ffn_dim=128, word_embed_proj_dim=32, do_layer_norm_before=False, eos_token_id=2)
     raise ValueError(arch)
 
 
@@ -125,10 +121,10 @@ def kv_rules_installed():
         rules.rules_for = original
 
 
-def compile_decoder(folder: Path, artifact: Path, **options) -> Path:
-    """tensorpress.compile(folder -> artifact) for the CPU."""
+def compile_decoder(folder: Path, artifact: Path, target: str = "cpu", **options) -> Path:
+    """tensorpress.compile(folder -> artifact)."""
     import tensorpress.compiler.api as api
 
     with kv_rules_installed():
-        api.compile(folder, artifact, target="cpu", **options)
+        api.compile(folder, artifact, target=target, **options)
     return artifact

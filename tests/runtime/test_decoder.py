@@ -107,6 +107,34 @@ def test_a_stream_abandoned_midway_gives_its_pages_back(llama):
     assert model.cache.num_free_pages == model.cache.num_pages
 
 
+def test_two_open_streams_share_the_pool_without_touching_each_other(llama):
+    model = llama.load()
+    halves = [llama.prompts[:2], llama.prompts[2:]]
+    streams = [model.generate_stream(h, max_new_tokens=NEW_TOKENS, stop_ids=[]) for h in halves]
+    outputs = [[[] for _ in h] for h in halves]
+    active = {0, 1}
+    while active:  # interleave the two generations step by step
+        for i in sorted(active):
+            event = next(streams[i], None)
+            if event is None:
+                active.discard(i)
+            else:
+                outputs[i][event.sequence].append(event.token)
+    assert outputs[0] + outputs[1] == llama.reference
+    assert model.cache.num_free_pages == model.cache.num_pages
+
+
+def test_a_stream_cannot_take_pages_promised_to_another(llama):
+    model = llama.load(max_total_tokens=64)  # 4 pages; prompt 0 is promised 3 of them
+    first = model.generate_stream(llama.prompts[0], max_new_tokens=NEW_TOKENS, stop_ids=[])
+    tokens = [next(first).token]
+    second = model.generate_stream(llama.prompts[2], max_new_tokens=NEW_TOKENS, stop_ids=[])  # needs 2
+    with pytest.raises(OutOfKVPagesError, match="another generation"):
+        next(second)
+    tokens += [event.token for event in first]
+    assert tokens == llama.reference[0]
+
+
 def test_sampling_is_seeded_and_independent_of_the_batch(llama):
     model = llama.load()
     options = dict(max_new_tokens=12, temperature=0.9, top_p=0.95, stop_ids=[], seed=3)
@@ -114,9 +142,7 @@ def test_sampling_is_seeded_and_independent_of_the_batch(llama):
     assert model.generate(llama.prompts[0], **options) == alone
     assert model.generate(llama.prompts[:3], **options)[0] == alone
     assert model.generate(llama.prompts[0], **{**options, "seed": 4}) != alone
-    nucleus_of_one = model.generate(
-        llama.prompts[0], max_new_tokens=12, temperature=0.9, top_p=1e-9, stop_ids=[]
-    )
+    nucleus_of_one = model.generate(llama.prompts[0], max_new_tokens=12, temperature=0.9, top_p=1e-9, stop_ids=[])
     assert nucleus_of_one == llama.reference[0][:12]
 
 
@@ -137,3 +163,31 @@ def test_sample_token_keeps_the_nucleus_and_its_proportions():
     assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 is the smallest set with mass >= 0.7
     assert abs((draws == 0).mean() - 0.5 / 0.8) < 0.03
     assert sample_token(logits, 0.0, 1.0, None) == 0
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_the_decoder_builds_for_cuda_with_real_gpu_code(llama, arch, tmp_path):
+    from tensorpress.runtime.artifact import LIBRARY, open_artifact
+
+    artifact = compile_decoder(llama.folder, tmp_path / "gpu.tpk", target=f"cuda:{arch}", dtype="float16")
+    opened = open_artifact(artifact)
+    assert opened.manifest["target"]["arch"] == arch
+    assert {"kv_append", "paged_attention_prefill", "paged_attention_decode"} <= set(opened.manifest["kernels"])
+    library = tmp_path / LIBRARY
+    library.write_bytes(opened.read_member(LIBRARY))
+    from tensorpress.compiler.cuda.toolchain import library_has_gpu_binary
+
+    assert library_has_gpu_binary(library)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_greedy_on_cuda_equals_transformers(arch, tmp_path):
+    folder = make_hf_decoder(arch, tmp_path / arch)
+    artifact = compile_decoder(folder, tmp_path / f"{arch}.tpk", target="cuda", dtype="float32")
+    model = tensorpress.runtime.load(artifact, device="cuda")
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, 384, n).tolist() for n in PROMPT_LENGTHS]
+    assert model.generate(prompts, max_new_tokens=NEW_TOKENS, stop_ids=[]) == hf_greedy(folder, prompts, NEW_TOKENS)
+    logits = model.next_token_logits(prompts[1])
+    np.testing.assert_allclose(logits[0], hf_last_logits(folder, prompts[1]), rtol=1e-3, atol=1e-3)
