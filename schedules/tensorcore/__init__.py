@@ -1,4 +1,16 @@
-"""Tensor Core (sm_80 / sm_90a) schedules: the weight-GEMM template and its checking machinery."""
+"""Tensor Core (sm_80 / sm_90a) schedules: the weight-GEMM template and its checking machinery.
+
+template.py     schedule_weight_gemm(func, TileConfig, IntrinsicSet): the one GEMM schedule
+config.py       TileConfig (typed parameters), search space, shipped tiles, untuned choice
+arch.py         per-architecture limits the parameters respect
+rule.py         WeightGemmTensorCore: the dlight-style rule `compile --target cuda` uses
+intrinsics.py   our ldmatrix / mma.sync / fill / store tensor intrinsics (PTX)
+emulation.py    their PTX semantics in plain loops (CPU replay)
+fragments.py    the register layouts of the m16n8k16 fragments (the PTX tables, once)
+replay.py       serial, shuffled threads + NaN-poisoned scratch memory, built for llvm
+inspection.py   nvcc/ptxas/cuobjdump: registers, spills, shared memory, SASS opcodes
+decode_hints.py what a decode stage may add for the template (shared-memory staging)
+"""
 
 from __future__ import annotations
 
@@ -7,4 +19,6 @@ from tvm.s_tir import dlight as dl
 
 def tensorcore_rules() -> list[dl.ScheduleRule]:
     """Rules for CUDA targets that come before dlight's."""
-    return []
+    from tensorpress.schedules.tensorcore.rule import WeightGemmTensorCore
+
+    return [WeightGemmTensorCore()]

@@ -19,7 +19,7 @@ a workspace and a second kernel adds the slices in a fixed order (deterministic,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from tensorpress.errors import ConfigError, ShapeError
 from tensorpress.schedules.tensorcore.arch import ArchSpec
@@ -95,15 +95,10 @@ class TileConfig:
                 f"{arch.shared_bytes_per_block} B a block may use on {arch.name}; lower stages or block_k."
             )
 
-    def check_shape(self, m: int, k: int) -> None:
-        """Raise ShapeError when an [m, k] weight cannot be tiled by this config."""
-        check_weight_shape(m, k)
-        if m % self.block_m:
-            raise ShapeError(f"weight GEMM with M={m}: M must be a multiple of block_m={self.block_m}.")
-        if k % (self.split_k * self.block_k):
-            raise ShapeError(
-                f"weight GEMM with K={k}: K must be a multiple of split_k*block_k={self.split_k * self.block_k}."
-            )
+    def padded(self, m: int, k: int) -> tuple[int, int]:
+        """(M, K) rounded up to whole tiles (the kernel pads inside; padding costs bandwidth)."""
+        k_step = self.split_k * self.block_k
+        return -(-m // self.block_m) * self.block_m, -(-k // k_step) * k_step
 
     def label(self) -> str:
         """Short stable name, e.g. 'n16m128k64w4s4sk1' (used in file names and results)."""
@@ -134,41 +129,73 @@ def search_space(m: int, k: int, arch: ArchSpec) -> list[TileConfig]:
                             cfg = TileConfig(block_n, block_m, block_k, warps, stages, split_k)
                             try:
                                 cfg.validate(arch)
-                                cfg.check_shape(m, k)
-                            except (ConfigError, ShapeError):
+                            except ConfigError:
                                 continue
-                            if k // split_k < 2 * block_k:
-                                continue
+                            padded_m, padded_k = cfg.padded(m, k)
+                            if padded_m * padded_k > 1.03 * m * k or padded_k // split_k < 2 * block_k:
+                                continue  # > 3 % padding, or K slices too short to pipeline
                             configs.append(cfg)
     return configs
 
 
+# The tile shapes the untuned compile picks from (split_k is chosen per shape). Each is compiled for
+# sm_80 and sm_90a in the default tests (SASS: HMMA, LDSM, LDGSTS; no spills; shared memory fits).
+SHIPPED_TILES: tuple[TileConfig, ...] = (
+    TileConfig(block_n=16, block_m=128, block_k=64, warps=4, stages=4),  # decode: 16 KB W per stage
+    TileConfig(block_n=16, block_m=64, block_k=128, warps=4, stages=4),  # decode, more CTAs
+    TileConfig(block_n=16, block_m=32, block_k=128, warps=2, stages=4),  # decode, small M
+    TileConfig(block_n=32, block_m=128, block_k=64, warps=4, stages=4),  # short prefill
+    TileConfig(block_n=64, block_m=128, block_k=64, warps=4, stages=3),  # prefill
+    TileConfig(block_n=64, block_m=64, block_k=64, warps=4, stages=4),  # prefill, more CTAs
+)
+SPLIT_K_CHOICES = (1, 2, 3, 4, 6, 8)
+
+
+def token_tile(n_hint: int) -> int:
+    """block_n for about `n_hint` tokens: 16 up to 16 tokens, 32 up to 32, else 64."""
+    return 16 if n_hint <= 16 else 32 if n_hint <= 32 else 64
+
+
 def choose_config(m: int, k: int, arch: ArchSpec, n_hint: int = 16) -> TileConfig:
-    """The untuned default for an [m, k] weight and about `n_hint` tokens on `arch`.
+    """The untuned config for an [m, k] weight and about `n_hint` tokens on `arch`.
 
     A weight-streaming kernel is bound by the bytes of W, so the choice aims at (1) enough CTAs to
     fill every SM, with whole waves; (2) several 16 KB stages in flight per SM; (3) little extra
-    traffic: split-K partials (split_k·N·M·4 B written and read) and X re-reads. Raises ShapeError when
-    M or K is not a multiple of 16; otherwise always finds a config (16×16 tiles fit every such shape).
+    traffic: split-K partials (split_k·N·M·4 B written and read), X re-reads and tile padding.
+    Picks among SHIPPED_TILES (with any split_k); raises ShapeError when M or K is not a multiple of 16.
     """
     check_weight_shape(m, k)
-    block_n = 16 if n_hint <= 16 else 32 if n_hint <= 32 else 64
+    block_n = token_tile(n_hint)
     best: tuple[float, TileConfig] | None = None
-    for cfg in search_space(m, k, arch):
-        if cfg.block_n != block_n:
+    for tile in SHIPPED_TILES:
+        if tile.block_n != block_n:
             continue
-        score = _score(cfg, m, k, arch, n_hint)
-        if best is None or score < best[0]:
-            best = (score, cfg)
-    if best is None:
-        return TileConfig(block_n=16, block_m=16, block_k=32, warps=1, stages=2, split_k=1)
+        for split_k in SPLIT_K_CHOICES:
+            cfg = replace(tile, split_k=split_k)
+            try:
+                cfg.validate(arch)
+            except ConfigError:
+                continue
+            padded_k = cfg.padded(m, k)[1]
+            if padded_k // split_k < 2 * cfg.block_k:
+                continue
+            score = _score(cfg, m, k, arch, n_hint)
+            if best is None or score < best[0]:
+                best = (score, cfg)
+    if best is None:  # e.g. an arch whose shared memory fits none of the shipped tiles
+        return TileConfig(block_n=block_n, block_m=32, block_k=64, warps=2, stages=2, split_k=1)
     return best[1]
 
 
 def _score(cfg: TileConfig, m: int, k: int, arch: ArchSpec, n_hint: int) -> float:
-    """Estimated time in units of 'streaming all of W once at full bandwidth' (lower is better)."""
+    """Estimated time in units of 'streaming all of W once at full bandwidth' (lower is better).
+
+    A model, not a measurement: the GPU benchmarks (benchmarks/gemm_weight.py) are what settle it.
+    """
+    padded_m, padded_k = cfg.padded(m, k)
     weight_bytes = m * k * 2.0
-    ctas = (m // cfg.block_m) * cfg.split_k * math.ceil(n_hint / cfg.block_n)
+    padding = (padded_m * padded_k - m * k) * 2.0
+    ctas = (padded_m // cfg.block_m) * cfg.split_k * math.ceil(n_hint / cfg.block_n)
     per_sm = max(1, min(arch.shared_bytes_per_sm // max(cfg.shared_bytes(), 1), 2048 // cfg.threads, 16))
     slots = arch.sm_count * per_sm
     waves = math.ceil(ctas / slots)
@@ -180,4 +207,5 @@ def _score(cfg: TileConfig, m: int, k: int, arch: ArchSpec, n_hint: int) -> floa
     x_rereads = (m / cfg.block_m) * cfg.block_n * k * 2.0 * 0.25  # mostly from L2
     launch = 0.1 if cfg.split_k > 1 else 0.0  # the second kernel
     fill = min(1.0, ctas / arch.sm_count)
-    return (1.0 + (partial_bytes + x_rereads) / weight_bytes) / (balance * fill) + latency_penalty + launch
+    extra = (partial_bytes + x_rereads + padding) / weight_bytes
+    return (1.0 + extra) / (balance * fill) + latency_penalty + launch

@@ -37,7 +37,8 @@ THREAD_ANNOTATION = "tensorpress.replay_thread"
 def serialize_threads(mod: tvm.IRModule, seed: int | None = None) -> tvm.IRModule:
     """Turn thread-bound loops into serial loops, in shuffled order unless `seed` is None.
 
-    Each loop keeps its thread tag as the annotation `tensorpress.replay_thread`.
+    Each loop keeps its thread tag as the annotation `tensorpress.replay_thread`. Unrolled loops
+    become plain serial loops too (same semantics, far shorter llvm builds).
     """
     rng = random.Random(seed)
 
@@ -54,6 +55,11 @@ def serialize_threads(mod: tvm.IRModule, seed: int | None = None) -> tvm.IRModul
         return extent - 1 - index
 
     def serialize(loop: tirx.For) -> tirx.For:
+        if loop.kind == tirx.ForKind.UNROLLED:  # same semantics; unrolling only slows the llvm build
+            return tirx.For(
+                loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, None,
+                loop.annotations, loop.step, loop.span,
+            )  # fmt: skip
         if loop.kind != tirx.ForKind.THREAD_BINDING:
             return loop
         index = tirx.Var(loop.loop_var.name, loop.loop_var.ty)

@@ -29,7 +29,13 @@ from tvm.s_tir.stmt import SBlock, SBlockRealize
 
 from tensorpress.errors import ConfigError, ShapeError
 from tensorpress.schedules.tensorcore import fragments as frag
-from tensorpress.schedules.tensorcore.config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
+from tensorpress.schedules.tensorcore.config import (
+    MMA_TILE,
+    VECTOR_BYTES,
+    WARP_SIZE,
+    TileConfig,
+    check_weight_shape,
+)
 from tensorpress.schedules.tensorcore.decode_hints import staged_buffer_names
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
 from tensorpress.schedules.weight_gemm import get_decode_stage, is_weight_gemm
@@ -39,18 +45,26 @@ PIPELINE_ANNOTATIONS = ("software_pipeline_stage", "software_pipeline_order", "s
 
 @dataclass(frozen=True)
 class TemplateBlocks:
-    """Names of the template's blocks in a scheduled module (tests reach into them)."""
+    """Handles of the template's blocks in a scheduled module (for tests that plant bugs)."""
 
-    x_shared: str
-    w_shared: str
-    x_fragment: str  # ldmatrix of X tiles (outer block carrying the permuted_layout annotation)
-    w_fragment: str
+    x_shared: s_tir.SBlockRV  # global -> shared copy of the X tile
+    w_shared: s_tir.SBlockRV  # global (or staged shared) -> decoded W tile
+    x_fragment: s_tir.SBlockRV  # shared -> A fragments (outer block, carries permuted_layout)
+    w_fragment: s_tir.SBlockRV  # shared -> B fragments
 
     @staticmethod
-    def of(intrinsics: IntrinsicSet) -> TemplateBlocks:
-        x, w = f"X_pad_{intrinsics.shared_scope}", f"decode_{intrinsics.shared_scope}"
-        frag = intrinsics.fragment_scope
-        return TemplateBlocks(x, w, f"{x}_{frag}_o", f"{w}_{frag}_o")
+    def of(sch: s_tir.Schedule, intrinsics: IntrinsicSet) -> TemplateBlocks:
+        def named(prefix: str, suffix: str):
+            blocks = find_blocks(sch, lambda b: b.name_hint.startswith(prefix) and b.name_hint.endswith(suffix))
+            return blocks[0]
+
+        shared, frag = intrinsics.shared_scope, intrinsics.fragment_scope
+        return TemplateBlocks(
+            x_shared=named("X", f"_{shared}"),
+            w_shared=named("decode", f"_{shared}"),
+            x_fragment=named("X", f"_{frag}_o"),
+            w_fragment=named("decode", f"_{frag}_o"),
+        )
 
 
 def weight_gemm_shape(func: tirx.PrimFunc) -> tuple[int, int]:
@@ -62,12 +76,18 @@ def weight_gemm_shape(func: tirx.PrimFunc) -> tuple[int, int]:
 def schedule_weight_gemm(func: tirx.PrimFunc, config: TileConfig, intrinsics: IntrinsicSet) -> s_tir.Schedule:
     """Schedule a weight-GEMM PrimFunc onto Tensor Cores with `config`, tensorizing with `intrinsics`.
 
-    Raises ShapeError for M/K the config cannot tile and ConfigError for unsupported dtypes.
+    Raises ShapeError when M or K is not a multiple of 16 (or the format cannot take the shape) and
+    ConfigError for activations that are not float16. Any valid config tiles any such shape: M and K
+    are padded to whole tiles inside the kernel.
     """
     if not is_weight_gemm(func):
         raise ConfigError("schedule_weight_gemm expects a PrimFunc made by make_weight_gemm.")
     m, k = weight_gemm_shape(func)
-    config.check_shape(m, k)
+    check_weight_shape(m, k)
+    stage = get_decode_stage(str(func.attrs["tensorpress.format"]))
+    reason = stage.unsupported_reason(m, k)
+    if reason:
+        raise ShapeError(f"weight GEMM {stage.name} with M={m}, K={k}: {reason}.")
     return _Template(func, config, intrinsics).schedule()
 
 
@@ -86,7 +106,7 @@ class _Template:
     # -- orchestration --------------------------------------------------------------------------------
 
     def schedule(self) -> s_tir.Schedule:
-        self._pad_tokens()
+        self._pad()
         self._split_reduction()
         self._tile()
         self._fetch_operands()
@@ -98,11 +118,20 @@ class _Template:
 
     # -- steps ---------------------------------------------------------------------------------------
 
-    def _pad_tokens(self) -> None:
-        """N -> ceil(N / block_n) * block_n; padded X rows read as 0, padded Y rows never stored."""
-        sch = self.sch
-        sch.pad_einsum(sch.get_sblock("gemm"), [self.cfg.block_n, 1, 1])
+    def _pad(self) -> None:
+        """Pad N, M and K to whole tiles; padded X/W elements read as 0, padded Y elements are not stored.
+
+        N is symbolic, so it is always padded (predicated, zero-filling loads). M and K are static: a
+        config whose tiles divide them adds no padding and no predicate.
+        """
+        sch, cfg = self.sch, self.cfg
+        sch.pad_einsum(sch.get_sblock("gemm"), [cfg.block_n, cfg.block_m, cfg.split_k * cfg.block_k])
+        blocks = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
         sch.compute_inline(sch.get_sblock("gemm_pad"))  # the un-pad copy; "store" reads the padded acc
+        if "decode_pad" in blocks:  # decode_pad[m, k] = m < M and k < K ? decode[m, k] : 0
+            sch.compute_inline(sch.get_sblock("decode"))
+        self.x_padded = "X_pad" if "X_pad" in blocks else None
+        self.w_source = "decode_pad" if "decode_pad" in blocks else "decode"
 
     def _split_reduction(self) -> None:
         """split_k > 1: rfactor K into slices; "gemm" becomes the fixed-order sum of the slices."""
@@ -144,14 +173,14 @@ class _Template:
         sch, scope = self.sch, self.intr.shared_scope
         self.x_shared = sch.cache_read(self.outer, 0, scope)
         sch.compute_at(self.x_shared, self.k0)
-        sch.compute_inline(sch.get_sblock("X_pad"))
+        if self.x_padded:
+            sch.compute_inline(sch.get_sblock(self.x_padded))
         self.w_shared = sch.cache_read(self.outer, 1, scope)
         sch.compute_at(self.w_shared, self.k0)
-        decode = sch.get_sblock("decode")
-        stored_names = [str(b.name) for b in self.stage.stored_buffers(self.m, self.k)]
+        decode = sch.get_sblock(self.w_source)
         staged_blocks = []
         for name in self.staged:
-            staged_blocks.append(sch.cache_read(decode, stored_names.index(name), scope))
+            staged_blocks.append(sch.cache_read(decode, _read_index(sch, decode, name), scope))
         sch.compute_inline(decode)
         for block in staged_blocks:
             sch.compute_at(block, self.k0)
@@ -268,9 +297,32 @@ class _Template:
             sch.vectorize(vec)
 
     def _is_copy(self, block) -> bool:
-        """True when the block stores a plain load of a global buffer (cp.async can do it)."""
+        """True when the block stores a load, or `cond ? load : 0` (cp.async copies, zero-filling)."""
         stmt = self.sch.get(block).body
-        return isinstance(stmt, tirx.BufferStore) and isinstance(stmt.value, tvm.ir.TensorLoad)
+        if not isinstance(stmt, tirx.BufferStore):
+            return False
+        value = stmt.value
+        if isinstance(value, tvm.ir.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else")):
+            value = value.args[1]
+        return isinstance(value, tvm.ir.TensorLoad)
+
+
+def find_blocks(sch: s_tir.Schedule, predicate) -> list:
+    """Every block (SBlockRV) of the scheduled function for which predicate(SBlock) is true, in
+    program order; unlike `get_sblock` this also reaches blocks that share a name."""
+    found, pending = [], list(sch.get_child_blocks(sch.get_sblock("root")))
+    while pending:
+        block = pending.pop(0)
+        if predicate(sch.get(block)):
+            found.append(block)
+        pending[:0] = list(sch.get_child_blocks(block))
+    return found
+
+
+def _read_index(sch: s_tir.Schedule, block, buffer_name: str) -> int:
+    """Position of `buffer_name` among the buffers `block` reads (what cache_read takes)."""
+    names = [str(region.source.name) for region in sch.get(block).reads]
+    return names.index(buffer_name)
 
 
 def _loops_below(sch: s_tir.Schedule, block, ancestor, tile_loops: int) -> list:

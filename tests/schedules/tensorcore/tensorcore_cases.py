@@ -1,0 +1,117 @@
+"""Shared helpers of the Tensor Core tests: a packed test format and the replay/compare driver."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+
+from tensorpress.schedules.tensorcore.config import TileConfig
+from tensorpress.schedules.tensorcore.decode_hints import StagedDecode
+from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
+from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
+from tensorpress.schedules.tensorcore.replay import build_replay
+from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
+from tensorpress.schedules.weight_gemm import DecodeStage, StoredBuffer, get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import register_decode_stage as _register
+
+SMALL = TileConfig(block_n=16, block_m=64, block_k=32, warps=2, stages=2, split_k=1)
+
+
+class PackedInt4Decode(DecodeStage, StagedDecode):
+    """A test format shaped like FPx: eight 4-bit codes per uint32 word (low nibble first) and an
+    fp16 scale per row; W[m, k] = (code - 8) * scale[m]. Its words are staged in shared memory."""
+
+    def __init__(self, name: str, staged: bool):
+        self.name = name
+        self.staged = staged
+
+    def stored_buffers(self, m: int, k: int) -> list[StoredBuffer]:
+        return [StoredBuffer("words", (m, k // 8), "uint32"), StoredBuffer("scale", (m,), "float16")]
+
+    def decode(self, stored: list[te.Tensor], row, col, dtype: str):
+        words, scale = stored
+        shift = (col % 8).astype("uint32") * tirx.const(4, "uint32")
+        code = (words[row, col // 8] >> shift) & tirx.const(15, "uint32")
+        return (code.astype("int32") - 8).astype(dtype) * scale[row].astype(dtype)
+
+    def shared_staged_buffers(self, m: int, k: int) -> list[str]:
+        return ["words"] if self.staged else []
+
+
+INT4_STAGED = _register(PackedInt4Decode("test-int4-staged", staged=True))
+INT4_GLOBAL = _register(PackedInt4Decode("test-int4-global", staged=False))
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [m, k] (0..15) -> uint32 words [m, k // 8], code i of a word in bits 4i..4i+3."""
+    m, k = codes.shape
+    nibbles = codes.reshape(m, k // 8, 8).astype(np.uint32)
+    return np.bitwise_or.reduce(nibbles << (4 * np.arange(8, dtype=np.uint32)), axis=2)
+
+
+def weight_and_stored(fmt: str, m: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A random weight in format `fmt`: (its fp16 values W [m, k], the arrays the kernel takes)."""
+    if fmt == "dense-fp16":
+        w = rng.standard_normal((m, k)).astype(np.float16)
+        return w, [w]
+    if fmt == "dense-fp32":
+        w = rng.standard_normal((m, k)).astype(np.float16)
+        return w, [w.astype(np.float32)]
+    if fmt.startswith("test-int4"):
+        codes = rng.integers(0, 16, (m, k)).astype(np.uint8)
+        scale = (rng.random(m) * 0.2 + 0.05).astype(np.float16)
+        w = ((codes.astype(np.int32) - 8).astype(np.float16) * scale[:, None]).astype(np.float16)
+        return w, [pack_int4(codes), scale]
+    from tensorpress.compiler.formats.registry import get_weight_format
+
+    packed = get_weight_format(fmt).pack((rng.standard_normal((m, k)) * 0.05).astype(np.float32))
+    stage = get_decode_stage(fmt)
+    w = get_weight_format(fmt).unpack(packed).astype(np.float16)
+    return w, [np.ascontiguousarray(packed.arrays[b.name]) for b in stage.stored_buffers(m, k)]
+
+
+def replay_weight_gemm(
+    fmt: str,
+    m: int,
+    k: int,
+    n: int,
+    config: TileConfig = SMALL,
+    seed: int = 0,
+    bias: bool = False,
+    out_dtype: str = "float16",
+    intrinsics: IntrinsicSet | None = None,
+    mutate: Callable | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Schedule the weight GEMM with the emulated intrinsics, replay it on the CPU with shuffled
+    threads (seed) and NaN-poisoned scratch memory; returns (Y from the kernel, Y from numpy), fp32.
+
+    `mutate(sch)`, when given, edits the schedule before the build (planted bugs)."""
+    func = make_weight_gemm(get_decode_stage(fmt), m, k, out_dtype=out_dtype, with_bias=bias)
+    sch = schedule_weight_gemm(func, config, intrinsics or emulated_intrinsics())
+    if mutate is not None:
+        mutate(sch)
+    kernel = build_replay(sch.mod, seed)["main"]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k)).astype(np.float16)
+    w, stored = weight_and_stored(fmt, m, k, rng)
+    reference = x.astype(np.float32) @ w.astype(np.float32).T
+    args = [x, *stored]
+    if bias:
+        b = rng.standard_normal(m).astype(np.float16)
+        args.append(b)
+        reference = reference + b.astype(np.float32)
+    y = np.full((n, m), np.nan, out_dtype)
+    dev = tvm.cpu()
+    tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in [*args, y]]
+    kernel(*tensors)
+    return tensors[-1].numpy().astype(np.float32), reference
+
+
+def relative_error(out: np.ndarray, reference: np.ndarray) -> float:
+    """max |out - ref| / max |ref|; NaN anywhere in `out` gives inf."""
+    if np.isnan(out).any():
+        return float("inf")
+    return float(np.abs(out - reference).max() / np.abs(reference).max())
