@@ -1,0 +1,52 @@
+"""CPU schedule of the weight GEMM (`schedules/weight_gemm.py`): Y[n, m] = X[n, k] . W[m, k] (+ bias).
+
+Any decode stage works unchanged: its "decode" block runs once per column tile of M, into a [K, cols]
+panel that the register-blocked micro-kernel (`register_blocked_gemm`) streams through for every row
+tile of N, so the decode cost is paid once per weight element and call, not once per token.
+A stage whose stored layout already is such a panel (`cpu_panel_width`, e.g. "dense-fp32-panel") is
+read in place instead, and costs nothing to decode.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+from tensorpress.schedules.cpu.register_blocked_gemm import (
+    GemmBlocks,
+    register_tile,
+    schedule_register_blocked_gemm,
+)
+from tensorpress.schedules.cpu.vector_unit import vector_unit
+from tensorpress.schedules.weight_gemm import FORMAT_ATTR, get_decode_stage, is_weight_gemm
+
+
+class WeightGemm(CPUScheduleRule):
+    """The weight-GEMM PrimFunc (attribute tensorpress.kernel = "weight_gemm") on an llvm target."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        if not is_weight_gemm(func):
+            return None
+        unit = vector_unit(target)
+        tile = register_tile(unit, "float32")  # the accumulator is fp32 whatever the activations are
+        panel = _stored_panel_width(func)
+        sch = s_tir.Schedule(func)
+        blocks = GemmBlocks(
+            gemm=sch.get_sblock("gemm"),
+            b_source=sch.get_sblock("decode"),
+            inline_b=panel is not None and panel % tile.cols == 0,
+        )
+        schedule_register_blocked_gemm(sch, blocks, tile, unit.lanes("float32"))
+        return sch
+
+
+def _stored_panel_width(func: tirx.PrimFunc) -> int | None:
+    """The panel width of the function's decode stage when it stores W as [M/P, K, P] panels."""
+    try:
+        stage = get_decode_stage(str(func.attrs[FORMAT_ATTR]))
+    except KeyError:
+        return None
+    return getattr(stage, "cpu_panel_width", None)

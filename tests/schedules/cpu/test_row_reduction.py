@@ -1,0 +1,68 @@
+"""The CPU row-reduction schedule against numpy: softmax, layer norm, RMS norm, symbolic rows."""
+
+import numpy as np
+import pytest
+from cpu_schedule_harness import AVX2, compiled, only_prim_func, relax_graph, rng, schedule, sym
+from tvm import relax, te
+
+from tensorpress.schedules.cpu.row_reduction import RowReduction
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_softmax_over_a_symbolic_row():
+    b, s = sym("b"), sym("s")
+    mod = relax_graph([("x", [b, 12, s, s], "float32")], lambda bb, x: bb.emit(relax.op.nn.softmax(x)))
+    call = compiled(schedule(RowReduction(), only_prim_func(mod)))
+    for batch, length in ((1, 1), (2, 5), (1, 33)):
+        x = rng(length).standard_normal((batch, 12, length, length)).astype("float32") * 4
+        (y,) = call([x], [(x.shape, "float32")])
+        np.testing.assert_allclose(y, _softmax(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden", [384, 40, 12])
+def test_layer_norm(hidden):
+    # 384 and 40: vector partial sums (multiples of 8 lanes); 12: a scalar reduction.
+    b, s = sym("b"), sym("s")
+    mod = relax_graph(
+        [("x", [b, s, hidden], "float32"), ("g", [hidden], "float32"), ("beta", [hidden], "float32")],
+        lambda bb, x, g, beta: bb.emit(relax.op.nn.layer_norm(x, g, beta, axes=[-1], epsilon=1e-12)),
+    )
+    sch = schedule(RowReduction(), only_prim_func(mod))
+    if hidden % 8 == 0:
+        assert "T.vectorized" in sch.mod["main"].script()
+    call = compiled(sch)
+    r = rng(hidden)
+    g, beta = r.standard_normal(hidden).astype("float32"), r.standard_normal(hidden).astype("float32")
+    for batch, length in ((1, 1), (2, 7)):
+        x = (r.standard_normal((batch, length, hidden)) * 3 + 1).astype("float32")
+        (y,) = call([x, g, beta], [(x.shape, "float32")])
+        x64 = x.astype(np.float64)
+        mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+        np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-12) * g + beta, rtol=1e-4, atol=1e-4)
+
+
+def test_rms_norm():
+    n = sym("n")
+    mod = relax_graph(
+        [("x", [n, 64], "float32"), ("w", [64], "float32")],
+        lambda bb, x, w: bb.emit(relax.op.nn.rms_norm(x, w, axes=[-1], epsilon=1e-6)),
+    )
+    call = compiled(schedule(RowReduction(), only_prim_func(mod)))
+    r = rng(7)
+    x, w = r.standard_normal((5, 64)).astype("float32"), r.standard_normal(64).astype("float32")
+    (y,) = call([x, w], [(x.shape, "float32")])
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(y, x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6) * w, rtol=1e-5)
+
+
+def test_declines_a_lone_reduction_and_elementwise_functions():
+    x = te.placeholder((8, 8), "float32", name="x")
+    k = te.reduce_axis((0, 8), name="k")
+    total = te.compute((8,), lambda i: te.sum(x[i, k], axis=k), name="total")
+    assert RowReduction().apply(te.create_prim_func([x, total]), AVX2, False) is None
+    y = te.compute((8, 8), lambda i, j: x[i, j] * 2.0, name="y")
+    assert RowReduction().apply(te.create_prim_func([x, y]), AVX2, False) is None
