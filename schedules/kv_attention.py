@@ -82,9 +82,7 @@ def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, dtype: str)
         for n, g, d in T.grid(N, KVH, D):
             with T.sblock("append"):
                 vn, vg, vd = T.axis.remap("SSS", [n, g, d])
-                T.reads(
-                    positions[vn], seq_slot[vn], block_table[seq_slot[vn], 0:M], k[vn, vg, vd], v[vn, vg, vd]
-                )
+                T.reads(positions[vn], seq_slot[vn], block_table[seq_slot[vn], 0:M], k[vn, vg, vd], v[vn, vg, vd])
                 T.writes(pages[layer, 0:P, 0:2, vg, 0:PS, vd])
                 page: T.let[T.int32] = block_table[seq_slot[vn], positions[vn] // PS]
                 row: T.let[T.int32] = positions[vn] % PS
@@ -101,6 +99,7 @@ def paged_attention_func(
     H, KVH, D, PS = num_q_heads, num_kv_heads, head_dim, page_size
     group = H // KVH
     scale = 1.0 / math.sqrt(D)
+    LANES = 8 if D % 8 == 0 else 1
 
     @T.prim_func(private=True, s_tir=True)
     def paged_attention(
@@ -112,9 +111,7 @@ def paged_attention_func(
         layer: T.int64,
         var_out: T.handle,
     ):
-        T.func_attr(
-            {"tirx.noalias": True, KERNEL_ATTR: ATTENTION_KERNEL, PHASE_ATTR: phase, "op_pattern": _OPAQUE}
-        )
+        T.func_attr({"tirx.noalias": True, KERNEL_ATTR: ATTENTION_KERNEL, PHASE_ATTR: phase, "op_pattern": _OPAQUE})
         L, P, N, B, M = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (N, H, D), dtype)
         pages = T.match_buffer(var_pages, (L, P, 2, KVH, PS, D), dtype)
@@ -139,6 +136,7 @@ def paged_attention_func(
                 m = T.sblock_alloc_buffer((1,), "float32", scope="local")
                 denom = T.sblock_alloc_buffer((1,), "float32", scope="local")
                 score = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                partial = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
                 m_new = T.sblock_alloc_buffer((1,), "float32", scope="local")
                 slot: T.let[T.int32] = seq_slot[vn]
                 for d in T.serial(D):
@@ -149,10 +147,15 @@ def paged_attention_func(
                 for t in T.serial(positions[vn] + 1):
                     page: T.let[T.int32] = block_table[slot, t // PS]
                     row: T.let[T.int32] = t % PS
+                    # q·k in LANES interleaved partial sums (a fixed order; vector lanes on CPUs)
+                    for lane in T.serial(LANES):
+                        partial[lane] = T.float32(0)
+                    for j, lane in T.grid(D // LANES, LANES):
+                        k_d = T.Cast("float32", pages[layer, page, 0, vh // group, row, j * LANES + lane])
+                        partial[lane] = partial[lane] + q_f32[j * LANES + lane] * k_d
                     score[0] = T.float32(0)
-                    for d in T.serial(D):
-                        k_d = T.Cast("float32", pages[layer, page, 0, vh // group, row, d])
-                        score[0] = score[0] + q_f32[d] * k_d
+                    for lane in T.serial(LANES):
+                        score[0] = score[0] + partial[lane]
                     m_new[0] = T.max(m[0], score[0])
                     # reuse `score` as p = exp(s - m_new) and `m` as alpha = exp(m_old - m_new)
                     score[0] = T.exp(score[0] - m_new[0])
