@@ -5,8 +5,9 @@ Every frontend lowers a linear layer to one of
     matmul(x, permute_dims(W))      W: [M, K] parameter (torch nn.Linear, ONNX Gemm transB=1)
     matmul(x, W)                    W: [K, M] parameter (ONNX MatMul with an initializer)
 
-optionally followed by add(·, b) with a bias parameter b: [M], and with astype() around W where a
-dtype conversion put one there. Each such site whose weight the plan assigns a format becomes
+optionally followed by add(·, b) with a bias parameter b: [M], with astype() around W where a dtype
+conversion put one there, and with broadcast_to() adding batch dimensions to W (torch's expand + bmm).
+Each such site whose weight the plan assigns a format becomes
 
     y = reshape(call_tir(weight_gemm[format, M, K], [reshape(x, [N, K]), *packed arrays(, b)]), [..., M])
 
@@ -54,8 +55,10 @@ def _linear_patterns():
     x, w, b = wildcard(), wildcard(), wildcard()
     w_maybe_cast = w | is_op("relax.astype")(w)
     w_t = is_op("relax.permute_dims")(w_maybe_cast)
-    mm_t = is_op("relax.matmul")(x, w_t)
-    mm = is_op("relax.matmul")(x, w_maybe_cast)
+    # torch decomposes some linears into a batched matmul of broadcast operands (expand + bmm); a
+    # broadcast that only adds leading batch dimensions to W is still the same linear layer.
+    mm_t = is_op("relax.matmul")(x, w_t | is_op("relax.broadcast_to")(w_t, wildcard()))
+    mm = is_op("relax.matmul")(x, w_maybe_cast | is_op("relax.broadcast_to")(w_maybe_cast, wildcard()))
     return x, w, b, w_t, [is_op("relax.add")(mm_t, b), is_op("relax.add")(mm, b), mm_t, mm]
 
 
