@@ -295,6 +295,52 @@ class DecoderModel:
                 if r.seq_id >= 0 and not r.done:
                     self._finish(r)
 
+    def token_logprobs(self, texts: Prompt | Sequence[Prompt]) -> np.ndarray | list[np.ndarray]:
+        """Teacher-forced log-probabilities: for each text (ids or str) of n tokens, the n - 1 values
+        log p(t_i | t_0..t_i-1), i = 1..n-1 (float64), computed through the KV cache exactly as
+        generation computes them (one prefill of t_0, then one decode step per token).
+        Perplexity is exp(-mean); the quality of a compressed artifact is measured with it."""
+        single = _is_single_prompt(texts)
+        batch = [texts] if single else list(texts)  # type: ignore[list-item, arg-type]
+        requests = []
+        for i, text in enumerate(batch):
+            ids = self.encode(text) if isinstance(text, str) else [int(t) for t in np.asarray(text).ravel()]
+            if len(ids) < 2:
+                raise InputError(f"text {i} has fewer than 2 tokens; there is nothing to score.")
+            r = self._request(i, ids[:1], len(ids) - 1, 0.0, None)
+            r.output = ids[1:]  # the tokens fed back at each step, instead of sampled ones
+            requests.append(r)
+        scores: list[list[float]] = [[] for _ in batch]
+
+        def take(r: _Request, logits: np.ndarray) -> None:
+            z = logits.astype(np.float64)
+            log_z = z.max() + np.log(np.exp(z - z.max()).sum())
+            scores[r.index].append(float(z[r.output[len(scores[r.index])]] - log_z))
+
+        waiting, running = deque(requests), []
+        try:
+            while waiting or running:
+                admitted = self._admit(waiting, running)
+                if admitted:
+                    for r, row in zip(admitted, self._run_prefill(admitted)):
+                        take(r, row)
+                    running.extend(admitted)
+                for r in running:
+                    if len(scores[r.index]) == len(r.output):
+                        self._finish(r)
+                running = [r for r in running if not r.done]
+                if running:
+                    positions = [self.cache.length(r.seq_id) for r in running]
+                    fed = [r.output[p - 1] for r, p in zip(running, positions)]
+                    for r, row in zip(running, self._run_decode(running, fed)):
+                        take(r, row)
+        finally:
+            for r in requests:
+                if r.seq_id >= 0 and not r.done:
+                    self._finish(r)
+        out = [np.asarray(s) for s in scores]
+        return out[0] if single else out
+
     def next_token_logits(self, prompts: Prompt | Sequence[Prompt]) -> np.ndarray:
         """Logits [B, vocab] (float32) of the token after each prompt: one prefill, nothing kept."""
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item, arg-type]
@@ -394,11 +440,13 @@ class DecoderModel:
         last_token_index = (np.cumsum(lengths) - 1).astype(np.int32)
         return self._call(self._prefill, input_ids, positions, seq_slot, block_table, last_token_index)
 
-    def _run_decode(self, requests: list[_Request]) -> np.ndarray:
+    def _run_decode(self, requests: list[_Request], tokens: list[int] | None = None) -> np.ndarray:
+        """One decode step: feed each request its last output token (or `tokens`), get next logits."""
         positions = np.array([self.cache.length(r.seq_id) for r in requests], dtype=np.int32)
         for r, pos in zip(requests, positions):
             self.cache.extend(r.seq_id, int(pos) + 1)  # never fails: admission reserved the pages
-        input_ids = np.array([r.output[-1] for r in requests], dtype=np.int32)
+        fed = [r.output[-1] for r in requests] if tokens is None else tokens
+        input_ids = np.array(fed, dtype=np.int32)
         seq_slot = np.arange(len(requests), dtype=np.int32)
         block_table = self.cache.block_table([r.seq_id for r in requests])
         return self._call(self._decode, input_ids, positions, seq_slot, block_table)

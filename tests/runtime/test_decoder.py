@@ -65,6 +65,20 @@ def test_first_step_logits_match_transformers(compiled):
         np.testing.assert_allclose(ours, hf_last_logits(compiled.folder, prompt), rtol=1e-4, atol=1e-4)
 
 
+def test_teacher_forced_logprobs_match_transformers(compiled):
+    import torch
+    import transformers as tf
+
+    hf = tf.AutoModelForCausalLM.from_pretrained(compiled.folder).eval()
+    texts = [compiled.prompts[1] + compiled.reference[1], compiled.prompts[3]]
+    ours = compiled.load().token_logprobs(texts)
+    for text, scores in zip(texts, ours):
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([text])).logits[0].double(), -1).numpy()
+        expected = logp[np.arange(len(text) - 1), text[1:]]
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_prompt_larger_than_the_pool_is_refused_and_the_pool_stays_usable(llama):
     model = llama.load(max_total_tokens=48)  # 3 pages of 16 tokens
     with pytest.raises(OutOfKVPagesError, match="max_total_tokens"):
