@@ -95,10 +95,24 @@ class TileConfig:
                 f"{arch.shared_bytes_per_block} B a block may use on {arch.name}; lower stages or block_k."
             )
 
-    def padded(self, m: int, k: int) -> tuple[int, int]:
-        """(M, K) rounded up to whole tiles (the kernel pads inside; padding costs bandwidth)."""
-        k_step = self.split_k * self.block_k
-        return -(-m // self.block_m) * self.block_m, -(-k // k_step) * k_step
+    def check_shape(self, m: int, k: int) -> None:
+        """Raise ShapeError unless M, K are multiples of 16 and block_m divides M.
+
+        (K and N are padded inside the kernel. Padding M too left TVM 0.27 with an N-dependent size
+        for the epilogue's shared tile, which its CSE pass then miscompiles; a tile with
+        block_m = 16 exists for every M.)
+        """
+        check_weight_shape(m, k)
+        if m % self.block_m:
+            raise ShapeError(
+                f"weight GEMM with M={m}: the tile config {self.label()} needs M to be a multiple of "
+                f"block_m={self.block_m}; choose a config whose block_m divides M."
+            )
+
+    def padded_k(self, k: int) -> int:
+        """K rounded up to whole K slices (padded inside the kernel; padding costs bandwidth)."""
+        step = self.split_k * self.block_k
+        return -(-k // step) * step
 
     def label(self) -> str:
         """Short stable name, e.g. 'n16m128k64w4s4sk1' (used in file names and results)."""
@@ -131,8 +145,8 @@ def search_space(m: int, k: int, arch: ArchSpec) -> list[TileConfig]:
                                 cfg.validate(arch)
                             except ConfigError:
                                 continue
-                            padded_m, padded_k = cfg.padded(m, k)
-                            if padded_m * padded_k > 1.03 * m * k or padded_k // split_k < 2 * block_k:
+                            padded_k = cfg.padded_k(k)
+                            if m % block_m or padded_k > 1.03 * k or padded_k // split_k < 2 * block_k:
                                 continue  # > 3 % padding, or K slices too short to pipeline
                             configs.append(cfg)
     return configs
@@ -147,6 +161,7 @@ SHIPPED_TILES: tuple[TileConfig, ...] = (
     TileConfig(block_n=32, block_m=128, block_k=64, warps=4, stages=4),  # short prefill
     TileConfig(block_n=64, block_m=128, block_k=64, warps=4, stages=3),  # prefill
     TileConfig(block_n=64, block_m=64, block_k=64, warps=4, stages=4),  # prefill, more CTAs
+    TileConfig(block_n=16, block_m=16, block_k=64, warps=1, stages=4),  # any M (a multiple of 16)
 )
 SPLIT_K_CHOICES = (1, 2, 3, 4, 6, 8)
 
@@ -161,14 +176,15 @@ def choose_config(m: int, k: int, arch: ArchSpec, n_hint: int = 16) -> TileConfi
 
     A weight-streaming kernel is bound by the bytes of W, so the choice aims at (1) enough CTAs to
     fill every SM, with whole waves; (2) several 16 KB stages in flight per SM; (3) little extra
-    traffic: split-K partials (split_k·N·M·4 B written and read), X re-reads and tile padding.
-    Picks among SHIPPED_TILES (with any split_k); raises ShapeError when M or K is not a multiple of 16.
+    traffic: split-K partials (split_k·N·M·4 B written and read), X re-reads and K padding.
+    Picks among SHIPPED_TILES whose block_m divides M (the 16-row tile divides every M), with any
+    split_k; raises ShapeError when M or K is not a multiple of 16.
     """
     check_weight_shape(m, k)
     block_n = token_tile(n_hint)
     best: tuple[float, TileConfig] | None = None
     for tile in SHIPPED_TILES:
-        if tile.block_n != block_n:
+        if m % tile.block_m:
             continue
         for split_k in SPLIT_K_CHOICES:
             cfg = replace(tile, split_k=split_k)
@@ -176,14 +192,13 @@ def choose_config(m: int, k: int, arch: ArchSpec, n_hint: int = 16) -> TileConfi
                 cfg.validate(arch)
             except ConfigError:
                 continue
-            padded_k = cfg.padded(m, k)[1]
-            if padded_k // split_k < 2 * cfg.block_k:
-                continue
-            score = _score(cfg, m, k, arch, n_hint)
+            if split_k > 1 and cfg.padded_k(k) // split_k < 2 * cfg.block_k:
+                continue  # K slices too short to be worth a second kernel
+            # the token tile that suits n_hint first; other token tiles only where none fits
+            score = _score(cfg, m, k, arch, n_hint) + (0.0 if tile.block_n == block_n else 100.0)
             if best is None or score < best[0]:
                 best = (score, cfg)
-    if best is None:  # e.g. an arch whose shared memory fits none of the shipped tiles
-        return TileConfig(block_n=block_n, block_m=32, block_k=64, warps=2, stages=2, split_k=1)
+    assert best is not None, "the 16-row shipped tile fits every M, K that are multiples of 16"
     return best[1]
 
 
@@ -192,10 +207,10 @@ def _score(cfg: TileConfig, m: int, k: int, arch: ArchSpec, n_hint: int) -> floa
 
     A model, not a measurement: the GPU benchmarks (benchmarks/gemm_weight.py) are what settle it.
     """
-    padded_m, padded_k = cfg.padded(m, k)
+    padded_k = cfg.padded_k(k)
     weight_bytes = m * k * 2.0
-    padding = (padded_m * padded_k - m * k) * 2.0
-    ctas = (padded_m // cfg.block_m) * cfg.split_k * math.ceil(n_hint / cfg.block_n)
+    padding = m * (padded_k - k) * 2.0
+    ctas = (m // cfg.block_m) * cfg.split_k * math.ceil(n_hint / cfg.block_n)
     per_sm = max(1, min(arch.shared_bytes_per_sm // max(cfg.shared_bytes(), 1), 2048 // cfg.threads, 16))
     slots = arch.sm_count * per_sm
     waves = math.ceil(ctas / slots)

@@ -29,13 +29,7 @@ from tvm.s_tir.stmt import SBlock, SBlockRealize
 
 from tensorpress.errors import ConfigError, ShapeError
 from tensorpress.schedules.tensorcore import fragments as frag
-from tensorpress.schedules.tensorcore.config import (
-    MMA_TILE,
-    VECTOR_BYTES,
-    WARP_SIZE,
-    TileConfig,
-    check_weight_shape,
-)
+from tensorpress.schedules.tensorcore.config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
 from tensorpress.schedules.tensorcore.decode_hints import staged_buffer_names
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
 from tensorpress.schedules.weight_gemm import get_decode_stage, is_weight_gemm
@@ -76,14 +70,14 @@ def weight_gemm_shape(func: tirx.PrimFunc) -> tuple[int, int]:
 def schedule_weight_gemm(func: tirx.PrimFunc, config: TileConfig, intrinsics: IntrinsicSet) -> s_tir.Schedule:
     """Schedule a weight-GEMM PrimFunc onto Tensor Cores with `config`, tensorizing with `intrinsics`.
 
-    Raises ShapeError when M or K is not a multiple of 16 (or the format cannot take the shape) and
-    ConfigError for activations that are not float16. Any valid config tiles any such shape: M and K
-    are padded to whole tiles inside the kernel.
+    Raises ShapeError when M or K is not a multiple of 16, block_m does not divide M, or the format
+    cannot take the shape; ConfigError for activations that are not float16. N and K need not fit
+    the tiles: they are padded inside the kernel.
     """
     if not is_weight_gemm(func):
         raise ConfigError("schedule_weight_gemm expects a PrimFunc made by make_weight_gemm.")
     m, k = weight_gemm_shape(func)
-    check_weight_shape(m, k)
+    config.check_shape(m, k)
     stage = get_decode_stage(str(func.attrs["tensorpress.format"]))
     reason = stage.unsupported_reason(m, k)
     if reason:
@@ -119,13 +113,13 @@ class _Template:
     # -- steps ---------------------------------------------------------------------------------------
 
     def _pad(self) -> None:
-        """Pad N, M and K to whole tiles; padded X/W elements read as 0, padded Y elements are not stored.
+        """Pad N and K to whole tiles; padded X/W elements read as 0, padded Y rows are not stored.
 
-        N is symbolic, so it is always padded (predicated, zero-filling loads). M and K are static: a
-        config whose tiles divide them adds no padding and no predicate.
+        N is symbolic, so it is always padded (predicated, zero-filling loads). K is static: a config
+        whose K slices divide it adds no padding and no predicate. block_m divides M (check_shape).
         """
         sch, cfg = self.sch, self.cfg
-        sch.pad_einsum(sch.get_sblock("gemm"), [cfg.block_n, cfg.block_m, cfg.split_k * cfg.block_k])
+        sch.pad_einsum(sch.get_sblock("gemm"), [cfg.block_n, 1, cfg.split_k * cfg.block_k])
         blocks = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
         sch.compute_inline(sch.get_sblock("gemm_pad"))  # the un-pad copy; "store" reads the padded acc
         if "decode_pad" in blocks:  # decode_pad[m, k] = m < M and k < K ? decode[m, k] : 0

@@ -36,17 +36,23 @@ def test_dense_tile_shapes_split_k_and_bias(config, n):
     assert relative_error(out, ref) < TOLERANCE
 
 
-@pytest.mark.parametrize("tile", [SHIPPED_TILES[0], SHIPPED_TILES[4]], ids=lambda t: t.label())
+@pytest.mark.parametrize("tile", [SHIPPED_TILES[0], SHIPPED_TILES[4], SHIPPED_TILES[-1]], ids=lambda t: t.label())
 def test_shipped_tiles(tile):
     out, ref = replay_weight_gemm("dense-fp16", 256, 256, 70, tile, seed=7)
     assert relative_error(out, ref) < TOLERANCE
 
 
 @pytest.mark.parametrize("split_k", [1, 2])
-def test_m_and_k_that_tiles_do_not_divide_are_padded_inside(split_k):
-    config = TileConfig(block_n=16, block_m=64, block_k=64, warps=2, stages=2, split_k=split_k)
+def test_k_that_tiles_do_not_divide_is_padded_inside(split_k):
+    config = TileConfig(block_n=16, block_m=16, block_k=64, warps=1, stages=2, split_k=split_k)
     out, ref = replay_weight_gemm("dense-fp16", 80, 112, 19, config, seed=split_k, bias=True)
     assert relative_error(out, ref) < TOLERANCE
+
+
+def test_block_m_must_divide_m():
+    func = make_weight_gemm(get_decode_stage("dense-fp16"), 80, 128)
+    with pytest.raises(ShapeError, match="multiple of block_m=64"):
+        schedule_weight_gemm(func, SMALL, emulated_intrinsics())
 
 
 def test_float32_output():

@@ -1,0 +1,78 @@
+"""The rule that hands weight GEMMs for CUDA to the Tensor Core template, and `compile --target cuda`
+actually using it (the built library's weight-GEMM kernels carry LDGSTS + LDSM + HMMA)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import tvm
+from reference_models import build, example_inputs
+from tvm import te
+
+import tensorpress
+from tensorpress.compiler.cuda.toolchain import extract_fatbins
+from tensorpress.runtime.artifact import LIBRARY, open_artifact
+from tensorpress.schedules.rules import rules_for
+from tensorpress.schedules.tensorcore.inspection import find_tool, parse_sass
+from tensorpress.schedules.tensorcore.rule import N_HINT_ATTR, WeightGemmTensorCore
+from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+
+
+def cuda(arch: str) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "cuda", "arch": arch})
+
+
+def dense(m=256, k=512, **kwargs):
+    return make_weight_gemm(get_decode_stage("dense-fp16"), m, k, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
+def test_rule_schedules_weight_gemm_for_cuda(arch):
+    sch = WeightGemmTensorCore().apply(dense(), cuda(arch), False)
+    assert sch is not None
+    script = sch.mod["main"].script()
+    assert "blockIdx.x" in script and "ptx_legacy.mma" in script and "ptx_legacy.ldmatrix" in script
+
+
+def test_rule_declines_what_it_cannot_take():
+    rule = WeightGemmTensorCore()
+    assert rule.apply(dense(), tvm.target.Target("llvm"), False) is None
+    assert rule.apply(dense(), cuda("sm_75"), False) is None  # no cp.async / m16n8k16 before sm_80
+    assert rule.apply(dense(m=72), cuda("sm_80"), False) is None  # M not a multiple of 16
+    fp32 = make_weight_gemm(get_decode_stage("dense-fp32"), 64, 64, act_dtype="float32")
+    assert rule.apply(fp32, cuda("sm_80"), False) is None
+    x = te.placeholder((64, 64), "float16")
+    other = te.create_prim_func([x, te.compute((64, 64), lambda i, j: x[i, j] * 2)])
+    assert rule.apply(other, cuda("sm_80"), False) is None
+
+
+def test_token_hint_attribute_picks_the_token_tile():
+    rule = WeightGemmTensorCore()
+    assert rule.config_for(dense(), cuda("sm_90a")).block_n == 16
+    assert rule.config_for(dense().with_attr(N_HINT_ATTR, 64), cuda("sm_90a")).block_n == 64
+
+
+def test_rule_comes_before_dlight_for_cuda():
+    rules = rules_for(cuda("sm_80"))
+    assert isinstance(rules[0], WeightGemmTensorCore)
+    assert not any(isinstance(r, WeightGemmTensorCore) for r in rules_for(tvm.target.Target("llvm")))
+
+
+def test_compile_for_cuda_uses_the_template_for_linear_layers(tmp_path):
+    # sm_90a: the arch whose name dlight cannot parse (it would fall back to SIMT for GEMMs)
+    report = tensorpress.compile(
+        build("mlp"), tmp_path / "mlp.tpk", example_inputs=example_inputs("mlp"), target="cuda:sm_90a"
+    )
+    library = tmp_path / "library.so"
+    library.write_bytes(open_artifact(report.artifact).read_member(LIBRARY))
+    fatbin = tmp_path / "kernels.fatbin"
+    fatbin.write_bytes(max(extract_fatbins(library), key=len))
+    listing = subprocess.run(
+        [find_tool("cuobjdump"), "-sass", str(fatbin)], capture_output=True, text=True, check=True
+    ).stdout
+    gemms = {name: ops for name, ops in parse_sass(listing).items() if "weight_gemm" in name}
+    main_kernels = {name: ops for name, ops in gemms.items() if ops["HMMA"]}
+    assert len(main_kernels) == 2, sorted(gemms)  # fc1 and fc2
+    for name, ops in main_kernels.items():
+        assert ops["LDGSTS"] > 0 and ops["LDSM"] > 0, (name, dict(ops))
