@@ -12,6 +12,7 @@ tokens follow the dense one's.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ HERE = Path(__file__).resolve().parent
 MODEL = HERE / "tiny_llama"
 OUT = HERE.parent / "out" / "demo"
 PROMPT = "Return a new list containing"
+# Text the model never saw (not a standard-library docstring), to score each build by perplexity.
+UNSEEN = "This function returns the number of items in the list. If the list is empty, it raises an error."
 
 
 def pick_target(device: str | None) -> tuple[str, str]:
@@ -43,6 +46,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
 
+    import numpy as np
+
     import tensorpress
 
     target, device = pick_target(args.device)
@@ -56,9 +61,11 @@ def main() -> int:
         layers = report.manifest["layers"]
         stored = sum(layer["stored_bytes"] for layer in layers)
         fp16 = sum(layer["fp16_bytes"] for layer in layers)
+        formats = sorted({layer["format"] for layer in layers})
         print(
-            f"  compiled {label:>6}: {path.relative_to(HERE.parent)} in {time.perf_counter() - start:.1f} s; "
-            f"{len(layers)} linear layers hold {stored / 1e6:.2f} MB ({fp16 / stored:.2f}x smaller than fp16)"
+            f"  compiled {label:>5}: {path.relative_to(HERE.parent)} ({path.stat().st_size / 1e6:.2f} MB) in "
+            f"{time.perf_counter() - start:.1f} s; {len(layers)} linear layers ({', '.join(formats)}) hold "
+            f"{stored / 1e6:.2f} MB, {fp16 / stored:.2f}x less than fp16"
         )
         builds[label] = path
 
@@ -69,8 +76,12 @@ def main() -> int:
         tokens = model.generate(PROMPT, max_new_tokens=args.max_new_tokens)
         seconds = time.perf_counter() - start
         results[label] = tokens
-        print(f"\n[{label}] {len(tokens)} tokens in {seconds * 1e3:.0f} ms ({len(tokens) / seconds:.0f} tokens/s)")
-        print(f"  {PROMPT}{model.decode_text(tokens)}")
+        perplexity = math.exp(-float(np.mean(model.token_logprobs(UNSEEN))))
+        print(
+            f"\n[{label}] {len(tokens)} tokens in {seconds * 1e3:.0f} ms ({len(tokens) / seconds:.0f} tokens/s); "
+            f"perplexity on unseen text {perplexity:.1f}"
+        )
+        print("  " + (PROMPT + model.decode_text(tokens)).replace("\n", "\n  "))
     dense, packed = results["dense"], results[args.weights]
     same = next((i for i, (a, b) in enumerate(zip(dense, packed)) if a != b), min(len(dense), len(packed)))
     print(f"\n{args.weights} follows the dense model's greedy tokens for the first {same} of {len(dense)}.")

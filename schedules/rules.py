@@ -14,8 +14,8 @@ from tvm.target import Target
 class NotMineOnError(dl.ScheduleRule):
     """A rule that answers "not mine" (None) where the wrapped rule raises, so the next rule is tried.
 
-    dlight's CUDA matmul rule raises on some PrimFuncs it claims (int64 symbolic extents next to int32
-    indices, TVM 0.27); the weight-GEMM fallback and dlight's Fallback schedule those instead.
+    dlight's rules raise on some PrimFuncs they claim (TVM 0.27: gpu.Matmul on int64 symbolic extents next
+    to int32 indices, cpu.GEMV on non-unit write regions); the next rule in the list schedules those.
     """
 
     def __init__(self, rule: dl.ScheduleRule):
@@ -30,10 +30,13 @@ class NotMineOnError(dl.ScheduleRule):
 
 def rules_for(target: Target) -> list[dl.ScheduleRule]:
     """The rule list for `target` (a TVM Target of kind llvm or cuda)."""
+    from tensorpress.schedules.kv_attention import kv_attention_rules
+
     if target.kind.name == "cuda":
         from tensorpress.schedules.tensorcore import tensorcore_rules
 
         return [
+            *kv_attention_rules(),
             *tensorcore_rules(),
             NotMineOnError(dl.gpu.Matmul()),
             NotMineOnError(dl.gpu.GEMV()),
@@ -43,4 +46,5 @@ def rules_for(target: Target) -> list[dl.ScheduleRule]:
         ]
     from tensorpress.schedules.cpu import cpu_rules
 
-    return cpu_rules()
+    ours_first = [*kv_attention_rules(), *cpu_rules()]
+    return [rule if type(rule).__module__.startswith("tensorpress.") else NotMineOnError(rule) for rule in ours_first]
