@@ -1,0 +1,10 @@
+"""The GPU run kit: kernels built here (no GPU), carried to a GPU machine, tested and timed there.
+
+python benchmarks/kit/prepare.py                 # here: build into .device-kit/ (<= 64 MiB)
+python3 benchmarks/kit/run.py --out $OUT         # there: gpu tests + benchmarks -> JSON in $OUT
+
+cases.py    what is built and measured (pure Python: both sides read it)
+build.py    TVM side: schedules and compiles the kernel libraries (here)
+kernels.py  runtime side: loads the libraries with tvm-ffi + TVM's runtime only (there)
+prepare.py  the first command;  run.py  the second
+"""

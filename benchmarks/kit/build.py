@@ -1,0 +1,112 @@
+"""Build the kit's kernel libraries with TVM (this machine: nvcc, no GPU needed).
+
+CUDA kernels are the Tensor Core template with the PTX intrinsics, compiled to fatbins by nvcc (the
+stub-driver toolchain of `tensorpress.compiler.cuda`). Dry-run kernels are the same template with the
+emulated intrinsics, replayed on the CPU: built for llvm, slow, but numerically the same program.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.kit.cases import KernelCase, case
+
+SPLIT_CHOICES = (1, 2, 4, 8)
+
+
+def bench_cases(layers: dict[str, tuple[int, int]], tokens, arch: str) -> tuple[list[KernelCase], dict]:
+    """Candidates to time per layer: the untuned choice for every N, plus each shipped tile with a
+    few split-K values (the GPU run finds the best; the choice heuristic learns from it).
+
+    Returns (cases, defaults) with defaults[layer][N] = the name of the untuned choice's kernel."""
+    from tensorpress.schedules.tensorcore.arch import arch_spec
+    from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, choose_config
+
+    spec = arch_spec(arch)
+    cases: dict[str, KernelCase] = {}
+    defaults: dict[str, dict[int, str]] = {}
+    for layer, (m, k) in layers.items():
+        defaults[layer] = {}
+        for n in tokens:
+            chosen = case("dense-fp16", m, k, choose_config(m, k, spec, n).to_dict())
+            cases[chosen.name] = chosen
+            defaults[layer][n] = chosen.name
+        for tile in SHIPPED_TILES:
+            if m % tile.block_m or tile.block_m == 16 and m >= 1024:
+                continue  # the 16-row tile is the small-M fallback
+            for split_k in SPLIT_CHOICES:
+                config = replace(tile, split_k=split_k)
+                if config.padded_k(k) // split_k < 2 * config.block_k:
+                    continue
+                explore = case("dense-fp16", m, k, config.to_dict())
+                cases[explore.name] = explore
+    return list(cases.values()), defaults
+
+
+def test_cases(dry: bool) -> list[KernelCase]:
+    """The gpu tests' kernels: every shipped tile with and without split-K on a small and a real
+    layer, a shape that needs K padding, and bias; a few small ones for the dry run."""
+    from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
+
+    if dry:
+        small = TileConfig(block_n=16, block_m=64, block_k=32, warps=2, stages=2)
+        return [
+            case("dense-fp16", 128, 256, small.to_dict()),
+            case("dense-fp16", 128, 256, replace(small, split_k=2).to_dict(), bias=True),
+            case("dense-fp16", 48, 80, replace(SHIPPED_TILES[-1], stages=2).to_dict()),
+        ]
+    cases = []
+    for m, k in [(256, 512), (4096, 4096)]:
+        for tile in SHIPPED_TILES:
+            for split_k in (1, 2):
+                cases.append(case("dense-fp16", m, k, replace(tile, split_k=split_k).to_dict()))
+    cases.append(case("dense-fp16", 256, 512, SHIPPED_TILES[0].to_dict(), bias=True))
+    cases.append(case("dense-fp16", 256, 512, replace(SHIPPED_TILES[4], split_k=2).to_dict(), bias=True))
+    for split_k in (1, 2):
+        cases.append(case("dense-fp16", 48, 80, replace(SHIPPED_TILES[-1], split_k=split_k).to_dict()))
+    return cases
+
+
+def scheduled_module(cases: list[KernelCase], emulated: bool):
+    """One IRModule with a function per case, named case.name."""
+    import tvm
+
+    from tensorpress.schedules.tensorcore.config import TileConfig
+    from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
+    from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
+    from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
+    from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+
+    intrinsics = emulated_intrinsics() if emulated else cuda_intrinsics()
+    functions = {}
+    for c in cases:
+        func = make_weight_gemm(get_decode_stage(c.fmt), c.m, c.k, with_bias=c.bias)
+        main = schedule_weight_gemm(func, TileConfig(**c.config_dict), intrinsics).mod["main"]
+        functions[c.name] = main.with_attr("global_symbol", c.name)
+    return tvm.IRModule(functions)
+
+
+def build_library(cases: list[KernelCase], out: Path, arch: str | None) -> float:
+    """Compile `cases` into one shared library at `out`: CUDA fatbins for `arch`, or (arch None)
+    the CPU replay for the dry run. Returns the seconds it took."""
+    import tvm
+
+    start = time.perf_counter()
+    if arch is None:
+        from tensorpress.schedules.tensorcore.replay import build_replay
+
+        build_replay(scheduled_module(cases, emulated=True), seed=None).export_library(str(out))
+        return time.perf_counter() - start
+    from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support, library_has_gpu_binary
+    from tensorpress.schedules.tensorcore.inspection import ASYNC_COPY_CONFIG, cuda_target
+
+    ensure_cuda_build_support()
+    target = cuda_target(arch)
+    with target, tvm.transform.PassContext(opt_level=3, config=ASYNC_COPY_CONFIG):
+        executable = tvm.compile(scheduled_module(cases, emulated=False), target=target)
+    executable.export_library(str(out))
+    if not library_has_gpu_binary(out):
+        raise RuntimeError(f"{out} holds no GPU binary (CUDA source only): the nvcc toolchain is not in use")
+    return time.perf_counter() - start

@@ -1,0 +1,69 @@
+"""What the GPU kit builds and measures. Pure Python (no TVM, no torch): both sides import it.
+
+A kernel is identified by (format, M, K, bias, tile config); its function name in the libraries is
+`kernel_name(...)`. N (tokens) is symbolic in every kernel: one kernel serves every N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Linear layers (M = output features, K = input features) of the models the issue names.
+LLM_LAYERS: dict[str, tuple[int, int]] = {
+    "llama2-7b q/k/v/o": (4096, 4096),
+    "llama2-7b gate/up": (11008, 4096),
+    "llama2-7b down": (4096, 11008),
+    "llama2-70b q/o": (8192, 8192),
+    "llama2-70b gate/up": (28672, 8192),
+    "llama2-70b down": (8192, 28672),
+    "opt-66b q/k/v/o": (9216, 9216),
+    "opt-66b fc1": (36864, 9216),
+    "opt-66b fc2": (9216, 36864),
+}
+BENCH_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# The dry run (CPU-built kernels, this machine) uses small layers: it proves the plumbing only.
+DRY_LAYERS: dict[str, tuple[int, int]] = {"dry 256x512": (256, 512), "dry 128x256": (128, 256)}
+DRY_TOKENS = (1, 5, 16, 33)
+
+# Correctness grid of the gpu tests: every N below against torch.matmul, for each case.
+TEST_TOKENS = (1, 2, 7, 16, 17, 31, 64, 100, 130)
+DRY_TEST_TOKENS = (1, 7, 17)
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One kernel: a weight GEMM for an [m, k] weight in `fmt`, with a tile config (a dict of
+    TileConfig fields) and optionally a bias."""
+
+    fmt: str
+    m: int
+    k: int
+    config: tuple[tuple[str, int], ...]  # TileConfig fields, sorted (hashable)
+    bias: bool = False
+
+    @property
+    def config_dict(self) -> dict[str, int]:
+        return dict(self.config)
+
+    @property
+    def label(self) -> str:
+        c = self.config_dict
+        return f"n{c['block_n']}m{c['block_m']}k{c['block_k']}w{c['warps']}s{c['stages']}sk{c['split_k']}"
+
+    @property
+    def name(self) -> str:
+        """The function name in the kernel library."""
+        fmt = self.fmt.replace("-", "_")
+        return f"wg_{fmt}_{self.m}x{self.k}_{self.label}" + ("_bias" if self.bias else "")
+
+    def to_json(self) -> dict:
+        return {"fmt": self.fmt, "m": self.m, "k": self.k, "config": self.config_dict, "bias": self.bias}
+
+    @staticmethod
+    def from_json(data: dict) -> KernelCase:
+        return KernelCase(data["fmt"], data["m"], data["k"], tuple(sorted(data["config"].items())), data["bias"])
+
+
+def case(fmt: str, m: int, k: int, config: dict[str, int], bias: bool = False) -> KernelCase:
+    return KernelCase(fmt, m, k, tuple(sorted(config.items())), bias)

@@ -1,0 +1,168 @@
+"""Prepare the folder a GPU session carries: kernels built here, the runtime, a manifest.
+
+    .venv/bin/python benchmarks/kit/prepare.py                # sm_90a kernels for the H100/H200
+    .venv/bin/python benchmarks/kit/prepare.py --dry          # CPU-built kernels: run.py works here
+
+Layout (default .device-kit/, ignored by git; carry it with the device tool: carry=[".device-kit"]):
+
+    .device-kit/
+    ├── manifest.json            commit, versions, arch; every kernel (format, M, K, tile config, bias)
+    │                            and its library; benchmark layers with candidates and the untuned
+    │                            choice per N; the gpu tests' kernels and token counts
+    ├── kernels/gemm_<M>x<K>.so  one library per LLM layer shape (all candidate configs)
+    ├── kernels/gpu_tests.so     the kernels of tests/schedules/tensorcore/test_template_gpu.py
+    └── runtime/                 TVM's runtime without its compiler (tensorpress runtime bundle parts):
+        ├── tvm_libs/            libtvm_runtime.so, libtvm_runtime_cuda.so, libcudart.so.13
+        └── python/              tvm_ffi for the device's Python (3.12), runtime-only tensorpress
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.kit.cases import (  # noqa: E402
+    BENCH_TOKENS,
+    DRY_LAYERS,
+    DRY_TEST_TOKENS,
+    DRY_TOKENS,
+    LLM_LAYERS,
+    TEST_TOKENS,
+    KernelCase,
+)
+
+CARRY_LIMIT = 48 << 20  # the device tool carries 64 MiB with the working tree (~16 MiB today)
+
+
+def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[str] | None = None) -> dict:
+    """Build the kit into `out` (replaced if it exists); returns the manifest."""
+    from benchmarks.kit.build import bench_cases, build_library, test_cases
+
+    staging = Path(tempfile.mkdtemp(prefix=".kit.", dir=out.parent))
+    try:
+        (staging / "kernels").mkdir()
+        build_arch = None if dry else arch
+        choice_arch = "sm_90a" if dry else arch
+        all_layers = DRY_LAYERS if dry else LLM_LAYERS
+        chosen = {name: shape for name, shape in all_layers.items() if not layers or name in layers}
+        tokens = DRY_TOKENS if dry else BENCH_TOKENS
+        kernels: dict[str, KernelCase] = {}
+        kernel_library: dict[str, str] = {}
+        bench: dict[str, dict] = {}
+        seconds: dict[str, float] = {}
+        for layer, (m, k) in chosen.items():
+            cases, defaults = bench_cases({layer: (m, k)}, tokens, choice_arch)
+            library = f"kernels/gemm_{m}x{k}.so"
+            if library not in seconds:  # layers of equal shape share a library
+                print(f"building {library}: {len(cases)} kernels", flush=True)
+                seconds[library] = build_library(cases, staging / library, build_arch)
+            for c in cases:
+                kernels[c.name], kernel_library[c.name] = c, library
+            bench[layer] = {
+                "m": m, "k": k, "tokens": list(tokens), "candidates": [c.name for c in cases],
+                "default": {str(n): name for n, name in defaults[layer].items()},
+            }  # fmt: skip
+        tests = test_cases(dry)
+        print(f"building kernels/gpu_tests.so: {len(tests)} kernels", flush=True)
+        seconds["kernels/gpu_tests.so"] = build_library(tests, staging / "kernels" / "gpu_tests.so", build_arch)
+        for c in tests:
+            kernels[c.name], kernel_library[c.name] = c, "kernels/gpu_tests.so"
+        _copy_runtime(staging / "runtime", cuda=not dry, python_version=python_version)
+        manifest = {
+            "dry": dry,
+            "arch": None if dry else arch,
+            "python": python_version,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": _commit(),
+            "versions": _versions(),
+            "kernels": {name: c.to_json() for name, c in kernels.items()},
+            "kernel_library": kernel_library,
+            "bench": bench,
+            "tests": {"cases": [c.name for c in tests], "tokens": list(DRY_TEST_TOKENS if dry else TEST_TOKENS)},
+            "build_seconds": seconds,
+        }
+        size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+        manifest["summary"] = {"kernels": len(kernels), "bytes": size, "arch": manifest["arch"], "dry": dry}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if size > CARRY_LIMIT:
+            raise SystemExit(f"the kit is {size / 2**20:.1f} MiB, over the {CARRY_LIMIT >> 20} MiB it may take")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return manifest
+
+
+def _copy_runtime(dest: Path, cuda: bool, python_version: str) -> None:
+    """TVM's runtime libraries, tvm_ffi for the target Python and the runtime-only tensorpress, with the
+    same helpers as `tensorpress package` (compiler/runtime_bundle.py)."""
+    from tensorpress.compiler import runtime_bundle as bundle
+
+    bundle._copy_tvm_libs(dest / "tvm_libs", cuda)
+    python = dest / "python"
+    bundle._copy_runtime_package(python / "tensorpress")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if python_version == here:
+        bundle._copy_tvm_ffi(bundle._installed_tvm_ffi(), python / "tvm_ffi")
+    else:
+        bundle._download_tvm_ffi(python_version, python)
+    bundle._copy_pure_python_dependencies(python)
+
+
+def _commit() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _versions() -> dict:
+    import tvm
+    import tvm_ffi
+
+    from tensorpress import __version__
+
+    nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return {"tensorpress": __version__, "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__,
+            "nvcc": nvcc[-1] if nvcc else None}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the GPU run kit (see the module docstring).")
+    parser.add_argument("--out", default=str(ROOT / ".device-kit"), help="kit folder (replaced)")
+    parser.add_argument("--arch", default="sm_90a", help="CUDA architecture of the kernels")
+    parser.add_argument("--dry", action="store_true", help="CPU-built kernels to prove the plumbing here")
+    parser.add_argument("--python", default=None, help="the device's Python (default 3.12; dry: this one)")
+    parser.add_argument("--layer", action="append", help="only these benchmark layers (repeatable)")
+    args = parser.parse_args(argv)
+    # compiler/cuda/toolchain.cuda_home() takes nvcc's grandparent folder; where nvcc sits in
+    # /usr/local/bin that is /usr/local, which holds no libcudart.so.13. Point it at the toolkit.
+    if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/lib64").is_dir():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    python_version = args.python or (here if args.dry else "3.12")
+    start = time.perf_counter()
+    manifest = prepare(Path(args.out), args.arch, args.dry, python_version, args.layer)
+    summary = manifest["summary"]
+    print(
+        f"kit ready: {args.out} ({summary['bytes'] / 2**20:.1f} MiB, {summary['kernels']} kernels, "
+        f"{'dry (CPU)' if args.dry else args.arch}, Python {python_version}) in {time.perf_counter() - start:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

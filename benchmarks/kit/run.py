@@ -1,0 +1,125 @@
+"""Run the kit on a GPU machine: the gpu tests, then the benchmarks; JSON and logs go to --out.
+
+    python3 benchmarks/kit/run.py --out "$OUT"                  # on the GPU machine (Python 3.12 + torch)
+    .venv/bin/python benchmarks/kit/run.py --out /tmp/kit-out   # here, after `prepare.py --dry`
+
+Needs no TVM and no tensorpress install: it puts the kit's runtime (tvm_ffi, TVM's runtime libraries,
+the runtime-only tensorpress) on the path. Writes to --out (at most 4 files, one folder level):
+    gpu_tests.log                    pytest's output
+    gpu_tests_<device>_<time>.json   passed/failed/skipped per test, environment
+    gemm_weight_<device>_<time>.json the benchmark (see benchmarks/gemm_weight.py)
+    run.log                          this script's own summary
+Exit status: 0 when every gpu test passed and every kernel was correct, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_TESTS = "tests/schedules/tensorcore/test_template_gpu.py"
+
+
+def kit_environment(kit: Path) -> dict[str, str]:
+    """Environment variables that make the kit's runtime importable and findable."""
+    python = kit / "runtime" / "python"
+    return {
+        "PYTHONPATH": os.pathsep.join([str(python), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "TENSORPRESS_TVM_LIB_DIR": str(kit / "runtime" / "tvm_libs"),
+        "TENSORPRESS_GPU_KIT": str(kit),
+        "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1",  # no JIT-built torch extension on the device
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def run_gpu_tests(kit: Path, out: Path, dry: bool) -> dict:
+    env = {**os.environ, **kit_environment(kit)}
+    xml = out / "gpu_tests.xml"
+    cmd = [sys.executable, "-m", "pytest", GPU_TESTS, "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={xml}"]
+    cmd += ["-m", "not slow"] if dry else ["-m", "gpu"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    results = _junit(xml)
+    xml.unlink(missing_ok=True)
+    return {"exit_status": proc.returncode, "seconds": time.perf_counter() - start, **results}
+
+
+def _junit(path: Path) -> dict:
+    if not path.exists():
+        return {"passed": 0, "failed": 0, "skipped": 0, "tests": {}}
+    tests = {}
+    for case in ElementTree.parse(path).iter("testcase"):
+        status = "passed"
+        if case.find("failure") is not None or case.find("error") is not None:
+            status = "failed"
+        elif case.find("skipped") is not None:
+            status = "skipped"
+        tests[case.get("name")] = status
+    count = lambda s: sum(v == s for v in tests.values())  # noqa: E731
+    return {"passed": count("passed"), "failed": count("failed"), "skipped": count("skipped"), "tests": tests}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the GPU kit (see the module docstring).")
+    parser.add_argument("--kit", default=str(ROOT / ".device-kit"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per benchmark measurement")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--layer", action="append", help="only these benchmark layers (repeatable)")
+    args = parser.parse_args(argv)
+    kit, out = Path(args.kit).resolve(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((kit / "manifest.json").read_text())
+    os.environ.update(kit_environment(kit))
+    sys.path[:0] = [str(kit / "runtime" / "python"), str(ROOT)]
+    log = []
+    ok = True
+
+    import torch  # before tvm_ffi: tensors cross over by DLPack
+
+    from benchmarks.harness import environment, write_results
+
+    env = environment(commit=manifest["commit"]["sha"], extra={"kit": manifest["summary"]})
+    if not manifest["dry"] and not torch.cuda.is_available():
+        print("no CUDA device visible: run this on the GPU machine, or prepare a --dry kit", file=sys.stderr)
+        return 1
+    if not args.skip_tests:
+        tests = run_gpu_tests(kit, out, manifest["dry"])
+        path = write_results(out, "gpu_tests", {"environment": env, **tests})
+        ok &= tests["exit_status"] == 0 and tests["failed"] == 0 and tests["passed"] > 0
+        log.append(f"gpu tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped "
+                   f"in {tests['seconds']:.0f} s -> {path.name}")  # fmt: skip
+        print(log[-1], flush=True)
+    if not args.skip_bench:
+        from benchmarks.gemm_weight import run_benchmark
+        from benchmarks.kit.kernels import KernelKit
+
+        dry = manifest["dry"]  # CPU-built kernels: timings mean nothing, a few runs prove the plumbing
+        runs, warmup = (min(args.runs, 3), 1) if dry else (args.runs, 10)
+        path = run_benchmark(KernelKit(kit), out, runs=runs, layers=args.layer, warmup=warmup)
+        result = json.loads(path.read_text())
+        bad = [s for s in result["summary"] if s["incorrect_kernels"]]
+        ok &= not bad
+        log.append(f"gemm_weight: {len(result['summary'])} (layer, N) points, {len(bad)} with incorrect kernels "
+                   f"-> {path.name}")  # fmt: skip
+        for s in result["summary"]:
+            best = s["best"] or {}
+            share = best.get("fraction_of_copy_bandwidth") or 0
+            speedup = best.get("speedup") or 0
+            log.append(f"  {s['layer']:<20} N={s['n']:<4} best {speedup:5.2f}x cuBLAS ({share:.0%} of copy bw)")
+        print("\n".join(log[-len(result["summary"]) - 1 :]), flush=True)
+    (out / "run.log").write_text("\n".join(log) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
