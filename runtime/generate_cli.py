@@ -35,8 +35,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop-ids", type=_int_list, default=None, help="stop after one of these ids (default: the eos ids)"
     )
-    parser.add_argument(
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
         "--max-total-tokens", type=int, default=None, help="KV cache size in tokens, all sequences together"
+    )
+    cache.add_argument(
+        "--memory-fraction", type=float, default=None, help="KV cache size as a share of the free device memory"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
 
@@ -49,7 +53,7 @@ def generate_command(args: argparse.Namespace) -> int:
     loaded = load_artifact(args.artifact, args.device)
     if loaded.manifest.get("kind") != "decoder":
         raise InputError(f"{args.artifact} is not a decoder model; `generate` needs an artifact of an LLM.")
-    model = DecoderModel(loaded, max_total_tokens=args.max_total_tokens)
+    model = DecoderModel(loaded, max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction)
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     start = time.perf_counter()
     tokens = model.generate(

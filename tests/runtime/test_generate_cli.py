@@ -36,6 +36,8 @@ def test_generation_options_reach_the_model(opt_artifact, capsys):
     assert capsys.readouterr().out.splitlines()[0] == first and len(first.split(",")) == 5
     main(args + ["--max-total-tokens", "16", "--stop-ids", ""])
     assert len(capsys.readouterr().out.splitlines()[0].split(",")) == 5
+    main(args + ["--memory-fraction", "0.001", "--stop-ids", ""])
+    assert len(capsys.readouterr().out.splitlines()[0].split(",")) == 5
 
 
 def test_text_without_a_tokenizer_and_a_small_pool_are_one_line_errors(opt_artifact, capsys):
