@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+import tvm_ffi
+from tvm import ir, s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 # Below this many elements, waking the thread pool (a few microseconds) costs more than it saves.
@@ -23,9 +24,10 @@ def vectorize_innermost(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> Non
         return
     inner = loops[-1]
     extent = static_extent(sch, inner)
-    if extent is None or extent == 1:
-        # A symbolic extent is left to LLVM's loop vectoriser, which adds the scalar tail loop
-        # itself; a TVM split would put a bounds check on every lane and scalarise the loop.
+    if extent is None or extent == 1 or _lanes_are_conditional(sch, block, inner):
+        # Left to LLVM's loop vectoriser: a symbolic extent (LLVM adds the scalar tail loop itself;
+        # a TVM split would put a bounds check on every lane), or a bounds check that depends on the
+        # lane (padding), which TVM's vectoriser would turn back into a scalar loop anyway.
         return
     if extent is not None and (extent <= lanes or (extent % lanes == 0 and extent <= 4 * lanes)):
         sch.vectorize(inner)
@@ -56,3 +58,34 @@ def product_of_static(sch: s_tir.Schedule, loops: list[LoopRV]) -> int:
     for loop in loops:
         total *= static_extent(sch, loop) or 1
     return total
+
+
+def _lanes_are_conditional(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> bool:
+    """Whether the block's predicate or an if_then_else in its body depends on `loop`'s variable."""
+    loop_stmt = sch.get(loop)
+    target = sch.get(block)
+    realizes: list = []
+    tvm_ffi.structural_walk(
+        loop_stmt, [(s_tir.SBlockRealize, lambda r: realizes.append(r) if r.block.same_as(target) else None)]
+    )
+    if not realizes:
+        return False
+    realize = realizes[0]
+    if uses(realize.predicate, loop_stmt.loop_var):
+        return True
+    lane_vars = [iv.var for iv, value in zip(target.iter_vars, realize.iter_values) if uses(value, loop_stmt.loop_var)]
+    conditions: list = []
+
+    def collect(call):
+        if isinstance(call.op, ir.Op) and call.op.name.endswith("if_then_else"):
+            conditions.append(call.args[0])
+
+    tvm_ffi.structural_walk(target.body, [(ir.Call, collect)])
+    return any(uses(cond, var) for cond in conditions for var in lane_vars)
+
+
+def uses(expr, var) -> bool:
+    """Whether `var` occurs in `expr`."""
+    hits: list = []
+    tvm_ffi.structural_walk(expr, [(tirx.Var, lambda v: hits.append(v) if v.same_as(var) else None)])
+    return bool(hits)

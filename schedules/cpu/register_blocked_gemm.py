@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-from tensorpress.schedules.cpu.loop_helpers import parallelize_outer, static_extent, vectorize_innermost
+from tensorpress.schedules.cpu.loop_helpers import parallelize_outer, static_extent, uses, vectorize_innermost
 from tensorpress.schedules.cpu.vector_unit import VectorUnit
 
 
@@ -75,6 +74,7 @@ def schedule_register_blocked_gemm(sch: s_tir.Schedule, blocks: GemmBlocks, tile
     a_block = _merge_into_padded_copy(sch, blocks.a_source, a_pad)
     b_block = _merge_into_padded_copy(sch, blocks.b_source, b_pad)
 
+    inline_b = b_block is None or (blocks.inline_b and b_pad is None)
     *batch, rows, cols, k = sch.get_loops(gemm)
     c_o, c_i = sch.split(cols, [None, tile_cols])
     r_o, r_i = sch.split(rows, [None, tile.rows])
@@ -83,7 +83,7 @@ def schedule_register_blocked_gemm(sch: s_tir.Schedule, blocks: GemmBlocks, tile
     _attach_epilogue(sch, gemm, r_o, lanes)
 
     if b_block is not None:
-        if blocks.inline_b and b_pad is None:
+        if inline_b:
             sch.compute_inline(b_block)
         else:
             _pack_panel(sch, b_block, outer, tile_cols, lanes)
@@ -209,13 +209,7 @@ def _reads_contiguous_along_cols(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     col = stmt.writes[0].region[-2].min
     if not isinstance(col, tirx.Var):
         return False
-    return bool(stmt.reads) and all(_uses(r.region[-1].min, col) for r in stmt.reads)
-
-
-def _uses(expr, var) -> bool:
-    hits: list = []
-    tvm_ffi.structural_walk(expr, [(tirx.Var, lambda v: hits.append(v) if v.same_as(var) else None)])
-    return bool(hits)
+    return bool(stmt.reads) and all(uses(r.region[-1].min, col) for r in stmt.reads)
 
 
 def _schedule_copy(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
