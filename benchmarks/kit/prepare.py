@@ -49,6 +49,11 @@ def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[s
     """Build the kit into `out` (replaced if it exists); returns the manifest."""
     from benchmarks.kit.build import bench_cases, build_library, test_cases
 
+    # compiler/cuda/toolchain.cuda_home() takes nvcc's grandparent folder; where nvcc sits in
+    # /usr/local/bin that is /usr/local, which holds no libcudart.so.13. Point it at the toolkit.
+    if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/lib64").is_dir():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".kit.", dir=out.parent))
     try:
         (staging / "kernels").mkdir()
@@ -148,10 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=None, help="the device's Python (default 3.12; dry: this one)")
     parser.add_argument("--layer", action="append", help="only these benchmark layers (repeatable)")
     args = parser.parse_args(argv)
-    # compiler/cuda/toolchain.cuda_home() takes nvcc's grandparent folder; where nvcc sits in
-    # /usr/local/bin that is /usr/local, which holds no libcudart.so.13. Point it at the toolkit.
-    if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/lib64").is_dir():
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     python_version = args.python or (here if args.dry else "3.12")
     start = time.perf_counter()
