@@ -16,7 +16,8 @@ like any other producer:
 
 A format opts into staging by implementing `StagedDecode.shared_staged_buffers` (see
 `decode_hints.py`); otherwise its decode reads global memory inside the W-tile fetch.
-N is padded to block_n inside the kernel (predicated, zero-filled loads; unpadded stores).
+N and K are padded to whole tiles inside the kernel (predicated, zero-filling cp.async; Y rows
+n >= N are never stored); block_m must divide M (TileConfig.check_shape).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from tensorpress.schedules.tensorcore.decode_hints import staged_buffer_names
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
 from tensorpress.schedules.weight_gemm import get_decode_stage, is_weight_gemm
 
-PIPELINE_ANNOTATIONS = ("software_pipeline_stage", "software_pipeline_order", "software_pipeline_async_stages")
-
 
 @dataclass(frozen=True)
 class TemplateBlocks:
@@ -52,12 +51,12 @@ class TemplateBlocks:
             blocks = find_blocks(sch, lambda b: b.name_hint.startswith(prefix) and b.name_hint.endswith(suffix))
             return blocks[0]
 
-        shared, frag = intrinsics.shared_scope, intrinsics.fragment_scope
+        shared, fragment = intrinsics.shared_scope, intrinsics.fragment_scope
         return TemplateBlocks(
             x_shared=named("X", f"_{shared}"),
             w_shared=named("decode", f"_{shared}"),
-            x_fragment=named("X", f"_{frag}_o"),
-            w_fragment=named("decode", f"_{frag}_o"),
+            x_fragment=named("X", f"_{fragment}_o"),
+            w_fragment=named("decode", f"_{fragment}_o"),
         )
 
 
