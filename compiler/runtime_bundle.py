@@ -74,19 +74,12 @@ def make_runtime_bundle(
     if output.exists():
         raise ConfigError(f"{output} already exists; choose a new folder for the bundle.")
     cuda = opened.manifest["target"]["kind"] == "cuda"
-    here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    python_version = python_version or here
+    python_version = python_version or _this_python()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         shutil.copyfile(artifact, staging / "model.tpk")
-        _copy_tvm_libs(staging / "tvm_libs", cuda)
-        _copy_runtime_package(staging / "python" / "tensorpress")
-        if python_version == here:
-            _copy_tvm_ffi(_installed_tvm_ffi(), staging / "python" / "tvm_ffi")
-        else:
-            _download_tvm_ffi(python_version, staging / "python")
-        _copy_pure_python_dependencies(staging / "python")
+        write_runtime_files(staging, cuda, python_version)
         (staging / "run.py").write_text(RUN_SCRIPT)
         (staging / "README.txt").write_text(
             f"tensorpress runtime bundle for {Path(artifact).name} ({opened.manifest['target']['kind']}, "
@@ -100,6 +93,25 @@ def make_runtime_bundle(
             shutil.rmtree(staging)
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     return RuntimeBundle(output, size)
+
+
+def _this_python() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def write_runtime_files(dest: str | os.PathLike, cuda: bool, python_version: str | None = None) -> None:
+    """Everything that runs an artifact without TVM installed, into `dest`: tvm_libs/ (TVM's runtime
+    libraries, + CUDA's for cuda) and python/ (the runtime-only tensorpress, tvm_ffi built for
+    `python_version` (default: this Python), typing_extensions). The GPU kit uses it too."""
+    dest = Path(dest)
+    python_version = python_version or _this_python()
+    _copy_tvm_libs(dest / "tvm_libs", cuda)
+    _copy_runtime_package(dest / "python" / "tensorpress")
+    if python_version == _this_python():
+        _copy_tvm_ffi(_installed_tvm_ffi(), dest / "python" / "tvm_ffi")
+    else:
+        _download_tvm_ffi(python_version, dest / "python")
+    _copy_pure_python_dependencies(dest / "python")
 
 
 def _copy_tvm_libs(dest: Path, cuda: bool) -> None:

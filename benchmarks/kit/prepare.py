@@ -49,10 +49,6 @@ def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[s
     """Build the kit into `out` (replaced if it exists); returns the manifest."""
     from benchmarks.kit.build import bench_cases, build_library, test_cases
 
-    # compiler/cuda/toolchain.cuda_home() takes nvcc's grandparent folder; where nvcc sits in
-    # /usr/local/bin that is /usr/local, which holds no libcudart.so.13. Point it at the toolkit.
-    if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/lib64").is_dir():
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".kit.", dir=out.parent))
     try:
@@ -114,17 +110,9 @@ def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[s
 def _copy_runtime(dest: Path, cuda: bool, python_version: str) -> None:
     """TVM's runtime libraries, tvm_ffi for the target Python and the runtime-only tensorpress, with the
     same helpers as `tensorpress package` (compiler/runtime_bundle.py)."""
-    from tensorpress.compiler import runtime_bundle as bundle
+    from tensorpress.compiler.runtime_bundle import write_runtime_files
 
-    bundle._copy_tvm_libs(dest / "tvm_libs", cuda)
-    python = dest / "python"
-    bundle._copy_runtime_package(python / "tensorpress")
-    here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if python_version == here:
-        bundle._copy_tvm_ffi(bundle._installed_tvm_ffi(), python / "tvm_ffi")
-    else:
-        bundle._download_tvm_ffi(python_version, python)
-    bundle._copy_pure_python_dependencies(python)
+    write_runtime_files(dest, cuda, python_version)
 
 
 def _commit() -> dict:

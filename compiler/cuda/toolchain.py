@@ -29,15 +29,18 @@ FATBIN_MAGIC = b"\x50\xed\x55\xba"
 
 
 def cuda_home() -> Path | None:
-    """The CUDA toolkit folder (CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda), or None."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and Path(os.environ[var], "bin", "nvcc").exists():
-            return Path(os.environ[var])
+    """The CUDA toolkit folder: the first of $CUDA_HOME, $CUDA_PATH, the folder above nvcc on PATH and
+    /usr/local/cuda that holds both bin/nvcc and the CUDA runtime (lib64/libcudart.so*), or None.
+    (nvcc on PATH may be a wrapper script outside the toolkit, e.g. /usr/local/bin/nvcc.)"""
+    candidates = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return Path(nvcc).resolve().parent.parent
-    default = Path("/usr/local/cuda")
-    return default if (default / "bin" / "nvcc").exists() else None
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "bin" / "nvcc").exists() and list((home / "lib64").glob("libcudart.so*")):
+            return home
+    return None
 
 
 def _cache_dir() -> Path:
