@@ -15,6 +15,7 @@ Blocks of the PrimFunc (schedules find them by these names):
 
 The PrimFunc carries attributes that schedule rules match on:
     tensorpress.kernel = "weight_gemm", tensorpress.format = stage.name, tensorpress.mk = [M, K]
+    (and tensorpress.n_hint, when the pipeline knows about how many tokens the kernel will see)
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from tvm import te, tirx
 
 KERNEL_ATTR = "tensorpress.kernel"
 FORMAT_ATTR = "tensorpress.format"
+# Set by the compile pipeline: about how many rows N a kernel will see (N itself stays symbolic), so a
+# schedule can choose its token tile (16 for decode steps, larger for prefill and encoders).
+N_HINT_ATTR = "tensorpress.n_hint"
 KERNEL_NAME = "weight_gemm"
 
 

@@ -28,7 +28,7 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from tensorpress.compiler.formats.registry import PackedWeight
 from tensorpress.frontend.imported_model import ImportedModel
 from tensorpress.frontend.relax_params import rename_params
-from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import N_HINT_ATTR, get_decode_stage, make_weight_gemm
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class RewriteLinearToWeightGemm:
         new_funcs = {}
         for gvar, func in model.mod.functions_items():
             if isinstance(func, relax.Function) and _weight_params(func):
-                new_funcs[gvar] = self._rewrite_function(func, model, bb, kernels, packed, pats)
+                new_funcs[gvar] = self._rewrite_function(func, model, bb, kernels, packed, pats, gvar.name_hint)
         # A weight stored as one array takes over its original name, unless the original is still
         # read by something else (e.g. an embedding tied to the LM head).
         still_used = {v.name for f in new_funcs.values() for v in f.params}
@@ -150,7 +150,7 @@ class RewriteLinearToWeightGemm:
         params = _new_param_order(model.params, packed, short, mod)
         return ImportedModel(mod, params, model.inputs, model.outputs, model.kind, model.source, model.info)
 
-    def _rewrite_function(self, func, model, bb, kernels, packed, pats):
+    def _rewrite_function(self, func, model, bb, kernels, packed, pats, func_name):
         func_weights = _weight_params(func)
         packed_vars: dict[str, relax.Var] = {}
 
@@ -170,7 +170,9 @@ class RewriteLinearToWeightGemm:
                 if key not in packed_vars:
                     packed_vars[key] = relax.Var(key, relax.TensorType(array.shape, str(array.dtype)))
             stored = [packed_vars[packed_param_name(site.weight, pw, a)] for a in pw.arrays]
-            return _emit_weight_gemm(match[pats[0]], stored, site, choice, pw.format, match, pats, bb, kernels)
+            x = match[pats[0]]
+            hint = token_count_hint(x, func_name)
+            return _emit_weight_gemm(x, stored, site, choice, pw.format, match, pats, bb, kernels, hint)
 
         body_func = func
         for pattern in pats[4]:  # with-bias patterns first, so the add is fused into the kernel
@@ -196,7 +198,18 @@ def packed_param_name(weight: str, packed: PackedWeight, array_name: str) -> str
     return f"{weight}.{array_name}"
 
 
-def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kernels):
+def token_count_hint(x, func_name: str) -> int:
+    """About how many rows N = prod(x.shape[:-1]) a call sees: the static N when there is one, 16 in
+    a decoder's `decode` (one token per sequence), else 128 (prefill, encoders)."""
+    n = 1
+    for dim in x.ty.shape.values[:-1]:
+        if not isinstance(dim, tvm.tirx.IntImm):
+            return 16 if func_name.startswith("decode") else 128
+        n *= int(dim)
+    return n
+
+
+def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kernels, n_hint):
     """y = reshape(call_tir(kernel, [x2d, *stored(, bias)]), out_shape), with dtype casts if needed."""
     x_ty = x.ty
     orig_dtype = str(x_ty.dtype)
@@ -205,12 +218,14 @@ def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kern
     for d in lead:
         n = n * d
     has_bias = site.bias is not None
-    key = (stage_name, site.m, site.k, choice.act_dtype, has_bias)
+    key = (stage_name, site.m, site.k, choice.act_dtype, has_bias, n_hint)
     if key not in kernels:
         stage = get_decode_stage(stage_name)
         func = make_weight_gemm(stage, site.m, site.k, act_dtype=choice.act_dtype, with_bias=has_bias)
         name = f"weight_gemm_{stage_name}_{site.m}x{site.k}_{choice.act_dtype}" + ("_bias" if has_bias else "")
-        kernels[key] = bb.add_func(func.with_attr("global_symbol", name.replace("-", "_")), name.replace("-", "_"))
+        name = f"{name}_n{n_hint}".replace("-", "_")
+        func = func.with_attr("global_symbol", name).with_attr(N_HINT_ATTR, n_hint)
+        kernels[key] = bb.add_func(func, name)
     x2d = relax.op.reshape(x, [n, site.k]) if len(lead) != 1 else x
     if orig_dtype != choice.act_dtype:
         x2d = relax.op.astype(x2d, choice.act_dtype)

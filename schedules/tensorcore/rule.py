@@ -18,11 +18,7 @@ from tensorpress.schedules.tensorcore.arch import arch_spec, target_arch
 from tensorpress.schedules.tensorcore.config import TileConfig, choose_config
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm, weight_gemm_shape
-from tensorpress.schedules.weight_gemm import is_weight_gemm
-
-# A PrimFunc attribute the compile pipeline may set: about how many tokens N the kernel will see
-# (default 16, decode-sized batches). The tile config is chosen for it; N stays symbolic.
-N_HINT_ATTR = "tensorpress.n_hint"
+from tensorpress.schedules.weight_gemm import N_HINT_ATTR, is_weight_gemm
 
 
 class WeightGemmTensorCore(ScheduleRule):
