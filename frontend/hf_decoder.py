@@ -89,8 +89,7 @@ def _load_params(
         expected = tuple(int(s) for s in param.shape)
         if array.shape != expected:
             raise ModelImportError(
-                f"{folder}: weight {name} has shape {list(array.shape)}, but config.json implies "
-                f"{list(expected)}."
+                f"{folder}: weight {name} has shape {list(array.shape)}, but config.json implies {list(expected)}."
             )
         params[name] = np.ascontiguousarray(array.astype(dtype, copy=False))
     return params

@@ -102,9 +102,7 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]
     scaling = {**legacy, **params}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in _ROPE_TYPES:
-        raise ModelImportError(
-            f"{where}: RoPE type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})."
-        )
+        raise ModelImportError(f"{where}: RoPE type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)}).")
     if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ModelImportError(f"{where}: partial RoPE (partial_rotary_factor < 1) are unsupported.")
     if kind == "default":
@@ -140,9 +138,7 @@ def decoder_config_from_hf(
     family = SUPPORTED_ARCHITECTURES.get(arch)
     if family is None:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
-        raise ModelImportError(
-            f"{where}: architecture {arch} is not a supported decoder (supported: {supported})."
-        )
+        raise ModelImportError(f"{where}: architecture {arch} is not a supported decoder (supported: {supported}).")
     common = {
         "architecture": arch,
         "family": family,

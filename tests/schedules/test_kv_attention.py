@@ -153,9 +153,7 @@ def test_cuda_attention_matches_numpy(phase):
         positions, seq_slot, q, k, v = positions[keep], seq_slot[keep], q[keep], k[keep], v[keep]
     on_gpu = lambda a: tvm.runtime.tensor(a, dev)
     pool_t = on_gpu(pool)
-    lib["append"](
-        pool_t, on_gpu(k), on_gpu(v), on_gpu(positions), on_gpu(seq_slot), on_gpu(block_table), LAYER
-    )
+    lib["append"](pool_t, on_gpu(k), on_gpu(v), on_gpu(positions), on_gpu(seq_slot), on_gpu(block_table), LAYER)
     expected_pool = _numpy_append(pool, block_table, positions, seq_slot, k, v)
     np.testing.assert_array_equal(pool_t.numpy(), expected_pool)
     out = tvm.runtime.empty(q.shape, "float16", dev)
