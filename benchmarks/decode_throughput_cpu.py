@@ -17,7 +17,6 @@ Writes JSON (default benchmarks/results/decode_throughput_cpu.json) with machine
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -40,26 +39,6 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "decode_throughput_cpu.json"
 DEFAULT_MODEL = HERE.parent / "examples" / "tiny_llama"
 REPEATS = 5  # best of: the machine is shared, the fastest run is the least disturbed one
-
-
-@contextlib.contextmanager
-def kv_rules_first():
-    """Put the paged-KV schedule rules at the front of the compile pipeline's CPU rule list, where
-    schedules/rules.py does not list them yet (dlight's GEMV rule cannot read those kernels)."""
-    import tensorpress.schedules.rules as rules
-    from tensorpress.schedules.kv_attention import KVAttentionCPU, kv_attention_rules
-
-    original = rules.rules_for
-
-    def rules_for(target):
-        found = original(target)
-        return found if any(isinstance(r, KVAttentionCPU) for r in found) else [*kv_attention_rules(), *found]
-
-    rules.rules_for = rules_for
-    try:
-        yield
-    finally:
-        rules.rules_for = original
 
 
 def random_llama(spec: str, folder: Path) -> Path:
@@ -139,8 +118,7 @@ def main() -> None:
         folder = random_llama(args.random_llama, Path(tmp) / "model") if args.random_llama else args.model
         artifact = Path(tmp) / "model.tpk"
         start = time.perf_counter()
-        with kv_rules_first():
-            tensorpress.compile(folder, artifact, target="cpu", dtype="float32")
+        tensorpress.compile(folder, artifact, target="cpu", dtype="float32")
         compile_seconds = time.perf_counter() - start
         ours = tensorpress.runtime.load(artifact)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -99,32 +98,9 @@ def hf_last_logits(folder: Path, prompt: list[int]) -> np.ndarray:
         return model(torch.tensor([prompt])).logits[0, -1].numpy()
 
 
-@contextlib.contextmanager
-def kv_rules_installed():
-    """Make the compile pipeline's rule list start with the paged-KV rules (until schedules/rules.py
-    lists them itself; dlight's CPU GEMV rule trips over our kernels' data-dependent regions)."""
-    import tensorpress.schedules.rules as rules
-    from tensorpress.schedules.kv_attention import KVAttentionCPU, kv_attention_rules
-
-    original = rules.rules_for
-
-    def rules_for(target):
-        found = original(target)
-        if any(isinstance(rule, KVAttentionCPU) for rule in found):
-            return found
-        return [*kv_attention_rules(), *found]
-
-    rules.rules_for = rules_for
-    try:
-        yield
-    finally:
-        rules.rules_for = original
-
-
 def compile_decoder(folder: Path, artifact: Path, target: str = "cpu", **options) -> Path:
     """tensorpress.compile(folder -> artifact)."""
-    import tensorpress.compiler.api as api
+    import tensorpress
 
-    with kv_rules_installed():
-        api.compile(folder, artifact, target=target, **options)
+    tensorpress.compile(folder, artifact, target=target, **options)
     return artifact
