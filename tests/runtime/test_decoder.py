@@ -227,3 +227,30 @@ def test_greedy_on_cuda_equals_transformers(arch, tmp_path):
     folder = make_hf_decoder(arch, tmp_path / arch)
     artifact = compile_decoder(folder, tmp_path / f"{arch}.tpk", target="cuda", dtype="float16")
     _check_float16(folder, artifact, "cuda")
+
+
+def test_generation_needs_neither_tvm_nor_torch_nor_the_compiler(llama):
+    """In a fresh process: load + generate with the runtime alone, then look at what got loaded."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import tensorpress.runtime
+        model = tensorpress.runtime.load({str(llama.artifact)!r})
+        tokens = model.generate({llama.prompts[0]!r}, max_new_tokens=8, stop_ids=[])
+        maps = open("/proc/self/maps").read()
+        print(json.dumps({{
+            "tokens": tokens,
+            "heavy": sorted(m for m in ("torch", "tvm", "transformers") if m in sys.modules),
+            "compiler": any(m.startswith("tensorpress.compiler") for m in sys.modules)
+            or "libtvm_compiler" in maps,
+        }}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts == {"tokens": llama.reference[0][:8], "heavy": [], "compiler": False}
