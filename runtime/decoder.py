@@ -119,7 +119,8 @@ class DecoderModel:
         tokenizer: Any = None,
     ):
         """max_total_tokens: KV tokens the pool holds over all live sequences (default 4096); or
-        memory_fraction: that share of the device's free memory (needs artifact.free_memory_bytes())."""
+        memory_fraction: the pool takes that share of the device's free memory (host RAM on the CPU).
+        tokenizer: a `tokenizers.Tokenizer` to use instead of the one packed with the model."""
         self.artifact = artifact
         manifest = artifact.manifest
         section = manifest["decoder"] if "decoder" in manifest else manifest["info"]["decoder"]
