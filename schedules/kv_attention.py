@@ -26,8 +26,8 @@ sequence, decode one. Attention is causal: token n attends to positions 0..posit
 sequence, i.e. to everything cached before the call plus the tokens of this call up to itself (the
 append runs first). GQA: query head h reads kv head h // (H // KVH).
 
-Each output element is computed by one thread in a fixed order (online softmax over positions in
-increasing order, fp32 accumulation), so results are deterministic run to run.
+Each output row is computed by one thread in a fixed order (online softmax over positions in increasing
+order, fp32 accumulation, q·k as 8 interleaved partial sums), so results are deterministic run to run.
 
 Kernels (PrimFunc attribute `tensorpress.kernel` says which; the rules at the bottom schedule them):
     kv_append           (kv_pages, k[N,KVH,D], v[N,KVH,D], positions[N], seq_slot[N], block_table[B,M], layer)
