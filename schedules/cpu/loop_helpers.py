@@ -18,7 +18,8 @@ def static_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
 
 def vectorize_innermost(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
     """Vectorise the block's innermost loop: whole when it is at most a few vectors long, else split
-    into vectors (a symbolic or ragged extent gets a tail predicate)."""
+    into vectors (a ragged constant extent gets a tail predicate). Symbolic extents and lane-dependent
+    bounds checks are left as plain loops for LLVM's loop vectoriser."""
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -29,7 +30,7 @@ def vectorize_innermost(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> Non
         # a TVM split would put a bounds check on every lane), or a bounds check that depends on the
         # lane (padding), which TVM's vectoriser would turn back into a scalar loop anyway.
         return
-    if extent is not None and (extent <= lanes or (extent % lanes == 0 and extent <= 4 * lanes)):
+    if extent <= lanes or (extent % lanes == 0 and extent <= 4 * lanes):
         sch.vectorize(inner)
         return
     _, vec = sch.split(inner, [None, lanes])

@@ -55,7 +55,10 @@ class Matmul(CPUScheduleRule):
         dtype = sch.get(main).writes[0].source.dtype
         tile = register_tile(unit, dtype)
         blocks = GemmBlocks(main, a_source=reindex_a, b_source=reindex_b)
-        schedule_register_blocked_gemm(sch, blocks, tile, unit.lanes(dtype))
+        try:
+            schedule_register_blocked_gemm(sch, blocks, tile, unit.lanes(dtype))
+        except s_tir.ScheduleError:
+            return None  # a layout TVM cannot tile this way: the next rule takes it, slower but right
         return sch
 
 
