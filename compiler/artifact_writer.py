@@ -8,11 +8,13 @@ import itertools
 import json
 import os
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tensorpress.runtime.artifact import (
+    EXTRA_FILES_DIR,
     FORMAT_NAME,
     FORMAT_VERSION,
     LIBRARY,
@@ -46,8 +48,10 @@ def write_artifact(
     library: str | os.PathLike,
     params: dict[str, np.ndarray],
     manifest: dict[str, Any],
+    extra_files: dict[str, str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
-    """Write library + weights + manifest into one artifact at `path`; returns the final manifest."""
+    """Write library + weights + manifest (+ extra files the model needs at run time, e.g. its
+    tokenizer.json, stored as files/<name>) into one artifact at `path`; returns the final manifest."""
     manifest = dict(manifest)
     manifest["format"] = FORMAT_NAME
     manifest["format_version"] = FORMAT_VERSION
@@ -72,6 +76,10 @@ def write_artifact(
                 digest.update(chunk)
                 size += len(chunk)
         parts[WEIGHTS] = {"sha256": digest.hexdigest(), "bytes": size}
+        for name, source in (extra_files or {}).items():
+            data = Path(source).read_bytes()
+            zf.writestr(EXTRA_FILES_DIR + name, data)
+            parts[EXTRA_FILES_DIR + name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         manifest["parts"] = parts
         zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=False))
     return manifest

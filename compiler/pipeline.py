@@ -71,7 +71,8 @@ def compile_imported(
         start = time.perf_counter()
         from tensorpress.compiler.artifact_writer import write_artifact
 
-        manifest = write_artifact(output, build.library, rewritten.params, manifest)
+        extra = rewritten.info.get("extra_files", {})
+        manifest = write_artifact(output, build.library, rewritten.params, manifest, extra_files=extra)
         seconds["write"] = time.perf_counter() - start
     return CompileReport(Path(output), manifest, seconds)
 

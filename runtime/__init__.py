@@ -16,17 +16,20 @@ from typing import Any
 from tensorpress.runtime.loaded_artifact import load_artifact
 
 
-def load(path: str | os.PathLike, device: str = "cpu", verify: bool = True) -> Any:
+def load(path: str | os.PathLike, device: str = "cpu", verify: bool = True, **decoder_options: Any) -> Any:
     """Load an artifact on `device` ("cpu", "cuda", "cuda:N"): a GraphModel, or a DecoderModel.
 
-    `verify` checks every part's sha256 (reads the whole file once). Raises ArtifactError /
+    `verify` checks every part's sha256 (reads the whole file once). Decoders take the KV-cache
+    options of `DecoderModel` (max_total_tokens=..., memory_fraction=...). Raises ArtifactError /
     DeviceMismatchError with one sentence when the file is bad or built for another device.
     """
     loaded = load_artifact(path, device, verify=verify)
     if loaded.manifest.get("kind") == "decoder":
         from tensorpress.runtime.decoder import DecoderModel
 
-        return DecoderModel(loaded)
+        return DecoderModel(loaded, **decoder_options)
+    if decoder_options:
+        raise TypeError(f"{path} is not a decoder; options {sorted(decoder_options)} do not apply.")
     from tensorpress.runtime.graph_model import GraphModel
 
     return GraphModel(loaded)

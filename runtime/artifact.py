@@ -3,7 +3,8 @@
     model.tpk (zip, ZIP_STORED)
     ├── manifest.json        format version, versions, target + GPU arch, signature, layers, sha256 of parts
     ├── library.so           the compiled kernels + Relax VM executable (host code + GPU fatbin)
-    └── weights.safetensors  every weight the functions take, in their parameter order
+    ├── weights.safetensors  every weight the functions take, in their parameter order
+    └── files/               what else the model needs at run time (a decoder's tokenizer.json)
 
 Members are stored uncompressed so the weights can be memory-mapped straight out of the zip. The
 reader checks the manifest's format version and every part's size and sha256 before anything is
@@ -31,6 +32,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LIBRARY = "library.so"
 WEIGHTS = "weights.safetensors"
+EXTRA_FILES_DIR = "files/"
 
 # safetensors dtype names <-> numpy
 SAFETENSORS_DTYPES = {
@@ -79,6 +81,13 @@ class ArtifactFile:
         with open(self.path, "rb") as f:
             f.seek(offset)
             return f.read(size)
+
+    def read_file(self, name: str) -> bytes:
+        """An extra file packed with the model (e.g. "tokenizer.json"); KeyError when there is none."""
+        member = EXTRA_FILES_DIR + name
+        if member not in self.offsets:
+            raise KeyError(name)
+        return self.read_member(member)
 
     def weights(self) -> dict[str, np.ndarray]:
         """Weights as read-only numpy arrays memory-mapped from the file (insertion order = file order)."""

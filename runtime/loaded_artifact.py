@@ -31,7 +31,22 @@ class LoadedArtifact:
     vm: Any  # the Relax VM module (call vm["main"](...))
     params: list[Any]  # weights on the device, in the functions' trailing-parameter order
     param_names: list[str]
+    file: ArtifactFile | None = None
     _keepalive: list[Any] = field(default_factory=list)
+
+    def read_file(self, name: str) -> bytes:
+        """An extra file packed with the model (e.g. "tokenizer.json"); KeyError when there is none."""
+        if self.file is None:
+            raise KeyError(name)
+        return self.file.read_file(name)
+
+    def empty(self, shape, dtype: str) -> Any:
+        """An uninitialised tensor on this artifact's device."""
+        return tvm_runtime.empty(shape, dtype, self.device)
+
+    def free_memory_bytes(self) -> int:
+        """Memory still free on the device (the host's available memory for the CPU)."""
+        return tvm_runtime.free_memory_bytes(self.device)
 
     def to_device(self, array: np.ndarray) -> Any:
         return tvm_runtime.to_device(array, self.device)
@@ -123,4 +138,6 @@ def load_artifact(path: str | os.PathLike, device: str = "cpu", verify: bool = T
     weights = artifact.weights()
     names = list(weights)
     params = [tvm_runtime.to_device(np.array(weights[name]), dev) for name in names]
-    return LoadedArtifact(artifact.path, artifact.manifest, dev, device, vm, params, names, [tmpdir, executable])
+    return LoadedArtifact(
+        artifact.path, artifact.manifest, dev, device, vm, params, names, artifact, [tmpdir, executable]
+    )

@@ -120,6 +120,17 @@ def cuda_device_info(index: int = 0) -> dict[str, Any]:
     return {"exists": True, "compute_version": version}
 
 
+_ATTR_TOTAL_GLOBAL_MEMORY, _ATTR_AVAILABLE_GLOBAL_MEMORY = 14, 15  # runtime.GetDeviceAttr kinds
+
+
+def free_memory_bytes(dev) -> int:
+    """Free memory of `dev`: the GPU's available global memory, or the host's available RAM."""
+    if dev.dlpack_device_type() == KDL_CPU:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    get_attr = get_global_func("runtime.GetDeviceAttr")
+    return int(get_attr(dev.dlpack_device_type(), dev.index, _ATTR_AVAILABLE_GLOBAL_MEMORY))
+
+
 def load_module(path: str | os.PathLike) -> Any:
     return ffi().load_module(str(path))
 

@@ -103,3 +103,18 @@ def test_atomic_output_replaces_whole(tmp_path):
         f.write(b"new content")
     assert target.read_bytes() == b"new content"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_extra_files_are_packed_and_checked(tmp_path, params):
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"\x7fELF")
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"model": "bpe"}')
+    path = tmp_path / "m.tpk"
+    write_artifact(path, lib, params, {"kind": "decoder"}, extra_files={"tokenizer.json": tokenizer})
+    tokenizer.unlink()  # the artifact must not need the original any more
+    opened = open_artifact(path)
+    assert opened.read_file("tokenizer.json") == b'{"model": "bpe"}'
+    assert "files/tokenizer.json" in opened.manifest["parts"]
+    with pytest.raises(KeyError):
+        opened.read_file("vocab.txt")
