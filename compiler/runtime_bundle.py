@@ -8,6 +8,7 @@
     ├── python/tensorpress/ __init__, errors, runtime/ (nothing of the compiler)
     ├── python/tvm_ffi/     tvm-ffi built for the target machine's Python (downloaded when it differs)
 ├── python/typing_extensions.py   tvm-ffi's only dependency
+├── python/tokenizers/  for decoders with a tokenizer: text prompts
     └── README.txt
 The target machine needs Python and numpy (and the NVIDIA driver for CUDA artifacts).
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tensorpress.errors import ConfigError, TensorpressError
-from tensorpress.runtime.artifact import open_artifact
+from tensorpress.runtime.artifact import EXTRA_FILES_DIR, open_artifact
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding compiler/, runtime/, tensorpress/
 # Build-time parts of tvm_ffi (headers, sources, the C++ JIT helpers) that a runtime never loads.
@@ -79,7 +80,8 @@ def make_runtime_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         shutil.copyfile(artifact, staging / "model.tpk")
-        write_runtime_files(staging, cuda, python_version)
+        has_tokenizer = any(part.startswith(EXTRA_FILES_DIR + "tokenizer") for part in opened.manifest["parts"])
+        write_runtime_files(staging, cuda, python_version, with_tokenizer=has_tokenizer)
         (staging / "run.py").write_text(RUN_SCRIPT)
         (staging / "README.txt").write_text(
             f"tensorpress runtime bundle for {Path(artifact).name} ({opened.manifest['target']['kind']}, "
@@ -99,10 +101,13 @@ def _this_python() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def write_runtime_files(dest: str | os.PathLike, cuda: bool, python_version: str | None = None) -> None:
+def write_runtime_files(
+    dest: str | os.PathLike, cuda: bool, python_version: str | None = None, with_tokenizer: bool = False
+) -> None:
     """Everything that runs an artifact without TVM installed, into `dest`: tvm_libs/ (TVM's runtime
     libraries, + CUDA's for cuda) and python/ (the runtime-only tensorpress, tvm_ffi built for
-    `python_version` (default: this Python), typing_extensions). The GPU kit uses it too."""
+    `python_version` (default: this Python), typing_extensions, and with_tokenizer the `tokenizers`
+    package, abi3, for text prompts). The GPU kit uses it too."""
     dest = Path(dest)
     python_version = python_version or _this_python()
     _copy_tvm_libs(dest / "tvm_libs", cuda)
@@ -112,6 +117,18 @@ def write_runtime_files(dest: str | os.PathLike, cuda: bool, python_version: str
     else:
         _download_tvm_ffi(python_version, dest / "python")
     _copy_pure_python_dependencies(dest / "python")
+    if with_tokenizer:
+        _copy_tokenizers(dest / "python")
+
+
+def _copy_tokenizers(dest: Path) -> None:
+    """Hugging Face `tokenizers` (Rust, one abi3 library for every CPython >= 3.10), text prompts only."""
+    try:
+        import tokenizers
+    except ImportError:
+        return  # the bundle still runs; text prompts then say that `tokenizers` is missing
+    source = Path(tokenizers.__file__).parent
+    shutil.copytree(source, dest / "tokenizers", ignore=shutil.ignore_patterns("__pycache__", "*.pyi"))
 
 
 def _copy_tvm_libs(dest: Path, cuda: bool) -> None:

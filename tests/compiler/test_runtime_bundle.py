@@ -51,3 +51,22 @@ def test_bundle_refuses_an_existing_folder(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="already exists"):
         make_runtime_bundle(artifact, tmp_path / "taken")
+
+
+def test_decoder_bundle_generates_text_without_tvm(numpy_only_python, tmp_path):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "examples" / "tiny_llama"
+    artifact = tensorpress.compile(folder, tmp_path / "tiny.tpk", weights="fp6").artifact
+    bundle = make_runtime_bundle(artifact, tmp_path / "bundle")
+    assert bundle.bytes < 40e6
+    prompt = "Return a new list containing"
+    result = subprocess.run(
+        [numpy_only_python, str(bundle.folder / "run.py"), "generate", "--prompt", prompt, "--max-new-tokens", "12"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ids_line, *text = result.stdout.splitlines()
+    want = tensorpress.runtime.load(artifact).generate(prompt, max_new_tokens=12)
+    assert [int(t) for t in ids_line.split(",")] == want
+    assert "".join(text).strip()
