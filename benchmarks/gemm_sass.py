@@ -1,48 +1,197 @@
 """Print what ptxas and the SASS say about every shipped tile config of the weight GEMM (no GPU needed).
 
     .venv/bin/python benchmarks/gemm_sass.py [--m 4096 --k 4096] [--arch sm_80 --arch sm_90a]
+    .venv/bin/python benchmarks/gemm_sass.py --format fp6 --format fp5 --format fp4 --arch sm_90a
 
-One row per (config, arch, kernel): registers, spill and stack bytes, shared memory (static +
-dynamic), and the count of HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) instructions.
+One row per (format, config, arch, kernel): registers, spill and stack bytes, shared memory (static +
+dynamic), and the count of HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) instructions in
+the listing. Then, for the GEMM kernel, the steady state: what one warp executes per K tile of the
+main loop (inner loops multiplied by their trip counts, see `steady_state`), as HMMA, integer ops,
+fp16 ops, BAR, and thread-instructions per weight. That last figure against the issue budget says
+whether the decode keeps the kernel memory-bound: at full HBM bandwidth an H100 SM receives about
+14 bytes per clock, i.e. 14·8/b weights of b bits, and issues 4 × 32 thread-instructions per clock,
+so it can spend at most ~1.15·b thread-instructions per weight (fp16: 18, FP6: 6.9, FP4: 4.6) on
+everything (copy, decode, ldmatrix, mma), and its 64 integer lanes ~0.57·b integer ops per weight.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, replace
 
-from tensorpress.schedules.tensorcore.config import SHIPPED_TILES
-from tensorpress.schedules.tensorcore.inspection import inspect_cuda
-from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
-from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
-from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
+
+INTEGER_OPS = frozenset(
+    ["IMAD", "IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "LEA", "SEL", "ISETP", "PRMT", "VIADD",
+     "VIMNMX", "IMNMX", "IABS", "BMSK", "SGXT", "IMUL", "FLO", "POPC", "BREV"]
+)  # fmt: skip
+FP16_OPS = frozenset(["HMUL2", "HFMA2", "HADD2", "HMNMX2", "F2FP", "HSETP2"])
+H100_BYTES_PER_SM_CLOCK = 3.35e12 / (132 * 1.83e9)  # HBM3 datasheet bandwidth / (SMs x boost clock)
+ISSUE_PER_SM_CLOCK = 4 * 32  # thread-instructions: 4 schedulers, one warp-instruction each
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str  # with modifiers, e.g. "LDGSTS.E.BYPASS.128"
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+    @property
+    def branch_target(self) -> int | None:
+        if self.base != "BRA":
+            return None
+        m = re.search(r"0x([0-9a-f]+)", self.operands)
+        return int(m.group(1), 16) if m else None
+
+
+def parse_listing(listing: str) -> dict[str, list[Instruction]]:
+    """cuobjdump -sass listing -> {kernel name: its instructions in address order}."""
+    kernels: dict[str, list[Instruction]] = {}
+    current: list[Instruction] | None = None
+    for line in listing.splitlines():
+        if m := re.search(r"Function : (\S+)", line):
+            current = kernels.setdefault(m.group(1), [])
+        elif current is not None and (m := _INSTRUCTION.search(line)):
+            current.append(Instruction(int(m.group(1), 16), m.group(3), m.group(4).strip()))
+    return kernels
+
+
+def loops(instructions: list[Instruction]) -> list[tuple[int, int]]:
+    """(first, last) index ranges of the loops: every backward branch closes one."""
+    index = {ins.address: i for i, ins in enumerate(instructions)}
+    found = []
+    for i, ins in enumerate(instructions):
+        target = ins.branch_target
+        if target is not None and target <= ins.address and target in index:
+            found.append((index[target], i))
+    return found
+
+
+def steady_state(instructions: list[Instruction], decoded_per_thread: int) -> Counter | None:
+    """Opcode counts one thread executes per iteration of the main loop (the outermost loop holding
+    HMMA: one K tile). An inner loop in it counts times its trip count, which is known for the decode
+    loop: `decoded_per_thread` W elements a thread writes per K tile over the STS in its body.
+    Forward branches are counted as taken both ways (an upper bound). None when there is no such
+    loop or an inner loop's trips cannot be told."""
+    spans = loops(instructions)
+    holding_mma = [s for s in spans if any(ins.base == "HMMA" for ins in instructions[s[0] : s[1] + 1])]
+    if not holding_mma:
+        return None
+    first, last = max(holding_mma, key=lambda s: s[1] - s[0])
+    inner = [s for s in spans if first <= s[0] and s[1] <= last and s != (first, last)]
+    inner = [s for s in inner if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in inner)]
+    counts: Counter = Counter()
+    covered = set()
+    for start, end in inner:
+        body = instructions[start : end + 1]
+        stores = sum(ins.base == "STS" for ins in body)
+        if stores == 0 or decoded_per_thread % stores:
+            return None
+        trips = decoded_per_thread // stores
+        for ins in body:
+            counts[ins.base] += trips
+        covered.update(range(start, end + 1))
+    for i in range(first, last + 1):
+        if i not in covered:
+            counts[instructions[i].base] += 1
+    return counts
+
+
+def weight_budget(bits: int) -> float:
+    """Thread-instructions an H100 SM may spend per b-bit weight and still stream W at full bandwidth."""
+    weights_per_clock = H100_BYTES_PER_SM_CLOCK * 8 / bits
+    return ISSUE_PER_SM_CLOCK / weights_per_clock
+
+
+def summarize(counts: Counter, config: TileConfig) -> dict[str, float]:
+    """Per K tile and warp: HMMA, integer ops, fp16 ops, BAR; integer ops per HMMA; and thread-
+    instructions per weight of the CTA tile (all warps execute the same count)."""
+    total = sum(v for op, v in counts.items() if op != "NOP")
+    weights = config.block_m * config.block_k
+    return {
+        "HMMA": counts["HMMA"],
+        "INT": sum(v for op, v in counts.items() if op in INTEGER_OPS),
+        "FP16": sum(v for op, v in counts.items() if op in FP16_OPS),
+        "BAR": counts["BAR"],
+        "LDS": counts["LDS"],
+        "STS": counts["STS"],
+        "total": total,
+        "int_per_hmma": sum(v for op, v in counts.items() if op in INTEGER_OPS) / max(counts["HMMA"], 1),
+        "instructions_per_weight": total * config.threads / weights,
+    }
+
+
+def format_bits(fmt: str) -> int:
+    if fmt.startswith("dense"):
+        return 16 if fmt.endswith("fp16") else 32
+    from tensorpress.compiler.formats import fpx
+    from tensorpress.compiler.formats.registry import get_weight_format
+
+    f = get_weight_format(fmt)
+    return fpx.code_bits(f.ebits, f.mbits)
 
 
 def main(argv: list[str] | None = None) -> int:
     import tvm
 
+    from tensorpress.schedules.tensorcore import inspection
+    from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
+    from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
+    from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, default=4096)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--arch", action="append", help="default: sm_80 and sm_90a")
+    parser.add_argument("--format", action="append", help="weight formats (default: dense-fp16)")
+    parser.add_argument("--split-k", type=int, action="append", help="split_k values (default: 1 and 2)")
     args = parser.parse_args(argv)
-    configs = [replace(t, split_k=s) for t in SHIPPED_TILES for s in (1, 2)]
-    functions = {}
-    for config in configs:
-        func = make_weight_gemm(get_decode_stage("dense-fp16"), args.m, args.k, with_bias=True)
-        main_func = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
-        functions[config.label()] = main_func.with_attr("global_symbol", config.label())
+    formats = args.format or ["dense-fp16"]
+    configs = [replace(t, split_k=s) for t in SHIPPED_TILES for s in (args.split_k or [1, 2])]
+    functions, labels = {}, {}
+    for fmt in formats:
+        for config in configs:
+            func = make_weight_gemm(get_decode_stage(fmt), args.m, args.k, with_bias=True)
+            symbol = f"{fmt.replace('-', '_')}_{config.label()}"
+            main_func = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
+            functions[symbol] = main_func.with_attr("global_symbol", symbol)
+            labels[symbol] = (fmt, config)
     module = tvm.IRModule(functions)
-    print("| config | arch | kernel | regs | spill B | stack B | smem B | HMMA | LDSM | LDGSTS |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| format | config | arch | kernel | regs | spill B | stack B | smem B | HMMA | LDSM | LDGSTS |"
+          " per K tile & warp: HMMA | INT | INT/HMMA | FP16 | BAR | instr/weight (budget) |")  # fmt: skip
+    print("|---" * 17 + "|")
     for arch in args.arch or ["sm_80", "sm_90a"]:
-        for r in sorted(inspect_cuda(module, arch), key=lambda r: r.name):
-            config, _, rest = r.name.partition("_kernel")
-            role = "reduce" if rest else "gemm"
+        cubin, log = inspection.compile_cubin(inspection.cuda_source(module, arch), arch)
+        ptxas, listing = inspection.parse_ptxas(log), inspection.disassemble(cubin)
+        sass, instructions = inspection.parse_sass(listing), parse_listing(listing)
+        dyn = inspection.dynamic_shared_bytes(module, arch)
+        for name in sorted(ptxas):
+            symbol, _, rest = name.partition("_kernel")
+            fmt, config = labels[symbol]
+            info, ops = ptxas[name], sass.get(name, Counter())
+            row = (
+                f"| {fmt} | {config.label()} | {arch} | {'reduce' if rest else 'gemm'} | {info['registers']} | "
+                f"{info['spill_stores'] + info['spill_loads']} | {info['stack']} | {info['smem'] + dyn.get(name, 0)} | "
+                f"{ops['HMMA']} | {ops['LDSM']} | {ops['LDGSTS']} |"
+            )
+            per_thread = config.block_m * config.block_k // config.threads
+            counts = None if rest else steady_state(instructions[name], per_thread)
+            if counts is None:
+                print(row + " | | | | | |")
+                continue
+            s = summarize(counts, config)
             print(
-                f"| {config} | {arch} | {role} | {r.registers} | {r.spill_bytes} | {r.stack_bytes} | "
-                f"{r.shared_bytes} | {r.sass['HMMA']} | {r.sass['LDSM']} | {r.sass['LDGSTS']} |"
+                f"{row} {s['HMMA']} | {s['INT']} | {s['int_per_hmma']:.1f} | {s['FP16']} | {s['BAR']} | "
+                f"{s['instructions_per_weight']:.1f} ({weight_budget(format_bits(fmt)):.1f}) |"
             )
     return 0
 

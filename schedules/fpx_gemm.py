@@ -1,8 +1,12 @@
 """FPx weights: the decode stage of the weight GEMM for eXmY codes in bit planes + fp16 row scales.
 
 Stored buffers (`compiler/formats/fpx_layout.py` has the layout and its picture):
-    plane<p> uint32 [plane_words(M, K, p)] for each plane width p of the code, widest first
+    plane<p> uint32 [M, Kp * p / 32] for each plane width p of the code, widest first
     scales   float16 [M]
+
+On the Tensor Core template the planes are staged (`StagedDecode`): each K tile of them travels to
+shared memory by cp.async, compressed, and the decode reads them there; the per-row scales stay in
+global memory (2 bytes per row, cached). On the CPU the same decode expression reads global memory.
 
 W[m, k] is rebuilt with integer and bit operations only, no lookup table:
 
@@ -27,13 +31,14 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from tensorpress.compiler.formats import fpx, fpx_layout, registry
+from tensorpress.schedules.tensorcore.decode_hints import StagedDecode
 from tensorpress.schedules.weight_gemm import DecodeStage, StoredBuffer, register_decode_stage
 
 _FP16_MANTISSA_BITS = 10
 _FP16_EXPONENT_BIAS = 15
 
 
-class FPxDecode(DecodeStage):
+class FPxDecode(DecodeStage, StagedDecode):
     """W[m, k] = value(eXmY code at (m, k)) * scales[m], codes read from the bit planes."""
 
     def __init__(self, name: str, ebits: int, mbits: int):
@@ -47,33 +52,44 @@ class FPxDecode(DecodeStage):
 
     def stored_buffers(self, m: int, k: int) -> list[StoredBuffer]:
         planes = [
-            StoredBuffer(fpx_layout.plane_name(p), (fpx_layout.plane_words(m, k, p),), "uint32")
-            for p in self.widths
+            StoredBuffer(fpx_layout.plane_name(p), fpx_layout.plane_shape(m, k, p), "uint32") for p in self.widths
         ]
         return [*planes, StoredBuffer("scales", (m,), "float16")]
+
+    def shared_staged_buffers(self, m: int, k: int) -> list[str]:
+        """Every plane (a K tile of each is a rectangle of whole words); the scales stay global."""
+        return [fpx_layout.plane_name(p) for p in self.widths]
 
     def unsupported_reason(self, m: int, k: int) -> str | None:
         return fpx_layout.unsupported_shape_reason(m, k)
 
-    def decode_code(self, planes: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, k_padded: int):
-        """uint32 TIR expression: the eXmY code of W[row, col]; k_padded is K rounded up to TILE_K."""
-        code = None
+    def fp16_bits(self, planes: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
+        """uint32 TIR expression: (sign << 15) | (magnitude << (10 - Y)) of the code of W[row, col].
+
+        Each plane's field is rotated straight to its place in the fp16 pattern and masked (one
+        funnel shift and one LOP3 on the GPU); the sign, the top bit of the last plane, gets its own.
+        The rotation amounts depend on the column only: per thread, they are loop invariants.
+        """
+        bits = None
+        sign_bit = self.ebits + self.mbits  # the code bit holding the sign
         for plane, width, shift in zip(planes, self.widths, self.shifts):
-            word = plane[fpx_layout.word_index(row, col, width, k_padded)]
-            offset = fpx_layout.bit_offset(col, width).astype("uint32")
-            field = (word >> offset) & _u32((1 << width) - 1)
-            field = field << _u32(shift) if shift else field
-            code = field if code is None else code | field
-        return code
+            word = plane[row, fpx_layout.word_in_row(col, width)]
+            offset = fpx_layout.bit_offset(col, width)
+            parts = []
+            magnitude_width = min(width, sign_bit - shift)  # the sign plane keeps its top bit apart
+            if magnitude_width > 0:
+                target = shift + _FP16_MANTISSA_BITS - self.mbits
+                mask = ((1 << magnitude_width) - 1) << target
+                parts.append(_rotate_right(word, offset, target) & _u32(mask))
+            if shift <= sign_bit < shift + width:
+                parts.append(_rotate_right(word, offset + (sign_bit - shift), 15) & _u32(1 << 15))
+            for part in parts:
+                bits = part if bits is None else bits | part
+        return bits
 
     def decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
         *planes, scales = stored
-        code = self.decode_code(planes, row, col, _padded_k(planes[0], self.widths[0], scales))
-        magnitude_bits = self.ebits + self.mbits
-        sign = (code >> _u32(magnitude_bits)) & _u32(1)
-        magnitude = code & _u32((1 << magnitude_bits) - 1)
-        fp16_bits = (sign << _u32(15)) | (magnitude << _u32(_FP16_MANTISSA_BITS - self.mbits))
-        h = tirx.reinterpret("float16", fp16_bits.astype("uint16"))
+        h = tirx.reinterpret("float16", self.fp16_bits(planes, row, col).astype("uint16"))
         exponent_fix = float(2 ** (_FP16_EXPONENT_BIAS - fpx.exponent_bias(self.ebits)))
         value = h * tirx.const(exponent_fix, "float16")  # exact, see the module docstring
         scale = scales[row]
@@ -82,14 +98,20 @@ class FPxDecode(DecodeStage):
         return value.astype(dtype) * scale.astype(dtype)
 
 
+def _rotate_right(word: tirx.PrimExpr, from_bit, to_bit: int) -> tirx.PrimExpr:
+    """uint32 `word` rotated so that its bit `from_bit` (an int expression < 32) lands on `to_bit`.
+
+    Written as the low half of (word:word) >> n, n = (from_bit - to_bit) mod 32: nvcc makes it one
+    funnel shift (SHF.R.U64 on a register pair), LLVM one rotate/shrd. (The textbook rotate idiom
+    (w >> n) | (w << (-n & 31)) costs three instructions once TVM hoists the two amounts apart.)
+    """
+    n = ((from_bit + (32 - to_bit)) % 32).astype("uint64")
+    wide = word.astype("uint64")
+    return (((wide << tirx.const(32, "uint64")) | wide) >> n).astype("uint32")
+
+
 def _u32(value: int) -> tirx.PrimExpr:
     return tirx.const(value, "uint32")
-
-
-def _padded_k(plane: te.Tensor, width: int, scales: te.Tensor) -> int:
-    """Kp of the weight, from a plane's size and M (`decode` sees only the stored buffers)."""
-    m_padded = fpx_layout.padded_shape(int(scales.shape[0]), 1)[0]
-    return int(plane.shape[0]) * fpx_layout.WORD_BITS // (width * m_padded)
 
 
 def _register_fpx_stages() -> dict[str, FPxDecode]:

@@ -7,34 +7,48 @@ holding the code's lowest bits (6 = 4 + 2, 5 = 4 + 1, 4 = 4, 7 = 4 + 2 + 1, 8 = 
     plane2      s e                  plane1      s
     plane4          e e m m          plane4        e e m m
 
-Each plane is its own uint32 array in which every code has the same width p, so a p-bit field never
-straddles a word, and 32 codes fill exactly p words. The weight W[M, K] is padded with zero codes to
-[Mp, Kp], multiples of TILE_ROWS and TILE_K, and cut into tiles; one plane's words are laid out
+Each plane is a 2-D uint32 array [M, Kp * p / 32] indexed by (row, word along K), p the plane's
+width, Kp = K rounded up to K_ALIGN (128) with zero codes. Every code of a plane has the same width,
+so a field never straddles a word, and 32 consecutive codes of a row (a "group") fill exactly p words.
 
-    tile order (row-major over tiles; each tile is one contiguous run of TILE_ROWS*TILE_K*p/32 words,
-    so a thread block's tile is a single coalesced stream of 128-bit loads):
+What a CTA tile reads. A tile of block_m rows × block_k codes (block_k a multiple of 32) is, in
+every plane, the rectangle rows × [k0·p/32, (k0 + block_k)·p/32): each row's part is contiguous
+(block_k·p/8 bytes: 32 B of plane4 and 16 B of plane2 for block_k = 64), 16-byte aligned in global
+memory (the row pitch Kp·p/8 is a multiple of 16 B), so cp.async copies it in whole 16-byte (or, for
+a narrow plane1 tile, 8- or 4-byte) chunks that never straddle two K tiles:
 
-        | tile(0,0) | tile(0,1) | ... | tile(0,Kp/TILE_K-1) | tile(1,0) | ...
+                 K tile 0 (k0 = 0)        K tile 1 (k0 = 64)
+    plane4 row r │ w0 w1 w2 w3 w4 w5 w6 w7 │ w8 ... w15 │ ...     8 words = 2 groups of 32 codes
+    plane2 row r │ w0 w1 w2 w3             │ w4 ... w7  │ ...     4 words = 2 groups
+    plane4 row r+1 │ ...                                          (next row: Kp·p/32 words further)
 
-    inside a tile: TILE_K/32 groups of 32 along K; a group holds every row's p words:
+What a warp lane reads (for an mma.m16n8k16 B fragment). Lane 4g + t holds, for weight row g (and
+g + 8), the K offsets 2t, 2t+1, 2t+8, 2t+9 of each 16-wide k step: over a group of 32 codes, the 8
+codes k = 2t + 8j + h (j = 0..3, h = 0..1). Those 8 codes are one contiguous run of 4p bits per h,
+and the two codes of a pair (2t + 8j, 2t + 8j + 1) -- the two halves of one half2 B register -- lie
+exactly 16 bits apart. In a group, code k (t = (k%8)//2, j = k//8, h = k%2) sits at
 
-        | group 0: row 0 [p words] row 1 [p words] ... row TILE_ROWS-1 [p words] | group 1: ... |
+    offset = t·4p + j·p          (position among the 16 codes of its half, times p)
+    word   = offset // 16        bit = 16·h + offset % 16
 
-    inside a row's group: the 32 codes of K positions k0 .. k0+31 in mma.m16n8k16 A-fragment order,
-    slot s at bits [(s*p) % 32, +p) of word (s*p) // 32 (least significant bits first):
+    plane4, word t of a group (lane t's 8 codes; k relative to the group start):
+      bit  31..28 27..24 23..20 19..16 │ 15..12 11..8  7..4   3..0
+      k    2t+25  2t+17  2t+9   2t+1   │ 2t+24  2t+16  2t+8   2t          h = 1 │ h = 0
+    plane2, word u of a group (lanes t = 2u and 2u + 1):
+      bit  31..30 ..  25..24 │ 23..22 .. 17..16 │ 15..14 .. 9..8 │ 7..6 .. 1..0
+      k    2t'+25 ..  2t'+1  │ 2t+25  ..  2t+1  │ 2t'+24 .. 2t'  │ 2t+24 .. 2t       (t' = t + 1)
+    plane1: one word per group, lane t's codes in bits 4t..4t+3 (h = 0) and 16+4t..16+4t+3 (h = 1)
+    plane8: two words per lane (2t: j = 0, 1; 2t+1: j = 2, 3), a code per byte, pairs 16 bits apart
 
-        slot      0  1  2  3  4  5  6  7 | 8  9 10 11 12 13 14 15 | ... | 24 25 26 27 28 29 30 31
-        k - k0    0  1  8  9 16 17 24 25 | 2  3 10 11 18 19 26 27 | ... |  6  7 14 15 22 23 30 31
-                  '--- lane 4g+0 -------' '--- lane 4g+1 --------'       '--- lane 4g+3 --------'
-
-So the 8 codes a lane (4g + c) feeds to two m16n8k16 steps for one row are slots 8c .. 8c+7: one
-contiguous run of 8p bits (one word of plane4, half a word of plane2, a byte of plane1, two words of
-plane8), and shared-memory reads of a warp (32-bit; 64-bit for plane8) are free of bank conflicts.
+So a lane's decode input is one 32-bit word of plane4 (8 codes), half a word of plane2, a quarter
+word of plane1, and `(w >> 4j) & 0x000F000F` puts the pair j of plane4 into the two halves of a half2
+(one shift and one mask per two weights). A warp that decodes 32 consecutive codes of one row (the
+template's cooperative decode) reads p distinct words of a plane: broadcasts, free of bank conflicts.
 
 The layout is written once, as integer arithmetic on (row, col) that works on numpy arrays and on
-TVM PrimExprs alike (`word_index`, `bit_offset`); the TIR decode stage and `unpack_fpx_planes` both
+TVM PrimExprs alike (`word_in_row`, `bit_offset`); the TIR decode stage and `unpack_fpx_planes` both
 use it, and `pack_fpx_planes` builds the same layout independently by reshapes, so tests cross-check
-the two. Change the tiling here only.
+the two. Change the layout here only.
 """
 
 from __future__ import annotations
@@ -45,17 +59,10 @@ from tensorpress.compiler.formats.fpx import check_format, code_bits
 from tensorpress.errors import TensorpressError
 
 WORD_BITS = 32
+HALF_BITS = 16  # a word holds the even-k codes of its lanes in bits 0..15, the odd-k codes in 16..31
 GROUP_K = 32  # codes along K whose p-bit fields fill exactly p words
-TILE_ROWS = 64  # rows in one contiguous tile (a thread block's M tile)
-TILE_K = 64  # K extent of one contiguous tile (a pipeline stage's K slice); a multiple of GROUP_K
-GROUPS_PER_TILE = TILE_K // GROUP_K
-
-# slot (position inside a group's bit string) -> K offset inside the group, see the picture above.
-SLOT_TO_K = np.array(
-    [16 * step + 8 * half + 2 * lane + pair for lane in range(4) for step in range(2) for half in range(2)
-     for pair in range(2)],
-    dtype=np.int64,
-)  # fmt: skip
+K_ALIGN = 128  # K is padded to this: rows of every plane are 16-byte multiples, tiles never straddle
+LANES = 4  # lanes t = 0..3 of a fragment row share a group: lane t holds k = 2t + 8j + h
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
@@ -74,42 +81,50 @@ def plane_name(width: int) -> str:
     return f"plane{width}"
 
 
-def padded_shape(m: int, k: int) -> tuple[int, int]:
-    """[Mp, Kp]: M and K rounded up to multiples of TILE_ROWS and TILE_K."""
-    return -(-m // TILE_ROWS) * TILE_ROWS, -(-k // TILE_K) * TILE_K
+def padded_k(k: int) -> int:
+    """Kp: K rounded up to a multiple of K_ALIGN (the padding holds zero codes)."""
+    return -(-k // K_ALIGN) * K_ALIGN
+
+
+def row_words(k: int, width: int) -> int:
+    """uint32 words per row of the `width`-bit plane for K codes per row (padding included)."""
+    return padded_k(k) * width // WORD_BITS
+
+
+def plane_shape(m: int, k: int, width: int) -> tuple[int, int]:
+    """Shape [M, Kp * width / 32] of the `width`-bit plane of an [m, k] weight."""
+    return m, row_words(k, width)
 
 
 def plane_words(m: int, k: int, width: int) -> int:
     """Number of uint32 words of the `width`-bit plane for an [m, k] weight (padding included)."""
-    mp, kp = padded_shape(m, k)
-    return mp * kp * width // WORD_BITS
+    return m * row_words(k, width)
 
 
-def slot_in_group(kk):
-    """Slot of K offset kk (0 <= kk < 32) in its group: the inverse of SLOT_TO_K, as arithmetic."""
-    return (kk % 8) // 2 * 8 + kk // 16 * 4 + (kk % 16) // 8 * 2 + kk % 2
+def _offset_in_half(col, width: int):
+    """t·4p + j·p: the first bit of column `col`'s field counted along its half-words (see picture)."""
+    lane = col % 8 // 2
+    step = col % GROUP_K // 8
+    return lane * (LANES * width) + step * width
 
 
-def word_index(row, col, width: int, k_padded: int):
-    """Index of the word of the `width`-bit plane that holds the code of W[row, col].
+def word_in_row(col, width: int):
+    """Word, within its row of the `width`-bit plane, holding the code of column `col`.
 
-    row, col: ints, numpy integer arrays or TVM integer PrimExprs; k_padded: padded_shape(m, k)[1].
+    col: an int, a numpy integer array or a TVM integer PrimExpr (the same arithmetic for all).
     """
-    tile = row // TILE_ROWS * (k_padded // TILE_K) + col // TILE_K
-    group = tile * GROUPS_PER_TILE + col % TILE_K // GROUP_K
-    slot = slot_in_group(col % GROUP_K)
-    return (group * TILE_ROWS + row % TILE_ROWS) * width + slot * width // WORD_BITS
+    return col // GROUP_K * width + _offset_in_half(col, width) // HALF_BITS
 
 
 def bit_offset(col, width: int):
     """Lowest bit, inside its word, of the `width`-bit field of column `col` (same types as above)."""
-    return slot_in_group(col % GROUP_K) * width % WORD_BITS
+    return col % 2 * HALF_BITS + _offset_in_half(col, width) % HALF_BITS
 
 
 def pack_fpx_planes(codes: np.ndarray, ebits: int, mbits: int) -> dict[str, np.ndarray]:
     """Split eXmY codes uint8 [M, K] into bit planes in the kernel's layout (see the module docstring).
 
-    Returns {"plane8"/"plane4"/"plane2"/"plane1": uint32 [plane_words(M, K, p)]}, widest plane first.
+    Returns {"plane8"/"plane4"/"plane2"/"plane1": uint32 [M, Kp * p / 32]}, widest plane first.
     """
     check_format(ebits, mbits)
     bits = code_bits(ebits, mbits)
@@ -119,39 +134,39 @@ def pack_fpx_planes(codes: np.ndarray, ebits: int, mbits: int) -> dict[str, np.n
     if codes.size and int(codes.max()) >> bits:
         raise TensorpressError(f"FPx codes hold values above the {bits} bits of e{ebits}m{mbits}.")
     m, k = codes.shape
-    mp, kp = padded_shape(m, k)
-    padded = np.zeros((mp, kp), dtype=np.uint32)
-    padded[:m, :k] = codes
-    # [row tile, row, K tile, group, k in group] -> [row tile, K tile, group, row, slot]
-    tiles = padded.reshape(mp // TILE_ROWS, TILE_ROWS, kp // TILE_K, GROUPS_PER_TILE, GROUP_K)
-    tiles = tiles.transpose(0, 2, 3, 1, 4)[..., SLOT_TO_K]
+    kp = padded_k(k)
+    padded = np.zeros((m, kp), dtype=np.uint32)
+    padded[:, :k] = codes
+    # k in a group = 8j + 2t + h  ->  [row, group, j, t, h] -> [row, group, h, t, j]: per half h, the
+    # 16 codes in the order of their offset t·4p + j·p.
+    halves = padded.reshape(m, kp // GROUP_K, 4, LANES, 2).transpose(0, 1, 4, 3, 2)
     planes = {}
     for width, shift in zip(plane_widths(bits), plane_shifts(bits)):
-        fields = (tiles >> np.uint32(shift)) & np.uint32((1 << width) - 1)
-        per_word = WORD_BITS // width
-        fields = fields.reshape(*fields.shape[:-1], width, per_word)
-        lanes = (np.arange(per_word, dtype=np.uint32) * np.uint32(width)).astype(np.uint32)
-        words = np.bitwise_or.reduce(fields << lanes, axis=-1)
-        planes[plane_name(width)] = np.ascontiguousarray(words.reshape(-1), dtype=np.uint32)
+        fields = (halves >> np.uint32(shift)) & np.uint32((1 << width) - 1)
+        per_half_word = HALF_BITS // width
+        fields = fields.reshape(m, kp // GROUP_K, 2, width, per_half_word)  # [.., h, half-word, field]
+        positions = np.arange(per_half_word, dtype=np.uint32) * np.uint32(width)
+        half_words = np.bitwise_or.reduce(fields << positions, axis=-1)  # [row, group, h, word]
+        words = half_words[:, :, 0, :] | (half_words[:, :, 1, :] << np.uint32(HALF_BITS))
+        planes[plane_name(width)] = np.ascontiguousarray(words.reshape(m, row_words(k, width)), dtype=np.uint32)
     return planes
 
 
 def unpack_fpx_planes(planes: dict[str, np.ndarray], m: int, k: int, ebits: int, mbits: int) -> np.ndarray:
-    """Inverse of `pack_fpx_planes`: uint8 codes [m, k], gathered through `word_index`/`bit_offset`."""
+    """Inverse of `pack_fpx_planes`: uint8 codes [m, k], gathered through `word_in_row`/`bit_offset`."""
     check_format(ebits, mbits)
     bits = code_bits(ebits, mbits)
-    _, kp = padded_shape(m, k)
     rows = np.arange(m, dtype=np.int64)[:, None]
     cols = np.arange(k, dtype=np.int64)[None, :]
     codes = np.zeros((m, k), dtype=np.uint32)
     for width, shift in zip(plane_widths(bits), plane_shifts(bits)):
         words = np.asarray(planes[plane_name(width)])
-        if words.dtype != np.uint32 or words.shape != (plane_words(m, k, width),):
+        if words.dtype != np.uint32 or words.shape != plane_shape(m, k, width):
             raise TensorpressError(
-                f"FPx {plane_name(width)} must be uint32 [{plane_words(m, k, width)}] for a [{m}, {k}] "
-                f"e{ebits}m{mbits} weight, got {words.dtype} {words.shape}."
+                f"FPx {plane_name(width)} must be uint32 {list(plane_shape(m, k, width))} for a [{m}, {k}] "
+                f"e{ebits}m{mbits} weight, got {words.dtype} {list(words.shape)}; repack the weight."
             )
-        word = words[word_index(rows, cols, width, kp)]
+        word = words[rows, word_in_row(cols, width)]
         field = (word >> bit_offset(cols, width).astype(np.uint32)) & np.uint32((1 << width) - 1)
         codes |= field << np.uint32(shift)
     return codes.astype(np.uint8)
@@ -160,8 +175,8 @@ def unpack_fpx_planes(planes: dict[str, np.ndarray], m: int, k: int, ebits: int,
 def unsupported_shape_reason(m: int, k: int) -> str | None:
     """None when the FPx GEMM takes an [m, k] weight, else the constraint it breaks (one phrase).
 
-    The planes are padded to whole tiles, so the layout takes any shape; the mma.m16n8k16 template
-    needs M and K in multiples of 16.
+    The planes are padded along K, so the layout takes any shape; the mma.m16n8k16 template needs M
+    and K in multiples of 16.
     """
     if m % 16 or k % 16:
         return "M and K must be multiples of 16"

@@ -69,9 +69,7 @@ def test_decode_matches_numpy_bit_for_bit_on_every_code(name):
         got = run(build(decode_only(stage, m, k, dtype)), packed.arrays.values(), (m, k), dtype)
         with np.errstate(over="ignore"):
             want = expected.astype(dtype)  # one rounding to fp16, as the kernel's second multiply
-        np.testing.assert_array_equal(
-            got.view(UINT[dtype]), want.view(UINT[dtype]), err_msg=f"{name} {dtype}"
-        )
+        np.testing.assert_array_equal(got.view(UINT[dtype]), want.view(UINT[dtype]), err_msg=f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHT_FORMATS))
@@ -88,9 +86,7 @@ def test_stage_takes_what_the_registry_packs(name):
             assert get_decode_stage(packed.format).stored_buffers(m, k) == stage.stored_buffers(m, k)
             buffers = stage.stored_buffers(m, k)
             assert [b.name for b in buffers] == list(packed.arrays)
-            assert [(b.shape, b.dtype) for b in buffers] == [
-                (a.shape, str(a.dtype)) for a in packed.arrays.values()
-            ]
+            assert [(b.shape, b.dtype) for b in buffers] == [(a.shape, str(a.dtype)) for a in packed.arrays.values()]
             assert stage.unsupported_reason(m, k) == fmt.unsupported_reason(m, k)
         assert stage.unsupported_reason(40, 64) == fmt.unsupported_reason(40, 64) is not None
 
@@ -125,13 +121,7 @@ class _FoldedScaleDecode(fpx_gemm.FPxDecode):
 
     def decode(self, stored, row, col, dtype):
         *planes, scales = stored
-        kp = fpx_gemm._padded_k(planes[0], self.widths[0], scales)
-        code = self.decode_code(planes, row, col, kp)
-        nbits = self.ebits + self.mbits
-        bits = ((code >> tirx.const(nbits, "uint32")) << tirx.const(15, "uint32")) | (
-            (code & tirx.const((1 << nbits) - 1, "uint32")) << tirx.const(10 - self.mbits, "uint32")
-        )
-        h = tirx.reinterpret("float16", bits.astype("uint16"))
+        h = tirx.reinterpret("float16", self.fp16_bits(planes, row, col).astype("uint16"))
         fix = tirx.const(float(2 ** (15 - fpx.exponent_bias(self.ebits))), "float16")
         return (h * (scales[row] * fix)).astype(dtype)
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from tensorpress.compiler.formats import fpx_layout as layout
+from tensorpress.compiler.formats.registry import get_weight_format
 from tensorpress.errors import TensorpressError
 
 ALL_FORMATS = [(e, m) for e in range(1, 5) for m in range(8 - e)]
+WIDTHS = [1, 2, 4, 8]
 
 
 def test_plane_split():
@@ -21,7 +23,7 @@ def test_plane_split():
 
 
 @pytest.mark.parametrize("ebits,mbits", ALL_FORMATS)
-@pytest.mark.parametrize("shape", [(1, 1), (16, 48), (64, 64), (80, 200)])
+@pytest.mark.parametrize("shape", [(1, 1), (16, 48), (64, 64), (80, 200), (3, 384)])
 def test_pack_unpack_round_trip(ebits, mbits, shape):
     bits = 1 + ebits + mbits
     rng = np.random.default_rng(bits * 100 + shape[1])
@@ -29,83 +31,108 @@ def test_pack_unpack_round_trip(ebits, mbits, shape):
     planes = layout.pack_fpx_planes(codes, ebits, mbits)
     assert list(planes) == [f"plane{p}" for p in layout.plane_widths(bits)]
     for p, words in zip(layout.plane_widths(bits), planes.values()):
-        assert words.dtype == np.uint32 and words.shape == (layout.plane_words(*shape, p),)
+        assert words.dtype == np.uint32 and words.shape == layout.plane_shape(*shape, p)
     np.testing.assert_array_equal(layout.unpack_fpx_planes(planes, *shape, ebits, mbits), codes)
 
 
 def test_words_hold_the_codes_where_the_picture_says():
-    """Single codes placed by hand from the docstring's picture (e3m2: plane4 low 4 bits, plane2 top 2)."""
-    m, k = 128, 128  # two row tiles, two K tiles; one tile = 512 words of plane4, 256 of plane2
+    """Single codes placed by hand from the docstring's picture (e3m2: plane4 low 4 bits, plane2 top 2).
+
+    In a group, k = 2t + 8j + h sits at offset t*4p + j*p of half h: word offset // 16, bit
+    16h + offset % 16. A row of 256 codes is 32 words of plane4 and 16 of plane2."""
     cases = [  # (row, col), (word, bit) in plane4, (word, bit) in plane2
-        ((0, 0), (0, 0), (0, 0)),
-        ((0, 1), (0, 4), (0, 2)),
-        ((0, 8), (0, 8), (0, 4)),  # K offset 8 is slot 2 (lane 0's third code)
-        ((0, 2), (1, 0), (0, 16)),  # K offset 2 is slot 8, lane 1's first code
-        ((0, 31), (3, 28), (1, 30)),  # slot 31
-        ((1, 0), (4, 0), (2, 0)),  # next row: p words further
-        ((0, 32), (256, 0), (128, 0)),  # second group of the tile: after 64 rows x p words
-        ((0, 64), (512, 0), (256, 0)),  # tile (0, 1)
-        ((64, 0), (1024, 0), (512, 0)),  # tile (1, 0), after both K tiles of row tile 0
-        ((65, 97), (1536 + 256 + 4, 4), (768 + 128 + 2, 2)),  # tile (1, 1), group 1, row 1, slot 1
+        ((0, 0), (0, 0), (0, 0)),  # t=0 j=0 h=0
+        ((0, 1), (0, 16), (0, 16)),  # the pair's odd code: 16 bits up, same word
+        ((0, 8), (0, 4), (0, 2)),  # j=1: the next field of lane 0
+        ((0, 2), (1, 0), (0, 8)),  # t=1: plane4 word 1; plane2 shares word 0 (bits 8..15)
+        ((0, 3), (1, 16), (0, 24)),
+        ((0, 4), (2, 0), (1, 0)),  # t=2: plane2 word 1
+        ((0, 31), (3, 28), (1, 30)),  # t=3 j=3 h=1
+        ((0, 32), (4, 0), (2, 0)),  # second group: p words further
+        ((0, 64 + 26), (8 + 1, 12), (4 + 0, 14)),  # group 2, k=26: t=1 j=3 h=0
+        ((1, 0), (32, 0), (16, 0)),  # next row: a row's worth of words further
+        ((2, 255), (64 + 28 + 3, 28), (32 + 14 + 1, 30)),  # last code of row 2
     ]
+    m, k = 3, 256
     for (row, col), (word4, bit4), (word2, bit2) in cases:
         codes = np.zeros((m, k), dtype=np.uint8)
         codes[row, col] = 0b10_1011
         planes = layout.pack_fpx_planes(codes, 3, 2)
-        expected4 = np.zeros_like(planes["plane4"])
+        expected4 = np.zeros(m * 32, np.uint32)
         expected4[word4] = 0b1011 << bit4
-        expected2 = np.zeros_like(planes["plane2"])
+        expected2 = np.zeros(m * 16, np.uint32)
         expected2[word2] = 0b10 << bit2
-        np.testing.assert_array_equal(planes["plane4"], expected4, err_msg=str((row, col)))
-        np.testing.assert_array_equal(planes["plane2"], expected2, err_msg=str((row, col)))
+        np.testing.assert_array_equal(planes["plane4"].reshape(-1), expected4, err_msg=str((row, col)))
+        np.testing.assert_array_equal(planes["plane2"].reshape(-1), expected2, err_msg=str((row, col)))
+        for width, word, bit in [(4, word4 % 32, bit4), (2, word2 % 16, bit2)]:  # the index functions agree
+            assert (layout.word_in_row(col, width), layout.bit_offset(col, width)) == (word, bit)
 
 
-def test_a_lane_reads_one_contiguous_run_per_row():
-    # mma.m16n8k16 A fragment: lane 4g+c holds K offsets 2c, 2c+1, 2c+8, 2c+9 of each k16 step.
-    for c in range(4):
-        ks = [
-            16 * step + 8 * half + 2 * c + pair for step in range(2) for half in range(2) for pair in range(2)
-        ]
-        slots = sorted(int(layout.slot_in_group(kk)) for kk in ks)
-        assert slots == list(range(8 * c, 8 * c + 8))
-    assert sorted(layout.SLOT_TO_K.tolist()) == list(range(32))
-    assert [int(layout.slot_in_group(int(kk))) for kk in layout.SLOT_TO_K] == list(range(32))
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_lane_reads_one_run_per_half_and_pairs_sit_16_bits_apart(width):
+    # mma.m16n8k16 B fragment: lane 4g+t holds K offsets 2t, 2t+1, 2t+8, 2t+9 of each k16 step, so
+    # over a group of 32 codes the 8 codes k = 2t + 8j + h, with (k, k + 1) in one half2 register.
+    for lane in range(4):
+        fields = {}
+        for j in range(4):
+            for h in range(2):
+                k = 2 * lane + 8 * j + h
+                word, bit = int(layout.word_in_row(k, width)), int(layout.bit_offset(k, width))
+                fields[j, h] = word * 32 + bit
+        for h in range(2):  # one contiguous run of 4p bits along the words' h halves, in j order
+            run = [fields[j, h] // 32 * 16 + fields[j, h] % 32 - 16 * h for j in range(4)]
+            assert run == list(range(run[0], run[0] + 4 * width, width))
+        for j in range(4):  # the two codes of pair j: same word, 16 bits apart
+            assert fields[j, 1] - fields[j, 0] == 16
+        words = {fields[key] // 32 for key in fields}
+        assert len(words) == max(1, width // 4)  # one word (plane8: two) holds the lane's 8 codes
 
 
-@pytest.mark.parametrize("width", [1, 2, 4, 8])
-def test_tiles_are_contiguous_and_lanes_read_without_bank_conflicts(width):
-    m, k = 128, 192
-    _, kp = layout.padded_shape(m, k)
-    rows = np.arange(m)[:, None]
-    cols = np.arange(k)[None, :]
-    words = layout.word_index(rows, cols, width, kp)
-    per_tile = layout.TILE_ROWS * layout.TILE_K * width // 32
-    tile_id = rows // layout.TILE_ROWS * (kp // layout.TILE_K) + cols // layout.TILE_K
-    assert (words // per_tile == tile_id).all()  # a tile's words are one run, tiles in row-major order
-    # Lane 4g+c reads its 8 codes of row g (8p bits from its first word on). One shared-memory
-    # wavefront serves 32 words: all lanes for p <= 4 (32-bit loads), a half warp for p = 8 (64-bit).
-    lanes_per_wavefront = 32 if width <= 4 else 16
-    for first_lane in range(0, 32, lanes_per_wavefront):
-        banks: dict[int, set[int]] = {}
-        for lane in range(first_lane, first_lane + lanes_per_wavefront):
-            g, c = divmod(lane, 4)
-            start = int(layout.word_index(g, 2 * c, width, kp))
-            for word in range(start, start + max(1, 8 * width // 32)):
-                banks.setdefault(word % 32, set()).add(word)
-        assert all(len(ws) == 1 for ws in banks.values())  # shared words broadcast; no two rows clash
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("block_k", [32, 64, 128])
+def test_k_tiles_are_rectangles_of_whole_aligned_words(width, block_k):
+    k = 384
+    cols = np.arange(k)
+    words = layout.word_in_row(cols, width)
+    per_tile = block_k * width // 32
+    for k0 in range(0, k, block_k):
+        tile_words = np.unique(words[k0 : k0 + block_k])
+        # the K tile is exactly the words [k0 p / 32, (k0 + block_k) p / 32) of every row
+        np.testing.assert_array_equal(tile_words, np.arange(k0 * width // 32, k0 * width // 32 + per_tile))
+    # every row starts 16-byte aligned, so a tile's row is whole cp.async chunks of min(16, its bytes)
+    row_bytes = layout.row_words(k, width) * 4
+    chunk = min(16, per_tile * 4)
+    assert row_bytes % 16 == 0 and (per_tile * 4) % chunk == 0
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_warp_decoding_32_consecutive_codes_reads_p_words(width):
+    # The template's cooperative decode: a warp's 32 lanes take 32 consecutive columns of one row,
+    # starting at a multiple of 32. They touch only the p words of one group (shared-memory
+    # broadcasts, no bank conflict), whichever group it is.
+    for start in (0, 32, 96):
+        words = {int(w) for w in layout.word_in_row(np.arange(start, start + 32), width)}
+        first = start // 32 * width
+        assert words == set(range(first, first + width))
 
 
 def test_bytes_and_errors():
-    assert layout.padded_shape(1, 1) == (64, 64)
-    assert layout.padded_shape(128, 65) == (128, 128)
+    assert layout.padded_k(1) == 128 and layout.padded_k(128) == 128 and layout.padded_k(129) == 256
+    assert layout.plane_shape(48, 200, 4) == (48, 32) and layout.plane_shape(48, 200, 1) == (48, 8)
     assert layout.plane_words(128, 256, 4) * 4 == 128 * 256 // 2
     assert layout.plane_words(128, 256, 2) * 4 == 128 * 256 // 4
+    # what the registry counts is what it packs: 6 bits a weight plus 2 bytes a row, padding included
+    for name, m, k in [("fp6", 128, 256), ("fp5", 48, 80), ("fp4", 16, 4096), ("e4m3", 32, 384)]:
+        fmt = get_weight_format(name)
+        packed = fmt.pack(np.random.default_rng(0).standard_normal((m, k)).astype(np.float32))
+        assert fmt.stored_bytes(m, k) == packed.nbytes
+    assert get_weight_format("fp6").stored_bytes(8192, 8192) == 8192 * 8192 * 6 // 8 + 2 * 8192
     with pytest.raises(TensorpressError):
         layout.pack_fpx_planes(np.full((2, 2), 64, np.uint8), 3, 2)  # 7-bit value in a 6-bit format
     with pytest.raises(TensorpressError):
         layout.pack_fpx_planes(np.zeros((2, 2), np.int32), 3, 2)
     planes = layout.pack_fpx_planes(np.zeros((16, 16), np.uint8), 3, 2)
-    with pytest.raises(TensorpressError):
-        layout.unpack_fpx_planes(planes, 16, 128, 3, 2)  # planes of another shape
+    with pytest.raises(TensorpressError, match="repack"):
+        layout.unpack_fpx_planes(planes, 16, 256, 3, 2)  # planes of another shape
     assert layout.unsupported_shape_reason(48, 1024) is None
     assert "16" in layout.unsupported_shape_reason(40, 64)

@@ -64,9 +64,7 @@ def test_fpx_pack_unpack_is_decode_of_encode(name, scale_search):
 def test_dense_formats():
     w = gaussian()
     np.testing.assert_array_equal(get_weight_format("dense-fp32").roundtrip(w), w)
-    np.testing.assert_array_equal(
-        get_weight_format("dense-fp16").roundtrip(w), w.astype(np.float16).astype(np.float32)
-    )
+    np.testing.assert_array_equal(get_weight_format("dense-fp16").roundtrip(w), w.astype(np.float16).astype(np.float32))
     assert get_weight_format("dense-fp16", "mse") == DenseFormat("dense-fp16", "float16")
 
 
@@ -84,8 +82,8 @@ def test_stored_bytes_by_hand():
     assert get_weight_format("fp4").stored_bytes(m, k) == m * k // 2 + 2 * m
     assert get_weight_format("fp6-auto").stored_bytes(m, k) == m * k * 6 // 8 + 2 * m
     assert get_weight_format("dense-fp16").stored_bytes(m, k) == m * k * 2
-    # 16 x 16 pads to one 64 x 64 tile.
-    assert get_weight_format("fp6").stored_bytes(16, 16) == 64 * 64 * 6 // 8 + 2 * 16
+    # 16 x 16: rows are padded along K to 128 codes (fpx_layout.K_ALIGN), M is not padded.
+    assert get_weight_format("fp6").stored_bytes(16, 16) == 16 * 128 * 6 // 8 + 2 * 16
 
 
 def test_fp6_auto_picks_the_format_with_the_lower_error():
