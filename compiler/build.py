@@ -28,6 +28,7 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
+    from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
     from tensorpress.schedules.rules import rules_for
 
     # dlight reads the arch with a parser that cannot read "sm_90a" and silently drops Tensor Cores;
@@ -36,9 +37,14 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     if target_spec.kind == "cuda" and target_spec.arch == "sm_90a":
         rule_target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=tvm_target.host)
 
+    # On the CPU, transcendental functions go through TVM's fast polynomial forms (exp, erf, tanh,
+    # softmax) instead of scalar libm calls; CUDA has fast hardware versions already.
+    fast_math = [decompose_gelu, relax.transform.FastMathTransform()] if target_spec.kind == "cpu" else []
+
     @tvm.transform.module_pass(opt_level=0, name="TensorpressRelaxPipeline")
     def pipeline(mod, _ctx):
         lowering = [
+            *fast_math,
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(),
