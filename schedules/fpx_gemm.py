@@ -63,26 +63,39 @@ class FPxDecode(DecodeStage, StagedDecode):
     def unsupported_reason(self, m: int, k: int) -> str | None:
         return fpx_layout.unsupported_shape_reason(m, k)
 
+    def word_in_row(self, col: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+        """The layout's word of column `col` in a row of the `width`-bit plane (`fpx_layout`)."""
+        return fpx_layout.word_in_row(col, width)
+
+    def bit_offset(self, col: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+        """The layout's first bit of column `col`'s field in that word (`fpx_layout`)."""
+        return fpx_layout.bit_offset(col, width)
+
     def fp16_bits(self, planes: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
         """uint32 TIR expression: (sign << 15) | (magnitude << (10 - Y)) of the code of W[row, col].
 
-        Each plane's field is rotated straight to its place in the fp16 pattern and masked (one
-        funnel shift and one LOP3 on the GPU); the sign, the top bit of the last plane, gets its own.
-        The rotation amounts depend on the column only: per thread, they are loop invariants.
+        Each plane's field is rotated straight to its place in the fp16 pattern and masked: one
+        funnel shift and one LOP3 on the GPU. The sign, the top bit of the last plane, lands at bit
+        10 + X with it and is moved up by a constant shift (one rotation per plane keeps one rotation
+        amount per plane live: more made ptxas spill). The rotation amounts depend on the column
+        only: per thread, they are loop invariants.
         """
         bits = None
         sign_bit = self.ebits + self.mbits  # the code bit holding the sign
         for plane, width, shift in zip(planes, self.widths, self.shifts):
-            word = plane[row, fpx_layout.word_in_row(col, width)]
-            offset = fpx_layout.bit_offset(col, width)
-            parts = []
+            word = plane[row, self.word_in_row(col, width)]
+            offset = self.bit_offset(col, width)
             magnitude_width = min(width, sign_bit - shift)  # the sign plane keeps its top bit apart
+            parts = []
             if magnitude_width > 0:
-                target = shift + _FP16_MANTISSA_BITS - self.mbits
-                mask = ((1 << magnitude_width) - 1) << target
-                parts.append(_rotate_right(word, offset, target) & _u32(mask))
-            if shift <= sign_bit < shift + width:
-                parts.append(_rotate_right(word, offset + (sign_bit - shift), 15) & _u32(1 << 15))
+                target = shift + _FP16_MANTISSA_BITS - self.mbits  # field bit 0 -> fp16 bit `target`
+                rotated = _rotate_right(word, offset, target)
+                parts.append(rotated & _u32(((1 << magnitude_width) - 1) << target))
+                if magnitude_width < width:  # the sign sits at bit 10 + X of `rotated`
+                    up = 15 - (_FP16_MANTISSA_BITS + self.ebits)
+                    parts.append((rotated << _u32(up)) & _u32(1 << 15))
+            else:  # a plane holding the sign alone
+                parts.append(_rotate_right(word, offset, 15) & _u32(1 << 15))
             for part in parts:
                 bits = part if bits is None else bits | part
         return bits
