@@ -11,7 +11,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.kit.cases import KernelCase, case
+from benchmarks.kit.cases import DRY_FPX_TEST_SHAPES, FPX_TEST_FORMATS, FPX_TEST_SHAPES, KernelCase, case
 
 SPLIT_CHOICES = (1, 2, 4, 8)
 
@@ -43,6 +43,56 @@ def bench_cases(layers: dict[str, tuple[int, int]], tokens, arch: str) -> tuple[
                 explore = case("dense-fp16", m, k, config.to_dict())
                 cases[explore.name] = explore
     return list(cases.values()), defaults
+
+
+FPX_SPLIT_CHOICES = (1, 2, 4)
+
+
+def fpx_bench_cases(fmt: str, layers: dict[str, tuple[int, int]], tokens, arch: str) -> tuple[list[KernelCase], dict]:
+    """FPx candidates per layer for the stage `fmt` (e3m2, ...): the untuned choice for every N, plus
+    every decode-sized shipped tile (block_n 16) with a few split-K values. Returns (cases, defaults)
+    like `bench_cases`."""
+    from tensorpress.schedules.tensorcore.arch import arch_spec
+    from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, choose_config
+
+    spec = arch_spec(arch)
+    cases: dict[str, KernelCase] = {}
+    defaults: dict[str, dict[int, str]] = {}
+    for layer, (m, k) in layers.items():
+        defaults[layer] = {}
+        for n in tokens:
+            chosen = case(fmt, m, k, choose_config(m, k, spec, n).to_dict())
+            cases[chosen.name] = chosen
+            defaults[layer][n] = chosen.name
+        for tile in SHIPPED_TILES:
+            if tile.block_n != 16 or m % tile.block_m or tile.block_m == 16 and m >= 1024:
+                continue
+            for split_k in FPX_SPLIT_CHOICES:
+                config = replace(tile, split_k=split_k)
+                if config.padded_k(k) // split_k < 2 * config.block_k:
+                    continue
+                explore = case(fmt, m, k, config.to_dict())
+                cases[explore.name] = explore
+    return list(cases.values()), defaults
+
+
+def fpx_test_cases(dry: bool) -> list[KernelCase]:
+    """The FPx gpu tests' kernels (tests/schedules/tensorcore/test_fpx_gpu.py): every test format
+    with every shipped tile that fits, split-K 1 and 2, on a small and a real layer, and one with bias."""
+    from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
+
+    if dry:
+        small = TileConfig(block_n=16, block_m=32, block_k=64, warps=2, stages=2)
+        return [case(fmt, m, k, replace(small, split_k=2 if fmt == "e2m1" else 1).to_dict(), bias=fmt == "e3m2")
+                for fmt in FPX_TEST_FORMATS for m, k in DRY_FPX_TEST_SHAPES]  # fmt: skip
+    cases = []
+    for fmt in FPX_TEST_FORMATS:
+        for m, k in FPX_TEST_SHAPES:
+            for tile in SHIPPED_TILES:
+                for split_k in (1, 2):
+                    cases.append(case(fmt, m, k, replace(tile, split_k=split_k).to_dict()))
+        cases.append(case(fmt, 256, 512, SHIPPED_TILES[0].to_dict(), bias=True))
+    return cases
 
 
 def test_cases(dry: bool) -> list[KernelCase]:

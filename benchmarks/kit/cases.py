@@ -26,6 +26,19 @@ BENCH_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
 DRY_LAYERS: dict[str, tuple[int, int]] = {"dry 256x512": (256, 512), "dry 128x256": (128, 256)}
 DRY_TOKENS = (1, 5, 16, 33)
 
+# FPx weights (FP6-LLM): the formats and layers of the FPx benchmark, by the stage name the kernels
+# take (fp6 = e3m2, fp5 = e2m2, fp4 = e2m1), against cuBLAS fp16 at the same shapes.
+FPX_BENCH_FORMATS: dict[str, str] = {"fp6": "e3m2", "fp5": "e2m2", "fp4": "e2m1"}
+FPX_LAYERS: dict[str, tuple[int, int]] = {
+    name: shape for name, shape in LLM_LAYERS.items() if name.startswith(("llama2-70b", "opt-66b"))
+}
+FPX_BENCH_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+DRY_FPX_LAYERS: dict[str, tuple[int, int]] = {"dry 128x256": (128, 256)}
+# The FPx gpu tests: every format the benchmark times plus e2m3 and e3m1, a small and a real layer.
+FPX_TEST_FORMATS = ("e3m2", "e2m3", "e2m2", "e3m1", "e2m1")
+FPX_TEST_SHAPES = ((256, 512), (4096, 4096))
+DRY_FPX_TEST_SHAPES = ((128, 256),)
+
 # Correctness grid of the gpu tests: every N below against torch.matmul, for each case.
 TEST_TOKENS = (1, 2, 7, 16, 17, 31, 64, 100, 130)
 DRY_TEST_TOKENS = (1, 7, 17)
@@ -50,6 +63,11 @@ class KernelCase:
     def label(self) -> str:
         c = self.config_dict
         return f"n{c['block_n']}m{c['block_m']}k{c['block_k']}w{c['warps']}s{c['stages']}sk{c['split_k']}"
+
+    @property
+    def is_fpx(self) -> bool:
+        """An eXmY weight (bit planes + scales) rather than a dense one."""
+        return not self.fmt.startswith(("dense", "test"))
 
     @property
     def name(self) -> str:

@@ -10,10 +10,13 @@ Layout (default .device-kit/, ignored by git; carry it with the device tool: car
     │                            and its library; benchmark layers with candidates and the untuned
     │                            choice per N; the gpu tests' kernels and token counts
     ├── kernels/gemm_<M>x<K>.so  one library per LLM layer shape (all candidate configs)
+    ├── kernels/fpx_<fmt>_<M>x<K>.so  FPx (FP6/FP5/FP4) candidates of the LLaMA-2-70B and OPT-66B layers
     ├── kernels/gpu_tests.so     the kernels of tests/schedules/tensorcore/test_template_gpu.py
+    ├── kernels/fpx_gpu_tests.so the kernels of tests/schedules/tensorcore/test_fpx_gpu.py
     └── runtime/                 TVM's runtime without its compiler (tensorpress runtime bundle parts):
         ├── tvm_libs/            libtvm_runtime.so, libtvm_runtime_cuda.so, libcudart.so.13
-        └── python/              tvm_ffi for the device's Python (3.12), runtime-only tensorpress
+        └── python/              tvm_ffi for the device's Python (3.12), runtime-only tensorpress, plus
+                                 tensorpress.compiler.formats (numpy only) to pack FPx weights there
 """
 
 from __future__ import annotations
@@ -34,9 +37,13 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.kit.cases import (  # noqa: E402
     BENCH_TOKENS,
+    DRY_FPX_LAYERS,
     DRY_LAYERS,
     DRY_TEST_TOKENS,
     DRY_TOKENS,
+    FPX_BENCH_FORMATS,
+    FPX_BENCH_TOKENS,
+    FPX_LAYERS,
     LLM_LAYERS,
     TEST_TOKENS,
     KernelCase,
@@ -47,7 +54,7 @@ CARRY_LIMIT = 48 << 20  # the device tool carries 64 MiB with the working tree (
 
 def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[str] | None = None) -> dict:
     """Build the kit into `out` (replaced if it exists); returns the manifest."""
-    from benchmarks.kit.build import bench_cases, build_library, test_cases
+    from benchmarks.kit.build import bench_cases, build_library, fpx_bench_cases, fpx_test_cases, test_cases
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".kit.", dir=out.parent))
@@ -74,12 +81,32 @@ def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[s
                 "m": m, "k": k, "tokens": list(tokens), "candidates": [c.name for c in cases],
                 "default": {str(n): name for n, name in defaults[layer].items()},
             }  # fmt: skip
-        tests = test_cases(dry)
-        print(f"building kernels/gpu_tests.so: {len(tests)} kernels", flush=True)
-        seconds["kernels/gpu_tests.so"] = build_library(tests, staging / "kernels" / "gpu_tests.so", build_arch)
-        for c in tests:
-            kernels[c.name], kernel_library[c.name] = c, "kernels/gpu_tests.so"
+        fpx_all = DRY_FPX_LAYERS if dry else FPX_LAYERS
+        fpx_layers = {name: shape for name, shape in fpx_all.items() if not layers or name in layers}
+        fpx_tokens = DRY_TOKENS if dry else FPX_BENCH_TOKENS
+        for display, fmt in FPX_BENCH_FORMATS.items():
+            for layer, (m, k) in fpx_layers.items():
+                cases, defaults = fpx_bench_cases(fmt, {layer: (m, k)}, fpx_tokens, choice_arch)
+                library = f"kernels/fpx_{fmt}_{m}x{k}.so"
+                if library not in seconds:
+                    print(f"building {library}: {len(cases)} kernels", flush=True)
+                    seconds[library] = build_library(cases, staging / library, build_arch)
+                for c in cases:
+                    kernels[c.name], kernel_library[c.name] = c, library
+                bench[f"{display} {layer}"] = {
+                    "layer": layer, "format": fmt, "m": m, "k": k, "tokens": list(fpx_tokens),
+                    "candidates": [c.name for c in cases],
+                    "default": {str(n): name for n, name in defaults[layer].items()},
+                }  # fmt: skip
+        tests, fpx_tests = test_cases(dry), fpx_test_cases(dry)
+        for library, cases in [("kernels/gpu_tests.so", tests), ("kernels/fpx_gpu_tests.so", fpx_tests)]:
+            print(f"building {library}: {len(cases)} kernels", flush=True)
+            seconds[library] = build_library(cases, staging / library, build_arch)
+            for c in cases:
+                kernels[c.name], kernel_library[c.name] = c, library
+        test_tokens = list(DRY_TEST_TOKENS if dry else TEST_TOKENS)
         _copy_runtime(staging / "runtime", cuda=not dry, python_version=python_version)
+        _copy_weight_formats(staging / "runtime" / "python" / "tensorpress")
         manifest = {
             "dry": dry,
             "arch": None if dry else arch,
@@ -90,7 +117,8 @@ def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[s
             "kernels": {name: c.to_json() for name, c in kernels.items()},
             "kernel_library": kernel_library,
             "bench": bench,
-            "tests": {"cases": [c.name for c in tests], "tokens": list(DRY_TEST_TOKENS if dry else TEST_TOKENS)},
+            "tests": {"cases": [c.name for c in tests], "tokens": test_tokens},
+            "fpx_tests": {"cases": [c.name for c in fpx_tests], "tokens": test_tokens},
             "build_seconds": seconds,
         }
         size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
@@ -113,6 +141,17 @@ def _copy_runtime(dest: Path, cuda: bool, python_version: str) -> None:
     from tensorpress.compiler.runtime_bundle import write_runtime_files
 
     write_runtime_files(dest, cuda, python_version)
+
+
+def _copy_weight_formats(package: Path) -> None:
+    """tensorpress.compiler.formats (numpy only) into the kit's runtime-only tensorpress: the FPx
+    benchmark and gpu tests pack weights on the device with the very code the compiler packs with."""
+    formats = package / "compiler" / "formats"
+    formats.mkdir(parents=True)
+    docstring = '"""Only the weight formats: the GPU kit packs FPx weights with them."""\n'
+    (package / "compiler" / "__init__.py").write_text(docstring)
+    for name in ("__init__.py", "fpx.py", "fpx_layout.py", "registry.py"):
+        shutil.copyfile(ROOT / "compiler" / "formats" / name, formats / name)
 
 
 def _commit() -> dict:

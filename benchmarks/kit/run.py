@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-GPU_TESTS = "tests/schedules/tensorcore/test_template_gpu.py"
+GPU_TESTS = ["tests/schedules/tensorcore/test_template_gpu.py", "tests/schedules/tensorcore/test_fpx_gpu.py"]
 
 
 def kit_environment(kit: Path) -> dict[str, str]:
@@ -42,7 +42,7 @@ def kit_environment(kit: Path) -> dict[str, str]:
 def run_gpu_tests(kit: Path, out: Path, dry: bool) -> dict:
     env = {**os.environ, **kit_environment(kit)}
     xml = out / "gpu_tests.xml"
-    cmd = [sys.executable, "-m", "pytest", GPU_TESTS, "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={xml}"]
+    cmd = [sys.executable, "-m", "pytest", *GPU_TESTS, "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={xml}"]
     cmd += ["-m", "not slow"] if dry else ["-m", "gpu"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             best = s["best"] or {}
             share = best.get("fraction_of_copy_bandwidth") or 0
             speedup = best.get("speedup") or 0
-            log.append(f"  {s['layer']:<20} N={s['n']:<4} best {speedup:5.2f}x cuBLAS ({share:.0%} of copy bw)")
+            ideal = s.get("ideal_speedup") or 1.0
+            log.append(f"  {s['layer']:<24} N={s['n']:<4} best {speedup:5.2f}x cuBLAS ({share:.0%} of copy bw; "
+                       f"ideal {ideal:.2f}x)")  # fmt: skip
         print("\n".join(log[-len(result["summary"]) - 1 :]), flush=True)
     (out / "run.log").write_text("\n".join(log) + "\n")
     return 0 if ok else 1
