@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/gemm_sass.py [--m 4096 --k 4096] [--arch sm_80 --arch sm_90a]
     .venv/bin/python benchmarks/gemm_sass.py --format fp6 --format fp5 --format fp4 --arch sm_90a
+    .venv/bin/python benchmarks/gemm_sass.py --decode-only --format fp6 --format fp5 --format fp4
 
 One row per (format, config, arch, kernel): registers, spill and stack bytes, shared memory (static +
 dynamic), and the count of HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) instructions in
@@ -12,6 +13,11 @@ whether the decode keeps the kernel memory-bound: at full HBM bandwidth an H100 
 14 bytes per clock, i.e. 14·8/b weights of b bits, and issues 4 × 32 thread-instructions per clock,
 so it can spend at most ~1.15·b thread-instructions per weight (fp16: 18, FP6: 6.9, FP4: 4.6) on
 everything (copy, decode, ldmatrix, mma), and its 64 integer lanes ~0.57·b integer ops per weight.
+
+--decode-only compiles just an FPx decode, the way one lane of an mma B fragment would run it (8
+weights of a 32-wide group per row: one word of plane4, half a word of plane2), per element and as
+half2 pairs (`FPxDecode.fp16_bits(pair=True)`), and prints instructions per weight: what a template
+that decodes into registers instead of one element per thread would pay.
 """
 
 from __future__ import annotations
@@ -140,6 +146,64 @@ def format_bits(fmt: str) -> int:
     return fpx.code_bits(f.ebits, f.mbits)
 
 
+def decode_only_kernel(fmt: str, pair: bool, m: int = 1024, k: int = 1024, rows_per_thread: int = 8):
+    """A CUDA PrimFunc: thread (group g, lane t) decodes, for `rows_per_thread` rows, the 8 codes
+    k = 32g + 2t + 8j + h (j < 4, h < 2) into fp16 bit patterns, per element or as 4 half2 pairs."""
+    from tvm import s_tir, te
+
+    from tensorpress.schedules.weight_gemm import get_decode_stage
+
+    stage = get_decode_stage(fmt)
+    planes = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)[:-1]]
+    if pair:
+        shape = (m, k // 32, 4, 4)
+        out = te.compute(shape, lambda r, g, t, j: stage.fp16_bits(planes, r, 32 * g + 2 * t + 8 * j, pair=True))
+    else:
+        shape = (m, k // 32, 4, 4, 2)
+        out = te.compute(
+            shape, lambda r, g, t, j, h: stage.fp16_bits(planes, r, 32 * g + 2 * t + 8 * j + h).astype("uint16")
+        )
+    sch = s_tir.Schedule(te.create_prim_func([*planes, out]))
+    block = sch.get_sblock("compute")
+    r, g, t, *inner = sch.get_loops(block)
+    r_outer, r_inner = sch.split(r, [None, rows_per_thread])
+    sch.reorder(r_outer, g, t, r_inner, *inner)
+    bx, tx = sch.split(sch.fuse(r_outer, g, t), [None, 128])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    for loop in (r_inner, *inner):
+        sch.unroll(loop)
+    return sch.mod["main"], rows_per_thread * 8
+
+
+def decode_only_report(formats: list[str], arch: str) -> None:
+    import tvm
+
+    from tensorpress.compiler.formats.registry import FPxFormat, get_weight_format
+    from tensorpress.schedules.tensorcore import inspection
+
+    functions, weights = {}, {}
+    for fmt in formats:
+        spec = get_weight_format(fmt)
+        stage = spec.stage_name if isinstance(spec, FPxFormat) else fmt
+        for pair in (False, True):
+            func, per_thread = decode_only_kernel(stage, pair)
+            symbol = f"{stage}_{'pair' if pair else 'element'}"
+            functions[symbol], weights[symbol] = func.with_attr("global_symbol", symbol), per_thread
+    module = tvm.IRModule(functions)
+    cubin, _ = inspection.compile_cubin(inspection.cuda_source(module, arch), arch)
+    listing = inspection.parse_sass(inspection.disassemble(cubin))
+    print("| decode | arch | INT / weight | loads / weight | all / weight (incl. stores, setup) |")
+    print("|---|---|---|---|---|")
+    for name in sorted(listing):
+        symbol = name.split("_kernel")[0]
+        ops, n = listing[name], weights[symbol]
+        ints = sum(v for op, v in ops.items() if op in INTEGER_OPS)
+        loads = sum(v for op, v in ops.items() if op in ("LDG", "LDS"))
+        total = sum(v for op, v in ops.items() if op not in ("NOP", "EXIT", "BRA"))
+        print(f"| {symbol} | {arch} | {ints / n:.2f} | {loads / n:.2f} | {total / n:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     import tvm
 
@@ -154,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", help="default: sm_80 and sm_90a")
     parser.add_argument("--format", action="append", help="weight formats (default: dense-fp16)")
     parser.add_argument("--split-k", type=int, action="append", help="split_k values (default: 1 and 2)")
+    parser.add_argument("--decode-only", action="store_true", help="FPx decode cost per element vs per pair")
     args = parser.parse_args(argv)
+    if args.decode_only:
+        for arch in args.arch or ["sm_90a"]:
+            decode_only_report(args.format or ["fp6", "fp5", "fp4"], arch)
+        return 0
     formats = args.format or ["dense-fp16"]
     configs = [replace(t, split_k=s) for t in SHIPPED_TILES for s in (args.split_k or [1, 2])]
     functions, labels = {}, {}

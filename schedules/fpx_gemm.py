@@ -71,7 +71,9 @@ class FPxDecode(DecodeStage, StagedDecode):
         """The layout's first bit of column `col`'s field in that word (`fpx_layout`)."""
         return fpx_layout.bit_offset(col, width)
 
-    def fp16_bits(self, planes: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
+    def fp16_bits(
+        self, planes: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, pair: bool = False
+    ) -> tirx.PrimExpr:
         """uint32 TIR expression: (sign << 15) | (magnitude << (10 - Y)) of the code of W[row, col].
 
         Each plane's field is rotated straight to its place in the fp16 pattern and masked: one
@@ -79,7 +81,13 @@ class FPxDecode(DecodeStage, StagedDecode):
         10 + X with it and is moved up by a constant shift (one rotation per plane keeps one rotation
         amount per plane live: more made ptxas spill). The rotation amounts depend on the column
         only: per thread, they are loop invariants.
+
+        pair=True (col even): the half2 of W[row, col] (bits 0..15) and W[row, col + 1] (16..31) for
+        the same instructions. The layout keeps a pair's fields in one word, 16 bits apart, so the
+        rotation that places the first also places the second; only the masks double. This is the
+        decode a lane of the mma B fragment runs (SWAR, two weights per integer op).
         """
+        spread = 0x0001_0001 if pair else 1  # a mask for bits 0..15 copied to 16..31
         bits = None
         sign_bit = self.ebits + self.mbits  # the code bit holding the sign
         for plane, width, shift in zip(planes, self.widths, self.shifts):
@@ -90,12 +98,12 @@ class FPxDecode(DecodeStage, StagedDecode):
             if magnitude_width > 0:
                 target = shift + _FP16_MANTISSA_BITS - self.mbits  # field bit 0 -> fp16 bit `target`
                 rotated = _rotate_right(word, offset, target)
-                parts.append(rotated & _u32(((1 << magnitude_width) - 1) << target))
+                parts.append(rotated & _u32((((1 << magnitude_width) - 1) << target) * spread))
                 if magnitude_width < width:  # the sign sits at bit 10 + X of `rotated`
                     up = 15 - (_FP16_MANTISSA_BITS + self.ebits)
-                    parts.append((rotated << _u32(up)) & _u32(1 << 15))
+                    parts.append((rotated << _u32(up)) & _u32((1 << 15) * spread))
             else:  # a plane holding the sign alone
-                parts.append(_rotate_right(word, offset, 15) & _u32(1 << 15))
+                parts.append(_rotate_right(word, offset, 15) & _u32((1 << 15) * spread))
             for part in parts:
                 bits = part if bits is None else bits | part
         return bits

@@ -140,3 +140,20 @@ def test_folding_the_scale_into_the_exponent_fix_would_overflow():
     )
     expected = fpx.decode(codes, scales, 2, 3)
     assert np.isfinite(expected).all() and not np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("name", ["e3m2", "e2m3", "e2m2", "e3m1", "e2m1", "e4m3", "e1m0", "e1m6"])
+def test_pair_decode_gives_two_fp16_patterns_per_word(name):
+    # The SWAR decode a B-fragment lane would run: W[r, c] and W[r, c + 1] (c even) as one half2.
+    stage = get_decode_stage(name)
+    fmt = WEIGHT_FORMATS[name]
+    m, k = 24, 160
+    codes = every_code(m, k, fmt.ebits, fmt.mbits, seed=1)
+    packed = fmt.pack_codes(codes, np.ones(m, np.float16))
+    planes = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)[:-1]]
+    pairs = te.compute((m, k // 2), lambda r, c: stage.fp16_bits(planes, r, 2 * c, pair=True), name="pairs")
+    got = run(build(te.create_prim_func([*planes, pairs])), list(packed.arrays.values())[:-1], (m, k // 2), "uint32")
+    # numpy: the code's value times 2^(bias - 15), as fp16 (exact), in the low and high halves
+    values = fpx.code_values(fmt.ebits, fmt.mbits)[codes] * 2.0 ** (fpx.exponent_bias(fmt.ebits) - 15)
+    halves = values.astype(np.float16).view(np.uint16).astype(np.uint32)
+    np.testing.assert_array_equal(got, halves[:, 0::2] | (halves[:, 1::2] << np.uint32(16)))
