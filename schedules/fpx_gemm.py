@@ -10,8 +10,8 @@ global memory (2 bytes per row, cached). On the CPU the same decode expression r
 
 W[m, k] is rebuilt with integer and bit operations only, no lookup table:
 
-    code  = OR over planes of ((plane_p[word_index] >> bit_offset) & (2^p - 1)) << shift_p
     bits  = (sign << 15) | ((e << Y | m) << (10 - Y))        an fp16 bit pattern with exponent field e
+            = OR over planes of rotate(plane_p[row, word], to fp16 place) & mask_p     (`fp16_bits`)
     h     = reinterpret<float16>(bits)                         = value * 2^(bias - 15)
     w     = (h * 2^(15 - bias)) * scale                        two fp16 multiplies
 
@@ -24,6 +24,12 @@ into one fp16 constant would overflow for scales above 65504 / 2^(15-bias) (e.g.
 second multiply rounds once, to the fp16 nearest to value * scale, which is what numpy's
 decode(...).astype(float16) gives; with a float32 output dtype both factors are widened first and the
 product (<= 8 + 11 significant bits) is exact, equal to numpy's float32 decode bit for bit.
+
+Cost on the GPU (benchmarks/gemm_sass.py): the template decodes one element per thread and step,
+about 6 integer ops for FP6 plus two LDS, two HMUL, an STS and the scale's load: ~17 thread-
+instructions per weight in the steady state, where an H100 streaming FP6 at full bandwidth allows
+~7. `fp16_bits(pair=True)` decodes two weights with the same instructions (3.1 integer ops per
+FP6 weight); it is what a decode into the B fragments' registers would use.
 """
 
 from __future__ import annotations
