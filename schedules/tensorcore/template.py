@@ -173,7 +173,10 @@ class _Template:
         decode = sch.get_sblock(self.w_source)
         staged_blocks = []
         for name in self.staged:
-            staged_blocks.append(sch.cache_read(decode, _read_index(sch, decode, name), scope))
+            # Static "shared", not the dynamic pool: TVM's ThreadSync treats every shared.dyn buffer as
+            # one, so reading staged words while writing the W tile looked like a loop-carried conflict
+            # and put a barrier in every decode step (67 BAR per K tile instead of 4 for FP6).
+            staged_blocks.append(sch.cache_read(decode, _read_index(sch, decode, name), "shared"))
         sch.compute_inline(decode)
         for block in staged_blocks:
             sch.compute_at(block, self.k0)
