@@ -42,9 +42,7 @@ class _Config:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(
-                f"{cls.__name__} has no field {', '.join(unknown)}; fields: {', '.join(sorted(names))}."
-            )
+            raise ConfigError(f"{cls.__name__} has no field {', '.join(unknown)}; fields: {', '.join(sorted(names))}.")
         return cls(**data)
 
 
@@ -71,8 +69,7 @@ class FPxConfig(_Config):
         fpx.check_format(self.ebits, self.mbits)
         if self.scale_search not in SCALE_SEARCHES:
             raise ConfigError(
-                f"FPxConfig scale_search must be one of {', '.join(SCALE_SEARCHES)}, "
-                f"got {self.scale_search!r}."
+                f"FPxConfig scale_search must be one of {', '.join(SCALE_SEARCHES)}, got {self.scale_search!r}."
             )
         if isinstance(self.skip, str) or not isinstance(self.skip, Sequence):
             raise ConfigError(f"FPxConfig skip takes a list of name patterns, got {self.skip!r}.")
@@ -120,9 +117,7 @@ class SparseConfig(_Config):
             raise ConfigError(f"SparseConfig sparsity must be in [0, 1), got {self.sparsity}.")
         object.__setattr__(self, "sparsity", float(self.sparsity))
         if self.format not in SPARSE_FORMATS:
-            raise ConfigError(
-                f"SparseConfig format must be one of {', '.join(SPARSE_FORMATS)}, got {self.format!r}."
-            )
+            raise ConfigError(f"SparseConfig format must be one of {', '.join(SPARSE_FORMATS)}, got {self.format!r}.")
 
 
 @dataclass(frozen=True)

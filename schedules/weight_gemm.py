@@ -86,6 +86,7 @@ def get_decode_stage(name: str) -> DecodeStage:
 def _import_builtin_stages() -> None:
     # Importing a format's schedule file registers its stage.
     from tensorpress.schedules import dense_gemm, fpx_gemm  # noqa: F401
+    from tensorpress.schedules.cpu import dense_panel  # noqa: F401
 
 
 def make_weight_gemm(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tensorpress.compiler.formats import fpx, fpx_layout
+from tensorpress.compiler.formats import dense_panel, fpx, fpx_layout
 from tensorpress.errors import ConfigError, TensorpressError
 
 SCALE_SEARCHES = ("absmax", "mse")
@@ -89,6 +89,29 @@ class DenseFormat(WeightFormat):
 
     def stored_bytes(self, m: int, k: int) -> int:
         return m * k * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class DensePanelFormat(WeightFormat):
+    """W in `dtype`, stored as [M/16, K, 16] column panels for the CPU micro-kernel (`dense_panel`)."""
+
+    name: str
+    dtype: str
+
+    def pack(self, w: np.ndarray) -> PackedWeight:
+        w = _check_weight(w)
+        return PackedWeight(self.name, w.shape, {"weight": dense_panel.pack_dense_panel(w, self.dtype)})
+
+    def unpack(self, packed: PackedWeight) -> np.ndarray:
+        return dense_panel.unpack_dense_panel(packed.arrays["weight"])
+
+    def stored_bytes(self, m: int, k: int) -> int:
+        return m * k * np.dtype(self.dtype).itemsize
+
+    def unsupported_reason(self, m: int, k: int) -> str | None:
+        if m % dense_panel.PANEL_WIDTH:
+            return f"M must be a multiple of {dense_panel.PANEL_WIDTH}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -194,6 +217,8 @@ def _build_registry() -> dict[str, WeightFormat]:
     formats: dict[str, WeightFormat] = {
         "dense-fp16": DenseFormat("dense-fp16", "float16"),
         "dense-fp32": DenseFormat("dense-fp32", "float32"),
+        "dense-fp16-panel": DensePanelFormat("dense-fp16-panel", "float16"),
+        "dense-fp32-panel": DensePanelFormat("dense-fp32-panel", "float32"),
     }
     for name, (ebits, mbits) in FPX_ALIASES.items():
         formats[name] = FPxFormat(name, ebits, mbits)
@@ -217,9 +242,7 @@ def get_weight_format(name: str, scale_search: str = "absmax") -> WeightFormat:
     _check_scale_search(scale_search)
     fmt = WEIGHT_FORMATS.get(name)
     if fmt is None:
-        raise ConfigError(
-            f"unknown weight format {name!r}; valid formats: {', '.join(weight_format_names())}."
-        )
+        raise ConfigError(f"unknown weight format {name!r}; valid formats: {', '.join(weight_format_names())}.")
     if isinstance(fmt, (FPxFormat, FPxAutoFormat)):
         return dataclasses.replace(fmt, scale_search=scale_search)
     return fmt
@@ -227,9 +250,7 @@ def get_weight_format(name: str, scale_search: str = "absmax") -> WeightFormat:
 
 def _check_scale_search(scale_search: str) -> None:
     if scale_search not in SCALE_SEARCHES:
-        raise ConfigError(
-            f"unknown scale search {scale_search!r}; valid choices: {', '.join(SCALE_SEARCHES)}."
-        )
+        raise ConfigError(f"unknown scale search {scale_search!r}; valid choices: {', '.join(SCALE_SEARCHES)}.")
 
 
 def _check_weight(w: np.ndarray) -> np.ndarray:

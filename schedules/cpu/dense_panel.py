@@ -11,17 +11,15 @@ The CPU weight GEMM loads 16 consecutive values of one k row per step (two AVX2 
 AVX-512 vector), so with this layout it reads the weight in place, with no per-call repacking;
 with the plain [M, K] layout ("dense-fp32") it transposes each 16-row panel on every call, which
 costs about a third of the GEMM at 32 tokens. The packer is numpy
-`w.reshape(M // 16, 16, K).transpose(0, 2, 1)` (see `pack_dense_panel`).
+`w.reshape(M // 16, 16, K).transpose(0, 2, 1)` (`compiler/formats/dense_panel.py`).
 """
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import te, tirx
 
+from tensorpress.compiler.formats.dense_panel import PANEL_WIDTH
 from tensorpress.schedules.weight_gemm import DecodeStage, StoredBuffer, register_decode_stage
-
-PANEL_WIDTH = 16
 
 
 class DensePanelDecode(DecodeStage):
@@ -44,15 +42,6 @@ class DensePanelDecode(DecodeStage):
         if m % PANEL_WIDTH:
             return f"M must be a multiple of {PANEL_WIDTH}"
         return None
-
-
-def pack_dense_panel(w: np.ndarray, dtype: str = "float32") -> np.ndarray:
-    """The stored array of `DensePanelDecode` for W [M, K]: [M/16, K, 16] in `dtype`."""
-    m, k = w.shape
-    if m % PANEL_WIDTH:
-        raise ValueError(f"a dense panel weight needs M to be a multiple of {PANEL_WIDTH}, got M={m}")
-    panels = w.reshape(m // PANEL_WIDTH, PANEL_WIDTH, k).transpose(0, 2, 1)
-    return np.ascontiguousarray(panels.astype(dtype))
 
 
 DENSE_FP32_PANEL = register_decode_stage(DensePanelDecode("dense-fp32-panel", "float32"))

@@ -74,5 +74,5 @@ def test_minilm_fpx_matches_torch_with_the_same_quantised_weights(minilm_folder,
 def test_fpx_skip_patterns_keep_layers_dense(minilm_folder, tmp_path):
     report = tensorpress.compile(minilm_folder, tmp_path / "m.tpk", weights="fp4", skip=["*.attention.*"])
     formats = {layer["weight"]: layer["format"] for layer in report.manifest["layers"]}
-    assert all(f == "dense-fp32" for name, f in formats.items() if ".attention." in name)
+    assert all(f == "dense-fp32-panel" for name, f in formats.items() if ".attention." in name)
     assert all(f == "fp4" for name, f in formats.items() if ".attention." not in name)

@@ -47,7 +47,7 @@ def test_onnx_gelu_opset20_symbolic_batch(tmp_path):
     path = tmp_path / "gelu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
     report = tensorpress.compile(path, tmp_path / "gelu.tpk")
-    assert [layer["format"] for layer in report.manifest["layers"]] == ["dense-fp32"]
+    assert [layer["format"] for layer in report.manifest["layers"]] == ["dense-fp32-panel"]
     x = rng.standard_normal((5, 32)).astype(np.float32)
     (got,) = tensorpress.runtime.load(report.artifact).run([x])
     (want,) = ort.InferenceSession(str(path)).run(None, {"x": x})

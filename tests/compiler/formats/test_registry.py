@@ -123,3 +123,16 @@ def test_registry_imports_no_tvm():
     code = "import sys, tensorpress.compiler.formats.registry; print('tvm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_dense_panel_round_trip_and_layout():
+    from tensorpress.compiler.formats.registry import get_weight_format
+
+    w = np.arange(32 * 5, dtype=np.float32).reshape(32, 5)
+    fmt = get_weight_format("dense-fp32-panel")
+    packed = fmt.pack(w)
+    assert packed.arrays["weight"].shape == (2, 5, 16)
+    assert packed.arrays["weight"][1, 3, 7] == w[16 + 7, 3]  # W[m, k] = weight[m // 16, k, m % 16]
+    np.testing.assert_array_equal(fmt.unpack(packed), w)
+    assert fmt.stored_bytes(32, 5) == packed.nbytes
+    assert fmt.unsupported_reason(24, 16) == "M must be a multiple of 16"

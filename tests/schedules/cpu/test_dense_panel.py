@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from cpu_schedule_harness import compiled, rng, schedule
 
-from tensorpress.schedules.cpu.dense_panel import PANEL_WIDTH, pack_dense_panel
+from tensorpress.compiler.formats.dense_panel import PANEL_WIDTH, pack_dense_panel
 from tensorpress.schedules.cpu.weight_gemm import WeightGemm
 from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
 

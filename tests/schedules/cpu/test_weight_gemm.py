@@ -5,7 +5,7 @@ import pytest
 from cpu_schedule_harness import AVX2, AVX512, compiled, host_has, rng, schedule
 from tvm import te
 
-from tensorpress.schedules.cpu.dense_panel import pack_dense_panel
+from tensorpress.compiler.formats.dense_panel import pack_dense_panel
 from tensorpress.schedules.cpu.weight_gemm import WeightGemm
 from tensorpress.schedules.weight_gemm import DecodeStage, StoredBuffer, get_decode_stage, make_weight_gemm
 
