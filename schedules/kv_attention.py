@@ -26,21 +26,32 @@ sequence, decode one. Attention is causal: token n attends to positions 0..posit
 sequence, i.e. to everything cached before the call plus the tokens of this call up to itself (the
 append runs first). GQA: query head h reads kv head h // (H // KVH).
 
-Each output row is computed by one thread in a fixed order (online softmax over positions in increasing
-order, fp32 accumulation, q·k as 8 interleaved partial sums), so results are deterministic run to run.
+Attention is computed in chunks of `chunk` consecutive positions (flash-decoding), in two stages:
+
+    stage 1, for each (token n, kv head g, chunk c) and each query head h of g's group:
+        s_t = q_h · k_t / √D                      t in the chunk (q·k summed over D in order)
+        m_c = max s_t,  p_t = exp(s_t - m_c)      over the positions t <= positions[n] (p_t = 0 after)
+        l_c = Σ_t p_t,  a_c = Σ_t p_t v_t         a_c as SLOTS interleaved partial sums, then summed
+    stage 2 (merge), for each (token n, query head h), over its chunks c (those with c·chunk <= position):
+        M = max_c m_c,  out = Σ_c e^(m_c - M) a_c / Σ_c e^(m_c - M) l_c     (chunks in increasing order)
+
+Every sum has one fixed order and no atomics, so results are bit-identical run to run. All of it is
+fp32; q is scaled by 1/√D before the dot products. The stage-1 values of all chunks (`chunk_max`,
+`chunk_sum`, `chunk_acc`) live in a workspace the kernel allocates itself (TVMBackendAllocWorkspace).
 
 Kernels (PrimFunc attribute `tensorpress.kernel` says which; the rules at the bottom schedule them):
     kv_append           (kv_pages, k[N,KVH,D], v[N,KVH,D], positions[N], seq_slot[N], block_table[B,M], layer)
                         writes kv_pages in place (Relax `call_tir_inplace`)
     paged_attention     (q[N,H,D], kv_pages, positions[N], seq_slot[N], block_table[B,M], layer) -> out[N,H,D]
                         one definition; `phase` ("prefill" or "decode") only names it, so each phase can
-                        get its own schedule
+                        get its own schedule. Schedules: `kv_attention_cpu.py`, `kv_attention_cuda.py`.
 """
 
 from __future__ import annotations
 
 import math
 
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.script import tirx as T
@@ -50,11 +61,21 @@ KERNEL_ATTR = "tensorpress.kernel"
 APPEND_KERNEL = "kv_append"
 ATTENTION_KERNEL = "paged_attention"
 PHASE_ATTR = "tensorpress.kv_phase"
+CHUNK_ATTR = "tensorpress.kv_chunk"
+
+SLOTS = 8  # a_c is summed as SLOTS interleaved partial sums (one per thread row on the GPU)
+
+
+def chunk_tokens(num_q_heads: int, num_kv_heads: int) -> int:
+    """Positions per chunk: 64 (enough CTAs at batch 1: 32 kv heads x 2048/64, few partials), or 32
+    when a kv head serves more than 4 query heads (the GPU's per-chunk p·V sums then fit in shared
+    memory in one pass; see `kv_attention_cuda.pv_plan`)."""
+    return 64 if num_q_heads // num_kv_heads <= 4 else 32
+
 
 # AnnotateTIROpPattern leaves functions that already carry a pattern alone; kOpaque (8) keeps FuseOps
 # from merging our kernels with neighbours (which would hide them from the rules below).
 _OPAQUE = 8
-_NEG_BIG = -3.0e38  # initial running max: finite, so exp(m_old - m_new) is 0, never NaN
 
 
 def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, dtype: str) -> tirx.PrimFunc:
@@ -93,13 +114,31 @@ def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, dtype: str)
 
 
 def paged_attention_func(
-    num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str, phase: str
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: str,
+    phase: str,
+    chunk: int | None = None,
 ) -> tirx.PrimFunc:
-    """Causal GQA attention of N query tokens over their sequences' pages; out = softmax(q·Kᵀ/√D)·V."""
-    H, KVH, D, PS = num_q_heads, num_kv_heads, head_dim, page_size
-    group = H // KVH
-    scale = 1.0 / math.sqrt(D)
-    LANES = 8 if D % 8 == 0 else 1
+    """Causal GQA attention of N query tokens over their sequences' pages; out = softmax(q·Kᵀ/√D)·V,
+    in chunks of `chunk` positions (default `chunk_tokens`, a multiple of SLOTS) merged in order.
+
+    Blocks, in order (stage 1 shares the loops n, g, c; j = query head in the group, t = position in
+    the chunk):  q_scaled, keys, score, chunk_max, prob, chunk_sum, values, slot_acc, chunk_acc |
+    merged_max, merged_sum, merged_acc, out.  `keys`/`values` gather the chunk's rows from the pages;
+    a position past the token's own is clamped to it (so every read is in bounds) and masked to p = 0.
+    """
+    chunk = chunk or chunk_tokens(num_q_heads, num_kv_heads)
+    if chunk % SLOTS:
+        raise ValueError(f"chunk must be a multiple of {SLOTS}, got {chunk}")
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 - indices are int64, like the symbolic shapes
+    group = num_q_heads // num_kv_heads
+    H, KVH, D, PS, G = i64(num_q_heads), i64(num_kv_heads), i64(head_dim), i64(page_size), i64(group)
+    CH, S, STEPS = i64(chunk), i64(SLOTS), i64(chunk // SLOTS)
+    scale = 1.0 / math.sqrt(head_dim)
+    f32_min = T.min_value("float32")  # identity of max (what TVM's reducers expect)
 
     @T.prim_func(private=True, s_tir=True)
     def paged_attention(
@@ -111,7 +150,15 @@ def paged_attention_func(
         layer: T.int64,
         var_out: T.handle,
     ):
-        T.func_attr({"tirx.noalias": True, KERNEL_ATTR: ATTENTION_KERNEL, PHASE_ATTR: phase, "op_pattern": _OPAQUE})
+        T.func_attr(
+            {
+                "tirx.noalias": True,
+                KERNEL_ATTR: ATTENTION_KERNEL,
+                PHASE_ATTR: phase,
+                CHUNK_ATTR: chunk,
+                "op_pattern": _OPAQUE,
+            }
+        )
         L, P, N, B, M = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (N, H, D), dtype)
         pages = T.match_buffer(var_pages, (L, P, 2, KVH, PS, D), dtype)
@@ -119,54 +166,142 @@ def paged_attention_func(
         seq_slot = T.match_buffer(var_seq_slot, (N,), "int32")
         block_table = T.match_buffer(var_block_table, (B, M), "int32")
         out = T.match_buffer(var_out, (N, H, D), dtype)
-        for n, h in T.grid(N, H):
-            with T.sblock("attention"):
-                vn, vh = T.axis.remap("SS", [n, h])
-                T.reads(
-                    q[vn, vh, 0:D],
-                    positions[vn],
-                    seq_slot[vn],
-                    block_table[seq_slot[vn], 0:M],
-                    pages[layer, 0:P, 0:2, vh // group, 0:PS, 0:D],
-                )
-                T.writes(out[vn, vh, 0:D])
-                q_f32 = T.sblock_alloc_buffer((D,), "float32", scope="local")
-                acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
-                # running max, running sum of exp, current score, rescale factor of the old state
-                m = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                denom = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                score = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                partial = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
-                m_new = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                slot: T.let[T.int32] = seq_slot[vn]
+        with T.sblock("root"):
+            # C = number of chunks that cover the block table: (M * PS + CH - 1) // CH
+            q_scaled = T.sblock_alloc_buffer((N, H, D), "float32")
+            keys = T.sblock_alloc_buffer((N, KVH, (M * PS + CH - 1) // CH, CH, D), dtype)
+            score = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH, CH), "float32")
+            prob = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH, CH), "float32")
+            values = T.sblock_alloc_buffer((N, KVH, (M * PS + CH - 1) // CH, CH, D), dtype)
+            slot_acc = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH, S, D), "float32")
+            chunk_max = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH), "float32")
+            chunk_sum = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH), "float32")
+            chunk_acc = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH, D), "float32")
+            merged_max = T.sblock_alloc_buffer((N, H), "float32")
+            merged_sum = T.sblock_alloc_buffer((N, H), "float32")
+            merged_acc = T.sblock_alloc_buffer((N, H, D), "float32")
+            for n, g, c in T.grid(N, KVH, (M * PS + CH - 1) // CH):
+                for j, d in T.grid(G, D):
+                    with T.sblock("q_scaled"):
+                        vn = T.axis.spatial(N, n)
+                        vh = T.axis.spatial(H, g * G + j)
+                        vd = T.axis.spatial(D, d)
+                        q_scaled[vn, vh, vd] = T.Cast("float32", q[vn, vh, vd]) * T.float32(scale)
+                for t, d in T.grid(CH, D):
+                    with T.sblock("keys"):
+                        vn, vg, vc, vt, vd = T.axis.remap("SSSSS", [n, g, c, t, d])
+                        keys[vn, vg, vc, vt, vd] = pages[
+                            layer,
+                            block_table[seq_slot[vn], T.min(vc * CH + vt, T.Cast("int64", positions[vn])) // PS],
+                            0,
+                            vg,
+                            T.min(vc * CH + vt, T.Cast("int64", positions[vn])) % PS,
+                            vd,
+                        ]
+                for j, t, d in T.grid(G, CH, D):
+                    with T.sblock("score"):
+                        vn = T.axis.spatial(N, n)
+                        vh = T.axis.spatial(H, g * G + j)
+                        vc, vt, vd = T.axis.remap("SSR", [c, t, d])
+                        with T.init():
+                            score[vn, vh, vc, vt] = T.float32(0)
+                        score[vn, vh, vc, vt] = score[vn, vh, vc, vt] + q_scaled[vn, vh, vd] * T.Cast(
+                            "float32", keys[vn, vh // G, vc, vt, vd]
+                        )
+                for j, t in T.grid(G, CH):
+                    with T.sblock("chunk_max"):
+                        vn = T.axis.spatial(N, n)
+                        vh = T.axis.spatial(H, g * G + j)
+                        vc, vt = T.axis.remap("SR", [c, t])
+                        with T.init():
+                            chunk_max[vn, vh, vc] = f32_min
+                        chunk_max[vn, vh, vc] = T.max(
+                            chunk_max[vn, vh, vc],
+                            T.if_then_else(
+                                vc * CH + vt <= T.Cast("int64", positions[vn]), score[vn, vh, vc, vt], f32_min
+                            ),
+                        )
+                for j, t in T.grid(G, CH):
+                    with T.sblock("prob"):
+                        vn = T.axis.spatial(N, n)
+                        vh = T.axis.spatial(H, g * G + j)
+                        vc, vt = T.axis.remap("SS", [c, t])
+                        prob[vn, vh, vc, vt] = T.if_then_else(
+                            vc * CH + vt <= T.Cast("int64", positions[vn]),
+                            T.exp(score[vn, vh, vc, vt] - chunk_max[vn, vh, vc]),
+                            T.float32(0),
+                        )
+                for j, t in T.grid(G, CH):
+                    with T.sblock("chunk_sum"):
+                        vn = T.axis.spatial(N, n)
+                        vh = T.axis.spatial(H, g * G + j)
+                        vc, vt = T.axis.remap("SR", [c, t])
+                        with T.init():
+                            chunk_sum[vn, vh, vc] = T.float32(0)
+                        chunk_sum[vn, vh, vc] = chunk_sum[vn, vh, vc] + prob[vn, vh, vc, vt]
+                for t, d in T.grid(CH, D):
+                    with T.sblock("values"):
+                        vn, vg, vc, vt, vd = T.axis.remap("SSSSS", [n, g, c, t, d])
+                        values[vn, vg, vc, vt, vd] = pages[
+                            layer,
+                            block_table[seq_slot[vn], T.min(vc * CH + vt, T.Cast("int64", positions[vn])) // PS],
+                            1,
+                            vg,
+                            T.min(vc * CH + vt, T.Cast("int64", positions[vn])) % PS,
+                            vd,
+                        ]
+                for s, j, d, step in T.grid(S, G, D, STEPS):
+                    with T.sblock("slot_acc"):
+                        vn = T.axis.spatial(N, n)
+                        vh = T.axis.spatial(H, g * G + j)
+                        vc, vs, vd, vstep = T.axis.remap("SSSR", [c, s, d, step])
+                        with T.init():
+                            slot_acc[vn, vh, vc, vs, vd] = T.float32(0)
+                        slot_acc[vn, vh, vc, vs, vd] = slot_acc[vn, vh, vc, vs, vd] + prob[
+                            vn, vh, vc, vstep * S + vs
+                        ] * T.Cast("float32", values[vn, vh // G, vc, vstep * S + vs, vd])
+                for j, d, s in T.grid(G, D, S):
+                    with T.sblock("chunk_acc"):
+                        vn = T.axis.spatial(N, n)
+                        vh = T.axis.spatial(H, g * G + j)
+                        vc, vd, vs = T.axis.remap("SSR", [c, d, s])
+                        with T.init():
+                            chunk_acc[vn, vh, vc, vd] = T.float32(0)
+                        chunk_acc[vn, vh, vc, vd] = chunk_acc[vn, vh, vc, vd] + slot_acc[vn, vh, vc, vs, vd]
+            for n, h in T.grid(N, H):
+                for c in T.serial((M * PS + CH - 1) // CH):
+                    with T.sblock("merged_max"):
+                        vn, vh, vc = T.axis.remap("SSR", [n, h, c])
+                        with T.init():
+                            merged_max[vn, vh] = f32_min
+                        merged_max[vn, vh] = T.max(
+                            merged_max[vn, vh],
+                            T.if_then_else(vc * CH <= T.Cast("int64", positions[vn]), chunk_max[vn, vh, vc], f32_min),
+                        )
+                for c in T.serial((M * PS + CH - 1) // CH):
+                    with T.sblock("merged_sum"):
+                        vn, vh, vc = T.axis.remap("SSR", [n, h, c])
+                        with T.init():
+                            merged_sum[vn, vh] = T.float32(0)
+                        merged_sum[vn, vh] = merged_sum[vn, vh] + T.if_then_else(
+                            vc * CH <= T.Cast("int64", positions[vn]),
+                            T.exp(chunk_max[vn, vh, vc] - merged_max[vn, vh]) * chunk_sum[vn, vh, vc],
+                            T.float32(0),
+                        )
+                for d, c in T.grid(D, (M * PS + CH - 1) // CH):
+                    with T.sblock("merged_acc"):
+                        vn, vh, vd, vc = T.axis.remap("SSSR", [n, h, d, c])
+                        with T.init():
+                            merged_acc[vn, vh, vd] = T.float32(0)
+                        merged_acc[vn, vh, vd] = merged_acc[vn, vh, vd] + T.if_then_else(
+                            vc * CH <= T.Cast("int64", positions[vn]),
+                            T.exp(chunk_max[vn, vh, vc] - merged_max[vn, vh]) * chunk_acc[vn, vh, vc, vd],
+                            T.float32(0),
+                        )
                 for d in T.serial(D):
-                    q_f32[d] = T.Cast("float32", q[vn, vh, d]) * T.float32(scale)
-                    acc[d] = T.float32(0)
-                m[0] = T.float32(_NEG_BIG)
-                denom[0] = T.float32(0)
-                for t in T.serial(positions[vn] + 1):
-                    page: T.let[T.int32] = block_table[slot, t // PS]
-                    row: T.let[T.int32] = t % PS
-                    # q·k in LANES interleaved partial sums (a fixed order; vector lanes on CPUs)
-                    for lane in T.serial(LANES):
-                        partial[lane] = T.float32(0)
-                    for j, lane in T.grid(D // LANES, LANES):
-                        k_d = T.Cast("float32", pages[layer, page, 0, vh // group, row, j * LANES + lane])
-                        partial[lane] = partial[lane] + q_f32[j * LANES + lane] * k_d
-                    score[0] = T.float32(0)
-                    for lane in T.serial(LANES):
-                        score[0] = score[0] + partial[lane]
-                    m_new[0] = T.max(m[0], score[0])
-                    # reuse `score` as p = exp(s - m_new) and `m` as alpha = exp(m_old - m_new)
-                    score[0] = T.exp(score[0] - m_new[0])
-                    m[0] = T.exp(m[0] - m_new[0])
-                    denom[0] = denom[0] * m[0] + score[0]
-                    for d in T.serial(D):
-                        v_d = T.Cast("float32", pages[layer, page, 1, vh // group, row, d])
-                        acc[d] = acc[d] * m[0] + score[0] * v_d
-                    m[0] = m_new[0]
-                for d in T.serial(D):
-                    out[vn, vh, d] = T.Cast(dtype, acc[d] / denom[0])
+                    with T.sblock("out"):
+                        vn, vh, vd = T.axis.remap("SSS", [n, h, d])
+                        out[vn, vh, vd] = T.Cast(dtype, merged_acc[vn, vh, vd] / merged_sum[vn, vh])
 
     return paged_attention
 
@@ -174,57 +309,74 @@ def paged_attention_func(
 # ---------------------------------------------------------------------------------------------- rules
 
 
-def _kernel_name(func: tirx.PrimFunc) -> str | None:
+def kernel_name(func: tirx.PrimFunc) -> str | None:
+    """The `tensorpress.kernel` attribute of a PrimFunc of this file (None for any other function)."""
     if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
         return None
     name = func.attrs.get(KERNEL_ATTR)
     return str(name) if name is not None else None
 
 
-class KVAttentionCPU(dl.ScheduleRule):
-    """llvm: one parallel task per (token, query head) for attention, per (token, kv head) for append.
+def attention_shape(func: tirx.PrimFunc) -> tuple[int, int, int, int]:
+    """(query heads, kv heads, head_dim, chunk) of a paged_attention PrimFunc."""
+    q, pages = (func.params[i] for i in (0, 1))
+    heads, head_dim = int(q.shape[1]), int(q.shape[2])
+    return heads, int(pages.shape[3]), head_dim, int(func.attrs[CHUNK_ATTR])
 
-    The per-position loops inside a task are serial (online softmax); LLVM vectorises the D loops.
+
+def guard_loop_body(func: tirx.PrimFunc, loop_var: tirx.Var, condition: tirx.PrimExpr) -> tirx.PrimFunc:
+    """`func` with the body of the loop over `loop_var` run only when `condition` holds.
+
+    Written as a loop of 1 or 0 iterations rather than an `if` (what TVM's passes expect of a CPU
+    task body; the CUDA schedule skips nothing, see `kv_attention_cuda.schedule_attention`).
     """
+    found = []
+
+    def wrap(loop: tirx.For) -> tirx.For:
+        if not loop.loop_var.same_as(loop_var):
+            return loop
+        found.append(loop)
+        once = tirx.Var("run_once", "int64")
+        body = tirx.For(once, tirx.IntImm("int64", 0), condition.astype("int64"), tirx.ForKind.SERIAL, loop.body)
+        return tirx.For(
+            loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations,
+            loop.step, loop.span,
+        )  # fmt: skip
+
+    new_body = tvm_ffi.structural_map(func.body, (tirx.For, wrap))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one loop over {loop_var}, found {len(found)}")
+    return func.with_body(new_body)
+
+
+class KVAttentionCPU(dl.ScheduleRule):
+    """llvm: one parallel task per (token, kv head) for append, per (token, kv head, chunk) for stage 1
+    of attention and per (token, query head) for the merge (`kv_attention_cpu.py`)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        kernel = _kernel_name(func)
+        kernel = kernel_name(func)
         if kernel not in (APPEND_KERNEL, ATTENTION_KERNEL) or target.kind.name != "llvm":
             return None
-        sch = s_tir.Schedule(func)
+        from tensorpress.schedules import kv_attention_cpu
+
         if kernel == APPEND_KERNEL:
-            n, g, d = sch.get_loops(sch.get_sblock("append"))
-            sch.parallel(sch.fuse(n, g))
-            sch.vectorize(d)
-        else:
-            n, h = sch.get_loops(sch.get_sblock("attention"))
-            sch.parallel(sch.fuse(n, h))
-        return sch
+            return kv_attention_cpu.schedule_append(func)
+        return kv_attention_cpu.schedule_attention(func)
 
 
 class KVAttentionCUDA(dl.ScheduleRule):
-    """cuda: one thread per (token, query head) for attention, per element for append.
-
-    Correct and simple (dlight-fallback-like); the fast version (a warp per head, pages staged in
-    shared memory, split-K over long contexts with a deterministic merge) comes later.
-    """
-
-    threads_per_block = 64
+    """cuda: flash-decoding (`kv_attention_cuda.py`): a CTA per (token, kv head, chunk) computes the
+    chunk for all query heads of the group, a second kernel merges the chunks in order."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        kernel = _kernel_name(func)
+        kernel = kernel_name(func)
         if kernel not in (APPEND_KERNEL, ATTENTION_KERNEL) or target.kind.name != "cuda":
             return None
-        sch = s_tir.Schedule(func)
+        from tensorpress.schedules import kv_attention_cuda
+
         if kernel == APPEND_KERNEL:
-            loops = sch.get_loops(sch.get_sblock("append"))
-            bx, tx = sch.split(sch.fuse(*loops), [None, 128])
-        else:
-            loops = sch.get_loops(sch.get_sblock("attention"))
-            bx, tx = sch.split(sch.fuse(*loops), [None, self.threads_per_block])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-        return sch
+            return kv_attention_cuda.schedule_append(func)
+        return kv_attention_cuda.schedule_attention(func)
 
 
 def kv_attention_rules() -> list[dl.ScheduleRule]:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from kv_reference import attention_reference, chunked_attention_reference, paged_batch
 from tvm.s_tir import dlight as dl
 
-from tensorpress.schedules.kv_attention import kv_append_func, kv_attention_rules, paged_attention_func
+from tensorpress.schedules.kv_attention import chunk_tokens, kv_append_func, kv_attention_rules, paged_attention_func
 
 H, KVH, D, PS, L = 4, 2, 16, 4, 2
 LAYER = 1
@@ -24,6 +25,9 @@ def _build(funcs: dict, target: tvm.target.Target):
         return tvm.compile(mod, target=target)
 
 
+CPU = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+
+
 @pytest.fixture(scope="module", params=["float32", "float16"])
 def cpu_kernels(request):
     dtype = request.param
@@ -32,7 +36,7 @@ def cpu_kernels(request):
         "prefill": paged_attention_func(H, KVH, D, PS, dtype, "prefill"),
         "decode": paged_attention_func(H, KVH, D, PS, dtype, "decode"),
     }
-    return dtype, _build(funcs, tvm.target.Target({"kind": "llvm", "num-cores": 2}))
+    return dtype, _build(funcs, CPU)
 
 
 def _ragged_batch(rng, dtype):
@@ -102,6 +106,33 @@ def test_attention_matches_numpy_on_a_ragged_batch(cpu_kernels, phase):
     expected = _numpy_attention(q, pool, block_table, positions, seq_slot)
     tol = 1e-5 if dtype == "float32" else 2e-3
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("heads, kv_heads, phase", [(4, 2, "decode"), (6, 1, "prefill"), (3, 3, "prefill")])
+def test_attention_over_several_chunks_matches_numpy(heads, kv_heads, phase):
+    """Contexts of 1 to 3 chunks (64 positions), pages of 4 tokens in shuffled order, ragged."""
+    rng = np.random.default_rng(heads)
+    new = [1, 1, 1, 1] if phase == "decode" else [5, 3, 2, 1]
+    batch = paged_batch(rng, heads, kv_heads, D, 4, lengths=[150, 3, 64, 65], new=new)
+    lib = _build({phase: paged_attention_func(heads, kv_heads, D, 4, "float32", phase)}, CPU)
+    out = tvm.runtime.empty(batch.q.shape, "float32")
+    lib[phase](*_tensors(*batch.arrays()), batch.layer, out)
+    np.testing.assert_allclose(out.numpy(), attention_reference(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_the_chunked_form_is_the_softmax_of_all_positions():
+    """The two-stage math of the definition (numpy, in its summation orders) equals softmax attention."""
+    rng = np.random.default_rng(11)
+    batch = paged_batch(rng, 4, 2, 8, 4, lengths=[200, 7, 129], new=[3, 2, 1])
+    for chunk in (8, 64):
+        np.testing.assert_allclose(chunked_attention_reference(batch, chunk), attention_reference(batch), 1e-5, 1e-5)
+
+
+def test_chunk_size_follows_the_query_heads_per_kv_head():
+    assert [chunk_tokens(g * 4, 4) for g in (1, 2, 4, 5, 7, 8)] == [64, 64, 64, 32, 32, 32]
+    assert int(paged_attention_func(32, 4, 128, 16, "float16", "decode").attrs["tensorpress.kv_chunk"]) == 32
+    with pytest.raises(ValueError, match="multiple of 8"):
+        paged_attention_func(4, 2, 16, 4, "float32", "decode", chunk=12)
 
 
 def test_attention_is_deterministic(cpu_kernels):

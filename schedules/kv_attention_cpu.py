@@ -1,0 +1,63 @@
+"""llvm schedules of the paged KV kernels (`kv_attention.py`).
+
+Attention stage 1 runs one parallel task per (token, kv head, chunk): the chunk's keys are gathered
+transposed ([D, CHUNK] in a task-local buffer) so q·k vectorises over the chunk's positions, and p·V
+vectorises over head_dim with V read straight from the pages. The merge runs one parallel task per
+(token, query head). Chunks past a token's position are skipped, as on the GPU.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+from tensorpress.schedules.kv_attention import attention_shape, guard_loop_body
+
+
+def schedule_append(func: tirx.PrimFunc) -> s_tir.Schedule:
+    """kv_append: a parallel task per (token, kv head), the row copy vectorised."""
+    sch = s_tir.Schedule(func)
+    n, g, d = sch.get_loops(sch.get_sblock("append"))
+    sch.parallel(sch.fuse(n, g))
+    sch.vectorize(d)
+    return sch
+
+
+def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
+    _, kv_heads, _, chunk = attention_shape(func)
+    sch = s_tir.Schedule(func)
+    score = sch.get_sblock("score")
+    task = sch.fuse(*sch.get_loops(score)[:3])
+    sch.parallel(task)
+    task_var = sch.get(task).loop_var
+
+    keys = sch.get_sblock("keys")
+    sch.transform_layout(keys, ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
+    t, d = sch.get_loops(keys)[-2:]
+    sch.reorder(d, t)
+    j, t, d = sch.get_loops(score)[-3:]
+    sch.reorder(j, d, t)
+    sch.vectorize(t)
+
+    sch.compute_inline(sch.get_sblock("values"))
+    slot_acc = sch.get_sblock("slot_acc")
+    s, j, d, step = sch.get_loops(slot_acc)[-4:]
+    sch.reorder(j, step, s, d)
+    sch.vectorize(d)
+    chunk_acc = sch.get_sblock("chunk_acc")
+    j, d, s = sch.get_loops(chunk_acc)[-3:]
+    sch.reorder(j, s, d)
+    sch.vectorize(d)
+
+    out = sch.get_sblock("out")
+    n, h = sch.get_loops(out)[:2]
+    sch.parallel(sch.fuse(n, h))
+
+    # task = (n * KVH + g) * C + c  ->  skip chunk c when c * CHUNK > positions[n]
+    scheduled = sch.mod["main"]
+    positions = scheduled.params[2]
+    block_table = scheduled.params[4]
+    page_size = int(scheduled.params[1].shape[4])
+    chunks = (block_table.shape[1] * page_size + chunk - 1) // chunk
+    token = tirx.floordiv(task_var, kv_heads * chunks)
+    condition = tirx.floormod(task_var, chunks) * chunk <= positions[token].astype("int64")
+    return s_tir.Schedule(guard_loop_body(scheduled, task_var, condition))
