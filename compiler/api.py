@@ -32,6 +32,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     example_inputs: tuple | None = None,
     input_shapes: dict[str, list[int | str]] | None = None,
     tracer: str = "export",
+    store_weights: bool = True,
     **import_options: Any,
 ) -> CompileReport:
     """Compile `model` into one artifact file at `output`.
@@ -46,6 +47,10 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     weights: None (dense), a weight format name ("fp6", "fp5", "fp4", "fp6-auto", "e2m3", ...), or an
         FPxConfig. `skip` adds fnmatch patterns of weights to keep dense; `scale_search` is "absmax"
         (default) or "mse".
+    store_weights: False writes the weights' names, shapes and dtypes but not their values (the
+        library alone, e.g. to carry a 7B-shaped model where 13 GB cannot go); they are given at load
+        time, `tensorpress.runtime.load(path, weights={name: array})`. A Hugging Face decoder folder
+        may then hold config.json alone.
     Returns a CompileReport (artifact path, manifest, seconds per stage).
     """
     from tensorpress.frontend import import_model
@@ -60,6 +65,8 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         raise ConfigError(f"the {kv_cache.format} KV cache is not implemented yet; use KVCacheConfig('fp16').")
     if dtype is None and target_spec.kind == "cuda" and _is_decoder_folder(model):
         dtype = "float16"  # LLMs on GPUs run in fp16 (the Tensor Core GEMMs take fp16 activations)
+    if not store_weights and _is_decoder_folder(model) and not list(Path(model).glob("*.safetensors")):
+        import_options["shapes_only"] = True  # config.json alone: zero stand-ins, nothing to read
     start = time.perf_counter()
     imported = import_model(
         model,
@@ -71,7 +78,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     )
     timings = {"import": time.perf_counter() - start}
     as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
-    return compile_imported(imported, Path(output), target_spec, recipe, as_written, timings)
+    return compile_imported(imported, Path(output), target_spec, recipe, as_written, timings, store_weights)
 
 
 def _is_decoder_folder(model: Any) -> bool:

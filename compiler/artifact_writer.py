@@ -49,9 +49,13 @@ def write_artifact(
     params: dict[str, np.ndarray],
     manifest: dict[str, Any],
     extra_files: dict[str, str | os.PathLike] | None = None,
+    store_weights: bool = True,
 ) -> dict[str, Any]:
     """Write library + weights + manifest (+ extra files the model needs at run time, e.g. its
-    tokenizer.json, stored as files/<name>) into one artifact at `path`; returns the final manifest."""
+    tokenizer.json, stored as files/<name>) into one artifact at `path`; returns the final manifest.
+
+    store_weights=False writes the weights member as the safetensors header alone (every name, dtype,
+    shape and offset, no data): the runtime then takes the values at load time."""
     manifest = dict(manifest)
     manifest["format"] = FORMAT_NAME
     manifest["format_version"] = FORMAT_VERSION
@@ -67,10 +71,8 @@ def write_artifact(
         parts[LIBRARY] = {"sha256": digest.hexdigest(), "bytes": size}
         digest, size = hashlib.sha256(), 0
         with zf.open(WEIGHTS, "w", force_zip64=True) as member:
-            chunks = itertools.chain(
-                [_safetensors_header(params)],
-                (np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes() for a in params.values()),
-            )
+            values = (np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes() for a in params.values())
+            chunks = itertools.chain([_safetensors_header(params)], values if store_weights else [])
             for chunk in chunks:
                 member.write(chunk)
                 digest.update(chunk)

@@ -6,7 +6,7 @@ sites    = find_linear_sites(imported.mod)           every linear layer with a w
 plan     = plan_weights(sites, recipe, target)       which format each weight is stored in
 imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
 library  = build_library(imported.mod, target)       schedules/ rules, tvm.compile, nvcc for CUDA
-write_artifact(out, library, imported.params, manifest)
+write_artifact(out, library, imported.params, manifest)   (store_weights=False: shapes and dtypes only)
 """
 
 from __future__ import annotations
@@ -49,17 +49,29 @@ def compile_imported(
     recipe: WeightRecipe,
     recipe_as_written: dict[str, Any],
     timings: dict[str, float] | None = None,
+    store_weights: bool = True,
 ) -> CompileReport:
-    """Everything after the import: plan, rewrite, build, write `output` atomically."""
+    """Everything after the import: plan, rewrite, build, write `output` atomically.
+
+    store_weights=False writes no weight values (their names, shapes and dtypes only); weights of one
+    shape are then packed once and shared, since only the packed shapes matter."""
     seconds = dict(timings or {})
     start = time.perf_counter()
     imported = drop_unused_weights(imported)
     sites = find_linear_sites(imported.mod)
     plans, choices = plan_weights(sites, recipe, target)
     packed: dict[str, PackedWeight] = {}
+    packed_by_shape: dict[tuple, PackedWeight] = {}
 
     def pack(name: str, w: np.ndarray, choice: LayerChoice) -> PackedWeight:
-        packed[name] = get_weight_format(choice.format, recipe.scale_search).pack(w)
+        weight_format = get_weight_format(choice.format, recipe.scale_search)
+        if store_weights:
+            packed[name] = weight_format.pack(w)
+        else:  # only shapes are written: one packing per (format, shape) serves every such weight
+            key = (choice.format, w.shape)
+            if key not in packed_by_shape:
+                packed_by_shape[key] = weight_format.pack(w)
+            packed[name] = packed_by_shape[key]
         return packed[name]
 
     rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
@@ -68,11 +80,14 @@ def compile_imported(
         build = build_library(rewritten.mod, target, Path(tmp) / "library.so")
         seconds["build"] = build.seconds
         manifest = _manifest(rewritten, target, plans, packed, recipe_as_written, build.kernels)
+        manifest["weights"]["stored"] = store_weights
         start = time.perf_counter()
         from tensorpress.compiler.artifact_writer import write_artifact
 
         extra = rewritten.info.get("extra_files", {})
-        manifest = write_artifact(output, build.library, rewritten.params, manifest, extra_files=extra)
+        manifest = write_artifact(
+            output, build.library, rewritten.params, manifest, extra_files=extra, store_weights=store_weights
+        )
         seconds["write"] = time.perf_counter() - start
     return CompileReport(Path(output), manifest, seconds)
 

@@ -96,12 +96,14 @@ def _load_params(
 
 
 def import_hf_decoder(
-    folder: str | Path, dtype: str | None = None, page_size: int = DEFAULT_PAGE_SIZE
+    folder: str | Path, dtype: str | None = None, page_size: int = DEFAULT_PAGE_SIZE, shapes_only: bool = False
 ) -> ImportedModel:
     """Import a Llama/Qwen2/OPT causal-LM folder as prefill/decode functions over a paged KV cache.
 
     dtype: compute and weight dtype ("float32" or "float16"; default: float32 for float32
     checkpoints, else float16). page_size: tokens per KV page (fixed in the compiled kernels).
+    shapes_only: read config.json alone; the params are zero stand-ins of the right shapes that take
+    no memory (for artifacts compiled with store_weights=False, whose weights come at load time).
     """
     folder = Path(folder)
     config = read_decoder_config(folder)
@@ -111,7 +113,10 @@ def import_hf_decoder(
         raise ModelImportError(f"{folder}: dtype {dtype!r} is not supported for decoders (use {supported}).")
     module = build_decoder_module(config, dtype)
     mod, named = module.export_tvm(spec=module.export_spec(page_size))
-    params = _load_params(named, read_safetensors_folder(folder), dtype, folder)
+    if shapes_only:
+        params = {name: np.broadcast_to(np.zeros((), dtype), tuple(int(d) for d in p.shape)) for name, p in named}
+    else:
+        params = _load_params(named, read_safetensors_folder(folder), dtype, folder)
 
     cache_shape = module.cache_shape(page_size)
     # learned position tables end; RoPE has no hard limit

@@ -38,7 +38,7 @@ def is_decoder_folder(folder: str | os.PathLike) -> bool:
 def import_hf_folder(folder: str | os.PathLike, dtype: str | None = None, **decoder_options) -> ImportedModel:
     """Import a Hugging Face folder: decoders through hf_decoder, everything else as an encoder graph."""
     config = read_hf_config(folder)
-    if not list(Path(folder).glob("*.safetensors")):
+    if not decoder_options.get("shapes_only") and not list(Path(folder).glob("*.safetensors")):
         raise ModelImportError(f"{folder} has no *.safetensors weights; save the model with safetensors.")
     architectures = config.get("architectures") or []
     if architectures and architectures[0].endswith(("ForCausalLM", "LMHeadModel")):

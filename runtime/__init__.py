@@ -16,14 +16,23 @@ from typing import Any
 from tensorpress.runtime.loaded_artifact import load_artifact
 
 
-def load(path: str | os.PathLike, device: str = "cpu", verify: bool = True, **decoder_options: Any) -> Any:
+def load(
+    path: str | os.PathLike,
+    device: str = "cpu",
+    verify: bool = True,
+    weights: dict[str, Any] | None = None,
+    **decoder_options: Any,
+) -> Any:
     """Load an artifact on `device` ("cpu", "cuda", "cuda:N"): a GraphModel, or a DecoderModel.
 
-    `verify` checks every part's sha256 (reads the whole file once). Decoders take the KV-cache
-    options of `DecoderModel` (max_total_tokens=..., memory_fraction=...). Raises ArtifactError /
-    DeviceMismatchError with one sentence when the file is bad or built for another device.
+    `verify` checks every part's sha256 (reads the whole file once). `weights` ({name: numpy array, or
+    a DLPack tensor already on the device}) replaces the stored weights; an artifact compiled with
+    store_weights=False needs it. Decoders take the KV-cache options of `DecoderModel`
+    (max_total_tokens=..., memory_fraction=...). Raises ArtifactError / DeviceMismatchError /
+    InputError with one sentence when the file is bad, built for another device, or the weights do
+    not fit it.
     """
-    loaded = load_artifact(path, device, verify=verify)
+    loaded = load_artifact(path, device, verify=verify, weights=weights)
     if loaded.manifest.get("kind") == "decoder":
         from tensorpress.runtime.decoder import DecoderModel
 

@@ -6,8 +6,10 @@ checks, before anything runs, that the artifact was built for this kind of devic
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from tensorpress.errors import DeviceMismatchError, TensorpressError
+from tensorpress.errors import ArtifactError, DeviceMismatchError, InputError, TensorpressError
 from tensorpress.runtime import tvm_runtime
-from tensorpress.runtime.artifact import LIBRARY, ArtifactFile, open_artifact
+from tensorpress.runtime.artifact import LIBRARY, SAFETENSORS_DTYPES, WEIGHTS, ArtifactFile, open_artifact
 
 CPU_FLAGS_FILE = "/proc/cpuinfo"
 
@@ -119,8 +121,66 @@ def _host_cpu_flags() -> set[str]:
     return set()
 
 
-def load_artifact(path: str | os.PathLike, device: str = "cpu", verify: bool = True) -> LoadedArtifact:
-    """Open, verify and load an artifact onto `device`: VM initialised, weights copied to the device."""
+def weight_specs(artifact: ArtifactFile) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, numpy dtype name)} of every weight, in parameter order, from the safetensors header
+    (present whether or not the values were stored)."""
+    offset, _ = artifact.offsets[WEIGHTS]
+    with open(artifact.path, "rb") as f:
+        f.seek(offset)
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    return {name: (tuple(e["shape"]), np.dtype(SAFETENSORS_DTYPES[e["dtype"]]).name) for name, e in ordered}
+
+
+def weights_on_device(artifact: ArtifactFile, weights: dict[str, Any] | None, dev) -> tuple[list[str], list[Any]]:
+    """(names, device tensors) in parameter order: the artifact's own weights, or `weights` instead.
+
+    `weights` maps every weight name to a numpy array (copied to the device) or to a tensor already on
+    the device that supports DLPack, e.g. a torch CUDA tensor (used in place, not copied); names,
+    shapes and dtypes must be exactly the artifact's."""
+    specs = weight_specs(artifact)
+    stored = artifact.manifest.get("weights", {}).get("stored", True)
+    if weights is None:
+        if not stored:
+            raise ArtifactError(
+                f"{artifact.path} holds no weight values (compiled with store_weights=False); pass them as "
+                "tensorpress.runtime.load(path, weights={name: array})."
+            )
+        arrays = artifact.weights()
+        return list(arrays), [tvm_runtime.to_device(np.array(arrays[name]), dev) for name in arrays]
+    missing, extra = [n for n in specs if n not in weights], [n for n in weights if n not in specs]
+    if missing or extra:
+        raise InputError(
+            f"the weights given for {artifact.path.name} do not match its parameters: missing "
+            f"{missing[:3] or 'none'}{' ...' if len(missing) > 3 else ''}, unknown {extra[:3] or 'none'}"
+            f"{' ...' if len(extra) > 3 else ''}; pass exactly the names of manifest['weights']."
+        )
+    tensors = []
+    for name, (shape, dtype) in specs.items():
+        value = weights[name]
+        if isinstance(value, np.ndarray):
+            got_shape, got_dtype = tuple(value.shape), value.dtype.name
+            tensor = tvm_runtime.to_device(value, dev) if (got_shape, got_dtype) == (shape, dtype) else None
+        else:
+            tensor = tvm_runtime.ffi().from_dlpack(value)
+            got_shape, got_dtype = tuple(int(d) for d in tensor.shape), str(tensor.dtype)
+            if tensor.device.dlpack_device_type() != dev.dlpack_device_type():
+                raise InputError(f"weight {name} is on {tensor.device}, not on {dev}; move it to the model's device.")
+        if (got_shape, got_dtype) != (shape, dtype):
+            raise InputError(
+                f"weight {name} is {got_dtype} {list(got_shape)} but {artifact.path.name} needs {dtype} {list(shape)}."
+            )
+        tensors.append(tensor)
+    return list(specs), tensors
+
+
+def load_artifact(
+    path: str | os.PathLike, device: str = "cpu", verify: bool = True, weights: dict[str, Any] | None = None
+) -> LoadedArtifact:
+    """Open, verify and load an artifact onto `device`: VM initialised, weights copied to the device
+    (or `weights` used instead of the stored ones, see `weights_on_device`)."""
     artifact: ArtifactFile = open_artifact(path, verify=verify)
     kind, index = parse_device(device)
     check_device_fits(artifact.manifest, kind, index, artifact.path)
@@ -135,9 +195,7 @@ def load_artifact(path: str | os.PathLike, device: str = "cpu", verify: bool = T
     if kind != "cpu":
         init += [tvm_runtime.KDL_CPU, 0, tvm_runtime.POOLED_ALLOCATOR]
     vm["vm_initialization"](*init)
-    weights = artifact.weights()
-    names = list(weights)
-    params = [tvm_runtime.to_device(np.array(weights[name]), dev) for name in names]
+    names, params = weights_on_device(artifact, weights, dev)
     return LoadedArtifact(
         artifact.path, artifact.manifest, dev, device, vm, params, names, artifact, [tmpdir, executable]
     )
