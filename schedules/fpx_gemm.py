@@ -5,31 +5,36 @@ Stored buffers (`compiler/formats/fpx_layout.py` has the layout and its picture)
     scales   float16 [M]
 
 On the Tensor Core template the planes are staged (`StagedDecode`): each K tile of them travels to
-shared memory by cp.async, compressed, and the decode reads them there; the per-row scales stay in
-global memory (2 bytes per row, cached). On the CPU the same decode expression reads global memory.
+shared memory by cp.async, compressed, and each warp decodes them from there straight into its mma
+B fragments, two weights per 32-bit register (`FragmentDecode`, `tensorcore/fragment_decode.py`).
+The per-row scales stay in global memory and are applied once per output (`RowScaledDecode`). On
+the CPU the same decode expressions read global memory.
 
 W[m, k] is rebuilt with integer and bit operations only, no lookup table:
 
     bits  = (sign << 15) | ((e << Y | m) << (10 - Y))        an fp16 bit pattern with exponent field e
             = OR over planes of rotate(plane_p[row, word], to fp16 place) & mask_p     (`fp16_bits`)
     h     = reinterpret<float16>(bits)                         = value * 2^(bias - 15)
-    w     = (h * 2^(15 - bias)) * scale                        two fp16 multiplies
+    W     = h * row_scale,  row_scale = float32(scale) * 2^(15 - bias)     (`unscaled_decode`, `row_scale`)
 
 Why this is exact. With fp16 exponent field e (0 <= e <= 15 as X <= 4) and mantissa m << (10 - Y),
 h is 2^(e-15) * (1 + m/2^Y) for e > 0 and 2^-14 * m/2^Y for e == 0, i.e. the eXmY value times
-2^(bias-15) in both cases, fp16 subnormals included. The product by 2^(15-bias) (<= 2^15) is an
-exactly representable fp16 (at most Y + 1 <= 8 significant bits, magnitude in [2^-(bias+Y-1), 480]),
-so the first multiply is exact. The scale is applied by a second multiply: folding scale * 2^(15-bias)
-into one fp16 constant would overflow for scales above 65504 / 2^(15-bias) (e.g. 4.0 for e2m3). The
-second multiply rounds once, to the fp16 nearest to value * scale, which is what numpy's
-decode(...).astype(float16) gives; with a float32 output dtype both factors are widened first and the
-product (<= 8 + 11 significant bits) is exact, equal to numpy's float32 decode bit for bit.
+2^(bias-15) in both cases, fp16 subnormals included, and never inf or NaN (e <= 15 < 31), whatever
+the bits. row_scale is an fp16 times a power of two <= 2^15: exact in fp32.
 
-Cost on the GPU (benchmarks/gemm_sass.py): the template decodes one element per thread and step,
-about 6 integer ops for FP6 plus two LDS, two HMUL, an STS and the scale's load: ~17 thread-
-instructions per weight in the steady state, where an H100 streaming FP6 at full bandwidth allows
-~7. `fp16_bits(pair=True)` decodes two weights with the same instructions (3.1 integer ops per
-FP6 weight); it is what a decode into the B fragments' registers would use.
+Where the scale goes. The weight GEMM (`make_weight_gemm`) multiplies by row_scale after the sum
+over k: Y[n, m] = row_scale[m] · Σ_k X[n, k]·h[m, k]. The products X·h are exact in fp32 (11 + 8
+significant bits), so Y differs from Σ_k X·W with the exact (fp32) W only by the rounding of the fp32
+sums and of the one final multiply; no weight is rounded to fp16. Made with
+row_scale_in_epilogue=False, the PrimFunc uses `decode` instead: w = (h * 2^(15 - bias)) * scale in
+the compute dtype, two multiplies, the first exact (<= 8 significant bits, |w| / scale <= 480), the
+second rounding once to the fp16 nearest value * scale (numpy's decode(...).astype(float16)); folding
+scale * 2^(15-bias) into one fp16 constant would overflow for scales above 65504 / 2^(15-bias).
+
+Cost on the GPU (benchmarks/gemm_sass.py, sm_90a, M = K = 4096, n16 tiles): per FP6 weight pair
+one funnel shift or constant shift per plane plus the masks and ORs, ~6 integer ops (3 per weight),
+and one LDS per plane, row and 32 k a lane: 4.4 thread-instructions per weight for the whole main
+loop of n16m128k64, where an H100 streaming FP6 at full bandwidth allows 6.9.
 """
 
 from __future__ import annotations
@@ -37,15 +42,17 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from tensorpress.compiler.formats import fpx, fpx_layout, registry
-from tensorpress.schedules.tensorcore.decode_hints import StagedDecode
+from tensorpress.schedules.tensorcore.decode_hints import FragmentDecode, RowScaledDecode
 from tensorpress.schedules.weight_gemm import DecodeStage, StoredBuffer, register_decode_stage
 
 _FP16_MANTISSA_BITS = 10
 _FP16_EXPONENT_BIAS = 15
 
 
-class FPxDecode(DecodeStage, StagedDecode):
+class FPxDecode(DecodeStage, FragmentDecode, RowScaledDecode):
     """W[m, k] = value(eXmY code at (m, k)) * scales[m], codes read from the bit planes."""
+
+    fragment_k = fpx_layout.GROUP_K  # a lane's plane words cover a group of 32 k: decode one at a time
 
     def __init__(self, name: str, ebits: int, mbits: int):
         fpx.check_format(ebits, mbits)
@@ -116,13 +123,30 @@ class FPxDecode(DecodeStage, StagedDecode):
 
     def decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
         *planes, scales = stored
-        h = tirx.reinterpret("float16", self.fp16_bits(planes, row, col).astype("uint16"))
-        exponent_fix = float(2 ** (_FP16_EXPONENT_BIAS - fpx.exponent_bias(self.ebits)))
-        value = h * tirx.const(exponent_fix, "float16")  # exact, see the module docstring
+        h = self.unscaled_decode(stored, row, col, "float16")
+        value = h * tirx.const(self.exponent_fix, "float16")  # exact, see the module docstring
         scale = scales[row]
         if dtype == "float16":
             return value * scale
         return value.astype(dtype) * scale.astype(dtype)
+
+    @property
+    def exponent_fix(self) -> float:
+        """2^(15 - bias): the factor from the fp16 pattern's value to the code's value (a power of 2)."""
+        return float(2 ** (_FP16_EXPONENT_BIAS - fpx.exponent_bias(self.ebits)))
+
+    def unscaled_decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
+        """h = value(code) * 2^(bias - 15): the code's fp16 bit pattern reinterpreted (exact), in `dtype`."""
+        h = tirx.reinterpret("float16", self.fp16_bits(stored[: len(self.widths)], row, col).astype("uint16"))
+        return h if dtype == "float16" else h.astype(dtype)
+
+    def row_scale(self, stored: list[te.Tensor], row: tirx.PrimExpr) -> tirx.PrimExpr:
+        """float32 scales[row] * 2^(15 - bias): exact (an fp16 times a power of two <= 2^15)."""
+        return stored[-1][row].astype("float32") * tirx.const(self.exponent_fix, "float32")
+
+    def fragment_pair(self, staged: list, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
+        """The half2 of the unscaled W[row, col], W[row, col + 1] (col even): `fp16_bits(pair=True)`."""
+        return self.fp16_bits(staged, row, col, pair=True)
 
 
 def _rotate_right(word: tirx.PrimExpr, from_bit, to_bit: int) -> tirx.PrimExpr:

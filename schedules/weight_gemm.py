@@ -30,6 +30,8 @@ FORMAT_ATTR = "tensorpress.format"
 # Set by the compile pipeline: about how many rows N a kernel will see (N itself stays symbolic), so a
 # schedule can choose its token tile (16 for decode steps, larger for prefill and encoders).
 N_HINT_ATTR = "tensorpress.n_hint"
+# Set by make_weight_gemm: True when the format's per-row factor multiplies Y after the sum over k.
+ROW_SCALE_ATTR = "tensorpress.row_scale_in_epilogue"
 KERNEL_NAME = "weight_gemm"
 
 
@@ -97,35 +99,53 @@ def make_weight_gemm(
     out_dtype: str | None = None,
     with_bias: bool = False,
     n: int | None = None,
+    row_scale_in_epilogue: bool = True,
 ) -> tirx.PrimFunc:
     """Build the weight-GEMM PrimFunc for an [m, k] weight stored as `stage` describes.
 
     Arguments of the PrimFunc, in order: X [n, k] act_dtype, each stored buffer, bias [m] (if
     with_bias, act_dtype), Y [n, m] out_dtype (default act_dtype). `n=None` makes N symbolic.
+
+    A stage whose W is a per-row factor times an unscaled value (it has `unscaled_decode` and
+    `row_scale`, see `tensorcore/decode_hints.RowScaledDecode`) gets, unless row_scale_in_epilogue
+    is False, the factor applied once per output in fp32 after the sum:
+        "decode"  W_decoded[m, k] = stage.unscaled_decode(stored..., m, k)
+        "store"   Y[n, m] = cast(acc[n, m] * row_scale(m) (+ bias[m]))
+    Same math, one multiply per output instead of one per weight; only the rounding differs (the
+    weights are no longer rounded to the compute dtype after scaling). The PrimFunc then carries the
+    attribute tensorpress.row_scale_in_epilogue = True.
     """
     out_dtype = out_dtype or act_dtype
     rows = tirx.Var("n", "int64") if n is None else n
     x = te.placeholder((rows, k), act_dtype, name="X")
     stored = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)]
-    w = te.compute((m, k), lambda r, c: stage.decode(stored, r, c, act_dtype), name="decode")
+    factored = row_scale_in_epilogue and hasattr(stage, "row_scale") and hasattr(stage, "unscaled_decode")
+    decode = stage.unscaled_decode if factored else stage.decode
+    w = te.compute((m, k), lambda r, c: decode(stored, r, c, act_dtype), name="decode")
     rk = te.reduce_axis((0, k), name="k")
     acc = te.compute(
         (rows, m),
         lambda i, j: te.sum(x[i, rk].astype("float32") * w[j, rk].astype("float32"), axis=rk),
         name="gemm",
     )
+
+    def scaled(i, j):
+        return acc[i, j] * stage.row_scale(stored, j) if factored else acc[i, j]
+
+    def with_bias_added(i, j):
+        return scaled(i, j) + bias[j].astype("float32") if with_bias else scaled(i, j)
+
     args = [x, *stored]
     if with_bias:
         bias = te.placeholder((m,), act_dtype, name="bias")
-        y = te.compute((rows, m), lambda i, j: (acc[i, j] + bias[j].astype("float32")).astype(out_dtype), name="store")
         args.append(bias)
-    else:
-        y = te.compute((rows, m), lambda i, j: acc[i, j].astype(out_dtype), name="store")
+    y = te.compute((rows, m), lambda i, j: with_bias_added(i, j).astype(out_dtype), name="store")
     func = te.create_prim_func([*args, y])
     return func.with_attrs(
         {
             KERNEL_ATTR: KERNEL_NAME,
             FORMAT_ATTR: stage.name,
+            ROW_SCALE_ATTR: bool(factored),
             "tensorpress.mk": [m, k],
             "tirx.noalias": True,
             # Opaque to Relax's FuseOps: the kernel is scheduled whole by its own rule, and its bias and

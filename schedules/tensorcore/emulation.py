@@ -11,6 +11,10 @@ tensorizes identically; only the impl differs. The impls do what the hardware do
   accumulator register c_i of lane t adds Σ_k A[row, k]·B[k, col] for its (row, col) from the PTX
   fragment table, reading A and B from the lanes/registers that the PTX table says hold them.
 
+* a B-fragment register pair written by a format's own decode (`EmulatedFragmentWriter`): bits
+  0..15 go to slot 2·pair and bits 16..31 to slot 2·pair + 1 of the lane, as the 32-bit register
+  the GPU writes holds them (the lower k in the low half).
+
 The 32 lanes are ordinary loop iterations: a warp buffer is a plain array on the CPU. cp.async needs
 no twin: the template writes global→shared copies as plain TIR stores, which the CUDA pipeline turns
 into cp.async (zero-filled when predicated off) and the replay runs as the same stores.
@@ -18,15 +22,21 @@ into cp.async (zero-filled when predicated off) and the replay runs as the same 
 
 from __future__ import annotations
 
+from typing import Any
+
+from tvm import tirx
 from tvm.script import tirx as T
 
 from tensorpress.schedules.tensorcore import fragments as frag
 from tensorpress.schedules.tensorcore.intrinsics import (
     SHARED_SCOPE,
     STANDARD_ADDRESSING,
+    STANDARD_PAIRS,
+    FragmentWriter,
     IntrinsicSet,
     LaneRow,
     LdmatrixAddressing,
+    PairAddressing,
     fill_desc,
     ldmatrix_desc,
     mma_desc,
@@ -102,8 +112,22 @@ def fill_emulated_impl():
     return impl
 
 
+class EmulatedFragmentWriter(FragmentWriter):
+    """Lanes are a serial loop; a pair is two fp16 stores into the lane's row of the warp buffer."""
+
+    def lane_loop(self, lane: tirx.Var, body: tirx.Stmt) -> tirx.Stmt:
+        return tirx.For(lane, 0, 32, tirx.ForKind.SERIAL, body)
+
+    def store_pair(self, fragment, tile: Any, lane: Any, pair: Any, bits: tirx.PrimExpr) -> tirx.Stmt:
+        halves = [bits & tirx.const(0xFFFF, "uint32"), bits >> tirx.const(16, "uint32")]
+        values = [tirx.reinterpret("float16", half.astype("uint16")) for half in halves]
+        return tirx.SeqStmt([tirx.BufferStore(fragment, v, [tile, lane, 2 * pair + i]) for i, v in enumerate(values)])
+
+
 def emulated_intrinsics(
-    addressing: LdmatrixAddressing = STANDARD_ADDRESSING, shared_scope: str = SHARED_SCOPE
+    addressing: LdmatrixAddressing = STANDARD_ADDRESSING,
+    shared_scope: str = SHARED_SCOPE,
+    pairs: PairAddressing = STANDARD_PAIRS,
 ) -> IntrinsicSet:
     """The emulated twin of `cuda_intrinsics(addressing, shared_scope)`, registered on first use."""
     tag = f"{shared_scope.replace('.', '_')}_{addressing.tag}"
@@ -131,5 +155,6 @@ def emulated_intrinsics(
         fill=fill,
         shared_scope=shared_scope,
         fragment_scope="warp",
+        decode_b=EmulatedFragmentWriter(pairs),
         **store_intrinsics(shared_scope),
     )

@@ -64,6 +64,14 @@ def ptx_c_element(lane: Any, reg: Any) -> tuple[Any, Any]:
     return lane // 4 + 8 * (reg // 2), 2 * (lane % 4) + reg % 2
 
 
+def b_pair_element(lane: Any, pair: Any) -> tuple[Any, Any]:
+    """(col, k) of the first element of register pair `pair` (slots 2·pair, 2·pair + 1; 0..3) of `lane`
+    in a 16(cols)×16(k) B tile: the pair is B[col, k] (low 16 bits) and B[col, k + 1] (high 16 bits),
+    one 32-bit register of an mma: b0b1 (pair % 2 == 0) or b2b3 of the cols-0-7 (pair < 2) or cols-8-15 mma."""
+    k, col = ptx_b_element(lane, 2 * (pair % 2))
+    return col + 8 * (pair // 2), k
+
+
 def ldmatrix_received(lane: Any, matrix: Any, half: Any) -> tuple[Any, Any]:
     """ldmatrix.x4 without .trans: (row, col) inside 8×8 `matrix` that `lane` gets in slot 2·matrix+half."""
     return lane // 4, 2 * (lane % 4) + half

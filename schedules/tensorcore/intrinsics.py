@@ -22,6 +22,11 @@ that every constant offset is a multiple of one mma's 128 values and LowerWarpMe
 simplifies to constants (with [32, 8] tiles it left `(tx*8 + 260) / 256` behind: a stack array).
 The emulated set keeps A/B as "warp" buffers too, which on the CPU are plain arrays, every lane
 visible.
+Beside the five, a `FragmentWriter` puts 32-bit register pairs that a format decodes itself
+(`decode_hints.FragmentDecode`) into a B fragment: on the GPU one register move per pair through a
+two-line device function, in the replay two fp16 stores; both from one `PairAddressing`, which says
+which (col, k) pair of a B tile each lane's register holds (`fragments.b_pair_element`).
+
 An `IntrinsicSet` names one complete set. `cuda_intrinsics()` emits PTX; the twin built by
 `emulation.emulated_intrinsics()` has the same descs and replays the PTX semantics in plain loops,
 so one schedule function serves both (see `replay.py`). Both are built from one `LdmatrixAddressing`:
@@ -35,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import tvm
+from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -58,6 +65,65 @@ STANDARD_ADDRESSING = LdmatrixAddressing("std")
 
 
 @dataclass(frozen=True)
+class PairAddressing:
+    """Which (col, k) of a 16×16 B tile register pair `pair` (0..3) of each lane holds: the pair
+    B[col, k], B[col, k + 1] a fragment decode puts there (low half, high half)."""
+
+    tag: str
+    pair_element: Callable[[Any, Any], tuple[Any, Any]] = frag.b_pair_element
+
+
+STANDARD_PAIRS = PairAddressing("std")
+PAIRS_PER_TILE = 4  # 32-bit registers per lane in one 16×16 B tile (8 fp16 slots)
+
+
+class FragmentWriter:
+    """How decoded register pairs reach a B fragment buffer of shape [tiles, 32 lanes, 8 slots].
+
+    `lane_loop` wraps the per-lane code in the loop over the warp's lanes and `store_pair` writes the
+    32-bit `bits` (two fp16 patterns, the lower k in bits 0..15) into slots 2·pair, 2·pair + 1 of
+    `lane` in tile `tile`. The GPU writer (`CudaFragmentWriter`) and its replay twin
+    (`emulation.EmulatedFragmentWriter`) share `addressing`.
+    """
+
+    def __init__(self, addressing: PairAddressing = STANDARD_PAIRS):
+        self.addressing = addressing
+
+    def lane_loop(self, lane: tirx.Var, body: tirx.Stmt) -> tirx.Stmt:
+        raise NotImplementedError
+
+    def store_pair(self, fragment, tile: Any, lane: Any, pair: Any, bits: tirx.PrimExpr) -> tirx.Stmt:
+        raise NotImplementedError
+
+
+# One register move: the fragment is a per-lane register array (TransformMmaBufferLayout), which the
+# lowering lets only opaque calls touch, as ldmatrix and mma do; nvcc inlines it to a MOV (or nothing).
+_SET_B32 = "tensorpress_set_b32"
+_SET_B32_SOURCE = (
+    f"__device__ __forceinline__ void {_SET_B32}(void* reg, unsigned int bits) {{\n"
+    "  *reinterpret_cast<unsigned int*>(reg) = bits;\n}\n"
+)
+
+
+class CudaFragmentWriter(FragmentWriter):
+    """Lanes are threadIdx.x; a pair is one 32-bit store into the lane's fragment registers."""
+
+    def lane_loop(self, lane: tirx.Var, body: tirx.Stmt) -> tirx.Stmt:
+        binding = tirx.IterVar(tvm.ir.Range(0, 32), lane, tirx.IterVar.ThreadIndex, "threadIdx.x")
+        return tirx.For(lane, 0, 32, tirx.ForKind.THREAD_BINDING, body, binding)
+
+    def store_pair(self, fragment, tile: Any, lane: Any, pair: Any, bits: tirx.PrimExpr) -> tirx.Stmt:
+        from tvm.backend.cuda.op import cuda_func_call
+
+        # The lane's 8 registers of a [32, 8] tile start at elem_offset // 32, as the mma impl reads them.
+        offset = fragment.elem_offset // 32 + tile * 8 + 2 * pair
+        pointer = tirx.call_intrin(
+            "handle", "tirx.tvm_access_ptr", tirx.type_annotation("float16"), fragment.data, offset, 2, 2
+        )
+        return tirx.Evaluate(cuda_func_call(_SET_B32, pointer, bits, source_code=_SET_B32_SOURCE))
+
+
+@dataclass(frozen=True)
 class IntrinsicSet:
     """Names of registered tensor intrinsics the template uses, plus what they run as."""
 
@@ -70,6 +136,7 @@ class IntrinsicSet:
     store_global: str
     shared_scope: str = SHARED_SCOPE
     fragment_scope: str = GPU_FRAGMENT_SCOPE  # A/B operand tiles; the accumulator is always "warp"
+    decode_b: FragmentWriter = CudaFragmentWriter()  # for stages that decode into B registers
 
 
 # --- descs (shared by the CUDA and emulated sets) -------------------------------------------------
@@ -289,7 +356,9 @@ def store_intrinsics(shared_scope: str) -> dict[str, str]:
 
 
 def cuda_intrinsics(
-    addressing: LdmatrixAddressing = STANDARD_ADDRESSING, shared_scope: str = SHARED_SCOPE
+    addressing: LdmatrixAddressing = STANDARD_ADDRESSING,
+    shared_scope: str = SHARED_SCOPE,
+    pairs: PairAddressing = STANDARD_PAIRS,
 ) -> IntrinsicSet:
     """The PTX intrinsic set (ldmatrix.x4 + mma.sync m16n8k16), registered on first use."""
     tag = f"{_scope_tag(shared_scope)}_{addressing.tag}"
@@ -316,5 +385,6 @@ def cuda_intrinsics(
         mma=mma,
         fill=fill,
         shared_scope=shared_scope,
+        decode_b=CudaFragmentWriter(pairs),
         **store_intrinsics(shared_scope),
     )

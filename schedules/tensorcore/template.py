@@ -11,11 +11,16 @@ like any other producer:
                  └─(decode block: plain TIR, any dtype/bit ops)──▶ W tile     ├─▶ fp32 accumulators
                    (for dense W the decode block is itself the cp.async copy) │
                                           W tile ──ldmatrix──▶ B fragments ─┘
-    accumulators ──▶ shared fp32 tile ──▶ "store" block (cast, + bias, only rows n < N) ──▶ Y
+    accumulators ──▶ shared fp32 tile ──▶ "store" block (× row scale, + bias, cast, rows n < N) ──▶ Y
       (split_k > 1: accumulators ──▶ fp32 workspace; a second kernel adds the K slices in order)
 
 A format opts into staging by implementing `StagedDecode.shared_staged_buffers` (see
-`decode_hints.py`); otherwise its decode reads global memory inside the W-tile fetch.
+`decode_hints.py`); otherwise its decode reads global memory inside the W-tile fetch. A staged
+format that is a `FragmentDecode` skips the W tile: each warp decodes the staged words straight
+into its B fragments, two weights per register (`fragment_decode.py` has the picture):
+
+    global ──cp.async──▶ staged words (shared, rows padded) ──LDS + pair decode──▶ B fragments ──▶ mma
+
 N and K are padded to whole tiles inside the kernel (predicated, zero-filling cp.async; Y rows
 n >= N are never stored); block_m must divide M (TileConfig.check_shape).
 """
@@ -31,9 +36,10 @@ from tvm.s_tir.stmt import SBlock, SBlockRealize
 from tensorpress.errors import ConfigError, ShapeError
 from tensorpress.schedules.tensorcore import fragments as frag
 from tensorpress.schedules.tensorcore.config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
-from tensorpress.schedules.tensorcore.decode_hints import staged_buffer_names
+from tensorpress.schedules.tensorcore.decode_hints import FragmentDecode, staged_buffer_names
+from tensorpress.schedules.tensorcore.fragment_decode import install_fragment_decode
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
-from tensorpress.schedules.weight_gemm import get_decode_stage, is_weight_gemm
+from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, DecodeStage, get_decode_stage, is_weight_gemm
 
 
 @dataclass(frozen=True)
@@ -41,15 +47,15 @@ class TemplateBlocks:
     """Handles of the template's blocks in a scheduled module (for tests that plant bugs)."""
 
     x_shared: s_tir.SBlockRV  # global -> shared copy of the X tile
-    w_shared: s_tir.SBlockRV  # global (or staged shared) -> decoded W tile
+    w_shared: s_tir.SBlockRV | None  # global (or staged shared) -> decoded W tile; None: decoded in registers
     x_fragment: s_tir.SBlockRV  # shared -> A fragments (outer block, carries permuted_layout)
-    w_fragment: s_tir.SBlockRV  # shared -> B fragments
+    w_fragment: s_tir.SBlockRV  # shared W tile (ldmatrix) or staged words (fragment decode) -> B fragments
 
     @staticmethod
     def of(sch: s_tir.Schedule, intrinsics: IntrinsicSet) -> TemplateBlocks:
         def named(prefix: str, suffix: str):
             blocks = find_blocks(sch, lambda b: b.name_hint.startswith(prefix) and b.name_hint.endswith(suffix))
-            return blocks[0]
+            return blocks[0] if blocks else None
 
         shared, fragment = intrinsics.shared_scope, intrinsics.fragment_scope
         return TemplateBlocks(
@@ -91,6 +97,7 @@ class _Template:
         self.m, self.k = weight_gemm_shape(func)
         self.stage = get_decode_stage(str(func.attrs["tensorpress.format"]))
         self.staged = staged_buffer_names(self.stage, self.m, self.k)
+        self.fragment_decode = _fragment_decode_stage(self.stage, func, config, bool(self.staged))
         _check_dtypes(func)
         # int32 index math everywhere (N is int64 in the PrimFunc; mixed widths break layout maps).
         narrow = tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
@@ -107,6 +114,11 @@ class _Template:
         self._epilogue()
         self._tensorize()
         self._pipeline()
+        if self.fragment_decode is not None:
+            staged = [self.sch.get(b).writes[0].source for b in self.staged_blocks]
+            self.sch = install_fragment_decode(
+                self.sch, self.frag_tiles[1], self.fragment_decode, staged, self.intr.decode_b
+            )
         return self.sch
 
     # -- steps ---------------------------------------------------------------------------------------
@@ -153,23 +165,33 @@ class _Template:
         n0, n2 = sch.split(n, [None, cfg.block_n // MMA_TILE])
         m0, m1, m2 = sch.split(m, [None, cfg.warps, cfg.warp_tile_m // MMA_TILE])
         k0, k1 = sch.split(k, [None, cfg.block_k // MMA_TILE])
-        sch.reorder(m0, n0, m1, k0, k1, n2, m2)
+        # k_unit: one step of the W fragment decode (fragment_k columns); k1: one mma k step (16).
+        k_unit = k1
+        if self.fragment_decode is not None:
+            k_unit, k1 = sch.split(k1, [None, self.fragment_decode.fragment_k // MMA_TILE])
+        sch.reorder(m0, n0, m1, k0, *([k_unit] if k_unit != k1 else []), k1, n2, m2)
         sch.bind(n0, "blockIdx.x")
         sch.bind(m0, "blockIdx.y")
         if k_slice is not None:
             sch.bind(k_slice, "blockIdx.z")
         sch.bind(m1, "threadIdx.y")
-        self.warp, self.cta, self.k0, self.k1 = m1, n0, k0, k1
+        self.warp, self.cta, self.k0, self.k_unit, self.k1 = m1, n0, k0, k_unit, k1
 
     def _fetch_operands(self) -> None:
-        """cp.async-able global→shared copies of X and W (the decode block fused into W's fetch)."""
+        """cp.async-able global→shared copies of X and W; the decode block fused into W's fetch, or
+        (fragment decode) into the B fragments, which then read the staged words."""
         sch, scope = self.sch, self.intr.shared_scope
         self.x_shared = sch.cache_read(self.outer, 0, scope)
         sch.compute_at(self.x_shared, self.k0)
         if self.x_padded:
             sch.compute_inline(sch.get_sblock(self.x_padded))
-        self.w_shared = sch.cache_read(self.outer, 1, scope)
-        sch.compute_at(self.w_shared, self.k0)
+        if self.fragment_decode is not None:
+            self.w_shared = None
+            self.w_frag = sch.cache_read(self.outer, 1, self.intr.fragment_scope)
+            sch.compute_at(self.w_frag, self.k_unit)
+        else:
+            self.w_shared = sch.cache_read(self.outer, 1, scope)
+            sch.compute_at(self.w_shared, self.k0)
         decode = sch.get_sblock(self.w_source)
         staged_blocks = []
         for name in self.staged:
@@ -182,13 +204,21 @@ class _Template:
             sch.compute_at(block, self.k0)
         self.staged_blocks = staged_blocks
         for block in [self.x_shared, *staged_blocks]:
-            self._cooperative(block, vector=True)
-        self._cooperative(self.w_shared, vector=self._is_copy(self.w_shared))
+            self._cooperative(block, self.k0, vector=True)
+        sch.annotate(self.x_shared, "permuted_layout", 1)
+        if self.w_shared is None:
+            # The 8 rows g of a B fragment are read by one warp instruction (lanes 4g + t): a row pitch
+            # of 4 words mod 8 puts them in 8 different 4-bank groups (an unpadded 8-word FP6 plane4 row
+            # put rows g and g + 4 in the same banks: 2-way conflicts on every LDS).
+            for block in staged_blocks:
+                sch.storage_align(block, 0, axis=-2, factor=8, offset=4)
+            self.swizzle_w = False
+            return
+        self._cooperative(self.w_shared, self.k0, vector=self._is_copy(self.w_shared))
         # Tiles are XOR-swizzled (TVM's permuted_layout) so ldmatrix reads are free of bank conflicts.
         # InjectPermutedLayout would also rewrite the staged buffers a decode reads, which it cannot
         # lay out (32-bit words); a decoded W tile therefore gets padded rows (+16 B) instead.
         self.swizzle_w = not staged_blocks
-        sch.annotate(self.x_shared, "permuted_layout", 1)
         if self.swizzle_w:
             sch.annotate(self.w_shared, "permuted_layout", 1)
         else:
@@ -198,19 +228,21 @@ class _Template:
         """ldmatrix sources/targets and the warp accumulator, laid out as the mma fragments."""
         sch = self.sch
         self.x_frag = sch.cache_read(self.outer, 0, self.intr.fragment_scope)
-        self.w_frag = sch.cache_read(self.outer, 1, self.intr.fragment_scope)
         sch.compute_at(self.x_frag, self.k1)
-        sch.compute_at(self.w_frag, self.k1)
+        if self.fragment_decode is None:
+            self.w_frag = sch.cache_read(self.outer, 1, self.intr.fragment_scope)
+            sch.compute_at(self.w_frag, self.k1)
         self.acc = sch.cache_write(self.outer, 0, "warp")
         sch.reverse_compute_at(self.acc, self.warp)
         rows, cols = sch.get_loops(self.acc)[-2:]
         r0, r1 = sch.split(rows, [None, MMA_TILE])
         c0, c1 = sch.split(cols, [None, MMA_TILE])
         sch.reorder(r0, c0, r1, c1)
-        for block in (self.x_frag, self.w_frag):
+        w_unit = self.fragment_decode.fragment_k if self.fragment_decode is not None else MMA_TILE
+        for block, unit_cols in ((self.x_frag, MMA_TILE), (self.w_frag, w_unit)):
             rows, cols = sch.get_loops(block)[-2:]
             r0, r1 = sch.split(rows, [None, MMA_TILE])
-            c0, c1 = sch.split(cols, [None, MMA_TILE])
+            c0, c1 = sch.split(cols, [None, unit_cols])
             sch.reorder(r0, c0, r1, c1)
         sch.transform_layout(self.x_frag, ("write", 0), frag.a_warp_layout)
         sch.transform_layout(self.w_frag, ("write", 0), frag.b_warp_layout)
@@ -231,7 +263,10 @@ class _Template:
             sch.set_scope(self.acc, 0, self.intr.shared_scope)
             sch.reverse_compute_at(store, self.cta)
             out_bytes = tvm.DataType(str(sch.get(store).writes[0].source.dtype)).bits // 8
-            self._cooperative(store, vector=True, vector_bytes=min(VECTOR_BYTES, 8 * out_bytes))
+            # 8 lanes of fp32 math with a constant (a row scale's 2^e) print as a broken ulonglong4
+            # broadcast in TVM 0.27's CUDA codegen; 4 lanes are a float4.
+            lanes = 4 if _has_float32_constant(sch.get(store).body) else 8
+            self._cooperative(store, self.cta, vector=True, vector_bytes=min(VECTOR_BYTES, lanes * out_bytes))
         else:
             i, j = sch.get_loops(store)
             sch.compute_at(self.final, j)
@@ -244,13 +279,15 @@ class _Template:
     def _tensorize(self) -> None:
         sch, intr = self.sch, self.intr
         # Loops over fragments, unrolled so register arrays are indexed by constants (no stack frame).
-        fragment_loops = [self.k1]
-        for block in (*self.frag_tiles, self.outer):
-            fragment_loops += _loops_below(sch, block, self.k1, 0)
+        fragment_loops = [self.k1] if self.k_unit == self.k1 else [self.k_unit, self.k1]
+        x_tile, w_tile = self.frag_tiles
+        for block, ancestor in ((x_tile, self.k1), (w_tile, self.k_unit), (self.outer, self.k1)):
+            fragment_loops += _loops_below(sch, block, ancestor, 0)
         fragment_loops += _loops_below(sch, self.init, self.warp, 0)
         fragment_loops += _loops_below(sch, self.acc, self.warp, 2)
         sch.tensorize(sch.get_loops(self.x_frag)[-2], intr.load_a)
-        sch.tensorize(sch.get_loops(self.w_frag)[-2], intr.load_b)
+        if self.fragment_decode is None:  # else the B fragments are decoded (install_fragment_decode)
+            sch.tensorize(sch.get_loops(self.w_frag)[-2], intr.load_b)
         sch.tensorize(sch.get_loops(self.inner)[-3], intr.mma)
         sch.tensorize(sch.get_loops(sch.get_child_blocks(self.init)[0])[-2], intr.fill)
         store = intr.store_shared if self.cfg.split_k == 1 else intr.store_global
@@ -262,7 +299,7 @@ class _Template:
         """Stage 0: every global→shared copy (cp.async); last stage: decode from shared + mma."""
         sch = self.sch
         copies = {sch.get(b).name_hint for b in [self.x_shared, *self.staged_blocks]}
-        if not self.staged_blocks:
+        if self.w_shared is not None and not self.staged_blocks:
             copies.add(sch.get(self.w_shared).name_hint)
         stages = []
         for child in _loop_children(sch.get(self.k0)):
@@ -276,16 +313,18 @@ class _Template:
 
     # -- helpers -------------------------------------------------------------------------------------
 
-    def _cooperative(self, block, vector: bool, vector_bytes: int = VECTOR_BYTES) -> None:
-        """Spread the 2-D loop nest of `block` over all threads of the CTA, 16-byte vectors if a copy."""
+    def _cooperative(self, block, anchor, vector: bool, vector_bytes: int = VECTOR_BYTES) -> None:
+        """Spread the loop nest of `block` below `anchor` (its rows and columns, or a single loop when
+        a row of the tile is one element: compute_at leaves no unit loop) over all threads of the
+        CTA, in 16-byte vectors if a copy."""
         sch, cfg = self.sch, self.cfg
-        rows, cols = sch.get_loops(block)[-2:]
-        inner = int(sch.get(cols).extent)
+        loops = _loops_below(sch, block, anchor, 0)
+        inner = int(sch.get(loops[-1]).extent)
         elem = tvm.DataType(str(sch.get(block).writes[0].source.dtype)).bits // 8
         lanes = max(1, vector_bytes // elem) if vector else 1
         while inner % lanes:
             lanes //= 2
-        fused = sch.fuse(rows, cols)
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         _, ty, tx, vec = sch.split(fused, [None, cfg.warps, WARP_SIZE, lanes])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
@@ -301,6 +340,25 @@ class _Template:
         if isinstance(value, tvm.ir.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else")):
             value = value.args[1]
         return isinstance(value, tvm.ir.TensorLoad)
+
+
+def _fragment_decode_stage(
+    stage: DecodeStage, func: tirx.PrimFunc, config: TileConfig, staged: bool
+) -> FragmentDecode | None:
+    """`stage` when the template decodes W straight into the B fragments, else None.
+
+    That needs a staged FragmentDecode whose unit divides block_k, and fragment pairs holding what the
+    PrimFunc's decode block computes: for a stage with a row scale, a PrimFunc that applies it in the
+    epilogue (the pairs are the unscaled values; a PrimFunc made with row_scale_in_epilogue=False
+    decodes scaled weights and takes the W-tile path).
+    """
+    if not isinstance(stage, FragmentDecode) or not staged:
+        return None
+    if stage.fragment_k % MMA_TILE or config.block_k % stage.fragment_k:
+        return None
+    if hasattr(stage, "row_scale") and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
+        return None
+    return stage
 
 
 def find_blocks(sch: s_tir.Schedule, predicate) -> list:
@@ -334,6 +392,20 @@ def _check_dtypes(func: tirx.PrimFunc) -> None:
         raise ConfigError(
             f"the Tensor Core weight GEMM takes float16 activations, not {x.dtype}; compile with dtype float16."
         )
+
+
+def _has_float32_constant(stmt: tirx.Stmt) -> bool:
+    import tvm_ffi
+
+    found = []
+
+    def visit(imm):
+        if str(imm.ty) == "float32":
+            found.append(imm)
+        return imm
+
+    tvm_ffi.structural_map(stmt, (tirx.FloatImm, visit))
+    return bool(found)
 
 
 def _loop_children(loop: tirx.For) -> list[tirx.Stmt]:

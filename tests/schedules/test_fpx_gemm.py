@@ -108,12 +108,48 @@ def test_weight_gemm_matches_numpy(name):
     y = run(gemm, [x, *packed.arrays.values(), bias], (5, m), "float32")
     np.testing.assert_allclose(y, x.astype(np.float64) @ w_hat.T + bias, rtol=1e-5, atol=1e-4)
 
-    # fp16 activations: W decoded to fp16, fp32 accumulation, fp16 out.
+    # fp16 activations, the row scale in the epilogue (the default): the decoded fp16 values are
+    # exact (value * 2^(bias - 15)), the sums fp32, one rounding to fp16 at the end.
     x16 = x[:3].astype(np.float16)
     gemm16 = build(make_weight_gemm(stage, m, k, act_dtype="float16", n=3))
     y16 = run(gemm16, [x16, *packed.arrays.values()], (3, m), "float16")
+    want = x16.astype(np.float64) @ w_hat.T
+    np.testing.assert_allclose(y16.astype(np.float64), want, rtol=2e-3, atol=1e-3)
+
+    # fp16 activations, scale inside the decode: each weight rounds to fp16 first.
+    gemm16 = build(make_weight_gemm(stage, m, k, act_dtype="float16", n=3, row_scale_in_epilogue=False))
+    y16 = run(gemm16, [x16, *packed.arrays.values()], (3, m), "float16")
     want = x16.astype(np.float64) @ w_hat.astype(np.float16).astype(np.float64).T
-    np.testing.assert_allclose(y16.astype(np.float64), want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(y16.astype(np.float64), want, rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", FPX_NAMES)
+def test_unscaled_decode_times_row_scale_is_the_decode_bit_for_bit(name):
+    # The factored form the GEMM uses (decoded values in the kernel, the row scale in the epilogue),
+    # multiplied out in fp32, is numpy's decode exactly, for every code and awkward scales.
+    stage = get_decode_stage(name)
+    fmt = WEIGHT_FORMATS[name]
+    m, k = 80, 96
+    codes = every_code(m, k, fmt.ebits, fmt.mbits, seed=len(name) + 1)
+    scales = awkward_scales(m, seed=4)
+    packed = fmt.pack_codes(codes, scales)
+    stored = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)]
+    w = te.compute(
+        (m, k),
+        lambda r, c: stage.unscaled_decode(stored, r, c, "float32") * stage.row_scale(stored, r),
+        name="factored",
+    )
+    got = run(build(te.create_prim_func([*stored, w])), packed.arrays.values(), (m, k), "float32")
+    expected = fpx.decode(codes, scales, fmt.ebits, fmt.mbits)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_make_weight_gemm_marks_where_the_row_scale_is():
+    stage = get_decode_stage("fp6")
+    attr = "tensorpress.row_scale_in_epilogue"
+    assert bool(make_weight_gemm(stage, 32, 64).attrs[attr])
+    assert not bool(make_weight_gemm(stage, 32, 64, row_scale_in_epilogue=False).attrs[attr])
+    assert not bool(make_weight_gemm(get_decode_stage("dense-fp16"), 32, 64).attrs[attr])
 
 
 class _FoldedScaleDecode(fpx_gemm.FPxDecode):
@@ -143,15 +179,17 @@ def test_folding_the_scale_into_the_exponent_fix_would_overflow():
 
 
 @pytest.mark.parametrize("name", ["e3m2", "e2m3", "e2m2", "e3m1", "e2m1", "e4m3", "e1m0", "e1m6"])
-def test_pair_decode_gives_two_fp16_patterns_per_word(name):
-    # The SWAR decode a B-fragment lane would run: W[r, c] and W[r, c + 1] (c even) as one half2.
+def test_fragment_pair_gives_two_fp16_patterns_per_word(name):
+    # The SWAR decode each B-fragment lane runs (`fragment_pair`, on the staged planes): W[r, c] and
+    # W[r, c + 1] (c even) as one half2, the unscaled values the PrimFunc's decode block gives.
     stage = get_decode_stage(name)
     fmt = WEIGHT_FORMATS[name]
     m, k = 24, 160
     codes = every_code(m, k, fmt.ebits, fmt.mbits, seed=1)
     packed = fmt.pack_codes(codes, np.ones(m, np.float16))
-    planes = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)[:-1]]
-    pairs = te.compute((m, k // 2), lambda r, c: stage.fp16_bits(planes, r, 2 * c, pair=True), name="pairs")
+    stored = {b.name: b for b in stage.stored_buffers(m, k)}
+    planes = [te.placeholder(stored[n].shape, stored[n].dtype, name=n) for n in stage.shared_staged_buffers(m, k)]
+    pairs = te.compute((m, k // 2), lambda r, c: stage.fragment_pair(planes, r, 2 * c), name="pairs")
     got = run(build(te.create_prim_func([*planes, pairs])), list(packed.arrays.values())[:-1], (m, k // 2), "uint32")
     # numpy: the code's value times 2^(bias - 15), as fp16 (exact), in the low and high halves
     values = fpx.code_values(fmt.ebits, fmt.mbits)[codes] * 2.0 ** (fpx.exponent_bias(fmt.ebits) - 15)

@@ -14,7 +14,13 @@ from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
 from tensorpress.schedules.tensorcore.replay import build_replay
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
-from tensorpress.schedules.weight_gemm import DecodeStage, StoredBuffer, get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import (
+    ROW_SCALE_ATTR,
+    DecodeStage,
+    StoredBuffer,
+    get_decode_stage,
+    make_weight_gemm,
+)
 from tensorpress.schedules.weight_gemm import register_decode_stage as _register
 
 SMALL = TileConfig(block_n=16, block_m=64, block_k=32, warps=2, stages=2, split_k=1)
@@ -53,7 +59,7 @@ def pack_int4(codes: np.ndarray) -> np.ndarray:
 
 
 def weight_and_stored(fmt: str, m: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A random weight in format `fmt`: (its fp16 values W [m, k], the arrays the kernel takes)."""
+    """A random weight in format `fmt`: (its values W [m, k], exact: fp16 or fp32, the arrays the kernel takes)."""
     if fmt == "dense-fp16":
         w = rng.standard_normal((m, k)).astype(np.float16)
         return w, [w]
@@ -69,8 +75,17 @@ def weight_and_stored(fmt: str, m: int, k: int, rng: np.random.Generator) -> tup
 
     packed = get_weight_format(fmt).pack((rng.standard_normal((m, k)) * 0.05).astype(np.float32))
     stage = get_decode_stage(fmt)
-    w = get_weight_format(fmt).unpack(packed).astype(np.float16)
+    w = get_weight_format(fmt).unpack(packed)  # float32, exact: an fp16 scale times a code's value
     return w, [np.ascontiguousarray(packed.arrays[b.name]) for b in stage.stored_buffers(m, k)]
+
+
+def reference_weight(func: tirx.PrimFunc, w: np.ndarray) -> np.ndarray:
+    """The W the PrimFunc multiplies by, as float32: the decode block rounds each weight to the
+    activations' dtype (fp16) unless the format's row scale moved to the epilogue (then the decoded
+    values are exact and only the fp32 sums round)."""
+    if bool(func.attrs.get(ROW_SCALE_ATTR, False)):
+        return w.astype(np.float32)
+    return w.astype(np.float16).astype(np.float32)
 
 
 def replay_weight_gemm(
@@ -84,12 +99,18 @@ def replay_weight_gemm(
     out_dtype: str = "float16",
     intrinsics: IntrinsicSet | None = None,
     mutate: Callable | None = None,
+    row_scale_in_epilogue: bool = True,
+    stage: DecodeStage | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Schedule the weight GEMM with the emulated intrinsics, replay it on the CPU with shuffled
     threads (seed) and NaN-poisoned scratch memory; returns (Y from the kernel, Y from numpy), fp32.
 
-    `mutate(sch)`, when given, edits the schedule before the build (planted bugs)."""
-    func = make_weight_gemm(get_decode_stage(fmt), m, k, out_dtype=out_dtype, with_bias=bias)
+    `mutate(sch)`, when given, edits the schedule before the build (planted bugs); `stage`, when
+    given, replaces the decode stage of `fmt` (which still packs the weights: planted decode bugs)."""
+    stage = stage or get_decode_stage(fmt)
+    func = make_weight_gemm(
+        stage, m, k, out_dtype=out_dtype, with_bias=bias, row_scale_in_epilogue=row_scale_in_epilogue
+    )
     sch = schedule_weight_gemm(func, config, intrinsics or emulated_intrinsics())
     if mutate is not None:
         mutate(sch)
@@ -97,7 +118,7 @@ def replay_weight_gemm(
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, k)).astype(np.float16)
     w, stored = weight_and_stored(fmt, m, k, rng)
-    reference = x.astype(np.float32) @ w.astype(np.float32).T
+    reference = x.astype(np.float32) @ reference_weight(func, w).T
     args = [x, *stored]
     if bias:
         b = rng.standard_normal(m).astype(np.float16)

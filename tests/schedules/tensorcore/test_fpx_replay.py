@@ -1,33 +1,34 @@
 """FPx through the Tensor Core template, replayed on the CPU (emulated ldmatrix/mma, shuffled threads,
-NaN-poisoned shared memory) against numpy: X · decode(encode(W))ᵀ for every format, several N, M, K.
+NaN-poisoned shared and register memory) against numpy: X · decode(encode(W))ᵀ for every format,
+several N, M, K and the shipped tiles.
 
-The planes are staged (cp.async into shared memory, then decoded from there), so these also check
-that the staged tiles are the right rectangles. Planted bugs in the decode must build for CUDA and
-fail here."""
+FPx stages decode the staged bit planes straight into the mma B fragments, two weights per register,
+and scale Y's columns in the epilogue (`fragment_decode.py`); a PrimFunc made with the scale inside
+the decode takes the older path through a decoded fp16 W tile. Planted bugs in either path must
+build for CUDA and fail here."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tensorcore_cases import relative_error, replay_weight_gemm
-from tvm import tirx
+from tvm import s_tir, tirx
 
 from tensorpress.compiler.formats import fpx_layout
-from tensorpress.compiler.formats.registry import get_weight_format
 from tensorpress.schedules.fpx_gemm import FPxDecode
-from tensorpress.schedules.tensorcore.config import TileConfig
+from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
 from tensorpress.schedules.tensorcore.inspection import compile_cubin, cuda_source
-from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
-from tensorpress.schedules.tensorcore.replay import build_replay
-from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
-from tensorpress.schedules.weight_gemm import make_weight_gemm, register_decode_stage
+from tensorpress.schedules.tensorcore.intrinsics import PairAddressing, cuda_intrinsics
+from tensorpress.schedules.tensorcore.template import TemplateBlocks, schedule_weight_gemm
+from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm, register_decode_stage
 
-TOLERANCE = 2e-3  # fp16 output: ~1 ulp at the largest |Y| (fp32 accumulation in both)
+# Y is fp16: ~1 ulp at the largest |Y|. The reference multiplies by the exact decoded weights (fp32);
+# the kernel sums exact products in fp32 and scales each column once, so only the sums round.
+TOLERANCE = 2e-3
 FORMATS = ["e3m2", "e2m3", "e2m2", "e3m1", "e2m1"]  # FP6 x2, FP5 x2, FP4: planes 4+2, 4+1, 4
-# block_k >= 64: a 32-wide K tile of a 1-bit plane is a single word, which the template's staging
-# cannot split over threads yet (see the report of the FPx layout).
 TILE = TileConfig(block_n=16, block_m=32, block_k=64, warps=2, stages=2)
 SHAPES = [  # (M, K, config): K not a multiple of 128 pads the planes; several K tiles; split-K
     (64, 256, TILE),
@@ -44,9 +45,44 @@ def test_every_format_every_token_count(fmt, n):
     assert relative_error(out, ref) < TOLERANCE, (fmt, n, m, k, config.label())
 
 
+@pytest.mark.parametrize("tile", SHIPPED_TILES, ids=lambda t: t.label())
+def test_shipped_tiles(tile):
+    i = SHIPPED_TILES.index(tile)
+    fmt, n = FORMATS[i % len(FORMATS)], [1, 7, 16, 33, 64][i % 5]
+    out, ref = replay_weight_gemm(fmt, 256, 256, n, tile, seed=i, bias=i % 2 == 0)
+    assert relative_error(out, ref) < TOLERANCE, (fmt, n, tile.label())
+
+
 def test_float32_output_and_a_wide_format():
+    # fp32 Y: the kernel's only roundings are the fp32 sums, so it is close to numpy's fp32 product.
     out, ref = replay_weight_gemm("e4m3", 64, 256, 5, TILE, seed=3, out_dtype="float32")
-    assert relative_error(out, ref) < 1e-4
+    assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["e2m2", "e3m1"])
+@pytest.mark.parametrize("in_registers", [True, False], ids=["fragment decode", "W tile"])
+def test_one_word_rows_of_a_one_bit_plane(fmt, in_registers):
+    # block_k = 32: a K tile of plane1 is one word a row; its cp.async copy has a single loop to split.
+    config = TileConfig(block_n=16, block_m=32, block_k=32, warps=2, stages=3)
+    out, ref = replay_weight_gemm(fmt, 64, 160, 9, config, seed=4, row_scale_in_epilogue=in_registers)
+    assert relative_error(out, ref) < TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", ["e3m2", "e2m1"])
+def test_scale_inside_the_decode_takes_the_w_tile_path(fmt):
+    # A PrimFunc that scales every weight (row_scale_in_epilogue=False) decodes into a shared fp16 W
+    # tile read by ldmatrix; its weights round to fp16 before the product, as the reference's do.
+    func = make_weight_gemm(get_decode_stage(fmt), 64, 256, row_scale_in_epilogue=False)
+    blocks = TemplateBlocks.of(schedule_weight_gemm(func, TILE, emulated_intrinsics()), emulated_intrinsics())
+    assert blocks.w_shared is not None
+    out, ref = replay_weight_gemm(fmt, 64, 256, 11, TILE, seed=6, row_scale_in_epilogue=False)
+    assert relative_error(out, ref) < TOLERANCE
+
+
+def test_fragment_decode_has_no_w_tile():
+    func = make_weight_gemm(get_decode_stage("e3m2"), 64, 256)
+    blocks = TemplateBlocks.of(schedule_weight_gemm(func, TILE, emulated_intrinsics()), emulated_intrinsics())
+    assert blocks.w_shared is None and blocks.w_fragment is not None
 
 
 @pytest.mark.slow
@@ -59,7 +95,18 @@ def test_every_format_every_shape(fmt, n, shape):
     assert relative_error(out, ref) < TOLERANCE
 
 
-# --- planted bugs in the decode -----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tile", SHIPPED_TILES, ids=lambda t: t.label())
+@pytest.mark.parametrize("n", [1, 16, 33])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_every_format_every_shipped_tile(fmt, tile, n, split_k):
+    config = TileConfig(**{**tile.to_dict(), "split_k": split_k})
+    out, ref = replay_weight_gemm(fmt, 256, 512, n, config, seed=n + split_k, bias=n % 2 == 1)
+    assert relative_error(out, ref) < TOLERANCE
+
+
+# --- planted bugs -------------------------------------------------------------------------------------
 
 
 class _WrongWordDecode(FPxDecode):
@@ -80,21 +127,45 @@ class _WrongShiftDecode(FPxDecode):
 
 
 class _WrongScaleRowDecode(FPxDecode):
-    """Multiplies by the scale of the neighbouring row (row ^ 1)."""
+    """Multiplies every weight by the scale of the neighbouring row (row ^ 1)."""
 
     def decode(self, stored, row, col, dtype):
         *planes, scales = stored
-        h = tirx.reinterpret("float16", self.fp16_bits(planes, row, col).astype("uint16"))
-        value = h * tirx.const(2.0 ** (15 - 3), "float16")  # e3m2: bias 3
-        return (value * scales[tirx.bitwise_xor(row, 1)]).astype(dtype)
+        h = self.unscaled_decode(stored, row, col, "float16")
+        return (h * tirx.const(self.exponent_fix, "float16") * scales[tirx.bitwise_xor(row, 1)]).astype(dtype)
 
 
+class _SwappedHalvesDecode(FPxDecode):
+    """Puts W[row, col + 1] in the low half of the pair and W[row, col] in the high half."""
+
+    def fragment_pair(self, staged, row, col):
+        bits = super().fragment_pair(staged, row, col)
+        return (bits >> tirx.const(16, "uint32")) | (bits << tirx.const(16, "uint32"))
+
+
+class _WrongColumnScaleDecode(FPxDecode):
+    """Scales column m of Y by the row scale of weight row m ^ 1."""
+
+    def row_scale(self, stored, row):
+        return super().row_scale(stored, tirx.bitwise_xor(row, 1))
+
+
+# Lanes numbered across instead of down: lane L takes the pairs of lane 4·(L % 8) + L // 8.
+TRANSPOSED_LANES = PairAddressing(
+    "transposed_lanes", lambda lane, pair: (lane % 8 + 8 * (pair // 2), 2 * (lane // 8) + 8 * (pair % 2))
+)
+
+# name: (decode stage, pair addressing, scale in the epilogue: the fragment-decode path)
 PLANTED = {
-    "wrong plane word": _WrongWordDecode("test-fpx-wrong-word", 3, 2),
-    "wrong bit shift": _WrongShiftDecode("test-fpx-wrong-shift", 3, 2),
-    "scale of the wrong row": _WrongScaleRowDecode("test-fpx-wrong-scale-row", 3, 2),
+    "W tile: wrong plane word": (_WrongWordDecode("test-fpx-wrong-word", 3, 2), None, False),
+    "W tile: wrong bit shift": (_WrongShiftDecode("test-fpx-wrong-shift", 3, 2), None, False),
+    "W tile: scale of the wrong row": (_WrongScaleRowDecode("test-fpx-wrong-scale-row", 3, 2), None, False),
+    "registers: wrong plane word": (_WrongWordDecode("test-fpx-wrong-word-r", 3, 2), None, True),
+    "registers: lanes take other lanes' pairs": (FPxDecode("test-fpx-lanes", 3, 2), TRANSPOSED_LANES, True),
+    "registers: halves of the pair swapped": (_SwappedHalvesDecode("test-fpx-swapped-halves", 3, 2), None, True),
+    "registers: scale of the wrong column": (_WrongColumnScaleDecode("test-fpx-wrong-column", 3, 2), None, True),
 }
-for _stage in PLANTED.values():
+for _stage, _, _ in PLANTED.values():
     register_decode_stage(_stage)
 
 
@@ -102,37 +173,30 @@ for _stage in PLANTED.values():
 def planted_cuda_compiles():
     """All planted bugs in one module, scheduled with the CUDA intrinsics and compiled by nvcc: it builds."""
     functions = {}
-    for i, stage in enumerate(PLANTED.values()):
-        func = make_weight_gemm(stage, 128, 256)
-        main = schedule_weight_gemm(func, TILE, cuda_intrinsics()).mod["main"]
+    for i, (stage, pairs, in_registers) in enumerate(PLANTED.values()):
+        func = make_weight_gemm(stage, 128, 256, row_scale_in_epilogue=in_registers)
+        intrinsics = cuda_intrinsics(pairs=pairs) if pairs else cuda_intrinsics()
+        main = schedule_weight_gemm(func, TILE, intrinsics).mod["main"]
         functions[f"bug{i}"] = main.with_attr("global_symbol", f"bug{i}")
     cubin, _ = compile_cubin(cuda_source(tvm.IRModule(functions), "sm_80"), "sm_80")
     return len(cubin)
 
 
-def replay_stage(stage: FPxDecode, m: int, k: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Replay `stage`'s GEMM on weights packed by the real e3m2 format; (kernel Y, numpy Y)."""
-    sch = schedule_weight_gemm(make_weight_gemm(stage, m, k), TILE, emulated_intrinsics())
-    kernel = build_replay(sch.mod, seed)["main"]
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, k)).astype(np.float16)
-    fmt = get_weight_format("e3m2")
-    packed = fmt.pack((rng.standard_normal((m, k)) * rng.uniform(0.01, 1, (m, 1))).astype(np.float32))
-    reference = x.astype(np.float32) @ fmt.unpack(packed).astype(np.float16).astype(np.float32).T
-    y = np.full((n, m), np.nan, np.float16)
-    args = [x, *(packed.arrays[b.name] for b in stage.stored_buffers(m, k)), y]
-    tensors = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]
-    kernel(*tensors)
-    return tensors[-1].numpy().astype(np.float32), reference
-
-
 @pytest.mark.parametrize("bug", list(PLANTED))
 def test_planted_decode_bug_compiles_for_cuda_and_fails_the_replay(bug, planted_cuda_compiles):
     assert planted_cuda_compiles > 0
-    good, ref = replay_stage(FPxDecode("e3m2", 3, 2), 128, 256, 9, seed=2)
-    assert relative_error(good, ref) < TOLERANCE  # the same driver passes without the bug
-    out, ref = replay_stage(PLANTED[bug], 128, 256, 9, seed=2)
+    stage, pairs, in_registers = PLANTED[bug]
+    intrinsics = emulated_intrinsics(pairs=pairs) if pairs else emulated_intrinsics()
+    # the same driver, path and weights pass without the bug
+    good, ref = replay_weight_gemm("e3m2", 128, 256, 9, TILE, seed=2, row_scale_in_epilogue=in_registers)
+    assert relative_error(good, ref) < TOLERANCE
+    out, ref = replay_weight_gemm(
+        "e3m2", 128, 256, 9, TILE, seed=2, row_scale_in_epilogue=in_registers, stage=stage, intrinsics=intrinsics
+    )
     assert relative_error(out, ref) > 0.05, bug
+
+
+# --- the staged tiles -----------------------------------------------------------------------------------
 
 
 def test_each_plane_is_staged_as_one_rectangle_per_k_tile():
@@ -141,7 +205,7 @@ def test_each_plane_is_staged_as_one_rectangle_per_k_tile():
     m, k = 128, 512
     sch = schedule_weight_gemm(make_weight_gemm(FPxDecode("e3m2", 3, 2), m, k), TILE, emulated_intrinsics())
     for width in (4, 2):
-        block = sch.get_sblock(f"plane{width}_shared.dyn")
+        block = sch.get_sblock(f"plane{width}_shared")
         loops = sch.get_loops(block)
         k_loop = next(i for i, loop in enumerate(loops) if "k_0_0" in str(sch.get(loop).loop_var))
         extents = [int(sch.get(loop).extent) for loop in loops[k_loop + 1 :]]
@@ -152,3 +216,45 @@ def test_each_plane_is_staged_as_one_rectangle_per_k_tile():
         assert words <= int(np.prod(extents)) < words + TILE.threads * lanes, (width, extents)
         assert sch.get(block).reads[0].region[1].extent == 1  # one word a lane, no gather
     assert fpx_layout.row_words(k, 4) == k * 4 // 32
+
+
+def staged_row_pitches(sch: s_tir.Schedule) -> dict[str, int]:
+    """Words between consecutive rows of each staged plane tile, once TVM has compacted the buffers."""
+    lowering = [
+        s_tir.transform.LowerInitBlock(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.CompactBufferAllocation(),
+    ]
+    func = tvm.transform.Sequential(lowering)(sch.mod)["main"]
+    pitches = {}
+
+    def visit(block):
+        for buffer in block.alloc_buffers:
+            if str(buffer.name).startswith("plane"):
+                pitches[str(buffer.name)] = int(buffer.strides[0]) if buffer.strides else int(buffer.shape[-1])
+        return block
+
+    tvm_ffi.structural_map(func.body, (s_tir.stmt.SBlock, visit))
+    return pitches
+
+
+@pytest.mark.parametrize("block_k", [32, 64, 128])
+@pytest.mark.parametrize("fmt", ["e3m2", "e2m2"])
+def test_a_warp_reads_the_staged_words_without_bank_conflicts(fmt, block_k):
+    # One decode instruction of a warp: lane 4g + t reads, for its pair j, the word of row g holding
+    # column 2t + 8j (fpx_layout); rows are `pitch` words apart. 32 banks of 4 bytes: lanes must hit
+    # distinct banks or the very same word (a broadcast).
+    config = TileConfig(block_n=16, block_m=32, block_k=block_k, warps=2, stages=2)
+    sch = schedule_weight_gemm(make_weight_gemm(get_decode_stage(fmt), 64, 256), config, emulated_intrinsics())
+    pitches = staged_row_pitches(sch)
+    stage = get_decode_stage(fmt)
+    assert sorted(pitches) == sorted(f"{fpx_layout.plane_name(p)}_shared" for p in stage.widths)
+    for width in stage.widths:
+        pitch = pitches[f"{fpx_layout.plane_name(width)}_shared"]
+        for group in range(block_k // 32):
+            for j in range(4):
+                cols = [(g, 32 * group + 2 * t + 8 * j) for g in range(8) for t in range(4)]
+                words = {g * pitch + fpx_layout.word_in_row(col, width) for g, col in cols}
+                banks = {w % 32 for w in words}
+                assert len(banks) == len(words), (fmt, width, pitch, group, j)

@@ -1,0 +1,88 @@
+"""Decode a packed W straight into the registers of the mma B fragments (no fp16 W tile, no ldmatrix).
+
+For a stage that is a `decode_hints.FragmentDecode`, the template moves W like this (FP6 shown):
+
+    global memory        plane4 [M, Kp/8] words, plane2 [M, Kp/16] words        (compressed: 6 bits a weight)
+        │  cp.async, 16 B a lane, `stages` K tiles in flight
+        ▼
+    shared memory        plane4 tile [block_m, block_k/8 (+4 pad)]  plane2 tile [block_m, block_k/16]
+        │  per warp, per unit of 16 rows × fragment_k (32) k, per lane 4g + t:
+        │    LDS the words it needs (FP6: plane4 word t and plane2 word t/2 of rows g and g + 8)
+        │    fragment_pair(row, col) for its 8 (row, col) pairs: funnel shifts + masks, 2 weights an op
+        ▼
+    registers            B fragments: 2 tiles × 4 32-bit registers a lane (fp16 patterns h = W / row_scale)
+        │  mma.sync.m16n8k16 with the A fragments (X, by ldmatrix from its own swizzled shared tile)
+        ▼
+    fp32 accumulators ──▶ epilogue: Y[n, m] = acc[n, m] · row_scale(m) (+ bias)   (one fp32 multiply an output)
+
+How it is put in the schedule. The template schedules W like any operand read into fragments: a
+cache_read into the fragment scope, laid out by `fragments.b_warp_layout`, computed once per unit
+of fragment_k columns, with the stage's per-element decode (the PrimFunc's "decode" block) inlined
+into it and reading the staged tiles. It blockizes one unit (16 rows × fragment_k columns:
+fragment_k / 16 B tiles) and then `install_fragment_decode` replaces that block's body with the
+per-lane pair decode: for each lane and register pair, the (col, k) that `PairAddressing` says the
+register holds becomes (row, col) of W, and `stage.fragment_pair` gives its two fp16 patterns, which
+the `FragmentWriter` of the intrinsic set stores (a register move on the GPU, two fp16 stores in the
+CPU replay). The block keeps its signature (iterators, read and write regions), so everything the
+lowering derives from it (software pipeline, buffer compaction) is unchanged; the fragment is bound
+as a match buffer, like a tensorized ldmatrix, so its register offsets follow the compaction.
+
+This is a tensorization whose intrinsic is generated per format: TVM's `tensorize` cannot take it,
+as it compares the block with a fixed description index expression by index expression, and a
+format's field positions depend on the column in ways it cannot match. The replay checks the result
+against numpy instead (`tests/schedules/tensorcore/test_fpx_replay.py`).
+"""
+
+from __future__ import annotations
+
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.s_tir.stmt import MatchBufferRegion, SBlock
+
+from tensorpress.schedules.tensorcore.config import MMA_TILE, WARP_SIZE
+from tensorpress.schedules.tensorcore.decode_hints import FragmentDecode
+from tensorpress.schedules.tensorcore.intrinsics import PAIRS_PER_TILE, FragmentWriter
+
+
+def install_fragment_decode(
+    sch: s_tir.Schedule, unit, stage: FragmentDecode, staged: list, writer: FragmentWriter
+) -> s_tir.Schedule:
+    """A new schedule of `sch.mod` in which the blockized unit block `unit` (writing B fragment
+    tiles [row tile, k tiles, 32, 8]) decodes with `stage.fragment_pair` from the shared buffers
+    `staged` (in `shared_staged_buffers` order)."""
+    old = sch.get(unit)
+    new = _fragment_decode_block(old, stage, staged, writer)
+    mod = tvm_ffi.structural_map(sch.mod, (SBlock, lambda block: new if block.same_as(old) else block))
+    return s_tir.Schedule(mod)
+
+
+def _fragment_decode_block(old: SBlock, stage: FragmentDecode, staged: list, writer: FragmentWriter) -> SBlock:
+    (write,) = old.writes
+    *_, row_tile, k_tiles, lanes, slots = write.region
+    tiles = int(k_tiles.extent)
+    if int(lanes.extent) != WARP_SIZE or int(slots.extent) != 2 * PAIRS_PER_TILE or int(row_tile.extent) != 1:
+        raise ValueError(f"internal: a fragment-decode unit writes one row tile of [32, 8] B tiles, not {write}")
+    fragment = tirx.decl_buffer(
+        (tiles, WARP_SIZE, 2 * PAIRS_PER_TILE),
+        "float16",
+        name="fragment",
+        scope=write.source.scope(),
+        offset_factor=16,
+    )
+    lane = tirx.Var("lane", "int32")
+    stores = []
+    for tile in range(tiles):
+        for pair in range(PAIRS_PER_TILE):
+            col_in_tile, k_in_tile = writer.addressing.pair_element(lane, pair)
+            row = row_tile.min * MMA_TILE + col_in_tile  # a B tile's "cols" are W's rows
+            col = (k_tiles.min + tile) * MMA_TILE + k_in_tile
+            stores.append(writer.store_pair(fragment, tile, lane, pair, stage.fragment_pair(staged, row, col)))
+    return SBlock(
+        old.iter_vars,
+        old.reads,
+        old.writes,
+        old.name_hint,
+        writer.lane_loop(lane, tirx.SeqStmt(stores)),
+        match_buffers=[MatchBufferRegion(fragment, write)],
+        annotations=old.annotations,
+    )
