@@ -26,6 +26,8 @@ from tvm.s_tir import stmt as sblock_stmt
 
 from tensorpress.schedules.tensorcore.replay import REPLAY_PIPELINE, THREAD_ANNOTATION
 
+CUDA_LOOP_PRAGMAS = ("pragma_unroll", "disable_unroll")  # nvcc's business; llvm would warn about them
+
 
 def reduction_thread_vars(mod: tvm.IRModule) -> list[tirx.Var]:
     """Loop variables that appear in the binding of some block's reduction variable."""
@@ -65,10 +67,12 @@ def serialize_threads(mod: tvm.IRModule, seed: int | None = 0) -> tvm.IRModule:
         return extent - 1 - index
 
     def serialize(loop: tirx.For) -> tirx.For:
-        if loop.kind == tirx.ForKind.UNROLLED:
-            return tirx.For(
-                loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, None,
-                loop.annotations, loop.step, loop.span,
+        if loop.kind == tirx.ForKind.UNROLLED or any(k in loop.annotations for k in CUDA_LOOP_PRAGMAS):
+            annotations = {k: v for k, v in loop.annotations.items() if k not in CUDA_LOOP_PRAGMAS}
+            kind = tirx.ForKind.SERIAL if loop.kind == tirx.ForKind.UNROLLED else loop.kind
+            loop = tirx.For(
+                loop.loop_var, loop.min, loop.extent, kind, loop.body, loop.thread_binding, annotations,
+                loop.step, loop.span,
             )  # fmt: skip
         if loop.kind != tirx.ForKind.THREAD_BINDING:
             return loop

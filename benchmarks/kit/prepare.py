@@ -52,8 +52,11 @@ from benchmarks.kit.cases import (  # noqa: E402
 CARRY_LIMIT = 48 << 20  # the device tool carries 64 MiB with the working tree (~16 MiB today)
 
 
-def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[str] | None = None) -> dict:
-    """Build the kit into `out` (replaced if it exists); returns the manifest."""
+def prepare(
+    out: Path, arch: str, dry: bool, python_version: str, layers: list[str] | None = None, decoders: bool = False
+) -> dict:
+    """Build the kit into `out` (replaced if it exists); returns the manifest. `decoders`: add the
+    decoder part (benchmarks/kit/decoder_build.py)."""
     from benchmarks.kit.build import bench_cases, build_library, fpx_bench_cases, fpx_test_cases, test_cases
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +108,11 @@ def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[s
             for c in cases:
                 kernels[c.name], kernel_library[c.name] = c, library
         test_tokens = list(DRY_TEST_TOKENS if dry else TEST_TOKENS)
+        if decoders:
+            from benchmarks.kit.decoder_build import prepare_decoders
+
+            print("building the decoder part", flush=True)
+            decoder_section = prepare_decoders(staging / "decoders", build_arch, dry)
         _copy_runtime(staging / "runtime", cuda=not dry, python_version=python_version)
         _copy_weight_formats(staging / "runtime" / "python" / "tensorpress")
         manifest = {
@@ -121,6 +129,8 @@ def prepare(out: Path, arch: str, dry: bool, python_version: str, layers: list[s
             "fpx_tests": {"cases": [c.name for c in fpx_tests], "tokens": test_tokens},
             "build_seconds": seconds,
         }
+        if decoders:
+            manifest["decoders"] = decoder_section
         size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
         manifest["summary"] = {"kernels": len(kernels), "bytes": size, "arch": manifest["arch"], "dry": dry}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -179,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry", action="store_true", help="CPU-built kernels to prove the plumbing here")
     parser.add_argument("--python", default=None, help="the device's Python (default 3.12; dry: this one)")
     parser.add_argument("--layer", action="append", help="only these benchmark layers (repeatable)")
+    parser.add_argument("--no-decoders", action="store_true", help="leave out the decoder part (decoder_build.py)")
     args = parser.parse_args(argv)
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     python_version = args.python or (here if args.dry else "3.12")
     start = time.perf_counter()
-    manifest = prepare(Path(args.out), args.arch, args.dry, python_version, args.layer)
+    manifest = prepare(Path(args.out), args.arch, args.dry, python_version, args.layer, not args.no_decoders)
     summary = manifest["summary"]
     print(
         f"kit ready: {args.out} ({summary['bytes'] / 2**20:.1f} MiB, {summary['kernels']} kernels, "

@@ -9,6 +9,7 @@ the runtime-only tensorpress) on the path. Writes to --out (at most 4 files, one
     gpu_tests_<device>_<time>.json   passed/failed/skipped per test, environment
     gemm_weight_<device>_<time>.json the benchmark (see benchmarks/gemm_weight.py)
     run.log                          this script's own summary
+    + the decoder part's three files (benchmarks/kit/decoder_run.py), where the kit has one
 Exit status: 0 when every gpu test passed and every kernel was correct, 1 otherwise.
 """
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--layer", action="append", help="only these benchmark layers (repeatable)")
+    parser.add_argument("--skip-decoders", action="store_true", help="skip the decoder part (decoder_run.py)")
     args = parser.parse_args(argv)
     kit, out = Path(args.kit).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             log.append(f"  {s['layer']:<24} N={s['n']:<4} best {speedup:5.2f}x cuBLAS ({share:.0%} of copy bw; "
                        f"ideal {ideal:.2f}x)")  # fmt: skip
         print("\n".join(log[-len(result["summary"]) - 1 :]), flush=True)
+    if manifest.get("decoders") and not args.skip_decoders:  # decoders: benchmarks/kit/decoder_run.py
+        from benchmarks.kit.decoder_run import run_decoders
+
+        passed, lines = run_decoders(kit, out, {**os.environ, **kit_environment(kit)}, manifest["dry"])
+        ok &= passed
+        log += lines
+        print("\n".join(lines), flush=True)
     (out / "run.log").write_text("\n".join(log) + "\n")
     return 0 if ok else 1
 
