@@ -25,7 +25,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -138,8 +140,69 @@ def step_bytes(manifest: dict, config: dict, batch: int, context: int) -> int:
     return weights + kv
 
 
-def run(kit: Path, out: Path, commit: str | None = None) -> Path:
+@dataclass
+class Sides:
+    """Both models and what a measurement needs to know about the device and the artifact."""
+
+    ours: Any
+    hf: Any
+    device: Any
+    sync: Any
+    artifact_manifest: dict
+    config: dict
+    peak: float | None
+    copy_bw: float | None
+
+
+def measure(side: Sides, fmt: str, batch: int, context: int) -> dict:
+    """One (weights, batch, context) row: both sides' decode tokens/s, step times, bandwidth shares."""
     import numpy as np
+    import torch
+
+    config, new = side.config, side.config["new_tokens"]
+    rng = np.random.default_rng(batch * 100_000 + context)
+    prompts = rng.integers(3, config["vocab"], (batch, context))
+    side.ours.generate(prompts[:, :16].tolist(), max_new_tokens=WARMUP_TOKENS, stop_ids=[])
+    our_tokens = side.ours.generate(prompts.tolist(), max_new_tokens=new, stop_ids=[])
+    stats = side.ours.last_stats
+    hf_decode(side.hf, torch.from_numpy(prompts[:, :16]).to(side.device), WARMUP_TOKENS, side.sync)
+    hf_seconds, hf_tokens = hf_decode(side.hf, torch.from_numpy(prompts).to(side.device), new, side.sync)
+    our_rate = stats.decode_tokens / stats.decode_seconds
+    hf_rate = batch * (new - 1) / hf_seconds
+    nbytes = step_bytes(side.artifact_manifest, config, batch, context + new // 2)
+    our_step, hf_step = stats.decode_seconds / (new - 1), hf_seconds / (new - 1)
+    share = lambda step, peak: round(nbytes / step / peak, 3) if peak else None  # noqa: E731
+    row = {
+        "weights": fmt,
+        "batch": batch,
+        "context": context,
+        "tensorpress_tokens_per_s": round(our_rate, 1),
+        "transformers_tokens_per_s": round(hf_rate, 1),
+        "speedup": round(our_rate / hf_rate, 3),
+        "tensorpress_step_ms": round(our_step * 1e3, 3),
+        "transformers_step_ms": round(hf_step * 1e3, 3),
+        "tensorpress_prefill_s": round(stats.prefill_seconds, 3),
+        "bytes_per_step": nbytes,
+        "tensorpress_fraction_of_datasheet_bw": share(our_step, side.peak),
+        "tensorpress_fraction_of_copy_bw": share(our_step, side.copy_bw),
+        "transformers_fraction_of_datasheet_bw": share(hf_step, side.peak) if fmt == "fp16" else None,
+    }
+    if fmt == "fp16":  # the same weights: first-step logits (batch 1) and how far greedy agrees
+        if batch == 1:
+            row["first_step_logits_max_rel_error"] = first_step_error(side.ours, side.hf, prompts[:1], side.device)
+        row["greedy_sequences_equal"] = sum(a == b for a, b in zip(our_tokens, hf_tokens))
+        row["greedy_tokens_equal_before_first_difference"] = [
+            _agreeing_prefix(a, b) for a, b in zip(our_tokens, hf_tokens)
+        ]
+    print(
+        f"{fmt} B={batch:<3} T={context:<5} ours {our_rate:9.1f} tok/s  transformers {hf_rate:9.1f} tok/s  "
+        f"x{our_rate / hf_rate:5.2f}  {row['tensorpress_fraction_of_datasheet_bw'] or 0:.0%} of HBM",
+        flush=True,
+    )
+    return row
+
+
+def run(kit: Path, out: Path, commit: str | None = None) -> Path:
     import torch
 
     import tensorpress.runtime
@@ -173,50 +236,20 @@ def run(kit: Path, out: Path, commit: str | None = None) -> Path:
         setup_seconds[f"load_{fmt}"] = round(time.perf_counter() - start, 1)
         for context in config["contexts"]:
             for batch in config["batches"]:
-                rng = np.random.default_rng(batch * 100_000 + context)
-                prompts = rng.integers(3, config["vocab"], (batch, context))
-                ours.generate(prompts[:, :16].tolist(), max_new_tokens=WARMUP_TOKENS, stop_ids=[])
-                our_tokens = ours.generate(prompts.tolist(), max_new_tokens=config["new_tokens"], stop_ids=[])
-                stats = ours.last_stats
-                our_rate = stats.decode_tokens / stats.decode_seconds
-                hf_decode(hf, torch.from_numpy(prompts[:, :16]).to(device), WARMUP_TOKENS, sync)
-                hf_seconds, hf_tokens = hf_decode(hf, torch.from_numpy(prompts).to(device), config["new_tokens"], sync)
+                side = Sides(ours, hf, device, sync, artifact_manifest, config, peak, copy_bw)
+                try:
+                    row = measure(side, fmt, batch, context)
+                except Exception as err:  # noqa: BLE001 - e.g. out of memory: keep the other rows
+                    row = {
+                        "weights": fmt,
+                        "batch": batch,
+                        "context": context,
+                        "error": f"{type(err).__name__}: {err}"[:400],
+                    }
+                    print(f"{fmt} B={batch} T={context}: {row['error']}", flush=True)
                 if device_kind == "cuda":
                     torch.cuda.empty_cache()
-                hf_rate = batch * (config["new_tokens"] - 1) / hf_seconds
-                steps = config["new_tokens"] - 1
-                nbytes = step_bytes(artifact_manifest, config, batch, context + config["new_tokens"] // 2)
-                our_step, hf_step = stats.decode_seconds / steps, hf_seconds / steps
-                row = {
-                    "weights": fmt,
-                    "batch": batch,
-                    "context": context,
-                    "tensorpress_tokens_per_s": round(our_rate, 1),
-                    "transformers_tokens_per_s": round(hf_rate, 1),
-                    "speedup": round(our_rate / hf_rate, 3),
-                    "tensorpress_step_ms": round(our_step * 1e3, 3),
-                    "transformers_step_ms": round(hf_step * 1e3, 3),
-                    "tensorpress_prefill_s": round(stats.prefill_seconds, 3),
-                    "bytes_per_step": nbytes,
-                    "tensorpress_fraction_of_datasheet_bw": round(nbytes / our_step / peak, 3) if peak else None,
-                    "tensorpress_fraction_of_copy_bw": round(nbytes / our_step / copy_bw, 3) if copy_bw else None,
-                    "transformers_fraction_of_datasheet_bw": (
-                        round(nbytes / hf_step / peak, 3) if peak and fmt == "fp16" else None
-                    ),
-                }
-                if fmt == "fp16" and batch == 1:  # same weights: the first step's logits
-                    row["first_step_logits_max_rel_error"] = first_step_error(ours, hf, prompts[:1], device)
-                if fmt == "fp16":  # same weights: how far greedy agrees (random weights: near-ties are common)
-                    row["greedy_sequences_equal"] = sum(a == b for a, b in zip(our_tokens, hf_tokens))
-                    row["greedy_tokens_equal_before_first_difference"] = [
-                        _agreeing_prefix(a, b) for a, b in zip(our_tokens, hf_tokens)
-                    ]
                 rows.append(row)
-                print(
-                    f"{fmt} B={batch:<3} T={context:<5} ours {our_rate:9.1f} tok/s  transformers {hf_rate:9.1f} tok/s  "
-                    f"x{our_rate / hf_rate:5.2f}  {row['tensorpress_fraction_of_datasheet_bw'] or 0:.0%} of HBM",
-                    flush=True,
-                )
         del ours, weights
         if device_kind == "cuda":
             torch.cuda.empty_cache()

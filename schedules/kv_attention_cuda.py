@@ -7,14 +7,15 @@ threadIdx.y = TY = SLOTS = 8 rows. The G query heads of the kv head share every 
     q_scaled   q[n, group heads] * 1/√D -> shared fp32 [G, D]
     keys       the chunk's K rows, 16-byte loads, -> shared [CHUNK, D]         (coalesced: a warp reads
                                                                                  2 (D=128) .. 4 rows)
-    score      thread (y, x) takes row t = 8·step + y and its 8 columns; the 8 products are summed in
-               the thread, then over the TX lanes by warp shuffles           -> shared fp32 [G, CHUNK]
+    score      per head in turn, thread (y, x) takes row t = 8·step + y and its 8 columns; the 8
+               products are summed in the thread, then over the TX lanes by warp shuffles
+                                                                              -> shared fp32 [G, CHUNK]
     chunk_max  per head (threadIdx.y), over the chunk: in-thread then shuffles -> shared [G]
     prob       exp(s - m), 0 past the token's position                       -> shared [G, CHUNK]
     chunk_sum  like chunk_max                                                 -> workspace
-    slot_acc   thread (y, x) sums rows t ≡ y (mod 8) of V·p for its 8 columns and (up to 4) heads in
-               registers; V comes straight from the pages into registers (16-byte loads)
-               -> shared fp32 [8, heads, D]; heads beyond 4 take further passes over V (L1/L2 hits)
+    slot_acc   thread (y, x) sums rows t ≡ y (mod 8) of V·p for its 8 columns and the heads of a
+               pass (`pv_plan`) in registers; V comes straight from the pages into registers
+               (16-byte loads)                                -> shared fp32 [8, heads of the pass, D]
     chunk_acc  the 8 slot partials summed in slot order                       -> workspace
 
 Stage 2 — one CTA per (token, query head), one thread per column: max, weighted sums and the output,
@@ -25,9 +26,14 @@ buffer and the next stage that reads it (RAW), and before a stage that overwrite
 others may still read (WAR; StorageRewrite may place slot_acc in the storage of `keys`, and prob in
 that of `score`: both are dead by then, and at least two barriers separate their last readers from
 the new writer). Every barrier is reached by all threads of the CTA (no branch encloses one).
-The CPU replay cannot see a missing
-barrier; `tests/schedules/test_kv_attention_cuda.py` checks in the lowered kernel that every shared
-buffer read follows a barrier placed after the last write of another stage.
+The CPU replay cannot see a missing barrier; `tests/schedules/test_kv_attention_cuda.py` checks in
+the lowered kernel that every shared-buffer read follows a barrier placed after the last write by
+another statement. Races between CTAs (two CTAs writing one workspace row) the replay does see: it
+runs the CTAs in shuffled orders (see `_divisor_at_most`).
+
+Prefill runs the same kernels, one query token per CTA row of the grid: correct and parallel, but
+neither query-tiled nor sparing of the workspace (N x H x chunks x D fp32: 17 GB for 16 x 2048
+prompt tokens at Llama-7B's shape). A query-tiled prefill kernel is the next step.
 """
 
 from __future__ import annotations
