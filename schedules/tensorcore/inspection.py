@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tvm
@@ -215,26 +215,52 @@ def disassemble(cubin: bytes) -> str:
     return proc.stdout
 
 
-def inspect_cuda(mod: tvm.IRModule, arch: str) -> list[KernelReport]:
-    """Compile a scheduled module for `arch` with nvcc and report every kernel's resources and SASS."""
+@dataclass(frozen=True)
+class CudaBuild:
+    """Everything the inspection reads from one nvcc build of a module (plain text, JSON-able)."""
+
+    arch: str
+    source: str  # the CUDA C TVM generated
+    ptxas_log: str  # ptxas -v
+    listing: str  # cuobjdump -sass
+    dynamic_shared: dict[str, int]  # kernel name -> bytes of dynamic shared memory
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict) -> CudaBuild:
+        return CudaBuild(**data)
+
+
+def build_for_inspection(mod: tvm.IRModule, arch: str) -> CudaBuild:
+    """Generate CUDA for a scheduled module, compile it for `arch` with nvcc, disassemble it."""
     source = cuda_source(mod, arch)
     cubin, log = compile_cubin(source, arch)
-    ptxas = parse_ptxas(log)
-    sass = parse_sass(disassemble(cubin))
-    dyn = dynamic_shared_bytes(mod, arch)
+    return CudaBuild(arch, source, log, disassemble(cubin), dynamic_shared_bytes(mod, arch))
+
+
+def kernel_reports(build: CudaBuild) -> list[KernelReport]:
+    """Every kernel's resources and SASS opcode counts, from a build."""
+    sass = parse_sass(build.listing)
     reports = []
-    for name, info in ptxas.items():
+    for name, info in parse_ptxas(build.ptxas_log).items():
         reports.append(
             KernelReport(
                 name=name,
-                arch=arch,
+                arch=build.arch,
                 registers=info["registers"],
                 stack_bytes=info["stack"],
                 spill_store_bytes=info["spill_stores"],
                 spill_load_bytes=info["spill_loads"],
                 static_shared_bytes=info["smem"],
-                dynamic_shared_bytes=dyn.get(name, 0),
+                dynamic_shared_bytes=build.dynamic_shared.get(name, 0),
                 sass=sass.get(name, Counter()),
             )
         )
     return reports
+
+
+def inspect_cuda(mod: tvm.IRModule, arch: str) -> list[KernelReport]:
+    """Compile a scheduled module for `arch` with nvcc and report every kernel's resources and SASS."""
+    return kernel_reports(build_for_inspection(mod, arch))

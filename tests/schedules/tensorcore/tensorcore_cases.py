@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -136,3 +139,23 @@ def relative_error(out: np.ndarray, reference: np.ndarray) -> float:
     if np.isnan(out).any():
         return float("inf")
     return float(np.abs(out - reference).max() / np.abs(reference).max())
+
+
+def once_per_session(tmp_path_factory, key: str, compute: Callable[[], dict]) -> dict:
+    """compute() (a JSON-able dict) once per test session, however many pytest-xdist workers ask:
+    the first computes it under a file lock and leaves it in the session's temp folder, the others
+    wait for it and read it (nvcc builds of a whole tile grid take a minute a worker)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return compute()
+    root = tmp_path_factory.getbasetemp().parent  # one folder for all the workers of a session
+    path = root / f"{key}.json"
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if path.exists():
+                return json.loads(path.read_text())
+            result = compute()
+            path.write_text(json.dumps(result))
+            return result
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

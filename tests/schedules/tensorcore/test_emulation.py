@@ -83,3 +83,22 @@ def test_emulated_fill_zeroes_every_register():
     acc = tvm.runtime.tensor(np.full((2, 32, 4), np.nan, np.float32))
     impl(acc)
     assert not acc.numpy().any()
+
+
+def test_emulated_fragment_writer_puts_the_low_half_first():
+    # A pair written as 32 bits lands in slots 2p (bits 0..15) and 2p + 1 (bits 16..31) of the lane,
+    # in the tile it names, as the GPU's register holds it.
+    from tvm import tirx
+
+    writer = emulation.EmulatedFragmentWriter()
+    fragment = tirx.decl_buffer((2, 32, 8), "float16", name="fragment")
+    bits = tirx.decl_buffer((2, 32, 4), "uint32", name="bits")
+    lane = tirx.Var("lane", "int32")
+    stores = [writer.store_pair(fragment, t, lane, p, bits[t, lane, p]) for t in range(2) for p in range(4)]
+    body = writer.lane_loop(lane, tirx.SeqStmt(stores))
+    func = tirx.PrimFunc([bits, fragment], body).with_attr("global_symbol", "main")
+    values = np.random.default_rng(2).standard_normal((2, 32, 8)).astype(np.float16)
+    words = values.view(np.uint32)  # little-endian: slot 2p is the low half of word p
+    out = tvm.runtime.tensor(np.zeros((2, 32, 8), np.float16))
+    compile_impl(func)(tvm.runtime.tensor(words), out)
+    np.testing.assert_array_equal(out.numpy().view(np.uint16), values.view(np.uint16))

@@ -1,6 +1,8 @@
 """Every FPx format through every shipped tile, compiled by nvcc/ptxas for sm_80 and sm_90a: the Tensor
-Core path is in the SASS (HMMA, LDSM, and LDGSTS: the bit planes arrive by cp.async), nothing spills
-or goes to the stack, shared memory fits the arch and the config's own estimate."""
+Core path is in the SASS (HMMA, LDSM for X, and LDGSTS: the bit planes arrive by cp.async), nothing
+spills or goes to the stack, shared memory fits the arch and the config's own estimate; W is decoded
+into registers (ldmatrix only for X) and, for the n16 (decode) tiles on sm_90a, the main loop issues
+no more instructions per weight than an H100 can afford while streaming W at full bandwidth."""
 
 from __future__ import annotations
 
@@ -8,20 +10,15 @@ import re
 
 import pytest
 import tvm
+from tensorcore_cases import once_per_session
 
-from tensorpress.compiler.formats import fpx_layout
+from tensorpress.compiler.formats import fpx, fpx_layout
+from tensorpress.compiler.formats.registry import get_weight_format
 from tensorpress.schedules.tensorcore.arch import arch_spec
 from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
-from tensorpress.schedules.tensorcore.inspection import (
-    KernelReport,
-    compile_cubin,
-    cuda_source,
-    disassemble,
-    dynamic_shared_bytes,
-    parse_ptxas,
-    parse_sass,
-)
+from tensorpress.schedules.tensorcore.inspection import CudaBuild, KernelReport, build_for_inspection, kernel_reports
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
+from tensorpress.schedules.tensorcore.sass_cost import parse_listing, steady_state, summarize, weight_budget
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
 from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
 
@@ -35,7 +32,6 @@ def symbol(fmt: str, config: TileConfig) -> str:
     return f"{fmt}_{config.label()}"
 
 
-@pytest.fixture(scope="module")
 def module() -> tvm.IRModule:
     """Every (format, config) weight GEMM in one module: one nvcc run per arch."""
     functions = {}
@@ -47,26 +43,33 @@ def module() -> tvm.IRModule:
     return tvm.IRModule(functions)
 
 
+class Compiled:
+    """arch -> (CUDA source, {symbol: kernel reports, the GEMM first and the split-K reduction after},
+    {kernel name: its SASS instructions}), built on first use, once for all workers."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory = tmp_path_factory
+        self.module: tvm.IRModule | None = None
+        self.by_arch: dict = {}
+
+    def __getitem__(self, arch: str):
+        if arch not in self.by_arch:
+            data = once_per_session(self.tmp_path_factory, f"fpx_sass_{arch}", lambda: self._build(arch))
+            build = CudaBuild.from_json(data)
+            kernels: dict[str, list[KernelReport]] = {}
+            for report in sorted(kernel_reports(build), key=lambda r: r.name):
+                kernels.setdefault(report.name.split("_kernel")[0], []).append(report)
+            self.by_arch[arch] = (build.source, kernels, parse_listing(build.listing))
+        return self.by_arch[arch]
+
+    def _build(self, arch: str) -> dict:
+        self.module = self.module or module()
+        return build_for_inspection(self.module, arch).to_json()
+
+
 @pytest.fixture(scope="module")
-def compiled(module) -> dict[str, tuple[str, dict[str, list[KernelReport]]]]:
-    """arch -> (CUDA source, {symbol: kernel reports, the GEMM first and the split-K reduction after})."""
-    result = {}
-    for arch in ARCHS:
-        source = cuda_source(module, arch)
-        cubin, log = compile_cubin(source, arch)
-        ptxas, sass, dyn = parse_ptxas(log), parse_sass(disassemble(cubin)), dynamic_shared_bytes(module, arch)
-        kernels: dict[str, list[KernelReport]] = {}
-        for name in sorted(ptxas):
-            info = ptxas[name]
-            kernels.setdefault(name.split("_kernel")[0], []).append(
-                KernelReport(
-                    name=name, arch=arch, registers=info["registers"], stack_bytes=info["stack"],
-                    spill_store_bytes=info["spill_stores"], spill_load_bytes=info["spill_loads"],
-                    static_shared_bytes=info["smem"], dynamic_shared_bytes=dyn.get(name, 0), sass=sass[name],
-                )
-            )  # fmt: skip
-        result[arch] = (source, kernels)
-    return result
+def compiled(tmp_path_factory) -> Compiled:
+    return Compiled(tmp_path_factory)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -96,3 +99,20 @@ def test_every_plane_travels_by_cp_async(arch, compiled):
         assert any(name in line for line in copies), name
         loads = [line for line in source.splitlines() if re.search(rf"\b{name}\[", line)]
         assert loads == [], loads[:1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
+def test_w_is_decoded_in_registers_within_the_issue_budget(arch, fmt, config, compiled):
+    gemm = compiled[arch][1][symbol(fmt, config)][0]
+    counts = steady_state(compiled[arch][2][gemm.name], config.block_m * config.block_k // config.threads)
+    assert counts is not None, gemm.summary()
+    cost = summarize(counts, config)
+    # per K tile and warp: one ldmatrix.x4 per 16x16 X tile, none for W
+    assert counts["LDSM"] == (config.block_k // 16) * (config.block_n // 16), dict(counts)
+    assert cost["HMMA"] == (config.block_k // 16) * (config.block_n // 16) * (config.warp_tile_m // 16) * 2
+    if arch == "sm_90a" and config.block_n == 16 and config.split_k == 1:
+        spec = get_weight_format(fmt)
+        budget = weight_budget(fpx.code_bits(spec.ebits, spec.mbits))
+        assert cost["instructions_per_weight"] <= budget, (cost, budget)

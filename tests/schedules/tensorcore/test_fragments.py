@@ -101,3 +101,20 @@ def test_layout_index_maps_tile_the_last_two_dims():
     assert frag.a_warp_layout(3, 37, 21) == (3, 2, 1, *frag.a_register(5, 5))
     assert frag.b_warp_layout(17, 40) == (1, 2, *frag.b_register(1, 8))
     assert frag.c_warp_layout(2, 18, 33) == (2, 1, 2, *frag.c_register(2, 1))
+
+
+def test_b_register_pairs_are_the_32_bit_registers_of_the_isa():
+    # Register pair p of a lane is one .b32 register of an mma: b0b1 or b2b3 (the ISA's k and k + 1
+    # in its low and high half) of the cols 0-7 (p < 2) or cols 8-15 mma. It starts at an even k, and
+    # the 4 pairs x 32 lanes cover the 16x16 tile's 128 pairs once.
+    isa = isa_b_table()
+    covered = set()
+    for lane, pair in itertools.product(LANES, range(4)):
+        col, k = frag.b_pair_element(lane, pair)
+        low = isa[(lane, 2 * (pair % 2))]
+        high = isa[(lane, 2 * (pair % 2) + 1)]
+        assert (low, high) == ((k, col % 8), (k + 1, col % 8)) and col // 8 == pair // 2
+        assert frag.b_register(col, k) == (lane, 2 * pair)
+        assert frag.b_register(col, k + 1) == (lane, 2 * pair + 1)
+        covered.add((col, k))
+    assert covered == {(c, k) for c in range(16) for k in range(0, 16, 2)}

@@ -4,10 +4,18 @@ the SASS (HMMA, LDSM, LDGSTS), nothing spills or goes to the stack, shared memor
 from __future__ import annotations
 
 import pytest
+from tensorcore_cases import once_per_session
 
 from tensorpress.schedules.tensorcore.arch import arch_spec
 from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
-from tensorpress.schedules.tensorcore.inspection import KernelReport, inspect_cuda, parse_ptxas, parse_sass
+from tensorpress.schedules.tensorcore.inspection import (
+    CudaBuild,
+    KernelReport,
+    build_for_inspection,
+    kernel_reports,
+    parse_ptxas,
+    parse_sass,
+)
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
 from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
@@ -30,13 +38,19 @@ def scheduled_module(configs):
 
 
 @pytest.fixture(scope="module")
-def reports() -> dict[str, dict[str, list[KernelReport]]]:
-    """arch -> config label -> kernel reports (the GEMM kernel first, the split-K reduction after)."""
-    module = scheduled_module(CONFIGS)
+def reports(tmp_path_factory) -> dict[str, dict[str, list[KernelReport]]]:
+    """arch -> config label -> kernel reports (the GEMM kernel first, the split-K reduction after);
+    built once for all workers."""
+
+    def build() -> dict:
+        module = scheduled_module(CONFIGS)
+        return {arch: build_for_inspection(module, arch).to_json() for arch in ARCHS}
+
+    builds = once_per_session(tmp_path_factory, "template_sass", build)
     result: dict[str, dict[str, list[KernelReport]]] = {}
     for arch in ARCHS:
         by_config: dict[str, list[KernelReport]] = {c.label(): [] for c in CONFIGS}
-        for report in sorted(inspect_cuda(module, arch), key=lambda r: r.name):
+        for report in sorted(kernel_reports(CudaBuild.from_json(builds[arch])), key=lambda r: r.name):
             by_config[report.name.split("_kernel")[0]].append(report)
         result[arch] = by_config
     return result
