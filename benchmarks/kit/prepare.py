@@ -160,7 +160,7 @@ def _copy_weight_formats(package: Path) -> None:
     formats.mkdir(parents=True)
     docstring = '"""Only the weight formats: the GPU kit packs FPx weights with them."""\n'
     (package / "compiler" / "__init__.py").write_text(docstring)
-    for name in ("__init__.py", "fpx.py", "fpx_layout.py", "registry.py"):
+    for name in ("__init__.py", "dense_panel.py", "fpx.py", "fpx_layout.py", "registry.py"):
         shutil.copyfile(ROOT / "compiler" / "formats" / name, formats / name)
 
 
