@@ -1,9 +1,10 @@
 """llvm schedules of the paged KV kernels (`kv_attention.py`).
 
-Attention stage 1 runs one parallel task per (token, kv head, chunk): the chunk's keys are gathered
-transposed ([D, CHUNK] in a task-local buffer) so q·k vectorises over the chunk's positions, and p·V
-vectorises over head_dim with V read straight from the pages. The merge runs one parallel task per
-(token, query head). Chunks past a token's position are skipped, as on the GPU.
+Attention stage 1 runs one parallel task per (token, kv head, chunk): for head_dim > 64 the chunk's
+keys are gathered transposed ([D, CHUNK] in a task-local buffer) so q·k vectorises over the chunk's
+positions (for short rows q·k reads the pages directly), and p·V vectorises over head_dim with V read
+straight from the pages. The merge runs one parallel task per (token, query head), vectorised over
+head_dim. Chunks past a token's position are skipped (the CUDA schedule cannot, see there).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from tensorpress.schedules.kv_attention import attention_shape, guard_loop_body
+
+INLINE_KEYS_UP_TO = 64  # head_dim up to which q·k reads the pages directly (measured on AVX2)
 
 
 def schedule_append(func: tirx.PrimFunc) -> s_tir.Schedule:
@@ -23,7 +26,7 @@ def schedule_append(func: tirx.PrimFunc) -> s_tir.Schedule:
 
 
 def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
-    _, kv_heads, _, chunk = attention_shape(func)
+    _, kv_heads, head_dim, chunk = attention_shape(func)
     sch = s_tir.Schedule(func)
     score = sch.get_sblock("score")
     task = sch.fuse(*sch.get_loops(score)[:3])
@@ -31,25 +34,35 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     task_var = sch.get(task).loop_var
 
     keys = sch.get_sblock("keys")
-    sch.transform_layout(keys, ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
-    t, d = sch.get_loops(keys)[-2:]
-    sch.reorder(d, t)
-    j, t, d = sch.get_loops(score)[-3:]
-    sch.reorder(j, d, t)
-    sch.vectorize(t)
+    if head_dim <= INLINE_KEYS_UP_TO:  # short rows: q·k straight from the pages beats a gathered tile
+        sch.compute_inline(keys)
+        j, t, d = sch.get_loops(score)[-3:]
+        sch.reorder(t, j, d)  # a key row's address once for all heads of the group
+    else:  # the chunk's keys transposed, [D, CHUNK], so q·k vectorises over the chunk's positions
+        sch.transform_layout(keys, ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
+        t, d = sch.get_loops(keys)[-2:]
+        sch.reorder(d, t)
+        j, t, d = sch.get_loops(score)[-3:]
+        sch.reorder(j, d, t)
+        sch.vectorize(t)
 
     sch.compute_inline(sch.get_sblock("values"))
     slot_acc = sch.get_sblock("slot_acc")
     s, j, d, step = sch.get_loops(slot_acc)[-4:]
-    sch.reorder(j, step, s, d)
+    sch.reorder(step, s, j, d)  # a value row's address once for all heads of the group
     sch.vectorize(d)
     chunk_acc = sch.get_sblock("chunk_acc")
     j, d, s = sch.get_loops(chunk_acc)[-3:]
     sch.reorder(j, s, d)
     sch.vectorize(d)
 
+    merged_acc = sch.get_sblock("merged_acc")
+    d, c = sch.get_loops(merged_acc)[-2:]
+    sch.reorder(c, d)  # e^(m_c - M) once per chunk, the columns vectorised
+    sch.vectorize(d)
     out = sch.get_sblock("out")
     n, h = sch.get_loops(out)[:2]
+    sch.vectorize(sch.get_loops(out)[-1])
     sch.parallel(sch.fuse(n, h))
 
     # task = (n * KVH + g) * C + c  ->  skip chunk c when c * CHUNK > positions[n]
