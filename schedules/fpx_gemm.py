@@ -53,6 +53,9 @@ class FPxDecode(DecodeStage, FragmentDecode, RowScaledDecode):
     """W[m, k] = value(eXmY code at (m, k)) * scales[m], codes read from the bit planes."""
 
     fragment_k = fpx_layout.GROUP_K  # a lane's plane words cover a group of 32 k: decode one at a time
+    # CPU (`schedules/cpu/decode_along_k.py`): rows read word by word, 8 codes of a plane4 word at a time
+    cpu_decode_group = fpx_layout.GROUP_K
+    cpu_decode_run = fpx_layout.DECODE_RUN
 
     def __init__(self, name: str, ebits: int, mbits: int):
         fpx.check_format(ebits, mbits)
@@ -76,6 +79,10 @@ class FPxDecode(DecodeStage, FragmentDecode, RowScaledDecode):
     def unsupported_reason(self, m: int, k: int) -> str | None:
         return fpx_layout.unsupported_shape_reason(m, k)
 
+    def cpu_decode_position(self, col: tirx.PrimExpr) -> tirx.PrimExpr:
+        """The word-by-word order of a row's columns (`fpx_layout.decode_position`, its own inverse)."""
+        return fpx_layout.decode_position(col)
+
     def word_in_row(self, col: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
         """The layout's word of column `col` in a row of the `width`-bit plane (`fpx_layout`)."""
         return fpx_layout.word_in_row(col, width)
@@ -85,15 +92,24 @@ class FPxDecode(DecodeStage, FragmentDecode, RowScaledDecode):
         return fpx_layout.bit_offset(col, width)
 
     def fp16_bits(
-        self, planes: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, pair: bool = False
+        self,
+        planes: list[te.Tensor],
+        row: tirx.PrimExpr,
+        col: tirx.PrimExpr,
+        pair: bool = False,
+        funnel: bool = True,
     ) -> tirx.PrimExpr:
         """uint32 TIR expression: (sign << 15) | (magnitude << (10 - Y)) of the code of W[row, col].
 
-        Each plane's field is rotated straight to its place in the fp16 pattern and masked: one
-        funnel shift and one LOP3 on the GPU. The sign, the top bit of the last plane, lands at bit
-        10 + X with it and is moved up by a constant shift (one rotation per plane keeps one rotation
-        amount per plane live: more made ptxas spill). The rotation amounts depend on the column
-        only: per thread, they are loop invariants.
+        funnel=True: each plane's field is rotated straight to its place in the fp16 pattern and
+        masked: one funnel shift and one LOP3 on the GPU. The sign, the top bit of the last plane,
+        lands at bit 10 + X with it and is moved up by a constant shift (one rotation per plane keeps
+        one rotation amount per plane live: more made ptxas spill). The rotation amounts depend on the
+        column only: per thread, they are loop invariants.
+
+        funnel=False: the same fields placed with plain 32-bit shifts, (word >> offset) & mask, then
+        << to the fp16 place: what a CPU runs best (x86 has no vector rotate before AVX-512; the
+        64-bit funnel idiom becomes 64-bit vector lanes there). Same bits, see the tests.
 
         pair=True (col even): the half2 of W[row, col] (bits 0..15) and W[row, col + 1] (16..31) for
         the same instructions. The layout keeps a pair's fields in one word, 16 bits apart, so the
@@ -107,16 +123,17 @@ class FPxDecode(DecodeStage, FragmentDecode, RowScaledDecode):
             word = plane[row, self.word_in_row(col, width)]
             offset = self.bit_offset(col, width)
             magnitude_width = min(width, sign_bit - shift)  # the sign plane keeps its top bit apart
-            parts = []
-            if magnitude_width > 0:
-                target = shift + _FP16_MANTISSA_BITS - self.mbits  # field bit 0 -> fp16 bit `target`
+            target = shift + _FP16_MANTISSA_BITS - self.mbits  # field bit 0 -> fp16 bit `target`
+            if not funnel:
+                parts = _shifted_fields(word, offset, width, magnitude_width, target, spread)
+            elif magnitude_width > 0:
                 rotated = _rotate_right(word, offset, target)
-                parts.append(rotated & _u32((((1 << magnitude_width) - 1) << target) * spread))
+                parts = [rotated & _u32((((1 << magnitude_width) - 1) << target) * spread)]
                 if magnitude_width < width:  # the sign sits at bit 10 + X of `rotated`
                     up = 15 - (_FP16_MANTISSA_BITS + self.ebits)
                     parts.append((rotated << _u32(up)) & _u32((1 << 15) * spread))
             else:  # a plane holding the sign alone
-                parts.append(_rotate_right(word, offset, 15) & _u32((1 << 15) * spread))
+                parts = [_rotate_right(word, offset, 15) & _u32((1 << 15) * spread)]
             for part in parts:
                 bits = part if bits is None else bits | part
         return bits
@@ -137,7 +154,8 @@ class FPxDecode(DecodeStage, FragmentDecode, RowScaledDecode):
 
     def unscaled_decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
         """h = value(code) * 2^(bias - 15): the code's fp16 bit pattern reinterpreted (exact), in `dtype`."""
-        h = tirx.reinterpret("float16", self.fp16_bits(stored[: len(self.widths)], row, col).astype("uint16"))
+        bits = self.fp16_bits(stored[: len(self.widths)], row, col, funnel=False)
+        h = tirx.reinterpret("float16", bits.astype("uint16"))
         return h if dtype == "float16" else h.astype(dtype)
 
     def row_scale(self, stored: list[te.Tensor], row: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -147,6 +165,19 @@ class FPxDecode(DecodeStage, FragmentDecode, RowScaledDecode):
     def fragment_pair(self, staged: list, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
         """The half2 of the unscaled W[row, col], W[row, col + 1] (col even): `fp16_bits(pair=True)`."""
         return self.fp16_bits(staged, row, col, pair=True)
+
+
+def _shifted_fields(word, offset, width: int, magnitude_width: int, target: int, spread: int) -> list:
+    """A plane's field moved to its fp16 place with plain shifts: the magnitude bits to `target`,
+    the sign (the field's top bit, when the plane holds it) to bit 15."""
+    field = (word >> offset.astype("uint32")) & _u32(((1 << width) - 1) * spread)
+    parts = []
+    if magnitude_width > 0:
+        parts.append((field & _u32(((1 << magnitude_width) - 1) * spread)) << _u32(target))
+    if magnitude_width < width:  # the field's top bit is the sign
+        sign = (field >> _u32(width - 1)) & _u32(spread) if width > 1 else field
+        parts.append(sign << _u32(15))
+    return parts
 
 
 def _rotate_right(word: tirx.PrimExpr, from_bit, to_bit: int) -> tirx.PrimExpr:

@@ -45,8 +45,20 @@ word of plane1, and `(w >> 4j) & 0x000F000F` puts the pair j of plane4 into the 
 (one shift and one mask per two weights). A warp that decodes 32 consecutive codes of one row (the
 template's cooperative decode) reads p distinct words of a plane: broadcasts, free of bank conflicts.
 
+Reading a row word by word (the CPU's order). Lane t's plane4 word holds the 8 codes k = 2t + 8j + h
+of a group; `decode_position` numbers the codes of a group so that those 8 are consecutive, at
+8t + 2j + h (j, h in order), which swaps the digits t and j of k = 2t + 8j + h (its own inverse):
+
+    position in the group   0  1  2  3  4  5  6  7 │ 8  9 10 11 12 13 14 15 │ ... │ 24 ... 31
+    column k of the group   0  1  8  9 16 17 24 25 │ 2  3 10 11 18 19 26 27 │ ... │  6 ...  31
+                            └── plane4 word t = 0 ─┘ └── plane4 word t = 1 ─┘      └ word 3 ┘
+
+A run of 8 positions reads one word of each plane (plane4 word t, plane2 word t // 2, plane1 word 0)
+at bit offsets that depend on the position in the run only (and, for plane2 and plane1, on t's
+parity): a CPU decodes it with one broadcast load and one per-lane shift per plane (AVX2 vpsrlvd).
+
 The layout is written once, as integer arithmetic on (row, col) that works on numpy arrays and on
-TVM PrimExprs alike (`word_in_row`, `bit_offset`); the TIR decode stage and `unpack_fpx_planes` both
+TVM PrimExprs alike (`word_in_row`, `bit_offset`, `decode_position`); the TIR decode stage and `unpack_fpx_planes` both
 use it, and `pack_fpx_planes` builds the same layout independently by reshapes, so tests cross-check
 the two. Change the layout here only.
 """
@@ -119,6 +131,16 @@ def word_in_row(col, width: int):
 def bit_offset(col, width: int):
     """Lowest bit, inside its word, of the `width`-bit field of column `col` (same types as above)."""
     return col % 2 * HALF_BITS + _offset_in_half(col, width) % HALF_BITS
+
+
+DECODE_RUN = 8  # codes of one plane4 word: consecutive in `decode_position` order
+
+
+def decode_position(col):
+    """Position of column `col` when a row is read word by word (see the module docstring): within
+    its group of 32, lane t's 8 codes become the run 8t..8t+7. A permutation of each group and its own
+    inverse. col: an int, a numpy integer array or a TVM integer PrimExpr."""
+    return col // GROUP_K * GROUP_K + col % 8 // 2 * DECODE_RUN + col % GROUP_K // 8 * 2 + col % 2
 
 
 def pack_fpx_planes(codes: np.ndarray, ebits: int, mbits: int) -> dict[str, np.ndarray]:

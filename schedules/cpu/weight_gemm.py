@@ -5,6 +5,10 @@ panel that the register-blocked micro-kernel (`register_blocked_gemm`) streams t
 tile of N, so the decode cost is paid once per weight element and call, not once per token.
 A stage whose stored layout already is such a panel (`cpu_panel_width`, e.g. "dense-fp32-panel") is
 read in place instead, and costs nothing to decode.
+
+For few tokens (the PrimFunc's tensorpress.n_hint <= 16: decode steps) the decode is the work, and a
+stage that reads its rows word by word (`cpu_decode_position`, FPx) takes `decode_along_k` instead:
+8 codes decoded per vector instruction, straight into 8-wide dot products, no panel.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
+from tensorpress.schedules.cpu.decode_along_k import decodes_along_k, schedule_decode_along_k
 from tensorpress.schedules.cpu.register_blocked_gemm import (
     GemmBlocks,
     register_tile,
     schedule_register_blocked_gemm,
 )
 from tensorpress.schedules.cpu.vector_unit import vector_unit
-from tensorpress.schedules.weight_gemm import FORMAT_ATTR, get_decode_stage, is_weight_gemm
+from tensorpress.schedules.weight_gemm import FORMAT_ATTR, N_HINT_ATTR, get_decode_stage, is_weight_gemm
 
 
 class WeightGemm(CPUScheduleRule):
@@ -30,6 +35,9 @@ class WeightGemm(CPUScheduleRule):
             return None
         if not is_weight_gemm(func):
             return None
+        along_k = _decode_along_k(func)
+        if along_k is not None:
+            return along_k
         unit = vector_unit(target)
         tile = register_tile(unit, "float32")  # the accumulator is fp32 whatever the activations are
         panel = _stored_panel_width(func)
@@ -44,6 +52,28 @@ class WeightGemm(CPUScheduleRule):
         except s_tir.ScheduleError:
             return None  # a decode TVM cannot tile this way: the fallback takes it, slower but right
         return sch
+
+
+# Tokens per tile of the decode-along-K kernel by n_hint, and weight rows per tile (4 x 4 x 8-lane
+# accumulators fit AVX2's 16 registers with the decoded rows and the X vector).
+_ALONG_K_MAX_TOKENS = 16
+_ALONG_K_ROWS = 4
+
+
+def _decode_along_k(func: tirx.PrimFunc) -> s_tir.Schedule | None:
+    """The decode-along-K schedule when the stage offers it and few tokens are expected, else None."""
+    try:
+        stage = get_decode_stage(str(func.attrs[FORMAT_ATTR]))
+    except KeyError:
+        return None
+    m, k = (int(v) for v in func.attrs["tensorpress.mk"])
+    n_hint = int(func.attrs[N_HINT_ATTR]) if N_HINT_ATTR in func.attrs else _ALONG_K_MAX_TOKENS
+    if n_hint > _ALONG_K_MAX_TOKENS or m % _ALONG_K_ROWS or not decodes_along_k(stage, k):
+        return None
+    try:
+        return schedule_decode_along_k(func, stage, n_tile=1 if n_hint == 1 else 4, m_tile=_ALONG_K_ROWS)
+    except s_tir.ScheduleError:
+        return None
 
 
 def _stored_panel_width(func: tirx.PrimFunc) -> int | None:

@@ -136,3 +136,18 @@ def test_bytes_and_errors():
         layout.unpack_fpx_planes(planes, 16, 256, 3, 2)  # planes of another shape
     assert layout.unsupported_shape_reason(48, 1024) is None
     assert "16" in layout.unsupported_shape_reason(40, 64)
+
+
+def test_decode_position_runs_of_eight_read_one_word_of_each_plane():
+    cols = np.arange(256)
+    positions = layout.decode_position(cols)
+    assert sorted(positions) == list(cols)  # a permutation
+    assert np.array_equal(layout.decode_position(positions), cols)  # its own inverse
+    assert np.array_equal(positions // 32, cols // 32)  # within each group
+    run_cols = layout.decode_position(cols).reshape(-1, layout.DECODE_RUN)  # the columns of each run, in order
+    for width in (4, 2, 1):  # the planes of codes up to 7 bits
+        words = layout.word_in_row(run_cols, width)
+        assert (words == words[:, :1]).all(), width  # one word per run
+        offsets = layout.bit_offset(run_cols, width)
+        # a run's offsets: one number per run plus the same pattern in every run (one per-lane shift)
+        assert (offsets - offsets[:, :1] == offsets[0] - offsets[0, 0]).all(), width

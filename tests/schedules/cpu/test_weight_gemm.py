@@ -95,3 +95,54 @@ def test_declines_other_functions_and_targets():
     import tvm
 
     assert WeightGemm().apply(gemm, tvm.target.Target({"kind": "cuda", "arch": "sm_80"}), False) is None
+
+
+def _fpx_check(fmt, m, k, ns, n_hint, with_bias, act="float32"):
+    """FPx through the CPU rule against numpy with the exact decoded weights; returns the schedule."""
+    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.schedules.weight_gemm import N_HINT_ATTR
+
+    func = make_weight_gemm(get_decode_stage(fmt), m, k, act, act, with_bias)
+    if n_hint is not None:
+        func = func.with_attr(N_HINT_ATTR, n_hint)
+    sch = schedule(WeightGemm(), func)
+    call = compiled(sch)
+    g = rng(m + k + (n_hint or 0))
+    packed = get_weight_format(fmt).pack(g.standard_normal((m, k)).astype(np.float32))
+    w = get_weight_format(fmt).unpack(packed)
+    bias = g.standard_normal(m).astype(act) if with_bias else None
+    for n in ns:
+        x = g.standard_normal((n, k)).astype(act)
+        (y,) = call([x, *packed.arrays.values(), *([bias] if with_bias else [])], [((n, m), act)])
+        ref = _reference(x, w, None if bias is None else bias.astype(np.float64))
+        tol = 2e-2 if act == "float16" else 1e-4
+        np.testing.assert_allclose(y.astype(np.float64), ref, rtol=tol, atol=tol, err_msg=f"{fmt} N={n}")
+    return sch
+
+
+def _decodes_along_k(sch) -> bool:
+    names = set()
+    import tvm_ffi
+    from tvm.s_tir.stmt import SBlock
+
+    tvm_ffi.structural_map(sch.mod["main"].body, (SBlock, lambda b: names.add(str(b.name_hint)) or b))
+    return "gemm_rf_update" in names  # the 8 partial sums per output of the decode-along-K kernel
+
+
+@pytest.mark.parametrize("fmt", ["fp6", "fp6_e2m3", "fp5", "e3m1", "fp4"])
+@pytest.mark.parametrize("n_hint", [1, 16])
+def test_fpx_few_tokens_decode_along_k(fmt, n_hint):
+    # decode steps: 8 codes a vector instruction, straight into the dot products; any N still works
+    sch = _fpx_check(fmt, 48, 96, ns=(1, 3, 6), n_hint=n_hint, with_bias=fmt == "fp6")
+    assert _decodes_along_k(sch)
+
+
+def test_fpx_fp16_activations_decode_along_k():
+    assert _decodes_along_k(_fpx_check("fp6", 32, 64, ns=(2, 5), n_hint=4, with_bias=True, act="float16"))
+
+
+@pytest.mark.parametrize("m, k, n_hint", [(48, 96, 128), (48, 80, 4)])
+def test_fpx_takes_the_panel_schedule_otherwise(m, k, n_hint):
+    # many tokens (decode once per panel, reuse it across them), or K not whole groups of 32
+    sch = _fpx_check("fp6", m, k, ns=(1, 7), n_hint=n_hint, with_bias=True)
+    assert not _decodes_along_k(sch)
