@@ -137,9 +137,9 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     # ---- stage 1: the loops (n, g, c) that every stage-1 block shares become the grid
     score = sch.get_sblock("score")
     n, g, c = sch.get_loops(score)[:3]
-    sch.bind(n, "blockIdx.z")
+    sch.bind(n, "blockIdx.x")  # tokens on x: up to 2^31 - 1 (y and z stop at 65535: a long prefill)
     sch.bind(g, "blockIdx.y")
-    sch.bind(c, "blockIdx.x")
+    sch.bind(c, "blockIdx.z")
 
     q_scaled = sch.get_sblock("q_scaled")
     _bind_threads(sch, sch.get_loops(q_scaled)[3:], tx)
@@ -197,8 +197,8 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     # ---- stage 2: merge, one CTA per (token, query head), a thread per column
     out = sch.get_sblock("out")
     n2, h2, d2 = sch.get_loops(out)
-    sch.bind(n2, "blockIdx.y")
-    sch.bind(h2, "blockIdx.x")
+    sch.bind(n2, "blockIdx.x")
+    sch.bind(h2, "blockIdx.y")
     sch.bind(d2, "threadIdx.x")
     for name in ("merged_acc", "merged_sum", "merged_max"):
         block = sch.get_sblock(name)
