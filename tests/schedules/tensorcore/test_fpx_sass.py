@@ -32,14 +32,18 @@ def symbol(fmt: str, config: TileConfig) -> str:
     return f"{fmt}_{config.label()}"
 
 
+# PrimFuncs that scale every weight (row_scale_in_epilogue=False) take the decoded-W-tile path
+W_TILE = [(fmt, config) for fmt in ("e3m2", "e2m1") for config in (CONFIGS[0], CONFIGS[-1])]
+
+
 def module() -> tvm.IRModule:
-    """Every (format, config) weight GEMM in one module: one nvcc run per arch."""
+    """Every (format, config) weight GEMM in one module, and the W-tile cases: one nvcc run per arch."""
     functions = {}
-    for fmt in FORMATS:
-        for config in CONFIGS:
-            func = make_weight_gemm(get_decode_stage(fmt), M, K, with_bias=True)
-            main = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
-            functions[symbol(fmt, config)] = main.with_attr("global_symbol", symbol(fmt, config))
+    for fmt, config, in_registers in [(f, c, True) for f in FORMATS for c in CONFIGS] + [(*w, False) for w in W_TILE]:
+        func = make_weight_gemm(get_decode_stage(fmt), M, K, with_bias=True, row_scale_in_epilogue=in_registers)
+        name = symbol(fmt, config) + ("" if in_registers else "_wtile")
+        main = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
+        functions[name] = main.with_attr("global_symbol", name)
     return tvm.IRModule(functions)
 
 
@@ -116,3 +120,16 @@ def test_w_is_decoded_in_registers_within_the_issue_budget(arch, fmt, config, co
         spec = get_weight_format(fmt)
         budget = weight_budget(fpx.code_bits(spec.ebits, spec.mbits))
         assert cost["instructions_per_weight"] <= budget, (cost, budget)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fmt, config", W_TILE, ids=lambda v: v if isinstance(v, str) else v.label())
+def test_scale_inside_the_decode_takes_the_w_tile_path(arch, fmt, config, compiled):
+    kernels = compiled[arch][1][symbol(fmt, config) + "_wtile"]
+    gemm = kernels[0]
+    counts = steady_state(compiled[arch][2][gemm.name], config.block_m * config.block_k // config.threads)
+    assert counts is not None and counts["STS"] > 0  # the decoded fp16 W tile
+    assert counts["LDSM"] > (config.block_k // 16) * (config.block_n // 16)  # ldmatrix for X and W
+    for kernel in kernels:
+        assert kernel.spill_bytes == 0 and kernel.stack_bytes == 0, kernel.summary()
+        assert kernel.sass["LDL"] == 0 and kernel.sass["STL"] == 0, kernel.summary()
