@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_TOKENS = 3
-PREFILL_SLICE_TOKENS = 4096  # see prefill_in_slices
+PREFILL_SLICE_TOKENS = 4096  # prefill calls of at most this many tokens bound the attention workspace
 PACK_ON_DEVICE_LIMIT = 100_000_000  # linear-layer elements up to which FPx weights are packed for real
 
 
@@ -95,31 +95,6 @@ def our_weights(artifact: Path, hf_state: dict, device_kind: str, seed: int) -> 
                 made[shape, dtype] = (0.0025 * (0.5 + rng.random(shape))).astype(dtype)
         weights[name] = made[shape, dtype]
     return weights
-
-
-def prefill_in_slices(model, limit: int = PREFILL_SLICE_TOKENS) -> None:
-    """Make `model` (a DecoderModel) prefill its admitted prompts in calls of at most `limit` tokens
-    (whole prompts). The paged-attention kernels keep a workspace of tokens x heads x chunks x head_dim
-    fp32 per call (17 GB for 16 x 2048 prompt tokens at this shape), which beside both models and
-    both KV caches would not leave room on an 80 GB GPU. Decode, the measured part, is unchanged.
-    Wraps the runtime's private `_run_prefill`: the runtime should slice prefills itself (the report of
-    the change that added this says so)."""
-    import numpy as np
-
-    whole = model._run_prefill
-
-    def sliced(requests):
-        logits, group, tokens = [], [], 0
-        for request in requests:
-            if group and tokens + len(request.prompt) > limit:
-                logits.append(whole(group))
-                group, tokens = [], 0
-            group.append(request)
-            tokens += len(request.prompt)
-        logits.append(whole(group))
-        return np.concatenate(logits)
-
-    model._run_prefill = sliced
 
 
 def hf_decode(model, prompts, new_tokens: int, sync) -> tuple[float, list[list[int]]]:
@@ -258,8 +233,13 @@ def run(kit: Path, out: Path, commit: str | None = None) -> Path:
         start = time.perf_counter()
         state = hf_state if not dry else {k: v.half() for k, v in hf_state.items()}
         weights = our_weights(artifact, state, device_kind, config["seed"])
-        ours = tensorpress.runtime.load(artifact, device=device_kind, weights=weights, max_total_tokens=max_tokens)
-        prefill_in_slices(ours, 100 if dry else PREFILL_SLICE_TOKENS)  # dry: slices of the small prompts too
+        ours = tensorpress.runtime.load(
+            artifact,
+            device=device_kind,
+            weights=weights,
+            max_total_tokens=max_tokens,
+            max_prefill_tokens=100 if dry else PREFILL_SLICE_TOKENS,  # dry: slices of the small prompts too
+        )
         setup_seconds[f"load_{fmt}"] = round(time.perf_counter() - start, 1)
         for context in config["contexts"]:
             for batch in config["batches"]:

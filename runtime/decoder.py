@@ -34,6 +34,9 @@ from tensorpress.errors import InputError
 from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
 
 DEFAULT_MAX_TOTAL_TOKENS = 4096
+# The paged-attention workspace of one prefill call grows with its tokens (tokens x heads x chunks x
+# head_dim fp32: 17 GB for 16 x 2048 tokens at Llama-7B's shape); slicing prefills bounds it.
+DEFAULT_MAX_PREFILL_TOKENS = 4096
 _KDL_CPU = 1
 _ATTR_AVAILABLE_MEMORY = 15  # TVM DeviceAttrKind kAvailableGlobalMemory
 
@@ -117,10 +120,16 @@ class DecoderModel:
         max_total_tokens: int | None = None,
         memory_fraction: float | None = None,
         tokenizer: Any = None,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ):
         """max_total_tokens: KV tokens the pool holds over all live sequences (default 4096); or
         memory_fraction: the pool takes that share of the device's free memory (host RAM on the CPU).
-        tokenizer: a `tokenizers.Tokenizer` to use instead of the one packed with the model."""
+        tokenizer: a `tokenizers.Tokenizer` to use instead of the one packed with the model.
+        max_prefill_tokens: admitted prompts are prefilled in calls of at most this many tokens (whole
+        prompts; a longer prompt goes alone), which bounds the attention kernels' workspace."""
+        if max_prefill_tokens < 1:
+            raise InputError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}.")
+        self.max_prefill_tokens = int(max_prefill_tokens)
         self.artifact = artifact
         manifest = artifact.manifest
         section = manifest["decoder"] if "decoder" in manifest else manifest["info"]["decoder"]
@@ -433,6 +442,18 @@ class DecoderModel:
         return self.artifact.to_numpy(logits)
 
     def _run_prefill(self, requests: list[_Request]) -> np.ndarray:
+        """Last-token logits of each request's prompt, prefilled in calls of <= max_prefill_tokens."""
+        logits, group, tokens = [], [], 0
+        for request in requests:
+            if group and tokens + len(request.prompt) > self.max_prefill_tokens:
+                logits.append(self._prefill_call(group))
+                group, tokens = [], 0
+            group.append(request)
+            tokens += len(request.prompt)
+        logits.append(self._prefill_call(group))
+        return np.concatenate(logits)
+
+    def _prefill_call(self, requests: list[_Request]) -> np.ndarray:
         lengths = [len(r.prompt) for r in requests]
         input_ids = np.concatenate([r.prompt for r in requests]).astype(np.int32)
         positions = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)

@@ -254,3 +254,13 @@ def test_generation_needs_neither_tvm_nor_torch_nor_the_compiler(llama):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     facts = json.loads(out.stdout.strip().splitlines()[-1])
     assert facts == {"tokens": llama.reference[0][:8], "heavy": [], "compiler": False}
+
+
+def test_prefill_in_slices_gives_the_same_tokens(tmp_path):
+    """A batch prefilled in calls of at most a few tokens generates what one whole prefill generates."""
+    folder = make_hf_decoder("llama", tmp_path / "llama")
+    artifact = compile_decoder(folder, tmp_path / "llama.tpk")
+    prompts = [[1, 5, 9, 4], [1, 7], [1, 3, 3, 8, 2, 6]]
+    whole = tensorpress.runtime.load(artifact).generate(prompts, max_new_tokens=6)
+    sliced = tensorpress.runtime.load(artifact, max_prefill_tokens=5).generate(prompts, max_new_tokens=6)
+    assert sliced == whole
