@@ -4,10 +4,12 @@
     .venv/bin/python benchmarks/fpx_gemm_cpu.py --shapes 4096x4096 --tokens 1,4 --formats fp6 --rounds 10
 
 For each weight shape [M, K], format and token count N: the weight GEMM PrimFunc of the format
-(`schedules/weight_gemm.py` + the format's decode stage, fp32 activations) is scheduled by the CPU
-rule (`schedules/cpu/weight_gemm.py`, the one `tensorpress compile --target cpu` uses) and built for
-the artifact CPU target (x86-64-v3); torch runs `torch.nn.functional.linear(x, W)` with W =
-decode(encode(W)) in fp32, the very values the kernel decodes. The outputs are compared first.
+(`schedules/weight_gemm.py` + the format's decode stage, fp32 activations, tensorpress.n_hint as
+--n-hint: 16 is what the compile pipeline sets for decode steps) is scheduled by the CPU rule
+(`schedules/cpu/weight_gemm.py`, the one `tensorpress compile --target cpu` uses: few tokens take
+`decode_along_k`) and built for the artifact CPU target (x86-64-v3); torch runs
+`torch.nn.functional.linear(x, W)` with W = decode(encode(W)) in fp32, the very values the kernel
+decodes. The outputs are compared first.
 
 Timing: rounds alternate the two sides, each call after a short pause (idle thread pools fall
 asleep); a side's figure is its fastest round (this machine is shared; the minimum is the least
@@ -38,20 +40,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", default="1,4,16", help="token counts N, comma-separated")
     parser.add_argument("--formats", default="fp6,fp5,fp4", help="weight formats, comma-separated")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--n-hint", type=int, default=16, help="tensorpress.n_hint of the kernels (tokens expected)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 
-def build_kernel(fmt: str, m: int, k: int):
+def build_kernel(fmt: str, m: int, k: int, n_hint: int):
     """The format's weight GEMM for [m, k], fp32 activations, scheduled by the CPU rule and built."""
     import tvm
 
     from tensorpress.compiler.targets import parse_target
     from tensorpress.schedules.cpu.weight_gemm import WeightGemm
-    from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+    from tensorpress.schedules.weight_gemm import N_HINT_ATTR, get_decode_stage, make_weight_gemm
 
     stage_name = _stage_name(fmt)
-    func = make_weight_gemm(get_decode_stage(stage_name), m, k, act_dtype="float32")
+    func = make_weight_gemm(get_decode_stage(stage_name), m, k, act_dtype="float32").with_attr(N_HINT_ATTR, n_hint)
     target = parse_target("cpu").tvm_target()
     sch = WeightGemm().apply(func, target, False)
     if sch is None:
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             w_hat = torch.from_numpy(spec.unpack(packed))
             weight_bytes = packed.nbytes
             start = time.perf_counter()
-            kernel = build_kernel(fmt, m, k)
+            kernel = build_kernel(fmt, m, k, args.n_hint)
             build_s = time.perf_counter() - start
             stored = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in packed.arrays.values()]
             for n in tokens:
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "tvm": tvm.__version__, "numpy": np.__version__},
         "commit": _git_commit(),
         "timing": f"fastest of {args.rounds} alternating rounds",
+        "n_hint": args.n_hint,
+        "load_average_after": os.getloadavg(),
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

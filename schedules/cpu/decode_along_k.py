@@ -73,6 +73,7 @@ def schedule_decode_along_k(func: tirx.PrimFunc, stage: DecodeStage, n_tile: int
     registers = sch.cache_write(partial, 0, "local")
     sch.reverse_compute_at(registers, n_o)
     sch.compute_at(decode, k_o)
+    sch.set_scope(decode, 0, "local")  # the decoded run lives in registers: no store, no reload
     *_, decode_rows, decode_lanes = sch.get_loops(decode)
     sch.vectorize(decode_lanes)
     sch.unroll(decode_rows)

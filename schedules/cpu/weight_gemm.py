@@ -54,10 +54,10 @@ class WeightGemm(CPUScheduleRule):
         return sch
 
 
-# Tokens per tile of the decode-along-K kernel by n_hint, and weight rows per tile (4 x 4 x 8-lane
-# accumulators fit AVX2's 16 registers with the decoded rows and the X vector).
+# The decode-along-K kernel: up to this many expected tokens; tiles of (tokens, weight rows) whose
+# 8-lane accumulators, decoded rows and X vector fit AVX2's 16 registers (4 x 4 spilled).
 _ALONG_K_MAX_TOKENS = 16
-_ALONG_K_ROWS = 4
+_ALONG_K_TILES = {True: (1, 4), False: (4, 2)}  # n_hint == 1 (one token: more rows), else
 
 
 def _decode_along_k(func: tirx.PrimFunc) -> s_tir.Schedule | None:
@@ -68,10 +68,11 @@ def _decode_along_k(func: tirx.PrimFunc) -> s_tir.Schedule | None:
         return None
     m, k = (int(v) for v in func.attrs["tensorpress.mk"])
     n_hint = int(func.attrs[N_HINT_ATTR]) if N_HINT_ATTR in func.attrs else _ALONG_K_MAX_TOKENS
-    if n_hint > _ALONG_K_MAX_TOKENS or m % _ALONG_K_ROWS or not decodes_along_k(stage, k):
+    n_tile, m_tile = _ALONG_K_TILES[n_hint == 1]
+    if n_hint > _ALONG_K_MAX_TOKENS or m % m_tile or not decodes_along_k(stage, k):
         return None
     try:
-        return schedule_decode_along_k(func, stage, n_tile=1 if n_hint == 1 else 4, m_tile=_ALONG_K_ROWS)
+        return schedule_decode_along_k(func, stage, n_tile=n_tile, m_tile=m_tile)
     except s_tir.ScheduleError:
         return None
 
