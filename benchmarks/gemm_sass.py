@@ -58,12 +58,13 @@ def decode_only_kernel(fmt: str, pair: bool, m: int = 1024, k: int = 1024, rows_
     stage = get_decode_stage(fmt)
     planes = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)[:-1]]
     if pair:
-        shape = (m, k // 32, 4, 4)
-        out = te.compute(shape, lambda r, g, t, j: stage.fp16_bits(planes, r, 32 * g + 2 * t + 8 * j, pair=True))
-    else:
-        shape = (m, k // 32, 4, 4, 2)
         out = te.compute(
-            shape, lambda r, g, t, j, h: stage.fp16_bits(planes, r, 32 * g + 2 * t + 8 * j + h).astype("uint16")
+            (m, k // 32, 4, 4), lambda r, g, t, j: stage.fp16_bits(planes, r, 32 * g + 2 * t + 8 * j, pair=True)
+        )
+    else:
+        out = te.compute(
+            (m, k // 32, 4, 4, 2),
+            lambda r, g, t, j, h: stage.fp16_bits(planes, r, 32 * g + 2 * t + 8 * j + h).astype("uint16"),
         )
     sch = s_tir.Schedule(te.create_prim_func([*planes, out]))
     block = sch.get_sblock("compute")

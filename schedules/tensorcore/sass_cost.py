@@ -87,7 +87,7 @@ def steady_state(instructions: list[Instruction], decoded_per_thread: int) -> Co
     inner = [s for s in spans if first <= s[0] and s[1] <= last and s != (first, last)]
     inner = [s for s in inner if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in inner)]
     counts: Counter = Counter()
-    covered = set()
+    covered: set[int] = set()
     for start, end in inner:
         body = instructions[start : end + 1]
         stores = sum(ins.base == "STS" for ins in body)
