@@ -117,9 +117,7 @@ def git_commit() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS, help="registry names")
     parser.add_argument("--scale-search", nargs="+", default=["absmax", "mse"], choices=["absmax", "mse"])
     parser.add_argument("--skip", nargs="*", default=[], help="extra fnmatch patterns of layers to keep fp32")
@@ -131,9 +129,7 @@ def main() -> None:
     batch = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt")
     reference = embed(model, batch)
     layers = linear_weights(model, tuple(args.skip))
-    originals = {
-        name: layer.weight.detach().numpy().astype(np.float32).copy() for name, layer in layers.items()
-    }
+    originals = {name: layer.weight.detach().numpy().astype(np.float32).copy() for name, layer in layers.items()}
 
     rows = []
     for name in args.formats:
@@ -153,8 +149,7 @@ def main() -> None:
     for row in rows:
         beat = REFERENCE_MIN_COSINE.get(row["format"], "")
         print(
-            f"| {row['format']} | {row['scale_search']} | {row['min_cosine']:.5f} | "
-            f"{row['mean_cosine']:.5f} | {beat} |"
+            f"| {row['format']} | {row['scale_search']} | {row['min_cosine']:.5f} | {row['mean_cosine']:.5f} | {beat} |"
         )
     for row in rows:
         if "picks" in row:
