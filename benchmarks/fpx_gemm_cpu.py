@@ -15,7 +15,9 @@ Timing: rounds alternate the two sides, each call after a short pause (idle thre
 asleep); a side's figure is its fastest round (this machine is shared; the minimum is the least
 disturbed run), the median is kept beside it. Ratio = ours / torch (< 1: faster than torch). Weight
 GB/s = the bytes each side's weight occupies (FPx: planes + scales; torch: 4 bytes a weight) over
-its time. Writes JSON (benchmarks/results/fpx_gemm_cpu.json) with machine, versions and git commit.
+its time; the fraction of the bandwidth limit is all bytes a call must move (weight, X, Y) per second
+over this machine's measured copy bandwidth (torch's copy of 512 MiB, read + write). Writes JSON
+(benchmarks/results/fpx_gemm_cpu.json) with machine, versions and git commit.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fpx_gemm_cpu.json"
 PAUSE_S = 0.02
@@ -78,14 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import tvm
 
+    from benchmarks.harness import measure_copy_bandwidth
     from tensorpress.compiler.formats.registry import get_weight_format
 
+    copy_bw = measure_copy_bandwidth(torch.device("cpu"))
+    print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     tokens = [int(v) for v in args.tokens.split(",")]
     formats = args.formats.split(",")
     print(f"threads: TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, torch {torch.get_num_threads()}")
     print(f"{'format':>6} {'M x K':>11} {'N':>3} {'ours ms':>8} {'torch ms':>8} {'ratio':>6} "
-          f"{'ours w GB/s':>11} {'torch w GB/s':>12} {'rel err':>8}")  # fmt: skip
+          f"{'ours w GB/s':>11} {'torch w GB/s':>12} {'ours bw%':>8} {'torch bw%':>9} {'rel err':>8}")  # fmt: skip
     rows = []
     dev = tvm.cpu()
     for m, k in shapes:
@@ -126,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
                     "ours_median_ms": statistics.median(ours) * 1e3, "torch_median_ms": statistics.median(theirs) * 1e3,
                     "ours_weight_gb_per_s": weight_bytes / min(ours) / 1e9,
                     "torch_weight_gb_per_s": m * k * 4 / min(theirs) / 1e9,
+                    "ours_fraction_of_copy_bandwidth": (weight_bytes + 4 * n * (k + m)) / min(ours) / copy_bw,
+                    "torch_fraction_of_copy_bandwidth": 4 * (m * k + n * (k + m)) / min(theirs) / copy_bw,
                     "weight_bytes": weight_bytes, "rel_error": err, "build_seconds": build_s,
                 }  # fmt: skip
                 rows.append(row)
                 print(
                     f"{fmt:>6} {f'{m}x{k}':>11} {n:3d} {row['ours_ms']:8.2f} {row['torch_ms']:8.2f} "
                     f"{row['ratio']:6.2f} {row['ours_weight_gb_per_s']:11.2f} {row['torch_weight_gb_per_s']:12.2f} "
-                    f"{err:8.1e}",
+                    f"{100 * row['ours_fraction_of_copy_bandwidth']:7.1f}% "
+                    f"{100 * row['torch_fraction_of_copy_bandwidth']:8.1f}% {err:8.1e}",
                     flush=True,
                 )
     result = {
@@ -144,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _git_commit(),
         "timing": f"fastest of {args.rounds} alternating rounds",
         "n_hint": args.n_hint,
+        "copy_bandwidth_bytes_per_s": copy_bw,
         "load_average_after": os.getloadavg(),
         "rows": rows,
     }
