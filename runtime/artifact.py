@@ -149,20 +149,31 @@ def _data_offset(path: Path, info: zipfile.ZipInfo) -> int:
 
 
 def read_safetensors(path: Path, offset: int = 0, size: int | None = None) -> dict[str, np.ndarray]:
-    """Parse a safetensors blob (8-byte little-endian header length, JSON header, raw data) zero-copy."""
+    """Parse a safetensors blob (8-byte little-endian header length, JSON header, raw data) zero-copy.
+
+    BF16 tensors (Hugging Face checkpoints; numpy has no bfloat16) are widened to float32, exactly: a
+    bf16 is the upper half of an IEEE float32. Raises ValueError for an unreadable header or dtype.
+    """
     with open(path, "rb") as f:
         f.seek(offset)
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        except (struct.error, ValueError, MemoryError, OverflowError) as err:
+            raise ValueError(f"not a readable safetensors file ({err})") from None
     data_start = offset + 8 + header_len
     header.pop("__metadata__", None)
     arrays = {}
     for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         begin, end = entry["data_offsets"]
-        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+        kind = entry["dtype"]
+        if kind != "BF16" and kind not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name} has dtype {kind}, which tensorpress cannot read")
+        dtype = np.dtype(np.uint16 if kind == "BF16" else SAFETENSORS_DTYPES[kind])
         shape = tuple(entry["shape"])
         if end - begin == 0:
-            arrays[name] = np.zeros(shape, dtype)
-            continue
-        arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+            array = np.zeros(shape, dtype)
+        else:
+            array = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+        arrays[name] = (array.astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else array
     return arrays

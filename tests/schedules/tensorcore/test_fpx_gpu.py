@@ -9,23 +9,15 @@ with `tensorpress.compiler.formats` (numpy), which the kit carries. No TVM at mo
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import sys
 from functools import cache
-from pathlib import Path
 
 import pytest
+from gpu_kit import DRY, MANIFEST, device, kernel_kit
+from gpu_kit import tokens as kit_tokens
 
 torch = pytest.importorskip("torch")
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-KIT = os.environ.get("TENSORPRESS_GPU_KIT")
-MANIFEST = json.loads((Path(KIT) / "manifest.json").read_text()) if KIT else None
-DRY = bool(MANIFEST and MANIFEST["dry"])
 pytestmark = [] if DRY else [pytest.mark.gpu]
 TOLERANCE = 2e-3
 
@@ -40,30 +32,8 @@ def _case_names() -> list[str]:
     return [c.name for c in fpx_test_cases(dry=False)]
 
 
-@cache
-def kernel_kit():
-    """The kit holding the test kernels: the prepared one, or one built now into a temp folder."""
-    from benchmarks.kit.kernels import KernelKit
-
-    if KIT:
-        return KernelKit(KIT)
-    import tempfile
-
-    from benchmarks.kit.prepare import prepare
-
-    folder = Path(tempfile.mkdtemp(prefix="tensorpress-gpu-kit-"))
-    arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    prepare(folder / "kit", "sm_90a" if arch == "sm_90" else arch, False, python, layers=["none"])
-    return KernelKit(folder / "kit")
-
-
 def tokens() -> list[int]:
-    return MANIFEST["fpx_tests"]["tokens"] if MANIFEST else [1, 2, 7, 16, 17, 31, 64, 100, 130]
-
-
-def device():
-    return torch.device("cpu" if DRY else "cuda")
+    return kit_tokens("fpx_tests")
 
 
 @cache
