@@ -65,7 +65,7 @@ def main() -> int:
         print(
             f"  compiled {label:>5}: {path.relative_to(HERE.parent)} ({path.stat().st_size / 1e6:.2f} MB) in "
             f"{time.perf_counter() - start:.1f} s; {len(layers)} linear layers ({', '.join(formats)}) hold "
-            f"{stored / 1e6:.2f} MB, {fp16 / stored:.2f}x less than fp16"
+            f"{stored / 1e6:.2f} MB ({stored / fp16:.2f}x their fp16 size)"
         )
         builds[label] = path
 
