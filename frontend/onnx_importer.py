@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from tensorpress.errors import ModelImportError, UnsupportedOperatorError
 from tensorpress.frontend.imported_model import ImportedModel
@@ -22,7 +23,7 @@ def import_onnx(
     import onnx
 
     source = str(model) if isinstance(model, (str, os.PathLike)) else "onnx.ModelProto"
-    proto = _load(model) if isinstance(model, (str, os.PathLike)) else model
+    proto: Any = _load(model) if isinstance(model, (str, os.PathLike)) else model
     check_onnx_operators(proto, source)
 
     from tvm.relax.frontend import detach_params

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 
@@ -253,8 +253,7 @@ class DecoderModel:
         stop_ids: a sequence ends after emitting one of these (included in its output); default: the
         model's eos ids. seed: sampling seed (ignored for greedy decoding).
         """
-        single = _is_single_prompt(prompts)
-        batch = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
+        batch, single = _as_batch(prompts)
         outputs: list[list[int]] = [[] for _ in batch]
         for event in self.generate_stream(batch, max_new_tokens, temperature, top_p, stop_ids, seed):
             outputs[event.sequence].append(event.token)
@@ -270,7 +269,7 @@ class DecoderModel:
         seed: int | None = None,
     ) -> Iterator[GeneratedToken]:
         """Like `generate`, but yields each token as soon as it exists, as GeneratedToken(sequence, token)."""
-        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item, arg-type]
+        batch, _ = _as_batch(prompts)
         if max_new_tokens < 0 or not 0.0 < top_p <= 1.0:
             raise InputError(f"need max_new_tokens >= 0 and 0 < top_p <= 1 (got {max_new_tokens}, {top_p}).")
         stops = set(self.eos_token_ids if stop_ids is None else (int(t) for t in stop_ids))
@@ -278,7 +277,7 @@ class DecoderModel:
         self.last_stats = stats = GenerationStats()
         if max_new_tokens == 0:
             return
-        waiting, running = deque(requests), []
+        waiting, running = deque(requests), list[_Request]()
         try:
             while waiting or running:
                 admitted = self._admit(waiting, running)
@@ -310,8 +309,7 @@ class DecoderModel:
         log p(t_i | t_0..t_i-1), i = 1..n-1 (float64), computed through the KV cache exactly as
         generation computes them (one prefill of t_0, then one decode step per token).
         Perplexity is exp(-mean); the quality of a compressed artifact is measured with it."""
-        single = _is_single_prompt(texts)
-        batch = [texts] if single else list(texts)  # type: ignore[list-item, arg-type]
+        batch, single = _as_batch(texts)
         requests = []
         for i, text in enumerate(batch):
             ids = self.encode(text) if isinstance(text, str) else [int(t) for t in np.asarray(text).ravel()]
@@ -327,7 +325,7 @@ class DecoderModel:
             log_z = z.max() + np.log(np.exp(z - z.max()).sum())
             scores[r.index].append(float(z[r.output[len(scores[r.index])]] - log_z))
 
-        waiting, running = deque(requests), []
+        waiting, running = deque(requests), list[_Request]()
         try:
             while waiting or running:
                 admitted = self._admit(waiting, running)
@@ -353,7 +351,7 @@ class DecoderModel:
 
     def next_token_logits(self, prompts: Prompt | Sequence[Prompt]) -> np.ndarray:
         """Logits [B, vocab] (float32) of the token after each prompt: one prefill, nothing kept."""
-        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item, arg-type]
+        batch, _ = _as_batch(prompts)
         requests = [self._request(i, p, 1, 0.0, None) for i, p in enumerate(batch)]
         needed = sum(r.reserved_pages for r in requests)
         promised = sum(r.reserved_pages - len(self.cache.pages(r.seq_id)) for r in self._live.values())
@@ -383,7 +381,8 @@ class DecoderModel:
                 f"prompt {index}: {len(ids)} prompt + {max_new} new tokens exceed the model's "
                 f"{self.max_sequence_length} positions."
             )
-        rng = np.random.default_rng([seed if seed is not None else np.random.SeedSequence().entropy, index])
+        entropy = seed if seed is not None else int(np.random.SeedSequence().entropy)  # type: ignore[arg-type]
+        rng = np.random.default_rng([entropy, index])
         cached = len(ids) + max(max_new - 1, 0)  # the last generated token is never appended
         return _Request(index, ids, max_new, rng if temperature > 0 else None, pages_for(cached, self.page_size))
 
@@ -443,7 +442,9 @@ class DecoderModel:
 
     def _run_prefill(self, requests: list[_Request]) -> np.ndarray:
         """Last-token logits of each request's prompt, prefilled in calls of <= max_prefill_tokens."""
-        logits, group, tokens = [], [], 0
+        logits: list[np.ndarray] = []
+        group: list[_Request] = []
+        tokens = 0
         for request in requests:
             if group and tokens + len(request.prompt) > self.max_prefill_tokens:
                 logits.append(self._prefill_call(group))
@@ -474,11 +475,14 @@ class DecoderModel:
         return self._call(self._decode, input_ids, positions, seq_slot, block_table)
 
 
-def _is_single_prompt(prompts: Any) -> bool:
-    """A str, or a flat sequence of ints, is one prompt; a list of those is a batch."""
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
+    """(the prompts as a list, whether one prompt was given): a str, or a flat sequence of ints, is
+    one prompt; a list of those is a batch."""
     if isinstance(prompts, str):
-        return True
+        return [prompts], True
     if isinstance(prompts, np.ndarray):
-        return prompts.ndim == 1
+        return ([prompts], True) if prompts.ndim == 1 else (list(prompts), False)
     items = list(prompts)
-    return bool(items) and all(isinstance(t, int | np.integer) for t in items)
+    if items and all(isinstance(t, int | np.integer) for t in items):
+        return [cast(Sequence[int], items)], True
+    return cast(list[Prompt], items), False

@@ -119,8 +119,10 @@ def make_weight_gemm(
     rows = tirx.Var("n", "int64") if n is None else n
     x = te.placeholder((rows, k), act_dtype, name="X")
     stored = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)]
-    factored = row_scale_in_epilogue and hasattr(stage, "row_scale") and hasattr(stage, "unscaled_decode")
-    decode = stage.unscaled_decode if factored else stage.decode
+    from tensorpress.schedules.tensorcore.decode_hints import RowScaledDecode  # imports this module
+
+    factored = row_scale_in_epilogue and isinstance(stage, RowScaledDecode)
+    decode = stage.unscaled_decode if isinstance(stage, RowScaledDecode) and factored else stage.decode
     w = te.compute((m, k), lambda r, c: decode(stored, r, c, act_dtype), name="decode")
     rk = te.reduce_axis((0, k), name="k")
     acc = te.compute(

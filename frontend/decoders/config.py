@@ -133,13 +133,13 @@ def decoder_config_from_hf(
     arch = (
         archs[0]
         if archs
-        else _CAUSAL_LM_OF_MODEL_TYPE.get(hf.get("model_type"), f"<model_type {hf.get('model_type')!r}>")
+        else _CAUSAL_LM_OF_MODEL_TYPE.get(str(hf.get("model_type")), f"<model_type {hf.get('model_type')!r}>")
     )
     family = SUPPORTED_ARCHITECTURES.get(arch)
     if family is None:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise ModelImportError(f"{where}: architecture {arch} is not a supported decoder (supported: {supported}).")
-    common = {
+    common: dict[str, Any] = {
         "architecture": arch,
         "family": family,
         "vocab_size": int(hf["vocab_size"]),
