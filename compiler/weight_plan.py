@@ -65,10 +65,10 @@ def plan_weights(
         why = f"skipped by pattern {skipped!r}" if skipped else ("compressed" if recipe.format else "dense")
         if reason is not None and fmt_name == recipe.format:
             warnings.warn(
-                f"{site.weight} [{site.m}x{site.k}] stays dense: the {fmt_name} kernel needs {reason}.",
+                f"{site.weight} [{site.m}x{site.k}] stays dense: the {fmt_name} kernel cannot take it ({reason}).",
                 stacklevel=2,
             )
-            why = f"dense (the {fmt_name} kernel needs {reason})"
+            why = f"dense (the {fmt_name} kernel cannot take it: {reason})"
             fmt_name = dense_format_for(target, act)
             reason = get_weight_format(fmt_name).unsupported_reason(site.m, site.k)
         if reason is not None:

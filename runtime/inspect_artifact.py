@@ -30,13 +30,17 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
     layers = m.get("layers", [])
     if layers:
         width = max(len(layer["weight"]) for layer in layers)
+        formats = [_format_shown(layer) for layer in layers]
+        fwidth = max(11, *(len(f) for f in formats))
         lines.append(f"  linear layers ({len(layers)}):")
-        lines.append(f"    {'weight'.ljust(width)}  {'shape':>12}  {'format':<11} {'stored':>10} {'fp16':>10}  saved")
-        for layer in layers:
+        lines.append(
+            f"    {'weight'.ljust(width)}  {'shape':>12}  {'format'.ljust(fwidth)} {'stored':>10} {'fp16':>10}  saved"
+        )
+        for layer, shown in zip(layers, formats):
             shape = "x".join(str(d) for d in layer["shape"])
             saved = 1 - layer["stored_bytes"] / layer["fp16_bytes"]
             lines.append(
-                f"    {layer['weight'].ljust(width)}  {shape:>12}  {layer['format']:<11} "
+                f"    {layer['weight'].ljust(width)}  {shape:>12}  {shown.ljust(fwidth)} "
                 f"{_size(layer['stored_bytes']):>10} {_size(layer['fp16_bytes']):>10}  {saved:6.1%}"
                 + (f"  ({layer['reason']})" if layer["reason"] not in ("compressed", "dense") else "")
             )
@@ -62,3 +66,9 @@ def _tensor(t: dict) -> str:
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _format_shown(layer: dict) -> str:
+    """The format asked for, and the exact one stored where they differ (fp6 -> e3m2, fp6-auto -> e2m3)."""
+    stored = layer.get("stored_format")
+    return layer["format"] if stored in (None, layer["format"]) else f"{layer['format']}:{stored}"

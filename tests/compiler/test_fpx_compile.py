@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tensorpress
+from tensorpress.compiler.formats.fpx_layout import padded_k
 from tensorpress.compiler.formats.registry import get_weight_format
 
 SENTENCES = [
@@ -76,3 +77,71 @@ def test_fpx_skip_patterns_keep_layers_dense(minilm_folder, tmp_path):
     formats = {layer["weight"]: layer["format"] for layer in report.manifest["layers"]}
     assert all(f == "dense-fp32-panel" for name, f in formats.items() if ".attention." in name)
     assert all(f == "fp4" for name, f in formats.items() if ".attention." not in name)
+
+
+def _tp(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tensorpress", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_fp6_with_skip_and_mse_scales_matches_onnxruntime_on_the_rounded_weights(tmp_path):
+    """`compile --weights fp6 --scale-search mse --skip`, `run` and `inspect` from the command line."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from reference_models import export_onnx
+
+    onnx_path = export_onnx("mlp", tmp_path)
+    artifact = tmp_path / "mlp_fp6.tpk"
+    args = ["--weights", "fp6", "--scale-search", "mse", "--skip", "fc2*"]
+    result = _tp("compile", str(onnx_path), "-o", str(artifact), *args)
+    assert result.returncode == 0, result.stderr
+
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    result = _tp("run", str(artifact), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"))
+    assert result.returncode == 0, result.stderr
+
+    # onnxruntime on the same graph with fc1's weight through the fp6 (mse) roundtrip; fc2 stays as it is
+    model = onnx.load(str(onnx_path))
+    (fc1,) = [t for t in model.graph.initializer if t.name == "fc1.weight"]
+    w = numpy_helper.to_array(fc1)
+    assert w.shape == (128, 64)  # [M, K]: one scale per output channel = per row
+    fc1.CopyFrom(numpy_helper.from_array(get_weight_format("fp6", "mse").roundtrip(w), "fc1.weight"))
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_allclose(out["y"], want, rtol=1e-4, atol=1e-5)
+
+    listing = _tp("inspect", str(artifact)).stdout
+    (fc1_line,) = [line for line in listing.splitlines() if line.strip().startswith("fc1.weight")]
+    (fc2_line,) = [line for line in listing.splitlines() if line.strip().startswith("fc2.weight")]
+    # 6-bit codes with K padded to the layout's 128 (rows of 16-byte multiples) + one fp16 scale per row
+    stored = 128 * padded_k(64) * 6 // 8 + 128 * 2
+    assert "fp6:e3m2" in fc1_line and f"{1 - stored / (128 * 64 * 2):.1%}" in fc1_line
+    assert "skipped by pattern 'fc2*'" in fc2_line
+
+
+def test_a_layer_the_kernel_cannot_take_stays_dense_with_a_warning(tmp_path):
+    """FPxConfig from Python; a 10-row layer (M not a multiple of 16) is named in a warning, kept dense,
+    and the outputs are torch's with the first layer's weight rounded and the second one exact."""
+    from tensorpress import FPxConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
+    x = torch.randn(3, 64)
+    with pytest.warns(UserWarning, match=r"2\.weight \[10x128\] stays dense: the .* kernel cannot take it"):
+        report = tensorpress.compile(
+            model, tmp_path / "m.tpk", example_inputs=(x,), target="cpu", weights=FPxConfig(ebits=2, mbits=3)
+        )
+    layers = {layer["weight"]: layer for layer in report.manifest["layers"]}
+    assert layers["0.weight"]["stored_format"] == "e2m3"
+    assert layers["2.weight"]["stored_format"] is None and "multiple of 16" in layers["2.weight"]["reason"]
+
+    (y,) = tensorpress.runtime.load(report.artifact).run([x.numpy()])
+    with torch.no_grad():
+        w0 = model[0].weight.numpy()
+        model[0].weight.copy_(torch.from_numpy(get_weight_format("e2m3").roundtrip(w0)))
+        want = model(x).numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
