@@ -22,6 +22,9 @@ from tensorpress.runtime import tvm_runtime
 from tensorpress.runtime.artifact import LIBRARY, SAFETENSORS_DTYPES, WEIGHTS, ArtifactFile, open_artifact
 
 CPU_FLAGS_FILE = "/proc/cpuinfo"
+# The GPU architectures `tensorpress compile --target cuda:ARCH` accepts (compiler/targets.py CUDA_ARCHS,
+# copied because the runtime never imports the compiler; a test keeps the two equal).
+BUILDABLE_CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")
 
 
 @dataclass
@@ -87,15 +90,29 @@ def check_device_fits(manifest: dict[str, Any], kind: str, index: int, path: Pat
                 f"{', '.join(missing)}."
             )
         return
-    info = tvm_runtime.cuda_device_info(index)
-    if not info["exists"]:
-        raise DeviceMismatchError(f"there is no CUDA device cuda:{index} on this machine; use device='cpu'.")
     arch = target["arch"]
+    try:
+        info = tvm_runtime.cuda_device_info(index)
+        absent = None if info["exists"] else f"no device cuda:{index}"
+    except DeviceMismatchError:  # no NVIDIA driver at all
+        absent = "no NVIDIA driver (libcuda.so.1)"
+    if absent:
+        # Not "use device='cpu'": this artifact holds GPU code only.
+        raise DeviceMismatchError(
+            f"{path} was built for a CUDA GPU ({arch}), but this machine has {absent}; run it on a machine with "
+            "an NVIDIA GPU, or recompile it with --target cpu."
+        )
     have = "sm_" + info["compute_version"].replace(".", "")
     if not cuda_arch_runs_on(arch, have):
+        rebuild = have + "a" if have == "sm_90" else have  # Hopper gets the sm_90a (wgmma) kernels
+        if rebuild not in BUILDABLE_CUDA_ARCHS:
+            raise DeviceMismatchError(
+                f"{path} was built for {arch}, but cuda:{index} is {have}, which tensorpress cannot build for "
+                f"(it builds for {', '.join(BUILDABLE_CUDA_ARCHS)}); run it on a GPU that runs {arch} code or "
+                "recompile it with --target cpu."
+            )
         raise DeviceMismatchError(
-            f"{path} was built for {arch}, but cuda:{index} is {have}; recompile it with --target cuda:{have}"
-            f"{'a' if have == 'sm_90' else ''}."
+            f"{path} was built for {arch}, but cuda:{index} is {have}; recompile it with --target cuda:{rebuild}."
         )
 
 

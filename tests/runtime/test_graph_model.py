@@ -12,8 +12,11 @@ import pytest
 from reference_models import export_onnx
 
 import tensorpress
+from tensorpress.compiler.targets import CUDA_ARCHS
 from tensorpress.errors import DeviceMismatchError, InputError
-from tensorpress.runtime.loaded_artifact import check_device_fits, cuda_arch_runs_on
+from tensorpress.runtime import tvm_runtime
+from tensorpress.runtime.artifact import open_artifact
+from tensorpress.runtime.loaded_artifact import BUILDABLE_CUDA_ARCHS, check_device_fits, cuda_arch_runs_on
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,24 @@ def mlp(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlp")
     onnx_path = export_onnx("mlp", folder)
     return onnx_path, tensorpress.compile(onnx_path, folder / "mlp.tpk").artifact
+
+
+@pytest.fixture(scope="module")
+def cuda_mlps(mlp, tmp_path_factory):
+    """The MLP built for the GPU (nvcc, no GPU needed): {arch: artifact} for sm_80 and sm_90a."""
+    folder = tmp_path_factory.mktemp("cuda_mlp")
+    return {
+        arch: tensorpress.compile(mlp[0], folder / f"mlp_{arch}.tpk", target=f"cuda:{arch}").artifact
+        for arch in ("sm_80", "sm_90a")
+    }
+
+
+def fake_gpu(monkeypatch, compute_version: str | None) -> None:
+    """Make the runtime see one CUDA device of this compute capability ("8.0"), or none (None)."""
+    info = {"exists": False} if compute_version is None else {"exists": True, "compute_version": compute_version}
+    monkeypatch.setattr(
+        tvm_runtime, "cuda_device_info", lambda index=0: dict(info) if index == 0 else {"exists": False}
+    )
 
 
 def test_signature_names_shapes_and_dtypes(mlp):
@@ -69,6 +90,65 @@ def test_artifact_for_another_device_kind_is_refused(mlp, tmp_path):
         check_device_fits(manifest, "cpu", 0, tmp_path / "x.tpk")
     with pytest.raises(DeviceMismatchError, match="built for cpu, not cuda"):
         check_device_fits({"target": {"kind": "cpu", "arch": None}}, "cuda", 0, tmp_path / "x.tpk")
+
+
+@pytest.mark.parametrize(
+    "arch, device, advice",
+    [
+        ("sm_90a", "8.0", "recompile it with --target cuda:sm_80."),  # Hopper-only kernels on an A100
+        ("sm_80", "9.0", "recompile it with --target cuda:sm_90a."),  # SASS only, no PTX the driver could JIT
+    ],
+)
+def test_artifact_for_another_gpu_arch_is_refused_on_load(cuda_mlps, monkeypatch, arch, device, advice):
+    fake_gpu(monkeypatch, device)
+    have = "sm_" + device.replace(".", "")
+    with pytest.raises(DeviceMismatchError) as err:
+        tensorpress.runtime.load(cuda_mlps[arch], device="cuda:0")
+    message = str(err.value)
+    assert f"built for {arch}, but cuda:0 is {have}; {advice}" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+@pytest.mark.parametrize("arch, device", [("sm_80", "8.0"), ("sm_80", "8.6"), ("sm_80", "8.9"), ("sm_90a", "9.0")])
+def test_artifact_for_a_compatible_gpu_passes_the_device_check(cuda_mlps, monkeypatch, arch, device):
+    fake_gpu(monkeypatch, device)
+    manifest = open_artifact(cuda_mlps[arch]).manifest
+    check_device_fits(manifest, "cuda", 0, cuda_mlps[arch])  # no exception
+
+
+@pytest.mark.parametrize("device, too", [("7.5", "older"), ("10.0", "newer"), ("12.0", "newer")])
+def test_a_gpu_tensorpress_cannot_build_for_is_named_not_suggested(cuda_mlps, monkeypatch, device, too):
+    """The advice never names a target `tensorpress compile` would refuse."""
+    fake_gpu(monkeypatch, device)
+    have = "sm_" + device.replace(".", "")
+    with pytest.raises(DeviceMismatchError) as err:
+        tensorpress.runtime.load(cuda_mlps["sm_80"], device="cuda:0")
+    message = str(err.value)
+    assert f"cuda:0 is {have}, which tensorpress cannot build for" in message
+    assert "--target cuda:" not in message and "--target cpu" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_a_cuda_artifact_without_a_cuda_device_says_to_recompile_for_the_cpu(cuda_mlps, monkeypatch):
+    fake_gpu(monkeypatch, None)
+    with pytest.raises(
+        DeviceMismatchError, match=r"for a CUDA GPU \(sm_90a\), but this machine has no device cuda:1; "
+    ):
+        tensorpress.runtime.load(cuda_mlps["sm_90a"], device="cuda:1")
+
+    def no_driver(index=0):
+        raise DeviceMismatchError("no NVIDIA driver (libcuda.so.1) on this machine; use device='cpu'.")
+
+    monkeypatch.setattr(tvm_runtime, "cuda_device_info", no_driver)
+    with pytest.raises(DeviceMismatchError) as err:
+        tensorpress.runtime.load(cuda_mlps["sm_90a"], device="cuda:0")
+    assert "this machine has no NVIDIA driver (libcuda.so.1)" in str(err.value)
+    assert str(err.value).endswith("or recompile it with --target cpu.")  # not "use device='cpu'": it is a GPU build
+
+
+def test_the_runtime_knows_the_archs_the_compiler_builds_for():
+    """A copy (the runtime may not import the compiler): this test keeps the two lists equal."""
+    assert BUILDABLE_CUDA_ARCHS == CUDA_ARCHS
 
 
 def test_runtime_imports_neither_torch_nor_the_compiler(mlp):
