@@ -4,6 +4,7 @@ nothing left on disk."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import cuda_device_visible
 from reference_models import export_onnx
 
 
@@ -23,10 +25,15 @@ def tp(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line of a failed command, checked to be one sentence: it ends with a period
+    and no sentence ends inside it (a period, then a space and a capital; "1.5" and "a.tpk" are fine)."""
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
     assert "Traceback" not in result.stderr
+    message = errors[0].removeprefix("error: ")
+    assert message.endswith("."), message
+    assert not re.search(r"[.!?]\s+[A-Z]", message), message
     return errors[0]
 
 
@@ -37,6 +44,15 @@ def mlp(tmp_path_factory):
     result = tp("compile", str(onnx_path), "-o", str(folder / "mlp.tpk"))
     assert result.returncode == 0, result.stderr
     return onnx_path, folder / "mlp.tpk"
+
+
+@pytest.fixture(scope="module")
+def cuda_mlp(mlp):
+    """The MLP compiled for sm_90a (nvcc; no GPU needed to build it)."""
+    artifact = mlp[1].parent / "mlp_sm_90a.tpk"
+    result = tp("compile", str(mlp[0]), "-o", str(artifact), "--target", "cuda:sm_90a")
+    assert result.returncode == 0, result.stderr
+    return artifact
 
 
 def test_compile_run_inspect(mlp, tmp_path):
@@ -123,15 +139,40 @@ def test_wrong_input_name_and_shape(mlp, tmp_path):
     assert not (tmp_path / "out.npz").exists()
 
 
-def test_cuda_artifact_on_the_cpu_is_refused(tmp_path):
-    onnx_path = export_onnx("mlp", tmp_path)
-    artifact = tmp_path / "gpu.tpk"
-    assert tp("compile", str(onnx_path), "-o", str(artifact), "--target", "cuda:sm_90a").returncode == 0
+def test_wrong_input_dtype(mlp, tmp_path):
+    np.savez(tmp_path / "in.npz", x=np.zeros((2, 64), np.float64))
+    line = one_error_line(
+        tp("run", str(mlp[1]), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"))
+    )
+    assert "input 'x' must be float32, got float64" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
+
+
+def test_cuda_artifact_on_the_cpu_is_refused(cuda_mlp, tmp_path):
     np.savez(tmp_path / "in.npz", x=np.zeros((1, 64), np.float32))
     line = one_error_line(
-        tp("run", str(artifact), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz"))
+        tp("run", str(cuda_mlp), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz"))
     )
     assert "built for cuda, not cpu" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
+
+
+def test_cpu_artifact_on_the_gpu_is_refused(mlp, tmp_path):
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 64), np.float32))
+    args = ("--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz"), "--device", "cuda")
+    line = one_error_line(tp("run", str(mlp[1]), *args))
+    assert "built for cpu, not cuda; load it with device='cpu' or recompile it with --target cuda." in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
+
+
+@pytest.mark.skipif(cuda_device_visible(), reason="needs a machine without a CUDA device")
+def test_cuda_device_on_a_machine_without_one(cuda_mlp, tmp_path):
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 64), np.float32))
+    args = ("--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz"), "--device", "cuda")
+    line = one_error_line(tp("run", str(cuda_mlp), *args))
+    assert "mlp_sm_90a.tpk was built for a CUDA GPU (sm_90a), but this machine has no " in line
+    assert line.endswith("recompile it with --target cpu.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
