@@ -104,9 +104,13 @@ def replay_weight_gemm(
     mutate: Callable | None = None,
     row_scale_in_epilogue: bool = True,
     stage: DecodeStage | None = None,
+    shuffle_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Schedule the weight GEMM with the emulated intrinsics, replay it on the CPU with shuffled
-    threads (seed) and NaN-poisoned scratch memory; returns (Y from the kernel, Y from numpy), fp32.
+    threads and NaN-poisoned scratch memory; returns (Y from the kernel, Y from numpy), fp32.
+
+    `seed` draws the inputs; `shuffle_seed` picks the order the serialized threads run in (default:
+    `seed`), so the same inputs can be replayed in several thread orders.
 
     `mutate(sch)`, when given, edits the schedule before the build (planted bugs); `stage`, when
     given, replaces the decode stage of `fmt` (which still packs the weights: planted decode bugs)."""
@@ -117,7 +121,7 @@ def replay_weight_gemm(
     sch = schedule_weight_gemm(func, config, intrinsics or emulated_intrinsics())
     if mutate is not None:
         mutate(sch)
-    kernel = build_replay(sch.mod, seed)["main"]
+    kernel = build_replay(sch.mod, seed if shuffle_seed is None else shuffle_seed)["main"]
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, k)).astype(np.float16)
     w, stored = weight_and_stored(fmt, m, k, rng)

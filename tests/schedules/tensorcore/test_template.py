@@ -68,12 +68,23 @@ def test_decode_stages_plug_in_unchanged(fmt):
     assert relative_error(out, ref) < TOLERANCE
 
 
-def test_result_does_not_depend_on_thread_order():
-    first, _ = replay_weight_gemm("dense-fp16", 128, 256, 21, SMALL, seed=11)
-    config = TileConfig(block_n=16, block_m=64, block_k=32, warps=2, stages=2, split_k=1)
-    # same inputs (seed 11 draws them), another order: bit-identical
-    second, _ = replay_weight_gemm("dense-fp16", 128, 256, 21, config, seed=11)
-    assert np.array_equal(first, second)
+# Shuffle seeds 0, 1, 6 run the K slices' CTAs (blockIdx.z) in the orders 2,1,0 / 2,0,1 / 0,1,2 at split_k=3
+# (0,1 / 1,0 / 0,1 at split_k=2): every choice of the two partial sums added first is replayed.
+@pytest.mark.parametrize("split_k, out_dtype", [(2, "float16"), (3, "float32")])
+def test_split_k_reduction_is_bit_identical_in_every_thread_order(split_k, out_dtype):
+    # Fails if slices are summed in CTA order (a planted one changed 765 of the 2688 outputs at split_k=3); hence fp32:
+    # fp16 output rounds such 1-ulp fp32 differences away, and split_k=2 cannot tell (a + b == b + a exactly).
+    config = TileConfig(block_n=16, block_m=64, block_k=32, warps=2, stages=2, split_k=split_k)
+    outs = []
+    for shuffle_seed in (0, 1, 6):  # same inputs (seed 11), three thread orders
+        out, ref = replay_weight_gemm(
+            "dense-fp16", 128, 384, 21, config, seed=11, bias=True, out_dtype=out_dtype, shuffle_seed=shuffle_seed
+        )
+        assert relative_error(out, ref) < (TOLERANCE if out_dtype == "float16" else 1e-4)
+        outs.append(out.astype(out_dtype))
+    bits = np.uint16 if out_dtype == "float16" else np.uint32  # raw bits: -0.0 and NaN payloads count
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out.view(bits), outs[0].view(bits))
 
 
 @pytest.mark.parametrize("m, k", [(72, 64), (64, 40)])
