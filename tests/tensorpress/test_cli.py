@@ -184,10 +184,52 @@ def test_killed_compile_leaves_nothing(sig, tmp_path):
     out_dir.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorpress", "compile", str(folder), "-o", str(out_dir / "m.tpk")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=private_tmpdir(tmp_path),
     )  # fmt: skip
     time.sleep(6)  # well inside the import/build of a ~15 s compile
     os.kill(proc.pid, sig)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
+    assert list(out_dir.iterdir()) == []
+
+
+# Runs `tensorpress compile` with the artifact writer stopped just before its last member (the manifest):
+# library and weights are already in the output file when the parent kills it.
+COMPILE_STOPPED_INSIDE_THE_WRITE = """
+import sys, time, zipfile
+write_member = zipfile.ZipFile.writestr
+def stop_before_the_manifest(self, name, data, *args, **kwargs):
+    if name == "manifest.json":
+        self.fp.flush()
+        print("writing", self.fp.tell(), flush=True)
+        time.sleep(120)
+    return write_member(self, name, data, *args, **kwargs)
+zipfile.ZipFile.writestr = stop_before_the_manifest
+from tensorpress.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def private_tmpdir(tmp_path: Path) -> dict[str, str]:
+    """The environment with TMPDIR in tmp_path: a killed compile's build folder stays out of /tmp."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
+
+
+def test_compile_killed_while_writing_the_artifact_leaves_nothing(mlp, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", COMPILE_STOPPED_INSIDE_THE_WRITE, "compile", str(mlp[0]), "-o", str(out_dir / "m.tpk")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=private_tmpdir(tmp_path),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()  # blocks until the writer stops
+        assert line[:1] == ["writing"], proc.communicate()[1]
+        assert int(line[1]) > mlp[1].stat().st_size // 2  # library and weights written, not yet linked
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     assert list(out_dir.iterdir()) == []
