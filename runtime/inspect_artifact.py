@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import textwrap
 
-from tensorpress.runtime.artifact import open_artifact
+from tensorpress.runtime.artifact import LIBRARY, ArtifactFile, open_artifact
+from tensorpress.runtime.library_functions import exported_functions
 
 
 def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bool = True) -> str:
@@ -49,8 +52,26 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
         lines.append(
             f"    total: {_size(stored)} stored vs {_size(fp16)} as fp16 ({fp16 / max(stored, 1):.2f}x smaller)"
         )
-    lines.append(f"  kernels: {len(m.get('kernels', []))}")
+    lines += _function_lines(artifact)
     return "\n".join(lines)
+
+
+def _function_lines(artifact: ArtifactFile) -> list[str]:
+    """The compiled functions (kernels, fused ops, host helpers such as shape_func) under a heading,
+    wrapped to the terminal: from the library's symbol table, else the manifest's list of kernels."""
+    names = exported_functions(artifact.read_member(LIBRARY))
+    if names is None:
+        names = list(artifact.manifest.get("kernels", []))
+    indent = "    "
+    wrapped = textwrap.wrap(
+        ", ".join(names),
+        width=max(shutil.get_terminal_size().columns, 60),
+        initial_indent=indent,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    return [f"  compiled functions ({len(names)}):", *wrapped]
 
 
 def _recipe_words(recipe: dict) -> str:

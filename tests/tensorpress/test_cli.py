@@ -66,6 +66,11 @@ def test_compile_run_inspect(mlp, tmp_path):
     inspect = tp("inspect", str(artifact))
     assert inspect.returncode == 0
     assert "x float32[batch, 64]" in inspect.stdout and "fc1.weight" in inspect.stdout
+    # every compiled function, the ReLU TVM fused/legalised included (the manifest lists our GEMMs only)
+    count, listing = re.search(r"compiled functions \((\d+)\):\n((?:    .*\n?)+)", inspect.stdout).groups()
+    functions = listing.replace(",", " ").split()
+    assert len(functions) == int(count)
+    assert {"relu", "weight_gemm_dense_fp32_panel_128x64_float32_bias_n128"} <= set(functions)
 
 
 def test_help_imports_neither_tvm_nor_torch():
