@@ -13,7 +13,8 @@ Each such site whose weight the plan assigns a format becomes
 
 The weight is packed offline by the format (pure numpy, `compiler/formats/`); the packed arrays replace
 W among the function's trailing parameters, in the same place, named `<W>.<array>`. A weight that
-something other than a rewritten linear still uses stays as it is.
+something other than a rewritten linear still uses stays as it is; a format that stores the weight
+exactly as the parameter holds it (dense fp16 [M, K] from an fp16 model) reads the parameter itself.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class RewriteLinearToWeightGemm:
     def _rewrite_function(self, func, model, bb, kernels, packed, pats, func_name):
         func_weights = _weight_params(func)
         packed_vars: dict[str, relax.Var] = {}
+        aliased: set[str] = set()  # packed arrays that are the original parameter itself
 
         def rewriter(call, match):
             site = _site_from_match(match, func_weights, pats)
@@ -167,12 +169,21 @@ class RewriteLinearToWeightGemm:
             pw = packed[site.weight]
             for array_name, array in pw.arrays.items():
                 key = packed_param_name(site.weight, pw, array_name)
-                if key not in packed_vars:
+                if key in packed_vars:
+                    continue
+                if len(pw.arrays) == 1 and _same_array(array, model.params[site.weight]):
+                    # The format stores the parameter as it is (dense fp16 [M, K]): the kernel reads it in
+                    # place, so a weight an embedding also reads (tied LM head) is not stored twice.
+                    packed_vars[key] = match[pats[1]]
+                    aliased.add(key)
+                else:
                     packed_vars[key] = relax.Var(key, relax.TensorType(array.shape, str(array.dtype)))
             stored = [packed_vars[packed_param_name(site.weight, pw, a)] for a in pw.arrays]
             x = match[pats[0]]
             hint = token_count_hint(x, func_name)
-            return _emit_weight_gemm(x, stored, site, choice, pw.format, match, pats, bb, kernels, hint)
+            # the layer's own result dtype: a matmul may widen (out_dtype="float32" on fp16 operands)
+            out_dtype = str(call.ty.dtype)
+            return _emit_weight_gemm(x, stored, site, choice, pw.format, match, pats, bb, kernels, hint, out_dtype)
 
         body_func = func
         for pattern in pats[4]:  # with-bias patterns first, so the add is fused into the kernel
@@ -189,8 +200,13 @@ class RewriteLinearToWeightGemm:
                 weights.append(old_by_name[name])
             if name in packed:
                 names = [packed_param_name(name, packed[name], a) for a in packed[name].arrays]
-                weights.extend(packed_vars[n] for n in names if n in packed_vars)
+                weights.extend(packed_vars[n] for n in names if n in packed_vars and n not in aliased)
         return relax.Function(inputs + weights, body_func.body, func.ret_ty, func.is_pure, func.attrs)
+
+
+def _same_array(array: np.ndarray, original) -> bool:
+    original = np.asarray(original)
+    return array.dtype == original.dtype and array.shape == original.shape and np.array_equal(array, original)
 
 
 def packed_param_name(weight: str, packed: PackedWeight, array_name: str) -> str:
@@ -209,8 +225,9 @@ def token_count_hint(x, func_name: str) -> int:
     return n
 
 
-def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kernels, n_hint):
-    """y = reshape(call_tir(kernel, [x2d, *stored(, bias)]), out_shape), with dtype casts if needed."""
+def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kernels, n_hint, out_dtype):
+    """y = reshape(call_tir(kernel, [x2d, *stored(, bias)]), out_shape), with dtype casts if needed
+    (x to the kernel's activation dtype, y to the layer's `out_dtype`)."""
     x_ty = x.ty
     orig_dtype = str(x_ty.dtype)
     lead = list(x_ty.shape.values[:-1])
@@ -234,8 +251,8 @@ def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kern
         bias = match[pats[2]]
         args.append(relax.op.astype(bias, choice.act_dtype) if str(bias.ty.dtype) != choice.act_dtype else bias)
     y = relax.call_tir(kernels[key], args, relax.TensorType([n, site.m], choice.act_dtype))
-    if orig_dtype != choice.act_dtype:
-        y = relax.op.astype(y, orig_dtype)
+    if out_dtype != choice.act_dtype:
+        y = relax.op.astype(y, out_dtype)
     return relax.op.reshape(y, [*lead, site.m]) if len(lead) != 1 else y
 
 

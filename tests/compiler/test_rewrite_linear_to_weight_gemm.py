@@ -1,0 +1,62 @@
+"""The linear rewrite with a weight that an embedding also reads (an LM head tied to the embeddings):
+a format that stores the weight exactly as the parameter holds it reads the parameter in place, so the
+artifact holds the weight once; the outputs stay torch's."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import tensorpress
+from tensorpress.runtime.artifact import open_artifact
+
+
+class TiedHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = torch.nn.Embedding(256, 64)
+        self.mix = torch.nn.Linear(64, 64)
+        self.head = torch.nn.Linear(64, 256, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mix(self.tok(ids))))
+
+
+def _tied():
+    torch.manual_seed(0)
+    return TiedHead().eval(), torch.randint(0, 256, (2, 8))
+
+
+def test_cpu_dense_weights_read_a_tied_head_in_place(tmp_path):
+    model, ids = _tied()
+    report = tensorpress.compile(model, tmp_path / "t.tpk", example_inputs=(ids,), target="cpu", weights="dense-fp32")
+    assert {layer["stored_format"] for layer in report.manifest["layers"]} == {"dense-fp32"}
+    weights = open_artifact(report.artifact).weights()
+    assert sorted(weights) == ["head.weight", "mix.bias", "mix.weight"]  # torch.export names the tied pair once
+    (y,) = tensorpress.runtime.load(report.artifact).run([ids.numpy()])
+    with torch.no_grad():
+        np.testing.assert_allclose(y, model(ids).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_fp16_artifact_stores_a_tied_head_once(tmp_path):
+    model, ids = _tied()
+    report = tensorpress.compile(
+        model, tmp_path / "t.tpk", example_inputs=(ids,), target="cuda:sm_90a", dtype="float16"
+    )
+    weights = open_artifact(report.artifact).weights()
+    assert sorted(weights) == ["head.weight", "mix.bias", "mix.weight"]
+    np.testing.assert_array_equal(weights["head.weight"], model.tok.weight.detach().half().numpy())
+    assert {layer["stored_format"] for layer in report.manifest["layers"]} == {"dense-fp16"}
+
+
+def test_fp16_layer_that_widens_its_result_keeps_its_dtype(tmp_path):
+    """Compiled with dtype float16, the last matmul returns float32 (the model's output dtype): the
+    weight GEMM's fp16 result is cast back to it, and the numbers are torch's within fp16 rounding."""
+    model, ids = _tied()
+    report = tensorpress.compile(model, tmp_path / "t.tpk", example_inputs=(ids,), target="cpu", dtype="float16")
+    (y,) = tensorpress.runtime.load(report.artifact).run([ids.numpy()])
+    assert y.dtype == np.float32
+    with torch.no_grad():
+        want = model.half()(ids).float().numpy()
+    np.testing.assert_allclose(y, want, rtol=2e-2, atol=2e-2)
