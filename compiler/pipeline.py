@@ -12,7 +12,6 @@ write_artifact(out, library, imported.params, manifest)   (store_weights=False: 
 from __future__ import annotations
 
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tensorpress.compiler.build import build_library, compiler_versions
+from tensorpress.compiler.build_folder import build_folder
 from tensorpress.compiler.formats.registry import PackedWeight, get_weight_format
 from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
@@ -76,8 +76,8 @@ def compile_imported(
 
     rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
     seconds["rewrite"] = time.perf_counter() - start
-    with tempfile.TemporaryDirectory(prefix="tensorpress-build-") as tmp:
-        build = build_library(rewritten.mod, target, Path(tmp) / "library.so")
+    with build_folder() as tmp:
+        build = build_library(rewritten.mod, target, tmp / "library.so")
         seconds["build"] = build.seconds
         manifest = _manifest(rewritten, target, plans, packed, recipe_as_written, build.kernels)
         manifest["weights"]["stored"] = store_weights

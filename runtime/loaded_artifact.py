@@ -202,17 +202,16 @@ def load_artifact(
     kind, index = parse_device(device)
     check_device_fits(artifact.manifest, kind, index, artifact.path)
     dev = tvm_runtime.device(kind, index)
-    # dlopen needs a file: the library is copied out of the zip into a private temporary folder.
-    tmpdir = tempfile.TemporaryDirectory(prefix="tensorpress-")
-    lib_path = Path(tmpdir.name) / LIBRARY
-    lib_path.write_bytes(artifact.read_member(LIBRARY))
-    executable = tvm_runtime.load_module(lib_path)
+    # dlopen needs a file: the library is copied out of the zip into a private temporary folder,
+    # removed as soon as it is loaded (the mapping outlives the file), so a killed process leaves nothing.
+    with tempfile.TemporaryDirectory(prefix="tensorpress-") as tmp:
+        lib_path = Path(tmp) / LIBRARY
+        lib_path.write_bytes(artifact.read_member(LIBRARY))
+        executable = tvm_runtime.load_module(lib_path)
     vm = executable["vm_load_executable"]()
     init = [dev.dlpack_device_type(), index, tvm_runtime.POOLED_ALLOCATOR]
     if kind != "cpu":
         init += [tvm_runtime.KDL_CPU, 0, tvm_runtime.POOLED_ALLOCATOR]
     vm["vm_initialization"](*init)
     names, params = weights_on_device(artifact, weights, dev)
-    return LoadedArtifact(
-        artifact.path, artifact.manifest, dev, device, vm, params, names, artifact, [tmpdir, executable]
-    )
+    return LoadedArtifact(artifact.path, artifact.manifest, dev, device, vm, params, names, artifact, [executable])
