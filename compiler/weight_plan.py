@@ -14,7 +14,8 @@ from tensorpress.compiler.formats.registry import get_weight_format
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import LayerChoice, LinearSite
 from tensorpress.compiler.targets import TargetSpec
 
-# Names that mark a layer as the LM head or an embedding (kept dense by default, as FP6-LLM does).
+# Names that mark a layer as the LM head or an embedding (kept dense by default, as FP6-LLM does); a
+# weight that another op reads too (an LM head tied to the embeddings) is kept dense whatever its name.
 DEFAULT_SKIP = ("*lm_head*", "*embed*", "*wte*", "*wpe*")
 
 
@@ -54,15 +55,19 @@ def plan_weights(
     """Decide each linear layer's format. Returns the plan (for people) and the choices (for the pass)."""
     plans, choices = [], {}
     skip_patterns = DEFAULT_SKIP + tuple(recipe.skip) if recipe.format else tuple(recipe.skip)
+    compressing = recipe.format is not None and get_weight_format(recipe.format, recipe.scale_search).compresses
     for site in sites:
         act = kernel_act_dtype(target, site.act_dtype)
         fmt_name = recipe.format or dense_format_for(target, act)
         skipped = next((p for p in skip_patterns if fnmatch.fnmatch(site.weight, p)), None)
-        if skipped is not None:
+        tied = compressing and skipped is None and site.also_read_by is not None
+        if skipped is not None or tied:
             fmt_name = dense_format_for(target, act)
         fmt = get_weight_format(fmt_name, recipe.scale_search)
         reason = fmt.unsupported_reason(site.m, site.k)
         why = f"skipped by pattern {skipped!r}" if skipped else ("compressed" if recipe.format else "dense")
+        if tied:  # the LM head tied to the embeddings, by structure rather than by name
+            why = f"skipped: {site.also_read_by} reads this weight too (an embedding tied to it)"
         if reason is not None and fmt_name == recipe.format:
             warnings.warn(
                 f"{site.weight} [{site.m}x{site.k}] stays dense: the {fmt_name} kernel cannot take it ({reason}).",

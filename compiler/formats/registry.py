@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class WeightFormat(abc.ABC):
     """One registered weight format. Subclasses are frozen dataclasses with a `name` field."""
 
     name: str
+    compresses: ClassVar[bool] = True  # False for the dense layouts (fp16 / fp32, plain or panels)
 
     def resolve(self, w: np.ndarray) -> WeightFormat:
         """The concrete format this weight is stored in (itself, except for choosers like fp6-auto)."""
@@ -79,6 +81,7 @@ class DenseFormat(WeightFormat):
 
     name: str
     dtype: str
+    compresses: ClassVar[bool] = False
 
     def pack(self, w: np.ndarray) -> PackedWeight:
         w = _check_weight(w)
@@ -97,6 +100,7 @@ class DensePanelFormat(WeightFormat):
 
     name: str
     dtype: str
+    compresses: ClassVar[bool] = False
 
     def pack(self, w: np.ndarray) -> PackedWeight:
         w = _check_weight(w)

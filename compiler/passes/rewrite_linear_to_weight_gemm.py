@@ -19,7 +19,7 @@ exactly as the parameter holds it (dense fp16 [M, K] from an fp16 model) reads t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -42,6 +42,7 @@ class LinearSite:
     act_dtype: str
     transposed_in_graph: bool  # True when the parameter is stored [M, K] (matmul(x, permute_dims(W)))
     bias: str | None
+    also_read_by: str | None = None  # an op other than a linear that reads W too (`take`: a tied embedding)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,42 @@ def find_linear_sites(mod: tvm.IRModule) -> list[LinearSite]:
                 return call
 
             rewrite_call(pattern, record, func)
+        for name, op in _non_linear_readers(func, func_weights).items():
+            if name in found and found[name].also_read_by is None:
+                found[name] = replace(found[name], also_read_by=op)
     return list(found.values())
+
+
+# The ops a linear layer's weight passes through on its way into the matmul (see _linear_patterns).
+_LINEAR_OPS = {"relax.permute_dims", "relax.astype", "relax.broadcast_to", "relax.matmul"}
+
+
+def _non_linear_readers(func: relax.Function, func_weights: dict[relax.Var, str]) -> dict[str, str]:
+    """{weight: name of an op that reads it, directly or through permute_dims/astype/broadcast_to,
+    and is not a linear's matmul} for the weights something else reads too (e.g. an embedding's take)."""
+    readers: dict[relax.Var, list[tuple[relax.Var, str]]] = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+                for arg in value.args:
+                    if isinstance(arg, relax.Var):
+                        readers.setdefault(arg, []).append((binding.var, value.op.name))
+            elif isinstance(value, relax.Var):
+                readers.setdefault(value, []).append((binding.var, "relax.alias"))
+    found = {}
+    for weight, name in func_weights.items():
+        todo, seen = [weight], set()
+        while todo and name not in found:
+            var = todo.pop()
+            for result, op in readers.get(var, []):
+                if op not in _LINEAR_OPS and op != "relax.alias":
+                    found[name] = op.removeprefix("relax.")
+                    break
+                if op != "relax.matmul" and result not in seen:
+                    seen.add(result)
+                    todo.append(result)
+    return found
 
 
 class RewriteLinearToWeightGemm:

@@ -60,3 +60,18 @@ def test_fp16_layer_that_widens_its_result_keeps_its_dtype(tmp_path):
     with torch.no_grad():
         want = model.half()(ids).float().numpy()
     np.testing.assert_allclose(y, want, rtol=2e-2, atol=2e-2)
+
+
+def test_fp6_keeps_a_head_tied_to_the_embeddings_dense_whatever_its_name(tmp_path):
+    """The default filter finds the tied LM head by structure (`take` reads its weight), not by name."""
+    from tensorpress.compiler.formats.registry import get_weight_format
+
+    model, ids = _tied()
+    report = tensorpress.compile(model, tmp_path / "t.tpk", example_inputs=(ids,), target="cpu", weights="fp6")
+    layers = {layer["weight"]: layer for layer in report.manifest["layers"]}
+    assert layers["mix.weight"]["stored_format"] == "e3m2"
+    assert layers["head.weight"]["stored_format"].startswith("dense") and "take" in layers["head.weight"]["reason"]
+    (y,) = tensorpress.runtime.load(report.artifact).run([ids.numpy()])
+    with torch.no_grad():
+        model.mix.weight.copy_(torch.from_numpy(get_weight_format("fp6").roundtrip(model.mix.weight.numpy())))
+        np.testing.assert_allclose(y, model(ids).numpy(), rtol=1e-4, atol=1e-4)
