@@ -1,5 +1,5 @@
 """`tensorpress inspect`: an artifact's manifest in words (what it was built from and for, its
-signature, each linear layer's format and the bytes it saves)."""
+signature, each linear layer's format and the bytes it saves) and the functions its library holds."""
 
 from __future__ import annotations
 
