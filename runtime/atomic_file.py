@@ -30,14 +30,20 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-            # Give the finished file a temporary name, then rename over the destination (atomic).
-            tmp_name = folder / f".{path.name}.{os.getpid()}.tmp"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
             # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N gives the unnamed file a name; os.link only
-            # calls linkat (rather than link) when a dir_fd is given.
+            # calls linkat (rather than link) when a dir_fd is given. A new destination gets its name
+            # directly (nothing can be left over); an existing one is replaced through a temporary
+            # name and a rename, both atomic.
             proc_fd = os.open("/proc/self/fd", os.O_RDONLY)
             try:
+                try:
+                    os.link(str(f.fileno()), path, src_dir_fd=proc_fd, follow_symlinks=True)
+                    return
+                except FileExistsError:
+                    pass
+                tmp_name = folder / f".{path.name}.{os.getpid()}.tmp"
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_name)
                 os.link(str(f.fileno()), tmp_name, src_dir_fd=proc_fd, follow_symlinks=True)
             finally:
                 os.close(proc_fd)
