@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 from reference_models import build, example_inputs
@@ -35,3 +36,21 @@ def test_transformer_block_builds_a_fatbin_for_the_asked_arch(arch, tmp_path):
     assert any("weight_gemm" in k for k in kernels), kernels
     assert any("layer_norm" in k for k in kernels), kernels
     assert any("softmax" in k for k in kernels), kernels
+
+
+def test_a_cuda_compile_never_imports_tvms_tensor_intrin_package(tmp_path):
+    """`tvm.s_tir.tensor_intrin` takes ~40 s to import; the Tensor Core path registers its own intrinsics."""
+    import sys
+
+    code = (
+        "import sys, torch, tensorpress\n"
+        f"sys.path.append({str(Path(__file__).resolve().parents[1])!r})\n"  # reference_models, after tensorpress
+        "from reference_models import build, example_inputs\n"
+        f"tensorpress.compile(build('mlp'), {str(tmp_path / 'm.tpk')!r}, example_inputs=example_inputs('mlp'),"
+        " target='cuda:sm_90a', dtype='float16')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin')))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "m.tpk").exists()
