@@ -63,7 +63,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         raise ConfigError("sparse weights are not implemented yet (SparseConfig is accepted but not compiled).")
     if kv_cache is not None and kv_cache.format != "fp16":
         raise ConfigError(f"the {kv_cache.format} KV cache is not implemented yet; use KVCacheConfig('fp16').")
-    if dtype is None and target_spec.kind == "cuda" and _is_decoder_folder(model):
+    if dtype is None and target_spec.kind == "cuda" and (_is_decoder_folder(model) or _is_onnx_decoder(model)):
         dtype = "float16"  # LLMs on GPUs run in fp16 (the Tensor Core GEMMs take fp16 activations)
     if not store_weights and _is_decoder_folder(model) and not list(Path(model).glob("*.safetensors")):
         import_options["shapes_only"] = True  # config.json alone: zero stand-ins, nothing to read
@@ -79,6 +79,14 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     timings = {"import": time.perf_counter() - start}
     as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
     return compile_imported(imported, Path(output), target_spec, recipe, as_written, timings, store_weights)
+
+
+def _is_onnx_decoder(model: Any) -> bool:
+    if not isinstance(model, (str, os.PathLike)) or Path(model).suffix != ".onnx" or not Path(model).is_file():
+        return False
+    from tensorpress.frontend.onnx_decoder import is_onnx_decoder
+
+    return is_onnx_decoder(model)
 
 
 def _is_decoder_folder(model: Any) -> bool:

@@ -33,6 +33,11 @@ def import_model(
             from tensorpress.frontend.hf_folder import import_hf_folder
 
             return import_hf_folder(path, dtype=dtype, **options)
+        if path.suffix == ".onnx" and path.exists():
+            from tensorpress.frontend.onnx_decoder import import_onnx_decoder, is_onnx_decoder
+
+            if is_onnx_decoder(path):  # a causal LM exported with past_key_values
+                return import_onnx_decoder(path, dtype=dtype, **options)
         if dtype not in (None, "float32") and path.suffix == ".onnx":
             raise ConfigError(
                 f"{path}: ONNX graphs compile in the dtype they were exported in; export it in {dtype} "

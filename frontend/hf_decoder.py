@@ -14,6 +14,7 @@ with W a named parameter, so the compiler's weight-format pass treats them like 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,25 +79,35 @@ def _default_dtype(folder: Path) -> str:
     return "float32" if stored == "float32" else "float16"
 
 
+# Where a decoder's weights come from: {Hugging Face name: shape} of the weights the definition needs ->
+# {name: array} (the checkpoint's own arrays; shapes are checked after). A folder's *.safetensors by default.
+WeightSource = Callable[[dict[str, tuple[int, ...]]], dict[str, np.ndarray]]
+
+
 def _load_params(
-    named: list[tuple[str, Any]], tensors: dict[str, np.ndarray], dtype: str, folder: Path
+    named: list[tuple[str, Any]], tensors: dict[str, np.ndarray], dtype: str, where: str, source_words: str
 ) -> dict[str, np.ndarray]:
     params: dict[str, np.ndarray] = {}
     for name, param in named:
         if name not in tensors:
-            raise ModelImportError(f"{folder}: weight {name} is missing from the *.safetensors files.")
+            raise ModelImportError(f"{where}: weight {name} is missing from {source_words}.")
         array = tensors[name]
         expected = tuple(int(s) for s in param.shape)
         if array.shape != expected:
             raise ModelImportError(
-                f"{folder}: weight {name} has shape {list(array.shape)}, but config.json implies {list(expected)}."
+                f"{where}: weight {name} has shape {list(array.shape)}, but config.json implies {list(expected)}."
             )
         params[name] = np.ascontiguousarray(array.astype(dtype, copy=False))
     return params
 
 
 def import_hf_decoder(
-    folder: str | Path, dtype: str | None = None, page_size: int = DEFAULT_PAGE_SIZE, shapes_only: bool = False
+    folder: str | Path,
+    dtype: str | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    shapes_only: bool = False,
+    weight_source: WeightSource | None = None,
+    source: str | None = None,
 ) -> ImportedModel:
     """Import a Llama/Qwen2/OPT causal-LM folder as prefill/decode functions over a paged KV cache.
 
@@ -104,19 +115,25 @@ def import_hf_decoder(
     checkpoints, else float16). page_size: tokens per KV page (fixed in the compiled kernels).
     shapes_only: read config.json alone; the params are zero stand-ins of the right shapes that take
     no memory (for artifacts compiled with store_weights=False, whose weights come at load time).
+    weight_source, source: where the weights come from instead of the folder's *.safetensors, and its
+    name for messages (the ONNX decoder frontend passes the graph's initializers).
     """
     folder = Path(folder)
+    where = source or str(folder)
     config = read_decoder_config(folder)
     dtype = dtype or _default_dtype(folder)
     if dtype not in _DTYPES:
         supported = " or ".join(_DTYPES)
-        raise ModelImportError(f"{folder}: dtype {dtype!r} is not supported for decoders (use {supported}).")
+        raise ModelImportError(f"{where}: dtype {dtype!r} is not supported for decoders (use {supported}).")
     module = build_decoder_module(config, dtype)
     mod, named = module.export_tvm(spec=module.export_spec(page_size))
     if shapes_only:
         params = {name: np.broadcast_to(np.zeros((), dtype), tuple(int(d) for d in p.shape)) for name, p in named}
+    elif weight_source is not None:
+        needed = {name: tuple(int(d) for d in p.shape) for name, p in named}
+        params = _load_params(named, weight_source(needed), dtype, where, "the model's weights")
     else:
-        params = _load_params(named, read_safetensors_folder(folder), dtype, folder)
+        params = _load_params(named, read_safetensors_folder(folder), dtype, where, "the *.safetensors files")
 
     cache_shape = module.cache_shape(page_size)
     # learned position tables end; RoPE has no hard limit
@@ -156,6 +173,6 @@ def import_hf_decoder(
         inputs=inputs,
         outputs=outputs,
         kind="decoder",
-        source=str(folder),
+        source=where,
         info=info,
     )
