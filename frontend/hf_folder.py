@@ -39,12 +39,15 @@ def import_hf_folder(folder: str | os.PathLike, dtype: str | None = None, **deco
     """Import a Hugging Face folder: decoders through hf_decoder, everything else as an encoder graph."""
     config = read_hf_config(folder)
     if not decoder_options.get("shapes_only") and not list(Path(folder).glob("*.safetensors")):
-        onnx_files = sorted(Path(folder).glob("*.onnx"))
-        if len(onnx_files) == 1:  # an optimum export: config.json beside a decoder exported with its cache
-            from tensorpress.frontend.onnx_decoder import import_onnx_decoder, is_onnx_decoder
+        # an optimum export: config.json beside a decoder exported with its cache (model.onnx, or the
+        # older decoder_model_merged / decoder_with_past_model files; only their weights are used)
+        from tensorpress.frontend.onnx_decoder import import_onnx_decoder, is_onnx_decoder
 
-            if is_onnx_decoder(onnx_files[0]):
-                return import_onnx_decoder(onnx_files[0], dtype=dtype, **decoder_options)
+        preferred = ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx")
+        onnx_files = sorted(Path(folder).glob("*.onnx"), key=lambda f: (f.name not in preferred, f.name))
+        for onnx_file in onnx_files:
+            if is_onnx_decoder(onnx_file):
+                return import_onnx_decoder(onnx_file, dtype=dtype, **decoder_options)
         raise ModelImportError(f"{folder} has no *.safetensors weights; save the model with safetensors.")
     architectures = config.get("architectures") or []
     if architectures and architectures[0].endswith(("ForCausalLM", "LMHeadModel")):

@@ -20,6 +20,7 @@ definition of the family over our paged KV cache, and everything the weight form
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,17 @@ PRESENT_OUTPUT = re.compile(r"present\.(\d+)\.(key|value)$")
 
 def is_onnx_decoder(path: str | Path) -> bool:
     """True when the ONNX file's graph takes `past_key_values.{i}.key/value` inputs (a cached decoder)."""
+    stat = Path(path).stat()
+    return _graph_has_past_inputs(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _graph_has_past_inputs(path: str, mtime_ns: int, size: int) -> bool:
+    """(Cached per file version: compile asks before importing, the importer asks again.)"""
     import onnx
 
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        graph = onnx.load(path, load_external_data=False).graph
     except Exception:  # not readable as ONNX: the plain importer reports it
         return False
     return any(PAST_INPUT.match(i.name) for i in graph.input)
@@ -105,13 +113,20 @@ def _weight_candidates(graph) -> dict[str, np.ndarray]:
     """{candidate dotted name: array}: initializers by name, linear weights and biases by node scope."""
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in graph.initializer}
+    tensors = {t.name: t for t in graph.initializer}
+    # torch.onnx keeps one copy of initializers with equal values and turns the others into
+    # Identity(first): the Identity's output carries the duplicate's name (norms at 1, biases at 0).
+    inits = dict(tensors)
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
     arrays: dict[str, np.ndarray] = {}
 
     def array(name: str) -> np.ndarray:
-        if name not in arrays:
-            arrays[name] = numpy_helper.to_array(inits[name])
-        return arrays[name]
+        source = inits[name].name
+        if source not in arrays:
+            arrays[source] = numpy_helper.to_array(inits[name])
+        return arrays[source]
 
     candidates = {name: array(name) for name in inits if not name.startswith("onnx::")}
     producers = {out: node for node in graph.node for out in node.output}
@@ -124,7 +139,10 @@ def _weight_candidates(graph) -> dict[str, np.ndarray]:
             if weight is not None:
                 candidates.setdefault(f"{scope}.weight", weight)
         elif node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in inits:
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            attrs = {a.name: a for a in node.attribute}
+            if ("alpha" in attrs and attrs["alpha"].f != 1.0) or ("transA" in attrs and attrs["transA"].i):
+                continue  # a scaled or transposed-input Gemm is not a plain linear layer
+            trans_b = attrs["transB"].i if "transB" in attrs else 0
             b = array(node.input[1])
             candidates.setdefault(f"{scope}.weight", b if trans_b else b.T)
             if len(node.input) == 3 and node.input[2] in inits:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import zipfile
@@ -161,6 +162,8 @@ def read_safetensors(path: Path, offset: int = 0, size: int | None = None) -> di
             header = json.loads(f.read(header_len))
         except (struct.error, ValueError, MemoryError, OverflowError) as err:
             raise ValueError(f"not a readable safetensors file ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a readable safetensors file (its header is not a JSON object)")
     data_start = offset + 8 + header_len
     header.pop("__metadata__", None)
     arrays = {}
@@ -171,6 +174,8 @@ def read_safetensors(path: Path, offset: int = 0, size: int | None = None) -> di
             raise ValueError(f"tensor {name} has dtype {kind}, which tensorpress cannot read")
         dtype = np.dtype(np.uint16 if kind == "BF16" else SAFETENSORS_DTYPES[kind])
         shape = tuple(entry["shape"])
+        if end - begin != dtype.itemsize * math.prod(shape):
+            raise ValueError(f"tensor {name} declares shape {list(shape)} over {end - begin} bytes")
         if end - begin == 0:
             array = np.zeros(shape, dtype)
         else:

@@ -242,7 +242,9 @@ class RewriteLinearToWeightGemm:
 
 def _same_array(array: np.ndarray, original) -> bool:
     original = np.asarray(original)
-    return array.dtype == original.dtype and array.shape == original.shape and np.array_equal(array, original)
+    if array.dtype != original.dtype or array.shape != original.shape:
+        return False
+    return bool(np.array_equal(array.view(np.uint8), np.ascontiguousarray(original).view(np.uint8)))  # bits
 
 
 def packed_param_name(weight: str, packed: PackedWeight, array_name: str) -> str:

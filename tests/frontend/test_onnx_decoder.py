@@ -71,3 +71,21 @@ def test_a_config_that_disagrees_with_the_graph_is_refused(exported, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelImportError, match="past_key_values inputs cover layers"):
         tensorpress.compile(folder / "model.onnx", tmp_path / "m.tpk", target="cpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_weights_torch_onnx_deduplicated_into_identities_are_found(arch, tmp_path):
+    """Freshly initialised (norms at 1, biases at 0): torch.onnx keeps one copy of equal initializers
+    and turns the others into Identity nodes that carry the duplicates' names."""
+    import onnx
+    import transformers as tf
+    from decoder_harness import hf_config
+
+    tf.AutoModelForCausalLM.from_config(hf_config(arch)).save_pretrained(tmp_path / "hf")
+    path = export_onnx_decoder(tmp_path / "hf", tmp_path / "onnx")
+    assert any(node.op_type == "Identity" for node in onnx.load(str(path)).graph.node)
+    report = tensorpress.compile(path, tmp_path / "m.tpk", target="cpu")
+    model = tensorpress.runtime.load(report.artifact)
+    prompt = [5, 17, 33, 9, 120]
+    _, want_first = onnxruntime_greedy(path, prompt, 1)
+    np.testing.assert_allclose(model.next_token_logits([prompt])[0], want_first, rtol=1e-4, atol=1e-4)

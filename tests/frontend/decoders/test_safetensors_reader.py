@@ -33,3 +33,21 @@ def test_a_corrupt_file_is_named(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ModelImportError, match="model.safetensors"):
         read_safetensors_folder(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, "declares shape"),  # 2 floats in 4 bytes
+        ([1, 2, 3], "not a JSON object"),
+        ({"w": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}, "dtype F8_E4M3"),
+    ],
+)
+def test_a_header_that_does_not_describe_its_data_is_named(tmp_path, header, match):
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    with pytest.raises(ModelImportError, match=match):
+        read_safetensors_folder(tmp_path)
