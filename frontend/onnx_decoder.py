@@ -64,10 +64,10 @@ def import_onnx_decoder(path: str | Path, dtype: str | None = None, **decoder_op
         )
     import onnx
 
-    proto = onnx.load(str(path))
+    graph = onnx.load(str(path), load_external_data=False).graph  # external weights stay on disk (mapped)
     config = read_decoder_config(path.parent)
-    _check_cache_signature(proto.graph, config, path)
-    weights = _weight_candidates(proto.graph)
+    _check_cache_signature(graph, config, path)
+    weights = _weight_candidates(graph, path.parent)
     float_types = {str(a.dtype) for a in weights.values() if a.dtype.kind == "f"}
     dtype = dtype or ("float32" if float_types <= {"float32"} else "float16")
 
@@ -109,10 +109,8 @@ def _check_cache_signature(graph, config, path: Path) -> None:
             )
 
 
-def _weight_candidates(graph) -> dict[str, np.ndarray]:
+def _weight_candidates(graph, folder: Path) -> dict[str, np.ndarray]:
     """{candidate dotted name: array}: initializers by name, linear weights and biases by node scope."""
-    from onnx import numpy_helper
-
     tensors = {t.name: t for t in graph.initializer}
     # torch.onnx keeps one copy of initializers with equal values and turns the others into
     # Identity(first): the Identity's output carries the duplicate's name (norms at 1, biases at 0).
@@ -125,7 +123,7 @@ def _weight_candidates(graph) -> dict[str, np.ndarray]:
     def array(name: str) -> np.ndarray:
         source = inits[name].name
         if source not in arrays:
-            arrays[source] = numpy_helper.to_array(inits[name])
+            arrays[source] = _tensor_array(inits[name], folder)
         return arrays[source]
 
     candidates = {name: array(name) for name in inits if not name.startswith("onnx::")}
@@ -152,6 +150,21 @@ def _weight_candidates(graph) -> dict[str, np.ndarray]:
             if len(biases) == 1:
                 candidates.setdefault(f"{scope}.bias", array(biases[0]))
     return candidates
+
+
+def _tensor_array(tensor, folder: Path) -> np.ndarray:
+    """An initializer's values; external data (models over 2 GB keep their weights in a side file) is
+    mapped from that file rather than read into memory."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    bf16 = tensor.data_type == TensorProto.BFLOAT16
+    dtype = np.dtype(np.uint16) if bf16 else helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(int(d) for d in tensor.dims)
+    array = np.memmap(folder / info["location"], dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
+    return (array.astype(np.uint32) << 16).view(np.float32) if bf16 else array
 
 
 def _constant_matrix(name: str, inits, producers, array) -> np.ndarray | None:

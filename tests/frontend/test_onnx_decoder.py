@@ -89,3 +89,21 @@ def test_weights_torch_onnx_deduplicated_into_identities_are_found(arch, tmp_pat
     prompt = [5, 17, 33, 9, 120]
     _, want_first = onnxruntime_greedy(path, prompt, 1)
     np.testing.assert_allclose(model.next_token_logits([prompt])[0], want_first, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_in_an_external_data_file_are_read(exported, tmp_path):
+    """Models over 2 GB keep their initializers in a side file (location / offset / length)."""
+    import onnx
+
+    folder = tmp_path / "external"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((exported.parent / "config.json").read_bytes())
+    onnx.save_model(
+        onnx.load(str(exported)), str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx_data",
+        size_threshold=0,
+    )  # fmt: skip
+    assert (folder / "model.onnx_data").stat().st_size > (folder / "model.onnx").stat().st_size
+    model = tensorpress.runtime.load(tensorpress.compile(folder / "model.onnx", tmp_path / "m.tpk").artifact)
+    prompt = [7, 8, 9]
+    _, want_first = onnxruntime_greedy(folder / "model.onnx", prompt, 1)
+    np.testing.assert_allclose(model.next_token_logits([prompt])[0], want_first, rtol=1e-4, atol=1e-4)
