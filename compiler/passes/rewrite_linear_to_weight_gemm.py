@@ -273,11 +273,17 @@ def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kern
     for d in lead:
         n = n * d
     has_bias = site.bias is not None
-    key = (stage_name, site.m, site.k, choice.act_dtype, has_bias, n_hint)
+    # A layer that widens its result (fp16 operands, float32 out) gets the kernel's fp32 sum itself,
+    # not a copy rounded through fp16; any other dtype change is a cast after the kernel.
+    kernel_out = "float32" if out_dtype == "float32" else choice.act_dtype
+    key = (stage_name, site.m, site.k, choice.act_dtype, kernel_out, has_bias, n_hint)
     if key not in kernels:
         stage = get_decode_stage(stage_name)
-        func = make_weight_gemm(stage, site.m, site.k, act_dtype=choice.act_dtype, with_bias=has_bias)
+        func = make_weight_gemm(
+            stage, site.m, site.k, act_dtype=choice.act_dtype, out_dtype=kernel_out, with_bias=has_bias
+        )
         name = f"weight_gemm_{stage_name}_{site.m}x{site.k}_{choice.act_dtype}" + ("_bias" if has_bias else "")
+        name += f"_out_{kernel_out}" if kernel_out != choice.act_dtype else ""
         name = f"{name}_n{n_hint}".replace("-", "_")
         func = func.with_attr("global_symbol", name).with_attr(N_HINT_ATTR, n_hint)
         kernels[key] = bb.add_func(func, name)
@@ -288,8 +294,8 @@ def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kern
     if has_bias:
         bias = match[pats[2]]
         args.append(relax.op.astype(bias, choice.act_dtype) if str(bias.ty.dtype) != choice.act_dtype else bias)
-    y = relax.call_tir(kernels[key], args, relax.TensorType([n, site.m], choice.act_dtype))
-    if out_dtype != choice.act_dtype:
+    y = relax.call_tir(kernels[key], args, relax.TensorType([n, site.m], kernel_out))
+    if out_dtype != kernel_out:
         y = relax.op.astype(y, out_dtype)
     return relax.op.reshape(y, [*lead, site.m]) if len(lead) != 1 else y
 

@@ -48,11 +48,13 @@ def test_cuda_fp16_artifact_stores_a_tied_head_once(tmp_path):
     assert sorted(weights) == ["head.weight", "mix.bias", "mix.weight"]
     np.testing.assert_array_equal(weights["head.weight"], model.tok.weight.detach().half().numpy())
     assert {layer["stored_format"] for layer in report.manifest["layers"]} == {"dense-fp16"}
+    # the head returns float32 logits: its Tensor Core GEMM writes its fp32 sums (replayed in the template tests)
+    assert any("_out_float32" in kernel for kernel in report.manifest["kernels"])
 
 
 def test_fp16_layer_that_widens_its_result_keeps_its_dtype(tmp_path):
-    """Compiled with dtype float16, the last matmul returns float32 (the model's output dtype): the
-    weight GEMM's fp16 result is cast back to it, and the numbers are torch's within fp16 rounding."""
+    """Compiled with dtype float16, the last matmul returns float32 (the model's output dtype), and the
+    numbers are torch's within fp16 rounding."""
     model, ids = _tied()
     report = tensorpress.compile(model, tmp_path / "t.tpk", example_inputs=(ids,), target="cpu", dtype="float16")
     (y,) = tensorpress.runtime.load(report.artifact).run([ids.numpy()])
@@ -60,6 +62,19 @@ def test_fp16_layer_that_widens_its_result_keeps_its_dtype(tmp_path):
     with torch.no_grad():
         want = model.half()(ids).float().numpy()
     np.testing.assert_allclose(y, want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_widening_layer_returns_its_fp32_sum_beyond_fp16_range(tmp_path):
+    """The widened result is the kernel's fp32 sum, not a copy rounded through fp16 (inf above 65504)."""
+    model, ids = _tied()
+    with torch.no_grad():
+        model.tok.weight.uniform_(200.0, 300.0)  # tied: the head's weights too; all logits ~1e6
+    report = tensorpress.compile(model, tmp_path / "t.tpk", example_inputs=(ids,), target="cpu", dtype="float16")
+    (y,) = tensorpress.runtime.load(report.artifact).run([ids.numpy()])
+    with torch.no_grad():
+        want = model.half().float()(ids).numpy()  # the fp16 weights, fp32 arithmetic
+    assert np.abs(want).min() > 65504 and np.isfinite(y).all()
+    np.testing.assert_allclose(y, want, rtol=1e-2)
 
 
 def test_fp6_keeps_a_head_tied_to_the_embeddings_dense_whatever_its_name(tmp_path):
