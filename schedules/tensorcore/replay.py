@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 
 import tvm
 import tvm_ffi
@@ -32,18 +33,21 @@ from tvm.tirx.compilation_pipeline import register_tir_pipeline
 REPLAY_PIPELINE = "tensorpress_replay"
 SCRATCH_SCOPES = ("shared", "shared.dyn", "warp", "local")
 THREAD_ANNOTATION = "tensorpress.replay_thread"
+CUDA_LOOP_PRAGMAS = ("pragma_unroll", "disable_unroll")  # nvcc's business
 
 
-def serialize_threads(mod: tvm.IRModule, seed: int | None = None) -> tvm.IRModule:
+def serialize_threads(mod: tvm.IRModule, seed: int | None = None, keep_order: Sequence[tirx.Var] = ()) -> tvm.IRModule:
     """Turn thread-bound loops into serial loops, in shuffled order unless `seed` is None.
 
-    Each loop keeps its thread tag as the annotation `tensorpress.replay_thread`. Unrolled loops
-    become plain serial loops too (same semantics, far shorter llvm builds).
+    Each loop keeps its thread tag as the annotation `tensorpress.replay_thread`. Loops over the
+    variables in `keep_order` keep their natural order (the KV replay's warp-reduction lanes, see
+    `kv_attention_replay.py`). Unrolled loops become plain serial loops too (same semantics, far
+    shorter llvm builds), and nvcc's loop pragmas are dropped (llvm would warn about them).
     """
     rng = random.Random(seed)
 
-    def permute(index: tirx.Var, extent: tirx.PrimExpr) -> tirx.PrimExpr:
-        if seed is None:
+    def permute(index: tirx.Var, extent: tirx.PrimExpr, old: tirx.Var) -> tirx.PrimExpr:
+        if seed is None or any(old.same_as(v) for v in keep_order):
             return index
         if isinstance(extent, tirx.IntImm):
             n = int(extent)
@@ -55,16 +59,18 @@ def serialize_threads(mod: tvm.IRModule, seed: int | None = None) -> tvm.IRModul
         return extent - 1 - index
 
     def serialize(loop: tirx.For) -> tirx.For:
-        if loop.kind == tirx.ForKind.UNROLLED:  # same semantics; unrolling only slows the llvm build
-            return tirx.For(
-                loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, None,
-                loop.annotations, loop.step, loop.span,
+        if loop.kind == tirx.ForKind.UNROLLED or any(k in loop.annotations for k in CUDA_LOOP_PRAGMAS):
+            annotations = {k: v for k, v in loop.annotations.items() if k not in CUDA_LOOP_PRAGMAS}
+            kind = tirx.ForKind.SERIAL if loop.kind == tirx.ForKind.UNROLLED else loop.kind
+            loop = tirx.For(
+                loop.loop_var, loop.min, loop.extent, kind, loop.body, loop.thread_binding, annotations,
+                loop.step, loop.span,
             )  # fmt: skip
         if loop.kind != tirx.ForKind.THREAD_BINDING:
             return loop
-        index = tirx.Var(loop.loop_var.name, loop.loop_var.ty)
-        order = permute(index, loop.extent)
         old = loop.loop_var
+        index = tirx.Var(old.name, old.ty)
+        order = permute(index, loop.extent, old)
         body = tvm_ffi.structural_map(loop.body, (tirx.Var, lambda v: order if v.same_as(old) else v))
         annotations = dict(loop.annotations)
         annotations[THREAD_ANNOTATION] = loop.thread_binding.thread_tag
