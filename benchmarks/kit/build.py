@@ -21,28 +21,7 @@ def bench_cases(layers: dict[str, tuple[int, int]], tokens, arch: str) -> tuple[
     few split-K values (the GPU run finds the best; the choice heuristic learns from it).
 
     Returns (cases, defaults) with defaults[layer][N] = the name of the untuned choice's kernel."""
-    from tensorpress.schedules.tensorcore.arch import arch_spec
-    from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, choose_config
-
-    spec = arch_spec(arch)
-    cases: dict[str, KernelCase] = {}
-    defaults: dict[str, dict[int, str]] = {}
-    for layer, (m, k) in layers.items():
-        defaults[layer] = {}
-        for n in tokens:
-            chosen = case("dense-fp16", m, k, choose_config(m, k, spec, n).to_dict())
-            cases[chosen.name] = chosen
-            defaults[layer][n] = chosen.name
-        for tile in SHIPPED_TILES:
-            if m % tile.block_m or tile.block_m == 16 and m >= 1024:
-                continue  # the 16-row tile is the small-M fallback
-            for split_k in SPLIT_CHOICES:
-                config = replace(tile, split_k=split_k)
-                if config.padded_k(k) // split_k < 2 * config.block_k:
-                    continue
-                explore = case("dense-fp16", m, k, config.to_dict())
-                cases[explore.name] = explore
-    return list(cases.values()), defaults
+    return _candidates("dense-fp16", layers, tokens, arch, SPLIT_CHOICES, decode_tiles_only=False)
 
 
 FPX_SPLIT_CHOICES = (1, 2, 4)
@@ -52,6 +31,12 @@ def fpx_bench_cases(fmt: str, layers: dict[str, tuple[int, int]], tokens, arch: 
     """FPx candidates per layer for the stage `fmt` (e3m2, ...): the untuned choice for every N, plus
     every decode-sized shipped tile (block_n 16) with a few split-K values. Returns (cases, defaults)
     like `bench_cases`."""
+    return _candidates(fmt, layers, tokens, arch, FPX_SPLIT_CHOICES, decode_tiles_only=True)
+
+
+def _candidates(
+    fmt: str, layers: dict[str, tuple[int, int]], tokens, arch: str, split_choices, decode_tiles_only: bool
+) -> tuple[list[KernelCase], dict]:
     from tensorpress.schedules.tensorcore.arch import arch_spec
     from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, choose_config
 
@@ -65,9 +50,11 @@ def fpx_bench_cases(fmt: str, layers: dict[str, tuple[int, int]], tokens, arch: 
             cases[chosen.name] = chosen
             defaults[layer][n] = chosen.name
         for tile in SHIPPED_TILES:
-            if tile.block_n != 16 or m % tile.block_m or tile.block_m == 16 and m >= 1024:
+            if decode_tiles_only and tile.block_n != 16:
                 continue
-            for split_k in FPX_SPLIT_CHOICES:
+            if m % tile.block_m or tile.block_m == 16 and m >= 1024:
+                continue  # the 16-row tile is the small-M fallback
+            for split_k in split_choices:
                 config = replace(tile, split_k=split_k)
                 if config.padded_k(k) // split_k < 2 * config.block_k:
                     continue
