@@ -163,3 +163,20 @@ def once_per_session(tmp_path_factory, key: str, compute: Callable[[], dict]) ->
             return result
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_tensor_core_kernels(kernels: list, config: TileConfig, arch: str):
+    """What every shipped weight-GEMM config must show in its SASS: one kernel (two with split-K: the
+    GEMM, then the fixed-order reduction), HMMA / LDSM / LDGSTS in the GEMM, nothing spilled or put on
+    the stack, at most 255 registers, shared memory within the arch's limit. Returns the GEMM's report."""
+    from tensorpress.schedules.tensorcore.arch import arch_spec
+
+    assert len(kernels) == (1 if config.split_k == 1 else 2), [k.name for k in kernels]
+    gemm = kernels[0]
+    assert gemm.sass["HMMA"] > 0 and gemm.sass["LDSM"] > 0 and gemm.sass["LDGSTS"] > 0, gemm.summary()
+    for kernel in kernels:
+        assert kernel.spill_bytes == 0 and kernel.stack_bytes == 0, kernel.summary()
+        assert kernel.sass["LDL"] == 0 and kernel.sass["STL"] == 0, kernel.summary()
+        assert kernel.registers <= 255
+    assert 0 < gemm.shared_bytes <= arch_spec(arch).shared_bytes_per_block, gemm.summary()
+    return gemm

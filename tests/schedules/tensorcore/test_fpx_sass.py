@@ -10,11 +10,10 @@ import re
 
 import pytest
 import tvm
-from tensorcore_cases import once_per_session
+from tensorcore_cases import check_tensor_core_kernels, once_per_session
 
 from tensorpress.compiler.formats import fpx, fpx_layout
 from tensorpress.compiler.formats.registry import get_weight_format
-from tensorpress.schedules.tensorcore.arch import arch_spec
 from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.tensorcore.inspection import CudaBuild, KernelReport, build_for_inspection, kernel_reports
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
@@ -80,14 +79,7 @@ def compiled(tmp_path_factory) -> Compiled:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
 def test_fpx_compiles_to_tensor_core_sass(arch, fmt, config, compiled):
-    kernels = compiled[arch][1][symbol(fmt, config)]
-    assert len(kernels) == (1 if config.split_k == 1 else 2), [k.name for k in kernels]
-    gemm = kernels[0]
-    assert gemm.sass["HMMA"] > 0 and gemm.sass["LDSM"] > 0 and gemm.sass["LDGSTS"] > 0, gemm.summary()
-    for kernel in kernels:
-        assert kernel.spill_bytes == 0 and kernel.stack_bytes == 0, kernel.summary()
-        assert kernel.sass["LDL"] == 0 and kernel.sass["STL"] == 0, kernel.summary()
-    assert 0 < gemm.shared_bytes <= arch_spec(arch).shared_bytes_per_block, gemm.summary()
+    gemm = check_tensor_core_kernels(compiled[arch][1][symbol(fmt, config)], config, arch)
     # packed planes + one decoded fp16 tile take no more than the dense model the tile heuristics use
     assert gemm.shared_bytes <= config.shared_bytes(), (gemm.shared_bytes, config.shared_bytes())
 

@@ -4,9 +4,8 @@ the SASS (HMMA, LDSM, LDGSTS), nothing spills or goes to the stack, shared memor
 from __future__ import annotations
 
 import pytest
-from tensorcore_cases import once_per_session
+from tensorcore_cases import check_tensor_core_kernels, once_per_session
 
-from tensorpress.schedules.tensorcore.arch import arch_spec
 from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.tensorcore.inspection import (
     CudaBuild,
@@ -59,16 +58,7 @@ def reports(tmp_path_factory) -> dict[str, dict[str, list[KernelReport]]]:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
 def test_shipped_config_compiles_to_tensor_core_sass(arch, config, reports):
-    kernels = reports[arch][config.label()]
-    assert len(kernels) == (1 if config.split_k == 1 else 2), [k.name for k in kernels]
-    gemm = kernels[0]
-    assert gemm.sass["HMMA"] > 0 and gemm.sass["LDSM"] > 0 and gemm.sass["LDGSTS"] > 0, gemm.summary()
-    for kernel in kernels:
-        assert kernel.spill_bytes == 0 and kernel.stack_bytes == 0, kernel.summary()
-        assert kernel.sass["LDL"] == 0 and kernel.sass["STL"] == 0, kernel.summary()
-        assert kernel.registers <= 255
-    spec = arch_spec(arch)
-    assert 0 < gemm.shared_bytes <= spec.shared_bytes_per_block, gemm.summary()
+    gemm = check_tensor_core_kernels(reports[arch][config.label()], config, arch)
     # the config's own estimate (what validate() and the heuristics use) is not optimistic
     assert gemm.dynamic_shared_bytes <= config.shared_bytes(), (gemm.dynamic_shared_bytes, config.shared_bytes())
 
