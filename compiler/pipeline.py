@@ -11,6 +11,7 @@ write_artifact(out, library, imported.params, manifest)   (store_weights=False: 
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from tensorpress.compiler.targets import CPU_REQUIRED_FLAGS, TargetSpec
 from tensorpress.compiler.weight_plan import LayerPlan, WeightRecipe, plan_weights
 from tensorpress.frontend.imported_model import ImportedModel
 
+log = logging.getLogger("tensorpress.compile")  # a line per stage (see tensorpress.compiler.api)
+
 
 @dataclass
 class CompileReport:
@@ -50,16 +53,20 @@ def compile_imported(
     recipe_as_written: dict[str, Any],
     timings: dict[str, float] | None = None,
     store_weights: bool = True,
+    record_time: bool = False,
 ) -> CompileReport:
     """Everything after the import: plan, rewrite, build, write `output` atomically.
 
     store_weights=False writes no weight values (their names, shapes and dtypes only); weights of one
-    shape are then packed once and shared, since only the packed shapes matter."""
+    shape are then packed once and shared, since only the packed shapes matter. record_time writes the
+    compile's time into the manifest (see `write_artifact`; by default none, so artifacts reproduce)."""
     seconds = dict(timings or {})
     start = time.perf_counter()
     imported = drop_unused_weights(imported)
     sites = find_linear_sites(imported.mod)
     plans, choices = plan_weights(sites, recipe, target)
+    if sites:
+        log.info("packing the weights of %d linear layers (%s)", len(sites), recipe.format or "dense")
     packed: dict[str, PackedWeight] = {}
     packed_by_shape: dict[tuple, PackedWeight] = {}
 
@@ -77,16 +84,24 @@ def compile_imported(
     rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
     seconds["rewrite"] = time.perf_counter() - start
     with build_folder() as tmp:
+        log.info("building the kernels for %s", target.name)
         build = build_library(rewritten.mod, target, tmp / "library.so")
         seconds["build"] = build.seconds
         manifest = _manifest(rewritten, target, plans, packed, recipe_as_written, build.kernels)
         manifest["weights"]["stored"] = store_weights
         start = time.perf_counter()
+        log.info("writing %s", output)
         from tensorpress.compiler.artifact_writer import write_artifact
 
         extra = rewritten.info.get("extra_files", {})
         manifest = write_artifact(
-            output, build.library, rewritten.params, manifest, extra_files=extra, store_weights=store_weights
+            output,
+            build.library,
+            rewritten.params,
+            manifest,
+            extra_files=extra,
+            store_weights=store_weights,
+            record_time=record_time,
         )
         seconds["write"] = time.perf_counter() - start
     return CompileReport(Path(output), manifest, seconds)
@@ -128,7 +143,6 @@ def _manifest(
     weight_bytes = int(sum(np.asarray(v).nbytes for v in model.params.values()))
     return {
         "kind": model.kind,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": compiler_versions(),
         "built_on": {"python": platform.python_version(), "machine": platform.machine()},
         "source": model.source,

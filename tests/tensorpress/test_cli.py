@@ -204,7 +204,7 @@ COMPILE_STOPPED_INSIDE_THE_WRITE = """
 import sys, time, zipfile
 write_member = zipfile.ZipFile.writestr
 def stop_before_the_manifest(self, name, data, *args, **kwargs):
-    if name == "manifest.json":
+    if getattr(name, "filename", name) == "manifest.json":  # a name or a ZipInfo
         self.fp.flush()
         print("writing", self.fp.tell(), flush=True)
         time.sleep(120)
