@@ -24,12 +24,17 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tensorpress.compiler.build_folder import LOCK_FILE, owned_folder
 from tensorpress.errors import ConfigError, TensorpressError
 from tensorpress.runtime.artifact import EXTRA_FILES_DIR, open_artifact
+from tensorpress.runtime.atomic_file import check_destination
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding compiler/, runtime/, tensorpress/
 # Build-time parts of tvm_ffi (headers, sources, the C++ JIT helpers) that a runtime never loads.
 TVM_FFI_SKIP = {"include", "src", "3rdparty", "cython", "cmake", "share", "__pycache__", "stub"}
+# The bundle is staged beside its destination (one rename puts it in place) in a folder named after the
+# packaging process: a killed `package` leaves it, and the next one removes it (see build_folder.py).
+STAGING_PREFIX = ".tensorpress-package-"
 
 RUN_SCRIPT = '''#!/usr/bin/env python3
 """Run the bundled artifact with the bundled runtime (no TVM install needed).
@@ -69,16 +74,17 @@ class RuntimeBundle:
 def make_runtime_bundle(
     artifact: str | os.PathLike, output: str | os.PathLike, python_version: str | None = None
 ) -> RuntimeBundle:
-    """Write the bundle folder for `artifact`. Built in a temporary folder and renamed into place."""
+    """Write the bundle folder for `artifact`. Built in a staging folder beside it and renamed into place:
+    `output` appears whole or not at all, and a killed run's staging folder goes at the next run."""
     opened = open_artifact(artifact)
     output = Path(output)
     if output.exists():
         raise ConfigError(f"{output} already exists; choose a new folder for the bundle.")
+    check_destination(output, "bundle folder")
     cuda = opened.manifest["target"]["kind"] == "cuda"
     python_version = python_version or _this_python()
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with owned_folder(output.parent, STAGING_PREFIX) as staging:
         shutil.copyfile(artifact, staging / "model.tpk")
         has_tokenizer = any(part.startswith(EXTRA_FILES_DIR + "tokenizer") for part in opened.manifest["parts"])
         write_runtime_files(staging, cuda, python_version, with_tokenizer=has_tokenizer)
@@ -89,10 +95,8 @@ def make_runtime_bundle(
             + (", and an NVIDIA driver for CUDA 13." if cuda else ".")
             + "\nRun: python3 run.py --help\n"
         )
+        (staging / LOCK_FILE).unlink()  # the lock holds through its open file until the block ends
         os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     return RuntimeBundle(output, size)
 

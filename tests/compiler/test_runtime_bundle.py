@@ -1,9 +1,13 @@
-"""`tensorpress package`: the bundle runs in a fresh virtual environment that has numpy and nothing else."""
+"""`tensorpress package`: the bundle runs in a fresh virtual environment that has numpy and nothing else;
+a killed `package` leaves no bundle, and its staging folder goes at the next run."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -11,7 +15,7 @@ import pytest
 from reference_models import export_onnx
 
 import tensorpress
-from tensorpress.compiler.runtime_bundle import make_runtime_bundle
+from tensorpress.compiler.runtime_bundle import STAGING_PREFIX, make_runtime_bundle
 from tensorpress.errors import ConfigError
 
 
@@ -70,3 +74,62 @@ def test_decoder_bundle_generates_text_without_tvm(numpy_only_python, tmp_path):
     want = tensorpress.runtime.load(artifact).generate(prompt, max_new_tokens=12)
     assert [int(t) for t in ids_line.split(",")] == want
     assert "".join(text).strip()
+
+
+# `tensorpress package` stopped once the runtime files are staged (the parent then SIGKILLs it).
+PACKAGE_STOPPED_WHILE_STAGING = """
+import sys, time
+from tensorpress.compiler import runtime_bundle
+write = runtime_bundle.write_runtime_files
+def write_then_wait(dest, *args, **kwargs):
+    write(dest, *args, **kwargs)
+    print("staged", dest, flush=True)
+    time.sleep(120)
+runtime_bundle.write_runtime_files = write_then_wait
+from tensorpress.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_package_leaves_no_bundle_and_the_next_run_removes_its_staging(tmp_path):
+    artifact = tensorpress.compile(export_onnx("mlp", tmp_path), tmp_path / "mlp.tpk").artifact
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PACKAGE_STOPPED_WHILE_STAGING, "package", str(artifact), "-o", str(out / "bundle")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()  # blocks until the runtime files are staged
+        assert line[:1] == ["staged"], proc.communicate()[1]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    (staging,) = out.iterdir()  # the kill skipped every clean-up: the staging folder, and no bundle
+    assert str(staging) == line[1] and staging.name.startswith(f"{STAGING_PREFIX}{proc.pid}-")
+    assert sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()) > 1e6
+    bundle = make_runtime_bundle(artifact, out / "bundle")
+    assert [p.name for p in out.iterdir()] == ["bundle"]
+    assert (bundle.folder / "run.py").is_file() and not list(bundle.folder.glob(".in-use"))
+
+
+def test_a_live_package_keeps_its_staging_folder(tmp_path):
+    """Another `package` in the same folder, still running (its pid alive, its lock held), is left alone."""
+    artifact = tensorpress.compile(export_onnx("mlp", tmp_path), tmp_path / "mlp.tpk").artifact
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PACKAGE_STOPPED_WHILE_STAGING, "package", str(artifact), "-o", str(out / "first")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["staged"], proc.communicate()[1]
+        make_runtime_bundle(artifact, out / "second")
+        assert sorted(p.name for p in out.iterdir()) == sorted(["second", Path(line[1]).name])
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
