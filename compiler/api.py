@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tensorpress.compiler.artifact_writer import build_time
 from tensorpress.compiler.configs import FPxConfig, KVCacheConfig, SparseConfig
 from tensorpress.compiler.formats.registry import get_weight_format
+from tensorpress.compiler.input_shapes import check_input_shapes
 from tensorpress.compiler.pipeline import CompileReport, compile_imported
 from tensorpress.compiler.targets import parse_target
+from tensorpress.compiler.tvm_log import tvm_log_routed
 from tensorpress.compiler.weight_plan import WeightRecipe
 from tensorpress.errors import ConfigError
+from tensorpress.runtime.atomic_file import check_destination
 
 DTYPES = ("float32", "float16")
+log = logging.getLogger("tensorpress.compile")  # one INFO line per stage; `tensorpress compile` shows them
 
 
 def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, ...)
@@ -33,6 +39,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     input_shapes: dict[str, list[int | str]] | None = None,
     tracer: str = "export",
     store_weights: bool = True,
+    record_time: bool = False,
     **import_options: Any,
 ) -> CompileReport:
     """Compile `model` into one artifact file at `output`.
@@ -51,11 +58,20 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         library alone, e.g. to carry a 7B-shaped model where 13 GB cannot go); they are given at load
         time, `tensorpress.runtime.load(path, weights={name: array})`. A Hugging Face decoder folder
         may then hold config.json alone.
+    input_shapes: ONNX graphs only, {input name: dims}, each dim a size >= 1 or a symbolic name; a
+        size the graph fixes cannot change.
+    record_time: write the compile's date and time into the manifest. By default none is written and
+        every zip member carries one fixed date, so the same model and options give the same bytes
+        (SOURCE_DATE_EPOCH, where set, is the time recorded).
+    Every option and the output path are checked before any work starts. Each stage logs a line (INFO,
+    logger "tensorpress.compile"); TVM's own log lines go to the "tensorpress.tvm" logger (DEBUG).
     Returns a CompileReport (artifact path, manifest, seconds per stage).
     """
     from tensorpress.frontend import import_model
 
     target_spec = parse_target(target)
+    check_destination(output, "artifact")
+    build_time(record_time)  # a malformed SOURCE_DATE_EPOCH fails now, not after the build
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
     recipe, as_written = _recipe(weights, skip, scale_search)
@@ -63,22 +79,34 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         raise ConfigError("sparse weights are not implemented yet (SparseConfig is accepted but not compiled).")
     if kv_cache is not None and kv_cache.format != "fp16":
         raise ConfigError(f"the {kv_cache.format} KV cache is not implemented yet; use KVCacheConfig('fp16').")
+    if input_shapes is not None:
+        if _is_onnx_decoder(model) or _is_decoder_folder(model):
+            raise ConfigError("decoders take no input shapes; their prompts and KV cache size themselves at run time.")
+        check_input_shapes(input_shapes, model)
     if dtype is None and target_spec.kind == "cuda" and (_is_decoder_folder(model) or _is_onnx_decoder(model)):
         dtype = "float16"  # LLMs on GPUs run in fp16 (the Tensor Core GEMMs take fp16 activations)
     if not store_weights and _is_decoder_folder(model) and not list(Path(model).glob("*.safetensors")):
         import_options["shapes_only"] = True  # config.json alone: zero stand-ins, nothing to read
-    start = time.perf_counter()
-    imported = import_model(
-        model,
-        example_inputs=example_inputs,
-        input_shapes=input_shapes,
-        dtype=dtype,
-        tracer=tracer,
-        **import_options,
-    )
-    timings = {"import": time.perf_counter() - start}
-    as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
-    return compile_imported(imported, Path(output), target_spec, recipe, as_written, timings, store_weights)
+    with tvm_log_routed():
+        log.info("importing %s", _described(model))
+        start = time.perf_counter()
+        imported = import_model(
+            model,
+            example_inputs=example_inputs,
+            input_shapes=input_shapes,
+            dtype=dtype,
+            tracer=tracer,
+            **import_options,
+        )
+        timings = {"import": time.perf_counter() - start}
+        as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
+        return compile_imported(
+            imported, Path(output), target_spec, recipe, as_written, timings, store_weights, record_time=record_time
+        )
+
+
+def _described(model: Any) -> str:
+    return str(model) if isinstance(model, (str, os.PathLike)) else f"a {type(model).__name__}"
 
 
 def _is_onnx_decoder(model: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Compile targets as users name them (`cpu`, `cuda`, `cuda:sm_80`, `cuda:sm_90a`) and as TVM needs them."""
+"""Compile targets as users name them (`cpu`, `cuda`, `cuda:sm_XX`, see TARGET_CHOICES) and as TVM needs them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from tensorpress.errors import ConfigError
 CPU_MCPU = "x86-64-v3"
 CPU_REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")
-TARGET_CHOICES = ("cpu", "cuda", "cuda:sm_80", "cuda:sm_90a")
+# Every name `parse_target` takes (and `llvm` for cpu); the CLI's --target help and the errors list these.
+TARGET_CHOICES = ("cpu", "cuda", *(f"cuda:{arch}" for arch in CUDA_ARCHS))
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _llvm_host(num_cores: int | None = None):
 
 
 def parse_target(text: str) -> TargetSpec:
-    """`cpu`, `cuda` (the visible GPU's arch, else sm_80), or `cuda:sm_XX`."""
+    """`cpu`, `cuda` (the visible GPU's arch, else sm_80), or `cuda:sm_XX` (one of CUDA_ARCHS)."""
     text = text.strip().lower()
     if text in ("cpu", "llvm"):
         return TargetSpec("cpu")

@@ -49,6 +49,7 @@ def main() -> int:
     import numpy as np
 
     import tensorpress
+    from tensorpress.runtime.inspect_artifact import size_vs_fp16
 
     target, device = pick_target(args.device)
     print(f"tensorpress {tensorpress.__version__}: demo on {device} (target {target}), model {MODEL}")
@@ -56,6 +57,7 @@ def main() -> int:
     builds = {}
     for label, weights in (("dense", None), (args.weights, args.weights)):
         path = OUT / f"tiny_llama_{label}_{target.replace(':', '_')}.tpk"
+        print(f"  compiling {label} for {target} ...", flush=True)
         start = time.perf_counter()
         report = tensorpress.compile(MODEL, path, target=target, weights=weights)
         layers = report.manifest["layers"]
@@ -65,7 +67,7 @@ def main() -> int:
         print(
             f"  compiled {label:>5}: {path.relative_to(HERE.parent)} ({path.stat().st_size / 1e6:.2f} MB) in "
             f"{time.perf_counter() - start:.1f} s; {len(layers)} linear layers ({', '.join(formats)}) hold "
-            f"{stored / 1e6:.2f} MB ({stored / fp16:.2f}x their fp16 size)"
+            f"{stored / 1e6:.2f} MB ({size_vs_fp16(stored, fp16)})"
         )
         builds[label] = path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import textwrap
 
@@ -21,7 +22,8 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
     lines = [
         f"{artifact.path}: tensorpress artifact v{m['format_version']} ({m.get('kind', 'graph')})",
         f"  built by tensorpress {m['versions']['tensorpress']}, TVM {m['versions']['tvm']} "
-        f"on {m['created']} from {m.get('source', '?')}",
+        + (f"on {m['created']} " if m.get("created") else "")
+        + f"from {m.get('source', '?')}",
         f"  target: {target['kind']}{':' + target['arch'] if target.get('arch') else ''}, "
         f"dtype {m.get('recipe', {}).get('dtype', '?')}, weights {_recipe_words(m.get('recipe', {}))}",
         "  parts: " + ", ".join(f"{name} {p['bytes'] / 1e6:.2f} MB" for name, p in m["parts"].items()),
@@ -32,7 +34,7 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
         lines.append(f"  function {name}: {fn['num_input']} inputs, {len(fn['params'])} weights")
     layers = m.get("layers", [])
     if layers:
-        width = max(len(layer["weight"]) for layer in layers)
+        width = max(len("weight"), *(len(layer["weight"]) for layer in layers))
         formats = [_format_shown(layer) for layer in layers]
         fwidth = max(11, *(len(f) for f in formats))
         lines.append(f"  linear layers ({len(layers)}):")
@@ -46,14 +48,38 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
                 f"    {layer['weight'].ljust(width)}  {shape:>12}  {shown.ljust(fwidth)} "
                 f"{_size(layer['stored_bytes']):>10} {_size(layer['fp16_bytes']):>10}  {saved:6.1%}"
                 + (f"  ({layer['reason']})" if layer["reason"] not in ("compressed", "dense") else "")
+                + _padding_note(layer)
             )
         stored = sum(layer["stored_bytes"] for layer in layers)
         fp16 = sum(layer["fp16_bytes"] for layer in layers)
-        lines.append(
-            f"    total: {_size(stored)} stored vs {_size(fp16)} as fp16 ({fp16 / max(stored, 1):.2f}x smaller)"
-        )
+        lines.append(f"    total: {_size(stored)} stored vs {_size(fp16)} as fp16 ({size_vs_fp16(stored, fp16)})")
     lines += _function_lines(artifact)
     return "\n".join(lines)
+
+
+def size_vs_fp16(stored: int, fp16: int) -> str:
+    """Stored bytes against the same weights in fp16, in words that read right either way ("3.20x
+    smaller than fp16", "2.00x the fp16 size" for float32 weights)."""
+    if stored <= 0 or fp16 <= 0:
+        return "no weights"
+    if stored < fp16:
+        return f"{fp16 / stored:.2f}x smaller than fp16"
+    return "the fp16 size" if stored == fp16 else f"{stored / fp16:.2f}x the fp16 size"
+
+
+def _padding_note(layer: dict) -> str:
+    """For an FPx layer whose codes are stored for more K than it has (the Tensor Core layout pads K to
+    a multiple of 128 with zero codes), say so: worked out from its stored bytes, one fp16 scale per
+    output row plus M x Kp codes of 1 + e + m bits."""
+    match = re.fullmatch(r"e(\d)m(\d)", str(layer.get("stored_format")))
+    if not match:
+        return ""
+    m, k = layer["shape"]
+    bits = 1 + int(match.group(1)) + int(match.group(2))
+    padded_k = (layer["stored_bytes"] - 2 * m) * 8 // (m * bits)
+    if padded_k <= k:
+        return ""
+    return f"  (K {k} stored padded to {padded_k}: {1 - k / padded_k:.0%} of its codes are zero padding)"
 
 
 def _function_lines(artifact: ArtifactFile) -> list[str]:

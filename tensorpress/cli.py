@@ -1,24 +1,28 @@
 """`tensorpress` command line: compile, run, inspect, package, generate.
 
 Start-up stays under a second: only argparse is imported here; each command imports what it needs.
-A `TensorpressError` is printed as one line (`error: ...`) with exit status 1; warnings as `warning: ...`.
+A `TensorpressError` is printed as one line (`error: ...`) with exit status 1; warnings as `warning: ...`
+(other libraries' deprecation notices are for their developers and stay hidden). Output cut short by its
+reader (`tensorpress inspect m.tpk | head`) ends quietly with status 141, as `cat` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
 
-TARGET_CHOICES = ("cpu", "cuda", "cuda:sm_80", "cuda:sm_90a")
-
 
 def _compile(args: argparse.Namespace) -> int:
     import tensorpress
+    from tensorpress.runtime.inspect_artifact import size_vs_fp16
 
     shapes = dict(_parse_shape(s) for s in args.input_shape or [])
+    _show_stages()
     report = tensorpress.compile(
         args.model,
         args.output,
@@ -28,6 +32,7 @@ def _compile(args: argparse.Namespace) -> int:
         skip=args.skip or (),
         scale_search=args.scale_search,
         input_shapes=shapes or None,
+        record_time=args.record_time,
     )
     manifest = report.manifest
     layers = manifest["layers"]
@@ -39,9 +44,18 @@ def _compile(args: argparse.Namespace) -> int:
         formats = sorted({layer["format"] for layer in layers})
         print(
             f"  {len(layers)} linear layers ({', '.join(formats)}): {stored / 1e6:.2f} MB stored, "
-            f"{fp16 / 1e6:.2f} MB as fp16 ({fp16 / max(stored, 1):.2f}x smaller)"
+            f"{fp16 / 1e6:.2f} MB as fp16 ({size_vs_fp16(stored, fp16)})"
         )
     return 0
+
+
+def _show_stages() -> None:
+    """The compile's stage lines (`importing ...`, `building ...`) on stderr as they start."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s ..."))
+    stages = logging.getLogger("tensorpress.compile")
+    stages.addHandler(handler)
+    stages.setLevel(logging.INFO)
 
 
 def _parse_shape(text: str) -> tuple[str, list[int | str]]:
@@ -50,7 +64,15 @@ def _parse_shape(text: str) -> tuple[str, list[int | str]]:
     name, _, dims = text.partition("=")
     if not name or not dims:
         raise ConfigError(f"--input-shape {text!r} must look like name=1,128 (a name, '=', comma-separated dims).")
-    return name, [int(d) if d.strip().isdigit() else d.strip() for d in dims.split(",")]
+    return name, [_dim(d.strip()) for d in dims.split(",")]
+
+
+def _dim(text: str) -> int | str:
+    """A size (an int, negative ones included, for the API's check to refuse) or a symbolic name."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -99,38 +121,54 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import tensorpress
+
     parser = argparse.ArgumentParser(
         prog="tensorpress",
         description="Compile models with compressed weights for Tensor Cores, and run them.",
     )
+    parser.add_argument("--version", action="version", version=f"tensorpress {tensorpress.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile a model (.onnx, .pt2, Hugging Face folder) into one artifact")
     p.add_argument("model", help="an .onnx file, a .pt2 file (torch.export.save) or a Hugging Face folder")
     p.add_argument("-o", "--output", required=True, help="artifact file to write (.tpk)")
-    p.add_argument("--target", default="cpu", help=f"one of {', '.join(TARGET_CHOICES)} (default cpu)")
-    p.add_argument("--dtype", choices=("float32", "float16"), help="activation dtype (default: fp16 on CUDA)")
+    p.add_argument("--target", default="cpu", help=f"one of {', '.join(_target_choices())} (default cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        help="activation dtype (default: the model's own, except decoders on CUDA, which run float16; "
+        "ONNX graphs keep the dtype they were exported in; on CUDA, linear layers use fp16 Tensor Cores either way)",
+    )
     p.add_argument("--weights", help="weight format: fp6, fp6_e2m3, fp5, fp4, fp6-auto, eXmY (default dense)")
     p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
     p.add_argument("--scale-search", choices=("absmax", "mse"), help="FPx scale search (default absmax)")
-    p.add_argument("--input-shape", action="append", help="override an input shape: name=1,128 (repeatable)")
+    p.add_argument(
+        "--input-shape", action="append", help="ONNX graphs: override an input shape, name=1,128 (repeatable)"
+    )
+    p.add_argument(
+        "--record-time",
+        action="store_true",
+        help="write the compile's date and time into the artifact (by default none: the same model and "
+        "options give the same bytes; SOURCE_DATE_EPOCH, where set, is the time recorded)",
+    )
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("run", help="run a graph artifact on inputs from an .npz file")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="a .tpk file compiled from a graph model (decoders: use generate)")
     p.add_argument("--inputs", required=True, help=".npz with one array per model input, by name")
     p.add_argument("--output", required=True, help=".npz to write the outputs to")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("inspect", help="show an artifact's manifest, layers and sizes")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="a .tpk file")
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the parts")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("package", help="make a self-contained runtime bundle (no TVM needed where it runs)")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="the .tpk file to bundle")
     p.add_argument("-o", "--output", required=True, help="folder to create")
     p.add_argument("--python-version", help="Python of the machine it runs on, e.g. 3.12 (default: this one)")
     p.set_defaults(func=_package)
@@ -141,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(p)
     p.set_defaults(func=_generate)
     return parser
+
+
+def _target_choices() -> tuple[str, ...]:
+    try:
+        from tensorpress.compiler.targets import TARGET_CHOICES
+    except ImportError:  # the runtime bundle ships no compiler (its compile command cannot run anyway)
+        return ("cpu", "cuda")
+    return TARGET_CHOICES
 
 
 def _raise_on_sigterm(signum, frame):  # pragma: no cover - exercised by a subprocess test
@@ -158,8 +204,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: {message}", file=sys.stderr)
 
     warnings.showwarning = show_warning
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader gone away shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader stopped reading (`| head`): end quietly, as cat does; stdout goes to /dev/null so
+        # that the interpreter's own flush at exit finds nothing to complain about.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except TensorpressError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -238,3 +238,33 @@ def test_compile_killed_while_writing_the_artifact_leaves_nothing(mlp, tmp_path)
         proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert list(out_dir.iterdir()) == []
+
+
+def test_version():
+    import tensorpress
+
+    result = tp("--version")
+    assert result.returncode == 0 and result.stdout == f"tensorpress {tensorpress.__version__}\n"
+
+
+def test_every_positional_argument_has_help():
+    import argparse
+
+    from tensorpress.cli import build_parser
+
+    (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for command, parser in subparsers.choices.items():
+        positionals = [a for a in parser._actions if not a.option_strings]
+        assert positionals and all(a.help for a in positionals), command
+
+
+def test_target_help_lists_every_target_the_compiler_takes():
+    from tensorpress.compiler.targets import CUDA_ARCHS, parse_target
+    from tensorpress.errors import ConfigError
+
+    help_text = " ".join(tp("compile", "--help").stdout.split())
+    with pytest.raises(ConfigError) as err:
+        parse_target("tpu")
+    listed = str(err.value).split("use one of ", 1)[1].rstrip(".").split(", ")
+    assert all(f"cuda:{arch}" in listed for arch in CUDA_ARCHS)
+    assert f"one of {', '.join(listed)} (default cpu)" in help_text
