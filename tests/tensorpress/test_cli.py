@@ -268,3 +268,24 @@ def test_target_help_lists_every_target_the_compiler_takes():
     listed = str(err.value).split("use one of ", 1)[1].rstrip(".").split(", ")
     assert all(f"cuda:{arch}" in listed for arch in CUDA_ARCHS)
     assert f"one of {', '.join(listed)} (default cpu)" in help_text
+
+
+def test_only_our_warnings_are_shown(monkeypatch, capsys, tmp_path):
+    """A library's deprecation notice (torch.export's FutureWarning on every .pt2 compile) is for its
+    developers; a warning of ours is one `warning:` line."""
+    import warnings
+
+    from tensorpress import cli
+    from tensorpress.runtime import inspect_artifact
+
+    def describe(*args, **kwargs):
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("old API", DeprecationWarning, stacklevel=1)
+        warnings.warn("fc1.weight [128x64] stays dense", UserWarning, stacklevel=1)
+        return "described"
+
+    monkeypatch.setattr(inspect_artifact, "describe_artifact", describe)
+    with warnings.catch_warnings():
+        assert cli.main(["inspect", str(tmp_path / "m.tpk")]) == 0
+    out, err = capsys.readouterr()
+    assert out == "described\n" and err == "warning: fc1.weight [128x64] stays dense\n"
