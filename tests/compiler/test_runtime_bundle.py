@@ -55,6 +55,15 @@ def test_bundle_refuses_an_existing_folder(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="already exists"):
         make_runtime_bundle(artifact, tmp_path / "taken")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"file is a file, not a folder; choose another bundle folder\.$"):
+        make_runtime_bundle(artifact, tmp_path / "file" / "bundle")
+    unwritable = Path("/sys")  # sysfs takes no new files, even from root (who ignores file modes)
+    if os.geteuid() != 0:
+        unwritable = tmp_path / "taken"
+        unwritable.chmod(0o555)
+    with pytest.raises(ConfigError, match=r"is not writable \(permission denied\); choose another bundle folder\.$"):
+        make_runtime_bundle(artifact, unwritable / "bundle")
 
 
 def test_decoder_bundle_generates_text_without_tvm(numpy_only_python, tmp_path):
