@@ -51,11 +51,17 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _show_stages() -> None:
     """The compile's stage lines (`importing ...`, `building ...`) on stderr as they start."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s ..."))
     stages = logging.getLogger("tensorpress.compile")
-    stages.addHandler(handler)
     stages.setLevel(logging.INFO)
+    if not any(isinstance(h, _StageLines) for h in stages.handlers):  # once per process
+        stages.addHandler(_StageLines())
+
+
+class _StageLines(logging.Handler):
+    """`<message> ...` on sys.stderr as it is when the line is written (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.getMessage()} ...", file=sys.stderr, flush=True)
 
 
 def _parse_shape(text: str) -> tuple[str, list[int | str]]:
@@ -137,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=("float32", "float16"),
-        help="activation dtype (default: the model's own, except decoders on CUDA, which run float16; "
-        "ONNX graphs keep the dtype they were exported in; on CUDA, linear layers use fp16 Tensor Cores either way)",
+        help="activation dtype (default: graph models keep their own dtype, and ONNX graphs can only; decoders "
+        "run float16 on CUDA and float32 on the CPU; on CUDA, linear layers use fp16 Tensor Cores either way)",
     )
     p.add_argument("--weights", help="weight format: fp6, fp6_e2m3, fp5, fp4, fp6-auto, eXmY (default dense)")
     p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
