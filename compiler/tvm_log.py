@@ -38,8 +38,12 @@ def tvm_log_routed() -> Iterator[None]:
         yield
         return
     try:
-        sys.stderr.flush()
-        stderr_copy = os.dup(2)
+        _flush_stderr()
+        try:
+            stderr_copy = os.dup(2)
+        except OSError:  # no fd 2 at all: nothing to route
+            yield
+            return
         read_end, write_end = os.pipe()
         os.dup2(write_end, 2)
         os.close(write_end)
@@ -49,7 +53,7 @@ def tvm_log_routed() -> Iterator[None]:
         try:
             yield
         finally:
-            sys.stderr.flush()
+            _flush_stderr()
             os.dup2(stderr_copy, 2)  # the pipe's last write end closes: the forwarder reads to the end
             forwarder.join(timeout=10)
             os.close(stderr_copy)
@@ -57,6 +61,12 @@ def tvm_log_routed() -> Iterator[None]:
                 log.debug("%s", line)
     finally:
         _routing.release()
+
+
+def _flush_stderr() -> None:
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
 
 
 def _forward(read_end: int, stderr_fd: int, held: list[str]) -> None:
