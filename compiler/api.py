@@ -70,7 +70,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     from tensorpress.frontend import import_model
 
     target_spec = parse_target(target)
-    check_destination(output, "artifact")
+    check_destination(output, "artifact", example="model.tpk")
     build_time(record_time)  # a malformed SOURCE_DATE_EPOCH fails now, not after the build
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")

@@ -20,12 +20,14 @@ from typing import Any
 from tensorpress.errors import ConfigError
 
 
-def check_destination(path: str | os.PathLike, what: str = "output file") -> Path:
+def check_destination(path: str | os.PathLike, what: str = "output file", example: str | None = None) -> Path:
     """Raise ConfigError unless a file can be written at `path` (missing folders on the way count as
-    creatable, but are not created). Writes nothing: the probe is an unnamed temporary file."""
+    creatable, but are not created); `what` names it in the message, `example` is a file name to suggest
+    when `path` is a directory. Writes nothing: the probe is an unnamed temporary file."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"{path} is a directory; give the {what} a file name, e.g. {path / 'model.tpk'}.")
+        suggestion = f", e.g. {path / example}" if example else ""
+        raise ConfigError(f"{path} is a directory; give the {what} a file name{suggestion}.")
     folder = path.parent if str(path.parent) else Path(".")
     existing = folder
     while not existing.exists() and existing != existing.parent:

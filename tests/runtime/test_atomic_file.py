@@ -100,7 +100,7 @@ def unwritable_folder(tmp_path):
 def test_a_directory_as_destination_is_refused_and_nothing_is_left(writer, tmp_path):
     (tmp_path / "out").mkdir()
     with (
-        pytest.raises(ConfigError, match=r"out is a directory; give the output file a file name"),
+        pytest.raises(ConfigError, match=r"out is a directory; give the output file a file name\.$"),
         writer(tmp_path / "out") as f,
     ):
         f.write(b"x" * 1000)
