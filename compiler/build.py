@@ -54,6 +54,7 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     from tvm.s_tir import dlight as dl
 
     from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
+    from tensorpress.compiler.passes.legalize_sign_keeping_nan import LEGALIZE_KEEPING_NAN
     from tensorpress.schedules.rules import rules_for
 
     # dlight reads the arch with a parser that cannot read "sm_90a" and silently drops Tensor Cores;
@@ -73,7 +74,7 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
             *fast_math,
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps(LEGALIZE_KEEPING_NAN),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),

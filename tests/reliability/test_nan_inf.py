@@ -23,7 +23,7 @@ N, K, M = 5, 16, 64
 F32 = TensorProto.FLOAT
 UNARY = [
     "Relu", "Sigmoid", "Tanh", "Erf", "Exp", "Sqrt", "Abs", "Neg", "Log", "Softplus", "Elu", "Selu",
-    "HardSigmoid", "HardSwish", "Floor", "Reciprocal",
+    "HardSigmoid", "HardSwish", "Floor", "Reciprocal", "Sign",
 ]  # fmt: skip
 BINARY = ["Max", "Min", "Add", "Mul", "Div"]
 REDUCTIONS = ["ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceProd"]
