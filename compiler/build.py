@@ -55,6 +55,7 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
 
     from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
     from tensorpress.compiler.passes.legalize_sign_keeping_nan import LEGALIZE_KEEPING_NAN
+    from tensorpress.compiler.passes.mask_infinite_max_in_logsumexp import mask_infinite_max_in_logsumexp
     from tensorpress.schedules.rules import rules_for
 
     # dlight reads the arch with a parser that cannot read "sm_90a" and silently drops Tensor Cores;
@@ -71,6 +72,7 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     @tvm.transform.module_pass(opt_level=0, name="TensorpressRelaxPipeline")
     def pipeline(mod, _ctx):
         lowering = [
+            mask_infinite_max_in_logsumexp,
             *fast_math,
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),

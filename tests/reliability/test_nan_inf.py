@@ -26,7 +26,7 @@ UNARY = [
     "HardSigmoid", "HardSwish", "Floor", "Reciprocal", "Sign",
 ]  # fmt: skip
 BINARY = ["Max", "Min", "Add", "Mul", "Div"]
-REDUCTIONS = ["ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceProd"]
+REDUCTIONS = ["ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceProd", "ReduceLogSumExp"]
 # onnxruntime 1.32's CPU ReduceMax/ReduceMin skip NaN; torch.amax/amin and numpy return NaN, and so do we.
 NUMPY_REFERENCE = {
     "reducemax": lambda x: np.max(x, -1, keepdims=True),
