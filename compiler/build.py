@@ -2,7 +2,9 @@
 
 The Relax lowering is TVM's own (legalize, fuse, lower to the VM); the one step that is ours is which
 schedule rules turn each TIR function into a kernel (`schedules/rules.py`): the weight-GEMM template
-for compressed and dense linear layers, our CPU schedules, dlight for the rest on CUDA.
+for compressed and dense linear layers, our CPU schedules, dlight for the rest on CUDA. After TVM's
+TIR lowering, PropagateNaN makes every float min/max return NaN where an operand is NaN (ReLU, clip,
+max reductions, the fast-math clamps), on every target.
 """
 
 from __future__ import annotations
@@ -23,12 +25,37 @@ class BuildResult:
     kernels: list[str]  # names of the TIR kernels in the library
 
 
+TIR_PIPELINE = "tensorpress_nan_propagating"
+
+
+def tir_pipeline() -> str:
+    """The name of the TIR pipeline every build uses (registered with TVM on first call): TVM's own
+    lowering (the s_tir pipeline), then PropagateNaN on every lowered kernel, so float min/max return
+    NaN when an operand is NaN, as onnxruntime and torch do (compiler/passes/propagate_nan.py)."""
+    from tvm.tirx.compilation_pipeline import register_tir_pipeline
+
+    register_tir_pipeline(TIR_PIPELINE, _nan_propagating_tir_pipeline)
+    return TIR_PIPELINE
+
+
+def _nan_propagating_tir_pipeline():
+    import tvm
+    from tvm.tirx.compilation_pipeline import get_tir_pipeline
+
+    from tensorpress.compiler.passes.propagate_nan import propagate_nan
+
+    lower, finalize_host, finalize_device = get_tir_pipeline("s_tir")
+    return tvm.transform.Sequential([lower, propagate_nan]), finalize_host, finalize_device
+
+
 def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
     from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
+    from tensorpress.compiler.passes.legalize_sign_keeping_nan import LEGALIZE_KEEPING_NAN
+    from tensorpress.compiler.passes.mask_infinite_max_in_logsumexp import mask_infinite_max_in_logsumexp
     from tensorpress.schedules.rules import rules_for
 
     # dlight reads the arch with a parser that cannot read "sm_90a" and silently drops Tensor Cores;
@@ -38,16 +65,18 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
         rule_target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=tvm_target.host)
 
     # On the CPU, transcendental functions go through TVM's fast polynomial forms (exp, erf, tanh,
-    # softmax) instead of scalar libm calls; CUDA has fast hardware versions already.
+    # softmax) instead of scalar libm calls; CUDA has fast hardware versions already. The polynomials
+    # clamp their input with min/max, so NaN and ±Inf come out right once PropagateNaN has run.
     fast_math = [decompose_gelu, relax.transform.FastMathTransform()] if target_spec.kind == "cpu" else []
 
     @tvm.transform.module_pass(opt_level=0, name="TensorpressRelaxPipeline")
     def pipeline(mod, _ctx):
         lowering = [
+            mask_infinite_max_in_logsumexp,
             *fast_math,
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps(LEGALIZE_KEEPING_NAN),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
@@ -91,7 +120,12 @@ def build_library(mod, target_spec: TargetSpec, out_path: Path) -> BuildResult:
     tvm_target = target_spec.tvm_target()
     config = {"tirx.use_async_copy": True} if target_spec.kind == "cuda" else {}
     with tvm_target, tvm.transform.PassContext(opt_level=3, config=config):
-        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=_relax_pipeline(target_spec, tvm_target))
+        executable = tvm.compile(
+            mod,
+            target=tvm_target,
+            relax_pipeline=_relax_pipeline(target_spec, tvm_target),
+            tir_pipeline=tir_pipeline(),
+        )
     executable.export_library(str(out_path))
     seconds = time.perf_counter() - start
     if target_spec.kind == "cuda" and not library_has_gpu_binary(out_path):
