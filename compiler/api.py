@@ -10,7 +10,7 @@ from typing import Any
 
 from tensorpress.compiler.configs import FPxConfig, KVCacheConfig, SparseConfig
 from tensorpress.compiler.formats.registry import get_weight_format
-from tensorpress.compiler.pipeline import CompileReport, compile_imported
+from tensorpress.compiler.pipeline import CompileReport, compile_imported, internal_errors_named
 from tensorpress.compiler.targets import parse_target
 from tensorpress.compiler.weight_plan import WeightRecipe
 from tensorpress.errors import ConfigError
@@ -68,14 +68,15 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     if not store_weights and _is_decoder_folder(model) and not list(Path(model).glob("*.safetensors")):
         import_options["shapes_only"] = True  # config.json alone: zero stand-ins, nothing to read
     start = time.perf_counter()
-    imported = import_model(
-        model,
-        example_inputs=example_inputs,
-        input_shapes=input_shapes,
-        dtype=dtype,
-        tracer=tracer,
-        **import_options,
-    )
+    with internal_errors_named("import", target_spec):
+        imported = import_model(
+            model,
+            example_inputs=example_inputs,
+            input_shapes=input_shapes,
+            dtype=dtype,
+            tracer=tracer,
+            **import_options,
+        )
     timings = {"import": time.perf_counter() - start}
     as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
     return compile_imported(imported, Path(output), target_spec, recipe, as_written, timings, store_weights)

@@ -11,8 +11,10 @@ write_artifact(out, library, imported.params, manifest)   (store_weights=False: 
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
 )
 from tensorpress.compiler.targets import CPU_REQUIRED_FLAGS, TargetSpec
 from tensorpress.compiler.weight_plan import LayerPlan, WeightRecipe, plan_weights
+from tensorpress.errors import TensorpressError
 from tensorpress.frontend.imported_model import ImportedModel
 
 
@@ -57,8 +60,9 @@ def compile_imported(
     shape are then packed once and shared, since only the packed shapes matter."""
     seconds = dict(timings or {})
     start = time.perf_counter()
-    imported = drop_unused_weights(imported)
-    sites = find_linear_sites(imported.mod)
+    with internal_errors_named("rewrite", target):
+        imported = drop_unused_weights(imported)
+        sites = find_linear_sites(imported.mod)
     plans, choices = plan_weights(sites, recipe, target)
     packed: dict[str, PackedWeight] = {}
     packed_by_shape: dict[tuple, PackedWeight] = {}
@@ -74,10 +78,12 @@ def compile_imported(
             packed[name] = packed_by_shape[key]
         return packed[name]
 
-    rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
+    with internal_errors_named("rewrite", target):
+        rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
     seconds["rewrite"] = time.perf_counter() - start
     with build_folder() as tmp:
-        build = build_library(rewritten.mod, target, tmp / "library.so")
+        with internal_errors_named("build", target, rewritten.mod):
+            build = build_library(rewritten.mod, target, tmp / "library.so")
         seconds["build"] = build.seconds
         manifest = _manifest(rewritten, target, plans, packed, recipe_as_written, build.kernels)
         manifest["weights"]["stored"] = store_weights
@@ -90,6 +96,20 @@ def compile_imported(
         )
         seconds["write"] = time.perf_counter() - start
     return CompileReport(Path(output), manifest, seconds)
+
+
+@contextlib.contextmanager
+def internal_errors_named(stage: str, target: TargetSpec, mod: Any = None) -> Iterator[None]:
+    """Let no bare TVM/Python error out of a compile stage: anything but a TensorpressError becomes one
+    sentence naming the stage, the failing kernel (found in `mod`) and the target (`build_failure.py`)."""
+    try:
+        yield
+    except (TensorpressError, KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as err:
+        from tensorpress.compiler.build_failure import internal_compile_error
+
+        raise internal_compile_error(stage, target, err, mod) from err
 
 
 def _manifest(

@@ -7,8 +7,10 @@ A `TensorpressError` is printed as one line (`error: ...`) with exit status 1; w
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
     p.add_argument("--scale-search", choices=("absmax", "mse"), help="FPx scale search (default absmax)")
     p.add_argument("--input-shape", action="append", help="override an input shape: name=1,128 (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("run", help="run a graph artifact on inputs from an .npz file")
@@ -161,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TensorpressError as err:
+        if getattr(args, "verbose", False) or os.environ.get("TENSORPRESS_DEBUG", "") not in ("", "0"):
+            traceback.print_exception(err)  # the chained TVM error, for a bug report
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
