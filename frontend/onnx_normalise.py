@@ -11,7 +11,11 @@ older exports (IR version <= 3, opsets 1-9, many model-zoo files):
                                                  broadcasts it numpy-style (last axis) and TOPI asserts
                                                  fix: the slope becomes [C, 1, ..., 1]
 
-Forms it cannot rewrite are refused with one sentence naming the operator, the node and the opset.
+Forms it cannot rewrite are refused with one sentence naming the operator, the node and the opset, and
+so are forms the converter accepts but gets wrong (silently, in TVM 0.27):
+
+    LayerNormalization whose Mean / InvStdDev outputs are used   -> the converter returns scalars
+    Dropout whose mask output is used                           -> the converter returns no real mask
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def normalise_onnx(proto: Any, source: str, owned: bool = False) -> Any:
         raise ModelImportError(f"{source} holds no ONNX graph (an empty or truncated file); export the model again.")
     opset = default_opset(proto)
     graph = proto.graph
+    _refuse_wrongly_converted(graph, source, opset)
     initializers = {init.name for init in graph.initializer}
     duplicated_inputs = any(i.name in initializers for i in graph.input)
     old_slices = opset < 10 and any(n.op_type == "Slice" for n in graph.node)
@@ -59,6 +64,20 @@ def normalise_onnx(proto: Any, source: str, owned: bool = False) -> Any:
     if old_prelus:
         _prelu_slope_per_channel(proto, source, opset)
     return proto
+
+
+# operator -> (first output index the converter gets wrong, what those outputs are)
+_WRONG_EXTRA_OUTPUTS = {"LayerNormalization": (1, "Mean/InvStdDev outputs"), "Dropout": (1, "mask output")}
+
+
+def _refuse_wrongly_converted(graph: Any, source: str, opset: int) -> None:
+    """Refuse nodes whose outputs TVM's converter computes wrongly without saying so (see the docstring)."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        wrong = _WRONG_EXTRA_OUTPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if wrong and any(name and name in used for name in list(node.output)[wrong[0] :]):
+            why = f"its {wrong[1]} are used, which TVM's ONNX converter does not compute"
+            raise _refuse(source, node, opset, why, "export the model without those outputs")
 
 
 def _drop_initializer_inputs(graph: Any, initializers: set[str]) -> None:
@@ -139,8 +158,8 @@ def _known_ranks(proto: Any) -> dict[str, int]:
     return ranks
 
 
-def _refuse(source: str, node: Any, opset: int, why: str) -> ModelImportError:
+def _refuse(source: str, node: Any, opset: int, why: str, fix: str = "re-export the model with opset 7 or newer"):
     return ModelImportError(
         f"{source}: operator {node.op_type!r} (node {node.name or node.output[0]!r}) at opset {opset} cannot be "
-        f"compiled because {why}; re-export the model with opset 7 or newer."
+        f"compiled because {why}; {fix}."
     )

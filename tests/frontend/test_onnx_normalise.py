@@ -108,3 +108,20 @@ def test_missing_external_data_names_the_missing_file(tmp_path):
     with pytest.raises(ModelImportError, match=r"weights\.bin, which does not exist") as err:
         tensorpress.compile(path, tmp_path / "m.tpk")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("node", "outputs"),
+    [
+        (helper.make_node("LayerNormalization", ["x", "g"], ["y", "mean"], name="ln", axis=-1), ["y", "mean"]),
+        (helper.make_node("Dropout", ["x"], ["y", "mask"], name="drop"), ["y", "mask"]),
+    ],
+)
+def test_outputs_the_converter_gets_wrong_are_refused(node, outputs, tmp_path):
+    """TVM's converter returns a scalar for LayerNormalization's Mean and no real Dropout mask: refused,
+    naming the operator and node, instead of a silent wrong answer."""
+    infos = [V(name, TensorProto.BOOL if name == "mask" else 1, None) for name in outputs]
+    inits = {"g": np.ones(4, np.float32)} if node.op_type == "LayerNormalization" else {}
+    path = _save(tmp_path, node.name, [node], [V("x", 1, [2, 4])], infos, inits, opset=17)
+    with pytest.raises(ModelImportError, match=rf"operator '{node.op_type}' \(node '{node.name}'\) at opset 17"):
+        tensorpress.compile(path, tmp_path / "m.tpk")
