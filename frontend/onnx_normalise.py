@@ -15,7 +15,8 @@ Forms it cannot rewrite are refused with one sentence naming the operator, the n
 so are forms the converter accepts but gets wrong (silently, in TVM 0.27):
 
     LayerNormalization whose Mean / InvStdDev outputs are used   -> the converter returns scalars
-    Dropout whose mask output is used                           -> the converter returns no real mask
+    BatchNormalization whose running mean / var outputs are used -> training mode: not computed
+    Dropout whose mask output is used, or in training mode       -> no real mask, no random drop
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ def normalise_onnx(proto: Any, source: str, owned: bool = False) -> Any:
 
 
 # operator -> (first output index the converter gets wrong, what those outputs are)
-_WRONG_EXTRA_OUTPUTS = {"LayerNormalization": (1, "Mean/InvStdDev outputs"), "Dropout": (1, "mask output")}
+_WRONG_EXTRA_OUTPUTS = {
+    "LayerNormalization": (1, "Mean/InvStdDev outputs"),
+    "BatchNormalization": (1, "running mean/variance outputs (training mode)"),
+    "Dropout": (1, "mask output"),
+}
 
 
 def _refuse_wrongly_converted(graph: Any, source: str, opset: int) -> None:
@@ -77,7 +82,10 @@ def _refuse_wrongly_converted(graph: Any, source: str, opset: int) -> None:
         wrong = _WRONG_EXTRA_OUTPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if wrong and any(name and name in used for name in list(node.output)[wrong[0] :]):
             why = f"its {wrong[1]} are used, which TVM's ONNX converter does not compute"
-            raise _refuse(source, node, opset, why, "export the model without those outputs")
+            raise _refuse(source, node, opset, why, "export the model for inference, without those outputs")
+        if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+            why = "it has a training_mode input (random dropout is not compiled)"
+            raise _refuse(source, node, opset, why, "export the model for inference (eval mode)")
 
 
 def _drop_initializer_inputs(graph: Any, initializers: set[str]) -> None:
