@@ -56,30 +56,9 @@ def _data_sets(model_dir: str):
     return [(load(f, "input"), load(f, "output")) for f in sorted(Path(model_dir).glob("test_data_set_*"))]
 
 
-def classify(model, data_sets, rtol: float, atol: float) -> tuple[str, str]:
-    """(outcome, first line of the reason) for one case."""
-    from onnx.backend.test.runner import Runner
-    from tensorpress_backend import TensorpressBackend
-
-    from tensorpress.errors import TensorpressError
-
-    try:
-        rep = TensorpressBackend.prepare(model)
-        for inputs, outputs in data_sets:
-            got = list(rep.run(inputs))
-            try:
-                Runner.assert_similar_outputs(outputs, got, rtol=rtol, atol=atol)
-            except AssertionError as err:
-                return "wrong", (str(err).strip().splitlines() or [""])[0][:200]
-    except TensorpressError as err:
-        return "refused", str(err)[:300]
-    except Exception as err:  # noqa: BLE001 - an internal error is what this report counts
-        return "crashed", f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:200]}"
-    return "passed", ""
-
-
 def main(argv=None) -> int:
     from harness import environment, write_results
+    from tensorpress_backend import classify
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")

@@ -54,3 +54,25 @@ class TensorpressBackend(Backend):
     @classmethod
     def supports_device(cls, device: str) -> bool:
         return device == "CPU"
+
+
+def classify(model, data_sets, rtol: float, atol: float) -> tuple[str, str]:
+    """(outcome, first line of the reason) for one case: "passed", "refused" (a TensorpressError: one
+    sentence), "wrong" (ran, did not match the reference within rtol/atol) or "crashed" (anything else)."""
+    from onnx.backend.test.runner import Runner
+
+    from tensorpress.errors import TensorpressError
+
+    try:
+        rep = TensorpressBackend.prepare(model)
+        for inputs, outputs in data_sets:
+            got = list(rep.run(inputs))
+            try:
+                Runner.assert_similar_outputs(outputs, got, rtol=rtol, atol=atol)
+            except AssertionError as err:
+                return "wrong", (str(err).strip().splitlines() or [""])[0][:200]
+    except TensorpressError as err:
+        return "refused", str(err)[:300]
+    except Exception as err:  # noqa: BLE001 - an internal error is what this report counts
+        return "crashed", f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:200]}"
+    return "passed", ""
