@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from cpu_schedule_harness import AVX2, compiled, only_prim_func, relax_graph, rng, schedule, sym
 from tvm import relax, te
+from tvm.script import tirx as T
 
+from tensorpress.schedules.cpu.fallback import Fallback
 from tensorpress.schedules.cpu.row_reduction import RowReduction
 
 
@@ -95,3 +97,31 @@ def test_matrix_vector_product_with_bias_keeps_its_rows_scalar():
     x, w, b = (r.standard_normal(s).astype("float32") for s in ((1, 64), (64, 10), (10,)))
     (y,) = compiled(sch)([x, w, b], [((1, 10), "float32")])
     np.testing.assert_allclose(y, x @ w + b, rtol=1e-5, atol=1e-5)
+
+
+@T.prim_func(s_tir=True)
+def _row_sum_and_centred(
+    A: T.Buffer((64, 128), "float32"), S: T.Buffer((64,), "float32"), C: T.Buffer((64, 128), "float32")
+):
+    T.func_attr({"tirx.noalias": True})
+    for i, k in T.grid(64, 128):
+        with T.sblock("sum"):
+            vi, vk = T.axis.remap("SR", [i, k])
+            with T.init():
+                S[vi] = T.float32(0)
+            S[vi] = S[vi] + A[vi, vk]
+    for i, j in T.grid(64, 128):
+        with T.sblock("centre"):
+            vi, vj = T.axis.remap("SS", [i, j])
+            C[vi, vj] = A[vi, vj] - S[vi]
+
+
+def test_declines_a_reduction_that_is_also_an_output():
+    """The row sum is an output of the function (AlexNet / Inception graphs fuse such pairs): TVM cannot
+    compute an output block inside the row loop, so the rule answers None for the fallback instead of
+    raising "block is an output block"."""
+    assert RowReduction().apply(_row_sum_and_centred, AVX2, False) is None
+    a = rng(3).standard_normal((64, 128)).astype("float32")
+    s, c = compiled(schedule(Fallback(), _row_sum_and_centred))([a], [((64,), "float32"), ((64, 128), "float32")])
+    np.testing.assert_allclose(s, a.sum(axis=1), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(c, a - a.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-4)
