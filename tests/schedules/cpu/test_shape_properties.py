@@ -54,7 +54,7 @@ def _data(shape, seed: int = 0) -> np.ndarray:
 
 
 @SHAPE_SETTINGS
-@given(m=dims, k=dims, n=dims, batch=st.sampled_from([(), (1,), (3,)]))
+@given(m=dims, k=dims, n=dims, batch=st.sampled_from([(), (1,), (3,), (1, 2)]))
 def test_matmul_with_bias(m, k, n, batch):
     """x[*batch, M, K] @ w[K, N] + b[N]: Matmul, dlight's GEMV, RowReduction (M = 1) and the fallback."""
     assume(prod(batch) * m * k + k * n + prod(batch) * m * n <= MAX_ELEMENTS)
