@@ -13,7 +13,7 @@ from tensorpress.compiler.artifact_writer import build_time
 from tensorpress.compiler.configs import FPxConfig, KVCacheConfig, SparseConfig
 from tensorpress.compiler.formats.registry import get_weight_format
 from tensorpress.compiler.input_shapes import check_input_shapes
-from tensorpress.compiler.pipeline import CompileReport, compile_imported
+from tensorpress.compiler.pipeline import CompileReport, compile_imported, internal_errors_named
 from tensorpress.compiler.targets import parse_target
 from tensorpress.compiler.tvm_log import tvm_log_routed
 from tensorpress.compiler.weight_plan import WeightRecipe
@@ -90,14 +90,15 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     with tvm_log_routed():
         log.info("importing %s", _described(model))
         start = time.perf_counter()
-        imported = import_model(
-            model,
-            example_inputs=example_inputs,
-            input_shapes=input_shapes,
-            dtype=dtype,
-            tracer=tracer,
-            **import_options,
-        )
+        with internal_errors_named("import", target_spec):
+            imported = import_model(
+                model,
+                example_inputs=example_inputs,
+                input_shapes=input_shapes,
+                dtype=dtype,
+                tracer=tracer,
+                **import_options,
+            )
         timings = {"import": time.perf_counter() - start}
         as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
         return compile_imported(

@@ -11,9 +11,11 @@ write_artifact(out, library, imported.params, manifest)   (store_weights=False: 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
 )
 from tensorpress.compiler.targets import CPU_REQUIRED_FLAGS, TargetSpec
 from tensorpress.compiler.weight_plan import LayerPlan, WeightRecipe, plan_weights
+from tensorpress.errors import TensorpressError
 from tensorpress.frontend.imported_model import ImportedModel
 
 log = logging.getLogger("tensorpress.compile")  # a line per stage (see tensorpress.compiler.api)
@@ -62,8 +65,9 @@ def compile_imported(
     compile's time into the manifest (see `write_artifact`; by default none, so artifacts reproduce)."""
     seconds = dict(timings or {})
     start = time.perf_counter()
-    imported = drop_unused_weights(imported)
-    sites = find_linear_sites(imported.mod)
+    with internal_errors_named("rewrite", target):
+        imported = drop_unused_weights(imported)
+        sites = find_linear_sites(imported.mod)
     plans, choices = plan_weights(sites, recipe, target)
     if sites:
         log.info("packing the weights of %d linear layers (%s)", len(sites), recipe.format or "dense")
@@ -81,11 +85,13 @@ def compile_imported(
             packed[name] = packed_by_shape[key]
         return packed[name]
 
-    rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
+    with internal_errors_named("rewrite", target):
+        rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
     seconds["rewrite"] = time.perf_counter() - start
     with build_folder() as tmp:
         log.info("building the kernels for %s", target.name)
-        build = build_library(rewritten.mod, target, tmp / "library.so")
+        with internal_errors_named("build", target, rewritten.mod):
+            build = build_library(rewritten.mod, target, tmp / "library.so")
         seconds["build"] = build.seconds
         manifest = _manifest(rewritten, target, plans, packed, recipe_as_written, build.kernels)
         manifest["weights"]["stored"] = store_weights
@@ -105,6 +111,20 @@ def compile_imported(
         )
         seconds["write"] = time.perf_counter() - start
     return CompileReport(Path(output), manifest, seconds)
+
+
+@contextlib.contextmanager
+def internal_errors_named(stage: str, target: TargetSpec, mod: Any = None) -> Iterator[None]:
+    """Let no bare TVM/Python error out of a compile stage: anything but a TensorpressError becomes one
+    sentence naming the stage, the failing kernel (found in `mod`) and the target (`build_failure.py`)."""
+    try:
+        yield
+    except (TensorpressError, KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as err:
+        from tensorpress.compiler.build_failure import internal_compile_error
+
+        raise internal_compile_error(stage, target, err, mod) from err
 
 
 def _manifest(

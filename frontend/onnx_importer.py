@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tensorpress.errors import ModelImportError, UnsupportedOperatorError
 from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.frontend.onnx_normalise import default_opset, normalise_onnx
 from tensorpress.frontend.relax_params import output_specs, tensor_spec, to_numpy
 
 
@@ -22,8 +27,10 @@ def import_onnx(
     """
     import onnx
 
-    source = str(model) if isinstance(model, (str, os.PathLike)) else "onnx.ModelProto"
+    from_file = isinstance(model, (str, os.PathLike))
+    source = str(model) if from_file else "onnx.ModelProto"
     proto: Any = _load(model) if isinstance(model, (str, os.PathLike)) else model
+    proto = normalise_onnx(proto, source, owned=from_file)
     check_onnx_operators(proto, source)
 
     from tvm.relax.frontend import detach_params
@@ -36,17 +43,23 @@ def import_onnx(
         raise ModelImportError(
             f"{source} has no input named {sorted(unknown)[0]!r}; its inputs are {', '.join(graph_inputs)}."
         )
-    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    opset = default_opset(proto)
+    converter_log = io.StringIO()
     try:
-        mod = from_onnx(
-            proto,
-            shape_dict=dict(input_shapes or {}),
-            opset=opset,
-            keep_params_in_input=True,
-            sanitize_input_names=False,
-        )
+        with contextlib.redirect_stdout(converter_log), warnings.catch_warnings():  # TVM prints failures
+            # the checker flags Slice-1 nodes whose attributes onnx_normalise made inputs (read as Slice-10)
+            warnings.filterwarnings("ignore", message=r"(?s).*OpType: Slice\b")
+            mod = from_onnx(
+                proto,
+                shape_dict=dict(input_shapes or {}),
+                opset=opset,
+                keep_params_in_input=True,
+                sanitize_input_names=False,
+            )
     except onnx.checker.ValidationError as err:
         raise ModelImportError(f"{source} is not a valid ONNX model: {err}.") from err
+    except Exception as err:  # noqa: BLE001 - any converter failure is refused naming the operator
+        raise _conversion_error(source, opset, converter_log.getvalue(), err) from err
     mod, detached = detach_params(mod)
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
@@ -60,17 +73,45 @@ def import_onnx(
 
 def _load(path: str | os.PathLike):
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     path = Path(path)
     if not path.is_file():
         raise ModelImportError(f"model file {path} does not exist.")
+    if path.stat().st_size == 0:
+        raise ModelImportError(f"{path} is empty (0 bytes); export the model again.")
     try:
-        return onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError / RuntimeError variants
         raise ModelImportError(
             f"{path} could not be read as an ONNX model ({type(err).__name__}); check that the file is "
             "a complete .onnx export."
         ) from err
+    external = [t for t in proto.graph.initializer if uses_external_data(t)]
+    for tensor in external:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not (path.parent / location).is_file():
+            raise ModelImportError(
+                f"{path} keeps the weight {tensor.name!r} in the external data file {path.parent / location}, "
+                "which does not exist; put that file next to the model."
+            )
+    if external:
+        try:
+            load_external_data_for_model(proto, str(path.parent))
+        except Exception as err:  # a side file shorter than its offsets say, unreadable, ...
+            raise ModelImportError(f"{path}: its external weight data could not be read ({err}).") from err
+    return proto
+
+
+def _conversion_error(source: str, opset: int, log: str, err: Exception) -> ModelImportError:
+    """One sentence for a failure inside TVM's converter, naming the operator it printed."""
+    failed = re.findall(r"Error converting operator (\S+?),", log)
+    what = f"operator {failed[-1]!r}" if failed else "the graph"
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return ModelImportError(
+        f"{source}: TVM's ONNX converter cannot convert {what} at opset {opset} ({type(err).__name__}: "
+        f"{detail[:200]}); re-export the model with another opset or replace that operator."
+    )
 
 
 def check_onnx_operators(proto, source: str) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the compile's date and time into the artifact (by default none: the same model and "
         "options give the same bytes; SOURCE_DATE_EPOCH, where set, is the time recorded)",
     )
+    p.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("run", help="run a graph artifact on inputs from an .npz file")
@@ -222,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except TensorpressError as err:
+        if getattr(args, "verbose", False) or os.environ.get("TENSORPRESS_DEBUG", "") not in ("", "0"):
+            traceback.print_exception(err)  # the chained TVM error, for a bug report
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -43,3 +43,8 @@ class InputError(TensorpressError):
 
 class TuningLogError(TensorpressError):
     """A tuning log is unreadable or does not match this tensorpress/TVM version."""
+
+
+class InternalCompileError(TensorpressError):
+    """TVM failed inside a compile (a tensorpress bug): one sentence naming the stage, kernel and target;
+    the original error is chained as __cause__."""

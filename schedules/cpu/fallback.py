@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from tensorpress.schedules.cpu.loop_helpers import parallelize_outer, product_of_static, vectorize_innermost
+from tensorpress.schedules.cpu.loop_helpers import (
+    inline_where_safe,
+    parallelize_outer,
+    product_of_static,
+    vectorize_innermost,
+)
 from tensorpress.schedules.cpu.vector_unit import vector_unit
 
 
@@ -26,7 +30,7 @@ class Fallback(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None:
             return sch
-        for info in try_inline(sch, infos):
+        for info in inline_where_safe(sch, infos):
             loops = sch.get_loops(info.block_rv)
             kinds = info.dom_kind()
             spatial = len(kinds) - len(kinds.lstrip("S"))

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from tensorpress.schedules.cpu.loop_helpers import parallelize_outer, static_extent, vectorize_innermost
+from tensorpress.schedules.cpu.loop_helpers import (
+    inline_where_safe,
+    parallelize_outer,
+    static_extent,
+    vectorize_innermost,
+)
 from tensorpress.schedules.cpu.vector_unit import vector_unit
 
 
@@ -27,7 +31,7 @@ class Injective(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None or not infos or not all(info.is_injective() for info in infos):
             return None
-        remaining = try_inline(sch, infos)
+        remaining = inline_where_safe(sch, infos)
         for info in remaining:
             block = info.block_rv
             dtype = sch.get(block).writes[0].source.dtype

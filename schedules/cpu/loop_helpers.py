@@ -53,6 +53,36 @@ def parallelize_outer(sch: s_tir.Schedule, loops: list[LoopRV], work_per_iterati
     sch.parallel(fused)
 
 
+def inline_where_safe(sch: s_tir.Schedule, infos: list) -> list:
+    """dlight's `try_inline`, except that nothing is folded into a reduction block: when a reduction's
+    axes all have extent 1 (a matmul with K = 1) dlight sees it as spatial, and TVM 0.27's
+    reverse_compute_inline then puts the consumer into both the reduction's init and its update (a bias
+    is added twice). Returns the blocks left."""
+    infos = list(infos)
+
+    def first(inline, allowed) -> int | None:
+        for i, info in enumerate(infos):
+            if not allowed(info.block_rv):
+                continue
+            try:
+                inline(info.block_rv)
+            except Exception:  # noqa: BLE001 - TVM refuses this one: try the next block
+                continue
+            return i
+        return None
+
+    def not_after_reduction(block: SBlockRV) -> bool:
+        return all(sch.get(p).init is None for p in sch.get_producers(block))
+
+    while True:
+        i = first(sch.compute_inline, lambda block: sch.get(block).init is None)
+        if i is None:
+            i = first(sch.reverse_compute_inline, not_after_reduction)
+        if i is None:
+            return infos
+        infos.pop(i)
+
+
 def product_of_static(sch: s_tir.Schedule, loops: list[LoopRV]) -> int:
     """Product of the constant extents among `loops` (symbolic ones count as 1)."""
     total = 1

@@ -38,38 +38,85 @@ class RowReduction(CPUScheduleRule):
             return None
         if all(info.is_injective() for info in infos):
             return None
-        rows = min(_leading_spatial(info.dom_kind()) for info in infos)
-        if rows == 0:
-            return None
+        rows = _row_loops(sch, infos)
+        if not rows:
+            return None  # one row (batch 1) or no shared rows: nothing to spread, the fallback takes it
         lanes = vector_unit(target).lanes(str(sch.get(infos[-1].block_rv).writes[0].source.dtype))
+        try:
+            return _schedule_rows(sch, infos, rows, lanes)
+        except s_tir.ScheduleError:
+            return None  # e.g. a reduction that is also an output of the function: cannot move into a row
 
-        # Reductions become (vector partial results, final sum) while each still sits alone at the
-        # root: rfactor cannot split a block that shares its loops with others.
-        steps = []
-        for info in infos[:-1]:
-            if not info.is_injective():
-                partial = _split_into_vector_partial_results(sch, info.block_rv, lanes)
-                if partial is not None:
-                    steps.append(partial)
-            steps.append(info.block_rv)
 
-        last = infos[-1].block_rv
-        parallelize_outer(sch, sch.get_loops(last)[:rows])
-        row = sch.get_loops(last)[0]
-        for block in reversed(steps):
-            sch.compute_at(block, row, preserve_unit_loops=True)
-        vectorize_innermost(sch, last, lanes)
-        for info in infos[:-1]:
-            if info.is_injective():
-                vectorize_innermost(sch, info.block_rv, lanes)
-        for block in steps:
-            if sch.get(block).name_hint.endswith("_rf"):
-                _vectorize_lanes(sch, block)
-        return sch
+def _schedule_rows(sch: s_tir.Schedule, infos, rows: int, lanes: int) -> s_tir.Schedule:
+    # Reductions become (vector partial results, final sum) while each still sits alone at the
+    # root: rfactor cannot split a block that shares its loops with others.
+    steps = []
+    for info in infos[:-1]:
+        if not info.is_injective():
+            partial = _split_into_vector_partial_results(sch, info.block_rv, lanes)
+            if partial is not None:
+                steps.append(partial)
+        steps.append(info.block_rv)
+
+    last = infos[-1].block_rv
+    beyond_rows = len(sch.get_loops(last)) - rows
+    parallelize_outer(sch, sch.get_loops(last)[:rows])
+    row_loops = sch.get_loops(last)[: len(sch.get_loops(last)) - beyond_rows]
+    row = row_loops[0]
+    for block in reversed(steps):
+        sch.compute_at(block, row, preserve_unit_loops=True)
+    # Only loops inside the row are vectorised: a block with no axis beyond the rows (a GEMV's
+    # epilogue, one value per row) would vectorise the row loop that holds the reductions.
+    shared = {sch.get_sref(loop) for loop in row_loops}
+    for block in [last, *(info.block_rv for info in infos[:-1] if info.is_injective())]:
+        if sch.get_sref(sch.get_loops(block)[-1]) not in shared:
+            vectorize_innermost(sch, block, lanes)
+    for block in steps:
+        if sch.get(block).name_hint.endswith("_rf"):
+            _vectorize_lanes(sch, block)
+    return sch
 
 
 def _leading_spatial(dom_kind: str) -> int:
     return len(dom_kind) - len(dom_kind.lstrip("S"))
+
+
+def _row_loops(sch: s_tir.Schedule, infos) -> int:
+    """How many leading loops of the last block walk the rows that every reduction shares.
+
+    normalize_prim_func drops unit axes from elementwise blocks but not always from reductions: a
+    softmax over [1, N] has a last block over (N) and a max over (1, N). So the rows are matched by
+    their element count, not by the position of the axes: the reductions' rows (the product of their
+    leading spatial extents) must be the product of the first loops of the last block. 0 when they do
+    not line up, or when there is a single row (nothing to spread over the cores)."""
+    kinds = [info.dom_kind() for info in infos]
+    rows = min(_leading_spatial(kind) for kind in kinds)
+    if rows == 0:
+        return 0
+    last_extents = [static_extent(sch, loop) for loop in sch.get_loops(infos[-1].block_rv)[:rows]]
+    reduction_rows = [
+        [iv.dom.extent for iv in sch.get(info.block_rv).iter_vars][: _leading_spatial(kind)]
+        for info, kind in zip(infos, kinds)
+        if not info.is_injective()
+    ]
+    if None in last_extents or not all(isinstance(e, tirx.IntImm) for r in reduction_rows for e in r):
+        return rows  # symbolic rows: only constant unit axes are ever dropped, the axes line up
+    counts = {_product(int(e) for e in r) for r in reduction_rows}
+    if len(counts) != 1 or counts == {1}:
+        return 0
+    (count,) = counts
+    for n in range(1, rows + 1):
+        if _product(last_extents[:n]) == count:  # type: ignore[arg-type]
+            return n
+    return 0
+
+
+def _product(values) -> int:
+    total = 1
+    for v in values:
+        total *= v
+    return total
 
 
 def _split_into_vector_partial_results(sch: s_tir.Schedule, block, lanes: int):

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from cpu_schedule_harness import AVX2, compiled, only_prim_func, relax_graph, rng, schedule, sym
 from tvm import relax, te
+from tvm.script import tirx as T
 
+from tensorpress.schedules.cpu.fallback import Fallback
 from tensorpress.schedules.cpu.row_reduction import RowReduction
 
 
@@ -66,3 +68,60 @@ def test_declines_a_lone_reduction_and_elementwise_functions():
     assert RowReduction().apply(te.create_prim_func([x, total]), AVX2, False) is None
     y = te.compute((8, 8), lambda i, j: x[i, j] * 2.0, name="y")
     assert RowReduction().apply(te.create_prim_func([x, y]), AVX2, False) is None
+
+
+@pytest.mark.parametrize("shape", [(1, 10), (1, 1000), (1, 1, 16), (2, 1, 16)])
+def test_softmax_with_unit_rows_declines_or_builds(shape):
+    """Batch 1: the elementwise blocks lose their unit axes and the row loop is the column loop; the rule
+    declines the single row (the fallback takes it) and builds the others to numpy's answer."""
+    mod = relax_graph([("x", list(shape), "float32")], lambda bb, x: bb.emit(relax.op.nn.softmax(x)))
+    func = only_prim_func(mod)
+    sch = RowReduction().apply(func, AVX2, False)
+    x = rng(1).standard_normal(shape).astype("float32")
+    if int(np.prod(shape[:-1])) == 1:
+        assert sch is None
+        return
+    (y,) = compiled(sch)([x], [(shape, "float32")])
+    np.testing.assert_allclose(y, _softmax(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_matrix_vector_product_with_bias_keeps_its_rows_scalar():
+    """x[1, K] @ w[K, N] + b: each of the N outputs is a row of the reduction and the epilogue has no axis
+    beyond it; vectorising that row loop (which holds the reductions) failed TVM's build."""
+    mod = relax_graph(
+        [("x", [1, 64], "float32"), ("w", [64, 10], "float32"), ("b", [10], "float32")],
+        lambda bb, x, w, b: bb.emit(relax.op.add(relax.op.matmul(x, w), b)),
+    )
+    sch = schedule(RowReduction(), only_prim_func(mod))
+    r = rng(2)
+    x, w, b = (r.standard_normal(s).astype("float32") for s in ((1, 64), (64, 10), (10,)))
+    (y,) = compiled(sch)([x, w, b], [((1, 10), "float32")])
+    np.testing.assert_allclose(y, x @ w + b, rtol=1e-5, atol=1e-5)
+
+
+@T.prim_func(s_tir=True)
+def _row_sum_and_centred(
+    A: T.Buffer((64, 128), "float32"), S: T.Buffer((64,), "float32"), C: T.Buffer((64, 128), "float32")
+):
+    T.func_attr({"tirx.noalias": True})
+    for i, k in T.grid(64, 128):
+        with T.sblock("sum"):
+            vi, vk = T.axis.remap("SR", [i, k])
+            with T.init():
+                S[vi] = T.float32(0)
+            S[vi] = S[vi] + A[vi, vk]
+    for i, j in T.grid(64, 128):
+        with T.sblock("centre"):
+            vi, vj = T.axis.remap("SS", [i, j])
+            C[vi, vj] = A[vi, vj] - S[vi]
+
+
+def test_declines_a_reduction_that_is_also_an_output():
+    """The row sum is an output of the function (AlexNet / Inception graphs fuse such pairs): TVM cannot
+    compute an output block inside the row loop, so the rule answers None for the fallback instead of
+    raising "block is an output block"."""
+    assert RowReduction().apply(_row_sum_and_centred, AVX2, False) is None
+    a = rng(3).standard_normal((64, 128)).astype("float32")
+    s, c = compiled(schedule(Fallback(), _row_sum_and_centred))([a], [((64,), "float32"), ((64, 128), "float32")])
+    np.testing.assert_allclose(s, a.sum(axis=1), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(c, a - a.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-4)
