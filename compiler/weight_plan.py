@@ -66,8 +66,9 @@ def plan_weights(
         fmt = get_weight_format(fmt_name, recipe.scale_search)
         reason = fmt.unsupported_reason(site.m, site.k)
         why = f"skipped by pattern {skipped!r}" if skipped else ("compressed" if recipe.format else "dense")
-        if tied:  # the LM head tied to the embeddings, by structure rather than by name
-            why = f"skipped: {site.also_read_by} reads this weight too (an embedding tied to it)"
+        if tied:  # e.g. the LM head tied to the embeddings, by structure rather than by name
+            why = f"skipped: {site.also_read_by} reads this weight too"
+            why += " (an embedding tied to it)" if site.also_read_by == "take" else ""
         if reason is not None and fmt_name == recipe.format:
             warnings.warn(
                 f"{site.weight} [{site.m}x{site.k}] stays dense: the {fmt_name} kernel cannot take it ({reason}).",

@@ -109,8 +109,13 @@ def find_linear_sites(mod: tvm.IRModule) -> list[LinearSite]:
 
             def record(call, match, func_weights=func_weights):
                 site = _site_from_match(match, func_weights, pats)
-                if site is not None and site.weight not in found:
-                    found[site.weight] = site
+                if site is None:
+                    return call
+                first = found.setdefault(site.weight, site)
+                if first.transposed_in_graph != site.transposed_in_graph and first.also_read_by is None:
+                    # One parameter read as W by one matmul and as W^T by another: only the first
+                    # orientation becomes a weight GEMM (see _rewrite_function); the other stays a matmul.
+                    found[site.weight] = replace(first, also_read_by=_OTHER_ORIENTATION)
                 return call
 
             rewrite_call(pattern, record, func)
@@ -119,6 +124,9 @@ def find_linear_sites(mod: tvm.IRModule) -> list[LinearSite]:
                 found[name] = replace(found[name], also_read_by=op)
     return list(found.values())
 
+
+# also_read_by of a weight that one matmul reads as [K, M] and another as [M, K].
+_OTHER_ORIENTATION = "a matmul of its transpose"
 
 # The ops a linear layer's weight passes through on its way into the matmul (see _linear_patterns).
 _LINEAR_OPS = {"relax.permute_dims", "relax.astype", "relax.broadcast_to", "relax.matmul"}
@@ -166,11 +174,14 @@ class RewriteLinearToWeightGemm:
         bb = relax.BlockBuilder(model.mod)
         kernels: dict[tuple, relax.GlobalVar] = {}
         packed: dict[str, PackedWeight] = {}
+        packed_transposed: dict[str, bool] = {}  # weight -> the orientation its packing was made from
         pats = _linear_patterns()
         new_funcs = {}
         for gvar, func in model.mod.functions_items():
             if isinstance(func, relax.Function) and _weight_params(func):
-                new_funcs[gvar] = self._rewrite_function(func, model, bb, kernels, packed, pats, gvar.name_hint)
+                new_funcs[gvar] = self._rewrite_function(
+                    func, model, bb, kernels, packed, packed_transposed, pats, gvar.name_hint
+                )
         # A weight stored as one array takes over its original name, unless the original is still
         # read by something else (e.g. an embedding tied to the LM head).
         still_used = {v.name for f in new_funcs.values() for v in f.params}
@@ -187,7 +198,7 @@ class RewriteLinearToWeightGemm:
         params = _new_param_order(model.params, packed, short, mod)
         return ImportedModel(mod, params, model.inputs, model.outputs, model.kind, model.source, model.info)
 
-    def _rewrite_function(self, func, model, bb, kernels, packed, pats, func_name):
+    def _rewrite_function(self, func, model, bb, kernels, packed, packed_transposed, pats, func_name):
         func_weights = _weight_params(func)
         packed_vars: dict[str, relax.Var] = {}
         aliased: set[str] = set()  # packed arrays that are the original parameter itself
@@ -202,6 +213,9 @@ class RewriteLinearToWeightGemm:
             if site.weight not in packed:
                 w = np.asarray(model.params[site.weight], dtype=np.float32)
                 packed[site.weight] = self.pack(site.weight, w if site.transposed_in_graph else w.T, choice)
+                packed_transposed[site.weight] = site.transposed_in_graph
+            if packed_transposed[site.weight] != site.transposed_in_graph:
+                return call  # the weight is packed as the other orientation's [M, K]: this matmul stays
             pw = packed[site.weight]
             for array_name, array in pw.arrays.items():
                 key = packed_param_name(site.weight, pw, array_name)
