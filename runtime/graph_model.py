@@ -43,7 +43,6 @@ class GraphModel:
     def __init__(self, loaded: LoadedArtifact):
         self.loaded = loaded
         self.signature = Signature(_specs(loaded.manifest["inputs"]), _specs(loaded.manifest["outputs"]))
-        self._main = loaded.vm["main"]
         self._weights = loaded.function_params("main")
 
     @property
@@ -54,7 +53,7 @@ class GraphModel:
         """Run the model. Inputs by name (dict) or in signature order (list): numpy arrays or DLPack
         tensors. Raises InputError naming the input, for a missing/unknown name, shape or dtype."""
         arrays = self._check_inputs(inputs)
-        result = self._main(*[self.loaded.to_device(a) for a in arrays], *self._weights)
+        result = self.loaded.function("main")(*[self.loaded.to_device(a) for a in arrays], *self._weights)
         outputs = list(result) if _is_sequence(result) else [result]
         return [self.loaded.to_numpy(o) for o in outputs]
 

@@ -2,6 +2,13 @@
 
 This is what every model class of the runtime (`GraphModel`, `DecoderModel`) is built from. Loading
 checks, before anything runs, that the artifact was built for this kind of device and GPU architecture.
+
+Threads: a Relax VM keeps its call frames and registers in the VM object, so two threads calling one
+VM at once corrupt each other (TVM "Check failed: reg < frame->register_file.size()", then a
+segfault). A `LoadedArtifact` therefore gives each calling thread its own VM state (`vm`), made on
+the thread's first call from the one loaded executable; the weights, the compiled code and the
+(thread-safe) memory pools are shared, so a thread costs a VM object, not a copy of the model.
+(`benchmarks/runtime_threads_cpu.py` measures this against one lock around a single VM.)
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +41,31 @@ class LoadedArtifact:
     manifest: dict[str, Any]
     device: Any  # tvm_ffi Device
     device_name: str  # "cpu" or "cuda:0"
-    vm: Any  # the Relax VM module (call vm["main"](...))
+    executable: Any  # the loaded library; each thread's VM is made from it
+    vm_init: list[int]  # vm_initialization's arguments: device kind, index, allocator (then the host's)
     params: list[Any]  # weights on the device, in the functions' trailing-parameter order
     param_names: list[str]
     file: ArtifactFile | None = None
-    _keepalive: list[Any] = field(default_factory=list)
+    _per_thread: threading.local = field(default_factory=threading.local, repr=False)
+
+    @property
+    def vm(self) -> Any:
+        """The calling thread's Relax VM (call vm["main"](...)); made on the thread's first use."""
+        state = self._per_thread
+        vm = getattr(state, "vm", None)
+        if vm is None:
+            vm = self.executable["vm_load_executable"]()
+            vm["vm_initialization"](*self.vm_init)
+            state.vm, state.functions = vm, {}
+        return vm
+
+    def function(self, name: str) -> Any:
+        """The calling thread's handle to the compiled function `name` (looked up once per thread)."""
+        vm = self.vm
+        functions = self._per_thread.functions
+        if name not in functions:
+            functions[name] = vm[name]
+        return functions[name]
 
     def read_file(self, name: str) -> bytes:
         """An extra file packed with the model (e.g. "tokenizer.json"); KeyError when there is none."""
@@ -208,10 +236,10 @@ def load_artifact(
         lib_path = Path(tmp) / LIBRARY
         lib_path.write_bytes(artifact.read_member(LIBRARY))
         executable = tvm_runtime.load_module(lib_path)
-    vm = executable["vm_load_executable"]()
     init = [dev.dlpack_device_type(), index, tvm_runtime.POOLED_ALLOCATOR]
     if kind != "cpu":
         init += [tvm_runtime.KDL_CPU, 0, tvm_runtime.POOLED_ALLOCATOR]
-    vm["vm_initialization"](*init)
     names, params = weights_on_device(artifact, weights, dev)
-    return LoadedArtifact(artifact.path, artifact.manifest, dev, device, vm, params, names, artifact, [executable])
+    loaded = LoadedArtifact(artifact.path, artifact.manifest, dev, device, executable, init, params, names, artifact)
+    _ = loaded.vm  # the loading thread's VM now, so a bad library fails at load, not at the first call
+    return loaded
