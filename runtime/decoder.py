@@ -30,7 +30,6 @@ Imports only numpy and tensorpress' runtime-side modules: it runs in a runtime-o
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -158,7 +157,7 @@ class DecoderModel:
         self._decode = self._function(section["functions"]["decode"])
         num_pages = self._pool_pages(max_total_tokens, memory_fraction)
         shape = [num_pages if dim == "num_pages" else int(dim) for dim in section["cache_shape"]]
-        self.kv_pages = self._empty(shape, section["cache_dtype"])
+        self.kv_pages = self._allocate_pool(shape, section["cache_dtype"], num_pages)
         self.cache = PagedKVCache(num_pages, self.page_size)
         self._live: dict[int, _Request] = {}  # sequences holding pages, by cache sequence id
         # Guards self.cache and self._live (all threads); notified whenever pages are given back.
@@ -201,12 +200,33 @@ class DecoderModel:
 
         return tvm_runtime.empty(shape, dtype, self.artifact.device)
 
+    def _allocate_pool(self, shape: list[int], dtype: str, num_pages: int) -> Any:
+        """The KV page pool, refused in one sentence when it cannot fit the device's free memory
+        (checked first: on the CPU an oversized allocation may succeed and kill the process later)."""
+        need = num_pages * self._bytes_per_page()
+        free = self._free_memory_bytes()
+        tokens = num_pages * self.page_size
+        advice = "lower max_total_tokens (--max-total-tokens) or size the pool with memory_fraction."
+        if need > free:
+            raise InputError(
+                f"a KV cache of {tokens} tokens needs {need / 2**30:.2f} GiB but the device has "
+                f"{free / 2**30:.2f} GiB free; {advice}"
+            )
+        try:
+            return self._empty(shape, dtype)
+        except (MemoryError, RuntimeError) as err:  # std::bad_alloc, cudaErrorMemoryAllocation
+            raise InputError(
+                f"the KV cache of {tokens} tokens ({need / 2**30:.2f} GiB) could not be allocated; {advice}"
+            ) from err
+
     def _free_memory_bytes(self) -> int:
         if hasattr(self.artifact, "free_memory_bytes"):
             return int(self.artifact.free_memory_bytes())
         device = self.artifact.device
         if device.dlpack_device_type() == _KDL_CPU:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            from tensorpress.runtime import tvm_runtime
+
+            return tvm_runtime.host_available_memory_bytes()
         from tensorpress.runtime import tvm_runtime
 
         get_attr = tvm_runtime.get_global_func("runtime.GetDeviceAttr")
@@ -272,6 +292,10 @@ class DecoderModel:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     # ------------------------------------------------------------------ generation
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Decoders are not run on raw inputs: this says to use `generate` (InputError)."""
+        raise InputError("this artifact is a decoder (an LLM); call generate(), not run().")
 
     def generate(
         self,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,8 +40,29 @@ def _specs(entries) -> tuple[TensorSignature, ...]:
     return tuple(TensorSignature(e["name"], tuple(e["shape"]), e["dtype"]) for e in entries)
 
 
+def read_npz_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz file (what `np.savez(path, x=...)` writes); InputError, one sentence,
+    for a missing file, a folder, or anything that is not an .npz of plain (non-object) arrays."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; --inputs needs an .npz file (np.savez(path, x=array)).")
+    if not path.is_file():
+        raise InputError(f"inputs file {path} does not exist.")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path} is not an .npz file; write the inputs with np.savez(path, x=array, ...).")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except ValueError as err:  # numpy: object arrays need allow_pickle, never allowed here
+        raise InputError(f"{path} holds an array of Python objects; save plain numeric arrays instead.") from err
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise InputError(f"{path} is a damaged .npz file; write it again with np.savez.") from err
+
+
 class GraphModel:
-    """A loaded graph artifact. `model.run({"x": x})` or `model.run([x])` -> list of numpy outputs."""
+    """A loaded graph artifact. `model.run({"x": x})` or `model.run([x])` -> list of numpy outputs.
+
+    Thread-safe: threads may share one GraphModel and call `run` at once (see `tensorpress.runtime`)."""
 
     def __init__(self, loaded: LoadedArtifact):
         self.loaded = loaded

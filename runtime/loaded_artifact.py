@@ -102,6 +102,48 @@ def parse_device(device: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2) or 0)
 
 
+MODEL_KINDS = ("graph", "decoder")
+_TENSOR_FIELDS = (("name", str), ("shape", list), ("dtype", str))
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse, in one sentence, a manifest whose fields the loader relies on are missing or of the
+    wrong type (a hand-edited or crafted file), before anything is loaded."""
+
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{path}: its manifest {what}; recompile the artifact.")
+
+    kind = manifest.get("kind")
+    if kind not in MODEL_KINDS:
+        raise bad(f"names an unknown model kind {kind!r} (this runtime loads {' or '.join(MODEL_KINDS)})")
+    target = manifest.get("target")
+    if not isinstance(target, dict) or target.get("kind") not in ("cpu", "cuda"):
+        raise bad(f"has no valid target (expected {{'kind': 'cpu' or 'cuda', ...}}, got {target!r})")
+    if target["kind"] == "cuda" and not isinstance(target.get("arch"), str):
+        raise bad(f"has a CUDA target without its GPU architecture (got arch {target.get('arch')!r})")
+    flags = manifest.get("cpu_flags", [])
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise bad("has cpu_flags that are not a list of names")
+    functions = manifest.get("functions")
+    if not isinstance(functions, dict) or not all(
+        isinstance(f, dict) and isinstance(f.get("params"), list) for f in functions.values()
+    ):
+        raise bad("has no valid functions table (each function with its list of params)")
+    for side in ("inputs", "outputs"):
+        specs = manifest.get(side)
+        if not isinstance(specs, list) or not all(
+            isinstance(t, dict) and all(isinstance(t.get(k), kind_) for k, kind_ in _TENSOR_FIELDS) for t in specs
+        ):
+            raise bad(f"has no valid {side} (a list of {{name, shape, dtype}})")
+    if kind == "graph" and "main" not in functions:
+        raise bad("describes a graph model without its main function")
+    if kind == "decoder":
+        section = manifest.get("decoder", (manifest.get("info") or {}).get("decoder"))
+        needed = {"config": dict, "page_size": int, "cache_shape": list, "cache_dtype": str, "functions": dict}
+        if not isinstance(section, dict) or not all(isinstance(section.get(k), t) for k, t in needed.items()):
+            raise bad("describes a decoder without a valid decoder section")
+
+
 def check_device_fits(manifest: dict[str, Any], kind: str, index: int, path: Path) -> None:
     """Refuse, in one sentence, an artifact that cannot run on the chosen device."""
     target = manifest["target"]
@@ -227,6 +269,7 @@ def load_artifact(
     """Open, verify and load an artifact onto `device`: VM initialised, weights copied to the device
     (or `weights` used instead of the stored ones, see `weights_on_device`)."""
     artifact: ArtifactFile = open_artifact(path, verify=verify)
+    check_manifest(artifact.manifest, artifact.path)
     kind, index = parse_device(device)
     check_device_fits(artifact.manifest, kind, index, artifact.path)
     dev = tvm_runtime.device(kind, index)
