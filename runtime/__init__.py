@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tensorpress.runtime.loaded_artifact import load_artifact
-
 
 def load(
     path: str | os.PathLike,
@@ -41,6 +39,8 @@ def load(
     InputError with one sentence when the file is bad, built for another device, or the weights do
     not fit it.
     """
+    from tensorpress.runtime.loaded_artifact import load_artifact  # here: `import tensorpress` stays light
+
     loaded = load_artifact(path, device, verify=verify, weights=weights)
     if loaded.manifest.get("kind") == "decoder":
         from tensorpress.runtime.decoder import DecoderModel

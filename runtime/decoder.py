@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, Protocol, cast
 import numpy as np
 
 from tensorpress.errors import InputError
+from tensorpress.runtime import cpu_threads
 from tensorpress.runtime.generation_options import GenerationOptions, check_generation_options, check_prompt_ids
 from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
 
@@ -143,6 +144,7 @@ class DecoderModel:
             raise InputError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}.")
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.artifact = artifact
+        self._on_cpu = artifact.device.dlpack_device_type() == _KDL_CPU
         manifest = artifact.manifest
         section = manifest["decoder"] if "decoder" in manifest else manifest["info"]["decoder"]
         self.section = section
@@ -542,10 +544,19 @@ class DecoderModel:
     def _call(self, function: tuple[str, list[Any]], *arrays: np.ndarray) -> np.ndarray:
         name, params = function
         device_args = [self.artifact.to_device(a) for a in arrays]
-        # Outside the lock: calls of several threads write disjoint pages of kv_pages (their own
-        # sequences'), and each thread runs its own VM state.
-        logits = self._compiled(name)(*device_args, self.kv_pages, *params)
-        return self.artifact.to_numpy(logits)
+        compiled = self._compiled(name)
+
+        def call() -> Any:
+            # Outside the lock: calls of several threads write disjoint pages of kv_pages (their own
+            # sequences'), and each thread runs its own VM state.
+            return compiled(*device_args, self.kv_pages, *params)
+
+        chooser = cpu_threads.chooser_for_this_thread() if self._on_cpu else None
+        if chooser is None:
+            return self.artifact.to_numpy(call())
+        # single-threaded or on the whole pool, whichever is faster now (small steps on a busy CPU: one)
+        key = (id(self), name, len(arrays[0]).bit_length())
+        return self.artifact.to_numpy(chooser.run(key, call))
 
     def _run_prefill(self, requests: list[_Request]) -> np.ndarray:
         """Last-token logits of each request's prompt, prefilled in calls of <= max_prefill_tokens."""

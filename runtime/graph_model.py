@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from tensorpress.errors import InputError
+from tensorpress.runtime import cpu_threads
 from tensorpress.runtime.loaded_artifact import LoadedArtifact
 
 
@@ -68,6 +69,7 @@ class GraphModel:
         self.loaded = loaded
         self.signature = Signature(_specs(loaded.manifest["inputs"]), _specs(loaded.manifest["outputs"]))
         self._weights = loaded.function_params("main")
+        self._on_cpu = loaded.device.dlpack_device_type() == cpu_threads.KDL_CPU
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -77,7 +79,14 @@ class GraphModel:
         """Run the model. Inputs by name (dict) or in signature order (list): numpy arrays or DLPack
         tensors. Raises InputError naming the input, for a missing/unknown name, shape or dtype."""
         arrays = self._check_inputs(inputs)
-        result = self.loaded.function("main")(*[self.loaded.to_device(a) for a in arrays], *self._weights)
+        main = self.loaded.function("main")
+        device_inputs = [self.loaded.to_device(a) for a in arrays]
+        chooser = cpu_threads.chooser_for_this_thread() if self._on_cpu else None
+        if chooser is None:
+            result = main(*device_inputs, *self._weights)
+        else:  # single-threaded or on the whole pool, whichever is faster now for inputs of this size
+            key = (id(self), sum(a.size for a in arrays).bit_length())
+            result = chooser.run(key, lambda: main(*device_inputs, *self._weights))
         outputs = list(result) if _is_sequence(result) else [result]
         return [self.loaded.to_numpy(o) for o in outputs]
 
