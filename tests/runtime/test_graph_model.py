@@ -16,6 +16,7 @@ from tensorpress.compiler.targets import CUDA_ARCHS
 from tensorpress.errors import ArtifactError, DeviceMismatchError, InputError
 from tensorpress.runtime import tvm_runtime
 from tensorpress.runtime.artifact import open_artifact
+from tensorpress.runtime.inspect_artifact import describe_artifact
 from tensorpress.runtime.loaded_artifact import BUILDABLE_CUDA_ARCHS, check_device_fits, cuda_arch_runs_on
 
 
@@ -215,6 +216,8 @@ def test_a_crafted_manifest_is_refused_before_loading(mlp, tmp_path, key_path, m
     with pytest.raises(ArtifactError, match=message) as err:
         tensorpress.runtime.load(crafted)
     assert "\n" not in str(err.value) and "recompile" in str(err.value)
+    with pytest.raises(ArtifactError, match=message):  # `tensorpress inspect` too, not a KeyError
+        describe_artifact(crafted)
 
 
 @pytest.mark.parametrize(
