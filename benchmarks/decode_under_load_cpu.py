@@ -9,6 +9,9 @@ Goal (issue 15, item 10): ours keeps >= 0.25 of its idle rate and beats transfor
     .venv/bin/python benchmarks/decode_under_load_cpu.py                        # random Llama 256x4
     .venv/bin/python benchmarks/decode_under_load_cpu.py --random-llama 512x8 --new-tokens 64
     .venv/bin/python benchmarks/decode_under_load_cpu.py --env TVM_NUM_THREADS=1  # try a pool setting
+    # TVM's own defaults as before issue 15 (pool of 2, pinned, long spin; no per-call choice):
+    .venv/bin/python benchmarks/decode_under_load_cpu.py --env TVM_NUM_THREADS=2 --env TVM_BIND_THREADS=1 \
+        --env TVM_THREAD_POOL_SPIN_COUNT=300000 --out /tmp/decode_under_load_before.json
 
 Writes JSON (default benchmarks/results/decode_under_load_cpu.json) with machine, versions, commit.
 """
@@ -126,6 +129,8 @@ def main() -> None:
     extra = dict(item.split("=", 1) for item in args.env)
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     ours_env = {**base_env, **extra}
+    if extra:  # settings given here are the user's, not defaults inherited from this process
+        ours_env.pop("TENSORPRESS_THREAD_POOL_DEFAULTS", None)
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tp-load-") as tmp:
         folder = random_llama(args.random_llama, Path(tmp) / "model")
