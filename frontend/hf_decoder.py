@@ -147,6 +147,7 @@ def import_hf_decoder(
         "cache_dtype": dtype,
         "functions": {"prefill": PREFILL, "decode": DECODE},
         "max_sequence_length": max_len,
+        "context_length": config.context_length(),  # the runtime refuses longer sequences unless asked
         "eos_token_ids": list(config.eos_token_ids),
         "bos_token_id": config.bos_token_id,
         "tokenizer": TOKENIZER_FILE if tokenizer.is_file() else None,

@@ -6,14 +6,21 @@
 
 Decoder artifacts load as a `DecoderModel` with `generate()`. Nothing here imports torch or TVM's
 compiler (a test checks it in a fresh process), so a runtime bundle (`tensorpress package`) runs it.
+
+Concurrency contract: a loaded model (GraphModel or DecoderModel) may be shared by any number of
+threads, and its methods called from them at once. Each thread runs the compiled functions on its
+own VM state (made on its first call; the weights and code are shared, not copied), so calls of
+different threads run in parallel and give exactly what they give alone. A DecoderModel's threads
+share its KV page pool: the pool's bookkeeping takes a lock, a thread's sequences never share pages
+with another's, and a prompt that does not fit waits until other threads' sequences give pages
+back. One generate_stream iterator belongs to the thread that iterates it; `last_stats` is per
+thread. (One lock around a single VM was measured against this: benchmarks/runtime_threads_cpu.py.)
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
-
-from tensorpress.runtime.loaded_artifact import load_artifact
 
 
 def load(
@@ -32,6 +39,8 @@ def load(
     InputError with one sentence when the file is bad, built for another device, or the weights do
     not fit it.
     """
+    from tensorpress.runtime.loaded_artifact import load_artifact  # here: `import tensorpress` stays light
+
     loaded = load_artifact(path, device, verify=verify, weights=weights)
     if loaded.manifest.get("kind") == "decoder":
         from tensorpress.runtime.decoder import DecoderModel

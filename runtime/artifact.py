@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ class ArtifactFile:
 def open_artifact(path: str | os.PathLike, verify: bool = True) -> ArtifactFile:
     """Open and check an artifact. Raises ArtifactError naming the file and what is wrong with it."""
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory, not an artifact; give the .tpk file that `compile -o` wrote.")
     if not path.is_file():
         raise ArtifactError(f"artifact {path} does not exist.")
     try:
@@ -107,6 +110,8 @@ def open_artifact(path: str | os.PathLike, verify: bool = True) -> ArtifactFile:
             if MANIFEST not in infos:
                 raise ArtifactError(f"{path} is not a tensorpress artifact (no {MANIFEST}); recompile it.")
             manifest = json.loads(zf.read(MANIFEST))
+            if not isinstance(manifest, dict):
+                raise ArtifactError(f"{path}: its manifest is not a JSON object; recompile the artifact.")
             offsets = {name: (_data_offset(path, info), info.file_size) for name, info in infos.items()}
             for info in infos.values():
                 if info.compress_type != zipfile.ZIP_STORED:
@@ -125,7 +130,8 @@ def open_artifact(path: str | os.PathLike, verify: bool = True) -> ArtifactFile:
             f"{FORMAT_VERSION}; recompile it with this tensorpress."
         )
     artifact = ArtifactFile(path, manifest, offsets)
-    for member, expected in manifest.get("parts", {}).items():
+    _check_parts_table(manifest, offsets, path)
+    for member, expected in manifest["parts"].items():
         if member not in offsets:
             raise ArtifactError(f"{path} lacks its {member}; the file is incomplete, recompile it.")
         offset, size = offsets[member]
@@ -136,6 +142,34 @@ def open_artifact(path: str | os.PathLike, verify: bool = True) -> ArtifactFile:
                 f"{path}: {member} fails its sha256 check (the file is corrupt); copy it again or recompile it."
             )
     return artifact
+
+
+def _check_parts_table(manifest: dict[str, Any], members: dict[str, Any], path: Path) -> None:
+    """The parts table lists, with a size and sha256 each, the library, the weights and every other
+    member of the zip: without it nothing could be verified, so an artifact lacking it is refused."""
+    parts = manifest.get("parts")
+    if not isinstance(parts, dict):
+        raise ArtifactError(
+            f"{path}: its manifest has no parts table (the size and sha256 of each part), so it cannot be "
+            "verified; recompile the artifact."
+        )
+    for member in (LIBRARY, WEIGHTS):
+        if member not in parts:
+            raise ArtifactError(f"{path}: its manifest's parts table lacks {member}; recompile the artifact.")
+    for member, entry in parts.items():
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not _is_sha256(digest):
+            raise ArtifactError(
+                f"{path}: its manifest gives no valid size and sha256 for {member}; recompile the artifact."
+            )
+    unlisted = sorted(name for name in members if name != MANIFEST and name not in parts and not name.endswith("/"))
+    if unlisted:
+        raise ArtifactError(f"{path} holds {unlisted[0]}, which its manifest does not list; recompile the artifact.")
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
 
 
 def _data_offset(path: Path, info: zipfile.ZipInfo) -> int:

@@ -12,6 +12,16 @@ once and waiting prompts take them. A prompt is only admitted when the pool can 
 last token (prompt + max_new_tokens - 1 cached tokens), so a running sequence never runs out of
 pages mid-way; a prompt that could not fit even in an empty pool raises `OutOfKVPagesError`.
 
+A prompt whose tokens plus max_new_tokens exceed the model's context length (manifest
+`context_length`: config.json's max_position_embeddings, extended by RoPE scaling) is refused unless
+the caller passes allow_beyond_context=True; a model with a learned position table (OPT) cannot go
+past its table at all.
+
+Threads: one DecoderModel may be shared by threads. Each thread's compiled calls run on its own VM
+state (see `loaded_artifact`) and in parallel; the page pool's bookkeeping is guarded by one lock, so
+sequences of different threads never share a page. A thread whose prompt does not fit while other
+threads' sequences hold the pages waits for them. `last_stats` is per thread.
+
 Greedy decoding (temperature 0) is deterministic. Sampling draws from a generator seeded with
 (seed, prompt index), so a prompt's tokens do not depend on what else is in the batch.
 
@@ -20,7 +30,7 @@ Imports only numpy and tensorpress' runtime-side modules: it runs in a runtime-o
 
 from __future__ import annotations
 
-import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -31,6 +41,8 @@ from typing import Any, NamedTuple, Protocol, cast
 import numpy as np
 
 from tensorpress.errors import InputError
+from tensorpress.runtime import cpu_threads
+from tensorpress.runtime.generation_options import GenerationOptions, check_generation_options, check_prompt_ids
 from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
 
 DEFAULT_MAX_TOTAL_TOKENS = 4096
@@ -89,6 +101,7 @@ class _Request:
     max_new_tokens: int
     rng: np.random.Generator | None
     reserved_pages: int  # pages this request may hold at its longest
+    thread: int = field(default_factory=threading.get_ident)  # the thread generating it
     seq_id: int = -1
     output: list[int] = field(default_factory=list)
     done: bool = False
@@ -131,34 +144,56 @@ class DecoderModel:
             raise InputError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}.")
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.artifact = artifact
+        self._on_cpu = artifact.device.dlpack_device_type() == _KDL_CPU
         manifest = artifact.manifest
         section = manifest["decoder"] if "decoder" in manifest else manifest["info"]["decoder"]
         self.section = section
         self.config: dict[str, Any] = section["config"]
         self.page_size = int(section["page_size"])
         self.eos_token_ids = [int(t) for t in section.get("eos_token_ids") or []]
-        self.max_sequence_length = section.get("max_sequence_length")
+        self.max_sequence_length = section.get("max_sequence_length")  # a learned position table's end
+        # Artifacts compiled before `context_length` was recorded: config.json's positions.
+        context = section.get("context_length", self.config.get("max_position_embeddings"))
+        self.context_length: int | None = None if context is None else int(context)
         self._prefill = self._function(section["functions"]["prefill"])
         self._decode = self._function(section["functions"]["decode"])
         num_pages = self._pool_pages(max_total_tokens, memory_fraction)
         shape = [num_pages if dim == "num_pages" else int(dim) for dim in section["cache_shape"]]
-        self.kv_pages = self._empty(shape, section["cache_dtype"])
+        self.kv_pages = self._allocate_pool(shape, section["cache_dtype"], num_pages)
         self.cache = PagedKVCache(num_pages, self.page_size)
         self._live: dict[int, _Request] = {}  # sequences holding pages, by cache sequence id
+        # Guards self.cache and self._live (all threads); notified whenever pages are given back.
+        self._pages_changed = threading.Condition(threading.RLock())
+        self._per_thread = threading.local()
         self._tokenizer = tokenizer
         self._tokenizer_looked_up = tokenizer is not None
         self._tokenizer_needs_package = False
-        self.last_stats = GenerationStats()
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        """Timings of the calling thread's last generate call."""
+        stats = getattr(self._per_thread, "stats", None)
+        return stats if stats is not None else GenerationStats()
+
+    @last_stats.setter
+    def last_stats(self, stats: GenerationStats) -> None:
+        self._per_thread.stats = stats
 
     # ------------------------------------------------------------------ setup
 
-    def _function(self, name: str) -> tuple[Any, list[Any]]:
-        """A compiled function and the device weights it takes after its inputs."""
+    def _function(self, name: str) -> tuple[str, list[Any]]:
+        """A compiled function's name and the device weights it takes after its inputs."""
         if hasattr(self.artifact, "function_params"):
             params = self.artifact.function_params(name)
         else:
             params = list(self.artifact.params)
-        return self.artifact.vm[name], params
+        return name, params
+
+    def _compiled(self, name: str) -> Any:
+        """The calling thread's handle to a compiled function (a VM is not shared between threads)."""
+        if hasattr(self.artifact, "function"):
+            return self.artifact.function(name)
+        return self.artifact.vm[name]
 
     def _empty(self, shape: list[int], dtype: str) -> Any:
         if hasattr(self.artifact, "empty"):
@@ -167,12 +202,33 @@ class DecoderModel:
 
         return tvm_runtime.empty(shape, dtype, self.artifact.device)
 
+    def _allocate_pool(self, shape: list[int], dtype: str, num_pages: int) -> Any:
+        """The KV page pool, refused in one sentence when it cannot fit the device's free memory
+        (checked first: on the CPU an oversized allocation may succeed and kill the process later)."""
+        need = num_pages * self._bytes_per_page()
+        free = self._free_memory_bytes()
+        tokens = num_pages * self.page_size
+        advice = "lower max_total_tokens (--max-total-tokens) or size the pool with memory_fraction."
+        if need > free:
+            raise InputError(
+                f"a KV cache of {tokens} tokens needs {need / 2**30:.2f} GiB but the device has "
+                f"{free / 2**30:.2f} GiB free; {advice}"
+            )
+        try:
+            return self._empty(shape, dtype)
+        except (MemoryError, RuntimeError) as err:  # std::bad_alloc, cudaErrorMemoryAllocation
+            raise InputError(
+                f"the KV cache of {tokens} tokens ({need / 2**30:.2f} GiB) could not be allocated; {advice}"
+            ) from err
+
     def _free_memory_bytes(self) -> int:
         if hasattr(self.artifact, "free_memory_bytes"):
             return int(self.artifact.free_memory_bytes())
         device = self.artifact.device
         if device.dlpack_device_type() == _KDL_CPU:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            from tensorpress.runtime import tvm_runtime
+
+            return tvm_runtime.host_available_memory_bytes()
         from tensorpress.runtime import tvm_runtime
 
         get_attr = tvm_runtime.get_global_func("runtime.GetDeviceAttr")
@@ -239,6 +295,10 @@ class DecoderModel:
 
     # ------------------------------------------------------------------ generation
 
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Decoders are not run on raw inputs: this says to use `generate` (InputError)."""
+        raise InputError("this artifact is a decoder (an LLM); call generate(), not run().")
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -247,15 +307,22 @@ class DecoderModel:
         top_p: float = 1.0,
         stop_ids: Sequence[int] | None = None,
         seed: int | None = None,
+        allow_beyond_context: bool = False,
     ) -> list[int] | list[list[int]]:
         """New token ids for one prompt (token ids or text), or a list of them for a list of prompts.
 
-        stop_ids: a sequence ends after emitting one of these (included in its output); default: the
-        model's eos ids. seed: sampling seed (ignored for greedy decoding).
+        max_new_tokens: a whole number >= 0. temperature: >= 0, 0 = greedy. top_p: nucleus mass in
+        (0, 1]. stop_ids: a sequence ends after emitting one of these (included in its output);
+        default: the model's eos ids. seed: sampling seed >= 0 (ignored for greedy decoding).
+        allow_beyond_context: run past the model's context length (quality is not promised there).
+        Every parameter is checked first (`generation_options`); a bad one raises InputError.
         """
         batch, single = _as_batch(prompts)
         outputs: list[list[int]] = [[] for _ in batch]
-        for event in self.generate_stream(batch, max_new_tokens, temperature, top_p, stop_ids, seed):
+        events = self.generate_stream(
+            batch, max_new_tokens, temperature, top_p, stop_ids, seed, allow_beyond_context=allow_beyond_context
+        )
+        for event in events:
             outputs[event.sequence].append(event.token)
         return outputs[0] if single else outputs
 
@@ -267,13 +334,18 @@ class DecoderModel:
         top_p: float = 1.0,
         stop_ids: Sequence[int] | None = None,
         seed: int | None = None,
+        allow_beyond_context: bool = False,
     ) -> Iterator[GeneratedToken]:
-        """Like `generate`, but yields each token as soon as it exists, as GeneratedToken(sequence, token)."""
+        """Like `generate`, but yields each token as soon as it exists, as GeneratedToken(sequence, token).
+        The parameters are checked when this is called, before the first token is asked for."""
+        options = check_generation_options(max_new_tokens, temperature, top_p, stop_ids, seed, allow_beyond_context)
         batch, _ = _as_batch(prompts)
-        if max_new_tokens < 0 or not 0.0 < top_p <= 1.0:
-            raise InputError(f"need max_new_tokens >= 0 and 0 < top_p <= 1 (got {max_new_tokens}, {top_p}).")
-        stops = set(self.eos_token_ids if stop_ids is None else (int(t) for t in stop_ids))
-        requests = [self._request(i, p, max_new_tokens, temperature, seed) for i, p in enumerate(batch)]
+        requests = [self._request(i, p, options) for i, p in enumerate(batch)]
+        return self._stream(requests, options)
+
+    def _stream(self, requests: list[_Request], options: GenerationOptions) -> Iterator[GeneratedToken]:
+        max_new_tokens, temperature, top_p = options.max_new_tokens, options.temperature, options.top_p
+        stops = set(self.eos_token_ids if options.stop_ids is None else options.stop_ids)
         self.last_stats = stats = GenerationStats()
         if max_new_tokens == 0:
             return
@@ -304,7 +376,9 @@ class DecoderModel:
                 if r.seq_id >= 0 and not r.done:
                     self._finish(r)
 
-    def token_logprobs(self, texts: Prompt | Sequence[Prompt]) -> np.ndarray | list[np.ndarray]:
+    def token_logprobs(
+        self, texts: Prompt | Sequence[Prompt], allow_beyond_context: bool = False
+    ) -> np.ndarray | list[np.ndarray]:
         """Teacher-forced log-probabilities: for each text (ids or str) of n tokens, the n - 1 values
         log p(t_i | t_0..t_i-1), i = 1..n-1 (float64), computed through the KV cache exactly as
         generation computes them (one prefill of t_0, then one decode step per token).
@@ -312,10 +386,11 @@ class DecoderModel:
         batch, single = _as_batch(texts)
         requests = []
         for i, text in enumerate(batch):
-            ids = self.encode(text) if isinstance(text, str) else [int(t) for t in np.asarray(text).ravel()]
+            ids = self.encode(text) if isinstance(text, str) else check_prompt_ids(text, i)
             if len(ids) < 2:
                 raise InputError(f"text {i} has fewer than 2 tokens; there is nothing to score.")
-            r = self._request(i, ids[:1], len(ids) - 1, 0.0, None)
+            options = check_generation_options(len(ids) - 1, allow_beyond_context=allow_beyond_context)
+            r = self._request(i, ids[:1], options)
             r.output = ids[1:]  # the tokens fed back at each step, instead of sampled ones
             requests.append(r)
         scores: list[list[float]] = [[] for _ in batch]
@@ -338,7 +413,8 @@ class DecoderModel:
                         self._finish(r)
                 running = [r for r in running if not r.done]
                 if running:
-                    positions = [self.cache.length(r.seq_id) for r in running]
+                    with self._pages_changed:
+                        positions = [self.cache.length(r.seq_id) for r in running]
                     fed = [r.output[p - 1] for r, p in zip(running, positions)]
                     for r, row in zip(running, self._run_decode(running, fed)):
                         take(r, row)
@@ -352,55 +428,88 @@ class DecoderModel:
     def next_token_logits(self, prompts: Prompt | Sequence[Prompt]) -> np.ndarray:
         """Logits [B, vocab] (float32) of the token after each prompt: one prefill, nothing kept."""
         batch, _ = _as_batch(prompts)
-        requests = [self._request(i, p, 1, 0.0, None) for i, p in enumerate(batch)]
+        one_token = check_generation_options(1)
+        requests = [self._request(i, p, one_token) for i, p in enumerate(batch)]
         needed = sum(r.reserved_pages for r in requests)
-        promised = sum(r.reserved_pages - len(self.cache.pages(r.seq_id)) for r in self._live.values())
-        if needed > self.cache.num_free_pages - promised:
-            raise OutOfKVPagesError(
-                f"these prompts need {needed} KV pages together but {self.cache.num_free_pages - promised} "
-                "are free; pass fewer prompts at once or raise max_total_tokens."
-            )
-        for r in requests:
-            self._start(r)
+        with self._pages_changed:
+            free = self.cache.num_free_pages - self._promised_pages()
+            if needed > free:
+                raise OutOfKVPagesError(
+                    f"these prompts need {needed} KV pages together but {free} are free; pass fewer prompts "
+                    "at once or raise max_total_tokens."
+                )
+            for r in requests:
+                self._start(r)
         try:
             return self._run_prefill(requests)
         finally:
             for r in requests:
                 self._finish(r)
 
-    def _request(self, index: int, prompt: Prompt, max_new: int, temperature: float, seed: int | None) -> _Request:
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in np.asarray(prompt).ravel()]
+    def _request(self, index: int, prompt: Prompt, options: GenerationOptions) -> _Request:
+        ids = self.encode(prompt) if isinstance(prompt, str) else check_prompt_ids(prompt, index)
         if not ids:
             raise InputError(f"prompt {index} is empty; give at least one token.")
         vocab = int(self.config["vocab_size"])
-        if min(ids) < 0 or max(ids) >= vocab:
+        if max(ids) >= vocab:
             raise InputError(f"prompt {index} has token ids outside the vocabulary [0, {vocab}).")
+        max_new = options.max_new_tokens
         total = len(ids) + max_new
         if self.max_sequence_length is not None and total > self.max_sequence_length:
             raise InputError(
-                f"prompt {index}: {len(ids)} prompt + {max_new} new tokens exceed the model's "
-                f"{self.max_sequence_length} positions."
+                f"prompt {index}: {len(ids)} prompt + {max_new} new tokens exceed the "
+                f"{self.max_sequence_length} positions of the model's position table; shorten the prompt or "
+                "lower max_new_tokens."
             )
+        if self.context_length is not None and total > self.context_length and not options.allow_beyond_context:
+            raise InputError(
+                f"prompt {index}: {len(ids)} prompt + {max_new} new tokens exceed the model's context length "
+                f"of {self.context_length} tokens; shorten the prompt or lower max_new_tokens (or pass "
+                "allow_beyond_context=True, --allow-beyond-context on the command line, to run past it)."
+            )
+        seed = options.seed
         entropy = seed if seed is not None else int(np.random.SeedSequence().entropy)  # type: ignore[arg-type]
         rng = np.random.default_rng([entropy, index])
         cached = len(ids) + max(max_new - 1, 0)  # the last generated token is never appended
-        return _Request(index, ids, max_new, rng if temperature > 0 else None, pages_for(cached, self.page_size))
+        sampled = options.temperature > 0
+        return _Request(index, ids, max_new, rng if sampled else None, pages_for(cached, self.page_size))
+
+    def _promised_pages(self) -> int:
+        """Pages live sequences may still take to reach their reserved length (hold the lock)."""
+        return sum(r.reserved_pages - len(self.cache.pages(r.seq_id)) for r in self._live.values())
 
     def _admit(self, waiting: deque[_Request], running: list[_Request]) -> list[_Request]:
         """Start waiting requests while the pool can hold them to their end (in order, no overtaking).
 
         Pages promised to live sequences (of this call and of other streams still open on this model)
-        are held back, so a live sequence can always grow to its reserved length.
+        are held back, so a live sequence can always grow to its reserved length. When nothing of this
+        call runs and other threads' sequences hold the pages, this waits for them to give pages back.
         """
+        with self._pages_changed:
+            while True:
+                admitted = self._admit_locked(waiting)
+                if admitted or running or not waiting:
+                    return admitted
+                if not any(r.thread != threading.get_ident() for r in self._live.values()):
+                    # this thread's own open stream holds the pages: waiting would never end
+                    raise OutOfKVPagesError(
+                        f"prompt {waiting[0].index} waits for KV pages that another generation still in "
+                        "progress on this model holds; finish or close that stream first, or raise "
+                        "max_total_tokens."
+                    )
+                self._pages_changed.wait()
+
+    def _admit_locked(self, waiting: deque[_Request]) -> list[_Request]:
         admitted: list[_Request] = []
-        promised = sum(r.reserved_pages - len(self.cache.pages(r.seq_id)) for r in self._live.values())
+        promised = self._promised_pages()
         while waiting:
             r = waiting[0]
             if r.reserved_pages > self.cache.num_pages:
+                tokens = r.reserved_pages * self.page_size
                 raise OutOfKVPagesError(
                     f"prompt {r.index} needs {r.reserved_pages} KV pages of {self.page_size} tokens "
                     f"({len(r.prompt)} prompt + {r.max_new_tokens} new tokens) but the pool has only "
-                    f"{self.cache.num_pages}; raise max_total_tokens."
+                    f"{self.cache.num_pages}; raise max_total_tokens to at least {tokens}."
                 )
             if r.reserved_pages > self.cache.num_free_pages - promised:
                 break
@@ -408,22 +517,20 @@ class DecoderModel:
             self._start(r)
             promised += r.reserved_pages - len(self.cache.pages(r.seq_id))
             admitted.append(r)
-        if not admitted and not running and waiting:  # the pages are held by another open stream
-            raise OutOfKVPagesError(
-                f"prompt {waiting[0].index} waits for KV pages that another generation still in progress "
-                "on this model holds; finish or close that stream first, or raise max_total_tokens."
-            )
         return admitted
 
     def _start(self, r: _Request) -> None:
-        r.seq_id = self.cache.add_sequence()
-        self.cache.extend(r.seq_id, len(r.prompt))
-        self._live[r.seq_id] = r
+        with self._pages_changed:
+            r.seq_id = self.cache.add_sequence()
+            self.cache.extend(r.seq_id, len(r.prompt))
+            self._live[r.seq_id] = r
 
     def _finish(self, r: _Request) -> None:
-        r.done = True
-        self.cache.release(r.seq_id)
-        del self._live[r.seq_id]
+        with self._pages_changed:
+            r.done = True
+            self.cache.release(r.seq_id)
+            del self._live[r.seq_id]
+            self._pages_changed.notify_all()
 
     def _emit(self, r: _Request, logits: np.ndarray, temperature: float, top_p: float, stops: set[int]):
         token = sample_token(logits, temperature, top_p, r.rng)
@@ -434,11 +541,22 @@ class DecoderModel:
 
     # ------------------------------------------------------------------ compiled calls
 
-    def _call(self, function: tuple[Any, list[Any]], *arrays: np.ndarray) -> np.ndarray:
-        run, params = function
+    def _call(self, function: tuple[str, list[Any]], *arrays: np.ndarray) -> np.ndarray:
+        name, params = function
         device_args = [self.artifact.to_device(a) for a in arrays]
-        logits = run(*device_args, self.kv_pages, *params)
-        return self.artifact.to_numpy(logits)
+        compiled = self._compiled(name)
+
+        def call() -> Any:
+            # Outside the lock: calls of several threads write disjoint pages of kv_pages (their own
+            # sequences'), and each thread runs its own VM state.
+            return compiled(*device_args, self.kv_pages, *params)
+
+        chooser = cpu_threads.chooser_for_this_thread() if self._on_cpu else None
+        if chooser is None:
+            return self.artifact.to_numpy(call())
+        # single-threaded or on the whole pool, whichever is faster now (small steps on a busy CPU: one)
+        key = (id(self), name, len(arrays[0]).bit_length())
+        return self.artifact.to_numpy(chooser.run(key, call))
 
     def _run_prefill(self, requests: list[_Request]) -> np.ndarray:
         """Last-token logits of each request's prompt, prefilled in calls of <= max_prefill_tokens."""
@@ -459,19 +577,21 @@ class DecoderModel:
         input_ids = np.concatenate([r.prompt for r in requests]).astype(np.int32)
         positions = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
         seq_slot = np.repeat(np.arange(len(requests)), lengths).astype(np.int32)
-        block_table = self.cache.block_table([r.seq_id for r in requests])
+        with self._pages_changed:
+            block_table = self.cache.block_table([r.seq_id for r in requests])
         last_token_index = (np.cumsum(lengths) - 1).astype(np.int32)
         return self._call(self._prefill, input_ids, positions, seq_slot, block_table, last_token_index)
 
     def _run_decode(self, requests: list[_Request], tokens: list[int] | None = None) -> np.ndarray:
         """One decode step: feed each request its last output token (or `tokens`), get next logits."""
-        positions = np.array([self.cache.length(r.seq_id) for r in requests], dtype=np.int32)
-        for r, pos in zip(requests, positions):
-            self.cache.extend(r.seq_id, int(pos) + 1)  # never fails: admission reserved the pages
+        with self._pages_changed:
+            positions = np.array([self.cache.length(r.seq_id) for r in requests], dtype=np.int32)
+            for r, pos in zip(requests, positions):
+                self.cache.extend(r.seq_id, int(pos) + 1)  # never fails: admission reserved the pages
+            block_table = self.cache.block_table([r.seq_id for r in requests])
         fed = [r.output[-1] for r in requests] if tokens is None else tokens
         input_ids = np.array(fed, dtype=np.int32)
         seq_slot = np.arange(len(requests), dtype=np.int32)
-        block_table = self.cache.block_table([r.seq_id for r in requests])
         return self._call(self._decode, input_ids, positions, seq_slot, block_table)
 
 
@@ -481,8 +601,14 @@ def _as_batch(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
     if isinstance(prompts, str):
         return [prompts], True
     if isinstance(prompts, np.ndarray):
+        if prompts.size == 0:
+            raise InputError("the prompt is empty; give at least one token id (or a text).")
         return ([prompts], True) if prompts.ndim == 1 else (list(prompts), False)
+    if not isinstance(prompts, Sequence):
+        raise InputError(f"a prompt is a text or a list of token ids, got {type(prompts).__name__}.")
     items = list(prompts)
-    if items and all(isinstance(t, int | np.integer) for t in items):
+    if not items:
+        raise InputError("the prompt is empty; give at least one token id (or a text).")
+    if all(not isinstance(t, str | Sequence | np.ndarray) for t in items):  # flat: one prompt of ids
         return [cast(Sequence[int], items)], True
     return cast(list[Prompt], items), False

@@ -13,6 +13,7 @@ import sys
 import time
 
 from tensorpress.errors import InputError
+from tensorpress.runtime.generation_options import check_generation_options
 
 
 def _int_list(text: str) -> list[int]:
@@ -43,6 +44,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-fraction", type=float, default=None, help="KV cache size as a share of the free device memory"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument(
+        "--allow-beyond-context",
+        action="store_true",
+        help="generate past the model's context length (refused by default)",
+    )
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -50,6 +56,14 @@ def generate_command(args: argparse.Namespace) -> int:
     from tensorpress.runtime.decoder import DecoderModel
     from tensorpress.runtime.loaded_artifact import load_artifact
 
+    # The API's own checks, before the (slow) load: a bad option costs nothing.
+    options = check_generation_options(
+        args.max_new_tokens, args.temperature, args.top_p, args.stop_ids, args.seed, args.allow_beyond_context
+    )
+    if args.prompt_ids is not None and not args.prompt_ids:
+        raise InputError("--prompt-ids is empty; give at least one token id, e.g. --prompt-ids 1,2,3.")
+    if args.prompt is not None and not args.prompt:
+        raise InputError("--prompt is empty; give some text.")
     loaded = load_artifact(args.artifact, args.device)
     if loaded.manifest.get("kind") != "decoder":
         raise InputError(f"{args.artifact} is not a decoder model; `generate` needs an artifact of an LLM.")
@@ -58,11 +72,12 @@ def generate_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tokens = model.generate(
         prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        stop_ids=args.stop_ids,
-        seed=args.seed,
+        max_new_tokens=options.max_new_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        stop_ids=options.stop_ids,
+        seed=options.seed,
+        allow_beyond_context=options.allow_beyond_context,
     )
     seconds = time.perf_counter() - start
     print(",".join(str(t) for t in tokens), flush=True)

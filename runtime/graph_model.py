@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tensorpress.errors import InputError
+from tensorpress.runtime import cpu_threads
 from tensorpress.runtime.loaded_artifact import LoadedArtifact
 
 
@@ -37,14 +41,35 @@ def _specs(entries) -> tuple[TensorSignature, ...]:
     return tuple(TensorSignature(e["name"], tuple(e["shape"]), e["dtype"]) for e in entries)
 
 
+def read_npz_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz file (what `np.savez(path, x=...)` writes); InputError, one sentence,
+    for a missing file, a folder, or anything that is not an .npz of plain (non-object) arrays."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; --inputs needs an .npz file (np.savez(path, x=array)).")
+    if not path.is_file():
+        raise InputError(f"inputs file {path} does not exist.")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path} is not an .npz file; write the inputs with np.savez(path, x=array, ...).")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except ValueError as err:  # numpy: object arrays need allow_pickle, never allowed here
+        raise InputError(f"{path} holds an array of Python objects; save plain numeric arrays instead.") from err
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise InputError(f"{path} is a damaged .npz file; write it again with np.savez.") from err
+
+
 class GraphModel:
-    """A loaded graph artifact. `model.run({"x": x})` or `model.run([x])` -> list of numpy outputs."""
+    """A loaded graph artifact. `model.run({"x": x})` or `model.run([x])` -> list of numpy outputs.
+
+    Thread-safe: threads may share one GraphModel and call `run` at once (see `tensorpress.runtime`)."""
 
     def __init__(self, loaded: LoadedArtifact):
         self.loaded = loaded
         self.signature = Signature(_specs(loaded.manifest["inputs"]), _specs(loaded.manifest["outputs"]))
-        self._main = loaded.vm["main"]
         self._weights = loaded.function_params("main")
+        self._on_cpu = loaded.device.dlpack_device_type() == cpu_threads.KDL_CPU
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -54,7 +79,14 @@ class GraphModel:
         """Run the model. Inputs by name (dict) or in signature order (list): numpy arrays or DLPack
         tensors. Raises InputError naming the input, for a missing/unknown name, shape or dtype."""
         arrays = self._check_inputs(inputs)
-        result = self._main(*[self.loaded.to_device(a) for a in arrays], *self._weights)
+        main = self.loaded.function("main")
+        device_inputs = [self.loaded.to_device(a) for a in arrays]
+        chooser = cpu_threads.chooser_for_this_thread() if self._on_cpu else None
+        if chooser is None:
+            result = main(*device_inputs, *self._weights)
+        else:  # single-threaded or on the whole pool, whichever is faster now for inputs of this size
+            key = (id(self), sum(a.size for a in arrays).bit_length())
+            result = chooser.run(key, lambda: main(*device_inputs, *self._weights))
         outputs = list(result) if _is_sequence(result) else [result]
         return [self.loaded.to_numpy(o) for o in outputs]
 

@@ -18,6 +18,9 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
     m = artifact.manifest
     if as_json:
         return json.dumps(m, indent=1)
+    from tensorpress.runtime.loaded_artifact import check_manifest  # crafted fields: one sentence, not a KeyError
+
+    check_manifest(m, artifact.path)
     target = m["target"]
     lines = [
         f"{artifact.path}: tensorpress artifact v{m['format_version']} ({m.get('kind', 'graph')})",

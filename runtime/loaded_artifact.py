@@ -2,6 +2,13 @@
 
 This is what every model class of the runtime (`GraphModel`, `DecoderModel`) is built from. Loading
 checks, before anything runs, that the artifact was built for this kind of device and GPU architecture.
+
+Threads: a Relax VM keeps its call frames and registers in the VM object, so two threads calling one
+VM at once corrupt each other (TVM "Check failed: reg < frame->register_file.size()", then a
+segfault). A `LoadedArtifact` therefore gives each calling thread its own VM state (`vm`), made on
+the thread's first call from the one loaded executable; the weights, the compiled code and the
+(thread-safe) memory pools are shared, so a thread costs a VM object, not a copy of the model.
+(`benchmarks/runtime_threads_cpu.py` measures this against one lock around a single VM.)
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +41,31 @@ class LoadedArtifact:
     manifest: dict[str, Any]
     device: Any  # tvm_ffi Device
     device_name: str  # "cpu" or "cuda:0"
-    vm: Any  # the Relax VM module (call vm["main"](...))
+    executable: Any  # the loaded library; each thread's VM is made from it
+    vm_init: list[int]  # vm_initialization's arguments: device kind, index, allocator (then the host's)
     params: list[Any]  # weights on the device, in the functions' trailing-parameter order
     param_names: list[str]
     file: ArtifactFile | None = None
-    _keepalive: list[Any] = field(default_factory=list)
+    _per_thread: threading.local = field(default_factory=threading.local, repr=False)
+
+    @property
+    def vm(self) -> Any:
+        """The calling thread's Relax VM (call vm["main"](...)); made on the thread's first use."""
+        state = self._per_thread
+        vm = getattr(state, "vm", None)
+        if vm is None:
+            vm = self.executable["vm_load_executable"]()
+            vm["vm_initialization"](*self.vm_init)
+            state.vm, state.functions = vm, {}
+        return vm
+
+    def function(self, name: str) -> Any:
+        """The calling thread's handle to the compiled function `name` (looked up once per thread)."""
+        vm = self.vm
+        functions = self._per_thread.functions
+        if name not in functions:
+            functions[name] = vm[name]
+        return functions[name]
 
     def read_file(self, name: str) -> bytes:
         """An extra file packed with the model (e.g. "tokenizer.json"); KeyError when there is none."""
@@ -72,6 +100,48 @@ def parse_device(device: str) -> tuple[str, int]:
     if not match:
         raise TensorpressError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.")
     return match.group(1), int(match.group(2) or 0)
+
+
+MODEL_KINDS = ("graph", "decoder")
+_TENSOR_FIELDS = (("name", str), ("shape", list), ("dtype", str))
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse, in one sentence, a manifest whose fields the loader relies on are missing or of the
+    wrong type (a hand-edited or crafted file), before anything is loaded."""
+
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{path}: its manifest {what}; recompile the artifact.")
+
+    kind = manifest.get("kind")
+    if kind not in MODEL_KINDS:
+        raise bad(f"names an unknown model kind {kind!r} (this runtime loads {' or '.join(MODEL_KINDS)})")
+    target = manifest.get("target")
+    if not isinstance(target, dict) or target.get("kind") not in ("cpu", "cuda"):
+        raise bad(f"has no valid target (expected {{'kind': 'cpu' or 'cuda', ...}}, got {target!r})")
+    if target["kind"] == "cuda" and not isinstance(target.get("arch"), str):
+        raise bad(f"has a CUDA target without its GPU architecture (got arch {target.get('arch')!r})")
+    flags = manifest.get("cpu_flags", [])
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise bad("has cpu_flags that are not a list of names")
+    functions = manifest.get("functions")
+    if not isinstance(functions, dict) or not all(
+        isinstance(f, dict) and isinstance(f.get("params"), list) for f in functions.values()
+    ):
+        raise bad("has no valid functions table (each function with its list of params)")
+    for side in ("inputs", "outputs"):
+        specs = manifest.get(side)
+        if not isinstance(specs, list) or not all(
+            isinstance(t, dict) and all(isinstance(t.get(k), kind_) for k, kind_ in _TENSOR_FIELDS) for t in specs
+        ):
+            raise bad(f"has no valid {side} (a list of {{name, shape, dtype}})")
+    if kind == "graph" and "main" not in functions:
+        raise bad("describes a graph model without its main function")
+    if kind == "decoder":
+        section = manifest.get("decoder", (manifest.get("info") or {}).get("decoder"))
+        needed = {"config": dict, "page_size": int, "cache_shape": list, "cache_dtype": str, "functions": dict}
+        if not isinstance(section, dict) or not all(isinstance(section.get(k), t) for k, t in needed.items()):
+            raise bad("describes a decoder without a valid decoder section")
 
 
 def check_device_fits(manifest: dict[str, Any], kind: str, index: int, path: Path) -> None:
@@ -199,6 +269,7 @@ def load_artifact(
     """Open, verify and load an artifact onto `device`: VM initialised, weights copied to the device
     (or `weights` used instead of the stored ones, see `weights_on_device`)."""
     artifact: ArtifactFile = open_artifact(path, verify=verify)
+    check_manifest(artifact.manifest, artifact.path)
     kind, index = parse_device(device)
     check_device_fits(artifact.manifest, kind, index, artifact.path)
     dev = tvm_runtime.device(kind, index)
@@ -208,10 +279,10 @@ def load_artifact(
         lib_path = Path(tmp) / LIBRARY
         lib_path.write_bytes(artifact.read_member(LIBRARY))
         executable = tvm_runtime.load_module(lib_path)
-    vm = executable["vm_load_executable"]()
     init = [dev.dlpack_device_type(), index, tvm_runtime.POOLED_ALLOCATOR]
     if kind != "cpu":
         init += [tvm_runtime.KDL_CPU, 0, tvm_runtime.POOLED_ALLOCATOR]
-    vm["vm_initialization"](*init)
     names, params = weights_on_device(artifact, weights, dev)
-    return LoadedArtifact(artifact.path, artifact.manifest, dev, device, vm, params, names, artifact, [executable])
+    loaded = LoadedArtifact(artifact.path, artifact.manifest, dev, device, executable, init, params, names, artifact)
+    _ = loaded.vm  # the loading thread's VM now, so a bad library fails at load, not at the first call
+    return loaded

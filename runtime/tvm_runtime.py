@@ -123,10 +123,23 @@ def cuda_device_info(index: int = 0) -> dict[str, Any]:
 _ATTR_TOTAL_GLOBAL_MEMORY, _ATTR_AVAILABLE_GLOBAL_MEMORY = 14, 15  # runtime.GetDeviceAttr kinds
 
 
+def host_available_memory_bytes() -> int:
+    """RAM the host can give without swapping: /proc/meminfo's MemAvailable (free + reclaimable
+    caches), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def free_memory_bytes(dev) -> int:
     """Free memory of `dev`: the GPU's available global memory, or the host's available RAM."""
     if dev.dlpack_device_type() == KDL_CPU:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return host_available_memory_bytes()
     get_attr = get_global_func("runtime.GetDeviceAttr")
     return int(get_attr(dev.dlpack_device_type(), dev.index, _ATTR_AVAILABLE_GLOBAL_MEMORY))
 

@@ -12,13 +12,13 @@ runtime (which must never pull in the compiler) and `tensorpress --help` stay fa
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING, Any
 
-# TVM's CPU thread pool defaults to half the logical CPUs (one thread on a 2-core machine) unless told;
-# use every CPU this process may run on. A value the user set is kept.
-if hasattr(os, "sched_getaffinity"):
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# TVM's CPU pool defaults to half the logical CPUs, pinned; before TVM makes it, size it from the CPUs
+# this process may use and leave its workers unpinned (runtime/cpu_threads.py). User settings are kept.
+from tensorpress.runtime.cpu_threads import set_thread_pool_defaults  # standard library only
+
+set_thread_pool_defaults()
 
 __version__ = "0.1.0"
 

@@ -85,16 +85,16 @@ def _dim(text: str) -> int | str:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    import tensorpress.runtime
     from tensorpress.errors import InputError
     from tensorpress.runtime.atomic_file import atomic_output
+    from tensorpress.runtime.graph_model import GraphModel, read_npz_inputs
+    from tensorpress.runtime.loaded_artifact import load_artifact
 
-    model = tensorpress.runtime.load(args.artifact, device=args.device)
-    try:
-        with np.load(args.inputs) as data:
-            inputs = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as err:
-        raise InputError(f"{args.inputs} is not a readable .npz file of named arrays ({err}).") from err
+    inputs = read_npz_inputs(args.inputs)
+    loaded = load_artifact(args.artifact, args.device)
+    if loaded.manifest["kind"] == "decoder":
+        raise InputError(f"{args.artifact} is a decoder (an LLM); run it with `tensorpress generate`, not `run`.")
+    model = GraphModel(loaded)
     outputs = model.run(inputs)
     names = [spec.name for spec in model.signature.outputs]
     with atomic_output(args.output) as f:

@@ -4,15 +4,23 @@ Kernels come from the prepared kit (TENSORPRESS_GPU_KIT, set by `benchmarks/kit/
 machine, where TVM's compiler is absent) or, without a kit, are built now into a temp folder (a GPU
 machine with TVM and nvcc). A dry kit runs the same tests on the CPU with CPU-built kernels. Imports
 neither torch nor TVM at module level.
+
+Where a CUDA device is visible, the GPU tests must run: a kit that is missing, or that cannot be
+built here (no TVM), fails the collection loudly (`require_cases`) instead of skipping every test.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks.kit` is imported from the repository root
@@ -22,6 +30,46 @@ KIT = os.environ.get("TENSORPRESS_GPU_KIT")
 MANIFEST = json.loads((Path(KIT) / "manifest.json").read_text()) if KIT else None
 DRY = bool(MANIFEST and MANIFEST["dry"])
 DEFAULT_TOKENS = [1, 2, 7, 16, 17, 31, 64, 100, 130]
+
+
+@cache
+def cuda_device_visible() -> bool:
+    """Whether `nvidia-smi -L` lists a GPU (the same test as tests/conftest.py's gpu marker)."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def fail_where_cuda_is_visible(why: str) -> None:
+    """Fail the collection (loudly, not a skip) when a CUDA device is visible; else return."""
+    if cuda_device_visible():
+        pytest.fail(
+            f"a CUDA device is visible but {why}; prepare the GPU kit (benchmarks/kit/run.py sets "
+            "TENSORPRESS_GPU_KIT) or install TVM with nvcc so the kernels can be built here.",
+            pytrace=False,
+        )
+
+
+def require_cases(section: str, build_names: Callable[[], list[str]]) -> list[str]:
+    """The case names of a GEMM gpu test file: the kit's `section` cases, else `build_names()` (needs
+    TVM). With neither, none where no CUDA device is visible; where one is, the collection fails."""
+    if MANIFEST:
+        names = list(MANIFEST.get(section, {}).get("cases", []))
+        if not names:
+            fail_where_cuda_is_visible(f"the GPU kit at {KIT} has no {section!r} cases")
+        return names
+    try:
+        names = build_names()
+    except ImportError as err:
+        fail_where_cuda_is_visible(f"there is no GPU kit and the kernels cannot be built here ({err})")
+        return []
+    if not names:
+        fail_where_cuda_is_visible(f"the kernel builder lists no {section!r} cases")
+    return names
 
 
 @cache

@@ -67,6 +67,16 @@ class DecoderConfig:
     def from_dict(d: dict[str, Any]) -> DecoderConfig:
         return DecoderConfig(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ()))})
 
+    def context_length(self) -> int:
+        """Positions the model was made for: max_position_embeddings, or more where RoPE scaling
+        extends it (linear / llama3 scaling by `factor` of original_max_position_embeddings, or of
+        max_position_embeddings when the config gives no original length)."""
+        scaling = self.rope_scaling or {}
+        if self.position_encoding != "rope" or "factor" not in scaling:
+            return self.max_position_embeddings
+        original = int(scaling.get("original_max_position_embeddings") or self.max_position_embeddings)
+        return max(self.max_position_embeddings, int(original * float(scaling["factor"])))
+
     def rope_inv_freq(self) -> np.ndarray:
         """[head_dim/2] float32 inverse frequencies of RoPE, with the config's scaling applied."""
         d = self.head_dim

@@ -73,6 +73,7 @@ def test_manifest_section_says_what_the_runtime_needs(llama_folder):
     assert section["functions"] == {"prefill": "prefill", "decode": "decode"}
     assert section["config"]["architecture"] == "LlamaForCausalLM"
     assert section["max_sequence_length"] is None  # RoPE: no table to run off
+    assert section["context_length"] == TINY["max_position_embeddings"]  # the runtime's limit
     assert section["tokenizer"] is None and imported.info["extra_files"] == {}
     json.dumps(section)  # it goes into manifest.json as it is
 

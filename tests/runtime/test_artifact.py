@@ -118,3 +118,58 @@ def test_extra_files_are_packed_and_checked(tmp_path, params):
     assert "files/tokenizer.json" in opened.manifest["parts"]
     with pytest.raises(KeyError):
         opened.read_file("vocab.txt")
+
+
+def _rewrite_manifest(artifact, change) -> None:
+    """Rewrite the artifact's manifest.json through `change(manifest) -> new manifest` (a crafted file)."""
+    with zipfile.ZipFile(artifact) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    members["manifest.json"] = json.dumps(change(json.loads(members["manifest.json"]))).encode()
+    with zipfile.ZipFile(artifact, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def _without_parts(manifest):
+    manifest.pop("parts")
+    return manifest
+
+
+def _part(member, **entry):
+    def change(manifest):
+        manifest["parts"][member] = entry
+        return manifest
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: [m], "its manifest is not a JSON object"),
+        (_without_parts, "has no parts table .* so it cannot be verified"),
+        (lambda m: {**m, "parts": [1, 2]}, "has no parts table"),
+        (_part("weights.safetensors", sha256="0" * 64), "no valid size and sha256 for weights.safetensors"),
+        (_part("library.so", bytes=5), "no valid size and sha256 for library.so"),
+        (_part("library.so", bytes=True, sha256="0" * 64), "no valid size and sha256 for library.so"),
+        (lambda m: {**m, "parts": {"library.so": m["parts"]["library.so"]}}, "parts table lacks weights"),
+    ],
+)
+def test_a_crafted_parts_table_is_refused_in_one_sentence(artifact, change, message):
+    _rewrite_manifest(artifact, change)
+    for verify in (True, False):  # never loaded without its checks
+        with pytest.raises(ArtifactError, match=message) as err:
+            open_artifact(artifact, verify=verify)
+        assert "\n" not in str(err.value)
+
+
+def test_a_member_the_parts_table_does_not_list_is_refused(artifact):
+    with zipfile.ZipFile(artifact, "a", zipfile.ZIP_STORED) as zf:
+        zf.writestr("files/extra.bin", b"smuggled")
+    with pytest.raises(ArtifactError, match="holds files/extra.bin, which its manifest does not list"):
+        open_artifact(artifact)
+
+
+def test_a_directory_is_said_to_be_a_directory(tmp_path):
+    with pytest.raises(ArtifactError, match="is a directory, not an artifact"):
+        open_artifact(tmp_path)

@@ -59,3 +59,27 @@ def test_a_graph_artifact_is_refused(tmp_path, capsys):
     tensorpress.compile(linear, artifact, example_inputs=(torch.ones(2, 4),))
     assert main(["generate", str(artifact), "--prompt-ids", "1"]) == 1
     assert "not a decoder" in capsys.readouterr().err
+
+
+def test_run_on_a_decoder_says_to_use_generate(opt_artifact, tmp_path, capsys):
+    import numpy as np
+
+    import tensorpress
+    from tensorpress.errors import InputError
+
+    _, artifact = opt_artifact
+    np.savez(tmp_path / "in.npz", input_ids=np.zeros(3, np.int32))
+    assert main(["run", str(artifact), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "use `tensorpress generate`" in err or "with `tensorpress generate`" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.npz").exists()
+    with pytest.raises(InputError, match=r"call generate\(\), not run\(\)"):
+        tensorpress.runtime.load(artifact).run({"input_ids": np.zeros(3, np.int32)})
+
+
+def test_a_pool_too_large_for_memory_is_refused_before_allocating(opt_artifact, capsys):
+    _, artifact = opt_artifact
+    huge = str(10**13)  # petabytes of KV cache: would be std::bad_alloc, or an overcommitted pool
+    assert main(["generate", str(artifact), "--prompt-ids", "1,2,3", "--max-total-tokens", huge]) == 1
+    err = capsys.readouterr().err
+    assert "GiB free; lower max_total_tokens" in err and len(err.strip().splitlines()) == 1

@@ -13,9 +13,10 @@ from reference_models import export_onnx
 
 import tensorpress
 from tensorpress.compiler.targets import CUDA_ARCHS
-from tensorpress.errors import DeviceMismatchError, InputError
+from tensorpress.errors import ArtifactError, DeviceMismatchError, InputError
 from tensorpress.runtime import tvm_runtime
 from tensorpress.runtime.artifact import open_artifact
+from tensorpress.runtime.inspect_artifact import describe_artifact
 from tensorpress.runtime.loaded_artifact import BUILDABLE_CUDA_ARCHS, check_device_fits, cuda_arch_runs_on
 
 
@@ -181,3 +182,76 @@ def test_runtime_imports_neither_torch_nor_the_compiler(mlp):
         "libtvm_compiler": False,
         "libtvm_runtime": True,
     }
+
+
+def _manifest_without(key_path):
+    def change(manifest):
+        *parents, last = key_path
+        node = manifest
+        for key in parents:
+            node = node[key]
+        node[last] = "nonsense" if last != "kind" else "ensemble"
+        return manifest
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "key_path, message",
+    [
+        (["kind"], "names an unknown model kind 'ensemble'"),
+        (["target"], "has no valid target"),
+        (["target", "kind"], "has no valid target"),
+        (["functions"], "has no valid functions table"),
+        (["inputs"], "has no valid inputs"),
+        (["cpu_flags"], "has cpu_flags that are not a list"),
+    ],
+)
+def test_a_crafted_manifest_is_refused_before_loading(mlp, tmp_path, key_path, message):
+    from test_artifact import _rewrite_manifest
+
+    crafted = tmp_path / "crafted.tpk"
+    crafted.write_bytes(mlp[1].read_bytes())
+    _rewrite_manifest(crafted, _manifest_without(key_path))
+    with pytest.raises(ArtifactError, match=message) as err:
+        tensorpress.runtime.load(crafted)
+    assert "\n" not in str(err.value) and "recompile" in str(err.value)
+    with pytest.raises(ArtifactError, match=message):  # `tensorpress inspect` too, not a KeyError
+        describe_artifact(crafted)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        ("dir", "is a directory"),
+        (b"garbage bytes, not numpy", "is not an .npz file"),
+        ("npy", "is not an .npz file"),
+        ("objects", "holds an array of Python objects"),
+    ],
+)
+def test_run_reads_inputs_with_one_sentence_for_a_bad_file(mlp, tmp_path, capsys, content, message):
+    from tensorpress.cli import main
+
+    inputs = tmp_path / "in.npz"
+    if content == "dir":
+        inputs.mkdir()
+    elif content == "npy":
+        np.save(tmp_path / "in.npy", np.zeros(3))
+        (tmp_path / "in.npy").rename(inputs)
+    elif content == "objects":
+        np.savez(inputs, x=np.array([{"a": 1}], dtype=object))
+    elif content is not None:
+        inputs.write_bytes(content)
+    assert main(["run", str(mlp[1]), "--inputs", str(inputs), "--output", str(tmp_path / "out.npz")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "allow_pickle" not in err
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_run_on_a_directory_says_it_is_a_directory(tmp_path, capsys):
+    from tensorpress.cli import main
+
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 64), np.float32))
+    assert main(["run", str(tmp_path), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz")]) == 1
+    assert "is a directory, not an artifact" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 contexts up to 2048, ragged prefill, GQA 1/4/7/8, the append, and bit-identical results run to run.
 
 Runs where the kit is prepared (TENSORPRESS_GPU_KIT, set by benchmarks/kit/run.py): on the GPU machine,
-or in the kit's dry run on the CPU with the same CUDA schedules replayed for llvm. Elsewhere it skips.
+or in the kit's dry run on the CPU with the same CUDA schedules replayed for llvm. Elsewhere it skips,
+except where a CUDA device is visible: there a missing kit fails the collection (never a silent skip).
 Imports neither TVM nor tensorpress's compiler.
 """
 
@@ -13,10 +14,12 @@ import os
 from pathlib import Path
 
 import pytest
+from gpu_kit import fail_where_cuda_is_visible
 
 torch = pytest.importorskip("torch")
 KIT = os.environ.get("TENSORPRESS_GPU_KIT")
 if not KIT or not (Path(KIT) / "manifest.json").exists():
+    fail_where_cuda_is_visible("TENSORPRESS_GPU_KIT names no prepared GPU kit, so the KV-attention kernels are missing")
     pytest.skip("needs a prepared GPU kit (benchmarks/kit/run.py sets TENSORPRESS_GPU_KIT)", allow_module_level=True)
 MANIFEST = json.loads((Path(KIT) / "manifest.json").read_text())
 DRY = bool(MANIFEST["dry"])

@@ -12,6 +12,8 @@ from tensorpress.frontend.decoders.config import DecoderConfig, decoder_config_f
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
 
 def _ours(config) -> DecoderConfig:
     return decoder_config_from_hf(config.to_dict())
@@ -36,6 +38,28 @@ def test_scaled_rope_frequencies_equal_transformers(rope):
     expected, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
     ours = _ours(config).rope_inv_freq()
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "hf, expected",
+    [
+        ({}, 64),  # max_position_embeddings
+        ({"rope_scaling": {"type": "linear", "factor": 4.0}}, 256),  # e.g. vicuna-16k: 4096 x 4
+        # llama 3.1: the config's max_position_embeddings (131072) already exceeds 8192 x 8
+        (
+            {"max_position_embeddings": 131072, "rope_scaling": {**LLAMA3, "original_max_position_embeddings": 8192}},
+            131072,
+        ),
+        ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 32}}, 256),  # 32 x 8 > 64
+    ],
+)
+def test_context_length_is_max_positions_extended_by_rope_scaling(hf, expected):
+    config = {**tf.LlamaConfig(**TINY).to_dict(), "rope_parameters": None, **hf}
+    assert decoder_config_from_hf(config).context_length() == expected
+
+
+def test_learned_positions_end_at_their_table():
+    assert _ours(tf.OPTConfig(**TINY, ffn_dim=128)).context_length() == 64
 
 
 def test_default_rope_and_legacy_fields():
