@@ -86,10 +86,11 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from tensorpress.errors import InputError
-    from tensorpress.runtime.atomic_file import atomic_output
+    from tensorpress.runtime.atomic_file import atomic_output, check_destination
     from tensorpress.runtime.graph_model import GraphModel, read_npz_inputs
     from tensorpress.runtime.loaded_artifact import load_artifact
 
+    check_destination(args.output, "outputs file", "out.npz")  # before the model loads and runs
     inputs = read_npz_inputs(args.inputs)
     loaded = load_artifact(args.artifact, args.device)
     if loaded.manifest["kind"] == "decoder":

@@ -289,3 +289,15 @@ def test_only_our_warnings_are_shown(monkeypatch, capsys, tmp_path):
         assert cli.main(["inspect", str(tmp_path / "m.tpk")]) == 0
     out, err = capsys.readouterr()
     assert out == "described\n" and err == "warning: fc1.weight [128x64] stays dense\n"
+
+
+def test_run_refuses_a_directory_as_output_before_running(mlp, tmp_path):
+    np.savez(tmp_path / "in.npz", x=np.zeros((4, 64), np.float32))
+    out_dir = tmp_path / "outs"
+    out_dir.mkdir()
+    result = tp("run", str(mlp[1]), "--inputs", str(tmp_path / "in.npz"), "--output", str(out_dir))
+    assert "is a directory" in one_error_line(result) and "out.npz" in result.stderr
+    # checked first: with an artifact that does not even exist, the output path is what is refused
+    result = tp("run", str(tmp_path / "no.tpk"), "--inputs", str(tmp_path / "in.npz"), "--output", str(out_dir))
+    assert "is a directory" in one_error_line(result)
+    assert list(out_dir.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.npz", "outs"]
