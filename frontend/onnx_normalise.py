@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from tensorpress.errors import ModelImportError
-from tensorpress.frontend.onnx_rewrites import needs_rewrite, rewrite_wrongly_converted
+from tensorpress.frontend.onnx_rewrites import all_graphs, needs_rewrite, rewrite_wrongly_converted
 
 
 def default_opset(proto: Any) -> int:
@@ -93,8 +93,9 @@ def _refuse_wrongly_converted(graph: Any, source: str, opset: int) -> None:
     """Refuse nodes whose outputs TVM's converter computes wrongly without saying so (see the docstring)."""
     from onnx import helper
 
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for node in graph.node:
+    graphs = all_graphs(graph)  # If branches too
+    used = {name for g in graphs for name in [*(i for n in g.node for i in n.input), *(o.name for o in g.output)]}
+    for node in (node for g in graphs for node in g.node):
         wrong = _WRONG_EXTRA_OUTPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if wrong and any(name and name in used for name in list(node.output)[wrong[0] :]):
             why = f"its {wrong[1]} are used, which TVM's ONNX converter does not compute"

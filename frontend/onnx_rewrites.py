@@ -52,8 +52,18 @@ class _CannotRewrite(Exception):
     """Raised by a rewrite with the reason (a clause) the node cannot be rewritten."""
 
 
+def all_graphs(graph: Any) -> list[Any]:
+    """`graph` and every subgraph nested in its nodes (If branches, Loop / Scan bodies), outer first."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found.extend(all_graphs(sub))
+    return found
+
+
 def needs_rewrite(graph: Any) -> bool:
-    return any(_wrong(node) for node in graph.node)
+    return any(_wrong(node) for g in all_graphs(graph) for node in g.node)
 
 
 class _Builder:
@@ -87,17 +97,23 @@ def _make_node(op_type: str, inputs: list[str], outputs: list[str], name: str, a
 
 def rewrite_wrongly_converted(proto: Any, source: str, opset: int) -> None:
     """Replace, in place, each node of the module docstring by its equivalent; raises ModelImportError
-    where the rewrite needs a dtype or shape that ONNX shape inference cannot tell."""
+    where the rewrite needs a dtype or shape that ONNX shape inference cannot tell. Subgraphs (If
+    branches) are rewritten too."""
+    types = _inferred_types(proto)
+    # innermost first: rewriting a graph copies its nodes, so a subgraph is done before its parent
+    for depth, graph in reversed(list(enumerate(all_graphs(proto.graph)))):
+        _rewrite_graph(graph, f"tensorpress_g{depth}_" if depth else "tensorpress_", types, source, opset)
+
+
+def _rewrite_graph(graph: Any, prefix: str, types: _Types, source: str, opset: int) -> None:
     from tensorpress.frontend.onnx_normalise import _refuse
 
-    graph = proto.graph
-    types = _inferred_types(proto)
     nodes = []
     for index, node in enumerate(graph.node):
         if not _wrong(node):
             nodes.append(node)
             continue
-        b = _Builder(f"tensorpress_{node.op_type.lower()}{index}")
+        b = _Builder(f"{prefix}{node.op_type.lower()}{index}")
         try:
             known = types.get(node.input[0])
             if known is None:
@@ -122,14 +138,16 @@ def _inferred_types(proto: Any) -> _Types:
     except Exception:  # noqa: BLE001 - an unreadable graph just has no known types
         graph = proto.graph
     known: _Types = {}
-    for info in [*graph.input, *graph.value_info, *graph.output]:
+    graphs = all_graphs(graph)
+    infos = [info for g in graphs for info in [*g.input, *g.value_info, *g.output]]
+    for info in infos:
         if not info.type.HasField("tensor_type") or not info.type.tensor_type.elem_type:
             continue
         tensor = info.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
         static = tensor.HasField("shape") and None not in dims
         known[info.name] = (tensor.elem_type, [int(d) for d in dims] if static else None)  # type: ignore[arg-type]
-    for init in graph.initializer:
+    for init in (init for g in graphs for init in g.initializer):
         known[init.name] = (init.data_type, list(init.dims))
     return known
 

@@ -148,3 +148,18 @@ def test_roi_align_mode_max_is_refused(tmp_path):
     inputs = [V("x", 1, [1, 1, 8, 8]), V("rois", 1, [1, 4]), V("idx", TensorProto.INT64, [1])]
     model = _model(node, inputs, [V("y", 1, None)], opset=16)
     _one_sentence_refusal(model, tmp_path, r"operator 'RoiAlign' \(node 'pool'\) at opset 16 .*mode=max")
+
+
+def test_nodes_inside_if_branches_are_rewritten(tmp_path):
+    """The rewrites reach subgraphs: an IsInf with detect_negative=0 in each branch of an If."""
+
+    def branch(name, positive):
+        isinf = helper.make_node("IsInf", ["x"], [f"{name}_y"], detect_positive=positive, detect_negative=1 - positive)
+        return helper.make_graph([isinf], name, [], [V(f"{name}_y", TensorProto.BOOL, [9])])
+
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1), else_branch=branch("else", 0))
+    inputs = [V("cond", TensorProto.BOOL, []), V("x", 1, [9])]
+    model = _model(node, inputs, [V("y", TensorProto.BOOL, [9])], opset=13)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": SPECIALS}
+        np.testing.assert_array_equal(_compiled(model, tmp_path, list(feeds.values())), _onnxruntime(model, feeds))
