@@ -120,22 +120,22 @@ def _refuse_unsupported_io(graph: Any, source: str) -> None:
             if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type == TensorProto.BFLOAT16:
                 raise ModelImportError(
                     f"{source}: graph {kind} {info.name!r} is bfloat16, which tensorpress cannot take or return "
-                    "(numpy has no bfloat16); bfloat16 inputs are not supported, cast them to float32 in the model."
+                    f"(numpy has no bfloat16); bfloat16 {kind}s are not supported, cast to float32 in the model."
                 )
             if info.type.HasField("sequence_type"):
-                raise _sequence_output(source, info.name)
+                raise _sequence_io(source, kind, info.name)
     outputs = {o.name for o in graph.output}
     for node in graph.node:
         if node.op_type == "If" and any(name in outputs for name in node.output):
             branches = [a.g for a in node.attribute if a.name in ("then_branch", "else_branch")]
             if any(o.type.HasField("sequence_type") for g in branches for o in g.output):
-                raise _sequence_output(source, node.output[0])
+                raise _sequence_io(source, "output", node.output[0])
 
 
-def _sequence_output(source: str, name: str) -> ModelImportError:
+def _sequence_io(source: str, kind: str, name: str) -> ModelImportError:
     return ModelImportError(
-        f"{source}: graph output {name!r} is an ONNX sequence, which the runtime cannot return (it returns "
-        "tensors only); return the sequence's tensors as separate graph outputs."
+        f"{source}: graph {kind} {name!r} is an ONNX sequence, which the runtime cannot take or return (it "
+        f"handles tensors only); make the sequence's tensors separate graph {kind}s."
     )
 
 

@@ -130,6 +130,13 @@ def test_sequence_outputs_are_refused(tmp_path):
     _one_sentence_refusal(model, tmp_path, "graph output 'seq' is an ONNX sequence")
 
 
+def test_sequence_inputs_are_refused(tmp_path):
+    node = helper.make_node("SequenceAt", ["seq", "i"], ["y"])
+    inputs = [helper.make_tensor_sequence_value_info("seq", 1, [2]), V("i", TensorProto.INT64, [])]
+    model = _model(node, inputs, [V("y", 1, [2])], opset=13)
+    _one_sentence_refusal(model, tmp_path, "graph input 'seq' is an ONNX sequence")
+
+
 def test_if_returning_a_sequence_is_refused(tmp_path):
     def branch(name, value):
         const = helper.make_node("Constant", [], [f"{name}_t"], value=onnx.numpy_helper.from_array(value))
