@@ -11,12 +11,21 @@ older exports (IR version <= 3, opsets 1-9, many model-zoo files):
                                                  broadcasts it numpy-style (last axis) and TOPI asserts
                                                  fix: the slope becomes [C, 1, ..., 1]
 
+and a few it converts to a silently wrong answer, rewritten into ONNX it gets right (onnx_rewrites.py):
+
+    IsInf with detect_positive/negative = 0, SpaceToDepth mode=CRD, ThresholdedRelu (NaN for -inf / NaN),
+    float Mod with fmod=0 (inf / zero operands), BitShift by a negative amount or >= the bit width,
+    ConvTranspose with output_shape (ignored)
+
 Forms it cannot rewrite are refused with one sentence naming the operator, the node and the opset, and
 so are forms the converter accepts but gets wrong (silently, in TVM 0.27):
 
     LayerNormalization whose Mean / InvStdDev outputs are used   -> the converter returns scalars
     BatchNormalization whose running mean / var outputs are used -> training mode: not computed
     Dropout whose mask output is used, or in training mode       -> no real mask, no random drop
+    RoiAlign with mode=max                                       -> computed as the average
+    a graph input or output of type bfloat16                     -> numpy has no bfloat16 for the runtime
+    a graph output that is a sequence (If, SplitToSequence, ...) -> the runtime returns tensors only
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from tensorpress.errors import ModelImportError
+from tensorpress.frontend.onnx_rewrites import all_graphs, needs_rewrite, rewrite_wrongly_converted
 
 
 def default_opset(proto: Any) -> int:
@@ -47,11 +57,13 @@ def normalise_onnx(proto: Any, source: str, owned: bool = False) -> Any:
     opset = default_opset(proto)
     graph = proto.graph
     _refuse_wrongly_converted(graph, source, opset)
+    _refuse_unsupported_io(graph, source)
     initializers = {init.name for init in graph.initializer}
     duplicated_inputs = any(i.name in initializers for i in graph.input)
     old_slices = opset < 10 and any(n.op_type == "Slice" for n in graph.node)
     old_prelus = opset < 7 and any(n.op_type == "PRelu" for n in graph.node)
-    if not (duplicated_inputs or old_slices or old_prelus):
+    rewrites = needs_rewrite(graph)
+    if not (duplicated_inputs or old_slices or old_prelus or rewrites):
         return proto
     if not owned:
         copy = onnx.ModelProto()
@@ -64,6 +76,8 @@ def normalise_onnx(proto: Any, source: str, owned: bool = False) -> Any:
         _slice_attributes_to_inputs(graph)
     if old_prelus:
         _prelu_slope_per_channel(proto, source, opset)
+    if rewrites:
+        rewrite_wrongly_converted(proto, source, opset)
     return proto
 
 
@@ -77,8 +91,11 @@ _WRONG_EXTRA_OUTPUTS = {
 
 def _refuse_wrongly_converted(graph: Any, source: str, opset: int) -> None:
     """Refuse nodes whose outputs TVM's converter computes wrongly without saying so (see the docstring)."""
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for node in graph.node:
+    from onnx import helper
+
+    graphs = all_graphs(graph)  # If branches too
+    used = {name for g in graphs for name in [*(i for n in g.node for i in n.input), *(o.name for o in g.output)]}
+    for node in (node for g in graphs for node in g.node):
         wrong = _WRONG_EXTRA_OUTPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if wrong and any(name and name in used for name in list(node.output)[wrong[0] :]):
             why = f"its {wrong[1]} are used, which TVM's ONNX converter does not compute"
@@ -86,6 +103,40 @@ def _refuse_wrongly_converted(graph: Any, source: str, opset: int) -> None:
         if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
             why = "it has a training_mode input (random dropout is not compiled)"
             raise _refuse(source, node, opset, why, "export the model for inference (eval mode)")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "RoiAlign" and attrs.get("mode", b"avg") == b"max":
+            why = "TVM's ONNX converter computes mode=max as the average"
+            raise _refuse(source, node, opset, why, "use mode=avg or run that step outside the compiled model")
+
+
+def _refuse_unsupported_io(graph: Any, source: str) -> None:
+    """Refuse graph inputs / outputs the runtime cannot hand over: bfloat16 (numpy has no such dtype) and
+    sequences (the runtime returns a flat tuple of tensors); an If node is checked by its branches' outputs,
+    which is where a sequence output shows when the graph output has no declared type."""
+    from onnx import TensorProto
+
+    for kind, infos in (("input", graph.input), ("output", graph.output)):
+        for info in infos:
+            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+                raise ModelImportError(
+                    f"{source}: graph {kind} {info.name!r} is bfloat16, which tensorpress cannot take or return "
+                    f"(numpy has no bfloat16); bfloat16 {kind}s are not supported, cast to float32 in the model."
+                )
+            if info.type.HasField("sequence_type"):
+                raise _sequence_io(source, kind, info.name)
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        if node.op_type == "If" and any(name in outputs for name in node.output):
+            branches = [a.g for a in node.attribute if a.name in ("then_branch", "else_branch")]
+            if any(o.type.HasField("sequence_type") for g in branches for o in g.output):
+                raise _sequence_io(source, "output", node.output[0])
+
+
+def _sequence_io(source: str, kind: str, name: str) -> ModelImportError:
+    return ModelImportError(
+        f"{source}: graph {kind} {name!r} is an ONNX sequence, which the runtime cannot take or return (it "
+        f"handles tensors only); make the sequence's tensors separate graph {kind}s."
+    )
 
 
 def _drop_initializer_inputs(graph: Any, initializers: set[str]) -> None:

@@ -167,7 +167,10 @@ def aligned_copy(array: np.ndarray) -> np.ndarray:
 
 def to_device(array: np.ndarray, dev) -> Any:
     """Copy a numpy array to a new tensor on `dev`. On the CPU a contiguous, 64-byte aligned, writable
-    array is shared zero-copy; anything else is copied into an aligned buffer first."""
+    array is shared zero-copy; anything else is copied into an aligned buffer first. A zero-size array
+    becomes an empty tensor (numpy gives it strides that are not the compact ones TVM checks)."""
+    if array.size == 0:
+        return empty(array.shape, str(array.dtype), dev)
     if dev.dlpack_device_type() == KDL_CPU:
         aligned = array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0
         return ffi().from_dlpack(array if aligned else aligned_copy(array))

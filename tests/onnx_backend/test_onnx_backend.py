@@ -71,31 +71,10 @@ def test_excluded_cases_are_refused_in_one_sentence(name):
 
 
 # Node cases known to fail other than by a refusal, and why; each is a bug to fix, listed so that a new
-# failure stands out. Wrong answers come from TVM 0.27's converter or its lowering of edge cases:
-KNOWN_WRONG = {
-    "test_bitshift_left_int32_shift_ge_width": "shifts by >= the bit width (undefined in LLVM)",
-    "test_bitshift_left_int32_negative_shift": "negative shift amounts (undefined in LLVM)",
-    "test_convtranspose_output_shape": "the converter ignores ConvTranspose's output_shape attribute",
-    "test_isinf_positive": "IsInf's detect_positive/detect_negative are ignored by the converter",
-    "test_isinf_negative": "IsInf's detect_positive/detect_negative are ignored by the converter",
-    "test_mod_float_edge_cases_fmod_0_float16": "fmod with zero / infinite operands",
-    "test_mod_float_edge_cases_fmod_0_float32": "fmod with zero / infinite operands",
-    "test_mod_float_edge_cases_fmod_0_float64": "fmod with zero / infinite operands",
-    "test_roialign_mode_max": "RoiAlign mode=max is converted as the average",
-    "test_spacetodepth_crd_mode_example": "SpaceToDepth mode=CRD is converted as DCR",
-    "test_split_to_sequence_nokeepdims": "SplitToSequence keepdims=0 keeps the dimension",
-}
-# ... and crashes in the runtime, on inputs it cannot take:
-KNOWN_CRASHED = {
-    "test_compress_bfloat16": "bfloat16 inputs: numpy has no bfloat16, DLPack refuses the stand-in",
-    "test_einsum_batch_matmul_bfloat16": "bfloat16 inputs (as above)",
-    "test_einsum_sum_bfloat16": "bfloat16 inputs (as above)",
-    "test_einsum_transpose_bfloat16": "bfloat16 inputs (as above)",
-    "test_range_bfloat16_type_positive_delta": "bfloat16 inputs (as above)",
-    "test_unique_bfloat16_sorted_without_axis": "bfloat16 inputs (as above)",
-    "test_if_seq": "an If returning a sequence: the runtime expects tensors",
-    "test_tril_zero": "a zero-size input: the runtime's DLPack hand-off rejects it",
-}
+# failure stands out. None today: the converter forms that gave wrong answers are rewritten or refused in
+# frontend/onnx_rewrites.py / onnx_normalise.py, and zero-size inputs run (runtime/tvm_runtime.py).
+KNOWN_WRONG: dict[str, str] = {}
+KNOWN_CRASHED: dict[str, str] = {}
 
 
 @pytest.mark.slow
