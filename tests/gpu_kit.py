@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import pytest
+from conftest import cuda_device_visible  # the gpu marker's own test: nvidia-smi -L lists a GPU
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks.kit` is imported from the repository root
@@ -30,18 +29,6 @@ KIT = os.environ.get("TENSORPRESS_GPU_KIT")
 MANIFEST = json.loads((Path(KIT) / "manifest.json").read_text()) if KIT else None
 DRY = bool(MANIFEST and MANIFEST["dry"])
 DEFAULT_TOKENS = [1, 2, 7, 16, 17, 31, 64, 100, 130]
-
-
-@cache
-def cuda_device_visible() -> bool:
-    """Whether `nvidia-smi -L` lists a GPU (the same test as tests/conftest.py's gpu marker)."""
-    if shutil.which("nvidia-smi") is None:
-        return False
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
 
 
 def fail_where_cuda_is_visible(why: str) -> None:
