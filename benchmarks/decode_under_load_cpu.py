@@ -101,13 +101,6 @@ def stop_load(loads: list[subprocess.Popen]) -> None:
         process.wait(timeout=30)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--random-llama", default="256x4", help="HIDDENxLAYERS of the random Llama (default 256x4)")
@@ -124,7 +117,7 @@ def main() -> None:
     import tensorpress
 
     sys.path.insert(0, str(HERE))
-    from decode_throughput_cpu import random_llama
+    from decode_throughput_cpu import git_commit, random_llama
 
     extra = dict(item.split("=", 1) for item in args.env)
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -119,19 +118,15 @@ def throughput(artifact: Path, kind: str, design: str, threads: int, calls: int)
     return best
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--calls", type=int, default=40, help="calls per thread (graph); decoder: a quarter")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    sys.path.insert(0, str(HERE))
+    from decode_throughput_cpu import git_commit
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="tp-threads-") as tmp:
         artifacts = {"graph": graph_artifact(Path(tmp)), "decoder": decoder_artifact(Path(tmp))}
