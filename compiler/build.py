@@ -48,42 +48,56 @@ def _nan_propagating_tir_pipeline():
     return tvm.transform.Sequential([lower, propagate_nan]), finalize_host, finalize_device
 
 
-def _relax_pipeline(target_spec: TargetSpec, tvm_target):
-    import tvm
+def relax_lowering(target_spec: TargetSpec) -> list:
+    """The Relax passes that turn the graph into fused TIR kernels, before any schedule rule runs (the
+    build's pipeline and the failure diagnosis in build_failure.py lower alike)."""
     from tvm import relax
-    from tvm.s_tir import dlight as dl
 
     from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
     from tensorpress.compiler.passes.legalize_sign_keeping_nan import LEGALIZE_KEEPING_NAN
     from tensorpress.compiler.passes.mask_infinite_max_in_logsumexp import mask_infinite_max_in_logsumexp
-    from tensorpress.schedules.rules import rules_for
-
-    # dlight reads the arch with a parser that cannot read "sm_90a" and silently drops Tensor Cores;
-    # it schedules against sm_90, the kernels are still built for sm_90a (field guide, fact 4).
-    rule_target = tvm_target
-    if target_spec.kind == "cuda" and target_spec.arch == "sm_90a":
-        rule_target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=tvm_target.host)
 
     # On the CPU, transcendental functions go through TVM's fast polynomial forms (exp, erf, tanh,
     # softmax) instead of scalar libm calls; CUDA has fast hardware versions already. The polynomials
     # clamp their input with min/max, so NaN and ±Inf come out right once PropagateNaN has run.
     fast_math = [decompose_gelu, relax.transform.FastMathTransform()] if target_spec.kind == "cpu" else []
+    return [
+        mask_infinite_max_in_logsumexp,
+        *fast_math,
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(LEGALIZE_KEEPING_NAN),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def rule_target_for(target_spec: TargetSpec, tvm_target):
+    """The target the schedule rules see. dlight reads the arch with a parser that cannot read "sm_90a"
+    and silently drops Tensor Cores; it schedules against sm_90, the kernels are still built for sm_90a
+    (field guide, fact 4)."""
+    import tvm
+
+    if target_spec.kind == "cuda" and target_spec.arch == "sm_90a":
+        return tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=tvm_target.host)
+    return tvm_target
+
+
+def _relax_pipeline(target_spec: TargetSpec, tvm_target):
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    from tensorpress.schedules.rules import rules_for
+
+    rule_target = rule_target_for(target_spec, tvm_target)
 
     @tvm.transform.module_pass(opt_level=0, name="TensorpressRelaxPipeline")
     def pipeline(mod, _ctx):
-        lowering = [
-            mask_infinite_max_in_logsumexp,
-            *fast_math,
-            relax.backend.DispatchSampling(),
-            relax.backend.DispatchSortScan(),
-            relax.transform.LegalizeOps(LEGALIZE_KEEPING_NAN),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ]
         with tvm_target:
-            mod = tvm.transform.Sequential(lowering)(mod)
+            mod = tvm.transform.Sequential(relax_lowering(target_spec))(mod)
         with rule_target:
             mod = dl.ApplyDefaultSchedule(*rules_for(tvm_target))(mod)
         finalize = [

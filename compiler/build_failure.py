@@ -37,29 +37,25 @@ def _failing_kernel(mod: Any, target: TargetSpec) -> str:
     """' on kernel NAME (x: float32[1, 10], ...)' for the first PrimFunc whose scheduling or build fails,
     or '' when each builds alone."""
     import tvm
-    from tvm import relax, tirx
+    from tvm import tirx
 
+    from tensorpress.compiler.build import relax_lowering, rule_target_for, tir_pipeline
     from tensorpress.schedules.rules import rules_for
 
     tvm_target = target.tvm_target()
-    lowering = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
     with tvm_target:
-        lowered = tvm.transform.Sequential(lowering)(mod)
+        lowered = tvm.transform.Sequential(relax_lowering(target))(mod)
+    rule_target = rule_target_for(target, tvm_target)
     rules = rules_for(tvm_target)
     for gvar, func in lowered.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
         try:
-            with tvm_target:
-                scheduled = next((s for r in rules if (s := r.apply(func, tvm_target, False)) is not None), None)
+            with rule_target:
+                scheduled = next((s for r in rules if (s := r.apply(func, rule_target, False)) is not None), None)
             one = scheduled.mod["main"] if scheduled is not None else func
-            tvm.compile(tvm.IRModule({"main": one.with_attr("global_symbol", "main")}), target=tvm_target)
+            module = tvm.IRModule({"main": one.with_attr("global_symbol", "main")})
+            tvm.compile(module, target=tvm_target, tir_pipeline=tir_pipeline())
         except Exception:  # noqa: BLE001 - this is the kernel that fails
             return f" on kernel {gvar.name_hint} ({kernel_signature(func)})"
     return ""

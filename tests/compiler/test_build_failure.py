@@ -46,7 +46,7 @@ def test_internal_build_error_names_stage_kernel_shapes_and_target(broken_row_sc
         tensorpress.compile(_softmax_model(tmp_path), out)
     message = str(err.value)
     assert "\n" not in message
-    assert "build stage on kernel softmax (x: float32[1, 10]" in message
+    assert "build stage on kernel fast_softmax (x: float32[1, 10]" in message  # the kernel as the build names it
     assert "for target cpu" in message and "VectorizeLoop" in message
     assert err.value.__cause__ is not None  # the TVM error stays chained for --verbose
     assert not out.exists()
