@@ -61,7 +61,7 @@ def our_weights(artifact: Path, hf_state: dict, device_kind: str, seed: int) -> 
     minutes). On the CPU everything goes as numpy."""
     import numpy as np
 
-    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.compiler.formats import get_weight_format
     from tensorpress.runtime.artifact import open_artifact
     from tensorpress.runtime.loaded_artifact import weight_specs
 

@@ -54,12 +54,13 @@ def build_kernel(fmt: str, m: int, k: int, n_hint: int):
     """The format's weight GEMM for [m, k], fp32 activations, scheduled by the CPU rule and built."""
     import tvm
 
+    from tensorpress.compiler.formats import decode_stage
     from tensorpress.compiler.targets import parse_target
     from tensorpress.schedules.cpu.weight_gemm import WeightGemm
-    from tensorpress.schedules.weight_gemm import N_HINT_ATTR, get_decode_stage, make_weight_gemm
+    from tensorpress.schedules.weight_gemm import N_HINT_ATTR, make_weight_gemm
 
     stage_name = _stage_name(fmt)
-    func = make_weight_gemm(get_decode_stage(stage_name), m, k, act_dtype="float32").with_attr(N_HINT_ATTR, n_hint)
+    func = make_weight_gemm(decode_stage(stage_name), m, k, act_dtype="float32").with_attr(N_HINT_ATTR, n_hint)
     target = parse_target("cpu").tvm_target()
     sch = WeightGemm().apply(func, target, False)
     if sch is None:
@@ -68,7 +69,8 @@ def build_kernel(fmt: str, m: int, k: int, n_hint: int):
 
 
 def _stage_name(fmt: str) -> str:
-    from tensorpress.compiler.formats.registry import FPxFormat, get_weight_format
+    from tensorpress.compiler.formats import get_weight_format
+    from tensorpress.compiler.formats.fpx import FPxFormat
 
     spec = get_weight_format(fmt)
     return spec.stage_name if isinstance(spec, FPxFormat) else fmt
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
 
     from benchmarks.harness import measure_copy_bandwidth
-    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.compiler.formats import get_weight_format
 
     copy_bw = measure_copy_bandwidth(torch.device("cpu"))
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")

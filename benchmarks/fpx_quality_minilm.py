@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import transformers
 
-from tensorpress.compiler.formats.registry import FPxAutoFormat, get_weight_format
+from tensorpress.compiler.formats import get_weight_format
+from tensorpress.compiler.formats.fpx import FPxAutoFormat
 from tensorpress.compiler.weight_plan import DEFAULT_SKIP  # embeddings and LM head stay dense
 
 DEFAULT_FORMATS = ["e3m2", "e2m3", "e2m2", "e3m1", "e2m1", "fp6-auto"]

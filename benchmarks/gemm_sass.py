@@ -41,8 +41,8 @@ from tensorpress.schedules.tensorcore.sass_cost import (
 def format_bits(fmt: str) -> int:
     if fmt.startswith("dense"):
         return 16 if fmt.endswith("fp16") else 32
-    from tensorpress.compiler.formats import fpx
-    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.compiler.formats import fpx_codes as fpx
+    from tensorpress.compiler.formats import get_weight_format
 
     f = get_weight_format(fmt)
     return fpx.code_bits(f.ebits, f.mbits)
@@ -53,9 +53,9 @@ def decode_only_kernel(fmt: str, pair: bool, m: int = 1024, k: int = 1024, rows_
     k = 32g + 2t + 8j + h (j < 4, h < 2) into fp16 bit patterns, per element or as 4 half2 pairs."""
     from tvm import s_tir, te
 
-    from tensorpress.schedules.weight_gemm import get_decode_stage
+    from tensorpress.compiler.formats import decode_stage
 
-    stage = get_decode_stage(fmt)
+    stage = decode_stage(fmt)
     planes = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)[:-1]]
     if pair:
         out = te.compute(
@@ -82,7 +82,8 @@ def decode_only_kernel(fmt: str, pair: bool, m: int = 1024, k: int = 1024, rows_
 def decode_only_report(formats: list[str], arch: str) -> None:
     import tvm
 
-    from tensorpress.compiler.formats.registry import FPxFormat, get_weight_format
+    from tensorpress.compiler.formats import get_weight_format
+    from tensorpress.compiler.formats.fpx import FPxFormat
     from tensorpress.schedules.tensorcore import inspection
 
     functions, weights = {}, {}
@@ -110,10 +111,11 @@ def decode_only_report(formats: list[str], arch: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     import tvm
 
+    from tensorpress.compiler.formats import decode_stage
     from tensorpress.schedules.tensorcore import inspection
     from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
     from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
-    from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+    from tensorpress.schedules.weight_gemm import make_weight_gemm
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, default=4096)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     functions, labels = {}, {}
     for fmt in formats:
         for config in configs:
-            func = make_weight_gemm(get_decode_stage(fmt), args.m, args.k, with_bias=True)
+            func = make_weight_gemm(decode_stage(fmt), args.m, args.k, with_bias=True)
             symbol = f"{fmt.replace('-', '_')}_{config.label()}"
             main_func = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
             functions[symbol] = main_func.with_attr("global_symbol", symbol)

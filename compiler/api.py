@@ -11,7 +11,7 @@ from typing import Any
 
 from tensorpress.compiler.artifact_writer import build_time
 from tensorpress.compiler.configs import FPxConfig, KVCacheConfig, SparseConfig
-from tensorpress.compiler.formats.registry import get_weight_format
+from tensorpress.compiler.formats import get_weight_format
 from tensorpress.compiler.input_shapes import check_input_shapes
 from tensorpress.compiler.pipeline import CompileReport, compile_imported, internal_errors_named
 from tensorpress.compiler.targets import parse_target

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from tensorpress.compiler.formats import fpx
-from tensorpress.compiler.formats.registry import SCALE_SEARCHES, WEIGHT_FORMATS, FPxFormat
+from tensorpress.compiler.formats import PLANNED_SPARSE_FORMATS, SCALE_SEARCHES, WEIGHT_FORMATS
+from tensorpress.compiler.formats import fpx_codes as fpx
+from tensorpress.compiler.formats.fpx import FPxFormat
 from tensorpress.errors import ConfigError
 
-SPARSE_FORMATS = ("tiled-csl", "bitmap")
 KV_CACHE_FORMATS = ("fp16", "int2-kitty", "int2-oscar")
 
 
@@ -116,8 +116,10 @@ class SparseConfig(_Config):
         if not 0 <= self.sparsity < 1:
             raise ConfigError(f"SparseConfig sparsity must be in [0, 1), got {self.sparsity}.")
         object.__setattr__(self, "sparsity", float(self.sparsity))
-        if self.format not in SPARSE_FORMATS:
-            raise ConfigError(f"SparseConfig format must be one of {', '.join(SPARSE_FORMATS)}, got {self.format!r}.")
+        if self.format not in PLANNED_SPARSE_FORMATS:
+            raise ConfigError(
+                f"SparseConfig format must be one of {', '.join(PLANNED_SPARSE_FORMATS)}, got {self.format!r}."
+            )
 
 
 @dataclass(frozen=True)

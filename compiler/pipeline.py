@@ -24,7 +24,7 @@ import numpy as np
 
 from tensorpress.compiler.build import build_library, compiler_versions
 from tensorpress.compiler.build_folder import build_folder
-from tensorpress.compiler.formats.registry import PackedWeight, get_weight_format
+from tensorpress.compiler.formats import PackedWeight, get_weight_format
 from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
     LayerChoice,

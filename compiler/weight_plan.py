@@ -10,7 +10,7 @@ import fnmatch
 import warnings
 from dataclasses import dataclass
 
-from tensorpress.compiler.formats.registry import get_weight_format
+from tensorpress.compiler.formats import get_weight_format
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import LayerChoice, LinearSite
 from tensorpress.compiler.targets import TargetSpec
 

@@ -3,8 +3,8 @@
     Y[n, m] = sum_k X[n, k] * W[m, k]  (+ bias[m])        X: [N, K], W: [M, K], Y: [N, M]
 
 N (tokens) is symbolic (`n`, int64) so one kernel serves every batch; M and K are the layer's sizes.
-W is never an input: a `DecodeStage` says which stored buffers a format keeps (fp16 matrix, FPx bit
-planes + scales, Tiled-CSL, ...) and gives the TIR expression of W[m, k] from them. That expression is
+W is never an input: the format's `DecodeStage` (`decode_stage.py`) reads the buffers the format stores
+(fp16 matrix, FPx bit planes + scales, ...) and gives the TIR expression of W[m, k] from them. That expression is
 the format's one definition of its decode math: the CPU schedule and the Tensor Core template schedule
 the same PrimFunc, and tests compare it bit for bit with the format's numpy reference.
 
@@ -20,10 +20,9 @@ The PrimFunc carries attributes that schedule rules match on:
 
 from __future__ import annotations
 
-import abc
-from dataclasses import dataclass
-
 from tvm import te, tirx
+
+from tensorpress.schedules.decode_stage import DecodeStage, StoredBuffer
 
 KERNEL_ATTR = "tensorpress.kernel"
 FORMAT_ATTR = "tensorpress.format"
@@ -35,60 +34,18 @@ ROW_SCALE_ATTR = "tensorpress.row_scale_in_epilogue"
 KERNEL_NAME = "weight_gemm"
 
 
-@dataclass(frozen=True)
-class StoredBuffer:
-    """One array a weight format stores for a [M, K] weight (shape and dtype as in the artifact)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
+# The stage each weight-GEMM PrimFunc was made with, under the format name the PrimFunc carries
+# (FORMAT_ATTR): the schedules ask `decode_stage_of(func)` for it. Filled by make_weight_gemm only.
+_STAGE_OF_FORMAT: dict[str, DecodeStage] = {}
 
 
-class DecodeStage(abc.ABC):
-    """How a weight format turns its stored buffers into W[m, k], written once in TIR.
-
-    Subclasses live in `schedules/<format>_gemm.py` and register under the name of the matching
-    packer in `compiler/formats/` (see `register_decode_stage`).
-    """
-
-    name: str
-
-    @abc.abstractmethod
-    def stored_buffers(self, m: int, k: int) -> list[StoredBuffer]:
-        """The buffers this format stores for an [m, k] weight, in the order the kernel takes them."""
-
-    @abc.abstractmethod
-    def decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
-        """TIR expression for W[row, col] in `dtype`, reading only `stored` (same order as above)."""
-
-    def unsupported_reason(self, m: int, k: int) -> str | None:
-        """None when the kernel takes an [m, k] weight, else the constraint it breaks (one phrase)."""
-        if m % 16 or k % 16:
-            return "M and K must be multiples of 16"
-        return None
-
-
-_DECODE_STAGES: dict[str, DecodeStage] = {}
-
-
-def register_decode_stage(stage: DecodeStage) -> DecodeStage:
-    _DECODE_STAGES[stage.name] = stage
-    return stage
-
-
-def get_decode_stage(name: str) -> DecodeStage:
-    _import_builtin_stages()
+def decode_stage_of(func: tirx.PrimFunc) -> DecodeStage:
+    """The decode stage a weight-GEMM PrimFunc was made with (by `make_weight_gemm`, in this process)."""
+    name = str(func.attrs[FORMAT_ATTR])
     try:
-        return _DECODE_STAGES[name]
+        return _STAGE_OF_FORMAT[name]
     except KeyError:
-        known = ", ".join(sorted(_DECODE_STAGES))
-        raise KeyError(f"no decode stage named {name!r} (known: {known})") from None
-
-
-def _import_builtin_stages() -> None:
-    # Importing a format's schedule file registers its stage.
-    from tensorpress.schedules import dense_gemm, fpx_gemm  # noqa: F401
-    from tensorpress.schedules.cpu import dense_panel  # noqa: F401
+        raise KeyError(f"no weight GEMM of format {name!r} was made in this process") from None
 
 
 def make_weight_gemm(
@@ -100,15 +57,18 @@ def make_weight_gemm(
     with_bias: bool = False,
     n: int | None = None,
     row_scale_in_epilogue: bool = True,
+    buffers: list[StoredBuffer] | None = None,
 ) -> tirx.PrimFunc:
     """Build the weight-GEMM PrimFunc for an [m, k] weight stored as `stage` describes.
 
     Arguments of the PrimFunc, in order: X [n, k] act_dtype, each stored buffer, bias [m] (if
     with_bias, act_dtype), Y [n, m] out_dtype (default act_dtype). `n=None` makes N symbolic.
+    `buffers`: the stored buffers of the packed weight (default: `stage.stored_buffers(m, k)`, for
+    formats whose buffers follow from the shape).
 
-    A stage whose W is a per-row factor times an unscaled value (it has `unscaled_decode` and
-    `row_scale`, see `tensorcore/decode_hints.RowScaledDecode`) gets, unless row_scale_in_epilogue
-    is False, the factor applied once per output in fp32 after the sum:
+    A stage whose W is a per-row factor times an unscaled value (`stage.scales_rows`, see
+    `decode_stage.py`) gets, unless row_scale_in_epilogue is False, the factor applied once per output
+    in fp32 after the sum:
         "decode"  W_decoded[m, k] = stage.unscaled_decode(stored..., m, k)
         "store"   Y[n, m] = cast(acc[n, m] * row_scale(m) (+ bias[m]))
     Same math, one multiply per output instead of one per weight; only the rounding differs (the
@@ -118,11 +78,10 @@ def make_weight_gemm(
     out_dtype = out_dtype or act_dtype
     rows = tirx.Var("n", "int64") if n is None else n
     x = te.placeholder((rows, k), act_dtype, name="X")
-    stored = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)]
-    from tensorpress.schedules.tensorcore.decode_hints import RowScaledDecode  # imports this module
-
-    factored = row_scale_in_epilogue and isinstance(stage, RowScaledDecode)
-    decode = stage.unscaled_decode if isinstance(stage, RowScaledDecode) and factored else stage.decode
+    buffers = stage.stored_buffers(m, k) if buffers is None else buffers
+    stored = [te.placeholder(b.shape, b.dtype, name=b.name) for b in buffers]
+    factored = row_scale_in_epilogue and stage.scales_rows
+    decode = stage.unscaled_decode if factored else stage.decode
     w = te.compute((m, k), lambda r, c: decode(stored, r, c, act_dtype), name="decode")
     rk = te.reduce_axis((0, k), name="k")
     acc = te.compute(
@@ -143,6 +102,7 @@ def make_weight_gemm(
         args.append(bias)
     y = te.compute((rows, m), lambda i, j: with_bias_added(i, j).astype(out_dtype), name="store")
     func = te.create_prim_func([*args, y])
+    _STAGE_OF_FORMAT[stage.name] = stage
     return func.with_attrs(
         {
             KERNEL_ATTR: KERNEL_NAME,

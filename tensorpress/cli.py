@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation dtype (default: graph models keep their own dtype, and ONNX graphs can only; decoders "
         "run float16 on CUDA and float32 on the CPU; on CUDA, linear layers use fp16 Tensor Cores either way)",
     )
-    p.add_argument("--weights", help="weight format: fp6, fp6_e2m3, fp5, fp4, fp6-auto, eXmY (default dense)")
+    p.add_argument("--weights", help=f"weight format: {_weight_format_choices()} (default dense)")
     p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
-    p.add_argument("--scale-search", choices=("absmax", "mse"), help="FPx scale search (default absmax)")
+    p.add_argument("--scale-search", choices=_scale_searches(), help="FPx scale search (default absmax)")
     p.add_argument(
         "--input-shape", action="append", help="ONNX graphs: override an input shape, name=1,128 (repeatable)"
     )
@@ -188,6 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(p)
     p.set_defaults(func=_generate)
     return parser
+
+
+def _weight_format_choices() -> str:
+    """The registry's weight formats for --help: every name, the eXmY family as one entry."""
+    import re
+
+    try:
+        from tensorpress.compiler.formats import weight_format_names
+    except ImportError:  # the runtime bundle ships no compiler (its compile command cannot run anyway)
+        return "those of the compiler"
+    names = [n for n in weight_format_names() if not re.fullmatch(r"e\dm\d", n)]
+    return ", ".join([*names, "eXmY"])
+
+
+def _scale_searches() -> tuple[str, ...] | None:
+    try:
+        from tensorpress.compiler.formats import SCALE_SEARCHES
+    except ImportError:  # as above
+        return None
+    return SCALE_SEARCHES
 
 
 def _target_choices() -> tuple[str, ...]:

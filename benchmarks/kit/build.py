@@ -110,16 +110,17 @@ def scheduled_module(cases: list[KernelCase], emulated: bool):
     """One IRModule with a function per case, named case.name."""
     import tvm
 
+    from tensorpress.compiler.formats import decode_stage
     from tensorpress.schedules.tensorcore.config import TileConfig
     from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
     from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
     from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
-    from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+    from tensorpress.schedules.weight_gemm import make_weight_gemm
 
     intrinsics = emulated_intrinsics() if emulated else cuda_intrinsics()
     functions = {}
     for c in cases:
-        func = make_weight_gemm(get_decode_stage(c.fmt), c.m, c.k, with_bias=c.bias)
+        func = make_weight_gemm(decode_stage(c.fmt), c.m, c.k, with_bias=c.bias)
         main = schedule_weight_gemm(func, TileConfig(**c.config_dict), intrinsics).mod["main"]
         functions[c.name] = main.with_attr("global_symbol", c.name)
     return tvm.IRModule(functions)

@@ -113,7 +113,7 @@ def write_rounded_weights(source: Path, artifact: Path, folder: Path) -> Path:
     artifact computes with (the format's exact round trip): transformers then runs the same weights."""
     from safetensors.numpy import load_file, save_file
 
-    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.compiler.formats import get_weight_format
     from tensorpress.runtime.artifact import open_artifact
 
     manifest = open_artifact(artifact).manifest

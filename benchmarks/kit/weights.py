@@ -36,8 +36,8 @@ def make_weight(fmt: str, m: int, k: int, device, seed: int = 0) -> KernelWeight
         g = torch.Generator().manual_seed(seed)
         w = (torch.randn(m, k, generator=g) / k**0.5).to(torch.float16).to(device)
         return KernelWeight(fmt, [w], w, m * k * 2)
-    from tensorpress.compiler.formats import fpx, fpx_layout
-    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.compiler.formats import fpx_codes as fpx
+    from tensorpress.compiler.formats import fpx_layout, get_weight_format
 
     spec = get_weight_format(fmt)
     bits = fpx.code_bits(spec.ebits, spec.mbits)

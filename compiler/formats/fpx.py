@@ -1,193 +1,358 @@
-"""FPx weights (FP6-LLM style): eXmY floats with one fp16 scale per output channel, exact in numpy.
+"""FPx weights (FP6-LLM): eXmY codes in bit planes with one fp16 scale per output channel.
 
-An eXmY code has 1 + X + Y bits, most significant first:
+    fmt = get_weight_format("fp6")        # FPxFormat e3m2; also fp6_e2m3, fp5, fp4, every eXmY
+    packed = fmt.pack(w)                  # {"plane4", "plane2", "scales"} for e3m2
+    fmt.decode_stage()                    # FPxDecode: the TIR below, read by every kernel
 
-    bit  X+Y        X+Y-1 ... Y        Y-1 ... 0
-         sign       exponent e (X)     mantissa m (Y)
+The codes and their quantiser are `fpx_codes.py`; the bit-plane layout, with its picture, is
+`fpx_layout.py`. Stored buffers:
+    plane<p> uint32 [M, Kp * p / 32] for each plane width p of the code, widest first
+    scales   float16 [M]
 
-    bias = 2^(X-1) - 1
-    e == 0:  value = (-1)^sign * 2^(1 - bias) * (m / 2^Y)          (subnormals, and +-0)
-    e >  0:  value = (-1)^sign * 2^(e - bias) * (1 + m / 2^Y)
+The decode stage. On the Tensor Core template the planes are staged: each K tile of them travels to
+shared memory by cp.async, compressed, and each warp decodes them from there straight into its mma
+B fragments, two weights per 32-bit register (fragment decode, `tensorcore/fragment_decode.py`).
+The per-row scales stay in global memory and are applied once per output (row scale). On the CPU
+the same decode expressions read global memory.
 
-Every exponent code is a finite value: there is no inf and no NaN (so e2m1 is exactly the OCP FP4
-value set {0, 0.5, 1, 1.5, 2, 3, 4, 6}, while e4m3 here reaches 480, unlike OCP's E4M3FN at 448).
-The magnitude bits (e, m) read as an unsigned integer grow with the value, which the quantiser and
-the kernel's decode both rely on.
+W[m, k] is rebuilt with integer and bit operations only, no lookup table:
 
-Supported: 1 <= X <= 4 (the exponent must fit fp16's 5-bit field without reaching its inf code, see
-`schedules/fpx_gemm.py`), Y >= 0, and 1 + X + Y <= 8 (a code fits one uint8).
+    bits  = (sign << 15) | ((e << Y | m) << (10 - Y))        an fp16 bit pattern with exponent field e
+            = OR over planes of rotate(plane_p[row, word], to fp16 place) & mask_p     (`fp16_bits`)
+    h     = reinterpret<float16>(bits)                         = value * 2^(bias - 15)
+    W     = h * row_scale,  row_scale = float32(scale) * 2^(15 - bias)     (`unscaled_decode`, `row_scale`)
 
-Quantiser (`encode`): per output channel (row of W[M, K]) an fp16 scale s = absmax / max finite
-value, rounded to fp16; each weight becomes the representable value nearest to w / s, ties to the
-even code, magnitudes beyond the largest value saturate. The codes are chosen against the fp16 scale
-actually stored, so `decode(encode(w))` is exactly `nearest(w / s16) * s16`.
+Why this is exact. With fp16 exponent field e (0 <= e <= 15 as X <= 4) and mantissa m << (10 - Y),
+h is 2^(e-15) * (1 + m/2^Y) for e > 0 and 2^-14 * m/2^Y for e == 0, i.e. the eXmY value times
+2^(bias-15) in both cases, fp16 subnormals included, and never inf or NaN (e <= 15 < 31), whatever
+the bits. row_scale is an fp16 times a power of two <= 2^15: exact in fp32.
+
+Where the scale goes. The weight GEMM (`make_weight_gemm`) multiplies by row_scale after the sum
+over k: Y[n, m] = row_scale[m] · Σ_k X[n, k]·h[m, k]. The products X·h are exact in fp32 (11 + 8
+significant bits), so Y differs from Σ_k X·W with the exact (fp32) W only by the rounding of the fp32
+sums and of the one final multiply; no weight is rounded to fp16. Made with
+row_scale_in_epilogue=False, the PrimFunc uses `decode` instead: w = (h * 2^(15 - bias)) * scale in
+the compute dtype, two multiplies, the first exact (<= 8 significant bits, |w| / scale <= 480), the
+second rounding once to the fp16 nearest value * scale (numpy's decode(...).astype(float16)); folding
+scale * 2^(15-bias) into one fp16 constant would overflow for scales above 65504 / 2^(15-bias).
+
+Cost on the GPU (benchmarks/gemm_sass.py, sm_90a, M = K = 4096, n16 tiles): per FP6 weight pair
+one funnel shift or constant shift per plane plus the masks and ORs, ~6 integer ops (3 per weight),
+and one LDS per plane, row and 32 k a lane: 4.4 thread-instructions per weight for the whole main
+loop of n16m128k64, where an H100 streaming FP6 at full bandwidth allows 6.9.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from tensorpress.compiler.formats import fpx_codes as fpx
+from tensorpress.compiler.formats import fpx_layout
+from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
 from tensorpress.errors import ConfigError, TensorpressError
+from tensorpress.schedules.decode_stage import CPUDecodeOrder, DecodeStage, StoredBuffer
 
-MAX_EXPONENT_BITS = 4
-MAX_CODE_BITS = 8
+if TYPE_CHECKING:
+    from tvm import te, tirx
 
-# Clip ratios tried per channel by the MSE scale search (ratio 1.0 is absmax, so MSE never loses).
-MSE_CLIP_RATIOS = np.round(np.arange(0.50, 1.0001, 0.02), 2)
-
-_FP16_MAX = float(np.finfo(np.float16).max)
-_FP16_TINIEST = float(np.finfo(np.float16).smallest_subnormal)
-
-
-def check_format(ebits: int, mbits: int) -> None:
-    """Raise ConfigError unless eXmY with X = ebits, Y = mbits is a format this module supports."""
-    if not (isinstance(ebits, (int, np.integer)) and isinstance(mbits, (int, np.integer))):
-        raise ConfigError(f"FPx ebits and mbits must be integers, got ebits={ebits!r}, mbits={mbits!r}.")
-    if not 1 <= ebits <= MAX_EXPONENT_BITS or mbits < 0 or 1 + ebits + mbits > MAX_CODE_BITS:
-        raise ConfigError(
-            f"FPx format e{ebits}m{mbits} is not supported: use 1 <= ebits <= {MAX_EXPONENT_BITS}, "
-            f"mbits >= 0 and 1 + ebits + mbits <= {MAX_CODE_BITS}."
-        )
+SCALE_SEARCHES = ("absmax", "mse")
+# Short names for the FPx formats of FP6-LLM; every eXmY is also registered under its own name.
+FPX_ALIASES = {"fp6": (3, 2), "fp6_e2m3": (2, 3), "fp5": (2, 2), "fp4": (2, 1)}
 
 
-def code_bits(ebits: int, mbits: int) -> int:
-    """Bits per code: 1 sign + ebits + mbits."""
-    return 1 + ebits + mbits
+@dataclass(frozen=True)
+class FPxFormat(WeightFormat):
+    """eXmY codes in bit planes (`fpx_layout`) with one fp16 scale per output channel (`fpx`).
 
-
-def exponent_bias(ebits: int) -> int:
-    """2^(ebits-1) - 1."""
-    return (1 << (ebits - 1)) - 1
-
-
-def magnitudes(ebits: int, mbits: int) -> np.ndarray:
-    """float64 [2^(X+Y)]: the non-negative value of each magnitude code (e << Y | m), ascending."""
-    check_format(ebits, mbits)
-    mag = np.arange(1 << (ebits + mbits), dtype=np.int64)
-    e, m = mag >> mbits, mag & ((1 << mbits) - 1)
-    bias = exponent_bias(ebits)
-    subnormal = np.ldexp(m.astype(np.float64), 1 - bias - mbits)
-    normal = np.ldexp(((1 << mbits) + m).astype(np.float64), e - bias - mbits)
-    return np.where(e == 0, subnormal, normal)
-
-
-def code_values(ebits: int, mbits: int) -> np.ndarray:
-    """float64 [2^(1+X+Y)]: the value of every code, indexed by the code (negative codes give -0.0 etc.)."""
-    mags = magnitudes(ebits, mbits)
-    return np.concatenate([mags, -mags])
-
-
-def max_value(ebits: int, mbits: int) -> float:
-    """The largest finite value of eXmY, e.g. 28.0 for e3m2, 7.5 for e2m3, 6.0 for e2m1."""
-    return float(magnitudes(ebits, mbits)[-1])
-
-
-def absmax_scales(w: np.ndarray, ebits: int, mbits: int, clip: float | np.ndarray = 1.0) -> np.ndarray:
-    """float16 [M]: clip * absmax(row) / max_value, rounded to fp16 (ties to even).
-
-    `clip` (a scalar or float [M]) shrinks the range for the MSE search. A row of zeros gets scale 0.
-    A non-zero row whose scale would underflow fp16 gets its smallest subnormal, one that would
-    overflow gets fp16's largest finite value (its weights then saturate).
+    scale_search: "absmax" (scale = absmax / max value) or "mse" (each channel's clip ratio from
+    fpx.MSE_CLIP_RATIOS with the lowest squared error).
     """
-    w = _check_weight(w)
-    absmax = np.abs(w).max(axis=1, initial=0.0).astype(np.float64)
-    ideal = absmax * np.asarray(clip, dtype=np.float64) / max_value(ebits, mbits)
-    with np.errstate(over="ignore"):
-        scales = ideal.astype(np.float16)
-    scales = np.where((ideal > 0) & (scales == 0), np.float16(_FP16_TINIEST), scales)
-    return np.where(np.isinf(scales), np.float16(_FP16_MAX), scales).astype(np.float16)
+
+    name: str
+    ebits: int
+    mbits: int
+    scale_search: str = "absmax"
+
+    def __post_init__(self):
+        fpx.check_format(self.ebits, self.mbits)
+        check_scale_search(self.scale_search)
+
+    @property
+    def stage_name(self) -> str:
+        """The canonical eXmY name, under which the decode stage and packed weights go."""
+        return f"e{self.ebits}m{self.mbits}"
+
+    def encode(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes uint8 [M, K], scales float16 [M]) with this format's scale search."""
+        w = check_weight(w)
+        if self.scale_search == "mse":
+            return fpx.encode_mse(w, self.ebits, self.mbits)
+        return fpx.encode(w, self.ebits, self.mbits)
+
+    def pack_codes(self, codes: np.ndarray, scales: np.ndarray) -> PackedWeight:
+        planes = fpx_layout.pack_fpx_planes(codes, self.ebits, self.mbits)
+        return PackedWeight(self.stage_name, codes.shape, {**planes, "scales": scales})
+
+    def pack(self, w: np.ndarray) -> PackedWeight:
+        return self.pack_codes(*self.encode(w))
+
+    def unpack(self, packed: PackedWeight) -> np.ndarray:
+        if packed.format != self.stage_name:
+            raise TensorpressError(f"a {packed.format} weight cannot be unpacked as {self.stage_name}.")
+        m, k = packed.shape
+        codes = fpx_layout.unpack_fpx_planes(packed.arrays, m, k, self.ebits, self.mbits)
+        return fpx.decode(codes, packed.arrays["scales"], self.ebits, self.mbits)
+
+    def stored_bytes(self, m: int, k: int) -> int:
+        bits = fpx.code_bits(self.ebits, self.mbits)
+        planes = sum(fpx_layout.plane_words(m, k, p) * 4 for p in fpx_layout.plane_widths(bits))
+        return planes + 2 * m
+
+    def with_scale_search(self, scale_search: str) -> FPxFormat:
+        return dataclasses.replace(self, scale_search=scale_search)
+
+    def decode_stage(self) -> FPxDecode:
+        return fpx_decode_stage(self.ebits, self.mbits)
 
 
-def quantize(w: np.ndarray, scales: np.ndarray, ebits: int, mbits: int) -> np.ndarray:
-    """uint8 [M, K]: the code nearest to w / scales[row] (ties to even, saturating), sign kept.
+@dataclass(frozen=True)
+class FPxAutoFormat(WeightFormat):
+    """Per weight, the candidate eXmY (all of one bit width) with the lowest reconstruction error
+    sum((W - decode(encode(W)))^2); ties go to the earlier candidate."""
 
-    w: float [M, K]; scales: float16 [M], >= 0 (a zero scale gives the signed-zero codes).
+    name: str
+    candidates: tuple[tuple[int, int], ...]
+    scale_search: str = "absmax"
+
+    def __post_init__(self):
+        check_scale_search(self.scale_search)
+        if len({fpx.code_bits(e, m) for e, m in self.candidates}) != 1:
+            raise ConfigError(f"the candidates of {self.name} must all have the same number of bits.")
+
+    def _formats(self) -> list[FPxFormat]:
+        return [FPxFormat(f"e{e}m{m}", e, m, self.scale_search) for e, m in self.candidates]
+
+    def _choose(self, w: np.ndarray) -> tuple[FPxFormat, np.ndarray, np.ndarray]:
+        best = None
+        for fmt in self._formats():
+            codes, scales = fmt.encode(w)
+            err = float(fpx.reconstruction_error(w, codes, scales, fmt.ebits, fmt.mbits).sum())
+            if best is None or err < best[0]:
+                best = (err, fmt, codes, scales)
+        assert best is not None
+        return best[1], best[2], best[3]
+
+    def resolve(self, w: np.ndarray) -> FPxFormat:
+        return self._choose(check_weight(w))[0]
+
+    def pack(self, w: np.ndarray) -> PackedWeight:
+        fmt, codes, scales = self._choose(check_weight(w))
+        return fmt.pack_codes(codes, scales)
+
+    def unpack(self, packed: PackedWeight) -> np.ndarray:
+        for fmt in self._formats():
+            if fmt.stage_name == packed.format:
+                return fmt.unpack(packed)
+        raise TensorpressError(f"{self.name} never stores a {packed.format} weight.")
+
+    def stored_bytes(self, m: int, k: int) -> int:
+        return self._formats()[0].stored_bytes(m, k)
+
+    def with_scale_search(self, scale_search: str) -> FPxAutoFormat:
+        return dataclasses.replace(self, scale_search=scale_search)
+
+    def decode_stage(self) -> FPxDecode:
+        return self._formats()[0].decode_stage()
+
+
+def fpx_formats() -> dict[str, WeightFormat]:
+    """The registry's FPx entries: the aliases (fp6, fp5, ...), every supported eXmY, and fp6-auto."""
+    formats: dict[str, WeightFormat] = {}
+    for name, (ebits, mbits) in FPX_ALIASES.items():
+        formats[name] = FPxFormat(name, ebits, mbits)
+    for ebits in range(1, fpx.MAX_EXPONENT_BITS + 1):
+        for mbits in range(fpx.MAX_CODE_BITS - ebits):
+            formats[f"e{ebits}m{mbits}"] = FPxFormat(f"e{ebits}m{mbits}", ebits, mbits)
+    formats["fp6-auto"] = FPxAutoFormat("fp6-auto", ((3, 2), (2, 3)))
+    return formats
+
+
+def check_scale_search(scale_search: str) -> None:
+    if scale_search not in SCALE_SEARCHES:
+        raise ConfigError(f"unknown scale search {scale_search!r}; valid choices: {', '.join(SCALE_SEARCHES)}.")
+
+
+# ---------------------------------------------------------------------------------------- decode stage
+# The TIR of the decode. TVM is imported inside the methods, so this file (and the registry) imports
+# without it.
+
+_FP16_MANTISSA_BITS = 10
+_FP16_EXPONENT_BIAS = 15
+
+
+@cache
+def fpx_decode_stage(ebits: int, mbits: int) -> FPxDecode:
+    """The decode stage of eXmY (one object per format, named by its canonical eXmY name)."""
+    return FPxDecode(f"e{ebits}m{mbits}", ebits, mbits)
+
+
+class FPxDecode(DecodeStage):
+    """W[m, k] = value(eXmY code at (m, k)) * scales[m], codes read from the bit planes.
+
+    Capabilities: row scale, shared staging of every plane, fragment decode (a lane's plane words
+    cover a group of 32 k: one group at a time), and word-order decode on the CPU (rows read word by
+    word, the 8 codes of a plane4 word at a time, `fpx_layout.decode_position`).
     """
-    w = _check_weight(w)
-    scales = _check_scales(scales, w.shape[0])
-    mags = magnitudes(ebits, mbits)
-    midpoints = (mags[:-1] + mags[1:]) / 2  # exact in float64
-    s = scales.astype(np.float64)[:, None]
-    a = np.abs(w.astype(np.float64))
-    # |w| / s in float64 is exact enough to compare with a midpoint: midpoint * s has at most
-    # (Y + 2) + 11 significant bits and |w| 24, so they are equal or differ by >= 2^-25 relatively,
-    # far beyond the 2^-53 rounding of the division. Equality is therefore an exact tie.
-    q = np.divide(a, s, out=np.zeros_like(a), where=s > 0)
-    mag = np.searchsorted(midpoints, q, side="left")  # number of midpoints strictly below q
-    nearest_mid = midpoints[np.minimum(mag, len(midpoints) - 1)]
-    tie_to_odd = (mag < len(midpoints)) & (q == nearest_mid) & (mag % 2 == 1)
-    mag = mag + tie_to_odd  # a tie between codes mag and mag+1 goes to the even one
-    sign = np.signbit(w).astype(np.int64) << (ebits + mbits)
-    return (sign | mag).astype(np.uint8)
+
+    scales_rows = True
+    fragment_k = fpx_layout.GROUP_K
+    cpu_decode_order = CPUDecodeOrder(fpx_layout.decode_position, fpx_layout.GROUP_K, fpx_layout.DECODE_RUN)
+
+    def __init__(self, name: str, ebits: int, mbits: int):
+        fpx.check_format(ebits, mbits)
+        self.name = name
+        self.ebits = ebits
+        self.mbits = mbits
+        self.bits = fpx.code_bits(ebits, mbits)
+        self.widths = fpx_layout.plane_widths(self.bits)
+        self.shifts = fpx_layout.plane_shifts(self.bits)
+
+    def stored_buffers(self, m: int, k: int) -> list[StoredBuffer]:
+        planes = [
+            StoredBuffer(fpx_layout.plane_name(p), fpx_layout.plane_shape(m, k, p), "uint32") for p in self.widths
+        ]
+        return [*planes, StoredBuffer("scales", (m,), "float16")]
+
+    def staged_buffers(self, m: int, k: int) -> list[str]:
+        """Every plane (a K tile of each is a rectangle of whole words); the scales stay global."""
+        return [fpx_layout.plane_name(p) for p in self.widths]
+
+    def unsupported_reason(self, m: int, k: int) -> str | None:
+        return fpx_layout.unsupported_shape_reason(m, k)
+
+    def word_in_row(self, col: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+        """The layout's word of column `col` in a row of the `width`-bit plane (`fpx_layout`)."""
+        return fpx_layout.word_in_row(col, width)
+
+    def bit_offset(self, col: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+        """The layout's first bit of column `col`'s field in that word (`fpx_layout`)."""
+        return fpx_layout.bit_offset(col, width)
+
+    def fp16_bits(
+        self,
+        planes: list[te.Tensor],
+        row: tirx.PrimExpr,
+        col: tirx.PrimExpr,
+        pair: bool = False,
+        funnel: bool = True,
+    ) -> tirx.PrimExpr:
+        """uint32 TIR expression: (sign << 15) | (magnitude << (10 - Y)) of the code of W[row, col].
+
+        funnel=True: each plane's field is rotated straight to its place in the fp16 pattern and
+        masked: one funnel shift and one LOP3 on the GPU. The sign, the top bit of the last plane,
+        lands at bit 10 + X with it and is moved up by a constant shift (one rotation per plane keeps
+        one rotation amount per plane live: more made ptxas spill). The rotation amounts depend on the
+        column only: per thread, they are loop invariants.
+
+        funnel=False: the same fields placed with plain 32-bit shifts, (word >> offset) & mask, then
+        << to the fp16 place: what a CPU runs best (x86 has no vector rotate before AVX-512; the
+        64-bit funnel idiom becomes 64-bit vector lanes there). Same bits, see the tests.
+
+        pair=True (col even): the half2 of W[row, col] (bits 0..15) and W[row, col + 1] (16..31) for
+        the same instructions. The layout keeps a pair's fields in one word, 16 bits apart, so the
+        rotation that places the first also places the second; only the masks double. This is the
+        decode a lane of the mma B fragment runs (SWAR, two weights per integer op).
+        """
+        spread = 0x0001_0001 if pair else 1  # a mask for bits 0..15 copied to 16..31
+        bits = None
+        sign_bit = self.ebits + self.mbits  # the code bit holding the sign
+        for plane, width, shift in zip(planes, self.widths, self.shifts):
+            word = plane[row, self.word_in_row(col, width)]
+            offset = self.bit_offset(col, width)
+            magnitude_width = min(width, sign_bit - shift)  # the sign plane keeps its top bit apart
+            target = shift + _FP16_MANTISSA_BITS - self.mbits  # field bit 0 -> fp16 bit `target`
+            if not funnel:
+                parts = _shifted_fields(word, offset, width, magnitude_width, target, spread)
+            elif magnitude_width > 0:
+                rotated = _rotate_right(word, offset, target)
+                parts = [rotated & _u32((((1 << magnitude_width) - 1) << target) * spread)]
+                if magnitude_width < width:  # the sign sits at bit 10 + X of `rotated`
+                    up = 15 - (_FP16_MANTISSA_BITS + self.ebits)
+                    parts.append((rotated << _u32(up)) & _u32((1 << 15) * spread))
+            else:  # a plane holding the sign alone
+                parts = [_rotate_right(word, offset, 15) & _u32((1 << 15) * spread)]
+            for part in parts:
+                bits = part if bits is None else bits | part
+        return bits
+
+    def decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
+        from tvm import tirx
+
+        *planes, scales = stored
+        h = self.unscaled_decode(stored, row, col, "float16")
+        value = h * tirx.const(self.exponent_fix, "float16")  # exact, see the module docstring
+        scale = scales[row]
+        if dtype == "float16":
+            return value * scale
+        return value.astype(dtype) * scale.astype(dtype)
+
+    @property
+    def exponent_fix(self) -> float:
+        """2^(15 - bias): the factor from the fp16 pattern's value to the code's value (a power of 2)."""
+        return float(2 ** (_FP16_EXPONENT_BIAS - fpx.exponent_bias(self.ebits)))
+
+    def unscaled_decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
+        """h = value(code) * 2^(bias - 15): the code's fp16 bit pattern reinterpreted (exact), in `dtype`."""
+        from tvm import tirx
+
+        bits = self.fp16_bits(stored[: len(self.widths)], row, col, funnel=False)
+        h = tirx.reinterpret("float16", bits.astype("uint16"))
+        return h if dtype == "float16" else h.astype(dtype)
+
+    def row_scale(self, stored: list[te.Tensor], row: tirx.PrimExpr) -> tirx.PrimExpr:
+        """float32 scales[row] * 2^(15 - bias): exact (an fp16 times a power of two <= 2^15)."""
+        from tvm import tirx
+
+        return stored[-1][row].astype("float32") * tirx.const(self.exponent_fix, "float32")
+
+    def fragment_pair(self, staged: list, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
+        """The half2 of the unscaled W[row, col], W[row, col + 1] (col even): `fp16_bits(pair=True)`."""
+        return self.fp16_bits(staged, row, col, pair=True)
 
 
-def encode(w: np.ndarray, ebits: int, mbits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quantise W[M, K] to eXmY with absmax per-row fp16 scales.
+def _shifted_fields(word, offset, width: int, magnitude_width: int, target: int, spread: int) -> list:
+    """A plane's field moved to its fp16 place with plain shifts: the magnitude bits to `target`,
+    the sign (the field's top bit, when the plane holds it) to bit 15."""
+    field = (word >> offset.astype("uint32")) & _u32(((1 << width) - 1) * spread)
+    parts = []
+    if magnitude_width > 0:
+        parts.append((field & _u32(((1 << magnitude_width) - 1) * spread)) << _u32(target))
+    if magnitude_width < width:  # the field's top bit is the sign
+        sign = (field >> _u32(width - 1)) & _u32(spread) if width > 1 else field
+        parts.append(sign << _u32(15))
+    return parts
 
-    Returns (codes: uint8 [M, K], one code per weight in the low 1+X+Y bits; scales: float16 [M]).
+
+def _rotate_right(word: tirx.PrimExpr, from_bit, to_bit: int) -> tirx.PrimExpr:
+    """uint32 `word` rotated so that its bit `from_bit` (an int expression < 32) lands on `to_bit`.
+
+    Written as the low half of (word:word) >> n, n = (from_bit - to_bit) mod 32: nvcc makes it one
+    funnel shift (SHF.R.U64 on a register pair), LLVM one rotate/shrd. (The textbook rotate idiom
+    (w >> n) | (w << (-n & 31)) costs three instructions once TVM hoists the two amounts apart.)
     """
-    check_format(ebits, mbits)
-    scales = absmax_scales(w, ebits, mbits)
-    return quantize(w, scales, ebits, mbits), scales
+    from tvm import tirx
+
+    n = ((from_bit + (32 - to_bit)) % 32).astype("uint64")
+    wide = word.astype("uint64")
+    return (((wide << tirx.const(32, "uint64")) | wide) >> n).astype("uint32")
 
 
-def decode(codes: np.ndarray, scales: np.ndarray, ebits: int, mbits: int) -> np.ndarray:
-    """float32 [M, K]: value(codes[m, k]) * scales[m], exact (an fp16 times a <= 8-bit float fits fp32)."""
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.dtype != np.uint8:
-        raise TensorpressError(f"FPx codes must be a 2-D uint8 array, got {codes.dtype} {codes.shape}.")
-    bits = code_bits(ebits, mbits)
-    if codes.size and int(codes.max()) >> bits:
-        raise TensorpressError(f"FPx codes hold values above the {bits} bits of e{ebits}m{mbits}.")
-    scales = _check_scales(scales, codes.shape[0])
-    values = code_values(ebits, mbits)[codes]
-    return (values * scales.astype(np.float64)[:, None]).astype(np.float32)
+def _u32(value: int) -> tirx.PrimExpr:
+    from tvm import tirx
 
-
-def reconstruction_error(w: np.ndarray, codes: np.ndarray, scales: np.ndarray, ebits: int, mbits: int):
-    """float64 [M]: per-row sum of squared differences between w and decode(codes, scales)."""
-    diff = w.astype(np.float64) - decode(codes, scales, ebits, mbits).astype(np.float64)
-    return np.square(diff).sum(axis=1)
-
-
-def encode_mse(
-    w: np.ndarray, ebits: int, mbits: int, clip_ratios: np.ndarray = MSE_CLIP_RATIOS
-) -> tuple[np.ndarray, np.ndarray]:
-    """Like `encode`, but each row's scale is clip * absmax / max_value with the clip ratio (from
-    `clip_ratios`, which should include 1.0) that gives the row the lowest squared error.
-
-    Returns (codes uint8 [M, K], scales float16 [M]); ties between ratios keep the larger one.
-    """
-    check_format(ebits, mbits)
-    w = _check_weight(w)
-    ratios = sorted(np.asarray(clip_ratios, dtype=np.float64), reverse=True)
-    best_scales = absmax_scales(w, ebits, mbits, ratios[0])
-    best_codes = quantize(w, best_scales, ebits, mbits)
-    best_err = reconstruction_error(w, best_codes, best_scales, ebits, mbits)
-    for clip in ratios[1:]:
-        scales = absmax_scales(w, ebits, mbits, clip)
-        codes = quantize(w, scales, ebits, mbits)
-        err = reconstruction_error(w, codes, scales, ebits, mbits)
-        better = err < best_err
-        best_codes = np.where(better[:, None], codes, best_codes)
-        best_scales = np.where(better, scales, best_scales)
-        best_err = np.where(better, err, best_err)
-    return best_codes, best_scales.astype(np.float16)
-
-
-def _check_weight(w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w)
-    if w.ndim != 2 or w.dtype.kind != "f":
-        raise TensorpressError(f"FPx quantises a 2-D float weight [M, K], got {w.dtype} {w.shape}.")
-    if not np.isfinite(w).all():
-        raise TensorpressError("FPx cannot quantise a weight holding inf or NaN; check the model's weights.")
-    return w
-
-
-def _check_scales(scales: np.ndarray, rows: int) -> np.ndarray:
-    scales = np.asarray(scales)
-    if scales.dtype != np.float16 or scales.shape != (rows,):
-        raise TensorpressError(f"FPx scales must be float16 [{rows}], got {scales.dtype} {scales.shape}.")
-    if not (np.isfinite(scales) & (scales >= 0)).all():
-        raise TensorpressError("FPx scales must be finite and non-negative.")
-    return scales
+    return tirx.const(value, "uint32")

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tensorpress.compiler.formats.fpx import check_format, code_bits
+from tensorpress.compiler.formats.fpx_codes import check_format, code_bits
 from tensorpress.errors import TensorpressError
 
 WORD_BITS = 32

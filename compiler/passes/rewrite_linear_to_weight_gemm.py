@@ -26,10 +26,10 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from tensorpress.compiler.formats.registry import PackedWeight
+from tensorpress.compiler.formats import PackedWeight, decode_stage
 from tensorpress.frontend.imported_model import ImportedModel
 from tensorpress.frontend.relax_params import rename_params
-from tensorpress.schedules.weight_gemm import N_HINT_ATTR, get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import N_HINT_ATTR, make_weight_gemm
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ class RewriteLinearToWeightGemm:
             hint = token_count_hint(x, func_name)
             # the layer's own result dtype: a matmul may widen (out_dtype="float32" on fp16 operands)
             out_dtype = str(call.ty.dtype)
-            return _emit_weight_gemm(x, stored, site, choice, pw.format, match, pats, bb, kernels, hint, out_dtype)
+            return _emit_weight_gemm(x, stored, site, choice, pw, match, pats, bb, kernels, hint, out_dtype)
 
         body_func = func
         for pattern in pats[4]:  # with-bias patterns first, so the add is fused into the kernel
@@ -277,7 +277,7 @@ def token_count_hint(x, func_name: str) -> int:
     return n
 
 
-def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kernels, n_hint, out_dtype):
+def _emit_weight_gemm(x, stored, site, choice, packed, match, pats, bb, kernels, n_hint, out_dtype):
     """y = reshape(call_tir(kernel, [x2d, *stored(, bias)]), out_shape), with dtype casts if needed
     (x to the kernel's activation dtype, y to the layer's `out_dtype`)."""
     x_ty = x.ty
@@ -290,11 +290,18 @@ def _emit_weight_gemm(x, stored, site, choice, stage_name, match, pats, bb, kern
     # A layer that widens its result (fp16 operands, float32 out) gets the kernel's fp32 sum itself,
     # not a copy rounded through fp16; any other dtype change is a cast after the kernel.
     kernel_out = "float32" if out_dtype == "float32" else choice.act_dtype
-    key = (stage_name, site.m, site.k, choice.act_dtype, kernel_out, has_bias, n_hint)
+    # One kernel per stored layout: the packed weight's buffers (their sizes may depend on the data).
+    stage_name = packed.format
+    key = (stage_name, tuple(packed.buffers), site.m, site.k, choice.act_dtype, kernel_out, has_bias, n_hint)
     if key not in kernels:
-        stage = get_decode_stage(stage_name)
         func = make_weight_gemm(
-            stage, site.m, site.k, act_dtype=choice.act_dtype, out_dtype=kernel_out, with_bias=has_bias
+            decode_stage(stage_name),
+            site.m,
+            site.k,
+            act_dtype=choice.act_dtype,
+            out_dtype=kernel_out,
+            with_bias=has_bias,
+            buffers=packed.buffers,
         )
         name = f"weight_gemm_{stage_name}_{site.m}x{site.k}_{choice.act_dtype}" + ("_bias" if has_bias else "")
         name += f"_out_{kernel_out}" if kernel_out != choice.act_dtype else ""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from tvm.s_tir import dlight as dl
 
-from tensorpress.schedules.cpu import dense_panel  # noqa: F401  (registers the dense-*-panel stages)
 from tensorpress.schedules.cpu.fallback import Fallback
 from tensorpress.schedules.cpu.injective import Injective
 from tensorpress.schedules.cpu.matmul import Matmul

@@ -3,8 +3,8 @@
 With a handful of tokens (decode steps) the weight GEMM is a few matrix-vector products and the
 decode of W is the work. The panel schedule (`register_blocked_gemm`) decodes along the columns of a
 panel, one scalar code at a time. A stage that can read its rows word by word says so with
-`cpu_decode_position(col)` (a permutation of each group of `cpu_decode_group` columns, its own
-inverse) under which every run of `cpu_decode_run` (8) consecutive positions comes from one stored
+its `cpu_decode_order`: position(col), a permutation of each group of `group` columns (its own
+inverse) under which every run of `run` (8) consecutive positions comes from one stored
 word per plane (FPx: `fpx_layout.decode_position`). Then:
 
     X_pad[n, p]   = X[n, col(p)]                 once per call: X in the stage's order (N x K, small)
@@ -26,26 +26,22 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from tensorpress.schedules.weight_gemm import DecodeStage
+from tensorpress.schedules.decode_stage import DecodeStage
 
 DECODE_LANES = 8
 
 
 def decodes_along_k(stage: DecodeStage, k: int) -> bool:
     """Whether `stage` offers a word-by-word order and K is made of whole groups of it."""
-    group = getattr(stage, "cpu_decode_group", None)
-    return (
-        callable(getattr(stage, "cpu_decode_position", None))
-        and getattr(stage, "cpu_decode_run", None) == DECODE_LANES
-        and group is not None
-        and k % group == 0
-    )
+    order = stage.cpu_decode_order
+    return order is not None and order.run == DECODE_LANES and k % order.group == 0
 
 
 def schedule_decode_along_k(func: tirx.PrimFunc, stage: DecodeStage, n_tile: int, m_tile: int) -> s_tir.Schedule:
     """The schedule of the module docstring for a weight-GEMM PrimFunc of `stage` (see
     `decodes_along_k`); tokens are padded to whole n_tiles inside the kernel, M must divide by m_tile."""
-    position = stage.cpu_decode_position
+    assert stage.cpu_decode_order is not None
+    position = stage.cpu_decode_order.position
     # int32 index math: the permutation's index maps need one index type per buffer (N is int64).
     func = tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
     sch = s_tir.Schedule(func)

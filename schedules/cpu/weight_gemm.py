@@ -3,11 +3,11 @@
 Any decode stage works unchanged: its "decode" block runs once per column tile of M, into a [K, cols]
 panel that the register-blocked micro-kernel (`register_blocked_gemm`) streams through for every row
 tile of N, so the decode cost is paid once per weight element and call, not once per token.
-A stage whose stored layout already is such a panel (`cpu_panel_width`, e.g. "dense-fp32-panel") is
-read in place instead, and costs nothing to decode.
+A stage whose stored layout already is such a panel (its `cpu_panel_width`, e.g. dense column panels)
+is read in place instead, and costs nothing to decode.
 
 For few tokens (the PrimFunc's tensorpress.n_hint <= 16: decode steps) the decode is the work, and a
-stage that reads its rows word by word (`cpu_decode_position`, FPx) takes `decode_along_k` instead:
+stage that reads its rows word by word (its `cpu_decode_order`, e.g. FPx) takes `decode_along_k` instead:
 8 codes decoded per vector instruction, straight into 8-wide dot products, no panel.
 """
 
@@ -24,7 +24,8 @@ from tensorpress.schedules.cpu.register_blocked_gemm import (
     schedule_register_blocked_gemm,
 )
 from tensorpress.schedules.cpu.vector_unit import vector_unit
-from tensorpress.schedules.weight_gemm import FORMAT_ATTR, N_HINT_ATTR, get_decode_stage, is_weight_gemm
+from tensorpress.schedules.decode_stage import DecodeStage
+from tensorpress.schedules.weight_gemm import N_HINT_ATTR, decode_stage_of, is_weight_gemm
 
 
 class WeightGemm(CPUScheduleRule):
@@ -35,12 +36,16 @@ class WeightGemm(CPUScheduleRule):
             return None
         if not is_weight_gemm(func):
             return None
-        along_k = _decode_along_k(func)
+        try:
+            stage = decode_stage_of(func)
+        except KeyError:  # made in another process: its decode block is scheduled as it stands
+            stage = DecodeStage()
+        along_k = _decode_along_k(func, stage)
         if along_k is not None:
             return along_k
         unit = vector_unit(target)
         tile = register_tile(unit, "float32")  # the accumulator is fp32 whatever the activations are
-        panel = _stored_panel_width(func)
+        panel = stage.cpu_panel_width
         sch = s_tir.Schedule(func)
         blocks = GemmBlocks(
             gemm=sch.get_sblock("gemm"),
@@ -60,12 +65,8 @@ _ALONG_K_MAX_TOKENS = 16
 _ALONG_K_TILES = {True: (1, 4), False: (4, 2)}  # n_hint == 1 (one token: more rows), else
 
 
-def _decode_along_k(func: tirx.PrimFunc) -> s_tir.Schedule | None:
+def _decode_along_k(func: tirx.PrimFunc, stage: DecodeStage) -> s_tir.Schedule | None:
     """The decode-along-K schedule when the stage offers it and few tokens are expected, else None."""
-    try:
-        stage = get_decode_stage(str(func.attrs[FORMAT_ATTR]))
-    except KeyError:
-        return None
     m, k = (int(v) for v in func.attrs["tensorpress.mk"])
     n_hint = int(func.attrs[N_HINT_ATTR]) if N_HINT_ATTR in func.attrs else _ALONG_K_MAX_TOKENS
     n_tile, m_tile = _ALONG_K_TILES[n_hint == 1]
@@ -75,12 +76,3 @@ def _decode_along_k(func: tirx.PrimFunc) -> s_tir.Schedule | None:
         return schedule_decode_along_k(func, stage, n_tile=n_tile, m_tile=m_tile)
     except s_tir.ScheduleError:
         return None
-
-
-def _stored_panel_width(func: tirx.PrimFunc) -> int | None:
-    """The panel width of the function's decode stage when it stores W as [M/P, K, P] panels."""
-    try:
-        stage = get_decode_stage(str(func.attrs[FORMAT_ATTR]))
-    except KeyError:
-        return None
-    return getattr(stage, "cpu_panel_width", None)

@@ -9,7 +9,6 @@ emulation.py    their PTX semantics in plain loops (CPU replay)
 fragments.py    the register layouts of the m16n8k16 fragments (the PTX tables, once)
 replay.py       serial, shuffled threads + NaN-poisoned scratch memory, built for llvm
 inspection.py   nvcc/ptxas/cuobjdump: registers, spills, shared memory, SASS opcodes
-decode_hints.py what a decode stage may add for the template (shared-memory staging)
 """
 
 from __future__ import annotations

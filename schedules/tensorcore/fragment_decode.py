@@ -1,6 +1,7 @@
 """Decode a packed W straight into the registers of the mma B fragments (no fp16 W tile, no ldmatrix).
 
-For a stage that is a `decode_hints.FragmentDecode`, the template moves W like this (FP6 shown):
+For a decode stage that offers fragment decode (`fragment_k`, `schedules/decode_stage.py`), the
+template moves W like this (FP6 shown):
 
     global memory        plane4 [M, Kp/8] words, plane2 [M, Kp/16] words        (compressed: 6 bits a weight)
         │  cp.async, 16 B a lane, `stages` K tiles in flight
@@ -39,13 +40,13 @@ import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.stmt import MatchBufferRegion, SBlock
 
+from tensorpress.schedules.decode_stage import DecodeStage
 from tensorpress.schedules.tensorcore.config import MMA_TILE, WARP_SIZE
-from tensorpress.schedules.tensorcore.decode_hints import FragmentDecode
 from tensorpress.schedules.tensorcore.intrinsics import PAIRS_PER_TILE, FragmentWriter
 
 
 def install_fragment_decode(
-    sch: s_tir.Schedule, unit, stage: FragmentDecode, staged: list, writer: FragmentWriter
+    sch: s_tir.Schedule, unit, stage: DecodeStage, staged: list, writer: FragmentWriter
 ) -> s_tir.Schedule:
     """A new schedule of `sch.mod` in which the blockized unit block `unit` (writing B fragment
     tiles [row tile, k tiles, 32, 8]) decodes with `stage.fragment_pair` from the shared buffers
@@ -56,7 +57,7 @@ def install_fragment_decode(
     return s_tir.Schedule(mod)
 
 
-def _fragment_decode_block(old: SBlock, stage: FragmentDecode, staged: list, writer: FragmentWriter) -> SBlock:
+def _fragment_decode_block(old: SBlock, stage: DecodeStage, staged: list, writer: FragmentWriter) -> SBlock:
     (write,) = old.writes
     *_, row_tile, k_tiles, lanes, slots = write.region
     tiles = int(k_tiles.extent)

@@ -23,9 +23,10 @@ simplifies to constants (with [32, 8] tiles it left `(tx*8 + 260) / 256` behind:
 The emulated set keeps A/B as "warp" buffers too, which on the CPU are plain arrays, every lane
 visible.
 Beside the five, a `FragmentWriter` puts 32-bit register pairs that a format decodes itself
-(`decode_hints.FragmentDecode`) into a B fragment: on the GPU one register move per pair through a
-two-line device function, in the replay two fp16 stores; both from one `PairAddressing`, which says
-which (col, k) pair of a B tile each lane's register holds (`fragments.b_pair_element`).
+(a decode stage's fragment decode, `schedules/decode_stage.py`) into a B fragment: on the GPU one
+register move per pair through a two-line device function, in the replay two fp16 stores; both from
+one `PairAddressing`, which says which (col, k) pair of a B tile each lane's register holds
+(`fragments.b_pair_element`).
 
 An `IntrinsicSet` names one complete set. `cuda_intrinsics()` emits PTX; the twin built by
 `emulation.emulated_intrinsics()` has the same descs and replays the PTX semantics in plain loops,

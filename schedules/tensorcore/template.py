@@ -14,9 +14,9 @@ like any other producer:
     accumulators ──▶ shared fp32 tile ──▶ "store" block (× row scale, + bias, cast, rows n < N) ──▶ Y
       (split_k > 1: accumulators ──▶ fp32 workspace; a second kernel adds the K slices in order)
 
-A format opts into staging by implementing `StagedDecode.shared_staged_buffers` (see
-`decode_hints.py`); otherwise its decode reads global memory inside the W-tile fetch. A staged
-format that is a `FragmentDecode` skips the W tile: each warp decodes the staged words straight
+A format opts into staging through its decode stage's `staged_buffers` (see
+`schedules/decode_stage.py`); otherwise its decode reads global memory inside the W-tile fetch. A staged
+format whose stage offers fragment decode skips the W tile: each warp decodes the staged words straight
 into its B fragments, two weights per register (`fragment_decode.py` has the picture):
 
     global ──cp.async──▶ staged words (shared, rows padded) ──LDS + pair decode──▶ B fragments ──▶ mma
@@ -34,12 +34,12 @@ from tvm import s_tir, tirx
 from tvm.s_tir.stmt import SBlock, SBlockRealize
 
 from tensorpress.errors import ConfigError, ShapeError
+from tensorpress.schedules.decode_stage import DecodeStage, staged_buffer_names
 from tensorpress.schedules.tensorcore import fragments as frag
 from tensorpress.schedules.tensorcore.config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
-from tensorpress.schedules.tensorcore.decode_hints import FragmentDecode, staged_buffer_names
 from tensorpress.schedules.tensorcore.fragment_decode import install_fragment_decode
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
-from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, DecodeStage, get_decode_stage, is_weight_gemm
+from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, decode_stage_of, is_weight_gemm
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def schedule_weight_gemm(func: tirx.PrimFunc, config: TileConfig, intrinsics: In
         raise ConfigError("schedule_weight_gemm expects a PrimFunc made by make_weight_gemm.")
     m, k = weight_gemm_shape(func)
     config.check_shape(m, k)
-    stage = get_decode_stage(str(func.attrs["tensorpress.format"]))
+    stage = decode_stage_of(func)
     reason = stage.unsupported_reason(m, k)
     if reason:
         raise ShapeError(f"weight GEMM {stage.name} with M={m}, K={k}: {reason}.")
@@ -95,8 +95,9 @@ class _Template:
         self.cfg = config
         self.intr = intrinsics
         self.m, self.k = weight_gemm_shape(func)
-        self.stage = get_decode_stage(str(func.attrs["tensorpress.format"]))
-        self.staged = staged_buffer_names(self.stage, self.m, self.k)
+        self.stage = decode_stage_of(func)
+        stored = [p.name for p in func.params]
+        self.staged = staged_buffer_names(self.stage, self.m, self.k, stored)
         self.fragment_decode = _fragment_decode_stage(self.stage, func, config, bool(self.staged))
         _check_dtypes(func)
         # int32 index math everywhere (N is int64 in the PrimFunc; mixed widths break layout maps).
@@ -344,19 +345,19 @@ class _Template:
 
 def _fragment_decode_stage(
     stage: DecodeStage, func: tirx.PrimFunc, config: TileConfig, staged: bool
-) -> FragmentDecode | None:
+) -> DecodeStage | None:
     """`stage` when the template decodes W straight into the B fragments, else None.
 
-    That needs a staged FragmentDecode whose unit divides block_k, and fragment pairs holding what the
+    That needs a staged stage offering fragment decode whose unit divides block_k, and fragment pairs holding what the
     PrimFunc's decode block computes: for a stage with a row scale, a PrimFunc that applies it in the
     epilogue (the pairs are the unscaled values; a PrimFunc made with row_scale_in_epilogue=False
     decodes scaled weights and takes the W-tile path).
     """
-    if not isinstance(stage, FragmentDecode) or not staged:
+    if stage.fragment_k is None or not staged:
         return None
     if stage.fragment_k % MMA_TILE or config.block_k % stage.fragment_k:
         return None
-    if hasattr(stage, "row_scale") and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
+    if stage.scales_rows and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
         return None
     return stage
 

@@ -8,7 +8,7 @@ import pytest
 
 import tensorpress
 from tensorpress.compiler.configs import FPxConfig, KVCacheConfig, SparseConfig, config_from_dict
-from tensorpress.compiler.formats.registry import FPxFormat
+from tensorpress.compiler.formats.fpx import FPxFormat
 from tensorpress.errors import ConfigError
 
 

@@ -83,7 +83,7 @@ def test_a_widening_layer_returns_its_fp32_sum_beyond_fp16_range(tmp_path):
 
 def test_fp6_keeps_a_head_tied_to_the_embeddings_dense_whatever_its_name(tmp_path):
     """The default filter finds the tied LM head by structure (`take` reads its weight), not by name."""
-    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.compiler.formats import get_weight_format
 
     model, ids = _tied()
     report = tensorpress.compile(model, tmp_path / "t.tpk", example_inputs=(ids,), target="cpu", weights="fp6")

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from reference_models import build
 
 import tensorpress
-from tensorpress.compiler.formats.registry import get_weight_format
+from tensorpress.compiler.formats import get_weight_format
 
 N, K, M = 5, 16, 64
 F32 = TensorProto.FLOAT

@@ -9,7 +9,7 @@ import pytest
 from decoder_harness import hf_greedy, hf_last_logits, make_hf_decoder
 
 import tensorpress
-from tensorpress.compiler.formats.registry import get_weight_format
+from tensorpress.compiler.formats import get_weight_format
 
 NEW_TOKENS = 32
 PROMPT_LENGTHS = (5, 17, 1)

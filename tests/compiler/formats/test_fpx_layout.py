@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tensorpress.compiler.formats import fpx_layout as layout
-from tensorpress.compiler.formats.registry import get_weight_format
+from tensorpress.compiler.formats import get_weight_format
 from tensorpress.errors import TensorpressError
 
 ALL_FORMATS = [(e, m) for e in range(1, 5) for m in range(8 - e)]

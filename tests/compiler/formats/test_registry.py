@@ -8,15 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from tensorpress.compiler.formats import fpx
-from tensorpress.compiler.formats.registry import (
-    WEIGHT_FORMATS,
-    DenseFormat,
-    FPxAutoFormat,
-    FPxFormat,
-    get_weight_format,
-    weight_format_names,
-)
+from tensorpress.compiler.formats import WEIGHT_FORMATS, DenseFormat, get_weight_format, weight_format_names
+from tensorpress.compiler.formats import fpx_codes as fpx
+from tensorpress.compiler.formats.fpx import FPxAutoFormat, FPxFormat
 from tensorpress.errors import ConfigError
 
 
@@ -120,13 +114,13 @@ def test_unsupported_shapes():
 
 
 def test_registry_imports_no_tvm():
-    code = "import sys, tensorpress.compiler.formats.registry; print('tvm' in sys.modules)"
+    code = "import sys, tensorpress.compiler.formats; print('tvm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_dense_panel_round_trip_and_layout():
-    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.compiler.formats import get_weight_format
 
     w = np.arange(32 * 5, dtype=np.float32).reshape(32, 5)
     fmt = get_weight_format("dense-fp32-panel")

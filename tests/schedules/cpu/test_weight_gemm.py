@@ -5,9 +5,11 @@ import pytest
 from cpu_schedule_harness import AVX2, AVX512, compiled, host_has, rng, schedule
 from tvm import te
 
-from tensorpress.compiler.formats.dense_panel import pack_dense_panel
+from tensorpress.compiler.formats import decode_stage
+from tensorpress.compiler.formats.dense_column_panels import pack_dense_panel
 from tensorpress.schedules.cpu.weight_gemm import WeightGemm
-from tensorpress.schedules.weight_gemm import DecodeStage, StoredBuffer, get_decode_stage, make_weight_gemm
+from tensorpress.schedules.decode_stage import DecodeStage, StoredBuffer
+from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 
 class ScaledInt8Decode(DecodeStage):
@@ -28,7 +30,7 @@ def _reference(x, w, bias):
 
 
 def _check(fmt, m, k, ns, with_bias, target=AVX2, act="float32"):
-    stage = get_decode_stage(fmt) if isinstance(fmt, str) else fmt
+    stage = decode_stage(fmt) if isinstance(fmt, str) else fmt
     call = compiled(schedule(WeightGemm(), make_weight_gemm(stage, m, k, act, act, with_bias), target), target)
     g = rng(m * 1000 + k)
     w = g.standard_normal((m, k)).astype(np.float32)
@@ -91,7 +93,7 @@ def test_declines_other_functions_and_targets():
     x = te.placeholder((8, 8), "float32", name="x")
     y = te.compute((8, 8), lambda i, j: x[i, j] * 2.0, name="y")
     assert WeightGemm().apply(te.create_prim_func([x, y]), AVX2, False) is None
-    gemm = make_weight_gemm(get_decode_stage("dense-fp32"), 16, 16, "float32", "float32", False)
+    gemm = make_weight_gemm(decode_stage("dense-fp32"), 16, 16, "float32", "float32", False)
     import tvm
 
     assert WeightGemm().apply(gemm, tvm.target.Target({"kind": "cuda", "arch": "sm_80"}), False) is None
@@ -99,10 +101,10 @@ def test_declines_other_functions_and_targets():
 
 def _fpx_check(fmt, m, k, ns, n_hint, with_bias, act="float32"):
     """FPx through the CPU rule against numpy with the exact decoded weights; returns the schedule."""
-    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.compiler.formats import get_weight_format
     from tensorpress.schedules.weight_gemm import N_HINT_ATTR
 
-    func = make_weight_gemm(get_decode_stage(fmt), m, k, act, act, with_bias)
+    func = make_weight_gemm(decode_stage(fmt), m, k, act, act, with_bias)
     if n_hint is not None:
         func = func.with_attr(N_HINT_ATTR, n_hint)
     sch = schedule(WeightGemm(), func)

@@ -11,25 +11,19 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
+from tensorpress.compiler.formats import decode_stage
+from tensorpress.schedules.decode_stage import DecodeStage, StoredBuffer
 from tensorpress.schedules.tensorcore.config import TileConfig
-from tensorpress.schedules.tensorcore.decode_hints import StagedDecode
 from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
 from tensorpress.schedules.tensorcore.replay import build_replay
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
-from tensorpress.schedules.weight_gemm import (
-    ROW_SCALE_ATTR,
-    DecodeStage,
-    StoredBuffer,
-    get_decode_stage,
-    make_weight_gemm,
-)
-from tensorpress.schedules.weight_gemm import register_decode_stage as _register
+from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, make_weight_gemm
 
 SMALL = TileConfig(block_n=16, block_m=64, block_k=32, warps=2, stages=2, split_k=1)
 
 
-class PackedInt4Decode(DecodeStage, StagedDecode):
+class PackedInt4Decode(DecodeStage):
     """A test format shaped like FPx: eight 4-bit codes per uint32 word (low nibble first) and an
     fp16 scale per row; W[m, k] = (code - 8) * scale[m]. Its words are staged in shared memory."""
 
@@ -46,12 +40,18 @@ class PackedInt4Decode(DecodeStage, StagedDecode):
         code = (words[row, col // 8] >> shift) & tirx.const(15, "uint32")
         return (code.astype("int32") - 8).astype(dtype) * scale[row].astype(dtype)
 
-    def shared_staged_buffers(self, m: int, k: int) -> list[str]:
+    def staged_buffers(self, m: int, k: int) -> list[str]:
         return ["words"] if self.staged else []
 
 
-INT4_STAGED = _register(PackedInt4Decode("test-int4-staged", staged=True))
-INT4_GLOBAL = _register(PackedInt4Decode("test-int4-global", staged=False))
+INT4_STAGED = PackedInt4Decode("test-int4-staged", staged=True)
+INT4_GLOBAL = PackedInt4Decode("test-int4-global", staged=False)
+TEST_STAGES = {stage.name: stage for stage in (INT4_STAGED, INT4_GLOBAL)}
+
+
+def stage_for(fmt: str) -> DecodeStage:
+    """The decode stage of a registered format, or of one of this file's test formats."""
+    return TEST_STAGES[fmt] if fmt in TEST_STAGES else decode_stage(fmt)
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:
@@ -74,10 +74,10 @@ def weight_and_stored(fmt: str, m: int, k: int, rng: np.random.Generator) -> tup
         scale = (rng.random(m) * 0.2 + 0.05).astype(np.float16)
         w = ((codes.astype(np.int32) - 8).astype(np.float16) * scale[:, None]).astype(np.float16)
         return w, [pack_int4(codes), scale]
-    from tensorpress.compiler.formats.registry import get_weight_format
+    from tensorpress.compiler.formats import get_weight_format
 
     packed = get_weight_format(fmt).pack((rng.standard_normal((m, k)) * 0.05).astype(np.float32))
-    stage = get_decode_stage(fmt)
+    stage = decode_stage(fmt)
     w = get_weight_format(fmt).unpack(packed)  # float32, exact: an fp16 scale times a code's value
     return w, [np.ascontiguousarray(packed.arrays[b.name]) for b in stage.stored_buffers(m, k)]
 
@@ -114,7 +114,7 @@ def replay_weight_gemm(
 
     `mutate(sch)`, when given, edits the schedule before the build (planted bugs); `stage`, when
     given, replaces the decode stage of `fmt` (which still packs the weights: planted decode bugs)."""
-    stage = stage or get_decode_stage(fmt)
+    stage = stage or stage_for(fmt)
     func = make_weight_gemm(
         stage, m, k, out_dtype=out_dtype, with_bias=bias, row_scale_in_epilogue=row_scale_in_epilogue
     )

@@ -16,14 +16,14 @@ import tvm_ffi
 from tensorcore_cases import relative_error, replay_weight_gemm
 from tvm import s_tir, tirx
 
-from tensorpress.compiler.formats import fpx_layout
-from tensorpress.schedules.fpx_gemm import FPxDecode
+from tensorpress.compiler.formats import decode_stage, fpx_layout
+from tensorpress.compiler.formats.fpx import FPxDecode
 from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
 from tensorpress.schedules.tensorcore.inspection import compile_cubin, cuda_source
 from tensorpress.schedules.tensorcore.intrinsics import PairAddressing, cuda_intrinsics
 from tensorpress.schedules.tensorcore.template import TemplateBlocks, schedule_weight_gemm
-from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm, register_decode_stage
+from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 # Y is fp16: ~1 ulp at the largest |Y|. The reference multiplies by the exact decoded weights (fp32);
 # the kernel sums exact products in fp32 and scales each column once, so only the sums round.
@@ -72,7 +72,7 @@ def test_one_word_rows_of_a_one_bit_plane(fmt, in_registers):
 def test_scale_inside_the_decode_takes_the_w_tile_path(fmt):
     # A PrimFunc that scales every weight (row_scale_in_epilogue=False) decodes into a shared fp16 W
     # tile read by ldmatrix; its weights round to fp16 before the product, as the reference's do.
-    func = make_weight_gemm(get_decode_stage(fmt), 64, 256, row_scale_in_epilogue=False)
+    func = make_weight_gemm(decode_stage(fmt), 64, 256, row_scale_in_epilogue=False)
     blocks = TemplateBlocks.of(schedule_weight_gemm(func, TILE, emulated_intrinsics()), emulated_intrinsics())
     assert blocks.w_shared is not None
     out, ref = replay_weight_gemm(fmt, 64, 256, 11, TILE, seed=6, row_scale_in_epilogue=False)
@@ -80,7 +80,7 @@ def test_scale_inside_the_decode_takes_the_w_tile_path(fmt):
 
 
 def test_fragment_decode_has_no_w_tile():
-    func = make_weight_gemm(get_decode_stage("e3m2"), 64, 256)
+    func = make_weight_gemm(decode_stage("e3m2"), 64, 256)
     blocks = TemplateBlocks.of(schedule_weight_gemm(func, TILE, emulated_intrinsics()), emulated_intrinsics())
     assert blocks.w_shared is None and blocks.w_fragment is not None
 
@@ -165,8 +165,6 @@ PLANTED = {
     "registers: halves of the pair swapped": (_SwappedHalvesDecode("test-fpx-swapped-halves", 3, 2), None, True),
     "registers: scale of the wrong column": (_WrongColumnScaleDecode("test-fpx-wrong-column", 3, 2), None, True),
 }
-for _stage, _, _ in PLANTED.values():
-    register_decode_stage(_stage)
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +244,9 @@ def test_a_warp_reads_the_staged_words_without_bank_conflicts(fmt, block_k):
     # column 2t + 8j (fpx_layout); rows are `pitch` words apart. 32 banks of 4 bytes: lanes must hit
     # distinct banks or the very same word (a broadcast).
     config = TileConfig(block_n=16, block_m=32, block_k=block_k, warps=2, stages=2)
-    sch = schedule_weight_gemm(make_weight_gemm(get_decode_stage(fmt), 64, 256), config, emulated_intrinsics())
+    sch = schedule_weight_gemm(make_weight_gemm(decode_stage(fmt), 64, 256), config, emulated_intrinsics())
     pitches = staged_row_pitches(sch)
-    stage = get_decode_stage(fmt)
+    stage = decode_stage(fmt)
     assert sorted(pitches) == sorted(f"{fpx_layout.plane_name(p)}_shared" for p in stage.widths)
     for width in stage.widths:
         pitch = pitches[f"{fpx_layout.plane_name(width)}_shared"]

@@ -12,14 +12,14 @@ import pytest
 import tvm
 from tensorcore_cases import check_tensor_core_kernels, once_per_session
 
-from tensorpress.compiler.formats import fpx, fpx_layout
-from tensorpress.compiler.formats.registry import get_weight_format
+from tensorpress.compiler.formats import decode_stage, fpx_layout, get_weight_format
+from tensorpress.compiler.formats import fpx_codes as fpx
 from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.tensorcore.inspection import CudaBuild, KernelReport, build_for_inspection, kernel_reports
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
 from tensorpress.schedules.tensorcore.sass_cost import parse_listing, steady_state, summarize, weight_budget
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
-from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 ARCHS = ["sm_80", "sm_90a"]
 FORMATS = ["e3m2", "e2m3", "e2m2", "e3m1", "e2m1"]
@@ -39,7 +39,7 @@ def module() -> tvm.IRModule:
     """Every (format, config) weight GEMM in one module, and the W-tile cases: one nvcc run per arch."""
     functions = {}
     for fmt, config, in_registers in [(f, c, True) for f in FORMATS for c in CONFIGS] + [(*w, False) for w in W_TILE]:
-        func = make_weight_gemm(get_decode_stage(fmt), M, K, with_bias=True, row_scale_in_epilogue=in_registers)
+        func = make_weight_gemm(decode_stage(fmt), M, K, with_bias=True, row_scale_in_epilogue=in_registers)
         name = symbol(fmt, config) + ("" if in_registers else "_wtile")
         main = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
         functions[name] = main.with_attr("global_symbol", name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from tensorcore_cases import SMALL, relative_error, replay_weight_gemm
+from tensorcore_cases import SMALL, relative_error, replay_weight_gemm, stage_for
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -19,7 +19,7 @@ from tensorpress.schedules.tensorcore.inspection import compile_cubin, cuda_sour
 from tensorpress.schedules.tensorcore.intrinsics import LdmatrixAddressing, cuda_intrinsics
 from tensorpress.schedules.tensorcore.replay import build_replay, serialize_threads
 from tensorpress.schedules.tensorcore.template import TemplateBlocks, schedule_weight_gemm
-from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 
 def last_writer_kernel():
@@ -122,7 +122,7 @@ def planted_cuda_compiles():
     built = {}
     for name, (fmt, addressing, mutate) in PLANTED.items():
         intrinsics = cuda_intrinsics(addressing) if addressing else cuda_intrinsics()
-        sch = schedule_weight_gemm(make_weight_gemm(get_decode_stage(fmt), 128, 256), SMALL, intrinsics)
+        sch = schedule_weight_gemm(make_weight_gemm(stage_for(fmt), 128, 256), SMALL, intrinsics)
         if mutate:
             mutate(sch, intrinsics)
         cubin, _ = compile_cubin(cuda_source(sch.mod, "sm_80"), "sm_80")

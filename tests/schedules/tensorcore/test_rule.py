@@ -12,11 +12,12 @@ from tvm import te
 
 import tensorpress
 from tensorpress.compiler.cuda.toolchain import extract_fatbins
+from tensorpress.compiler.formats import decode_stage
 from tensorpress.runtime.artifact import LIBRARY, open_artifact
 from tensorpress.schedules.rules import rules_for
 from tensorpress.schedules.tensorcore.inspection import find_tool, parse_sass
 from tensorpress.schedules.tensorcore.rule import N_HINT_ATTR, WeightGemmTensorCore
-from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 
 def cuda(arch: str) -> tvm.target.Target:
@@ -24,7 +25,7 @@ def cuda(arch: str) -> tvm.target.Target:
 
 
 def dense(m=256, k=512, **kwargs):
-    return make_weight_gemm(get_decode_stage("dense-fp16"), m, k, **kwargs)
+    return make_weight_gemm(decode_stage("dense-fp16"), m, k, **kwargs)
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
@@ -40,7 +41,7 @@ def test_rule_declines_what_it_cannot_take():
     assert rule.apply(dense(), tvm.target.Target("llvm"), False) is None
     assert rule.apply(dense(), cuda("sm_75"), False) is None  # no cp.async / m16n8k16 before sm_80
     assert rule.apply(dense(m=72), cuda("sm_80"), False) is None  # M not a multiple of 16
-    fp32 = make_weight_gemm(get_decode_stage("dense-fp32"), 64, 64, act_dtype="float32")
+    fp32 = make_weight_gemm(decode_stage("dense-fp32"), 64, 64, act_dtype="float32")
     assert rule.apply(fp32, cuda("sm_80"), False) is None
     x = te.placeholder((64, 64), "float16")
     other = te.create_prim_func([x, te.compute((64, 64), lambda i, j: x[i, j] * 2)])

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from tensorcore_cases import SMALL, relative_error, replay_weight_gemm
 
+from tensorpress.compiler.formats import decode_stage
 from tensorpress.errors import ConfigError, ShapeError
 from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
-from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 TOLERANCE = 2e-3  # fp16 output: ~1 ulp at the largest |Y| (fp32 accumulation in both)
 
@@ -50,7 +51,7 @@ def test_k_that_tiles_do_not_divide_is_padded_inside(split_k):
 
 
 def test_block_m_must_divide_m():
-    func = make_weight_gemm(get_decode_stage("dense-fp16"), 80, 128)
+    func = make_weight_gemm(decode_stage("dense-fp16"), 80, 128)
     with pytest.raises(ShapeError, match="multiple of block_m=64"):
         schedule_weight_gemm(func, SMALL, emulated_intrinsics())
 
@@ -89,13 +90,13 @@ def test_split_k_reduction_is_bit_identical_in_every_thread_order(split_k, out_d
 
 @pytest.mark.parametrize("m, k", [(72, 64), (64, 40)])
 def test_m_and_k_must_be_multiples_of_16(m, k):
-    func = make_weight_gemm(get_decode_stage("dense-fp16"), m, k)
+    func = make_weight_gemm(decode_stage("dense-fp16"), m, k)
     with pytest.raises(ShapeError, match="multiples of 16"):
         schedule_weight_gemm(func, SMALL, emulated_intrinsics())
 
 
 def test_activations_must_be_float16():
-    func = make_weight_gemm(get_decode_stage("dense-fp32"), 64, 64, act_dtype="float32")
+    func = make_weight_gemm(decode_stage("dense-fp32"), 64, 64, act_dtype="float32")
     with pytest.raises(ConfigError, match="float16 activations"):
         schedule_weight_gemm(func, SMALL, emulated_intrinsics())
 

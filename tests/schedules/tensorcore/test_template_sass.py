@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from tensorcore_cases import check_tensor_core_kernels, once_per_session
 
+from tensorpress.compiler.formats import decode_stage
 from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.tensorcore.inspection import (
     CudaBuild,
@@ -17,7 +18,7 @@ from tensorpress.schedules.tensorcore.inspection import (
 )
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
-from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 ARCHS = ["sm_80", "sm_90a"]
 CONFIGS = [TileConfig(**{**t.to_dict(), "split_k": s}) for t in SHIPPED_TILES for s in (1, 2)]
@@ -30,7 +31,7 @@ def scheduled_module(configs):
 
     functions = {}
     for config in configs:
-        func = make_weight_gemm(get_decode_stage("dense-fp16"), M, K, with_bias=True)
+        func = make_weight_gemm(decode_stage("dense-fp16"), M, K, with_bias=True)
         main = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
         functions[config.label()] = main.with_attr("global_symbol", config.label())
     return tvm.IRModule(functions)

@@ -1,12 +1,14 @@
-"""The dense panel format: the numpy packer's layout and the TIR decode agree bit for bit."""
+"""Dense column panels (`compiler/formats/dense_column_panels.py`): the numpy packer and the CPU GEMM
+reading the panels in place agree bit for bit."""
 
 import numpy as np
 import pytest
 from cpu_schedule_harness import compiled, rng, schedule
 
-from tensorpress.compiler.formats.dense_panel import PANEL_WIDTH, pack_dense_panel
+from tensorpress.compiler.formats import decode_stage
+from tensorpress.compiler.formats.dense_column_panels import PANEL_WIDTH, pack_dense_panel
 from tensorpress.schedules.cpu.weight_gemm import WeightGemm
-from tensorpress.schedules.weight_gemm import get_decode_stage, make_weight_gemm
+from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 
 def test_packer_layout_is_column_panels():
@@ -28,7 +30,7 @@ def test_decode_reproduces_the_weight_exactly(fmt, dtype):
     # X = identity, no bias: Y[n, m] = W[m, n] with every product exact (x 1.0 or x 0.0).
     m, k = 48, 24
     w = rng(3).standard_normal((m, k)).astype(dtype).astype(np.float32)
-    stage = get_decode_stage(fmt)
+    stage = decode_stage(fmt)
     assert stage.unsupported_reason(m, k) is None and stage.unsupported_reason(40, k) is not None
     call = compiled(schedule(WeightGemm(), make_weight_gemm(stage, m, k, "float32", "float32", False)))
     (y,) = call([np.eye(k, dtype=np.float32), pack_dense_panel(w, dtype)], [((k, m), "float32")])

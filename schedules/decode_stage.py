@@ -1,0 +1,141 @@
+"""The decode stage: what a weight format tells the weight-GEMM schedules, in one interface.
+
+A weight format (`compiler/formats/<name>.py`) stores W[M, K] in its own buffers and gives the TIR
+expression of W[m, k] from them: that expression is its decode stage, the one definition of its
+decode math. `make_weight_gemm` (`weight_gemm.py`) builds the GEMM around it, and every schedule
+(the Tensor Core template, the CPU rules) asks the stage what more it can do. A plain stage with
+`decode` alone works everywhere; each capability below is optional, off by default, and the schedules
+never ask a stage for its name:
+
+    capability           declared by                          used by
+    row scale            row_scale + unscaled_decode          make_weight_gemm: the factor moves to
+                                                              the epilogue (one multiply per output)
+    shared staging       staged_buffers(m, k)                 Tensor Core template: cp.async of the
+                                                              packed tiles, decode from shared memory
+    fragment decode      fragment_k + fragment_pair           Tensor Core template: staged words
+                                                              decoded straight into mma B registers
+    stored panels        cpu_panel_width                      CPU GEMM: W read in place, no decode
+    word-order decode    cpu_decode_order                     CPU GEMM at few tokens: 8 codes per
+                                                              vector instruction along K
+
+Shared staging. The template copies the named stored buffers tile by tile into shared memory with
+cp.async (as many pipeline stages deep as its config says) and runs the decode from there. A staged
+buffer must be indexed by (row, an affine function of col), so the tile of each one is a rectangle,
+and a 16-byte row of it must not straddle two K tiles.
+
+Fragment decode. The stage decodes two weights at a time straight into the registers of an
+mma.m16n8k16 B fragment, from the staged words (`schedules/tensorcore/fragment_decode.py`):
+
+    global ──cp.async──▶ staged words (shared) ──fragment_pair (LDS + integer ops)──▶ B registers ──▶ mma
+
+The template asks for (row, col), (row, col + 1) pairs, col even, in whatever order the B fragment
+layout gives each lane; the stage never hears of lanes. Its answer must equal the PrimFunc's decode
+block (the unscaled values, when the PrimFunc scales rows in the epilogue), and must be finite for
+every possible content of the staged words: beyond K the template zero-fills X, not W.
+
+Buffers. What a format stores for one weight is described by its packed weight (`StoredBuffer`s,
+possibly sized by the data, e.g. a sparse weight's nonzero count); `stored_buffers(m, k)` answers for
+formats whose buffers follow from the shape alone, so kernels can be built without packing a weight.
+
+This module imports no TVM, so the format files (which subclass `DecodeStage`) import without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tvm import te, tirx
+
+MMA_MULTIPLE = 16  # the Tensor Core GEMM's mma.m16n8k16 tiles need M and K in multiples of this
+
+
+@dataclass(frozen=True)
+class StoredBuffer:
+    """One array a weight format stores for a [M, K] weight (shape and dtype as in the artifact)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class CPUDecodeOrder:
+    """How a stage reads a row word by word (`schedules/cpu/decode_along_k.py`).
+
+    position(col): a permutation of each group of `group` columns (its own inverse) under which every
+    run of `run` consecutive positions comes from one stored word per buffer.
+    """
+
+    position: Callable[[Any], Any]
+    group: int
+    run: int
+
+
+class DecodeStage:
+    """How a weight format turns its stored buffers into W[m, k], written once in TIR (see module docstring).
+
+    Required: `name` (the format name the PrimFunc and its kernel carry) and `decode`; `stored_buffers`
+    for formats whose buffers follow from the shape. Every other member is an optional capability.
+    """
+
+    name: str
+
+    # -- required --------------------------------------------------------------------------------
+
+    def decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str) -> Any:
+        """TIR expression for W[row, col] in `dtype`, reading only `stored` (the stored buffers, in order)."""
+        raise NotImplementedError
+
+    def stored_buffers(self, m: int, k: int) -> list[StoredBuffer]:
+        """The buffers stored for an [m, k] weight, in the order the kernel takes them. Formats whose
+        buffer sizes depend on the data leave this out: their kernels take the packed weight's buffers."""
+        raise NotImplementedError(f"the buffers of a {self.name} weight depend on its data; pass the packed ones")
+
+    def unsupported_reason(self, m: int, k: int) -> str | None:
+        """None when the Tensor Core GEMM takes an [m, k] weight, else the constraint it breaks (one phrase)."""
+        if m % MMA_MULTIPLE or k % MMA_MULTIPLE:
+            return f"M and K must be multiples of {MMA_MULTIPLE}"
+        return None
+
+    # -- row scale -------------------------------------------------------------------------------
+
+    scales_rows: bool = False  # True: decode(m, k) == unscaled_decode(m, k) * row_scale(m)
+
+    def unscaled_decode(self, stored: list, row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str) -> Any:
+        """TIR expression for W[row, col] / row_scale(row) in `dtype` (exact: no rounding)."""
+        raise NotImplementedError
+
+    def row_scale(self, stored: list, row: tirx.PrimExpr) -> Any:
+        """float32 TIR expression: the factor of weight row `row`, exactly representable in fp32."""
+        raise NotImplementedError
+
+    # -- Tensor Core template: shared staging and fragment decode -----------------------------------
+
+    def staged_buffers(self, m: int, k: int) -> list[str]:
+        """Names (as stored) of the buffers to stage in shared memory; the rest are read from global."""
+        return []
+
+    fragment_k: int | None = None  # k columns of one fragment-decode unit (a multiple of 16), or None
+
+    def fragment_pair(self, staged: list, row: tirx.PrimExpr, col: tirx.PrimExpr) -> Any:
+        """uint32 TIR expression: the fp16 bit patterns of W[row, col] (bits 0..15) and W[row, col + 1]
+        (bits 16..31), col even, reading only `staged` (the staged buffers, in that order, indexed as
+        the stored buffers are). The values are those of the PrimFunc's decode block."""
+        raise NotImplementedError
+
+    # -- CPU schedules ----------------------------------------------------------------------------
+
+    cpu_panel_width: int | None = None  # W stored as [M/P, K, P] column panels: read in place
+    cpu_decode_order: CPUDecodeOrder | None = None  # rows readable word by word (decode along K)
+
+
+def staged_buffer_names(stage: DecodeStage, m: int, k: int, known: list[str]) -> list[str]:
+    """The stored buffers `stage` wants staged in shared memory, checked against the `known` names."""
+    names = stage.staged_buffers(m, k)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"decode stage {stage.name!r} stages {name!r}, which it does not store ({known})")
+    return list(names)
