@@ -32,6 +32,7 @@ from tensorpress.compiler.formats.base import PackedWeight, WeightFormat
 from tensorpress.compiler.formats.dense import DenseFormat
 from tensorpress.compiler.formats.dense_column_panels import DensePanelFormat
 from tensorpress.compiler.formats.fpx import SCALE_SEARCHES, check_scale_search, fpx_formats
+from tensorpress.compiler.formats.int8 import Int8WeightFormat
 from tensorpress.errors import ConfigError
 from tensorpress.schedules.decode_stage import DecodeStage
 
@@ -42,6 +43,7 @@ FORMATS: dict[str, dict[str, WeightFormat]] = {
         "dense-fp16-panel": DensePanelFormat("dense-fp16-panel", "float16"),
         "dense-fp32-panel": DensePanelFormat("dense-fp32-panel", "float32"),
         **fpx_formats(),  # fp6, fp6_e2m3, fp5, fp4, every eXmY, fp6-auto
+        "int8": Int8WeightFormat("int8"),
     },
 }
 WEIGHT_FORMATS = FORMATS["weight"]
