@@ -28,8 +28,8 @@ import sys
 from collections import Counter
 from dataclasses import replace
 
-from tensorpress.schedules.tensorcore.config import SHIPPED_TILES
-from tensorpress.schedules.tensorcore.sass_cost import (
+from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES
+from tensorpress.schedules.verification.sass_cost import (
     INTEGER_OPS,
     parse_listing,
     steady_state,
@@ -84,7 +84,7 @@ def decode_only_report(formats: list[str], arch: str) -> None:
 
     from tensorpress.compiler.formats import get_weight_format
     from tensorpress.compiler.formats.fpx import FPxFormat
-    from tensorpress.schedules.tensorcore import inspection
+    from tensorpress.schedules.verification import cuda_inspection as inspection
 
     functions, weights = {}, {}
     for fmt in formats:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
 
     from tensorpress.compiler.formats import decode_stage
-    from tensorpress.schedules.tensorcore import inspection
+    from tensorpress.schedules.verification import cuda_inspection as inspection
     from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
     from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
     from tensorpress.schedules.weight_gemm import make_weight_gemm

@@ -1,10 +1,12 @@
-"""Relax module (weights as parameters) -> one compiled library for a target.
+"""Relax module (weights as parameters), after the graph passes -> one compiled library for a target.
 
-The Relax lowering is TVM's own (legalize, fuse, lower to the VM); the one step that is ours is which
-schedule rules turn each TIR function into a kernel (`schedules/rules.py`): the weight-GEMM template
-for compressed and dense linear layers, our CPU schedules, dlight for the rest on CUDA. After TVM's
-TIR lowering, PropagateNaN makes every float min/max return NaN where an operand is NaN (ReLU, clip,
-max reductions, the fast-math clamps), on every target.
+The build only lowers: TVM's own Relax lowering (legalize, with our NaN-keeping legalisations, fuse,
+lower to the VM), then the schedule rules that turn each TIR function into a kernel
+(`schedules/rules.py`: the weight-GEMM template for compressed and dense linear layers, our CPU
+schedules, dlight for the rest on CUDA), then TVM's TIR lowering followed by PropagateNaN, which makes
+every float min/max return NaN where an operand is NaN (ReLU, clip, max reductions, the fast-math
+clamps), on every target. Every graph pass (ours and the TVM ones we choose) runs before, in
+`compiler/pipeline.py`.
 """
 
 from __future__ import annotations
@@ -48,22 +50,14 @@ def _nan_propagating_tir_pipeline():
     return tvm.transform.Sequential([lower, propagate_nan]), finalize_host, finalize_device
 
 
-def relax_lowering(target_spec: TargetSpec) -> list:
+def relax_lowering() -> list:
     """The Relax passes that turn the graph into fused TIR kernels, before any schedule rule runs (the
     build's pipeline and the failure diagnosis in build_failure.py lower alike)."""
     from tvm import relax
 
-    from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
     from tensorpress.compiler.passes.legalize_sign_keeping_nan import LEGALIZE_KEEPING_NAN
-    from tensorpress.compiler.passes.mask_infinite_max_in_logsumexp import mask_infinite_max_in_logsumexp
 
-    # On the CPU, transcendental functions go through TVM's fast polynomial forms (exp, erf, tanh,
-    # softmax) instead of scalar libm calls; CUDA has fast hardware versions already. The polynomials
-    # clamp their input with min/max, so NaN and ±Inf come out right once PropagateNaN has run.
-    fast_math = [decompose_gelu, relax.transform.FastMathTransform()] if target_spec.kind == "cpu" else []
     return [
-        mask_infinite_max_in_logsumexp,
-        *fast_math,
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(LEGALIZE_KEEPING_NAN),
@@ -97,7 +91,7 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     @tvm.transform.module_pass(opt_level=0, name="TensorpressRelaxPipeline")
     def pipeline(mod, _ctx):
         with tvm_target:
-            mod = tvm.transform.Sequential(relax_lowering(target_spec))(mod)
+            mod = tvm.transform.Sequential(relax_lowering())(mod)
         with rule_target:
             mod = dl.ApplyDefaultSchedule(*rules_for(tvm_target))(mod)
         finalize = [

@@ -44,7 +44,7 @@ def _failing_kernel(mod: Any, target: TargetSpec) -> str:
 
     tvm_target = target.tvm_target()
     with tvm_target:
-        lowered = tvm.transform.Sequential(relax_lowering(target))(mod)
+        lowered = tvm.transform.Sequential(relax_lowering())(mod)
     rule_target = rule_target_for(target, tvm_target)
     rules = rules_for(tvm_target)
     for gvar, func in lowered.functions_items():

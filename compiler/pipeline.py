@@ -1,12 +1,17 @@
-"""The story of a compile, top to bottom: import -> plan -> rewrite -> build -> write the artifact.
+"""The story of a compile, top to bottom: import -> plan -> graph passes -> build -> write the artifact.
 
 imported = import_model(model)                      frontend/: Relax + weights as named parameters
 imported = drop_unused_weights(imported)            weights nothing reads (e.g. an unused pooler)
 sites    = find_linear_sites(imported.mod)           every linear layer with a weight parameter
 plan     = plan_weights(sites, recipe, target)       which format each weight is stored in
 imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
-library  = build_library(imported.mod, target)       schedules/ rules, tvm.compile, nvcc for CUDA
+imported = mask_infinite_max_in_logsumexp(imported)  numerics: logsumexp of ±Inf rows as torch gives it
+imported = decompose_gelu, FastMathTransform (CPU)   transcendentals as fast polynomials, not libm calls
+library  = build_library(imported.mod, target)       lower, schedules/ rules, tvm.compile, nvcc for CUDA
 write_artifact(out, library, imported.params, manifest)   (store_weights=False: shapes and dtypes only)
+
+Every graph pass has one signature, ImportedModel -> ImportedModel (`compiler/passes/`), and this file
+is the one place that orders them; the build after them only lowers and schedules.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ import numpy as np
 from tensorpress.compiler.build import build_library, compiler_versions
 from tensorpress.compiler.build_folder import build_folder
 from tensorpress.compiler.formats import PackedWeight, get_weight_format
+from tensorpress.compiler.passes import GraphPass, on_module
+from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
 from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
+from tensorpress.compiler.passes.mask_infinite_max_in_logsumexp import mask_infinite_max_in_logsumexp
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
     LayerChoice,
     RewriteLinearToWeightGemm,
@@ -34,7 +42,7 @@ from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
 from tensorpress.compiler.targets import CPU_REQUIRED_FLAGS, TargetSpec
 from tensorpress.compiler.weight_plan import LayerPlan, WeightRecipe, plan_weights
 from tensorpress.errors import TensorpressError
-from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.imported_model import ImportedModel
 
 log = logging.getLogger("tensorpress.compile")  # a line per stage (see tensorpress.compiler.api)
 
@@ -58,7 +66,7 @@ def compile_imported(
     store_weights: bool = True,
     record_time: bool = False,
 ) -> CompileReport:
-    """Everything after the import: plan, rewrite, build, write `output` atomically.
+    """Everything after the import: plan, graph passes, build, write `output` atomically.
 
     store_weights=False writes no weight values (their names, shapes and dtypes only); weights of one
     shape are then packed once and shared, since only the packed shapes matter. record_time writes the
@@ -87,6 +95,8 @@ def compile_imported(
 
     with internal_errors_named("rewrite", target):
         rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
+        for graph_pass in numerics_passes(target):
+            rewritten = graph_pass(rewritten)
     seconds["rewrite"] = time.perf_counter() - start
     with build_folder() as tmp:
         log.info("building the kernels for %s", target.name)
@@ -111,6 +121,21 @@ def compile_imported(
         )
         seconds["write"] = time.perf_counter() - start
     return CompileReport(Path(output), manifest, seconds)
+
+
+def numerics_passes(target: TargetSpec) -> list[GraphPass]:
+    """The passes after the weight rewrite that keep the numbers right and fast on `target`.
+
+    On the CPU, transcendental functions go through TVM's fast polynomial forms (exp, erf, tanh,
+    softmax) instead of scalar libm calls; CUDA has fast hardware versions already. The polynomials
+    clamp their input with min/max, so NaN and ±Inf come out right once the build's PropagateNaN runs.
+    """
+    from tvm import relax
+
+    passes = [mask_infinite_max_in_logsumexp]
+    if target.kind == "cpu":
+        passes += [decompose_gelu, on_module(relax.transform.FastMathTransform(), "fast_math")]
+    return passes
 
 
 @contextlib.contextmanager

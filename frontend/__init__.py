@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorpress.errors import ConfigError, ModelImportError
-from tensorpress.frontend.imported_model import ImportedModel, TensorSpec
+from tensorpress.imported_model import ImportedModel, TensorSpec
 
 SUPPORTED_FILES = ".onnx file, .pt2 file (torch.export.save), or Hugging Face model folder"
 

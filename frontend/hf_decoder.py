@@ -28,7 +28,7 @@ from tensorpress.frontend.decoders.config import (
     decoder_config_from_hf,
 )
 from tensorpress.frontend.decoders.safetensors_reader import read_safetensors_folder
-from tensorpress.frontend.imported_model import ImportedModel, TensorSpec
+from tensorpress.imported_model import ImportedModel, TensorSpec
 
 DEFAULT_PAGE_SIZE = 16
 TOKENIZER_FILE = "tokenizer.json"

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from tensorpress.errors import ModelImportError
-from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.imported_model import ImportedModel
 from tensorpress.frontend.relax_params import output_specs, rename_params, rename_symbolic_dims, tensor_spec
 
 

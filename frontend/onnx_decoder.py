@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tensorpress.errors import ModelImportError
-from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.imported_model import ImportedModel
 
 PAST_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 PRESENT_OUTPUT = re.compile(r"present\.(\d+)\.(key|value)$")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorpress.errors import ModelImportError, UnsupportedOperatorError
-from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.imported_model import ImportedModel
 from tensorpress.frontend.onnx_normalise import default_opset, normalise_onnx
 from tensorpress.frontend.relax_params import output_specs, tensor_spec, to_numpy
 

@@ -14,7 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tensorpress.frontend.imported_model import TensorSpec
+from tensorpress.imported_model import TensorSpec
 
 
 def rename_params(func: relax.Function, new_names: dict[str, str]) -> relax.Function:

@@ -7,7 +7,7 @@ import inspect
 from typing import Any
 
 from tensorpress.errors import ModelImportError, UnsupportedOperatorError
-from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.imported_model import ImportedModel
 from tensorpress.frontend.relax_params import output_specs, rename_params, tensor_spec, to_numpy
 
 

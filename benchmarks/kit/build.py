@@ -38,7 +38,7 @@ def _candidates(
     fmt: str, layers: dict[str, tuple[int, int]], tokens, arch: str, split_choices, decode_tiles_only: bool
 ) -> tuple[list[KernelCase], dict]:
     from tensorpress.schedules.tensorcore.arch import arch_spec
-    from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, choose_config
+    from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, choose_config
 
     spec = arch_spec(arch)
     cases: dict[str, KernelCase] = {}
@@ -66,7 +66,7 @@ def _candidates(
 def fpx_test_cases(dry: bool) -> list[KernelCase]:
     """The FPx gpu tests' kernels (tests/schedules/tensorcore/test_fpx_gpu.py): every test format
     with every shipped tile that fits, split-K 1 and 2, on a small and a real layer, and one with bias."""
-    from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
+    from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
 
     if dry:
         small = TileConfig(block_n=16, block_m=32, block_k=64, warps=2, stages=2)
@@ -85,7 +85,7 @@ def fpx_test_cases(dry: bool) -> list[KernelCase]:
 def test_cases(dry: bool) -> list[KernelCase]:
     """The gpu tests' kernels: every shipped tile with and without split-K on a small and a real
     layer, a shape that needs K padding, and bias; a few small ones for the dry run."""
-    from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
+    from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
 
     if dry:
         small = TileConfig(block_n=16, block_m=64, block_k=32, warps=2, stages=2)
@@ -111,8 +111,8 @@ def scheduled_module(cases: list[KernelCase], emulated: bool):
     import tvm
 
     from tensorpress.compiler.formats import decode_stage
-    from tensorpress.schedules.tensorcore.config import TileConfig
-    from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
+    from tensorpress.schedules.tensorcore.tile_config import TileConfig
+    from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
     from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
     from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
     from tensorpress.schedules.weight_gemm import make_weight_gemm
@@ -133,12 +133,12 @@ def build_library(cases: list[KernelCase], out: Path, arch: str | None) -> float
 
     start = time.perf_counter()
     if arch is None:
-        from tensorpress.schedules.tensorcore.replay import build_replay
+        from tensorpress.schedules.verification.cpu_replay import build_replay
 
         build_replay(scheduled_module(cases, emulated=True), seed=None).export_library(str(out))
         return time.perf_counter() - start
     from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support, library_has_gpu_binary
-    from tensorpress.schedules.tensorcore.inspection import ASYNC_COPY_CONFIG, cuda_target
+    from tensorpress.schedules.verification.cuda_inspection import ASYNC_COPY_CONFIG, cuda_target
 
     ensure_cuda_build_support()
     target = cuda_target(arch)

@@ -166,12 +166,12 @@ def build_attention_kernels(out: Path, arch: str | None, configs: list[tuple[int
         listed.append({"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "tag": tag})
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in functions.items()})
     if arch is None:
-        from tensorpress.schedules.kv_attention_replay import build_replay
+        from tensorpress.schedules.verification.kv_attention_replay import build_replay
 
         build_replay(mod, seed=None).export_library(str(out))
         return listed
     from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support, library_has_gpu_binary
-    from tensorpress.schedules.tensorcore.inspection import cuda_target
+    from tensorpress.schedules.verification.cuda_inspection import cuda_target
 
     ensure_cuda_build_support()
     target = cuda_target(arch)

@@ -13,6 +13,8 @@ import tvm
 from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
+from tensorpress.imported_model import ImportedModel
+
 
 @expr_functor.mutator
 class _GeluToErf(PyExprMutator):
@@ -27,10 +29,9 @@ class _GeluToErf(PyExprMutator):
         return call
 
 
-@tvm.transform.module_pass(opt_level=0, name="DecomposeGelu")
-def decompose_gelu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    mutator = _GeluToErf(mod)
-    for gvar, func in mod.functions_items():
+def decompose_gelu(model: ImportedModel) -> ImportedModel:
+    mutator = _GeluToErf(model.mod)
+    for gvar, func in model.mod.functions_items():
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-    return mutator.builder_.get()
+    return model.with_module(mutator.builder_.get())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tvm import relax
 
-from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.imported_model import ImportedModel
 
 
 def drop_unused_weights(model: ImportedModel) -> ImportedModel:
@@ -21,4 +21,4 @@ def drop_unused_weights(model: ImportedModel) -> ImportedModel:
             mod[gvar] = relax.Function(keep, func.body, func.ret_ty, func.is_pure, func.attrs)
         used.update(v.name for v in keep[num_input:])
     params = {name: value for name, value in model.params.items() if name in used}
-    return ImportedModel(mod, params, model.inputs, model.outputs, model.kind, model.source, model.info)
+    return model.with_module(mod, params)

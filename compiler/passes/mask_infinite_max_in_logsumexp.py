@@ -15,9 +15,10 @@ A row holding NaN still gives NaN (max is NaN, see PropagateNaN); finite rows ar
 
 from __future__ import annotations
 
-import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+from tensorpress.imported_model import ImportedModel
 
 
 def _pattern():
@@ -28,8 +29,7 @@ def _pattern():
     return out, x, row_max, row_sum
 
 
-@tvm.transform.module_pass(opt_level=0, name="MaskInfiniteMaxInLogSumExp")
-def mask_infinite_max_in_logsumexp(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+def mask_infinite_max_in_logsumexp(model: ImportedModel) -> ImportedModel:
     out, x, row_max, row_sum = _pattern()
 
     def rewrite(_expr, matches):
@@ -39,7 +39,8 @@ def mask_infinite_max_in_logsumexp(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         total = relax.op.sum(relax.op.exp(relax.op.subtract(matches[x], masked)), attrs.axis, attrs.keepdims)
         return relax.op.add(relax.op.log(total), masked)
 
+    mod = model.mod.clone()  # passes are pure: the input module stays as it was
     for gvar, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
             mod[gvar] = rewrite_call(out, rewrite, func)
-    return mod
+    return model.with_module(mod)

@@ -27,7 +27,7 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from tensorpress.compiler.formats import PackedWeight, decode_stage
-from tensorpress.frontend.imported_model import ImportedModel
+from tensorpress.imported_model import ImportedModel
 from tensorpress.frontend.relax_params import rename_params
 from tensorpress.schedules.weight_gemm import N_HINT_ATTR, make_weight_gemm
 
@@ -196,7 +196,7 @@ class RewriteLinearToWeightGemm:
             mod[gvar] = rename_params(func, short)
         mod = relax.transform.DeadCodeElimination()(mod)
         params = _new_param_order(model.params, packed, short, mod)
-        return ImportedModel(mod, params, model.inputs, model.outputs, model.kind, model.source, model.info)
+        return model.with_module(mod, params)
 
     def _rewrite_function(self, func, model, bb, kernels, packed, packed_transposed, pats, func_name):
         func_weights = _weight_params(func)

@@ -11,7 +11,7 @@ from reference_models import build, example_inputs
 import tensorpress
 from tensorpress.compiler.cuda.toolchain import extract_fatbins
 from tensorpress.runtime.artifact import LIBRARY, open_artifact
-from tensorpress.schedules.tensorcore.inspection import find_tool
+from tensorpress.schedules.verification.cuda_inspection import find_tool
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])

@@ -14,7 +14,7 @@ from tvm.s_tir import stmt as sblock_stmt
 
 from tensorpress.schedules.kv_attention import chunk_tokens, kv_append_func, paged_attention_func
 from tensorpress.schedules.kv_attention_cuda import schedule_append, schedule_attention
-from tensorpress.schedules.kv_attention_replay import build_replay
+from tensorpress.schedules.verification.kv_attention_replay import build_replay
 
 PS = 4  # small pages: many page boundaries inside each chunk
 
@@ -165,7 +165,7 @@ def test_a_padded_head_split_races_between_ctas_and_the_shuffled_replay_sees_it(
 @pytest.mark.parametrize("bug", list(PLANTED))
 def test_planted_bug_compiles_for_cuda_and_fails_the_replay(bug):
     from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support
-    from tensorpress.schedules.tensorcore.inspection import compile_cubin, cuda_source
+    from tensorpress.schedules.verification.cuda_inspection import compile_cubin, cuda_source
 
     ensure_cuda_build_support()
     mod = scheduled(4, 2, 16, mutate=PLANTED[bug])
@@ -183,7 +183,7 @@ def test_planted_bug_compiles_for_cuda_and_fails_the_replay(bug):
 
 def _lowered_kernels(mod, arch="sm_80"):
     from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support
-    from tensorpress.schedules.tensorcore.inspection import ASYNC_COPY_CONFIG, _lower_device, cuda_target
+    from tensorpress.schedules.verification.cuda_inspection import ASYNC_COPY_CONFIG, _lower_device, cuda_target
 
     ensure_cuda_build_support()
     target = cuda_target(arch)
@@ -290,7 +290,7 @@ FAST_CONFIGS = [(32, 32, 128), (64, 8, 64)]
 
 def _check_resources(heads, kv_heads, head_dim, arch):
     from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support
-    from tensorpress.schedules.tensorcore.inspection import inspect_cuda
+    from tensorpress.schedules.verification.cuda_inspection import inspect_cuda
 
     ensure_cuda_build_support()
     attention = schedule_attention(paged_attention_func(heads, kv_heads, head_dim, 16, "float16", "decode"))
@@ -331,7 +331,7 @@ def test_resources_for_cuda_every_config(heads, kv_heads, head_dim, arch):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_k_and_v_rows_move_in_16_byte_loads(arch):
     from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support
-    from tensorpress.schedules.tensorcore.inspection import compile_cubin, cuda_source, disassemble
+    from tensorpress.schedules.verification.cuda_inspection import compile_cubin, cuda_source, disassemble
 
     ensure_cuda_build_support()
     func = schedule_attention(paged_attention_func(32, 8, 128, 16, "float16", "decode")).mod["main"]

@@ -9,6 +9,7 @@ import tvm
 from tvm import relax
 
 from tensorpress.compiler.passes.mask_infinite_max_in_logsumexp import mask_infinite_max_in_logsumexp
+from tensorpress.imported_model import ImportedModel
 
 
 def _frontend_logsumexp(shape):
@@ -31,7 +32,7 @@ def test_logsumexp_of_rows_with_inf_matches_torch():
     x[1, :] = -np.inf
     x[2, 1], x[2, 4] = np.inf, -np.inf
     x[3, 6] = np.nan
-    mod = mask_infinite_max_in_logsumexp(_frontend_logsumexp(x.shape))
+    mod = mask_infinite_max_in_logsumexp(ImportedModel(_frontend_logsumexp(x.shape), {}, [], [])).mod
     vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     want = torch.logsumexp(torch.from_numpy(x), -1, keepdim=True).numpy()

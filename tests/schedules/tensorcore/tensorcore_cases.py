@@ -13,10 +13,10 @@ from tvm import te, tirx
 
 from tensorpress.compiler.formats import decode_stage
 from tensorpress.schedules.decode_stage import DecodeStage, StoredBuffer
-from tensorpress.schedules.tensorcore.config import TileConfig
-from tensorpress.schedules.tensorcore.emulation import emulated_intrinsics
+from tensorpress.schedules.tensorcore.tile_config import TileConfig
+from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
-from tensorpress.schedules.tensorcore.replay import build_replay
+from tensorpress.schedules.verification.cpu_replay import build_replay
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
 from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, make_weight_gemm
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import tensorpress
 from tensorpress.compiler.cuda.toolchain import extract_fatbins
 from tensorpress.runtime.artifact import LIBRARY, open_artifact
-from tensorpress.schedules.tensorcore.inspection import find_tool, parse_sass
+from tensorpress.schedules.verification.cuda_inspection import find_tool, parse_sass
 
 TINY_LLAMA = Path(__file__).resolve().parents[3] / "examples" / "tiny_llama"
 

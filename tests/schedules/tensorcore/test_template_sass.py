@@ -7,8 +7,8 @@ import pytest
 from tensorcore_cases import check_tensor_core_kernels, once_per_session
 
 from tensorpress.compiler.formats import decode_stage
-from tensorpress.schedules.tensorcore.config import SHIPPED_TILES, TileConfig
-from tensorpress.schedules.tensorcore.inspection import (
+from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
+from tensorpress.schedules.verification.cuda_inspection import (
     CudaBuild,
     KernelReport,
     build_for_inspection,

@@ -1,4 +1,6 @@
-"""What every frontend hands to the compiler: a Relax module whose weights are named parameters.
+"""What every frontend hands to the compiler, and every graph pass hands to the next: a Relax module
+whose weights are named parameters. It lives at the package root so that the frontend (which makes it)
+and the compiler (whose passes and build use it) both import it without one importing the other.
 
     ImportedModel
       mod      IRModule; each entry function takes its runtime inputs first, then the weights it
@@ -15,6 +17,7 @@ and the artifact can store them once.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,3 +49,7 @@ class ImportedModel:
     kind: str = "graph"
     source: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+
+    def with_module(self, mod: Any, params: dict[str, np.ndarray] | None = None) -> ImportedModel:
+        """This model with another module (and, for passes that repack weights, other params)."""
+        return dataclasses.replace(self, mod=mod, params=self.params if params is None else params)

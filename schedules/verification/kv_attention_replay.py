@@ -1,4 +1,4 @@
-"""Replay the CUDA schedule of the paged KV kernels on the CPU (the project's replay, `tensorcore/replay.py`,
+"""Replay the CUDA schedule of the paged KV kernels on the CPU (the project's replay, `verification/cpu_replay.py`,
 adapted to kernels with cross-thread reductions).
 
 The same machinery as the Tensor Core replay: thread-bound loops become serial loops visiting their
@@ -21,7 +21,7 @@ import tvm_ffi
 from tvm import tirx
 from tvm.s_tir import stmt as sblock_stmt
 
-from tensorpress.schedules.tensorcore.replay import REPLAY_PIPELINE, serialize_threads
+from tensorpress.schedules.verification.cpu_replay import REPLAY_PIPELINE, serialize_threads
 
 
 def reduction_thread_vars(mod: tvm.IRModule) -> list[tirx.Var]:

@@ -6,7 +6,7 @@ import pytest
 
 from tensorpress.errors import ConfigError, ShapeError
 from tensorpress.schedules.tensorcore.arch import arch_spec
-from tensorpress.schedules.tensorcore.config import (
+from tensorpress.schedules.tensorcore.tile_config import (
     SHIPPED_TILES,
     TileConfig,
     check_weight_shape,

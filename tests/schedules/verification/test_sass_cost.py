@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tensorpress.schedules.tensorcore.config import TileConfig
-from tensorpress.schedules.tensorcore.sass_cost import parse_listing, steady_state, summarize, weight_budget
+from tensorpress.schedules.tensorcore.tile_config import TileConfig
+from tensorpress.schedules.verification.sass_cost import parse_listing, steady_state, summarize, weight_budget
 
 # A main loop (0x0010..0x0090, closed by the branch at 0x0090) holding an inner decode loop
 # (0x0030..0x0050: 2 STS a trip) and two HMMA; code before and after it must not count.

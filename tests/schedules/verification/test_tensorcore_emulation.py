@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tvm
 
-from tensorpress.schedules.tensorcore import emulation
+from tensorpress.schedules.verification import tensorcore_emulation as emulation
 from tensorpress.schedules.tensorcore import fragments as frag
 
 

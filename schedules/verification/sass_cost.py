@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from tensorpress.schedules.tensorcore.config import TileConfig
+from tensorpress.schedules.tensorcore.tile_config import TileConfig
 
 INTEGER_OPS = frozenset(
     ["IMAD", "IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "LEA", "SEL", "ISETP", "PRMT", "VIADD",
