@@ -1,8 +1,10 @@
 """Paged KV cache kernels: append new K/V rows into pages, causal GQA attention over pages.
 
-The page pool is one tensor for all layers, owned by the runtime (`runtime/paged_kv_cache.py`):
+The cache is the tensors of a KV-cache format (`compiler/formats/kv_cache.py`, passed in as
+`kv_cache`), each for all layers and owned by the runtime (`runtime/paged_kv_cache.py`); the kernels
+take the format's append and its one page read. The unquantised format's single tensor:
 
-    kv_pages[L, P, 2, KVH, PS, D]          (model dtype)
+    kv_pages[L, P, 2, KVH, PS, D]          (model dtype; int8 keeps kv_codes[.., D] + kv_scales[..])
 
       L    layers               the kernels take `layer` as a scalar argument
       P    pages                symbolic: the runtime picks it (--max-total-tokens)
@@ -40,9 +42,9 @@ fp32; q is scaled by 1/√D before the dot products. The stage-1 values of all c
 `chunk_sum`, `chunk_acc`) live in a workspace the kernel allocates itself (TVMBackendAllocWorkspace).
 
 Kernels (PrimFunc attribute `tensorpress.kernel` says which; the rules at the bottom schedule them):
-    kv_append           (kv_pages, k[N,KVH,D], v[N,KVH,D], positions[N], seq_slot[N], block_table[B,M], layer)
-                        writes kv_pages in place (Relax `call_tir_inplace`)
-    paged_attention     (q[N,H,D], kv_pages, positions[N], seq_slot[N], block_table[B,M], layer) -> out[N,H,D]
+    kv_append           (*cache, k[N,KVH,D], v[N,KVH,D], positions[N], seq_slot[N], block_table[B,M], layer)
+                        writes the cache in place (Relax `call_tir_inplace`)
+    paged_attention     (q[N,H,D], *cache, positions[N], seq_slot[N], block_table[B,M], layer) -> out[N,H,D]
                         one definition; `phase` ("prefill" or "decode") only names it, so each phase can
                         get its own schedule. Schedules: `kv_attention_cpu.py`, `kv_attention_cuda.py`.
 """
