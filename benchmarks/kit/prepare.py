@@ -160,8 +160,8 @@ def _copy_weight_formats(package: Path) -> None:
     formats.mkdir(parents=True)
     docstring = '"""Only the weight formats: the GPU kit packs FPx weights with them."""\n'
     (package / "compiler" / "__init__.py").write_text(docstring)
-    for name in ("__init__.py", "dense_panel.py", "fpx.py", "fpx_layout.py", "registry.py"):
-        shutil.copyfile(ROOT / "compiler" / "formats" / name, formats / name)
+    for source in sorted((ROOT / "compiler" / "formats").glob("*.py")):  # every format: plain Python
+        shutil.copyfile(source, formats / source.name)
 
 
 def _commit() -> dict:
