@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
 
     from tensorpress.compiler.formats import decode_stage
-    from tensorpress.schedules.verification import cuda_inspection as inspection
     from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
     from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
+    from tensorpress.schedules.verification import cuda_inspection as inspection
     from tensorpress.schedules.weight_gemm import make_weight_gemm
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

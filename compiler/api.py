@@ -32,7 +32,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     dtype: str | None = None,
     weights: FPxConfig | str | None = None,
     sparsity: SparseConfig | None = None,
-    kv_cache: KVCacheConfig | None = None,
+    kv_cache: KVCacheConfig | str | None = None,
     skip: Sequence[str] = (),
     scale_search: str | None = None,
     example_inputs: tuple | None = None,
@@ -54,6 +54,8 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     weights: None (dense), a weight format name ("fp6", "fp5", "fp4", "fp6-auto", "e2m3", ...), or an
         FPxConfig. `skip` adds fnmatch patterns of weights to keep dense; `scale_search` is "absmax"
         (default) or "mse".
+    kv_cache: decoders only, how the KV cache is stored: a KV-cache format name ("auto", the model's
+        dtype and the default; "fp16", "fp32", "int8") or a KVCacheConfig.
     store_weights: False writes the weights' names, shapes and dtypes but not their values (the
         library alone, e.g. to carry a 7B-shaped model where 13 GB cannot go); they are given at load
         time, `tensorpress.runtime.load(path, weights={name: array})`. A Hugging Face decoder folder
@@ -77,8 +79,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     recipe, as_written = _recipe(weights, skip, scale_search)
     if sparsity is not None and not sparsity.implemented:
         raise ConfigError("sparse weights are not implemented yet (SparseConfig is accepted but not compiled).")
-    if kv_cache is not None and kv_cache.format != "fp16":
-        raise ConfigError(f"the {kv_cache.format} KV cache is not implemented yet; use KVCacheConfig('fp16').")
+    kv_config = _kv_cache_config(kv_cache)
     if input_shapes is not None:
         if _is_onnx_decoder(model) or _is_decoder_folder(model):
             raise ConfigError("decoders take no input shapes; their prompts and KV cache size themselves at run time.")
@@ -87,6 +88,13 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         dtype = "float16"  # LLMs on GPUs run in fp16 (the Tensor Core GEMMs take fp16 activations)
     if not store_weights and _is_decoder_folder(model) and not list(Path(model).glob("*.safetensors")):
         import_options["shapes_only"] = True  # config.json alone: zero stand-ins, nothing to read
+    if _is_decoder_folder(model) or _is_onnx_decoder(model):
+        import_options["kv_cache"] = (kv_config or KVCacheConfig()).kv_cache_format()
+    elif kv_config is not None:
+        raise ConfigError(
+            f"a KV cache format ({kv_config.format}) applies to decoders only; {_described(model)} is not a "
+            "decoder (a Hugging Face causal-LM folder or an ONNX decoder exported with past_key_values)."
+        )
     with tvm_log_routed():
         log.info("importing %s", _described(model))
         start = time.perf_counter()
@@ -129,6 +137,14 @@ def _is_decoder_folder(model: Any) -> bool:
 def _graph_dtype(imported) -> str:
     floats = [spec.dtype for spec in imported.inputs + imported.outputs if spec.dtype.startswith("float")]
     return floats[0] if floats else "float32"
+
+
+def _kv_cache_config(kv_cache: KVCacheConfig | str | None) -> KVCacheConfig | None:
+    if kv_cache is None or isinstance(kv_cache, KVCacheConfig):
+        return kv_cache
+    if isinstance(kv_cache, str):
+        return KVCacheConfig(kv_cache)  # an unknown name fails here, listing the valid ones
+    raise ConfigError(f"kv_cache must be a KV cache format name or a KVCacheConfig, got {type(kv_cache).__name__}.")
 
 
 def _recipe(weights, skip, scale_search) -> tuple[WeightRecipe, dict[str, Any]]:

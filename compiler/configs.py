@@ -5,7 +5,7 @@
 Each config validates itself when built (a bad value raises ConfigError, saying which field and what
 is allowed) and round-trips through `to_dict()` / `config_from_dict()`, which is how the artifact's
 manifest stores it as written. `implemented` says whether `compile` can carry the config out yet; the
-sparse and KV-cache configs are accepted by the API and rejected by compile until their issues land.
+sparse config is accepted by the API and rejected by compile until its issue lands.
 """
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from tensorpress.compiler.formats import PLANNED_SPARSE_FORMATS, SCALE_SEARCHES, WEIGHT_FORMATS
+from tensorpress.compiler.formats import (
+    PLANNED_SPARSE_FORMATS,
+    SCALE_SEARCHES,
+    WEIGHT_FORMATS,
+    get_kv_cache_format,
+    kv_cache_format_names,
+)
 from tensorpress.compiler.formats import fpx_codes as fpx
 from tensorpress.compiler.formats.fpx import FPxFormat
+from tensorpress.compiler.formats.kv_cache import KVCacheFormat
 from tensorpress.errors import ConfigError
-
-KV_CACHE_FORMATS = ("fp16", "int2-kitty", "int2-oscar")
 
 
 class _Config:
@@ -124,21 +129,24 @@ class SparseConfig(_Config):
 
 @dataclass(frozen=True)
 class KVCacheConfig(_Config):
-    """How the KV cache is stored: "fp16", "int2-kitty" or "int2-oscar".
-
-    Accepted by the API, rejected by compile until the 2-bit KV cache issue lands (`implemented`).
+    """How a decoder's KV cache is stored: a registered KV-cache format name (`compiler/formats/`):
+    "auto" (the model's dtype, the default), "fp16", "fp32" or "int8" (per-token, per-head scale).
     """
 
-    format: str = "fp16"
+    format: str = "auto"
 
     kind: ClassVar[str] = "kv_cache"
-    implemented: ClassVar[bool] = False
+    implemented: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.format not in KV_CACHE_FORMATS:
+        if self.format not in kv_cache_format_names():
             raise ConfigError(
-                f"KVCacheConfig format must be one of {', '.join(KV_CACHE_FORMATS)}, got {self.format!r}."
+                f"KVCacheConfig format must be one of {', '.join(kv_cache_format_names())}, got {self.format!r}."
             )
+
+    def kv_cache_format(self) -> KVCacheFormat:
+        """The registry's format for this config."""
+        return get_kv_cache_format(self.format)
 
 
 CONFIG_KINDS: dict[str, type[_Config]] = {c.kind: c for c in (FPxConfig, SparseConfig, KVCacheConfig)}

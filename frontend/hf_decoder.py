@@ -9,6 +9,8 @@ with W a named parameter, so the compiler's weight-format pass treats them like 
     imported.mod          prefill / decode (see frontend/decoders/causal_lm.py for the signatures)
     imported.params       {hf name: numpy array}, in trailing-parameter order
     imported.info         {"decoder": manifest section for the runtime, "extra_files": {...}}
+
+The KV-cache format is the compiler's choice, handed in as `kv_cache` (the frontend never names one).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tensorpress.frontend.decoders.config import (
     DecoderConfig,
     decoder_config_from_hf,
 )
+from tensorpress.frontend.decoders.paged_attention import KVCacheKernels
 from tensorpress.frontend.decoders.safetensors_reader import read_safetensors_folder
 from tensorpress.imported_model import ImportedModel, TensorSpec
 
@@ -62,15 +65,19 @@ def read_decoder_config(folder: str | Path) -> DecoderConfig:
     return decoder_config_from_hf(hf, generation, where=str(path))
 
 
-def build_decoder_module(config: DecoderConfig, dtype: str) -> CausalLM:
-    """Our nn.Module for the config's family (parameters unset)."""
+def build_decoder_module(config: DecoderConfig, dtype: str, kv_cache: KVCacheKernels) -> CausalLM:
+    """Our nn.Module for the config's family (parameters unset), its KV cache stored as `kv_cache` says."""
+    module: CausalLM
     if config.family == "llama":
         from tensorpress.frontend.decoders.llama import LlamaForCausalLM
 
-        return LlamaForCausalLM(config, dtype)
-    from tensorpress.frontend.decoders.opt import OPTForCausalLM
+        module = LlamaForCausalLM(config, dtype)
+    else:
+        from tensorpress.frontend.decoders.opt import OPTForCausalLM
 
-    return OPTForCausalLM(config, dtype)
+        module = OPTForCausalLM(config, dtype)
+    module.kv_cache = kv_cache
+    return module
 
 
 def _default_dtype(folder: Path) -> str:
@@ -104,6 +111,8 @@ def _load_params(
 def import_hf_decoder(
     folder: str | Path,
     dtype: str | None = None,
+    *,
+    kv_cache: KVCacheKernels,
     page_size: int = DEFAULT_PAGE_SIZE,
     shapes_only: bool = False,
     weight_source: WeightSource | None = None,
@@ -112,7 +121,8 @@ def import_hf_decoder(
     """Import a Llama/Qwen2/OPT causal-LM folder as prefill/decode functions over a paged KV cache.
 
     dtype: compute and weight dtype ("float32" or "float16"; default: float32 for float32
-    checkpoints, else float16). page_size: tokens per KV page (fixed in the compiled kernels).
+    checkpoints, else float16). kv_cache: the KV-cache format the compiler chose (its tensors and
+    kernels; `compiler/formats/kv_cache.py`). page_size: tokens per KV page (fixed in the kernels).
     shapes_only: read config.json alone; the params are zero stand-ins of the right shapes that take
     no memory (for artifacts compiled with store_weights=False, whose weights come at load time).
     weight_source, source: where the weights come from instead of the folder's *.safetensors, and its
@@ -125,7 +135,7 @@ def import_hf_decoder(
     if dtype not in _DTYPES:
         supported = " or ".join(_DTYPES)
         raise ModelImportError(f"{where}: dtype {dtype!r} is not supported for decoders (use {supported}).")
-    module = build_decoder_module(config, dtype)
+    module = build_decoder_module(config, dtype, kv_cache)
     mod, named = module.export_tvm(spec=module.export_spec(page_size))
     if shapes_only:
         params = {name: np.broadcast_to(np.zeros((), dtype), tuple(int(d) for d in p.shape)) for name, p in named}
@@ -135,7 +145,7 @@ def import_hf_decoder(
     else:
         params = _load_params(named, read_safetensors_folder(folder), dtype, where, "the *.safetensors files")
 
-    cache_shape = module.cache_shape(page_size)
+    cache_tensors = module.cache_tensors(page_size)
     # learned position tables end; RoPE has no hard limit
     max_len = config.max_position_embeddings if config.position_encoding == "learned" else None
     tokenizer = folder / TOKENIZER_FILE
@@ -143,8 +153,10 @@ def import_hf_decoder(
         "config": config.to_dict(),
         "dtype": dtype,
         "page_size": page_size,
-        "cache_shape": cache_shape,  # "num_pages" is chosen by the runtime
-        "cache_dtype": dtype,
+        # the tensors the runtime allocates, in the functions' order ("num_pages" is its choice)
+        "cache_tensors": [t.to_dict() for t in cache_tensors],
+        "bytes_per_token": kv_cache.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim, dtype),
+        "kv_cache": {"format": kv_cache.name, "bits": kv_cache.code_bits(dtype)},
         "functions": {"prefill": PREFILL, "decode": DECODE},
         "max_sequence_length": max_len,
         "context_length": config.context_length(),  # the runtime refuses longer sequences unless asked
@@ -158,14 +170,13 @@ def import_hf_decoder(
         # files the artifact must carry beside the weights: {name in artifact: path on disk}
         "extra_files": {TOKENIZER_FILE: str(tokenizer)} if tokenizer.is_file() else {},
     }
-    pages = TensorSpec("kv_pages", tuple(cache_shape), dtype)
     inputs = [
         TensorSpec("input_ids", ("n",), "int32"),
         TensorSpec("positions", ("n",), "int32"),
         TensorSpec("seq_slot", ("n",), "int32"),
         TensorSpec("block_table", ("b", "m"), "int32"),
         TensorSpec("last_token_index", ("b",), "int32"),
-        pages,
+        *(TensorSpec(t.name, tuple(t.shape), t.dtype) for t in cache_tensors),
     ]
     outputs = [TensorSpec("logits", ("b", config.vocab_size), "float32")]
     return ImportedModel(

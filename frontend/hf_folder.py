@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 from tensorpress.errors import ModelImportError
-from tensorpress.imported_model import ImportedModel
 from tensorpress.frontend.relax_params import output_specs, rename_params, rename_symbolic_dims, tensor_spec
+from tensorpress.imported_model import ImportedModel
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from tensorpress.errors import ModelImportError, UnsupportedOperatorError
-from tensorpress.imported_model import ImportedModel
 from tensorpress.frontend.onnx_normalise import default_opset, normalise_onnx
 from tensorpress.frontend.relax_params import output_specs, tensor_spec, to_numpy
+from tensorpress.imported_model import ImportedModel
 
 
 def import_onnx(

@@ -7,8 +7,8 @@ import inspect
 from typing import Any
 
 from tensorpress.errors import ModelImportError, UnsupportedOperatorError
-from tensorpress.imported_model import ImportedModel
 from tensorpress.frontend.relax_params import output_specs, rename_params, tensor_spec, to_numpy
+from tensorpress.imported_model import ImportedModel
 
 
 def import_torch(

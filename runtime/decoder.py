@@ -124,6 +124,14 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
     return int(rng.choice(probs.shape[0], p=probs))
 
 
+def cache_tensors_of(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """The KV cache tensors a decoder section lists ({name, shape with "num_pages", dtype}, in the
+    compiled functions' order); artifacts from before the list have one, cache_shape / cache_dtype."""
+    if "cache_tensors" in section:
+        return list(section["cache_tensors"])
+    return [{"name": "kv_pages", "shape": section["cache_shape"], "dtype": section["cache_dtype"]}]
+
+
 class DecoderModel:
     """A compiled decoder on a device, with its KV page pool and (optionally) its tokenizer."""
 
@@ -157,9 +165,11 @@ class DecoderModel:
         self.context_length: int | None = None if context is None else int(context)
         self._prefill = self._function(section["functions"]["prefill"])
         self._decode = self._function(section["functions"]["decode"])
+        self.cache_tensors = cache_tensors_of(section)
         num_pages = self._pool_pages(max_total_tokens, memory_fraction)
-        shape = [num_pages if dim == "num_pages" else int(dim) for dim in section["cache_shape"]]
-        self.kv_pages = self._allocate_pool(shape, section["cache_dtype"], num_pages)
+        # the KV cache: exactly the tensors the manifest lists, in the compiled functions' order
+        self.kv_cache = self._allocate_pool(num_pages)
+        self.kv_pages = self.kv_cache[0]  # the first (for the unquantised cache, the only) cache tensor
         self.cache = PagedKVCache(num_pages, self.page_size)
         self._live: dict[int, _Request] = {}  # sequences holding pages, by cache sequence id
         # Guards self.cache and self._live (all threads); notified whenever pages are given back.
@@ -202,9 +212,10 @@ class DecoderModel:
 
         return tvm_runtime.empty(shape, dtype, self.artifact.device)
 
-    def _allocate_pool(self, shape: list[int], dtype: str, num_pages: int) -> Any:
-        """The KV page pool, refused in one sentence when it cannot fit the device's free memory
-        (checked first: on the CPU an oversized allocation may succeed and kill the process later)."""
+    def _allocate_pool(self, num_pages: int) -> list[Any]:
+        """The KV cache tensors for `num_pages` pages, refused in one sentence when they cannot fit the
+        device's free memory (checked first: on the CPU an oversized allocation may succeed and kill
+        the process later)."""
         need = num_pages * self._bytes_per_page()
         free = self._free_memory_bytes()
         tokens = num_pages * self.page_size
@@ -215,7 +226,10 @@ class DecoderModel:
                 f"{free / 2**30:.2f} GiB free; {advice}"
             )
         try:
-            return self._empty(shape, dtype)
+            return [
+                self._empty([num_pages if dim == "num_pages" else int(dim) for dim in t["shape"]], t["dtype"])
+                for t in self.cache_tensors
+            ]
         except (MemoryError, RuntimeError) as err:  # std::bad_alloc, cudaErrorMemoryAllocation
             raise InputError(
                 f"the KV cache of {tokens} tokens ({need / 2**30:.2f} GiB) could not be allocated; {advice}"
@@ -247,8 +261,13 @@ class DecoderModel:
         return Path(path).read_bytes() if path and Path(path).is_file() else None
 
     def _bytes_per_page(self) -> int:
-        dims = [int(d) for d in self.section["cache_shape"] if d != "num_pages"]
-        return int(np.prod(dims)) * np.dtype(self.section["cache_dtype"]).itemsize
+        """Bytes of one page of every cache tensor: the manifest's bytes per token x page size."""
+        if "bytes_per_token" in self.section:
+            return int(self.section["bytes_per_token"]) * self.page_size
+        return sum(
+            int(np.prod([int(d) for d in t["shape"] if d != "num_pages"])) * np.dtype(t["dtype"]).itemsize
+            for t in self.cache_tensors
+        )
 
     def _pool_pages(self, max_total_tokens: int | None, memory_fraction: float | None) -> int:
         if max_total_tokens is not None and memory_fraction is not None:
@@ -547,9 +566,9 @@ class DecoderModel:
         compiled = self._compiled(name)
 
         def call() -> Any:
-            # Outside the lock: calls of several threads write disjoint pages of kv_pages (their own
+            # Outside the lock: calls of several threads write disjoint pages of the cache (their own
             # sequences'), and each thread runs its own VM state.
-            return compiled(*device_args, self.kv_pages, *params)
+            return compiled(*device_args, *self.kv_cache, *params)
 
         chooser = cpu_threads.chooser_for_this_thread() if self._on_cpu else None
         if chooser is None:

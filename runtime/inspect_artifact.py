@@ -35,6 +35,9 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
     ]
     for name, fn in m.get("functions", {}).items():
         lines.append(f"  function {name}: {fn['num_input']} inputs, {len(fn['params'])} weights")
+    decoder = m.get("decoder", (m.get("info") or {}).get("decoder"))
+    if m.get("kind") == "decoder" and isinstance(decoder, dict):
+        lines.append(_kv_cache_line(decoder))
     layers = m.get("layers", [])
     if layers:
         width = max(len("weight"), *(len(layer["weight"]) for layer in layers))
@@ -101,6 +104,44 @@ def _function_lines(artifact: ArtifactFile) -> list[str]:
         break_on_hyphens=False,
     )
     return [f"  compiled functions ({len(names)}):", *wrapped]
+
+
+def _kv_cache_line(decoder: dict) -> str:
+    """The KV cache in words: its format, bits per stored element (and per element with the per-row
+    metadata such as scales), bytes per token over all layers, and the tensors the runtime allocates."""
+    from tensorpress.runtime.decoder import cache_tensors_of
+
+    tensors = cache_tensors_of(decoder)
+    kv = decoder.get("kv_cache") or {"format": "auto", "bits": 8 * _itemsize(tensors[0]["dtype"])}
+    config = decoder.get("config", {})
+    elements = (
+        2 * int(config.get("num_layers", 0)) * int(config.get("num_kv_heads", 0)) * int(config.get("head_dim", 0))
+    )
+    per_token = decoder.get("bytes_per_token")
+    if per_token is None:
+        per_token = sum(_row_bytes(t) for t in tensors) // int(decoder["page_size"])
+    effective = (
+        f", {8 * per_token / elements:.2f} with scales" if elements and 8 * per_token != kv["bits"] * elements else ""
+    )
+    listed = ", ".join(_tensor(t) for t in tensors)
+    return (
+        f"  KV cache: {kv['format']}, {kv['bits']} bits per element{effective}, {per_token} bytes per token, "
+        f"pages of {decoder['page_size']} tokens ({listed})"
+    )
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def _row_bytes(tensor: dict) -> int:
+    size = _itemsize(tensor["dtype"])
+    for d in tensor["shape"]:
+        if d != "num_pages":
+            size *= int(d)
+    return size
 
 
 def _recipe_words(recipe: dict) -> str:

@@ -139,9 +139,22 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
         raise bad("describes a graph model without its main function")
     if kind == "decoder":
         section = manifest.get("decoder", (manifest.get("info") or {}).get("decoder"))
-        needed = {"config": dict, "page_size": int, "cache_shape": list, "cache_dtype": str, "functions": dict}
+        needed = {"config": dict, "page_size": int, "functions": dict}
         if not isinstance(section, dict) or not all(isinstance(section.get(k), t) for k, t in needed.items()):
             raise bad("describes a decoder without a valid decoder section")
+        tensors = section.get("cache_tensors")
+        if tensors is None and "cache_shape" in section:  # written before the list: one tensor
+            tensors = [{"name": "kv_pages", "shape": section["cache_shape"], "dtype": section.get("cache_dtype")}]
+        if (
+            not isinstance(tensors, list)
+            or not tensors
+            or not all(
+                isinstance(t, dict) and all(isinstance(t.get(k), kind_) for k, kind_ in _TENSOR_FIELDS) for t in tensors
+            )
+        ):
+            raise bad("describes a decoder without a valid list of KV cache tensors")
+        if "bytes_per_token" in section and not isinstance(section["bytes_per_token"], int):
+            raise bad("describes a decoder whose KV cache bytes per token is not a number")
 
 
 def check_device_fits(manifest: dict[str, Any], kind: str, index: int, path: Path) -> None:

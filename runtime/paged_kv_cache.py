@@ -1,7 +1,8 @@
 """Page tables of the KV cache: which pages of the pool each live sequence owns (pure bookkeeping).
 
-The pool itself is one device tensor kv_pages[L, P, 2, KVH, PS, D] held by `DecoderModel` (layout:
-`schedules/kv_attention.py`). This class decides which of the P pages hold which tokens:
+The pool itself is the KV-cache format's tensors (e.g. kv_pages[L, P, 2, KVH, PS, D]), held by
+`DecoderModel` (layouts: `schedules/kv_attention.py`, `compiler/formats/kv_*.py`). This class decides
+which of the P pages hold which tokens:
 
     sequence 7: length 37, pages [4, 9, 2]      page_size 16
         positions  0..15 -> page 4, rows 0..15

@@ -1,8 +1,10 @@
 """Paged KV cache kernels: append new K/V rows into pages, causal GQA attention over pages.
 
-The page pool is one tensor for all layers, owned by the runtime (`runtime/paged_kv_cache.py`):
+The cache is the tensors of a KV-cache format (`compiler/formats/kv_cache.py`, passed in as
+`kv_cache`), each for all layers and owned by the runtime (`runtime/paged_kv_cache.py`); the kernels
+take the format's append and its one page read. The unquantised format's single tensor:
 
-    kv_pages[L, P, 2, KVH, PS, D]          (model dtype)
+    kv_pages[L, P, 2, KVH, PS, D]          (model dtype; int8 keeps kv_codes[.., D] + kv_scales[..])
 
       L    layers               the kernels take `layer` as a scalar argument
       P    pages                symbolic: the runtime picks it (--max-total-tokens)
@@ -40,9 +42,9 @@ fp32; q is scaled by 1/√D before the dot products. The stage-1 values of all c
 `chunk_sum`, `chunk_acc`) live in a workspace the kernel allocates itself (TVMBackendAllocWorkspace).
 
 Kernels (PrimFunc attribute `tensorpress.kernel` says which; the rules at the bottom schedule them):
-    kv_append           (kv_pages, k[N,KVH,D], v[N,KVH,D], positions[N], seq_slot[N], block_table[B,M], layer)
-                        writes kv_pages in place (Relax `call_tir_inplace`)
-    paged_attention     (q[N,H,D], kv_pages, positions[N], seq_slot[N], block_table[B,M], layer) -> out[N,H,D]
+    kv_append           (*cache, k[N,KVH,D], v[N,KVH,D], positions[N], seq_slot[N], block_table[B,M], layer)
+                        writes the cache in place (Relax `call_tir_inplace`)
+    paged_attention     (q[N,H,D], *cache, positions[N], seq_slot[N], block_table[B,M], layer) -> out[N,H,D]
                         one definition; `phase` ("prefill" or "decode") only names it, so each phase can
                         get its own schedule. Schedules: `kv_attention_cpu.py`, `kv_attention_cuda.py`.
 """
@@ -50,10 +52,12 @@ Kernels (PrimFunc attribute `tensorpress.kernel` says which; the rules at the bo
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
+from tvm.s_tir import stmt as sblock_stmt
 from tvm.script import tirx as T
 from tvm.target import Target
 
@@ -78,42 +82,65 @@ def chunk_tokens(num_q_heads: int, num_kv_heads: int) -> int:
 _OPAQUE = 8
 
 
-def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, dtype: str) -> tirx.PrimFunc:
-    """Append the K and V rows of N tokens to their pages (in place on `kv_pages`)."""
-    KVH, D, PS = num_kv_heads, head_dim, page_size
+class KVCacheLayout(Protocol):
+    """What the kernels of this file ask of a KV-cache format (`compiler/formats/kv_cache.py`; passed
+    in, never imported: schedules sit below the compiler)."""
 
-    @T.prim_func(private=True, s_tir=True)
-    def kv_append(
-        var_pages: T.handle,
-        var_k: T.handle,
-        var_v: T.handle,
-        var_positions: T.handle,
-        var_seq_slot: T.handle,
-        var_block_table: T.handle,
-        layer: T.int64,
-    ):
-        T.func_attr({"tirx.noalias": True, KERNEL_ATTR: APPEND_KERNEL, "op_pattern": _OPAQUE})
-        L, P, N, B, M = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        pages = T.match_buffer(var_pages, (L, P, 2, KVH, PS, D), dtype)
-        k = T.match_buffer(var_k, (N, KVH, D), dtype)
-        v = T.match_buffer(var_v, (N, KVH, D), dtype)
-        positions = T.match_buffer(var_positions, (N,), "int32")
-        seq_slot = T.match_buffer(var_seq_slot, (N,), "int32")
-        block_table = T.match_buffer(var_block_table, (B, M), "int32")
-        for n, g, d in T.grid(N, KVH, D):
-            with T.sblock("append"):
-                vn, vg, vd = T.axis.remap("SSS", [n, g, d])
-                T.reads(positions[vn], seq_slot[vn], block_table[seq_slot[vn], 0:M], k[vn, vg, vd], v[vn, vg, vd])
-                T.writes(pages[layer, 0:P, 0:2, vg, 0:PS, vd])
-                page: T.let[T.int32] = block_table[seq_slot[vn], positions[vn] // PS]
-                row: T.let[T.int32] = positions[vn] % PS
-                pages[layer, page, 0, vg, row, vd] = k[vn, vg, vd]
-                pages[layer, page, 1, vg, row, vd] = v[vn, vg, vd]
+    def cache_tensors(
+        self, num_layers: int | str, kv_heads: int, page_size: int, head_dim: int, model_dtype: str
+    ) -> list[Any]: ...
 
-    return kv_append
+    def append_func(self, kv_heads: int, head_dim: int, page_size: int, model_dtype: str) -> tirx.PrimFunc: ...
+
+    def read(self, cache, layer, page, kv: int, head, row, d, dtype: str) -> tirx.PrimExpr: ...
+
+
+def kv_append_func(
+    kv_cache: KVCacheLayout, num_kv_heads: int, head_dim: int, page_size: int, dtype: str
+) -> tirx.PrimFunc:
+    """Append the K and V rows of N tokens to their pages (in place on the cache tensors): the format's
+    append (quantise on write), marked as this file's append kernel."""
+    func = kv_cache.append_func(num_kv_heads, head_dim, page_size, dtype)
+    return func.with_attrs({KERNEL_ATTR: APPEND_KERNEL, "op_pattern": _OPAQUE})
+
+
+def _cache_buffers(kv_cache: KVCacheLayout, kv_heads, head_dim, page_size, dtype) -> list[tirx.Buffer]:
+    """The cache tensors as kernel buffers, layers and pages symbolic (named without the `kv_` prefix)."""
+    dims = {"num_layers": tirx.Var("L", "int64"), "num_pages": tirx.Var("P", "int64")}
+    buffers = []
+    for tensor in kv_cache.cache_tensors("num_layers", kv_heads, page_size, head_dim, dtype):
+        # sizes are int64 like the other shapes; the K/V axis (2) stays the int32 literal it always was
+        shape = [
+            dims[d] if isinstance(d, str) else tirx.IntImm("int32" if axis == 2 else "int64", d)
+            for axis, d in enumerate(tensor.shape)
+        ]
+        buffers.append(tirx.decl_buffer(shape, tensor.dtype, tensor.name.removeprefix("kv_")))
+    return buffers
+
+
+def row_blocks(sch: s_tir.Schedule) -> list[tuple[Any, int]]:
+    """The append kernel's blocks other than "append" (a format's per-row steps), each with the number
+    of its leading loops that are spatial (the rest, reductions included, run in one thread)."""
+    found = []
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        stmt = sch.get(block)
+        if stmt.name_hint == "append":
+            continue
+        spatial = sum(1 for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar)
+        found.append((block, spatial))
+    return found
+
+
+def cache_params(func: tirx.PrimFunc) -> list[tirx.Buffer]:
+    """The cache buffers of a kernel of this file: the params before `k` (append) or after `q`."""
+    names = [p.name for p in func.params]
+    if kernel_name(func) == APPEND_KERNEL:
+        return list(func.params[: names.index("k")])
+    return list(func.params[1 : names.index("positions")])
 
 
 def paged_attention_func(
+    kv_cache: KVCacheLayout,
     num_q_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -127,8 +154,10 @@ def paged_attention_func(
 
     Blocks, in order (stage 1 shares the loops n, g, c; j = query head in the group, t = position in
     the chunk):  q_scaled, keys, score, chunk_max, prob, chunk_sum, values, slot_acc, chunk_acc |
-    merged_max, merged_sum, merged_acc, out.  `keys`/`values` gather the chunk's rows from the pages;
-    a position past the token's own is clamped to it (so every read is in bounds) and masked to p = 0.
+    merged_max, merged_sum, merged_acc, out.  `keys`/`values` gather the chunk's rows from the pages
+    through the format's one page read (`kv_cache.read`, dequantising to `dtype`); a position past the
+    token's own is clamped to it (so every read is in bounds) and masked to p = 0. The cache tensors
+    are the params after q, in the format's order.
     """
     chunk = chunk or chunk_tokens(num_q_heads, num_kv_heads)
     if chunk % SLOTS:
@@ -139,11 +168,18 @@ def paged_attention_func(
     CH, S, STEPS = i64(chunk), i64(SLOTS), i64(chunk // SLOTS)
     scale = 1.0 / math.sqrt(head_dim)
     f32_min = T.min_value("float32")  # identity of max (what TVM's reducers expect)
+    cache = _cache_buffers(kv_cache, num_kv_heads, head_dim, page_size, dtype)
 
-    @T.prim_func(private=True, s_tir=True)
+    def page_row(layer, kv: int, n, g, c, t, d, positions, seq_slot, block_table):
+        """Element d of the row at chunk position (c, t) of token n's sequence, kv head g."""
+        position = T.min(c * CH + t, T.Cast("int64", positions[n]))
+        page = block_table[seq_slot[n], position // PS]
+        return kv_cache.read(cache, layer, page, kv, g, position % PS, d, dtype)
+
+    # parsed before the cache buffers it reads are its params (added below): checked once rebuilt
+    @T.prim_func(private=True, s_tir=True, check_well_formed=False)
     def paged_attention(
         var_q: T.handle,
-        var_pages: T.handle,
         var_positions: T.handle,
         var_seq_slot: T.handle,
         var_block_table: T.handle,
@@ -159,9 +195,8 @@ def paged_attention_func(
                 "op_pattern": _OPAQUE,
             }
         )
-        L, P, N, B, M = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        N, B, M = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (N, H, D), dtype)
-        pages = T.match_buffer(var_pages, (L, P, 2, KVH, PS, D), dtype)
         positions = T.match_buffer(var_positions, (N,), "int32")
         seq_slot = T.match_buffer(var_seq_slot, (N,), "int32")
         block_table = T.match_buffer(var_block_table, (B, M), "int32")
@@ -190,14 +225,9 @@ def paged_attention_func(
                 for t, d in T.grid(CH, D):
                     with T.sblock("keys"):
                         vn, vg, vc, vt, vd = T.axis.remap("SSSSS", [n, g, c, t, d])
-                        keys[vn, vg, vc, vt, vd] = pages[
-                            layer,
-                            block_table[seq_slot[vn], T.min(vc * CH + vt, T.Cast("int64", positions[vn])) // PS],
-                            0,
-                            vg,
-                            T.min(vc * CH + vt, T.Cast("int64", positions[vn])) % PS,
-                            vd,
-                        ]
+                        keys[vn, vg, vc, vt, vd] = page_row(
+                            layer, 0, vn, vg, vc, vt, vd, positions, seq_slot, block_table
+                        )
                 for j, t, d in T.grid(G, CH, D):
                     with T.sblock("score"):
                         vn = T.axis.spatial(N, n)
@@ -242,14 +272,9 @@ def paged_attention_func(
                 for t, d in T.grid(CH, D):
                     with T.sblock("values"):
                         vn, vg, vc, vt, vd = T.axis.remap("SSSSS", [n, g, c, t, d])
-                        values[vn, vg, vc, vt, vd] = pages[
-                            layer,
-                            block_table[seq_slot[vn], T.min(vc * CH + vt, T.Cast("int64", positions[vn])) // PS],
-                            1,
-                            vg,
-                            T.min(vc * CH + vt, T.Cast("int64", positions[vn])) % PS,
-                            vd,
-                        ]
+                        values[vn, vg, vc, vt, vd] = page_row(
+                            layer, 1, vn, vg, vc, vt, vd, positions, seq_slot, block_table
+                        )
                 for s, j, d, step in T.grid(S, G, D, STEPS):
                     with T.sblock("slot_acc"):
                         vn = T.axis.spatial(N, n)
@@ -303,7 +328,30 @@ def paged_attention_func(
                         vn, vh, vd = T.axis.remap("SSS", [n, h, d])
                         out[vn, vh, vd] = T.Cast(dtype, merged_acc[vn, vh, vd] / merged_sum[vn, vh])
 
-    return paged_attention
+    # the cache buffers join the params after q (their count is the format's)
+    params = [paged_attention.params[0], *cache, *paged_attention.params[1:]]
+    body = _with_page_reads_detected(paged_attention.body, params, cache)
+    func = tirx.PrimFunc(params, body, paged_attention.ret_type, paged_attention.attrs)
+    s_tir.analysis.verify_well_formed(func)
+    return func
+
+
+def _with_page_reads_detected(body: tirx.Stmt, params: list[Any], cache: list[tirx.Buffer]) -> tirx.Stmt:
+    """`body` with the cache regions that the page gathers read put first in their read regions (the
+    parser could not see the cache buffers: they became params after it ran)."""
+    known = {p: p for p in params if isinstance(p.ty, tirx.BufferType)}
+
+    def redetect(block: sblock_stmt.SBlock) -> sblock_stmt.SBlock:
+        if block.name_hint not in ("keys", "values"):
+            return block
+        detected, _ = s_tir.analysis.get_sblock_read_write_region(block, known)
+        pages = [r for c in cache for r in detected if r.source.same_as(c)]
+        return sblock_stmt.SBlock(
+            block.iter_vars, [*pages, *block.reads], block.writes, block.name_hint, block.body, block.init,
+            block.alloc_buffers, block.match_buffers, block.annotations,
+        )  # fmt: skip
+
+    return tvm_ffi.structural_map(body, (sblock_stmt.SBlock, redetect))
 
 
 # ---------------------------------------------------------------------------------------------- rules
@@ -319,9 +367,9 @@ def kernel_name(func: tirx.PrimFunc) -> str | None:
 
 def attention_shape(func: tirx.PrimFunc) -> tuple[int, int, int, int]:
     """(query heads, kv heads, head_dim, chunk) of a paged_attention PrimFunc."""
-    q, pages = (func.params[i] for i in (0, 1))
+    q = func.params[0]
     heads, head_dim = int(q.shape[1]), int(q.shape[2])
-    return heads, int(pages.shape[3]), head_dim, int(func.attrs[CHUNK_ATTR])
+    return heads, int(cache_params(func)[0].shape[3]), head_dim, int(func.attrs[CHUNK_ATTR])
 
 
 def guard_loop_body(func: tirx.PrimFunc, loop_var: tirx.Var, condition: tirx.PrimExpr) -> tirx.PrimFunc:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from tensorpress.schedules.kv_attention import attention_shape, guard_loop_body
+from tensorpress.schedules.kv_attention import attention_shape, cache_params, guard_loop_body, row_blocks
 
 INLINE_KEYS_UP_TO = 64  # head_dim up to which q·k reads the pages directly (measured on AVX2)
 
 
 def schedule_append(func: tirx.PrimFunc) -> s_tir.Schedule:
-    """kv_append: a parallel task per (token, kv head), the row copy vectorised."""
+    """kv_append: a parallel task per (token, kv head), the row write vectorised. A format's per-row
+    blocks before it (a scale's absmax) run as parallel tasks over their spatial loops."""
     sch = s_tir.Schedule(func)
+    for block, spatial in row_blocks(sch):
+        sch.parallel(sch.fuse(*sch.get_loops(block)[:spatial]))
     n, g, d = sch.get_loops(sch.get_sblock("append"))
     sch.parallel(sch.fuse(n, g))
     sch.vectorize(d)
@@ -67,9 +70,10 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
 
     # task = (n * KVH + g) * C + c  ->  skip chunk c when c * CHUNK > positions[n]
     scheduled = sch.mod["main"]
-    positions = scheduled.params[2]
-    block_table = scheduled.params[4]
-    page_size = int(scheduled.params[1].shape[4])
+    names = [p.name for p in scheduled.params]
+    positions = scheduled.params[names.index("positions")]
+    block_table = scheduled.params[names.index("block_table")]
+    page_size = int(cache_params(scheduled)[0].shape[4])
     chunks = (block_table.shape[1] * page_size + chunk - 1) // chunk
     token = tirx.floordiv(task_var, kv_heads * chunks)
     condition = tirx.floormod(task_var, chunks) * chunk <= positions[token].astype("int64")

@@ -41,7 +41,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from tensorpress.errors import ShapeError
-from tensorpress.schedules.kv_attention import SLOTS, attention_shape
+from tensorpress.schedules.kv_attention import SLOTS, attention_shape, cache_params, row_blocks
 
 TY = SLOTS  # thread rows: the slots of the p·V sums
 VECTOR = 8  # fp16 elements per 16-byte load
@@ -84,8 +84,14 @@ def thread_layout(head_dim: int) -> tuple[int, int]:
 
 
 def schedule_append(func: tirx.PrimFunc) -> s_tir.Schedule:
-    """kv_append: one thread per 8 consecutive elements of a row (16-byte loads and stores)."""
+    """kv_append: one thread per 8 consecutive elements of a row (16-byte loads and stores). A format's
+    per-row blocks before it (a scale's absmax) run first, one thread per row, reductions in the thread."""
     sch = s_tir.Schedule(func)
+    for row_block, spatial in row_blocks(sch):
+        rows = sch.fuse(*sch.get_loops(row_block)[:spatial])
+        bx, tx = sch.split(rows, [None, APPEND_THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
     block = sch.get_sblock("append")
     n, g, d = sch.get_loops(block)
     vec = VECTOR if int(sch.get(d).extent) % VECTOR == 0 else 1
@@ -98,15 +104,25 @@ def schedule_append(func: tirx.PrimFunc) -> s_tir.Schedule:
     return sch
 
 
-def _bind_threads(sch: s_tir.Schedule, loops, tx: int, vec: int = 1) -> None:
-    """Spread the fused `loops` over (threadIdx.y = TY, threadIdx.x = tx[, vectorized vec])."""
+def _bind_threads(sch: s_tir.Schedule, loops, tx: int, vec: int = 1, vector_gather: bool = True) -> None:
+    """Spread the fused `loops` over (threadIdx.y = TY, threadIdx.x = tx[, vec elements each, vectorized
+    or, for a gather that is not one vector load, unrolled: `_gathers_one_vector`])."""
     fused = sch.fuse(*loops)
     factors = [None, TY, tx] + ([vec] if vec > 1 else [])
     parts = sch.split(fused, factors)
     sch.bind(parts[1], "threadIdx.y")
     sch.bind(parts[2], "threadIdx.x")
-    if vec > 1:
+    if vec > 1 and vector_gather:
         sch.vectorize(parts[3])
+    elif vec > 1:
+        sch.unroll(parts[3])
+
+
+def _gathers_one_vector(func: tirx.PrimFunc) -> bool:
+    """Whether a page row's VECTOR elements come from one cache tensor (a plain vector load). A format
+    with per-row metadata (int8 codes + a scale) reads several: its gathers are unrolled, since TVM
+    0.27's CUDA codegen cannot broadcast a float32 to 8 lanes (make_ulonglong4 of 8 scalars)."""
+    return len(cache_params(func)) == 1
 
 
 def _row_reduce(sch: s_tir.Schedule, block, tx: int, group: int) -> None:
@@ -144,8 +160,9 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     q_scaled = sch.get_sblock("q_scaled")
     _bind_threads(sch, sch.get_loops(q_scaled)[3:], tx)
     sch.set_scope(q_scaled, 0, "shared")
+    vector_gather = _gathers_one_vector(func)
     keys = sch.get_sblock("keys")
-    _bind_threads(sch, sch.get_loops(keys)[3:], tx, vec=VECTOR)
+    _bind_threads(sch, sch.get_loops(keys)[3:], tx, vec=VECTOR, vector_gather=vector_gather)
     sch.set_scope(keys, 0, "shared")
 
     j, t, d = sch.get_loops(score)[3:]
@@ -182,7 +199,10 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     sch.bind(d_lane, "threadIdx.x")
     sch.compute_at(sch.get_sblock("values"), step)
     values = sch.get_sblock("values")
-    sch.vectorize(sch.get_loops(values)[-1])
+    if vector_gather:
+        sch.vectorize(sch.get_loops(values)[-1])
+    else:
+        sch.unroll(sch.get_loops(values)[-1])
     sch.set_scope(values, 0, "local")
     slot_copy = sch.cache_write(slot_acc, 0, "local")  # the sums stay in registers ...
     sch.reverse_compute_at(slot_copy, d_lane)

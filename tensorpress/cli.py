@@ -32,6 +32,7 @@ def _compile(args: argparse.Namespace) -> int:
         weights=args.weights,
         skip=args.skip or (),
         scale_search=args.scale_search,
+        kv_cache=args.kv_cache_dtype,
         input_shapes=shapes or None,
         record_time=args.record_time,
     )
@@ -152,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
     p.add_argument("--scale-search", choices=_scale_searches(), help="FPx scale search (default absmax)")
     p.add_argument(
+        "--kv-cache-dtype",
+        help=f"decoders: how the KV cache is stored, one of {', '.join(_kv_cache_choices())} (default auto: the "
+        "model's dtype; int8: int8 codes with a float32 scale per token and head)",
+    )
+    p.add_argument(
         "--input-shape", action="append", help="ONNX graphs: override an input shape, name=1,128 (repeatable)"
     )
     p.add_argument(
@@ -216,6 +222,15 @@ def _target_choices() -> tuple[str, ...]:
     except ImportError:  # the runtime bundle ships no compiler (its compile command cannot run anyway)
         return ("cpu", "cuda")
     return TARGET_CHOICES
+
+
+def _kv_cache_choices() -> list[str]:
+    """The KV-cache format names of the registry (checked by the API: an unknown one is one error line)."""
+    try:
+        from tensorpress.compiler.formats import kv_cache_format_names
+    except ImportError:  # the runtime bundle ships no compiler (its compile command cannot run anyway)
+        return ["auto"]
+    return kv_cache_format_names()
 
 
 def _raise_on_sigterm(signum, frame):  # pragma: no cover - exercised by a subprocess test

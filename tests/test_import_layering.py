@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # room (folder) -> the tensorpress subpackages its files may never import
 FORBIDDEN = {
+    "frontend": ("tensorpress.compiler", "tensorpress.schedules"),  # it only says where attention and the cache live
     "schedules": ("tensorpress.compiler", "tensorpress.frontend", "tensorpress.runtime"),
     "runtime": ("tensorpress.compiler", "tensorpress.frontend", "tensorpress.schedules"),
 }

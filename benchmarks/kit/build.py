@@ -111,10 +111,10 @@ def scheduled_module(cases: list[KernelCase], emulated: bool):
     import tvm
 
     from tensorpress.compiler.formats import decode_stage
-    from tensorpress.schedules.tensorcore.tile_config import TileConfig
-    from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
     from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
     from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
+    from tensorpress.schedules.tensorcore.tile_config import TileConfig
+    from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
     from tensorpress.schedules.weight_gemm import make_weight_gemm
 
     intrinsics = emulated_intrinsics() if emulated else cuda_intrinsics()

@@ -152,16 +152,19 @@ def build_attention_kernels(out: Path, arch: str | None, configs: list[tuple[int
     `kv_<phase>_<H>_<KVH>_<D>`; arch None: the CUDA schedule replayed for the CPU (dry run)."""
     import tvm
 
+    from tensorpress.compiler.formats import get_kv_cache_format
     from tensorpress.schedules.kv_attention import kv_append_func, paged_attention_func
     from tensorpress.schedules.kv_attention_cuda import schedule_append, schedule_attention
+
+    kv_cache = get_kv_cache_format("auto")
 
     functions, listed = {}, []
     for heads, kv_heads, head_dim in configs:
         tag = f"{heads}_{kv_heads}_{head_dim}"
-        append = schedule_append(kv_append_func(kv_heads, head_dim, ATTENTION_PAGE_SIZE, "float16"))
+        append = schedule_append(kv_append_func(kv_cache, kv_heads, head_dim, ATTENTION_PAGE_SIZE, "float16"))
         functions[f"kv_append_{tag}"] = append.mod["main"]
         for phase in ("prefill", "decode"):
-            func = paged_attention_func(heads, kv_heads, head_dim, ATTENTION_PAGE_SIZE, "float16", phase)
+            func = paged_attention_func(kv_cache, heads, kv_heads, head_dim, ATTENTION_PAGE_SIZE, "float16", phase)
             functions[f"kv_{phase}_{tag}"] = schedule_attention(func).mod["main"]
         listed.append({"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "tag": tag})
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in functions.items()})

@@ -1,13 +1,15 @@
-"""Storage formats, by the name the user gives: weights (`--weights fp6`) and the KV cache.
+"""Storage formats, by kind and by the name the user gives: weights (`--weights fp6`) and the KV cache
+(`--kv-cache-dtype int8`).
 
     fmt = get_weight_format("fp6", scale_search="mse")   # a WeightFormat (base.py)
     packed = fmt.pack(w)                 # PackedWeight: the arrays the artifact stores for W[M, K]
     w_hat = fmt.unpack(packed)           # float32 [M, K], the numpy reference of the kernel's decode
     stage = fmt.decode_stage()           # the TIR decode every kernel of this format uses
+    kv = get_kv_cache_format("int8")     # a KVCacheFormat (kv_cache.py): cache tensors, append, read
 
 `FORMATS[kind][name]` is the one registry (kind "weight" or "kv_cache"), in the style of MLC-LLM's
-QUANTIZATION dict: the CLI's choices, the Python configs, the compile passes and the schedules all
-read it, and no other file names a format.
+QUANTIZATION dict: the CLI's choices, the Python configs, the compile passes, the decoder definition and
+the schedules all read it, and no other file names a format.
 
 Adding a weight format touches this folder only:
 1. One file `<name>.py` holding all of it: a frozen dataclass subclass of `WeightFormat` (`pack`: float
@@ -24,20 +26,38 @@ Adding a weight format touches this folder only:
 3. Tests beside the others (tests/compiler/formats/test_<name>.py): pack/unpack against an independent
    numpy or torch reference, the decode stage built for llvm equal to `unpack` bit for bit, the CUDA
    schedule compiled (SASS) and replayed on the CPU (`int8.py` and its tests are the smallest example).
+
+Adding a KV-cache format touches this folder only:
+1. One file `kv_<name>.py` holding a `KVCacheFormat` subclass (`kv_cache.py`): `cache_tensors` (each
+   page-major [L, "num_pages", 2, KVH, PS, ...]), `quantize` / `dequantize` (the numpy reference),
+   `append_func` (the kv_append PrimFunc: an "append" block over (n, g, d), per-row blocks such as an
+   absmax before it) and `read` (one dequantised element, in TIR).
+2. One line in `FORMATS["kv_cache"]` below. `--kv-cache-dtype`, `KVCacheConfig`, the attention kernels,
+   the manifest and the runtime pick it up.
+3. Tests as tests/compiler/formats/test_kv_int8.py, tests/schedules/test_kv_attention_int8.py and
+   tests/runtime/test_decoder_kv_int8.py do (`kv_int8.py` is the example).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat
 from tensorpress.compiler.formats.dense import DenseFormat
 from tensorpress.compiler.formats.dense_column_panels import DensePanelFormat
 from tensorpress.compiler.formats.fpx import SCALE_SEARCHES, check_scale_search, fpx_formats
 from tensorpress.compiler.formats.int8 import Int8WeightFormat
+from tensorpress.compiler.formats.kv_cache import KVCacheFormat
+from tensorpress.compiler.formats.kv_int8 import Int8KVCache
+from tensorpress.compiler.formats.kv_model_dtype import ModelDtypeKVCache
 from tensorpress.errors import ConfigError
 from tensorpress.schedules.decode_stage import DecodeStage
 
-FORMATS: dict[str, dict[str, WeightFormat]] = {
-    "weight": {
+WEIGHT = "weight"
+KV_CACHE = "kv_cache"
+
+FORMATS: dict[str, dict[str, Any]] = {
+    WEIGHT: {
         "dense-fp16": DenseFormat("dense-fp16", "float16"),
         "dense-fp32": DenseFormat("dense-fp32", "float32"),
         "dense-fp16-panel": DensePanelFormat("dense-fp16-panel", "float16"),
@@ -45,8 +65,15 @@ FORMATS: dict[str, dict[str, WeightFormat]] = {
         **fpx_formats(),  # fp6, fp6_e2m3, fp5, fp4, every eXmY, fp6-auto
         "int8": Int8WeightFormat("int8"),
     },
+    KV_CACHE: {
+        "auto": ModelDtypeKVCache("auto", None),  # the model's dtype
+        "fp16": ModelDtypeKVCache("fp16", "float16"),
+        "fp32": ModelDtypeKVCache("fp32", "float32"),
+        "int8": Int8KVCache(),
+    },
 }
-WEIGHT_FORMATS = FORMATS["weight"]
+WEIGHT_FORMATS: dict[str, WeightFormat] = FORMATS[WEIGHT]
+KV_CACHE_FORMATS: dict[str, KVCacheFormat] = FORMATS[KV_CACHE]
 
 # Names the configs accept for features whose formats are planned, not built (SparseConfig).
 PLANNED_SPARSE_FORMATS = ("tiled-csl", "bitmap")
@@ -74,13 +101,30 @@ def decode_stage(name: str) -> DecodeStage:
     return get_weight_format(name).decode_stage()
 
 
+def kv_cache_format_names() -> list[str]:
+    """The names `--kv-cache-dtype` takes, in registry order ("auto" first)."""
+    return list(KV_CACHE_FORMATS)
+
+
+def get_kv_cache_format(name: str) -> KVCacheFormat:
+    """The registered KV-cache format `name`; a ConfigError listing the valid names otherwise."""
+    fmt = KV_CACHE_FORMATS.get(name)
+    if fmt is None:
+        raise ConfigError(f"unknown KV cache format {name!r}; valid names: {', '.join(kv_cache_format_names())}.")
+    return fmt
+
+
 __all__ = [
     "FORMATS",
+    "KV_CACHE_FORMATS",
     "SCALE_SEARCHES",
     "WEIGHT_FORMATS",
+    "KVCacheFormat",
     "PackedWeight",
     "WeightFormat",
     "decode_stage",
+    "get_kv_cache_format",
     "get_weight_format",
+    "kv_cache_format_names",
     "weight_format_names",
 ]

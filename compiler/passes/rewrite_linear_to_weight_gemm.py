@@ -27,8 +27,8 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from tensorpress.compiler.formats import PackedWeight, decode_stage
-from tensorpress.imported_model import ImportedModel
 from tensorpress.frontend.relax_params import rename_params
+from tensorpress.imported_model import ImportedModel
 from tensorpress.schedules.weight_gemm import N_HINT_ATTR, make_weight_gemm
 
 

@@ -1,14 +1,16 @@
 """The function set every decoder exports, shared by the families (llama.py, opt.py).
 
     prefill(input_ids[N], positions[N], seq_slot[N], block_table[B, M], last_token_index[B],
-            kv_pages[L, P, 2, KVH, PS, D], *params) -> logits[B, vocab] float32
+            *cache, *params) -> logits[B, vocab] float32
         N tokens of B sequences, flattened (ragged); appends their K/V to the pages and returns the
         logits of each sequence's token at `last_token_index[b]` (an index into the N tokens).
     decode(input_ids[B], positions[B], seq_slot[B], block_table[B, M],
-           kv_pages[L, P, 2, KVH, PS, D], *params) -> logits[B, vocab] float32
+           *cache, *params) -> logits[B, vocab] float32
         one token per live sequence (seq_slot is normally arange(B)).
 
-N, B, M and P are symbolic. kv_pages is written in place (`call_tir_inplace`); the runtime owns it.
+`cache` are the KV-cache format's tensors in its order (the unquantised format: one,
+kv_pages[L, P, 2, KVH, PS, D]; see `cache_tensors`). N, B, M and P are symbolic. The cache is
+written in place (`call_tir_inplace`); the runtime owns it.
 Params follow, in `named_parameters()` order, under their Hugging Face names.
 """
 
@@ -20,7 +22,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from tensorpress.frontend.decoders.config import DecoderConfig
-from tensorpress.frontend.decoders.paged_attention import PagedKV
+from tensorpress.frontend.decoders.paged_attention import KVCacheKernels, PagedKV
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -31,6 +33,7 @@ class CausalLM(nn.Module):
 
     config: DecoderConfig
     dtype: str
+    kv_cache: KVCacheKernels  # the compiler's choice of KV-cache format (set by the importer)
 
     def hidden_states(self, input_ids: nn.Tensor, kv: PagedKV) -> nn.Tensor:
         """[N] token ids -> [N, hidden] final hidden states (after the final norm)."""
@@ -40,42 +43,44 @@ class CausalLM(nn.Module):
         """[B, hidden] -> [B, vocab] in the model dtype."""
         raise NotImplementedError
 
-    def prefill(self, input_ids, positions, seq_slot, block_table, last_token_index, kv_pages):
-        kv = PagedKV(kv_pages, positions, seq_slot, block_table, PREFILL)
+    def prefill(self, input_ids, positions, seq_slot, block_table, last_token_index, *cache):
+        kv = PagedKV(list(cache), positions, seq_slot, block_table, PREFILL, self.kv_cache)
         hidden = self.hidden_states(input_ids, kv)
         last = op.take(hidden, last_token_index, axis=0)
         return op.astype(self.lm_logits(last), "float32")
 
-    def decode(self, input_ids, positions, seq_slot, block_table, kv_pages):
-        kv = PagedKV(kv_pages, positions, seq_slot, block_table, DECODE)
+    def decode(self, input_ids, positions, seq_slot, block_table, *cache):
+        kv = PagedKV(list(cache), positions, seq_slot, block_table, DECODE, self.kv_cache)
         return op.astype(self.lm_logits(self.hidden_states(input_ids, kv)), "float32")
 
-    def cache_shape(self, page_size: int) -> list[int | str]:
-        """Shape of kv_pages with the page count left symbolic ("num_pages")."""
+    def cache_tensors(self, page_size: int) -> list[Any]:
+        """The KV-cache format's tensors (name, shape with "num_pages" symbolic, dtype) for this model."""
         c = self.config
-        return [c.num_layers, "num_pages", 2, c.num_kv_heads, page_size, c.head_dim]
+        return self.kv_cache.cache_tensors(c.num_layers, c.num_kv_heads, page_size, c.head_dim, self.dtype)
 
-    def export_spec(self, page_size: int) -> dict[str, Any]:
-        """The `export_tvm` spec of prefill and decode (params as plain trailing inputs)."""
-        pages = nn.spec.Tensor(self.cache_shape(page_size), self.dtype)
+    def export_spec(self, page_size: int) -> dict[str, nn.spec.MethodSpec]:
+        """The `export_tvm` spec of prefill and decode (the cache tensors, then params as plain inputs)."""
+        cache = {t.name: nn.spec.Tensor(list(t.shape), t.dtype) for t in self.cache_tensors(page_size)}
         i32 = "int32"
-        mode = {"param_mode": "plain", "effect_mode": "none"}
-        return {
+        inputs = {
             PREFILL: {
                 "input_ids": nn.spec.Tensor(["n"], i32),
                 "positions": nn.spec.Tensor(["n"], i32),
                 "seq_slot": nn.spec.Tensor(["n"], i32),
                 "block_table": nn.spec.Tensor(["b", "m"], i32),
                 "last_token_index": nn.spec.Tensor(["b"], i32),
-                "kv_pages": pages,
-                "$": mode,
             },
             DECODE: {
                 "input_ids": nn.spec.Tensor(["b"], i32),
                 "positions": nn.spec.Tensor(["b"], i32),
                 "seq_slot": nn.spec.Tensor(["b"], i32),
                 "block_table": nn.spec.Tensor(["b", "m"], i32),
-                "kv_pages": pages,
-                "$": mode,
             },
         }
+        specs = {}
+        for name, fixed in inputs.items():
+            args = {**fixed, **cache}  # the methods take the cache as *cache: their names come from here
+            specs[name] = nn.spec.MethodSpec(
+                getattr(self, name), list(args), list(args.values()), param_mode="plain", effect_mode="none"
+            )
+        return specs

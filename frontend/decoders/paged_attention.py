@@ -1,24 +1,46 @@
 """The pieces of a decoder layer that touch the paged KV cache: RoPE, append, attention.
 
-`PagedKV` is the per-call view of the cache that the model threads through its layers: the page
-pool tensor (updated in place by each layer's append, see `schedules/kv_attention.py` for the
-layout) and the metadata that says where each token goes:
+`PagedKV` is the per-call view of the cache that the model threads through its layers: the cache
+tensors (updated in place by each layer's append; how many and how a row is stored is the KV-cache
+format's business, see `compiler/formats/kv_cache.py`) and the metadata that says where each token goes:
 
     positions[N]       absolute position of each token in its sequence (int32)
     seq_slot[N]        row of `block_table` of each token's sequence (int32)
     block_table[B, M]  page ids of each sequence, in order (int32; unused entries are never read)
+
+The kernels come from the KV-cache format the compiler hands to the import (`KVCacheKernels`): this
+module only says where attention and the cache live.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from tensorpress.schedules.kv_attention import kv_append_func, paged_attention_func
+
+class KVCacheKernels(Protocol):
+    """What the frontend asks of the KV-cache format it is given (`compiler/formats/kv_cache.py`)."""
+
+    name: str
+
+    def cache_tensors(
+        self, num_layers: int | str, kv_heads: int, page_size: int, head_dim: int, model_dtype: str
+    ) -> list[Any]: ...
+
+    def bytes_per_token(self, num_layers: int, kv_heads: int, head_dim: int, model_dtype: str) -> int: ...
+
+    def code_bits(self, model_dtype: str) -> int: ...
+
+    def append_kernel(self, kv_heads: int, head_dim: int, page_size: int, model_dtype: str) -> tirx.PrimFunc: ...
+
+    def attention_kernel(
+        self, heads: int, kv_heads: int, head_dim: int, page_size: int, model_dtype: str, phase: str
+    ) -> tirx.PrimFunc: ...
 
 
 def rope_func(num_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
@@ -45,17 +67,18 @@ def rope_func(num_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
 
 @dataclass
 class PagedKV:
-    """The page pool and per-token metadata of one prefill/decode call (see module docstring)."""
+    """The cache tensors and per-token metadata of one prefill/decode call (see module docstring)."""
 
-    pages: nn.Tensor  # [L, P, 2, KVH, PS, D]
+    cache: list[nn.Tensor]  # each [L, P, 2, KVH, PS, ...], in the format's order
     positions: nn.Tensor
     seq_slot: nn.Tensor
     block_table: nn.Tensor
     phase: str  # "prefill" or "decode": which attention kernel (and schedule) to use
+    kernels: KVCacheKernels
 
     @property
     def page_size(self) -> int:
-        return int(self.pages.shape[4])
+        return int(self.cache[0].shape[4])
 
     def attend(self, layer: int, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor) -> nn.Tensor:
         """Append k, v ([N, KVH, D]) of this layer to the pages, then attend q ([N, H, D]) over them."""
@@ -63,19 +86,21 @@ class PagedKV:
         kv_heads = int(k.shape[1])
         dtype = q.dtype
         layer_arg = tirx.IntImm("int64", layer)
-        append = kv_append_func(kv_heads, head_dim, self.page_size, dtype)
-        self.pages = op.tensor_ir_inplace_op(
+        append = self.kernels.append_kernel(kv_heads, head_dim, self.page_size, dtype)
+        written = [nn.Tensor.placeholder(t.shape, t.dtype) for t in self.cache]
+        updated = op.tensor_ir_inplace_op(
             append,
             "kv_append",
-            [self.pages, k, v, self.positions, self.seq_slot, self.block_table, layer_arg],
-            inplace_indices=[0],
-            out=nn.Tensor.placeholder(self.pages.shape, dtype),
+            [*self.cache, k, v, self.positions, self.seq_slot, self.block_table, layer_arg],
+            inplace_indices=list(range(len(self.cache))),
+            out=written if len(written) > 1 else written[0],
         )
-        attention = paged_attention_func(heads, kv_heads, head_dim, self.page_size, dtype, self.phase)
+        self.cache = list(updated) if len(written) > 1 else [updated]
+        attention = self.kernels.attention_kernel(heads, kv_heads, head_dim, self.page_size, dtype, self.phase)
         return op.tensor_ir_op(
             attention,
             f"paged_attention_{self.phase}",
-            [q, self.pages, self.positions, self.seq_slot, self.block_table, layer_arg],
+            [q, *self.cache, self.positions, self.seq_slot, self.block_table, layer_arg],
             out=nn.Tensor.placeholder(q.shape, dtype),
         )
 

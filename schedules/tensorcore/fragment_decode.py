@@ -41,8 +41,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.stmt import MatchBufferRegion, SBlock
 
 from tensorpress.schedules.decode_stage import DecodeStage
-from tensorpress.schedules.tensorcore.tile_config import MMA_TILE, WARP_SIZE
 from tensorpress.schedules.tensorcore.intrinsics import PAIRS_PER_TILE, FragmentWriter
+from tensorpress.schedules.tensorcore.tile_config import MMA_TILE, WARP_SIZE
 
 
 def install_fragment_decode(

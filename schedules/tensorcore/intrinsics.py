@@ -29,9 +29,10 @@ one `PairAddressing`, which says which (col, k) pair of a B tile each lane's reg
 (`fragments.b_pair_element`).
 
 An `IntrinsicSet` names one complete set. `cuda_intrinsics()` emits PTX; the twin built by
-`emulation.emulated_intrinsics()` has the same descs and replays the PTX semantics in plain loops,
-so one schedule function serves both (see `schedules/verification/cpu_replay.py`). Both are built from one `LdmatrixAddressing`:
-the per-lane row addresses the impl hands to ldmatrix, the only address math inside an intrinsic.
+`emulated_intrinsics()` (`schedules/verification/tensorcore_emulation.py`) has the same descs and
+replays the PTX semantics in plain loops, so one schedule function serves both (see
+`schedules/verification/cpu_replay.py`). Both are built from one `LdmatrixAddressing`: the per-lane
+row addresses the impl hands to ldmatrix, the only address math inside an intrinsic.
 We never import `tvm.s_tir.tensor_intrin` (a 40 s import).
 """
 

@@ -15,9 +15,9 @@ from tvm.target import Target
 
 from tensorpress.errors import ConfigError, ShapeError
 from tensorpress.schedules.tensorcore.arch import arch_spec, target_arch
-from tensorpress.schedules.tensorcore.tile_config import TileConfig, choose_config
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm, weight_gemm_shape
+from tensorpress.schedules.tensorcore.tile_config import TileConfig, choose_config
 from tensorpress.schedules.weight_gemm import N_HINT_ATTR, is_weight_gemm
 
 

@@ -36,9 +36,9 @@ from tvm.s_tir.stmt import SBlock, SBlockRealize
 from tensorpress.errors import ConfigError, ShapeError
 from tensorpress.schedules.decode_stage import DecodeStage, staged_buffer_names
 from tensorpress.schedules.tensorcore import fragments as frag
-from tensorpress.schedules.tensorcore.tile_config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
 from tensorpress.schedules.tensorcore.fragment_decode import install_fragment_decode
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
+from tensorpress.schedules.tensorcore.tile_config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
 from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, decode_stage_of, is_weight_gemm
 
 

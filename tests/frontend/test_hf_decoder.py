@@ -10,9 +10,12 @@ import pytest
 import torch
 import transformers as tf
 
+from tensorpress.compiler.formats import get_kv_cache_format
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import find_linear_sites
 from tensorpress.errors import ModelImportError
 from tensorpress.frontend.hf_decoder import SUPPORTED_ARCHITECTURES, import_hf_decoder, is_hf_decoder_folder
+
+KV = get_kv_cache_format("auto")  # the compiler's default KV-cache format: the model's dtype
 
 TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
@@ -37,7 +40,7 @@ def opt_folder(tmp_path_factory):
 
 
 def test_weights_keep_their_hf_names_in_the_functions_parameter_order(llama_folder):
-    imported = import_hf_decoder(llama_folder)
+    imported = import_hf_decoder(llama_folder, kv_cache=KV)
     state = tf.LlamaForCausalLM.from_pretrained(llama_folder).state_dict()
     assert set(imported.params) == set(state)
     for name, value in imported.params.items():
@@ -54,12 +57,12 @@ def _linear_weights(mod) -> set[str]:
 
 
 def test_every_linear_layer_is_matmul_of_a_permuted_weight_parameter(llama_folder, opt_folder):
-    llama = import_hf_decoder(llama_folder)
+    llama = import_hf_decoder(llama_folder, kv_cache=KV)
     expected = {n for n in llama.params if n.endswith("proj.weight")} | {"lm_head.weight"}
     assert len(expected) == 2 * 7 + 1
     assert _linear_weights(llama.mod) == expected
     # OPT: q/k/v/out_proj + fc1/fc2 with biases; the LM head is the tied embedding table
-    opt = import_hf_decoder(opt_folder)
+    opt = import_hf_decoder(opt_folder, kv_cache=KV)
     expected = {n for n in opt.params if n.endswith("weight") and ("proj" in n or ".fc" in n)}
     assert len(expected) == 2 * 6
     assert _linear_weights(opt.mod) == expected | {"model.decoder.embed_tokens.weight"}
@@ -67,9 +70,9 @@ def test_every_linear_layer_is_matmul_of_a_permuted_weight_parameter(llama_folde
 
 
 def test_manifest_section_says_what_the_runtime_needs(llama_folder):
-    imported = import_hf_decoder(llama_folder, page_size=8)
+    imported = import_hf_decoder(llama_folder, page_size=8, kv_cache=KV)
     section = imported.info["decoder"]
-    assert section["cache_shape"] == [2, "num_pages", 2, 2, 8, 8]
+    assert section["cache_tensors"] == [{"name": "kv_pages", "shape": [2, "num_pages", 2, 2, 8, 8], "dtype": "float32"}]
     assert section["functions"] == {"prefill": "prefill", "decode": "decode"}
     assert section["config"]["architecture"] == "LlamaForCausalLM"
     assert section["max_sequence_length"] is None  # RoPE: no table to run off
@@ -79,7 +82,7 @@ def test_manifest_section_says_what_the_runtime_needs(llama_folder):
 
 
 def test_opt_sequence_length_is_bounded_by_its_position_table(opt_folder):
-    section = import_hf_decoder(opt_folder).info["decoder"]
+    section = import_hf_decoder(opt_folder, kv_cache=KV).info["decoder"]
     assert section["max_sequence_length"] == TINY["max_position_embeddings"]
 
 
@@ -87,17 +90,17 @@ def test_bf16_checkpoints_are_widened_exactly(tmp_path):
     torch.manual_seed(1)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY, intermediate_size=64)).to(torch.bfloat16)
     folder = _save(model, tmp_path)
-    imported = import_hf_decoder(folder, dtype="float32")
+    imported = import_hf_decoder(folder, dtype="float32", kv_cache=KV)
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(imported.params[name], value.float().numpy())
-    assert import_hf_decoder(folder).info["decoder"]["dtype"] == "float16"  # default for bf16/fp16 files
+    assert import_hf_decoder(folder, kv_cache=KV).info["decoder"]["dtype"] == "float16"  # default for bf16/fp16 files
 
 
 def test_unknown_architecture_is_named_with_the_supported_list(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 8}))
     assert not is_hf_decoder_folder(tmp_path)
     with pytest.raises(ModelImportError, match="GPT2LMHeadModel") as err:
-        import_hf_decoder(tmp_path)
+        import_hf_decoder(tmp_path, kv_cache=KV)
     for arch in SUPPORTED_ARCHITECTURES:
         assert arch in str(err.value)
 
@@ -107,10 +110,10 @@ def test_missing_or_misshapen_weights_are_named(tmp_path, llama_folder):
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
     (tmp_path / "model.safetensors").write_bytes((llama_folder / "model.safetensors").read_bytes())
     with pytest.raises(ModelImportError, match=r"mlp\.\w+_proj\.weight has shape"):
-        import_hf_decoder(tmp_path)
+        import_hf_decoder(tmp_path, kv_cache=KV)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(ModelImportError, match="no \\*.safetensors"):
-        import_hf_decoder(tmp_path)
+        import_hf_decoder(tmp_path, kv_cache=KV)
 
 
 def test_unsupported_rope_scaling_is_refused(tmp_path, llama_folder):
@@ -118,4 +121,4 @@ def test_unsupported_rope_scaling_is_refused(tmp_path, llama_folder):
     config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelImportError, match="yarn"):
-        import_hf_decoder(tmp_path)
+        import_hf_decoder(tmp_path, kv_cache=KV)

@@ -9,7 +9,10 @@ import tvm
 from kv_reference import attention_reference, chunked_attention_reference, paged_batch
 from tvm.s_tir import dlight as dl
 
+from tensorpress.compiler.formats import get_kv_cache_format
 from tensorpress.schedules.kv_attention import chunk_tokens, kv_append_func, kv_attention_rules, paged_attention_func
+
+AUTO = get_kv_cache_format("auto")  # the unquantised cache in the model dtype: the kernels as they have always been
 
 H, KVH, D, PS, L = 4, 2, 16, 4, 2
 LAYER = 1
@@ -32,9 +35,9 @@ CPU = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 def cpu_kernels(request):
     dtype = request.param
     funcs = {
-        "append": kv_append_func(KVH, D, PS, dtype),
-        "prefill": paged_attention_func(H, KVH, D, PS, dtype, "prefill"),
-        "decode": paged_attention_func(H, KVH, D, PS, dtype, "decode"),
+        "append": kv_append_func(AUTO, KVH, D, PS, dtype),
+        "prefill": paged_attention_func(AUTO, H, KVH, D, PS, dtype, "prefill"),
+        "decode": paged_attention_func(AUTO, H, KVH, D, PS, dtype, "decode"),
     }
     return dtype, _build(funcs, CPU)
 
@@ -114,7 +117,7 @@ def test_attention_over_several_chunks_matches_numpy(heads, kv_heads, phase):
     rng = np.random.default_rng(heads)
     new = [1, 1, 1, 1] if phase == "decode" else [5, 3, 2, 1]
     batch = paged_batch(rng, heads, kv_heads, D, 4, lengths=[150, 3, 64, 65], new=new)
-    lib = _build({phase: paged_attention_func(heads, kv_heads, D, 4, "float32", phase)}, CPU)
+    lib = _build({phase: paged_attention_func(AUTO, heads, kv_heads, D, 4, "float32", phase)}, CPU)
     out = tvm.runtime.empty(batch.q.shape, "float32")
     lib[phase](*_tensors(*batch.arrays()), batch.layer, out)
     np.testing.assert_allclose(out.numpy(), attention_reference(batch), rtol=1e-5, atol=1e-5)
@@ -130,9 +133,9 @@ def test_the_chunked_form_is_the_softmax_of_all_positions():
 
 def test_chunk_size_follows_the_query_heads_per_kv_head():
     assert [chunk_tokens(g * 4, 4) for g in (1, 2, 4, 5, 7, 8)] == [64, 64, 64, 32, 32, 32]
-    assert int(paged_attention_func(32, 4, 128, 16, "float16", "decode").attrs["tensorpress.kv_chunk"]) == 32
+    assert int(paged_attention_func(AUTO, 32, 4, 128, 16, "float16", "decode").attrs["tensorpress.kv_chunk"]) == 32
     with pytest.raises(ValueError, match="multiple of 8"):
-        paged_attention_func(4, 2, 16, 4, "float32", "decode", chunk=12)
+        paged_attention_func(AUTO, 4, 2, 16, 4, "float32", "decode", chunk=12)
 
 
 def test_attention_is_deterministic(cpu_kernels):
@@ -153,9 +156,9 @@ def test_cuda_schedule_builds_a_fatbin(arch, tmp_path):
 
     ensure_cuda_build_support()
     funcs = {
-        "append": kv_append_func(8, 128, 16, "float16"),
-        "prefill": paged_attention_func(32, 8, 128, 16, "float16", "prefill"),
-        "decode": paged_attention_func(32, 8, 128, 16, "float16", "decode"),
+        "append": kv_append_func(AUTO, 8, 128, 16, "float16"),
+        "prefill": paged_attention_func(AUTO, 32, 8, 128, 16, "float16", "prefill"),
+        "decode": paged_attention_func(AUTO, 32, 8, 128, 16, "float16", "decode"),
     }
     lib = _build(funcs, tvm.target.Target({"kind": "cuda", "arch": arch}))
     source = lib.mod.imports[0].inspect_source("cuda")
@@ -171,8 +174,8 @@ def test_cuda_schedule_builds_a_fatbin(arch, tmp_path):
 def test_cuda_attention_matches_numpy(phase):
     lib = _build(
         {
-            "append": kv_append_func(KVH, D, PS, "float16"),
-            phase: paged_attention_func(H, KVH, D, PS, "float16", phase),
+            "append": kv_append_func(AUTO, KVH, D, PS, "float16"),
+            phase: paged_attention_func(AUTO, H, KVH, D, PS, "float16", phase),
         },
         tvm.target.Target({"kind": "cuda", "arch": "sm_" + tvm.cuda(0).compute_version.replace(".", "")}),
     )

@@ -12,15 +12,18 @@ from kv_reference import attention_reference, chunked_attention_reference, paged
 from tvm import tirx
 from tvm.s_tir import stmt as sblock_stmt
 
+from tensorpress.compiler.formats import get_kv_cache_format
 from tensorpress.schedules.kv_attention import chunk_tokens, kv_append_func, paged_attention_func
 from tensorpress.schedules.kv_attention_cuda import schedule_append, schedule_attention
 from tensorpress.schedules.verification.kv_attention_replay import build_replay
+
+AUTO = get_kv_cache_format("auto")  # the unquantised cache in the model dtype: the kernels as they have always been
 
 PS = 4  # small pages: many page boundaries inside each chunk
 
 
 def scheduled(heads, kv_heads, head_dim, phase="decode", mutate=None):
-    func = paged_attention_func(heads, kv_heads, head_dim, PS, "float32", phase)
+    func = paged_attention_func(AUTO, heads, kv_heads, head_dim, PS, "float32", phase)
     func = schedule_attention(func).mod["main"]
     if mutate is not None:
         func = mutate(func)
@@ -245,7 +248,7 @@ def unsynchronised_reads(events):
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (16, 2, 64)])
 def test_every_shared_read_follows_a_barrier_after_another_stage_wrote_it(heads, kv_heads, head_dim):
-    func = schedule_attention(paged_attention_func(heads, kv_heads, head_dim, 16, "float16", "decode"))
+    func = schedule_attention(paged_attention_func(AUTO, heads, kv_heads, head_dim, 16, "float16", "decode"))
     kernels = _lowered_kernels(tvm.IRModule({"attention": func.mod["main"].with_attr("global_symbol", "a")}))
     stage1 = [k for k in kernels if "shared" in k.script()]
     assert len(stage1) == 1
@@ -263,7 +266,7 @@ def test_the_barrier_check_flags_a_missing_barrier():
 
 
 def test_the_barrier_check_finds_a_barrier_removed_from_the_kernel():
-    func = schedule_attention(paged_attention_func(32, 8, 128, 16, "float16", "decode"))
+    func = schedule_attention(paged_attention_func(AUTO, 32, 8, 128, 16, "float16", "decode"))
     mod = tvm.IRModule({"a": func.mod["main"].with_attr("global_symbol", "a")})
     kernel = next(k for k in _lowered_kernels(mod) if "shared" in k.script())
     syncs = []
@@ -293,8 +296,8 @@ def _check_resources(heads, kv_heads, head_dim, arch):
     from tensorpress.schedules.verification.cuda_inspection import inspect_cuda
 
     ensure_cuda_build_support()
-    attention = schedule_attention(paged_attention_func(heads, kv_heads, head_dim, 16, "float16", "decode"))
-    append = schedule_append(kv_append_func(kv_heads, head_dim, 16, "float16"))
+    attention = schedule_attention(paged_attention_func(AUTO, heads, kv_heads, head_dim, 16, "float16", "decode"))
+    append = schedule_append(kv_append_func(AUTO, kv_heads, head_dim, 16, "float16"))
     mod = tvm.IRModule(
         {
             "attention": attention.mod["main"].with_attr("global_symbol", "attention"),
@@ -334,7 +337,7 @@ def test_k_and_v_rows_move_in_16_byte_loads(arch):
     from tensorpress.schedules.verification.cuda_inspection import compile_cubin, cuda_source, disassemble
 
     ensure_cuda_build_support()
-    func = schedule_attention(paged_attention_func(32, 8, 128, 16, "float16", "decode")).mod["main"]
+    func = schedule_attention(paged_attention_func(AUTO, 32, 8, 128, 16, "float16", "decode")).mod["main"]
     mod = tvm.IRModule({"attention": func.with_attr("global_symbol", "attention")})
     cubin, _ = compile_cubin(cuda_source(mod, arch), arch)
     functions = disassemble(cubin).split("Function : ")

@@ -13,11 +13,11 @@ from tvm import te, tirx
 
 from tensorpress.compiler.formats import decode_stage
 from tensorpress.schedules.decode_stage import DecodeStage, StoredBuffer
-from tensorpress.schedules.tensorcore.tile_config import TileConfig
-from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
-from tensorpress.schedules.verification.cpu_replay import build_replay
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
+from tensorpress.schedules.tensorcore.tile_config import TileConfig
+from tensorpress.schedules.verification.cpu_replay import build_replay
+from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
 from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, make_weight_gemm
 
 SMALL = TileConfig(block_n=16, block_m=64, block_k=32, warps=2, stages=2, split_k=1)

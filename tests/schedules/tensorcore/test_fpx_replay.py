@@ -18,11 +18,11 @@ from tvm import s_tir, tirx
 
 from tensorpress.compiler.formats import decode_stage, fpx_layout
 from tensorpress.compiler.formats.fpx import FPxDecode
-from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
-from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
-from tensorpress.schedules.verification.cuda_inspection import compile_cubin, cuda_source
 from tensorpress.schedules.tensorcore.intrinsics import PairAddressing, cuda_intrinsics
 from tensorpress.schedules.tensorcore.template import TemplateBlocks, schedule_weight_gemm
+from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
+from tensorpress.schedules.verification.cuda_inspection import compile_cubin, cuda_source
+from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
 from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 # Y is fp16: ~1 ulp at the largest |Y|. The reference multiplies by the exact decoded weights (fp32);

@@ -14,11 +14,16 @@ from tensorcore_cases import check_tensor_core_kernels, once_per_session
 
 from tensorpress.compiler.formats import decode_stage, fpx_layout, get_weight_format
 from tensorpress.compiler.formats import fpx_codes as fpx
-from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
-from tensorpress.schedules.verification.cuda_inspection import CudaBuild, KernelReport, build_for_inspection, kernel_reports
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
-from tensorpress.schedules.verification.sass_cost import parse_listing, steady_state, summarize, weight_budget
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
+from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
+from tensorpress.schedules.verification.cuda_inspection import (
+    CudaBuild,
+    KernelReport,
+    build_for_inspection,
+    kernel_reports,
+)
+from tensorpress.schedules.verification.sass_cost import parse_listing, steady_state, summarize, weight_budget
 from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 ARCHS = ["sm_80", "sm_90a"]

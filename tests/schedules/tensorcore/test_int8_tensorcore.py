@@ -10,10 +10,10 @@ import tvm
 from tensorcore_cases import check_tensor_core_kernels, once_per_session, relative_error, replay_weight_gemm
 
 from tensorpress.compiler.formats import decode_stage
-from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
-from tensorpress.schedules.verification.cuda_inspection import CudaBuild, build_for_inspection, kernel_reports
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
 from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
+from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
+from tensorpress.schedules.verification.cuda_inspection import CudaBuild, build_for_inspection, kernel_reports
 from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 CONFIGS = list(SHIPPED_TILES) + [TileConfig(**{**SHIPPED_TILES[0].to_dict(), "split_k": 2})]

@@ -14,11 +14,11 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from tensorpress.schedules.tensorcore import fragments as frag
-from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
-from tensorpress.schedules.verification.cuda_inspection import compile_cubin, cuda_source
 from tensorpress.schedules.tensorcore.intrinsics import LdmatrixAddressing, cuda_intrinsics
-from tensorpress.schedules.verification.cpu_replay import build_replay, serialize_threads
 from tensorpress.schedules.tensorcore.template import TemplateBlocks, schedule_weight_gemm
+from tensorpress.schedules.verification.cpu_replay import build_replay, serialize_threads
+from tensorpress.schedules.verification.cuda_inspection import compile_cubin, cuda_source
+from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
 from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 

@@ -15,8 +15,8 @@ from tensorpress.compiler.cuda.toolchain import extract_fatbins
 from tensorpress.compiler.formats import decode_stage
 from tensorpress.runtime.artifact import LIBRARY, open_artifact
 from tensorpress.schedules.rules import rules_for
-from tensorpress.schedules.verification.cuda_inspection import find_tool, parse_sass
 from tensorpress.schedules.tensorcore.rule import N_HINT_ATTR, WeightGemmTensorCore
+from tensorpress.schedules.verification.cuda_inspection import find_tool, parse_sass
 from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 

@@ -9,9 +9,9 @@ from tensorcore_cases import SMALL, relative_error, replay_weight_gemm
 
 from tensorpress.compiler.formats import decode_stage
 from tensorpress.errors import ConfigError, ShapeError
+from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
 from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.verification.tensorcore_emulation import emulated_intrinsics
-from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
 from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 TOLERANCE = 2e-3  # fp16 output: ~1 ulp at the largest |Y| (fp32 accumulation in both)

@@ -7,6 +7,8 @@ import pytest
 from tensorcore_cases import check_tensor_core_kernels, once_per_session
 
 from tensorpress.compiler.formats import decode_stage
+from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
+from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
 from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.verification.cuda_inspection import (
     CudaBuild,
@@ -16,8 +18,6 @@ from tensorpress.schedules.verification.cuda_inspection import (
     parse_ptxas,
     parse_sass,
 )
-from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
-from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
 from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 ARCHS = ["sm_80", "sm_90a"]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tvm
 
-from tensorpress.schedules.verification import tensorcore_emulation as emulation
 from tensorpress.schedules.tensorcore import fragments as frag
+from tensorpress.schedules.verification import tensorcore_emulation as emulation
 
 
 def compile_impl(impl):
