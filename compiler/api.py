@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorpress.compiler.artifact_writer import build_time
-from tensorpress.compiler.configs import FPxConfig, KVCacheConfig, SparseConfig
+from tensorpress.compiler.compression_configs import FPxConfig, KVCacheConfig, SparseConfig
 from tensorpress.compiler.formats import get_weight_format
 from tensorpress.compiler.input_shapes import check_input_shapes
 from tensorpress.compiler.pipeline import CompileReport, compile_imported, internal_errors_named

@@ -24,7 +24,7 @@ import numpy as np
 
 from tensorpress.errors import ModelImportError
 from tensorpress.frontend.decoders.causal_lm import DECODE, PREFILL, CausalLM
-from tensorpress.frontend.decoders.config import (
+from tensorpress.frontend.decoders.decoder_config import (
     SUPPORTED_ARCHITECTURES,
     DecoderConfig,
     decoder_config_from_hf,

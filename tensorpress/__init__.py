@@ -25,9 +25,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first access)
 _LAZY = {
     "compile": "tensorpress.compiler.api",
-    "FPxConfig": "tensorpress.compiler.configs",
-    "SparseConfig": "tensorpress.compiler.configs",
-    "KVCacheConfig": "tensorpress.compiler.configs",
+    "FPxConfig": "tensorpress.compiler.compression_configs",
+    "SparseConfig": "tensorpress.compiler.compression_configs",
+    "KVCacheConfig": "tensorpress.compiler.compression_configs",
     "runtime": "tensorpress.runtime",
     "TensorpressError": "tensorpress.errors",
 }
@@ -35,9 +35,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from tensorpress import runtime as runtime
     from tensorpress.compiler.api import compile as compile
-    from tensorpress.compiler.configs import FPxConfig as FPxConfig
-    from tensorpress.compiler.configs import KVCacheConfig as KVCacheConfig
-    from tensorpress.compiler.configs import SparseConfig as SparseConfig
+    from tensorpress.compiler.compression_configs import FPxConfig as FPxConfig
+    from tensorpress.compiler.compression_configs import KVCacheConfig as KVCacheConfig
+    from tensorpress.compiler.compression_configs import SparseConfig as SparseConfig
     from tensorpress.errors import TensorpressError as TensorpressError
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from tensorpress.frontend.decoders.config import DecoderConfig
+from tensorpress.frontend.decoders.decoder_config import DecoderConfig
 from tensorpress.frontend.decoders.paged_attention import KVCacheKernels, PagedKV
 
 PREFILL = "prefill"

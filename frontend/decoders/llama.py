@@ -11,7 +11,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from tensorpress.frontend.decoders.causal_lm import CausalLM
-from tensorpress.frontend.decoders.config import DecoderConfig
+from tensorpress.frontend.decoders.decoder_config import DecoderConfig
 from tensorpress.frontend.decoders.paged_attention import PagedKV, apply_rope
 
 

@@ -8,7 +8,7 @@ import transformers as tf
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from tensorpress.errors import ModelImportError
-from tensorpress.frontend.decoders.config import DecoderConfig, decoder_config_from_hf
+from tensorpress.frontend.decoders.decoder_config import DecoderConfig, decoder_config_from_hf
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 

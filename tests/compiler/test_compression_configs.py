@@ -7,7 +7,7 @@ import json
 import pytest
 
 import tensorpress
-from tensorpress.compiler.configs import FPxConfig, KVCacheConfig, SparseConfig, config_from_dict
+from tensorpress.compiler.compression_configs import FPxConfig, KVCacheConfig, SparseConfig, config_from_dict
 from tensorpress.compiler.formats.fpx import FPxFormat
 from tensorpress.errors import ConfigError
 
