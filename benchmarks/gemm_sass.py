@@ -39,13 +39,9 @@ from tensorpress.schedules.verification.sass_cost import (
 
 
 def format_bits(fmt: str) -> int:
-    if fmt.startswith("dense"):
-        return 16 if fmt.endswith("fp16") else 32
-    from tensorpress.compiler.formats import fpx_codes as fpx
     from tensorpress.compiler.formats import get_weight_format
 
-    f = get_weight_format(fmt)
-    return fpx.code_bits(f.ebits, f.mbits)
+    return get_weight_format(fmt).code_bits()
 
 
 def decode_only_kernel(fmt: str, pair: bool, m: int = 1024, k: int = 1024, rows_per_thread: int = 8):

@@ -67,6 +67,10 @@ class WeightFormat(abc.ABC):
         """Bytes stored for an [m, k] weight (padding and scales included)."""
 
     @abc.abstractmethod
+    def code_bits(self) -> int:
+        """Bits one weight's code takes in storage (scales and padding not counted)."""
+
+    @abc.abstractmethod
     def decode_stage(self) -> DecodeStage:
         """The TIR decode of the weights this format stores (for a chooser: of its first candidate)."""
 

@@ -36,6 +36,9 @@ class DenseFormat(WeightFormat):
     def stored_bytes(self, m: int, k: int) -> int:
         return m * k * np.dtype(self.dtype).itemsize
 
+    def code_bits(self) -> int:
+        return 8 * np.dtype(self.dtype).itemsize
+
     def decode_stage(self) -> DenseDecode:
         return DenseDecode(self.name, self.dtype)
 

@@ -59,6 +59,9 @@ class DensePanelFormat(WeightFormat):
     def stored_bytes(self, m: int, k: int) -> int:
         return m * k * np.dtype(self.dtype).itemsize
 
+    def code_bits(self) -> int:
+        return 8 * np.dtype(self.dtype).itemsize
+
     def decode_stage(self) -> DensePanelDecode:
         return DensePanelDecode(self.name, self.dtype)
 

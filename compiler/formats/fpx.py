@@ -116,6 +116,9 @@ class FPxFormat(WeightFormat):
     def with_scale_search(self, scale_search: str) -> FPxFormat:
         return dataclasses.replace(self, scale_search=scale_search)
 
+    def code_bits(self) -> int:
+        return fpx.code_bits(self.ebits, self.mbits)
+
     def decode_stage(self) -> FPxDecode:
         return fpx_decode_stage(self.ebits, self.mbits)
 
@@ -165,6 +168,9 @@ class FPxAutoFormat(WeightFormat):
 
     def with_scale_search(self, scale_search: str) -> FPxAutoFormat:
         return dataclasses.replace(self, scale_search=scale_search)
+
+    def code_bits(self) -> int:
+        return self._formats()[0].code_bits()  # every candidate has the same width
 
     def decode_stage(self) -> FPxDecode:
         return self._formats()[0].decode_stage()

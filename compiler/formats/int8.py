@@ -72,6 +72,9 @@ class Int8WeightFormat(WeightFormat):
     def stored_bytes(self, m: int, k: int) -> int:
         return m * k + 2 * m
 
+    def code_bits(self) -> int:
+        return 8
+
     def decode_stage(self) -> Int8Decode:
         return Int8Decode(self.name)
 

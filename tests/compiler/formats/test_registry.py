@@ -130,3 +130,13 @@ def test_dense_panel_round_trip_and_layout():
     np.testing.assert_array_equal(fmt.unpack(packed), w)
     assert fmt.stored_bytes(32, 5) == packed.nbytes
     assert fmt.unsupported_reason(24, 16) == "M must be a multiple of 16"
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHT_FORMATS))
+def test_code_bits_are_what_the_packed_weight_spends_per_weight(name):
+    # scales (2 bytes a row) and K padding aside, a packed [M, K] weight holds code_bits per weight
+    fmt = WEIGHT_FORMATS[name]
+    m, k = 64, 1024
+    packed = fmt.pack(np.random.default_rng(1).standard_normal((m, k)).astype(np.float32))
+    scales = sum(a.nbytes for n, a in packed.arrays.items() if n == "scales")
+    assert (packed.nbytes - scales) * 8 == fmt.code_bits() * m * k
