@@ -84,9 +84,13 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
+    from tensorpress.compiler.passes.order_shape_heap_stores import order_shape_heap_stores
     from tensorpress.schedules.rules import rules_for
 
     rule_target = rule_target_for(target_spec, tvm_target)
+    order_shape_heap_stores_pass = tvm.transform.module_pass(
+        lambda mod, _ctx: order_shape_heap_stores(mod), opt_level=0, name="OrderShapeHeapStores"
+    )
 
     @tvm.transform.module_pass(opt_level=0, name="TensorpressRelaxPipeline")
     def pipeline(mod, _ctx):
@@ -105,6 +109,7 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
             relax.transform.LowerRuntimeBuiltin(),
             relax.transform.ComputePrimValue(),
             relax.transform.VMShapeLower(),
+            order_shape_heap_stores_pass,  # TVM emits the shape functions' stores in hash order
             relax.transform.AttachGlobalSymbol(),
         ]
         with tvm_target:
