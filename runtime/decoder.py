@@ -43,9 +43,11 @@ import numpy as np
 from tensorpress.errors import InputError
 from tensorpress.runtime import cpu_threads
 from tensorpress.runtime.generation_options import GenerationOptions, check_generation_options, check_prompt_ids
+from tensorpress.runtime.kv_pool import DEFAULT_MAX_TOTAL_TOKENS, allocate_pool, cache_tensors_of, pool_pages
 from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
+from tensorpress.runtime.sampling import sample_token
 
-DEFAULT_MAX_TOTAL_TOKENS = 4096
+__all__ = ["DEFAULT_MAX_PREFILL_TOKENS", "DEFAULT_MAX_TOTAL_TOKENS", "DecoderModel", "GeneratedToken", "sample_token"]
 # The paged-attention workspace of one prefill call grows with its tokens (tokens x heads x chunks x
 # head_dim fp32: 17 GB for 16 x 2048 tokens at Llama-7B's shape); slicing prefills bounds it.
 DEFAULT_MAX_PREFILL_TOKENS = 4096
@@ -107,31 +109,6 @@ class _Request:
     done: bool = False
 
 
-def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None) -> int:
-    """Pick a token from one row of logits [vocab]: argmax when temperature <= 0, else nucleus sampling."""
-    if temperature <= 0.0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cut = int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1  # smallest set with mass >= top_p
-        kept = np.zeros_like(probs)
-        kept[order[:cut]] = probs[order[:cut]]
-        probs = kept / kept.sum()
-    assert rng is not None
-    return int(rng.choice(probs.shape[0], p=probs))
-
-
-def cache_tensors_of(section: dict[str, Any]) -> list[dict[str, Any]]:
-    """The KV cache tensors a decoder section lists ({name, shape with "num_pages", dtype}, in the
-    compiled functions' order); artifacts from before the list have one, cache_shape / cache_dtype."""
-    if "cache_tensors" in section:
-        return list(section["cache_tensors"])
-    return [{"name": "kv_pages", "shape": section["cache_shape"], "dtype": section["cache_dtype"]}]
-
-
 class DecoderModel:
     """A compiled decoder on a device, with its KV page pool and (optionally) its tokenizer."""
 
@@ -166,9 +143,9 @@ class DecoderModel:
         self._prefill = self._function(section["functions"]["prefill"])
         self._decode = self._function(section["functions"]["decode"])
         self.cache_tensors = cache_tensors_of(section)
-        num_pages = self._pool_pages(max_total_tokens, memory_fraction)
+        num_pages = pool_pages(section, max_total_tokens, memory_fraction, self._free_memory_bytes)
         # the KV cache: exactly the tensors the manifest lists, in the compiled functions' order
-        self.kv_cache = self._allocate_pool(num_pages)
+        self.kv_cache = allocate_pool(section, num_pages, self._empty, self._free_memory_bytes())
         self.kv_pages = self.kv_cache[0]  # the first (for the unquantised cache, the only) cache tensor
         self.cache = PagedKVCache(num_pages, self.page_size)
         self._live: dict[int, _Request] = {}  # sequences holding pages, by cache sequence id
@@ -212,29 +189,6 @@ class DecoderModel:
 
         return tvm_runtime.empty(shape, dtype, self.artifact.device)
 
-    def _allocate_pool(self, num_pages: int) -> list[Any]:
-        """The KV cache tensors for `num_pages` pages, refused in one sentence when they cannot fit the
-        device's free memory (checked first: on the CPU an oversized allocation may succeed and kill
-        the process later)."""
-        need = num_pages * self._bytes_per_page()
-        free = self._free_memory_bytes()
-        tokens = num_pages * self.page_size
-        advice = "lower max_total_tokens (--max-total-tokens) or size the pool with memory_fraction."
-        if need > free:
-            raise InputError(
-                f"a KV cache of {tokens} tokens needs {need / 2**30:.2f} GiB but the device has "
-                f"{free / 2**30:.2f} GiB free; {advice}"
-            )
-        try:
-            return [
-                self._empty([num_pages if dim == "num_pages" else int(dim) for dim in t["shape"]], t["dtype"])
-                for t in self.cache_tensors
-            ]
-        except (MemoryError, RuntimeError) as err:  # std::bad_alloc, cudaErrorMemoryAllocation
-            raise InputError(
-                f"the KV cache of {tokens} tokens ({need / 2**30:.2f} GiB) could not be allocated; {advice}"
-            ) from err
-
     def _free_memory_bytes(self) -> int:
         if hasattr(self.artifact, "free_memory_bytes"):
             return int(self.artifact.free_memory_bytes())
@@ -259,27 +213,6 @@ class DecoderModel:
         info = self.artifact.manifest.get("info", {})
         path = info.get("extra_files", {}).get(name)
         return Path(path).read_bytes() if path and Path(path).is_file() else None
-
-    def _bytes_per_page(self) -> int:
-        """Bytes of one page of every cache tensor: the manifest's bytes per token x page size."""
-        if "bytes_per_token" in self.section:
-            return int(self.section["bytes_per_token"]) * self.page_size
-        return sum(
-            int(np.prod([int(d) for d in t["shape"] if d != "num_pages"])) * np.dtype(t["dtype"]).itemsize
-            for t in self.cache_tensors
-        )
-
-    def _pool_pages(self, max_total_tokens: int | None, memory_fraction: float | None) -> int:
-        if max_total_tokens is not None and memory_fraction is not None:
-            raise InputError("give either max_total_tokens or memory_fraction for the KV cache, not both.")
-        if memory_fraction is not None:
-            if not 0.0 < memory_fraction <= 1.0:
-                raise InputError(f"memory_fraction must be in (0, 1], got {memory_fraction}.")
-            return max(1, int(self._free_memory_bytes() * memory_fraction) // self._bytes_per_page())
-        tokens = DEFAULT_MAX_TOTAL_TOKENS if max_total_tokens is None else int(max_total_tokens)
-        if tokens < 1:
-            raise InputError(f"max_total_tokens must be at least 1, got {tokens}.")
-        return pages_for(tokens, self.page_size)
 
     @property
     def tokenizer(self) -> Any:

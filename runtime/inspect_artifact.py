@@ -109,7 +109,7 @@ def _function_lines(artifact: ArtifactFile) -> list[str]:
 def _kv_cache_line(decoder: dict) -> str:
     """The KV cache in words: its format, bits per stored element (and per element with the per-row
     metadata such as scales), bytes per token over all layers, and the tensors the runtime allocates."""
-    from tensorpress.runtime.decoder import cache_tensors_of
+    from tensorpress.runtime.kv_pool import cache_tensors_of
 
     tensors = cache_tensors_of(decoder)
     kv = decoder.get("kv_cache") or {"format": "auto", "bits": 8 * _itemsize(tensors[0]["dtype"])}
