@@ -10,7 +10,7 @@ import fnmatch
 import warnings
 from dataclasses import dataclass
 
-from tensorpress.compiler.formats import get_weight_format
+from tensorpress.compiler.formats import dense_weight_format, get_weight_format
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import LayerChoice, LinearSite
 from tensorpress.compiler.targets import TargetSpec
 
@@ -37,11 +37,8 @@ class LayerPlan:
 
 
 def dense_format_for(target: TargetSpec, act_dtype: str) -> str:
-    """The dense weight format of the weight GEMM for this target and activation dtype: fp16 for
-    Tensor Cores; on the CPU, column panels the micro-kernel reads in place, in the activation dtype."""
-    if target.kind == "cuda":
-        return "dense-fp16"
-    return "dense-fp16-panel" if act_dtype == "float16" else "dense-fp32-panel"
+    """The registry's dense weight format for this target and activation dtype (`dense_weight_format`)."""
+    return dense_weight_format(target.kind, act_dtype)
 
 
 def kernel_act_dtype(target: TargetSpec, graph_dtype: str) -> str:

@@ -96,6 +96,14 @@ def get_weight_format(name: str, scale_search: str = "absmax") -> WeightFormat:
     return fmt.with_scale_search(scale_search)
 
 
+def dense_weight_format(target_kind: str, act_dtype: str) -> str:
+    """The dense weight format of a layer kept dense on `target_kind` ("cuda" or "cpu"): fp16 for the
+    Tensor Cores; on the CPU, column panels the micro-kernel reads in place, in the activation dtype."""
+    if target_kind == "cuda":
+        return "dense-fp16"
+    return "dense-fp16-panel" if act_dtype == "float16" else "dense-fp32-panel"
+
+
 def decode_stage(name: str) -> DecodeStage:
     """The decode stage of the registered weight format `name` (what `PackedWeight.format` names)."""
     return get_weight_format(name).decode_stage()
@@ -123,6 +131,7 @@ __all__ = [
     "PackedWeight",
     "WeightFormat",
     "decode_stage",
+    "dense_weight_format",
     "get_kv_cache_format",
     "get_weight_format",
     "kv_cache_format_names",

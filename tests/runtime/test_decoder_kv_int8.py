@@ -22,7 +22,7 @@ PROMPTS = ["Return a new list containing", "def add(a, b):"]  # the demo's promp
 def artifacts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("kv_int8")
     paths = {}
-    for kv in ("auto", "int8"):
+    for kv in ("auto", "fp16", "int8"):
         paths[kv] = folder / f"{kv}.tpk"
         compile_decoder(DEMO, paths[kv], kv_cache=kv)
     return paths
@@ -30,10 +30,14 @@ def artifacts(tmp_path_factory):
 
 def test_int8_kv_cache_gives_the_default_caches_greedy_tokens(artifacts):
     # (not every prompt: "Once upon a time" meets a near-tie at its 6th token, where int8 rounding flips it)
+    # The demo model computes in fp32 on the CPU: "auto" keeps fp32 pages; fp16 pages are cast on write.
     default = DecoderModel(load_artifact(artifacts["auto"], "cpu"), max_total_tokens=256)
+    fp16 = DecoderModel(load_artifact(artifacts["fp16"], "cpu"), max_total_tokens=256)
     int8 = DecoderModel(load_artifact(artifacts["int8"], "cpu"), max_total_tokens=256)
+    assert [str(t.dtype) for t in fp16.kv_cache] == ["float16"]
     for prompt in PROMPTS:
         expected = default.generate(prompt, max_new_tokens=32, stop_ids=[])
+        assert fp16.generate(prompt, max_new_tokens=32, stop_ids=[]) == expected
         assert int8.generate(prompt, max_new_tokens=32, stop_ids=[]) == expected
         assert len(expected) == 32
 
@@ -43,6 +47,7 @@ def test_the_runtime_allocates_the_tensors_the_manifest_lists(artifacts):
     section = model.section
     assert [t["name"] for t in section["cache_tensors"]] == ["kv_codes", "kv_scales"]
     assert section["kv_cache"] == {"format": "int8", "bits": 8}
+    assert model.artifact.manifest["recipe"]["kv_cache"] == "int8"  # the option as the user wrote it
     config = section["config"]
     per_token = 2 * config["num_layers"] * config["num_kv_heads"] * (config["head_dim"] + 4)
     assert section["bytes_per_token"] == per_token
