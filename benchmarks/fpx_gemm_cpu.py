@@ -1,4 +1,5 @@
-"""FPx weight GEMV/GEMM compiled for the CPU against torch fp32 `linear`: same process, same weights.
+"""Weight-format GEMV/GEMM (FPx, int8, any registered format) compiled for the CPU against torch fp32
+`linear`: same process, same weights.
 
     .venv/bin/python benchmarks/fpx_gemm_cpu.py
     .venv/bin/python benchmarks/fpx_gemm_cpu.py --shapes 4096x4096 --tokens 1,4 --formats fp6 --rounds 10
@@ -54,26 +55,18 @@ def build_kernel(fmt: str, m: int, k: int, n_hint: int):
     """The format's weight GEMM for [m, k], fp32 activations, scheduled by the CPU rule and built."""
     import tvm
 
-    from tensorpress.compiler.formats import decode_stage
+    from tensorpress.compiler.formats import get_weight_format
     from tensorpress.compiler.targets import parse_target
     from tensorpress.schedules.cpu.weight_gemm import WeightGemm
     from tensorpress.schedules.weight_gemm import N_HINT_ATTR, make_weight_gemm
 
-    stage_name = _stage_name(fmt)
-    func = make_weight_gemm(decode_stage(stage_name), m, k, act_dtype="float32").with_attr(N_HINT_ATTR, n_hint)
+    stage = get_weight_format(fmt).decode_stage()
+    func = make_weight_gemm(stage, m, k, act_dtype="float32").with_attr(N_HINT_ATTR, n_hint)
     target = parse_target("cpu").tvm_target()
     sch = WeightGemm().apply(func, target, False)
     if sch is None:
         raise RuntimeError(f"the CPU weight-GEMM rule declined {fmt} {m}x{k}")
     return tvm.compile(sch.mod, target=target)["main"]
-
-
-def _stage_name(fmt: str) -> str:
-    from tensorpress.compiler.formats import get_weight_format
-    from tensorpress.compiler.formats.fpx import FPxFormat
-
-    spec = get_weight_format(fmt)
-    return spec.stage_name if isinstance(spec, FPxFormat) else fmt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     result = {
         "benchmark": "fpx_gemm_cpu",
-        "what": "FPx weight GEMM (tensorpress CPU schedule, llvm x86-64-v3) vs torch.nn.functional.linear fp32",
+        "what": "weight-format GEMM (tensorpress CPU schedule, llvm x86-64-v3) vs torch.nn.functional.linear fp32",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores},
         "versions": {"torch": torch.__version__, "tvm": tvm.__version__, "numpy": np.__version__},

@@ -28,7 +28,7 @@ import numpy as np
 
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
 from tensorpress.errors import TensorpressError
-from tensorpress.schedules.decode_stage import DecodeStage, StoredBuffer
+from tensorpress.schedules.decode_stage import CPUDecodeOrder, DecodeStage, StoredBuffer
 
 CODE_MIN, CODE_MAX = -128, 127
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -79,10 +79,16 @@ class Int8WeightFormat(WeightFormat):
         return Int8Decode(self.name)
 
 
+def _in_order(col):
+    return col  # a row's codes already lie in K order, 8 to a 64-bit load
+
+
 class Int8Decode(DecodeStage):
-    """W[m, k] = codes[m, k] * scales[m]; capabilities: row scale, shared staging of the codes."""
+    """W[m, k] = codes[m, k] * scales[m]; capabilities: row scale, shared staging of the codes, and
+    word-order decode on the CPU (8 consecutive codes of a row per vector load, in K order)."""
 
     scales_rows = True
+    cpu_decode_order = CPUDecodeOrder(_in_order, group=8, run=8)
 
     def __init__(self, name: str):
         self.name = name

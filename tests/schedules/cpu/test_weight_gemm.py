@@ -131,7 +131,7 @@ def _decodes_along_k(sch) -> bool:
     return "gemm_rf_update" in names  # the 8 partial sums per output of the decode-along-K kernel
 
 
-@pytest.mark.parametrize("fmt", ["fp6", "fp6_e2m3", "fp5", "e3m1", "fp4"])
+@pytest.mark.parametrize("fmt", ["fp6", "fp6_e2m3", "fp5", "e3m1", "fp4", "int8"])
 @pytest.mark.parametrize("n_hint", [1, 16])
 def test_fpx_few_tokens_decode_along_k(fmt, n_hint):
     # decode steps: 8 codes a vector instruction, straight into the dot products; any N still works
