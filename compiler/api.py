@@ -90,7 +90,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         import_options["shapes_only"] = True  # config.json alone: zero stand-ins, nothing to read
     if _is_decoder_folder(model) or _is_onnx_decoder(model):
         import_options["kv_cache"] = (kv_config or KVCacheConfig()).kv_cache_format()
-        as_written["kv_cache"] = kv_config.to_dict() if isinstance(kv_cache, KVCacheConfig) else kv_cache
+        as_written["kv_cache"] = kv_cache.to_dict() if isinstance(kv_cache, KVCacheConfig) else kv_cache
     elif kv_config is not None:
         raise ConfigError(
             f"a KV cache format ({kv_config.format}) applies to decoders only; {_described(model)} is not a "
