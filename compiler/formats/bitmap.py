@@ -18,7 +18,8 @@ p = 64 r + c (r, c: row and column in the tile, row-major) is bit p % 32 of word
 
     W[row, col] = bit(row, col) ? values[offsets[tm, tk] + popcount(the tile's bits before p)] : 0
     popcount(bits before p) = sum over words j of popcount(bits[tm, tk, j] & mask_j),
-        mask_j = all ones for j < p // 32, the low p % 32 bits for j = p // 32, 0 after
+        mask_j = the low clamp(p - 32 j, 0, 32) bits: all ones for j < p // 32, the low p % 32 bits
+        for j = p // 32, none after (one clamp per word, no nested selects: 0 spills at 64 registers)
 
 The values array holds at least one spare slot, so the index of any position is in bounds (the
 decode may load before it selects). The packer does not prune: it stores W's nonzeros as they are,
@@ -135,12 +136,13 @@ class BitmapDecode(DecodeStage):
         position = (row % TILE_ROWS) * TILE_COLS + col % TILE_COLS
         word, bit = position // WORD_BITS, (position % WORD_BITS).astype("uint32")
         one = tirx.const(1, "uint32")
-        below = (one << bit) - one  # the bits of the current word before `bit`
-        full = tirx.const(0xFFFFFFFF, "uint32")
         zero = tirx.const(0, "uint32")
         rank = tirx.const(0, "int32")
         for j in range(WORDS_PER_TILE):
-            mask = tirx.Select(word > j, full, tirx.Select(word == j, below, zero))
+            # bits of word j before `position`: all 32 (j < word), the low `bit` (j == word) or none
+            before = tirx.min(tirx.max(position - WORD_BITS * j, 0), WORD_BITS).astype("uint32")
+            low = (one << (before & tirx.const(WORD_BITS - 1, "uint32"))) - one  # no shift by 32: undefined in C
+            mask = tirx.Select(before == WORD_BITS, tirx.const(0xFFFFFFFF, "uint32"), low)
             rank = rank + tirx.popcount(bits[tm, tk, j] & mask).astype("int32")
         is_set = ((bits[tm, tk, word] >> bit) & one) != zero
         value = values[offsets[tm, tk] + rank]
