@@ -51,6 +51,9 @@ def test_registered_as_a_sparse_format():
     assert "bitmap" in sparse_weight_format_names()
     fmt = get_weight_format("bitmap")
     assert fmt.sparse and fmt.code_bits() == 16 and fmt.stored_bytes(64, 128) == 2 * 64 * 128
+    with pytest.raises(NotImplementedError, match="depend on its data"):
+        decode_stage("bitmap").stored_buffers(64, 128)  # kernels take the packed weight's buffers
+    assert fmt.unsupported_reason(64, 128) is None and "16" in fmt.unsupported_reason(40, 64)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
