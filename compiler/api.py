@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -54,6 +55,9 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     weights: None (dense), a weight format name ("fp6", "fp5", "fp4", "fp6-auto", "e2m3", ...), or an
         FPxConfig. `skip` adds fnmatch patterns of weights to keep dense; `scale_search` is "absmax"
         (default) or "mse".
+    sparsity: a SparseConfig: each linear weight (those `skip` and the default filter leave) pruned
+        ("magnitude" per output row, or "none": as given) and stored in a sparse format ("bitmap").
+        It does not combine with `weights` yet (sparse x FPx), nor with store_weights=False.
     kv_cache: decoders only, how the KV cache is stored: a KV-cache format name ("auto", the model's
         dtype and the default; "fp16", "fp32", "int8") or a KVCacheConfig.
     store_weights: False writes the weights' names, shapes and dtypes but not their values (the
@@ -77,8 +81,9 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
     recipe, as_written = _recipe(weights, skip, scale_search)
-    if sparsity is not None and not sparsity.implemented:
-        raise ConfigError("sparse weights are not implemented yet (SparseConfig is accepted but not compiled).")
+    if sparsity is not None:
+        recipe = _sparse_recipe(recipe, sparsity, store_weights)
+        as_written["sparsity"] = sparsity.to_dict()
     kv_config = _kv_cache_config(kv_cache)
     if input_shapes is not None:
         if _is_onnx_decoder(model) or _is_decoder_folder(model):
@@ -146,6 +151,24 @@ def _kv_cache_config(kv_cache: KVCacheConfig | str | None) -> KVCacheConfig | No
     if isinstance(kv_cache, str):
         return KVCacheConfig(kv_cache)  # an unknown name fails here, listing the valid ones
     raise ConfigError(f"kv_cache must be a KV cache format name or a KVCacheConfig, got {type(kv_cache).__name__}.")
+
+
+def _sparse_recipe(recipe: WeightRecipe, sparsity: Any, store_weights: bool) -> WeightRecipe:
+    from tensorpress.compiler.formats import PLANNED_SPARSE_FORMATS
+    from tensorpress.compiler.pruning import check_prune_method
+
+    if not isinstance(sparsity, SparseConfig):
+        raise ConfigError(f"sparsity must be a SparseConfig, got {type(sparsity).__name__}.")
+    if recipe.format is not None:
+        raise ConfigError(
+            f"sparse x FPx is not built yet: weights={recipe.format!r} and a sparsity cannot be combined; give one."
+        )
+    if sparsity.format in PLANNED_SPARSE_FORMATS:
+        raise ConfigError(f"the {sparsity.format} sparse format is planned, not built yet; use bitmap.")
+    check_prune_method(sparsity.prune)
+    if not store_weights:
+        raise ConfigError("sparse weights need their values at compile time (their stored sizes depend on them).")
+    return dataclasses.replace(recipe, format=sparsity.format, sparsity=sparsity.sparsity, prune=sparsity.prune)
 
 
 def _recipe(weights, skip, scale_search) -> tuple[WeightRecipe, dict[str, Any]]:

@@ -21,10 +21,12 @@ from tensorpress.compiler.formats import (
     WEIGHT_FORMATS,
     get_kv_cache_format,
     kv_cache_format_names,
+    sparse_weight_format_names,
 )
 from tensorpress.compiler.formats import fpx_codes as fpx
 from tensorpress.compiler.formats.fpx import FPxFormat
 from tensorpress.compiler.formats.kv_cache import KVCacheFormat
+from tensorpress.compiler.pruning import PRUNE_METHODS
 from tensorpress.errors import ConfigError
 
 
@@ -103,17 +105,20 @@ class FPxConfig(_Config):
 
 @dataclass(frozen=True)
 class SparseConfig(_Config):
-    """Unstructured-sparse weights (Flash-LLM): keep the largest (1 - sparsity) of each weight.
+    """Unstructured-sparse weights: prune each linear weight to `sparsity`, store it in a sparse format.
 
-    sparsity: fraction of zeros, 0 <= sparsity < 1; format: "tiled-csl" or "bitmap".
-    Accepted by the API, rejected by compile until the sparse-weights issue lands (`implemented`).
+    sparsity: fraction of zeros, 0 <= sparsity < 1.
+    format: a registered sparse weight format ("bitmap"; "tiled-csl" is planned, not built yet).
+    prune: "magnitude" (per output row, keep the largest |w|) or "none" (the weights as given);
+        "wanda" and "sparsegpt" are accepted here and refused by compile until calibration lands.
     """
 
     sparsity: float
-    format: str = "tiled-csl"
+    format: str = "bitmap"
+    prune: str = "magnitude"
 
     kind: ClassVar[str] = "sparse"
-    implemented: ClassVar[bool] = False
+    implemented: ClassVar[bool] = True
 
     def __post_init__(self):
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
@@ -121,10 +126,11 @@ class SparseConfig(_Config):
         if not 0 <= self.sparsity < 1:
             raise ConfigError(f"SparseConfig sparsity must be in [0, 1), got {self.sparsity}.")
         object.__setattr__(self, "sparsity", float(self.sparsity))
-        if self.format not in PLANNED_SPARSE_FORMATS:
-            raise ConfigError(
-                f"SparseConfig format must be one of {', '.join(PLANNED_SPARSE_FORMATS)}, got {self.format!r}."
-            )
+        formats = (*sparse_weight_format_names(), *PLANNED_SPARSE_FORMATS)
+        if self.format not in formats:
+            raise ConfigError(f"SparseConfig format must be one of {', '.join(formats)}, got {self.format!r}.")
+        if self.prune not in PRUNE_METHODS:
+            raise ConfigError(f"SparseConfig prune must be one of {', '.join(PRUNE_METHODS)}, got {self.prune!r}.")
 
 
 @dataclass(frozen=True)

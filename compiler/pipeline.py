@@ -3,7 +3,8 @@
 imported = import_model(model)                      frontend/: Relax + weights as named parameters
 imported = drop_unused_weights(imported)            weights nothing reads (e.g. an unused pooler)
 sites    = find_linear_sites(imported.mod)           every linear layer with a weight parameter
-plan     = plan_weights(sites, recipe, target)       which format each weight is stored in
+plan     = plan_weights(sites, recipe, target)       which format each weight is stored in (a sparse one:
+                                                     pruned first, compiler/pruning.py)
 imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
 imported = mask_infinite_max_in_logsumexp(imported)  numerics: logsumexp of ±Inf rows as torch gives it
 imported = decompose_gelu, FastMathTransform (CPU)   transcendentals as fast polynomials, not libm calls
@@ -39,6 +40,7 @@ from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
     RewriteLinearToWeightGemm,
     find_linear_sites,
 )
+from tensorpress.compiler.pruning import prune
 from tensorpress.compiler.targets import CPU_REQUIRED_FLAGS, TargetSpec
 from tensorpress.compiler.weight_plan import LayerPlan, WeightRecipe, plan_weights
 from tensorpress.errors import TensorpressError
@@ -84,6 +86,8 @@ def compile_imported(
 
     def pack(name: str, w: np.ndarray, choice: LayerChoice) -> PackedWeight:
         weight_format = get_weight_format(choice.format, recipe.scale_search)
+        if weight_format.sparse and recipe.sparsity is not None:
+            w = prune(w, recipe.sparsity, recipe.prune)
         if store_weights:
             packed[name] = weight_format.pack(w)
         else:  # only shapes are written: one packing per (format, shape) serves every such weight

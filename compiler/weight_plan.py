@@ -21,11 +21,14 @@ DEFAULT_SKIP = ("*lm_head*", "*embed*", "*wte*", "*wpe*")
 
 @dataclass(frozen=True)
 class WeightRecipe:
-    """What the user asked for: a weight format name (None = dense), its scale search and skip patterns."""
+    """What the user asked for: a weight format name (None = dense), its scale search and skip patterns;
+    for a sparse format, the sparsity each weight is pruned to and how (`compiler/pruning.py`)."""
 
     format: str | None = None
     scale_search: str = "absmax"
     skip: tuple[str, ...] = ()
+    sparsity: float | None = None  # None: a sparse format stores the weights as given
+    prune: str = "magnitude"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ def _compile(args: argparse.Namespace) -> int:
     from tensorpress.runtime.inspect_artifact import size_vs_fp16
 
     shapes = dict(_parse_shape(s) for s in args.input_shape or [])
+    sparsity = _sparse_config(args)
     _show_stages()
     report = tensorpress.compile(
         args.model,
@@ -30,6 +31,7 @@ def _compile(args: argparse.Namespace) -> int:
         target=args.target,
         dtype=args.dtype,
         weights=args.weights,
+        sparsity=sparsity,
         skip=args.skip or (),
         scale_search=args.scale_search,
         kv_cache=args.kv_cache_dtype,
@@ -49,6 +51,24 @@ def _compile(args: argparse.Namespace) -> int:
             f"{fp16 / 1e6:.2f} MB as fp16 ({size_vs_fp16(stored, fp16)})"
         )
     return 0
+
+
+def _sparse_config(args: argparse.Namespace):
+    """The SparseConfig of --sparsity / --prune / --sparse-format, or None; a ConfigError for bad values."""
+    from tensorpress.compiler.compression_configs import SparseConfig
+    from tensorpress.compiler.pruning import check_sparsity
+    from tensorpress.errors import ConfigError
+
+    if args.sparsity is None:
+        if args.prune is not None or args.sparse_format is not None:
+            raise ConfigError("--prune and --sparse-format go with --sparsity S (the fraction of zeros, 0 <= S < 1).")
+        return None
+    try:
+        value: object = float(args.sparsity)
+    except ValueError:
+        value = args.sparsity
+    sparsity = check_sparsity(value, "--sparsity")
+    return SparseConfig(sparsity, format=args.sparse_format or "bitmap", prune=args.prune or "magnitude")
 
 
 def _show_stages() -> None:
@@ -153,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
     p.add_argument("--scale-search", choices=_scale_searches(), help="FPx scale search (default absmax)")
     p.add_argument(
+        "--sparsity",
+        help="prune each linear weight to this fraction of zeros (0 <= S < 1) and store it sparse",
+    )
+    p.add_argument(
+        "--prune",
+        choices=_prune_methods(),
+        help="with --sparsity: magnitude (per output row, the default) or none (the weights as given); "
+        "wanda and sparsegpt need calibration, not built yet",
+    )
+    p.add_argument(
+        "--sparse-format", choices=_sparse_formats(), help="with --sparsity: the sparse weight format (default bitmap)"
+    )
+    p.add_argument(
         "--kv-cache-dtype",
         help=f"decoders: how the KV cache is stored, one of {', '.join(_kv_cache_choices())} (default auto: the "
         "model's dtype; int8: int8 codes with a float32 scale per token and head)",
@@ -194,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(p)
     p.set_defaults(func=_generate)
     return parser
+
+
+def _prune_methods() -> tuple[str, ...]:
+    from tensorpress.compiler.pruning import PRUNE_METHODS
+
+    return PRUNE_METHODS
+
+
+def _sparse_formats() -> list[str]:
+    from tensorpress.compiler.formats import PLANNED_SPARSE_FORMATS, sparse_weight_format_names
+
+    return [*sparse_weight_format_names(), *PLANNED_SPARSE_FORMATS]
 
 
 def _weight_format_choices() -> str:

@@ -43,6 +43,7 @@ from __future__ import annotations
 from typing import Any
 
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat
+from tensorpress.compiler.formats.bitmap import BitmapFormat
 from tensorpress.compiler.formats.dense import DenseFormat
 from tensorpress.compiler.formats.dense_column_panels import DensePanelFormat
 from tensorpress.compiler.formats.fpx import SCALE_SEARCHES, check_scale_search, fpx_formats
@@ -64,6 +65,7 @@ FORMATS: dict[str, dict[str, Any]] = {
         "dense-fp32-panel": DensePanelFormat("dense-fp32-panel", "float32"),
         **fpx_formats(),  # fp6, fp6_e2m3, fp5, fp4, every eXmY, fp6-auto
         "int8": Int8WeightFormat("int8"),
+        "bitmap": BitmapFormat("bitmap"),  # unstructured sparse: a bitmask + the fp16 nonzeros per tile
     },
     KV_CACHE: {
         "auto": ModelDtypeKVCache("auto", None),  # the model's dtype
@@ -75,8 +77,8 @@ FORMATS: dict[str, dict[str, Any]] = {
 WEIGHT_FORMATS: dict[str, WeightFormat] = FORMATS[WEIGHT]
 KV_CACHE_FORMATS: dict[str, KVCacheFormat] = FORMATS[KV_CACHE]
 
-# Names the configs accept for features whose formats are planned, not built (SparseConfig).
-PLANNED_SPARSE_FORMATS = ("tiled-csl", "bitmap")
+# Names SparseConfig accepts for sparse formats that are planned, not built yet.
+PLANNED_SPARSE_FORMATS = ("tiled-csl",)
 
 
 def weight_format_names() -> list[str]:
@@ -94,6 +96,11 @@ def get_weight_format(name: str, scale_search: str = "absmax") -> WeightFormat:
     if fmt is None:
         raise ConfigError(f"unknown weight format {name!r}; valid formats: {', '.join(weight_format_names())}.")
     return fmt.with_scale_search(scale_search)
+
+
+def sparse_weight_format_names() -> list[str]:
+    """The registered formats that store a weight's nonzeros (`WeightFormat.sparse`): --sparse-format."""
+    return sorted(name for name, fmt in WEIGHT_FORMATS.items() if fmt.sparse)
 
 
 def dense_weight_format(target_kind: str, act_dtype: str) -> str:
@@ -135,5 +142,6 @@ __all__ = [
     "get_kv_cache_format",
     "get_weight_format",
     "kv_cache_format_names",
+    "sparse_weight_format_names",
     "weight_format_names",
 ]

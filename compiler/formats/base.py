@@ -45,6 +45,7 @@ class WeightFormat(abc.ABC):
 
     name: str
     compresses: ClassVar[bool] = True  # False for the dense layouts (fp16 / fp32, plain or panels)
+    sparse: ClassVar[bool] = False  # True: stores the nonzeros only (a weight is pruned before packing)
 
     def resolve(self, w: np.ndarray) -> WeightFormat:
         """The concrete format this weight is stored in (itself, except for choosers like fp6-auto)."""

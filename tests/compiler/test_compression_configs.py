@@ -19,8 +19,9 @@ def test_defaults_and_lazy_export():
     assert (config.ebits, config.mbits, config.scale_search, config.skip) == (3, 2, "absmax", ())
     assert config.format_name == "e3m2"
     assert FPxConfig(2, 3).format_name == "e2m3"
-    assert SparseConfig(0.8).format == "tiled-csl" and KVCacheConfig().format == "auto"
-    assert FPxConfig.implemented and not SparseConfig.implemented and KVCacheConfig.implemented
+    assert (SparseConfig(0.8).format, SparseConfig(0.8).prune) == ("bitmap", "magnitude")
+    assert KVCacheConfig().format == "auto"
+    assert FPxConfig.implemented and SparseConfig.implemented and KVCacheConfig.implemented
 
 
 @pytest.mark.parametrize(
@@ -29,6 +30,7 @@ def test_defaults_and_lazy_export():
         FPxConfig(),
         FPxConfig(2, 3, "mse", ("*.attention.*", "encoder.layer.0.*")),
         SparseConfig(0.8, "bitmap"),
+        SparseConfig(0.5, "tiled-csl", "wanda"),  # planned: accepted here, refused by compile
         SparseConfig(0),
         KVCacheConfig("int8"),
     ],
@@ -62,6 +64,7 @@ def test_skip_takes_any_sequence_and_stays_hashable():
         lambda: SparseConfig(-0.1),
         lambda: SparseConfig("0.5"),
         lambda: SparseConfig(0.5, "csr"),
+        lambda: SparseConfig(0.5, prune="random"),
         lambda: KVCacheConfig("int3"),
         lambda: KVCacheConfig("int2-kitty"),  # planned, not registered: refused until it is
     ],

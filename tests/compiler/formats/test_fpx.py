@@ -73,7 +73,7 @@ def test_decode_matches_numpy_bit_for_bit_on_every_code(name):
         np.testing.assert_array_equal(got.view(UINT[dtype]), want.view(UINT[dtype]), err_msg=f"{name} {dtype}")
 
 
-@pytest.mark.parametrize("name", sorted(WEIGHT_FORMATS))
+@pytest.mark.parametrize("name", sorted(n for n, f in WEIGHT_FORMATS.items() if not f.sparse))  # sized by shape
 def test_stage_takes_what_the_registry_packs(name):
     fmt = WEIGHT_FORMATS[name]
     if name == "fp6-auto":

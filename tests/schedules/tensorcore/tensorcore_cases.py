@@ -61,25 +61,30 @@ def pack_int4(codes: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(nibbles << (4 * np.arange(8, dtype=np.uint32)), axis=2)
 
 
-def weight_and_stored(fmt: str, m: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A random weight in format `fmt`: (its values W [m, k], exact: fp16 or fp32, the arrays the kernel takes)."""
+def weight_and_stored(
+    fmt: str, m: int, k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[np.ndarray], list[StoredBuffer]]:
+    """A random weight in format `fmt`: its values W [m, k] (exact: fp16 or fp32), the arrays the kernel
+    takes and their buffers (a sparse format's sizes follow its nonzeros: it is pruned 80% first)."""
     if fmt == "dense-fp16":
         w = rng.standard_normal((m, k)).astype(np.float16)
-        return w, [w]
+        return w, [w], stage_for(fmt).stored_buffers(m, k)
     if fmt == "dense-fp32":
         w = rng.standard_normal((m, k)).astype(np.float16)
-        return w, [w.astype(np.float32)]
+        return w, [w.astype(np.float32)], stage_for(fmt).stored_buffers(m, k)
     if fmt.startswith("test-int4"):
         codes = rng.integers(0, 16, (m, k)).astype(np.uint8)
         scale = (rng.random(m) * 0.2 + 0.05).astype(np.float16)
         w = ((codes.astype(np.int32) - 8).astype(np.float16) * scale[:, None]).astype(np.float16)
-        return w, [pack_int4(codes), scale]
+        return w, [pack_int4(codes), scale], stage_for(fmt).stored_buffers(m, k)
     from tensorpress.compiler.formats import get_weight_format
+    from tensorpress.compiler.pruning import prune
 
-    packed = get_weight_format(fmt).pack((rng.standard_normal((m, k)) * 0.05).astype(np.float32))
-    stage = decode_stage(fmt)
-    w = get_weight_format(fmt).unpack(packed)  # float32, exact: an fp16 scale times a code's value
-    return w, [np.ascontiguousarray(packed.arrays[b.name]) for b in stage.stored_buffers(m, k)]
+    weight_format = get_weight_format(fmt)
+    dense = (rng.standard_normal((m, k)) * 0.05).astype(np.float32)
+    packed = weight_format.pack(prune(dense, 0.8) if weight_format.sparse else dense)
+    w = weight_format.unpack(packed)  # float32, exact: an fp16 scale times a code's value, or an fp16 value
+    return w, [np.ascontiguousarray(a) for a in packed.arrays.values()], packed.buffers
 
 
 def reference_weight(func: tirx.PrimFunc, w: np.ndarray) -> np.ndarray:
@@ -115,16 +120,16 @@ def replay_weight_gemm(
     `mutate(sch)`, when given, edits the schedule before the build (planted bugs); `stage`, when
     given, replaces the decode stage of `fmt` (which still packs the weights: planted decode bugs)."""
     stage = stage or stage_for(fmt)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k)).astype(np.float16)
+    w, stored, buffers = weight_and_stored(fmt, m, k, rng)
     func = make_weight_gemm(
-        stage, m, k, out_dtype=out_dtype, with_bias=bias, row_scale_in_epilogue=row_scale_in_epilogue
+        stage, m, k, out_dtype=out_dtype, with_bias=bias, row_scale_in_epilogue=row_scale_in_epilogue, buffers=buffers
     )
     sch = schedule_weight_gemm(func, config, intrinsics or emulated_intrinsics())
     if mutate is not None:
         mutate(sch)
     kernel = build_replay(sch.mod, seed if shuffle_seed is None else shuffle_seed)["main"]
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, k)).astype(np.float16)
-    w, stored = weight_and_stored(fmt, m, k, rng)
     reference = x.astype(np.float32) @ reference_weight(func, w).T
     args = [x, *stored]
     if bias:

@@ -1,0 +1,149 @@
+"""bitmap: unstructured-sparse weights as a bitmask per tile plus the packed nonzero values (SpInfer,
+EuroSys'25): 2 B per nonzero + 1 bit per weight + 4 B per tile.
+
+W[M, K] is cut in tiles of 16 rows x 64 columns (the last row / column of tiles padded with zeros).
+Tile (tm, tk) covers rows 16 tm .. 16 tm + 15 and columns 64 tk .. 64 tk + 63; inside it, position
+p = 64 r + c (r, c: row and column in the tile, row-major) is bit p % 32 of word p // 32:
+
+    tile (tm, tk)         c = 0 ........ 31 | 32 ........ 63
+        r = 0             word 0            | word 1              bit set = W nonzero there
+        r = 1             word 2            | word 3
+        ...
+        r = 15            word 30           | word 31
+
+    stored "bits":    uint32  [TM, TK, 32]    TM = ceil(M / 16), TK = ceil(K / 64)
+    stored "offsets": int32   [TM, TK]        index in "values" of the tile's first nonzero
+    stored "values":  float16 [V]             the nonzeros, tile after tile (tm-major), row-major in a
+                                              tile; V = nnz + 1 rounded up to a multiple of 8 (zeros)
+
+    W[row, col] = bit(row, col) ? values[offsets[tm, tk] + popcount(the tile's bits before p)] : 0
+    popcount(bits before p) = sum over words j of popcount(bits[tm, tk, j] & mask_j),
+        mask_j = the low clamp(p - 32 j, 0, 32) bits: all ones for j < p // 32, the low p % 32 bits
+        for j = p // 32, none after (one clamp per word, no nested selects: 0 spills at 64 registers)
+
+The values array holds at least one spare slot, so the index of any position is in bounds (the
+decode may load before it selects). The packer does not prune: it stores W's nonzeros as they are,
+rounded to fp16 (a weight that rounds to zero in fp16 is stored as a set bit with value 0; -0.0 is a
+nonzero bit pattern and is kept). Pruning is `compiler/pruning.py`'s, before packing.
+
+Why 16 x 64: the per-tile offset costs 4 B per 1024 weights (0.03 bit per weight), so an 80%-sparse
+weight stores 0.2 x 2 B + 1/8 B + 1/256 B = 0.529 B per weight, 3.78x fewer bytes than fp16, close to
+the bitmap's limit (3.8x); a row of a tile is two words, so the GEMM's 16-row mma tiles and 64-column K
+tiles cover whole tiles. The price is up to 32 masked popcounts per decoded weight (one per word of
+the tile), which a plain global-memory decode pays in full; a staged / fragment decode can share them.
+
+Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
+density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
+from tensorpress.errors import TensorpressError
+from tensorpress.schedules.decode_stage import DecodeStage
+
+TILE_ROWS, TILE_COLS = 16, 64
+WORD_BITS = 32
+WORDS_PER_TILE = TILE_ROWS * TILE_COLS // WORD_BITS  # 32
+VALUES_MULTIPLE = 8  # 16 bytes of fp16: a 128-bit load never runs past the array
+
+
+def tile_grid(m: int, k: int) -> tuple[int, int]:
+    """(TM, TK): the number of tiles along M and along K."""
+    return -(-m // TILE_ROWS), -(-k // TILE_COLS)
+
+
+def _tiled(a: np.ndarray) -> np.ndarray:
+    """[M, K] -> [TM, TK, TILE_ROWS * TILE_COLS] (zero padded), each tile's positions row-major."""
+    m, k = a.shape
+    tm, tk = tile_grid(m, k)
+    padded = np.zeros((tm * TILE_ROWS, tk * TILE_COLS), a.dtype)
+    padded[:m, :k] = a
+    return padded.reshape(tm, TILE_ROWS, tk, TILE_COLS).transpose(0, 2, 1, 3).reshape(tm, tk, -1)
+
+
+def _untiled(t: np.ndarray, m: int, k: int) -> np.ndarray:
+    tm, tk, _ = t.shape
+    return t.reshape(tm, tk, TILE_ROWS, TILE_COLS).transpose(0, 2, 1, 3).reshape(tm * TILE_ROWS, -1)[:m, :k]
+
+
+@dataclass(frozen=True)
+class BitmapFormat(WeightFormat):
+    """Per 16 x 64 tile a bitmask and the packed fp16 nonzeros (see the module docstring)."""
+
+    name: str = "bitmap"
+    sparse: ClassVar[bool] = True
+
+    def pack(self, w: np.ndarray) -> PackedWeight:
+        w = check_weight(w)
+        if not np.isfinite(w).all():
+            raise TensorpressError("bitmap cannot store a weight holding inf or NaN; check the model's weights.")
+        m, k = w.shape
+        with np.errstate(over="ignore"):
+            w16 = w.astype(np.float16)
+        if not np.isfinite(w16).all():
+            raise TensorpressError("bitmap stores fp16 values; this weight has values beyond fp16's range.")
+        tiles = _tiled(w16)  # [TM, TK, 1024]
+        nonzero = tiles.view(np.uint16) != 0  # bit patterns: -0.0 counts as a stored value
+        weights = (np.uint64(1) << np.arange(WORD_BITS, dtype=np.uint64)).astype(np.uint64)
+        words = nonzero.reshape(*nonzero.shape[:2], WORDS_PER_TILE, WORD_BITS).astype(np.uint64) @ weights
+        counts = nonzero.sum(axis=2).reshape(-1)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32).reshape(nonzero.shape[:2])
+        nnz = int(counts.sum())
+        size = -(-(nnz + 1) // VALUES_MULTIPLE) * VALUES_MULTIPLE
+        values = np.zeros(size, np.float16)
+        values[:nnz] = tiles[nonzero]  # tile-major, row-major inside a tile (C order of `tiles`)
+        arrays = {"bits": words.astype(np.uint32), "offsets": offsets, "values": values}
+        return PackedWeight(self.name, (m, k), arrays)
+
+    def unpack(self, packed: PackedWeight) -> np.ndarray:
+        m, k = packed.shape
+        bits, offsets, values = (packed.arrays[n] for n in ("bits", "offsets", "values"))
+        shifts = np.arange(WORD_BITS, dtype=np.uint32)
+        nonzero = ((bits[..., None] >> shifts) & np.uint32(1)).astype(bool).reshape(*bits.shape[:2], -1)
+        rank = np.cumsum(nonzero, axis=2) - nonzero  # nonzeros before each position in its tile
+        index = offsets[..., None].astype(np.int64) + rank
+        tiles = np.where(nonzero, values[np.minimum(index, values.size - 1)], np.float16(0))
+        return _untiled(tiles, m, k).astype(np.float32)
+
+    def stored_bytes(self, m: int, k: int) -> int:
+        """The bytes at the break-even density (those of fp16): the real count is the packed weight's."""
+        return 2 * m * k
+
+    def code_bits(self) -> int:
+        return 16
+
+    def decode_stage(self) -> BitmapDecode:
+        return BitmapDecode(self.name)
+
+
+class BitmapDecode(DecodeStage):
+    """W[m, k] from the tile's bits, offset and values; a plain global-memory decode, no capabilities."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def decode(self, stored, row, col, dtype: str):
+        from tvm import tirx
+
+        bits, offsets, values = stored
+        tm, tk = row // TILE_ROWS, col // TILE_COLS
+        position = (row % TILE_ROWS) * TILE_COLS + col % TILE_COLS
+        word, bit = position // WORD_BITS, (position % WORD_BITS).astype("uint32")
+        one = tirx.const(1, "uint32")
+        zero = tirx.const(0, "uint32")
+        rank = tirx.const(0, "int32")
+        for j in range(WORDS_PER_TILE):
+            # bits of word j before `position`: all 32 (j < word), the low `bit` (j == word) or none
+            before = tirx.min(tirx.max(position - WORD_BITS * j, 0), WORD_BITS).astype("uint32")
+            low = (one << (before & tirx.const(WORD_BITS - 1, "uint32"))) - one  # no shift by 32: undefined in C
+            mask = tirx.Select(before == WORD_BITS, tirx.const(0xFFFFFFFF, "uint32"), low)
+            rank = rank + tirx.popcount(bits[tm, tk, j] & mask).astype("int32")
+        is_set = ((bits[tm, tk, word] >> bit) & one) != zero
+        value = values[offsets[tm, tk] + rank]
+        return tirx.Select(is_set, value.astype(dtype), tirx.const(0, dtype))
