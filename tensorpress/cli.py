@@ -229,15 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prune_methods() -> tuple[str, ...]:
-    from tensorpress.compiler.pruning import PRUNE_METHODS
-
+def _prune_methods() -> tuple[str, ...] | None:
+    try:
+        from tensorpress.compiler.pruning import PRUNE_METHODS
+    except ImportError:  # the runtime bundle ships no compiler (its compile command cannot run anyway)
+        return None
     return PRUNE_METHODS
 
 
-def _sparse_formats() -> list[str]:
-    from tensorpress.compiler.formats import PLANNED_SPARSE_FORMATS, sparse_weight_format_names
-
+def _sparse_formats() -> list[str] | None:
+    try:
+        from tensorpress.compiler.formats import PLANNED_SPARSE_FORMATS, sparse_weight_format_names
+    except ImportError:  # as above
+        return None
     return [*sparse_weight_format_names(), *PLANNED_SPARSE_FORMATS]
 
 
