@@ -85,6 +85,20 @@ class WeightFormat(abc.ABC):
         return self.unpack(self.pack(w))
 
 
+_FP16_MAX = float(np.finfo(np.float16).max)
+_FP16_TINIEST = float(np.finfo(np.float16).smallest_subnormal)
+
+
+def round_scales_to_fp16(ideal: np.ndarray) -> np.ndarray:
+    """float16 per-row scales from float64 `ideal` ones, rounded to nearest (ties to even): a zero stays 0,
+    a non-zero scale that would underflow fp16 gets its smallest subnormal, one that would overflow its
+    largest finite value (the row's codes then saturate)."""
+    with np.errstate(over="ignore"):
+        scales = ideal.astype(np.float16)
+    scales = np.where((ideal > 0) & (scales == 0), np.float16(_FP16_TINIEST), scales)
+    return np.where(np.isinf(scales), np.float16(_FP16_MAX), scales).astype(np.float16)
+
+
 def check_weight(w: np.ndarray) -> np.ndarray:
     """`w` as an array, or TensorpressError unless it is a 2-D float weight [M, K]."""
     w = np.asarray(w)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tensorpress.compiler.formats.base import round_scales_to_fp16
 from tensorpress.errors import ConfigError, TensorpressError
 
 MAX_EXPONENT_BITS = 4
@@ -34,9 +35,6 @@ MAX_CODE_BITS = 8
 
 # Clip ratios tried per channel by the MSE scale search (ratio 1.0 is absmax, so MSE never loses).
 MSE_CLIP_RATIOS = np.round(np.arange(0.50, 1.0001, 0.02), 2)
-
-_FP16_MAX = float(np.finfo(np.float16).max)
-_FP16_TINIEST = float(np.finfo(np.float16).smallest_subnormal)
 
 
 def check_format(ebits: int, mbits: int) -> None:
@@ -91,11 +89,7 @@ def absmax_scales(w: np.ndarray, ebits: int, mbits: int, clip: float | np.ndarra
     """
     w = _check_weight(w)
     absmax = np.abs(w).max(axis=1, initial=0.0).astype(np.float64)
-    ideal = absmax * np.asarray(clip, dtype=np.float64) / max_value(ebits, mbits)
-    with np.errstate(over="ignore"):
-        scales = ideal.astype(np.float16)
-    scales = np.where((ideal > 0) & (scales == 0), np.float16(_FP16_TINIEST), scales)
-    return np.where(np.isinf(scales), np.float16(_FP16_MAX), scales).astype(np.float16)
+    return round_scales_to_fp16(absmax * np.asarray(clip, dtype=np.float64) / max_value(ebits, mbits))
 
 
 def quantize(w: np.ndarray, scales: np.ndarray, ebits: int, mbits: int) -> np.ndarray:

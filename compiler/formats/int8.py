@@ -26,23 +26,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
+from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight, round_scales_to_fp16
 from tensorpress.errors import TensorpressError
 from tensorpress.schedules.decode_stage import CPUDecodeOrder, DecodeStage, StoredBuffer
 
 CODE_MIN, CODE_MAX = -128, 127
-_FP16_MAX = float(np.finfo(np.float16).max)
-_FP16_TINIEST = float(np.finfo(np.float16).smallest_subnormal)
 
 
 def int8_scales(w: np.ndarray) -> np.ndarray:
     """float16 [M]: absmax(row) / 127.5 rounded to fp16 (zero rows 0, clamped to fp16's finite range)."""
     absmax = np.abs(w).max(axis=1, initial=0.0).astype(np.float64)
-    ideal = absmax / ((CODE_MAX - CODE_MIN) / 2)
-    with np.errstate(over="ignore"):
-        scales = ideal.astype(np.float16)
-    scales = np.where((ideal > 0) & (scales == 0), np.float16(_FP16_TINIEST), scales)
-    return np.where(np.isinf(scales), np.float16(_FP16_MAX), scales).astype(np.float16)
+    return round_scales_to_fp16(absmax / ((CODE_MAX - CODE_MIN) / 2))
 
 
 def quantize_int8(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
