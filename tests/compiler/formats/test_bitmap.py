@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tvm
+from llvm_harness import UINT, build, run
 from tvm import te
 
 from tensorpress.compiler.formats import decode_stage, get_weight_format, sparse_weight_format_names
 from tensorpress.errors import TensorpressError
 from tensorpress.schedules.weight_gemm import make_weight_gemm
-
-UINT = {"float32": np.uint32, "float16": np.uint16}
 
 
 def sparse_weight(m: int, k: int, sparsity: float, seed: int) -> np.ndarray:
@@ -96,18 +94,6 @@ def test_all_zero_weight_and_fp16_corners():
         fmt.pack(np.full((16, 16), np.nan, np.float32))
     with pytest.raises(TensorpressError, match="fp16's range"):
         fmt.pack(np.full((16, 16), 1e6, np.float32))
-
-
-def build(func):
-    return tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"]
-
-
-def run(func, arrays, out_shape, out_dtype):
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
-    out = tvm.runtime.empty(out_shape, out_dtype, dev)
-    func(*args, out)
-    return out.numpy()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tvm
+from llvm_harness import UINT, build, run
 from tvm import te, tirx
 
 from tensorpress.compiler.formats import WEIGHT_FORMATS, decode_stage, get_weight_format
@@ -14,11 +14,6 @@ from tensorpress.compiler.formats.fpx import FPxFormat
 from tensorpress.schedules.weight_gemm import make_weight_gemm
 
 FPX_NAMES = sorted(name for name, fmt in WEIGHT_FORMATS.items() if isinstance(fmt, FPxFormat))
-UINT = {"float32": np.uint32, "float16": np.uint16}
-
-
-def build(func: tirx.PrimFunc):
-    return tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"]
 
 
 def decode_only(stage, m: int, k: int, dtype: str) -> tirx.PrimFunc:
@@ -26,14 +21,6 @@ def decode_only(stage, m: int, k: int, dtype: str) -> tirx.PrimFunc:
     stored = [te.placeholder(b.shape, b.dtype, name=b.name) for b in stage.stored_buffers(m, k)]
     w = te.compute((m, k), lambda r, c: stage.decode(stored, r, c, dtype), name="decode")
     return te.create_prim_func([*stored, w])
-
-
-def run(func, arrays, out_shape, out_dtype):
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
-    out = tvm.runtime.empty(out_shape, out_dtype, dev)
-    func(*args, out)
-    return out.numpy()
 
 
 def every_code(m, k, ebits, mbits, seed):

@@ -6,15 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import tvm
+from llvm_harness import UINT, build, run
 from tvm import te
 
 from tensorpress.compiler.formats import decode_stage, get_weight_format
 from tensorpress.compiler.formats.int8 import Int8WeightFormat
 from tensorpress.errors import TensorpressError
 from tensorpress.schedules.weight_gemm import make_weight_gemm
-
-UINT = {"float32": np.uint32, "float16": np.uint16}
 
 
 def torchao_int8_weight_only(w: np.ndarray, scale_dtype=torch.float16) -> tuple[np.ndarray, np.ndarray]:
@@ -28,18 +26,6 @@ def torchao_int8_weight_only(w: np.ndarray, scale_dtype=torch.float16) -> tuple[
     scale = torch.where((ideal > 0) & (scale == 0), torch.tensor(2.0**-24, dtype=torch.float64), scale)
     codes = torch.clamp(torch.round(t / scale[:, None]), -128, 127).to(torch.int8)
     return codes.numpy(), scale.to(scale_dtype).numpy()
-
-
-def build(func):
-    return tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"]
-
-
-def run(func, arrays, out_shape, out_dtype):
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
-    out = tvm.runtime.empty(out_shape, out_dtype, dev)
-    func(*args, out)
-    return out.numpy()
 
 
 def awkward_weight(m: int, k: int, seed: int) -> np.ndarray:
