@@ -1,6 +1,7 @@
 """The story of a compile, top to bottom: import -> plan -> graph passes -> build -> write the artifact.
 
 imported = import_model(model)                      frontend/: Relax + weights as named parameters
+imported = convolutions_as_weight_gemms(imported)   CPU: NHWC, each groups=1 conv a linear over patches
 imported = drop_unused_weights(imported)            weights nothing reads (e.g. an unused pooler)
 sites    = find_linear_sites(imported.mod)           every linear layer with a weight parameter
 plan     = plan_weights(sites, recipe, target)       which format each weight is stored in (a sparse one:
@@ -32,6 +33,7 @@ from tensorpress.compiler.build import build_library, compiler_versions
 from tensorpress.compiler.build_folder import build_folder
 from tensorpress.compiler.formats import PackedWeight, get_weight_format
 from tensorpress.compiler.passes import GraphPass, on_module
+from tensorpress.compiler.passes.convolutions_as_weight_gemms import convolutions_as_weight_gemms
 from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
 from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
 from tensorpress.compiler.passes.mask_infinite_max_in_logsumexp import mask_infinite_max_in_logsumexp
@@ -76,6 +78,8 @@ def compile_imported(
     seconds = dict(timings or {})
     start = time.perf_counter()
     with internal_errors_named("rewrite", target):
+        if target.kind == "cpu":
+            imported = convolutions_as_weight_gemms(imported)
         imported = drop_unused_weights(imported)
         sites = find_linear_sites(imported.mod)
     plans, choices = plan_weights(sites, recipe, target)

@@ -5,6 +5,7 @@
 
 Rules are tried in order, the first that takes a function wins:
     WeightGemm     the weight-GEMM kernel (every decode stage)        weight_gemm.py
+    DepthwiseConv  channels-last depthwise convolutions               depthwise_conv.py
     Matmul         legalised matmuls: linear, batched attention       matmul.py
     GEMV           dlight's matrix-vector rule (one row or column)
     RowReduction   softmax, layer norm, RMS norm                      row_reduction.py
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from tvm.s_tir import dlight as dl
 
+from tensorpress.schedules.cpu.depthwise_conv import DepthwiseConv
 from tensorpress.schedules.cpu.fallback import Fallback
 from tensorpress.schedules.cpu.injective import Injective
 from tensorpress.schedules.cpu.matmul import Matmul
@@ -27,4 +29,4 @@ from tensorpress.schedules.cpu.weight_gemm import WeightGemm
 
 def cpu_rules() -> list[dl.ScheduleRule]:
     """Rules for llvm targets, most specific first."""
-    return [WeightGemm(), Matmul(), dl.cpu.GEMV(), RowReduction(), Injective(), Fallback()]
+    return [WeightGemm(), DepthwiseConv(), Matmul(), dl.cpu.GEMV(), RowReduction(), Injective(), Fallback()]
