@@ -34,7 +34,7 @@ def convolutions_as_weight_gemms(model: ImportedModel) -> ImportedModel:
     """The model with its groups = 1 convs as linear layers over patches (module docstring)."""
     if not _has_conv(model.mod):
         return model
-    mod = relax.transform.ConvertLayout({_CONV: ["NHWC", "OHWI"]})(model.mod)
+    mod = relax.transform.ConvertLayout({_CONV: ["NHWC", "OHWI"]})(_clamps_as_relax_ops(model.mod))
     mutator = _ConvToLinear(mod, model.params)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
@@ -42,6 +42,54 @@ def convolutions_as_weight_gemms(model: ImportedModel) -> ImportedModel:
     mod = relax.transform.DeadCodeElimination()(mutator.builder_.get())
     params = {**model.params, **mutator.new_params}
     return model.with_module(mod, params)
+
+
+def _clamps_as_relax_ops(mod: tvm.IRModule) -> tvm.IRModule:
+    """call_tir(max or min of a tensor and a scalar) -> relax.maximum / minimum. TVM's ONNX importer emits
+    Clip (ReLU6) as such TIR calls, which ConvertLayout cannot see through: each would get a transpose
+    to NCHW and back around it. The Relax ops legalise to the same TOPI kernels."""
+    clamps = {gvar: kind for gvar, func in mod.functions_items() if (kind := _scalar_clamp(func)) is not None}
+    if not clamps:
+        return mod
+
+    @expr_functor.mutator
+    class ClampsAsOps(PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if call.op.same_as(tvm.ir.Op.get("relax.call_tir")) and call.args[0] in clamps:
+                x, scalar = call.args[1].fields
+                if x.ty.ndim >= 1 and scalar.ty.ndim == 0:
+                    return getattr(relax.op, clamps[call.args[0]])(x, scalar)
+            return call
+
+    mutator = ClampsAsOps(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+
+
+def _scalar_clamp(func) -> str | None:
+    """ "maximum" / "minimum" when `func` is one block out[i...] = max / min(a[i...], b[()]), else None."""
+    from tvm import s_tir
+
+    if not isinstance(func, tirx.PrimFunc) or len(func.params) != 3:
+        return None
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root")) if func.body is not None else []
+    if len(blocks) != 1:
+        return None
+    block = sch.get(blocks[0])
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, (tirx.Max, tirx.Min)):
+        return None
+    tensor, scalar = store.value.a, store.value.b
+    if not (isinstance(tensor, tvm.ir.TensorLoad) and isinstance(scalar, tvm.ir.TensorLoad)) or scalar.indices:
+        return None
+    iter_vars = [iv.var for iv in block.iter_vars]
+    if len(tensor.indices) != len(iter_vars) or not all(i.same_as(v) for i, v in zip(tensor.indices, iter_vars)):
+        return None
+    return "maximum" if isinstance(store.value, tirx.Max) else "minimum"
 
 
 def _has_conv(mod: tvm.IRModule) -> bool:

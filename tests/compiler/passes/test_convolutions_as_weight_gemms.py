@@ -33,7 +33,7 @@ class ConvZoo(nn.Module):
         )
 
     def forward(self, x):
-        x = torch.relu(self.stem(x))
+        x = nn.functional.relu6(self.stem(x))  # ONNX Clip: a TIR call ConvertLayout must see through
         return torch.cat([torch.relu(conv(x)).flatten(1) for conv in self.branches], dim=1)
 
 
@@ -70,3 +70,15 @@ def test_equals_onnxruntime(conv_zoo_onnx, conv_zoo_artifact, batch):
     expected = ort.InferenceSession(str(conv_zoo_onnx), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = tensorpress.runtime.load(path).run({"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_nan_reaches_the_same_outputs_as_onnxruntime(conv_zoo_onnx, conv_zoo_artifact):
+    path, _ = conv_zoo_artifact
+    x = np.random.default_rng(7).standard_normal((1, 3, 30, 30)).astype(np.float32)
+    x[0, 1, 10, 20] = np.nan  # spreads through the patches that cover it, and through ReLU6 (Clip)
+    expected = ort.InferenceSession(str(conv_zoo_onnx), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = tensorpress.runtime.load(path).run({"x": x})[0]
+    assert np.isnan(expected).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-4 * np.abs(expected[finite]).max())
