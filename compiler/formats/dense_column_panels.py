@@ -1,6 +1,7 @@
 """Dense weights pre-packed for the CPU micro-kernel: W stored as column panels of 16 rows of M.
 
-    stored "weight": [M/16, K, 16]            W[m, k] = weight[m // 16, k, m % 16]
+    stored "weight": [ceil(M/16), K, 16]      W[m, k] = weight[m // 16, k, m % 16]
+                                              (rows past M in the last panel are zeros)
 
     W [M, K]                          weight[p] = W[16p : 16p+16, :] transposed, K rows of 16
     m 0..15   ─ panel 0 ─►            panel 0:  k=0: W[0,0]  W[1,0] ... W[15,0]
@@ -26,19 +27,26 @@ from tensorpress.schedules.decode_stage import DecodeStage, StoredBuffer
 PANEL_WIDTH = 16
 
 
+def panel_count(m: int) -> int:
+    return -(-m // PANEL_WIDTH)
+
+
 def pack_dense_panel(w: np.ndarray, dtype: str = "float32") -> np.ndarray:
-    """The stored array for W [M, K]: [M/16, K, 16] in `dtype`."""
+    """The stored array for W [M, K]: [ceil(M/16), K, 16] in `dtype`, the last panel zero padded
+    (a classifier's 1000 classes: the GEMM pads its last column tile anyway, see register_blocked_gemm)."""
     m, k = w.shape
-    if m % PANEL_WIDTH:
-        raise ValueError(f"a dense panel weight needs M to be a multiple of {PANEL_WIDTH}, got M={m}")
-    panels = w.reshape(m // PANEL_WIDTH, PANEL_WIDTH, k).transpose(0, 2, 1)
-    return np.ascontiguousarray(panels.astype(dtype))
+    padded = np.zeros((panel_count(m) * PANEL_WIDTH, k), dtype)
+    padded[:m] = w
+    panels = padded.reshape(-1, PANEL_WIDTH, k).transpose(0, 2, 1)
+    return np.ascontiguousarray(panels)
 
 
-def unpack_dense_panel(panels: np.ndarray) -> np.ndarray:
-    """W [M, K] float32 back from its panels (the exact inverse of `pack_dense_panel`)."""
+def unpack_dense_panel(panels: np.ndarray, m: int | None = None) -> np.ndarray:
+    """W [M, K] float32 back from its panels (the exact inverse of `pack_dense_panel`); `m` trims the
+    padding of the last panel (default: none)."""
     p, k, width = panels.shape
-    return np.ascontiguousarray(panels.transpose(0, 2, 1).reshape(p * width, k).astype(np.float32))
+    w = panels.transpose(0, 2, 1).reshape(p * width, k)[: p * width if m is None else m]
+    return np.ascontiguousarray(w.astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,10 @@ class DensePanelFormat(WeightFormat):
         return PackedWeight(self.name, w.shape, {"weight": pack_dense_panel(w, self.dtype)})
 
     def unpack(self, packed: PackedWeight) -> np.ndarray:
-        return unpack_dense_panel(packed.arrays["weight"])
+        return unpack_dense_panel(packed.arrays["weight"], packed.shape[0])
 
     def stored_bytes(self, m: int, k: int) -> int:
-        return m * k * np.dtype(self.dtype).itemsize
+        return panel_count(m) * PANEL_WIDTH * k * np.dtype(self.dtype).itemsize
 
     def code_bits(self) -> int:
         return 8 * np.dtype(self.dtype).itemsize
@@ -76,13 +84,11 @@ class DensePanelDecode(DecodeStage):
         self.dtype = dtype
 
     def stored_buffers(self, m: int, k: int) -> list[StoredBuffer]:
-        return [StoredBuffer("weight", (m // PANEL_WIDTH, k, PANEL_WIDTH), self.dtype)]
+        return [StoredBuffer("weight", (panel_count(m), k, PANEL_WIDTH), self.dtype)]
 
     def decode(self, stored, row, col, dtype: str):
         value = stored[0][row // PANEL_WIDTH, col, row % PANEL_WIDTH]
         return value if self.dtype == dtype else value.astype(dtype)
 
     def unsupported_reason(self, m: int, k: int) -> str | None:
-        if m % PANEL_WIDTH:
-            return f"M must be a multiple of {PANEL_WIDTH}"
-        return None
+        return None  # any M: the last panel is zero padded

@@ -71,6 +71,12 @@ def test_panel_weights_are_read_in_place():
     _check("dense-fp32-panel", 32, 24, ns=(1, 3, 33), with_bias=True)
 
 
+@pytest.mark.parametrize("m", [20, 40, 1000])
+def test_panel_weights_with_a_padded_last_panel(m):
+    # a classifier's 1000 classes, a 24-channel conv: M not a multiple of the 16-wide panel
+    _check("dense-fp32-panel", m, 40, ns=(1, 7), with_bias=True)
+
+
 def test_fp16_weights_with_fp32_activations():
     _check("dense-fp16", 32, 32, ns=(5,), with_bias=True)
 
