@@ -27,6 +27,23 @@ One page of one kv head (D = 8, PS = 4, f = 0.25: B = 2 boosted channels, here 1
 
 Bytes of a page per kv head: PS·D/4 (k_low) + PS·B/4 + B + 4·D (keys) and PS·D/4 + 4·PS (values); at
 D = 128, PS = 128, f = 0.25: 2.51 bits per element over K and V, metadata included (`bits_per_element`).
+
+The runtime path this format waits for (planned):
+- Two pools of pages of PS tokens: a full-precision one (`kv_pages`, the model dtype) for each sequence's
+  first page (the sink) and its last pages (the recent window and the page being filled), and a
+  quantised one holding the arrays above per (layer, page, kv head), plus a per-page channel -> high-plane
+  slot map (D bytes, 255 = not boosted) so that a read finds a channel's high bits without a search.
+  A block-table entry tags which pool its page id is in (quantised pages as -1 - id).
+- `kv_quantize_pages(*cache, src[K], dst[K])`: one compiled kernel (a third function beside prefill and
+  decode) that quantises K full-precision pages into K quantised ones for all layers and kv heads: the
+  per-channel min / max / mean |K| reductions over the page, the top-B channels (fixed tie-break: lower
+  index), the codes, the packing. The runtime calls it after a step for the pages that left the window
+  (after a prefill: all the prompt's pages between the sink and the window; prefill itself attends in
+  full precision), then frees the full-precision pages and rewrites the table entries. Both pools are
+  reserved all-or-nothing when a sequence is admitted, so out-of-pages stays one error touching no other
+  sequence.
+- The attention keeps its one page read, branching on the entry's tag: chunks are page-aligned, so the
+  branch is uniform per chunk (per CPU task and per CUDA CTA).
 """
 
 from __future__ import annotations

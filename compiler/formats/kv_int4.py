@@ -21,7 +21,7 @@ One page of K for kv head g (D = 8 shown; a byte holds the even element in its l
 One (layer, page, K/V, kv head, row) is one token's row of one head: its own min and max set its grid
 of 16 levels, so an outlier token or head costs only its own row's precision. Rounding is half to even.
 The round-trip error of an element is at most scale / 2, plus what rounding min and scale to fp16
-costs: up to 15 · |scale - scale_fp32| at the row's top (≈ 0.4 % of a scale) and, at its bottom,
+costs: up to 15 · |scale - scale_fp32| at the row's top (under 0.8 % of a scale) and, at its bottom,
 min_fp16 - min(x) when that is positive (half an fp16 ulp of the min).
 
 min and scale are float16, not float32 (int8 keeps a float32 scale), for two reasons. A row of D = 128

@@ -120,6 +120,29 @@ def test_inspect_states_bits_per_element_and_bytes_per_token_of_every_kv_cache(a
         assert f"KV cache: {words}, pages of 16 tokens" in describe_artifact(artifacts[kv])
 
 
+def test_inspect_words_hold_for_every_registered_kv_format():
+    """Every format of the registry, through the decoder section the import writes (no compile)."""
+    from tensorpress.compiler.formats import get_kv_cache_format, kv_cache_format_names
+    from tensorpress.runtime.inspect_artifact import _kv_cache_line
+
+    layers, kv_heads, head_dim, page = 4, 2, 32, 16
+    for name in kv_cache_format_names():
+        fmt = get_kv_cache_format(name)
+        tensors = fmt.cache_tensors(layers, kv_heads, page, head_dim, "float32")
+        per_token = fmt.bytes_per_token(layers, kv_heads, head_dim, "float32")
+        section = {
+            "config": {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim},
+            "page_size": page,
+            "cache_tensors": [t.to_dict() for t in tensors],
+            "bytes_per_token": per_token,
+            "kv_cache": {"format": name, "bits": fmt.code_bits("float32")},
+        }
+        line = _kv_cache_line(section)
+        assert f"KV cache: {name}, {fmt.code_bits('float32')} bits per element" in line, line
+        assert f"{per_token} bytes per token" in line and all(t.name in line for t in tensors), line
+        assert per_token == sum(t.bytes_per_page() for t in tensors) // page
+
+
 def test_an_unknown_kv_cache_dtype_is_one_error_line_and_writes_nothing(tmp_path):
     out = tmp_path / "m.tpk"
     run = subprocess.run(
