@@ -11,8 +11,8 @@ tokens. Side by side in one process, on the same machine state:
           (what a framework without a paged or quantised cache does; fp32, as CPU models run)
 
     fp32_without_page_reads   our fp32 kernel with its page read replaced by an index expression (no
-          memory access): what the attention's arithmetic and scratch cost alone; the difference to a
-          format's time is what reading and decoding its pages costs
+          memory access, but the same gathers into the task's key and value tiles): what the kernel costs
+          when no cache byte is read; a format's time above it is what reading and decoding its pages adds
 
 Each is timed as the median of several calls taken in turns (run r of every implementation before run
 r + 1 of any: the machine may be shared, and its load then falls on all alike; host clock; the cache is
@@ -49,7 +49,7 @@ SDPA = "torch_sdpa_fp32"
 
 class WithoutPageReads:
     """A KV layout whose page read is an index expression (no memory access): the kernel built over it
-    costs what the attention does besides reading and decoding the cache."""
+    does all the attention's work (the tile gathers' index math and stores included) but read the cache."""
 
     def __init__(self, inner):
         self.inner = inner
