@@ -59,7 +59,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         ("magnitude" per output row, or "none": as given) and stored in a sparse format ("bitmap").
         It does not combine with `weights` yet (sparse x FPx), nor with store_weights=False.
     kv_cache: decoders only, how the KV cache is stored: a KV-cache format name ("auto", the model's
-        dtype and the default; "fp16", "fp32", "int8") or a KVCacheConfig.
+        dtype and the default; "fp16", "fp32", "int8", "int4") or a KVCacheConfig.
     store_weights: False writes the weights' names, shapes and dtypes but not their values (the
         library alone, e.g. to carry a 7B-shaped model where 13 GB cannot go); they are given at load
         time, `tensorpress.runtime.load(path, weights={name: array})`. A Hugging Face decoder folder

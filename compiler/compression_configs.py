@@ -136,7 +136,8 @@ class SparseConfig(_Config):
 @dataclass(frozen=True)
 class KVCacheConfig(_Config):
     """How a decoder's KV cache is stored: a registered KV-cache format name (`compiler/formats/`):
-    "auto" (the model's dtype, the default), "fp16", "fp32" or "int8" (per-token, per-head scale).
+    "auto" (the model's dtype, the default), "fp16", "fp32", "int8" (per-token, per-head scale) or "int4"
+    (per-token, per-head min and scale).
     """
 
     format: str = "auto"

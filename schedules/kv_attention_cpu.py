@@ -2,9 +2,12 @@
 
 Attention stage 1 runs one parallel task per (token, kv head, chunk): for head_dim > 64 the chunk's
 keys are gathered transposed ([D, CHUNK] in a task-local buffer) so q·k vectorises over the chunk's
-positions (for short rows q·k reads the pages directly), and p·V vectorises over head_dim with V read
-straight from the pages. The merge runs one parallel task per (token, query head), vectorised over
-head_dim. Chunks past a token's position are skipped (the CUDA schedule cannot, see there).
+positions (for short rows q·k reads the pages directly). The gather walks the pages row by row (a row's
+page address once, its elements in memory order) and writes the tile's columns: twice as fast as walking
+the tile's rows at head_dim 128 (the page lookup per element dominated). The chunk's values are read once
+into a task-local [CHUNK, D] tile too (a quantised row is decoded once, not once per query head of the
+group), and p·V vectorises over head_dim. The merge runs one parallel task per (token, query head),
+vectorised over head_dim. Chunks past a token's position are skipped (the CUDA schedule cannot, see there).
 """
 
 from __future__ import annotations
@@ -43,13 +46,12 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
         sch.reorder(t, j, d)  # a key row's address once for all heads of the group
     else:  # the chunk's keys transposed, [D, CHUNK], so q·k vectorises over the chunk's positions
         sch.transform_layout(keys, ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
-        t, d = sch.get_loops(keys)[-2:]
-        sch.reorder(d, t)
-        j, t, d = sch.get_loops(score)[-3:]
+        j, t, d = sch.get_loops(score)[-3:]  # (the gather keeps its loops (t, d): rows in memory order)
         sch.reorder(j, d, t)
         sch.vectorize(t)
 
-    sch.compute_inline(sch.get_sblock("values"))
+    values = sch.get_sblock("values")  # the chunk's V rows, read (dequantised) once into a [CHUNK, D] tile
+    sch.vectorize(sch.get_loops(values)[-1])
     slot_acc = sch.get_sblock("slot_acc")
     s, j, d, step = sch.get_loops(slot_acc)[-4:]
     sch.reorder(step, s, j, d)  # a value row's address once for all heads of the group

@@ -34,8 +34,8 @@ Adding a KV-cache format touches this folder only:
    absmax before it) and `read` (one dequantised element, in TIR).
 2. One line in `FORMATS["kv_cache"]` below. `--kv-cache-dtype`, `KVCacheConfig`, the attention kernels,
    the manifest and the runtime pick it up.
-3. Tests as tests/compiler/formats/test_kv_int8.py, tests/schedules/test_kv_attention_int8.py and
-   tests/runtime/test_decoder_kv_int8.py do (`kv_int8.py` is the example).
+3. Tests as tests/compiler/formats/test_kv_int8.py, tests/schedules/test_kv_attention_quantised.py and
+   tests/runtime/test_decoder_kv_quantised.py do (`kv_int8.py` is the example).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from tensorpress.compiler.formats.dense_column_panels import DensePanelFormat
 from tensorpress.compiler.formats.fpx import SCALE_SEARCHES, check_scale_search, fpx_formats
 from tensorpress.compiler.formats.int8 import Int8WeightFormat
 from tensorpress.compiler.formats.kv_cache import KVCacheFormat
+from tensorpress.compiler.formats.kv_int4 import Int4KVCache
 from tensorpress.compiler.formats.kv_int8 import Int8KVCache
 from tensorpress.compiler.formats.kv_model_dtype import ModelDtypeKVCache
 from tensorpress.errors import ConfigError
@@ -72,6 +73,7 @@ FORMATS: dict[str, dict[str, Any]] = {
         "fp16": ModelDtypeKVCache("fp16", "float16"),
         "fp32": ModelDtypeKVCache("fp32", "float32"),
         "int8": Int8KVCache(),
+        "int4": Int4KVCache(),  # asymmetric 4-bit, two codes a byte, fp16 min + scale per row
     },
 }
 WEIGHT_FORMATS: dict[str, WeightFormat] = FORMATS[WEIGHT]

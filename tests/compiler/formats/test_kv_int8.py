@@ -15,9 +15,9 @@ INT8 = get_kv_cache_format("int8")
 
 
 def test_registry_names_the_kv_formats_and_refuses_others():
-    assert kv_cache_format_names() == list(FORMATS["kv_cache"]) == ["auto", "fp16", "fp32", "int8"]
+    assert kv_cache_format_names() == list(FORMATS["kv_cache"]) == ["auto", "fp16", "fp32", "int8", "int4"]
     assert isinstance(INT8, Int8KVCache) and INT8.name == "int8"
-    with pytest.raises(ConfigError, match="valid names: auto, fp16, fp32, int8"):
+    with pytest.raises(ConfigError, match="valid names: auto, fp16, fp32, int8, int4"):
         get_kv_cache_format("int2-kitty")
 
 

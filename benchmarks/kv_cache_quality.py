@@ -1,0 +1,143 @@
+"""KV-cache quality on the demo model: greedy agreement with the fp16 cache and held-out perplexity, per
+KV format.
+
+The demo Llama (examples/tiny_llama) is compiled for the CPU once per --kv-cache-dtype. Each artifact
+generates greedily (64 new tokens, no stop token) from the same prompts: the demo's and the first tokens
+of held-out docstrings (the last 5 % of the standard library's docstrings, which the model never trained
+on; `examples/train_tiny_llama.py`). Against the fp16 cache's continuation it records, per prompt, the
+tokens that agree before the first difference and the fraction of the 64 positions that agree. It also
+records each format's perplexity on held-out docstrings (teacher-forced through the KV cache:
+`DecoderModel.token_logprobs`), so a divergence can be told apart from a loss of quality (two greedy
+continuations may part at a near-tie and both be fine).
+
+    .venv/bin/python benchmarks/kv_cache_quality.py                        # auto fp16 int8 int4
+    .venv/bin/python benchmarks/kv_cache_quality.py --formats fp16 int4 --prompts 8 --quick
+
+Writes JSON (default benchmarks/results/kv_cache_quality_tiny_llama.json) with versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "examples" / "tiny_llama"
+DEMO_PROMPT = "Return a new list containing"
+BASELINE = "fp16"
+
+
+def held_out_docstrings() -> list[str]:
+    """The docstrings the demo model never trained on (its training script's split)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from train_tiny_llama import stdlib_docstrings
+
+    docs = stdlib_docstrings()
+    return docs[-len(docs) // 20 :]
+
+
+def agreement(tokens: list[int], baseline: list[int]) -> dict:
+    prefix = next((i for i, (a, b) in enumerate(zip(tokens, baseline)) if a != b), min(len(tokens), len(baseline)))
+    same = sum(a == b for a, b in zip(tokens, baseline)) / len(baseline)
+    return {"agree_before_first_difference": prefix, "positions_agreeing": same, "first_token_equal": prefix > 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", nargs="+", default=["auto", "fp16", "int8", "int4"])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=24, help="held-out prompts besides the demo's")
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--ppl-texts", type=int, default=48, help="held-out docstrings scored for perplexity")
+    parser.add_argument("--ppl-tokens", type=int, default=128, help="tokens scored per docstring (at most)")
+    parser.add_argument("--quick", action="store_true", help="4 prompts, 8 texts: a smoke run")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kv_cache_quality_tiny_llama.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.ppl_texts = 4, 8
+    formats = list(dict.fromkeys([BASELINE, *args.formats]))
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from harness import environment
+    from tokenizers import Tokenizer
+
+    import tensorpress
+    from tensorpress.runtime.decoder import DecoderModel
+    from tensorpress.runtime.loaded_artifact import load_artifact
+
+    docs = held_out_docstrings()
+    tokenizer = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    models = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kv in formats:
+            path = Path(tmp) / f"{kv}.tpk"
+            tensorpress.compile(DEMO, path, target="cpu", kv_cache=kv)
+            models[kv] = DecoderModel(load_artifact(path, "cpu"), max_total_tokens=8192, tokenizer=tokenizer)
+    encode = models[BASELINE].encode
+    # prompts: the demo's, then held-out docstrings' first tokens (spread over the held-out files)
+    step = max(1, len(docs) // max(1, args.prompts))
+    prompts = [encode(DEMO_PROMPT)] + [encode(d)[: args.prompt_tokens] for d in docs[::step][: args.prompts]]
+    texts = [ids[: args.ppl_tokens] for ids in (encode(d) for d in docs[1::step][: args.ppl_texts]) if len(ids) > 8]
+
+    records = {}
+    baseline_tokens = None
+    for kv in formats:
+        model = models[kv]
+        start = time.perf_counter()
+        generated = model.generate(prompts, max_new_tokens=args.new_tokens, stop_ids=[])
+        logprobs = model.token_logprobs(texts)
+        scored = sum(len(lp) for lp in logprobs)
+        nll = -sum(float(lp.sum()) for lp in logprobs) / scored
+        if kv == BASELINE:
+            baseline_tokens = generated
+        assert baseline_tokens is not None
+        per_prompt = [agreement(g, b) for g, b in zip(generated, baseline_tokens)]
+        records[kv] = {
+            "bytes_per_token": model.section["bytes_per_token"],
+            "bits_per_element": model.section["kv_cache"]["bits"],
+            "held_out_perplexity": math.exp(nll),
+            "scored_tokens": scored,
+            "first_token_equal": sum(p["first_token_equal"] for p in per_prompt) / len(per_prompt),
+            "mean_agree_before_first_difference": sum(p["agree_before_first_difference"] for p in per_prompt)
+            / len(per_prompt),
+            "all_64_equal": sum(p["agree_before_first_difference"] == args.new_tokens for p in per_prompt),
+            "mean_positions_agreeing": sum(p["positions_agreeing"] for p in per_prompt) / len(per_prompt),
+            "per_prompt": per_prompt,
+            "seconds": time.perf_counter() - start,
+        }
+        r = records[kv]
+        print(
+            f"{kv:>6}: {r['bytes_per_token']:5d} B/token  perplexity {r['held_out_perplexity']:7.3f}  "
+            f"first token equal {r['first_token_equal']:.2f}  agree before first difference "
+            f"{r['mean_agree_before_first_difference']:5.1f}/{args.new_tokens}  all equal "
+            f"{r['all_64_equal']}/{len(prompts)}  positions agreeing {r['mean_positions_agreeing']:.3f}"
+        )
+
+    payload = {
+        "benchmark": "kv_cache_quality",
+        "model": str(DEMO.relative_to(ROOT)),
+        "baseline": BASELINE,
+        "new_tokens": args.new_tokens,
+        "prompts": len(prompts),
+        "prompt_tokens": args.prompt_tokens,
+        "perplexity_texts": len(texts),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "environment": environment(),
+        "records": records,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
