@@ -87,7 +87,9 @@ def _schedule(sch: s_tir.Schedule, conv, lanes: int) -> None:
             sch.compute_inline(producer)
     block = sch.get(conv)
     channel = block.iter_vars[3].var
-    weight_index = next(i for i, r in enumerate(block.reads) if r.region[0].min.same_as(channel))
+    weight_index = next((i for i, r in enumerate(block.reads) if r.region[0].min.same_as(channel)), None)
+    if weight_index is None:
+        raise s_tir.ScheduleError("the padding inline left no per-channel weight read")
     weight_copy = sch.cache_read(conv, weight_index, "global")
     sch.transform_layout(weight_copy, ("write", 0), lambda c, y, x, r: (y, x, r, c))
 

@@ -120,3 +120,60 @@ def test_mean_over_an_inner_axis(shape, data):
     )
     x = _data(shape)
     _every_rule_declines_or_matches(mod, [x], x.astype(np.float64).mean(axis=axis, keepdims=True), rtol=1e-4)
+
+
+@SHAPE_SETTINGS
+@given(
+    n=st.sampled_from([1, 2]),
+    hw=st.tuples(st.integers(1, 23), st.integers(1, 23)),
+    c=st.one_of(st.sampled_from([8, 16, 24]), st.integers(1, 40)),
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.sampled_from([1, 2]),
+    pad=st.integers(0, 2),
+    dilation=st.sampled_from([1, 2]),
+)
+def test_depthwise_conv_channels_last(n, hw, c, k, stride, pad, dilation):
+    """A channels-last depthwise conv + bias (what the conv pass leaves of MobileNet's 3x3 blocks):
+    DepthwiseConv takes it when the channels fill whole vectors, the other rules otherwise."""
+    h, w = hw
+    span = (k - 1) * dilation + 1
+    assume(h + 2 * pad >= span and w + 2 * pad >= span)
+    oh, ow = (h + 2 * pad - span) // stride + 1, (w + 2 * pad - span) // stride + 1
+    mod = relax_graph(
+        [("x", [n, h, w, c], "float32"), ("w", [c, k, k, 1], "float32"), ("b", [1, 1, 1, c], "float32")],
+        lambda bb, x, wt, b: bb.emit(
+            relax.op.add(
+                relax.op.nn.conv2d(
+                    x, wt, strides=stride, padding=pad, dilation=dilation, groups=c,
+                    data_layout="NHWC", kernel_layout="OHWI",
+                ),
+                b,
+            )
+        ),
+    )  # fmt: skip
+    x, wt, b = _data((n, h, w, c), 1), _data((c, k, k, 1), 2), _data((1, 1, 1, c), 3)
+    padded = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    want = np.zeros((n, oh, ow, c)) + b
+    for a in range(k):
+        for e in range(k):
+            rows = padded[:, a * dilation : a * dilation + stride * (oh - 1) + 1 : stride]
+            window = rows[:, :, e * dilation : e * dilation + stride * (ow - 1) + 1 : stride]
+            want += window * wt[:, a, e, 0]
+    _every_rule_declines_or_matches(mod, [x, wt, b], want, rtol=1e-5)
+
+
+def test_depthwise_conv_rule_takes_whole_channel_vectors():
+    from tensorpress.schedules.cpu.depthwise_conv import DepthwiseConv
+
+    def graph(c):
+        return relax_graph(
+            [("x", [1, 9, 9, c], "float32"), ("w", [c, 3, 3, 1], "float32")],
+            lambda bb, x, wt: bb.emit(
+                relax.op.nn.conv2d(x, wt, padding=1, groups=c, data_layout="NHWC", kernel_layout="OHWI")
+            ),
+        )
+
+    for c, taken in [(16, True), (12, False)]:  # 12 channels: not whole AVX2 vectors, the next rule's
+        (func,) = legalized_prim_funcs(graph(c)).values()
+        with AVX2:
+            assert (DepthwiseConv().apply(func, AVX2, False) is not None) == taken, c
