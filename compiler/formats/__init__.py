@@ -46,6 +46,7 @@ from tensorpress.compiler.formats.base import PackedWeight, WeightFormat
 from tensorpress.compiler.formats.bitmap import BitmapFormat
 from tensorpress.compiler.formats.dense import DenseFormat
 from tensorpress.compiler.formats.dense_column_panels import DensePanelFormat
+from tensorpress.compiler.formats.ellpack import EllpackFormat
 from tensorpress.compiler.formats.fpx import SCALE_SEARCHES, check_scale_search, fpx_formats
 from tensorpress.compiler.formats.int8 import Int8WeightFormat
 from tensorpress.compiler.formats.kv_cache import KVCacheFormat
@@ -66,6 +67,7 @@ FORMATS: dict[str, dict[str, Any]] = {
         **fpx_formats(),  # fp6, fp6_e2m3, fp5, fp4, every eXmY, fp6-auto
         "int8": Int8WeightFormat("int8"),
         "bitmap": BitmapFormat("bitmap"),  # unstructured sparse: a bitmask + the fp16 nonzeros per tile
+        "ellpack": EllpackFormat("ellpack"),  # unstructured sparse for the CPU: (fp16 value, column) row slots
     },
     KV_CACHE: {
         "auto": ModelDtypeKVCache("auto", None),  # the model's dtype
