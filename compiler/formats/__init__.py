@@ -81,6 +81,9 @@ KV_CACHE_FORMATS: dict[str, KVCacheFormat] = FORMATS[KV_CACHE]
 
 # Names SparseConfig accepts for sparse formats that are planned, not built yet.
 PLANNED_SPARSE_FORMATS = ("tiled-csl",)
+# --sparse-format auto: per layer, the sparse format of the target (`WeightFormat.auto_targets`) that
+# stores the fewest bytes, or the target's dense format when none stores fewer (`compiler/weight_plan.py`).
+AUTO_SPARSE_FORMAT = "auto"
 
 
 def weight_format_names() -> list[str]:
@@ -98,6 +101,11 @@ def get_weight_format(name: str, scale_search: str = "absmax") -> WeightFormat:
     if fmt is None:
         raise ConfigError(f"unknown weight format {name!r}; valid formats: {', '.join(weight_format_names())}.")
     return fmt.with_scale_search(scale_search)
+
+
+def sparse_format_choices() -> list[str]:
+    """What --sparse-format and SparseConfig.format take: auto, the sparse formats, the planned ones."""
+    return [AUTO_SPARSE_FORMAT, *sparse_weight_format_names(), *PLANNED_SPARSE_FORMATS]
 
 
 def sparse_weight_format_names() -> list[str]:
@@ -132,6 +140,7 @@ def get_kv_cache_format(name: str) -> KVCacheFormat:
 
 
 __all__ = [
+    "AUTO_SPARSE_FORMAT",
     "FORMATS",
     "KV_CACHE_FORMATS",
     "SCALE_SEARCHES",
@@ -144,6 +153,7 @@ __all__ = [
     "get_kv_cache_format",
     "get_weight_format",
     "kv_cache_format_names",
+    "sparse_format_choices",
     "sparse_weight_format_names",
     "weight_format_names",
 ]
