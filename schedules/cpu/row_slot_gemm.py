@@ -17,17 +17,23 @@ Parallel over the blocks of 8 rows (the threads share nothing). Inside a block, 
 With one token the 8 lanes are the block's 8 rows: a slot is one vector of values, one of columns and
 8 scalar loads of X (AVX2 gathers are no faster on this hardware), no horizontal sum. With more tokens a
 slot's X is T contiguous floats: one broadcast value and T/8 FMAs per nonzero, no gather; T = 8 for up
-to 8 expected tokens, else 16, R chosen so the accumulators (R x T/8 vectors) stay in 8 registers.
+to 16 expected tokens (decode steps, whose N is often 1), 16 for more (prefill, encoders), R chosen so
+the accumulators (R x T/8 vectors) stay in 8 registers. The path is chosen when the kernel is built
+(N is symbolic): a decode step built for 16 tokens runs 8 lanes even when a call has one token.
 """
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 
 from tensorpress.schedules.weight_gemm import N_HINT_ATTR, ROW_SLOTS_ATTR
 
 LANES = 8  # fp32 lanes of an AVX2 vector
 ACCUMULATOR_VECTORS = 8  # of AVX2's 16 registers: the rest hold the value, X and addresses
+# The n_hint of a decoder's decode step (`token_count_hint`): N sequences, often 1, so 8 token lanes
+# there (at N = 1 they cost about half what 16 do; at N = 16 about 1.2x more).
+DECODE_STEP_TOKENS = 16
 
 
 def is_row_slot_gemm(func: tirx.PrimFunc) -> bool:
@@ -38,11 +44,13 @@ def schedule_row_slot_gemm(func: tirx.PrimFunc) -> s_tir.Schedule:
     """The schedule of the module docstring for a weight GEMM defined over row slots."""
     block_rows = int(func.attrs[ROW_SLOTS_ATTR])
     n_hint = int(func.attrs[N_HINT_ATTR]) if N_HINT_ATTR in func.attrs else 16
+    if n_hint == 1:  # int32 index math: 8 column indices widen and add in one vector each, not two
+        func = tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
     sch = s_tir.Schedule(func)
     if n_hint == 1:
         _gather(sch, block_rows)
     else:
-        _tokens_in_lanes(sch, block_rows, LANES if n_hint <= LANES else 2 * LANES)
+        _tokens_in_lanes(sch, block_rows, LANES if n_hint <= DECODE_STEP_TOKENS else 2 * LANES)
     return sch
 
 
