@@ -151,6 +151,9 @@ def _row_bytes(tensor: dict) -> int:
 
 def _recipe_words(recipe: dict) -> str:
     weights = recipe.get("weights")
+    sparse = recipe.get("sparsity")
+    if isinstance(sparse, dict):  # SparseConfig.to_dict()
+        return f"{sparse['sparsity']:.0%} sparse ({sparse['prune']} pruning, format {sparse['format']})"
     if isinstance(weights, dict):
         return f"e{weights['ebits']}m{weights['mbits']} ({recipe.get('scale_search', 'absmax')})"
     return f"{weights} ({recipe.get('scale_search', 'absmax')})" if weights else "dense"
