@@ -56,7 +56,8 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         FPxConfig. `skip` adds fnmatch patterns of weights to keep dense; `scale_search` is "absmax"
         (default) or "mse".
     sparsity: a SparseConfig: each linear weight (those `skip` and the default filter leave) pruned
-        ("magnitude" per output row, or "none": as given) and stored in a sparse format ("bitmap").
+        ("magnitude" per output row, or "none": as given) and stored in a sparse format ("auto": per
+        layer the target's format storing the fewest bytes, ellpack on CPUs, bitmap on GPUs).
         It does not combine with `weights` yet (sparse x FPx), nor with store_weights=False.
     kv_cache: decoders only, how the KV cache is stored: a KV-cache format name ("auto", the model's
         dtype and the default; "fp16", "fp32", "int8", "int4") or a KVCacheConfig.
@@ -164,7 +165,9 @@ def _sparse_recipe(recipe: WeightRecipe, sparsity: Any, store_weights: bool) -> 
             f"sparse x FPx is not built yet: weights={recipe.format!r} and a sparsity cannot be combined; give one."
         )
     if sparsity.format in PLANNED_SPARSE_FORMATS:
-        raise ConfigError(f"the {sparsity.format} sparse format is planned, not built yet; use bitmap.")
+        raise ConfigError(
+            f"the {sparsity.format} sparse format is planned, not built yet; use auto, ellpack or bitmap."
+        )
     check_prune_method(sparsity.prune)
     if not store_weights:
         raise ConfigError("sparse weights need their values at compile time (their stored sizes depend on them).")

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tensorpress.compiler.formats import (
-    PLANNED_SPARSE_FORMATS,
+    AUTO_SPARSE_FORMAT,
     SCALE_SEARCHES,
     WEIGHT_FORMATS,
     get_kv_cache_format,
     kv_cache_format_names,
-    sparse_weight_format_names,
+    sparse_format_choices,
 )
 from tensorpress.compiler.formats import fpx_codes as fpx
 from tensorpress.compiler.formats.fpx import FPxFormat
@@ -108,13 +108,15 @@ class SparseConfig(_Config):
     """Unstructured-sparse weights: prune each linear weight to `sparsity`, store it in a sparse format.
 
     sparsity: fraction of zeros, 0 <= sparsity < 1.
-    format: a registered sparse weight format ("bitmap"; "tiled-csl" is planned, not built yet).
+    format: "auto" (per layer, the target's sparse format storing the fewest bytes: ellpack on CPUs,
+        bitmap on GPUs; dense where none saves bytes) or a registered sparse weight format ("ellpack",
+        "bitmap"; "tiled-csl" is planned, not built yet).
     prune: "magnitude" (per output row, keep the largest |w|) or "none" (the weights as given);
         "wanda" and "sparsegpt" are accepted here and refused by compile until calibration lands.
     """
 
     sparsity: float
-    format: str = "bitmap"
+    format: str = AUTO_SPARSE_FORMAT
     prune: str = "magnitude"
 
     kind: ClassVar[str] = "sparse"
@@ -126,7 +128,7 @@ class SparseConfig(_Config):
         if not 0 <= self.sparsity < 1:
             raise ConfigError(f"SparseConfig sparsity must be in [0, 1), got {self.sparsity}.")
         object.__setattr__(self, "sparsity", float(self.sparsity))
-        formats = (*sparse_weight_format_names(), *PLANNED_SPARSE_FORMATS)
+        formats = sparse_format_choices()
         if self.format not in formats:
             raise ConfigError(f"SparseConfig format must be one of {', '.join(formats)}, got {self.format!r}.")
         if self.prune not in PRUNE_METHODS:

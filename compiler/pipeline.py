@@ -4,8 +4,8 @@ imported = import_model(model)                      frontend/: Relax + weights a
 imported = convolutions_as_weight_gemms(imported)   CPU: NHWC, each groups=1 conv a linear over patches
 imported = drop_unused_weights(imported)            weights nothing reads (e.g. an unused pooler)
 sites    = find_linear_sites(imported.mod)           every linear layer with a weight parameter
-plan     = plan_weights(sites, recipe, target)       which format each weight is stored in (a sparse one:
-                                                     pruned first, compiler/pruning.py)
+plan     = plan_weights(sites, recipe, target, w)    which format each weight is stored in (with a sparsity:
+                                                     pruned first, compiler/pruning.py; auto: by bytes)
 imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
 imported = mask_infinite_max_in_logsumexp(imported)  numerics: logsumexp of ±Inf rows as torch gives it
 imported = decompose_gelu, FastMathTransform (CPU)   transcendentals as fast polynomials, not libm calls
@@ -82,7 +82,9 @@ def compile_imported(
             imported = convolutions_as_weight_gemms(imported)
         imported = drop_unused_weights(imported)
         sites = find_linear_sites(imported.mod)
-    plans, choices = plan_weights(sites, recipe, target)
+    plans, choices = plan_weights(sites, recipe, target, imported.params)
+    pruned = {plan.weight for plan in plans if plan.pruned}
+    densities: dict[str, float] = {}
     if sites:
         log.info("packing the weights of %d linear layers (%s)", len(sites), recipe.format or "dense")
     packed: dict[str, PackedWeight] = {}
@@ -90,8 +92,10 @@ def compile_imported(
 
     def pack(name: str, w: np.ndarray, choice: LayerChoice) -> PackedWeight:
         weight_format = get_weight_format(choice.format, recipe.scale_search)
-        if weight_format.sparse and recipe.sparsity is not None:
+        if name in pruned and recipe.sparsity is not None:
             w = prune(w, recipe.sparsity, recipe.prune)
+        if name in pruned or weight_format.sparse:
+            densities[name] = float(np.count_nonzero(w)) / max(w.size, 1)
         if store_weights:
             packed[name] = weight_format.pack(w)
         else:  # only shapes are written: one packing per (format, shape) serves every such weight
@@ -111,7 +115,7 @@ def compile_imported(
         with internal_errors_named("build", target, rewritten.mod):
             build = build_library(rewritten.mod, target, tmp / "library.so")
         seconds["build"] = build.seconds
-        manifest = _manifest(rewritten, target, plans, packed, recipe_as_written, build.kernels)
+        manifest = _manifest(rewritten, target, plans, packed, recipe_as_written, build.kernels, densities)
         manifest["weights"]["stored"] = store_weights
         start = time.perf_counter()
         log.info("writing %s", output)
@@ -167,6 +171,7 @@ def _manifest(
     packed: dict[str, PackedWeight],
     recipe: dict[str, Any],
     kernels: list[str],
+    densities: dict[str, float],
 ) -> dict[str, Any]:
     from tvm import relax
 
@@ -192,6 +197,7 @@ def _manifest(
                 "stored_bytes": stored,
                 "fp16_bytes": m * k * 2,
             }
+            | ({"density": densities[plan.weight]} if plan.weight in densities else {})
         )
     weight_bytes = int(sum(np.asarray(v).nbytes for v in model.params.values()))
     return {

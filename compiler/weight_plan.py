@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tensorpress.compiler.formats import dense_weight_format, get_weight_format
+import numpy as np
+
+from tensorpress.compiler.formats import (
+    AUTO_SPARSE_FORMAT,
+    WEIGHT_FORMATS,
+    WeightFormat,
+    dense_weight_format,
+    get_weight_format,
+)
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import LayerChoice, LinearSite
 from tensorpress.compiler.targets import TargetSpec
 
@@ -24,7 +33,7 @@ class WeightRecipe:
     """What the user asked for: a weight format name (None = dense), its scale search and skip patterns;
     for a sparse format, the sparsity each weight is pruned to and how (`compiler/pruning.py`)."""
 
-    format: str | None = None
+    format: str | None = None  # or AUTO_SPARSE_FORMAT: chosen per layer (`choose_sparse_format`)
     scale_search: str = "absmax"
     skip: tuple[str, ...] = ()
     sparsity: float | None = None  # None: a sparse format stores the weights as given
@@ -37,6 +46,9 @@ class LayerPlan:
     shape: tuple[int, int]  # [M, K]
     format: str | None  # the weight format (registry name) or None when the layer keeps the generic matmul
     reason: str  # why: "compressed", "skipped by pattern '...'", "shape: M and K must be ..."
+    # pruned to the recipe's sparsity before packing, whatever format stores it (a layer left to the
+    # generic matmul is not packed, so not pruned)
+    pruned: bool = False
 
 
 def dense_format_for(target: TargetSpec, act_dtype: str) -> str:
@@ -49,23 +61,65 @@ def kernel_act_dtype(target: TargetSpec, graph_dtype: str) -> str:
     return "float16" if target.kind == "cuda" else graph_dtype
 
 
+def row_nonzeros_after_pruning(w: np.ndarray, recipe: WeightRecipe) -> np.ndarray:
+    """Nonzeros per output row of W once pruned as the recipe says and rounded to fp16 (an upper bound
+    for pruning methods that may zero more): every method keeps K - floor(sparsity * K) per row."""
+    w = np.asarray(w)
+    with np.errstate(over="ignore"):
+        counts = (w.astype(np.float16) != 0).sum(axis=1)
+    if recipe.sparsity is not None and recipe.prune != "none":
+        counts = np.minimum(counts, w.shape[1] - int(np.floor(recipe.sparsity * w.shape[1])))
+    return counts
+
+
+def choose_sparse_format(site: LinearSite, row_nonzeros: np.ndarray, target: TargetSpec, dense: str) -> str:
+    """--sparse-format auto for one layer: among the sparse formats auto considers on this target (their
+    `auto_targets`), the one storing the fewest bytes for these nonzeros, or `dense` when none stores
+    fewer than it."""
+    candidates: list[WeightFormat] = [
+        f
+        for f in WEIGHT_FORMATS.values()
+        if f.sparse and target.kind in f.auto_targets and f.unsupported_reason(site.m, site.k) is None
+    ]
+    sized = [(f.sparse_bytes(site.m, site.k, row_nonzeros), f.name) for f in candidates]
+    best = min(sized, default=None)
+    if best is None or best[0] >= get_weight_format(dense).stored_bytes(site.m, site.k):
+        return dense
+    return best[1]
+
+
 def plan_weights(
-    sites: list[LinearSite], recipe: WeightRecipe, target: TargetSpec
+    sites: list[LinearSite],
+    recipe: WeightRecipe,
+    target: TargetSpec,
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[list[LayerPlan], dict[str, LayerChoice]]:
-    """Decide each linear layer's format. Returns the plan (for people) and the choices (for the pass)."""
+    """Decide each linear layer's format. Returns the plan (for people) and the choices (for the pass).
+    `weights` (by name) are what --sparse-format auto sizes its candidates with."""
     plans, choices = [], {}
     skip_patterns = DEFAULT_SKIP + tuple(recipe.skip) if recipe.format else tuple(recipe.skip)
-    compressing = recipe.format is not None and get_weight_format(recipe.format, recipe.scale_search).compresses
+    auto = recipe.format == AUTO_SPARSE_FORMAT
+    compressing = auto or (
+        recipe.format is not None and get_weight_format(recipe.format, recipe.scale_search).compresses
+    )
     for site in sites:
         act = kernel_act_dtype(target, site.act_dtype)
-        fmt_name = recipe.format or dense_format_for(target, act)
+        dense = dense_format_for(target, act)
+        fmt_name = recipe.format or dense
         skipped = next((p for p in skip_patterns if fnmatch.fnmatch(site.weight, p)), None)
         tied = compressing and skipped is None and site.also_read_by is not None
+        why = f"skipped by pattern {skipped!r}" if skipped else ("compressed" if recipe.format else "dense")
         if skipped is not None or tied:
-            fmt_name = dense_format_for(target, act)
+            fmt_name = dense
+        elif auto:  # without the weight's values (none given): sized as if it had no zeros of its own
+            w = weights[site.weight] if weights is not None and site.weight in weights else np.ones((site.m, site.k))
+            fmt_name = choose_sparse_format(site, row_nonzeros_after_pruning(w, recipe), target, dense)
+            why = "compressed" if fmt_name != dense else "dense (auto: no sparse format stores fewer bytes)"
+        pruned = recipe.sparsity is not None and skipped is None and not tied
         fmt = get_weight_format(fmt_name, recipe.scale_search)
         reason = fmt.unsupported_reason(site.m, site.k)
-        why = f"skipped by pattern {skipped!r}" if skipped else ("compressed" if recipe.format else "dense")
+        if target.kind not in fmt.targets:
+            reason = f"no {target.kind} kernel"
         if tied:  # e.g. the LM head tied to the embeddings, by structure rather than by name
             why = f"skipped: {site.also_read_by} reads this weight too"
             why += " (an embedding tied to it)" if site.also_read_by == "take" else ""
@@ -75,11 +129,11 @@ def plan_weights(
                 stacklevel=2,
             )
             why = f"dense (the {fmt_name} kernel cannot take it: {reason})"
-            fmt_name = dense_format_for(target, act)
+            fmt_name = dense
             reason = get_weight_format(fmt_name).unsupported_reason(site.m, site.k)
         if reason is not None:
             plans.append(LayerPlan(site.weight, (site.m, site.k), None, f"generic matmul ({reason})"))
             continue
-        plans.append(LayerPlan(site.weight, (site.m, site.k), fmt_name, why))
+        plans.append(LayerPlan(site.weight, (site.m, site.k), fmt_name, why, pruned))
         choices[site.weight] = LayerChoice(fmt_name, act)
     return plans, choices

@@ -43,16 +43,21 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
         width = max(len("weight"), *(len(layer["weight"]) for layer in layers))
         formats = [_format_shown(layer) for layer in layers]
         fwidth = max(11, *(len(f) for f in formats))
+        sparse = any("density" in layer for layer in layers)  # pruned or stored sparse: a density column
         lines.append(f"  linear layers ({len(layers)}):")
         lines.append(
-            f"    {'weight'.ljust(width)}  {'shape':>12}  {'format'.ljust(fwidth)} {'stored':>10} {'fp16':>10}  saved"
+            f"    {'weight'.ljust(width)}  {'shape':>12}  {'format'.ljust(fwidth)} "
+            + (f"{'density':>8} " if sparse else "")
+            + f"{'stored':>10} {'fp16':>10}  saved"
         )
         for layer, shown in zip(layers, formats):
             shape = "x".join(str(d) for d in layer["shape"])
             saved = 1 - layer["stored_bytes"] / layer["fp16_bytes"]
+            density = f"{layer['density']:.1%}" if "density" in layer else "-"
             lines.append(
                 f"    {layer['weight'].ljust(width)}  {shape:>12}  {shown.ljust(fwidth)} "
-                f"{_size(layer['stored_bytes']):>10} {_size(layer['fp16_bytes']):>10}  {saved:6.1%}"
+                + (f"{density:>8} " if sparse else "")
+                + f"{_size(layer['stored_bytes']):>10} {_size(layer['fp16_bytes']):>10}  {saved:6.1%}"
                 + (f"  ({layer['reason']})" if layer["reason"] not in ("compressed", "dense") else "")
                 + _padding_note(layer)
             )
@@ -146,6 +151,9 @@ def _row_bytes(tensor: dict) -> int:
 
 def _recipe_words(recipe: dict) -> str:
     weights = recipe.get("weights")
+    sparse = recipe.get("sparsity")
+    if isinstance(sparse, dict):  # SparseConfig.to_dict()
+        return f"{sparse['sparsity']:.0%} sparse ({sparse['prune']} pruning, format {sparse['format']})"
     if isinstance(weights, dict):
         return f"e{weights['ebits']}m{weights['mbits']} ({recipe.get('scale_search', 'absmax')})"
     return f"{weights} ({recipe.get('scale_search', 'absmax')})" if weights else "dense"

@@ -17,6 +17,14 @@ never ask a stage for its name:
     stored panels        cpu_panel_width                      CPU GEMM: W read in place, no decode
     word-order decode    cpu_decode_order                     CPU GEMM at few tokens: 8 codes per
                                                               vector instruction along K
+    row slots            row_slots                            make_weight_gemm: the GEMM over the
+                                                              nonzeros (no decode block); CPU only
+
+Row slots. A sparse stage may describe W as S slots per row, each a (value, column) pair, padding
+slots value 0: W[m, k] = the sum of value(m, s) over the slots s with column(m, s) == k. Then the
+weight GEMM is defined over the slots (`make_weight_gemm`, "Row slots" there), Y[n, m] = sum over s of
+X[n, column(m, s)] * value(m, s), and the CPU schedule (`schedules/cpu/row_slot_gemm.py`) runs it.
+Such a stage needs no `decode`; its format's kernels are CPU-only (`WeightFormat.targets`).
 
 Shared staging. The template copies the named stored buffers tile by tile into shared memory with
 cp.async (as many pipeline stages deep as its config says) and runs the decode from there. A staged
@@ -72,6 +80,18 @@ class CPUDecodeOrder:
     position: Callable[[Any], Any]
     group: int
     run: int
+
+
+@dataclass(frozen=True)
+class RowSlots:
+    """A stage's W as row slots (see the module docstring): value(stored, row, slot) and
+    column(stored, row, slot) are TIR expressions (any float dtype; int32); the slot count is the size
+    of axis 1 of the first stored buffer, and rows come in blocks of `block_rows`, one slot of a block's
+    rows contiguous (the CPU schedule vectorises over them)."""
+
+    block_rows: int
+    value: Callable[[list, Any, Any], Any]
+    column: Callable[[list, Any, Any], Any]
 
 
 class DecodeStage:
@@ -130,6 +150,7 @@ class DecodeStage:
 
     cpu_panel_width: int | None = None  # W stored as [M/P, K, P] column panels: read in place
     cpu_decode_order: CPUDecodeOrder | None = None  # rows readable word by word (decode along K)
+    row_slots: RowSlots | None = None  # W as (value, column) slots per row: the GEMM over the nonzeros
 
 
 def staged_buffer_names(stage: DecodeStage, m: int, k: int, known: list[str]) -> list[str]:

@@ -80,6 +80,8 @@ def make_weight_gemm(
     x = te.placeholder((rows, k), act_dtype, name="X")
     buffers = stage.stored_buffers(m, k) if buffers is None else buffers
     stored = [te.placeholder(b.shape, b.dtype, name=b.name) for b in buffers]
+    if stage.row_slots is not None:
+        return _row_slot_gemm(stage, stage.row_slots, m, k, x, stored, act_dtype, out_dtype, with_bias)
     factored = row_scale_in_epilogue and stage.scales_rows
     decode = stage.unscaled_decode if factored else stage.decode
     w = te.compute((m, k), lambda r, c: decode(stored, r, c, act_dtype), name="decode")
@@ -112,6 +114,59 @@ def make_weight_gemm(
             "tirx.noalias": True,
             # Opaque to Relax's FuseOps: the kernel is scheduled whole by its own rule, and its bias and
             # casts are already inside it.
+            "op_pattern": 8,
+        }
+    )
+
+
+# Row slots: tokens padded to a multiple of this in the transposed copy of X, so a schedule may run
+# whole vectors of tokens past N (reading zeros) and keep only the first N sums.
+SLOT_TOKEN_PAD = 16
+ROW_SLOTS_ATTR = "tensorpress.row_slots"  # the stage's block_rows, on a GEMM defined over row slots
+
+
+def _row_slot_gemm(stage, slots, m, k, x, stored, act_dtype, out_dtype, with_bias) -> tirx.PrimFunc:
+    """The weight GEMM over the nonzeros of a row-slot stage (`decode_stage.py`, "Row slots"):
+
+    "tokens"  X_t[k, t] = X[t, k] for t < N, 0 up to N rounded up to SLOT_TOKEN_PAD (X transposed)
+    "gemm"    acc[n, r] = sum_s f32(X_t[column(r, s), n]) * f32(value(r, s))
+              r over whole blocks of block_rows rows (padding rows have zero slots only)
+    "store"   Y[n, m] = cast(acc[n, m] (+ bias[m]))                           m < M
+    """
+    rows = x.shape[0]
+    num_slots = int(stored[0].shape[1])
+    padded_rows = -(-m // slots.block_rows) * slots.block_rows
+    padded_tokens = (rows + SLOT_TOKEN_PAD - 1) // SLOT_TOKEN_PAD * SLOT_TOKEN_PAD
+    zero = tirx.const(0, act_dtype)
+    x_t = te.compute((k, padded_tokens), lambda c, t: tirx.if_then_else(t < rows, x[t, c], zero), name="tokens")
+    s = te.reduce_axis((0, num_slots), name="s")
+    acc = te.compute(
+        (rows, padded_rows),
+        lambda i, r: te.sum(
+            x_t[slots.column(stored, r, s), i].astype("float32") * slots.value(stored, r, s).astype("float32"),
+            axis=s,
+        ),
+        name="gemm",
+    )
+    args = [x, *stored]
+    if with_bias:
+        bias = te.placeholder((m,), act_dtype, name="bias")
+        args.append(bias)
+
+    def epilogue(i, j):
+        return (acc[i, j] + bias[j].astype("float32") if with_bias else acc[i, j]).astype(out_dtype)
+
+    y = te.compute((rows, m), epilogue, name="store")
+    func = te.create_prim_func([*args, y])
+    _STAGE_OF_FORMAT[stage.name] = stage
+    return func.with_attrs(
+        {
+            KERNEL_ATTR: KERNEL_NAME,
+            FORMAT_ATTR: stage.name,
+            ROW_SCALE_ATTR: False,
+            ROW_SLOTS_ATTR: slots.block_rows,
+            "tensorpress.mk": [m, k],
+            "tirx.noalias": True,
             "op_pattern": 8,
         }
     )

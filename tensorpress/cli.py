@@ -68,7 +68,7 @@ def _sparse_config(args: argparse.Namespace):
     except ValueError:
         value = args.sparsity
     sparsity = check_sparsity(value, "--sparsity")
-    return SparseConfig(sparsity, format=args.sparse_format or "bitmap", prune=args.prune or "magnitude")
+    return SparseConfig(sparsity, format=args.sparse_format or "auto", prune=args.prune or "magnitude")
 
 
 def _show_stages() -> None:
@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         "wanda and sparsegpt need calibration, not built yet",
     )
     p.add_argument(
-        "--sparse-format", choices=_sparse_formats(), help="with --sparsity: the sparse weight format (default bitmap)"
+        "--sparse-format",
+        choices=_sparse_formats(),
+        help="with --sparsity: the sparse weight format (default auto: per layer the fewest bytes on the target)",
     )
     p.add_argument(
         "--kv-cache-dtype",
@@ -239,10 +241,10 @@ def _prune_methods() -> tuple[str, ...] | None:
 
 def _sparse_formats() -> list[str] | None:
     try:
-        from tensorpress.compiler.formats import PLANNED_SPARSE_FORMATS, sparse_weight_format_names
+        from tensorpress.compiler.formats import sparse_format_choices
     except ImportError:  # as above
         return None
-    return [*sparse_weight_format_names(), *PLANNED_SPARSE_FORMATS]
+    return sparse_format_choices()
 
 
 def _weight_format_choices() -> str:

@@ -46,6 +46,7 @@ from tensorpress.compiler.formats.base import PackedWeight, WeightFormat
 from tensorpress.compiler.formats.bitmap import BitmapFormat
 from tensorpress.compiler.formats.dense import DenseFormat
 from tensorpress.compiler.formats.dense_column_panels import DensePanelFormat
+from tensorpress.compiler.formats.ellpack import EllpackFormat
 from tensorpress.compiler.formats.fpx import SCALE_SEARCHES, check_scale_search, fpx_formats
 from tensorpress.compiler.formats.int8 import Int8WeightFormat
 from tensorpress.compiler.formats.kv_cache import KVCacheFormat
@@ -67,6 +68,7 @@ FORMATS: dict[str, dict[str, Any]] = {
         **fpx_formats(),  # fp6, fp6_e2m3, fp5, fp4, every eXmY, fp6-auto
         "int8": Int8WeightFormat("int8"),
         "bitmap": BitmapFormat("bitmap"),  # unstructured sparse: a bitmask + the fp16 nonzeros per tile
+        "ellpack": EllpackFormat("ellpack"),  # unstructured sparse for the CPU: (fp16 value, column) row slots
     },
     KV_CACHE: {
         "auto": ModelDtypeKVCache("auto", None),  # the model's dtype
@@ -81,6 +83,9 @@ KV_CACHE_FORMATS: dict[str, KVCacheFormat] = FORMATS[KV_CACHE]
 
 # Names SparseConfig accepts for sparse formats that are planned, not built yet.
 PLANNED_SPARSE_FORMATS = ("tiled-csl",)
+# --sparse-format auto: per layer, the sparse format of the target (`WeightFormat.auto_targets`) that
+# stores the fewest bytes, or the target's dense format when none stores fewer (`compiler/weight_plan.py`).
+AUTO_SPARSE_FORMAT = "auto"
 
 
 def weight_format_names() -> list[str]:
@@ -98,6 +103,11 @@ def get_weight_format(name: str, scale_search: str = "absmax") -> WeightFormat:
     if fmt is None:
         raise ConfigError(f"unknown weight format {name!r}; valid formats: {', '.join(weight_format_names())}.")
     return fmt.with_scale_search(scale_search)
+
+
+def sparse_format_choices() -> list[str]:
+    """What --sparse-format and SparseConfig.format take: auto, the sparse formats, the planned ones."""
+    return [AUTO_SPARSE_FORMAT, *sparse_weight_format_names(), *PLANNED_SPARSE_FORMATS]
 
 
 def sparse_weight_format_names() -> list[str]:
@@ -132,6 +142,7 @@ def get_kv_cache_format(name: str) -> KVCacheFormat:
 
 
 __all__ = [
+    "AUTO_SPARSE_FORMAT",
     "FORMATS",
     "KV_CACHE_FORMATS",
     "SCALE_SEARCHES",
@@ -144,6 +155,7 @@ __all__ = [
     "get_kv_cache_format",
     "get_weight_format",
     "kv_cache_format_names",
+    "sparse_format_choices",
     "sparse_weight_format_names",
     "weight_format_names",
 ]

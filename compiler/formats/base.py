@@ -46,6 +46,8 @@ class WeightFormat(abc.ABC):
     name: str
     compresses: ClassVar[bool] = True  # False for the dense layouts (fp16 / fp32, plain or panels)
     sparse: ClassVar[bool] = False  # True: stores the nonzeros only (a weight is pruned before packing)
+    targets: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # the target kinds with a kernel for it
+    auto_targets: ClassVar[tuple[str, ...]] = ()  # sparse: where --sparse-format auto considers it
 
     def resolve(self, w: np.ndarray) -> WeightFormat:
         """The concrete format this weight is stored in (itself, except for choosers like fp6-auto)."""
@@ -66,6 +68,10 @@ class WeightFormat(abc.ABC):
     @abc.abstractmethod
     def stored_bytes(self, m: int, k: int) -> int:
         """Bytes stored for an [m, k] weight (padding and scales included)."""
+
+    def sparse_bytes(self, m: int, k: int, row_nonzeros: np.ndarray) -> int:
+        """Sparse formats: the bytes stored for an [m, k] weight with these nonzero counts per row."""
+        raise NotImplementedError(f"{self.name} is not a sparse format")
 
     @abc.abstractmethod
     def code_bits(self) -> int:

@@ -78,6 +78,7 @@ class BitmapFormat(WeightFormat):
 
     name: str = "bitmap"
     sparse: ClassVar[bool] = True
+    auto_targets: ClassVar[tuple[str, ...]] = ("cuda",)  # the CPU decode pays for every weight: ellpack there
 
     def pack(self, w: np.ndarray) -> PackedWeight:
         w = check_weight(w)
@@ -114,6 +115,11 @@ class BitmapFormat(WeightFormat):
     def stored_bytes(self, m: int, k: int) -> int:
         """The bytes at the break-even density (those of fp16): the real count is the packed weight's."""
         return 2 * m * k
+
+    def sparse_bytes(self, m: int, k: int, row_nonzeros: np.ndarray) -> int:
+        tm, tk = tile_grid(m, k)
+        values = -(-(int(row_nonzeros.sum()) + 1) // VALUES_MULTIPLE) * VALUES_MULTIPLE
+        return 2 * values + tm * tk * (WORDS_PER_TILE + 1) * 4
 
     def code_bits(self) -> int:
         return 16

@@ -9,6 +9,9 @@ is read in place instead, and costs nothing to decode.
 For few tokens (the PrimFunc's tensorpress.n_hint <= 16: decode steps) the decode is the work, and a
 stage that reads its rows word by word (its `cpu_decode_order`, e.g. FPx) takes `decode_along_k` instead:
 8 codes decoded per vector instruction, straight into 8-wide dot products, no panel.
+
+A stage offering row slots (sparse formats such as ellpack) gets a GEMM over its nonzeros instead,
+scheduled by `row_slot_gemm`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tensorpress.schedules.cpu.register_blocked_gemm import (
     register_tile,
     schedule_register_blocked_gemm,
 )
+from tensorpress.schedules.cpu.row_slot_gemm import is_row_slot_gemm, schedule_row_slot_gemm
 from tensorpress.schedules.cpu.vector_unit import vector_unit
 from tensorpress.schedules.decode_stage import DecodeStage
 from tensorpress.schedules.weight_gemm import N_HINT_ATTR, decode_stage_of, is_weight_gemm
@@ -36,6 +40,8 @@ class WeightGemm(CPUScheduleRule):
             return None
         if not is_weight_gemm(func):
             return None
+        if is_row_slot_gemm(func):  # defined over the nonzeros: no decode block (row_slot_gemm.py)
+            return schedule_row_slot_gemm(func)
         try:
             stage = decode_stage_of(func)
         except KeyError:  # made in another process: its decode block is scheduled as it stands

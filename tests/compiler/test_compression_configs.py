@@ -19,7 +19,7 @@ def test_defaults_and_lazy_export():
     assert (config.ebits, config.mbits, config.scale_search, config.skip) == (3, 2, "absmax", ())
     assert config.format_name == "e3m2"
     assert FPxConfig(2, 3).format_name == "e2m3"
-    assert (SparseConfig(0.8).format, SparseConfig(0.8).prune) == ("bitmap", "magnitude")
+    assert (SparseConfig(0.8).format, SparseConfig(0.8).prune) == ("auto", "magnitude")
     assert KVCacheConfig().format == "auto"
     assert FPxConfig.implemented and SparseConfig.implemented and KVCacheConfig.implemented
 

@@ -1,7 +1,9 @@
-"""Sparse weights through the whole compiler (bitmap, magnitude pruning) on the CPU: the compiled model
-computes what torch computes with the same pruned weights (pruned here by torch's topk, rounded to the
-format's fp16 values), from Python and from the command line; `inspect` lists the bitmap layers with
-their stored bytes; bad options are one error line and write nothing."""
+"""Sparse weights through the whole compiler (ellpack chosen by --sparse-format auto, or bitmap forced;
+magnitude pruning) on the CPU: the compiled model computes what torch / onnxruntime compute with the same
+pruned weights (pruned here by torch's topk, rounded to the formats' fp16 values), from Python and from
+the command line; auto keeps layers dense where no sparse format saves bytes, and picks bitmap for
+CUDA; `inspect` lists each layer's format, density and stored bytes; bad options are one error line and
+write nothing."""
 
 from __future__ import annotations
 
@@ -40,26 +42,66 @@ def test_magnitude_pruning_is_torch_topk_per_row():
     np.testing.assert_array_equal(prune(w.numpy(), 0.9, "none"), w.numpy())
 
 
-def test_mlp_pruned_80_percent_matches_torch_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("sparse_format", ["auto", "bitmap"])
+def test_mlp_pruned_80_percent_matches_torch_with_the_same_weights(tmp_path, sparse_format):
+    # K = 60 and M = 19: the bitmap kernel takes neither (16-row, 16-column multiples), ellpack any
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)).eval()
-    x = torch.randn(5, 64)
-    report = tensorpress.compile(
-        model, tmp_path / "m.tpk", example_inputs=(x,), sparsity=SparseConfig(sparsity=0.8, prune="magnitude")
-    )
-    layers = {layer["weight"]: layer for layer in report.manifest["layers"]}
-    assert {layer["stored_format"] for layer in layers.values()} == {"bitmap"}
+    linears = (torch.nn.Linear(60, 128), torch.nn.Linear(128, 32), torch.nn.Linear(32, 19))
+    model = torch.nn.Sequential(linears[0], torch.nn.ReLU(), linears[1], torch.nn.ReLU(), linears[2]).eval()
+    config = SparseConfig(sparsity=0.8, format=sparse_format, prune="magnitude")
+    x = torch.randn(5, 60)
+    if sparse_format == "bitmap":
+        with pytest.warns(UserWarning, match=r"0\.weight \[128x60\] stays dense: the bitmap kernel cannot take it"):
+            report = tensorpress.compile(model, tmp_path / "m.tpk", example_inputs=(x,), sparsity=config)
+    else:
+        report = tensorpress.compile(model, tmp_path / "m.tpk", example_inputs=(x,), sparsity=config)
+    layers = report.manifest["layers"]
+    formats = {"auto": ["ellpack"] * 3, "bitmap": ["dense-fp32-panel", "bitmap", "generic"]}[sparse_format]
+    assert [layer["format"] for layer in layers] == formats
     assert report.manifest["recipe"]["sparsity"] == {
-        "kind": "sparse", "sparsity": 0.8, "format": "bitmap", "prune": "magnitude"
+        "kind": "sparse", "sparsity": 0.8, "format": sparse_format, "prune": "magnitude"
     }  # fmt: skip
-    for layer in layers.values():  # 20% of the values in fp16 + 1 bit a weight + 4 B a tile: about 3.7x
-        assert 3.3 < layer["fp16_bytes"] / layer["stored_bytes"] < 3.8
+    # pruned whatever format stores it; the generic matmul (no kernel takes 19 rows densely) is not
+    pruned = [layer["format"] != "generic" for layer in layers]
+    for layer, k, was_pruned in zip(layers, (60, 128, 32), pruned):
+        assert layer.get("density") == ((k - int(np.floor(0.8 * k))) / k if was_pruned else None)
+    for layer in layers:
+        (m, k), keep = layer["shape"], layer["shape"][1] - int(np.floor(0.8 * layer["shape"][1]))
+        if layer["format"] == "ellpack":  # 4 B a kept weight, rows in blocks of 8
+            assert layer["stored_bytes"] == -(-m // 8) * 8 * keep * 4
+        if layer["format"] == "bitmap":  # 2 B a kept weight + 1 bit a weight + 4 B a 16 x 64 tile
+            assert layer["stored_bytes"] == pytest.approx(2 * m * keep + m * k / 8 + m * k / 256, rel=0.01)
+    with torch.no_grad():
+        for linear, layer, was_pruned in zip(linears, layers, pruned):
+            w = torch_magnitude_pruned(linear.weight, 0.8) if was_pruned else linear.weight
+            linear.weight.copy_(as_stored(w) if layer["format"] in ("ellpack", "bitmap") else w)  # fp16 values
     (y,) = tensorpress.runtime.load(report.artifact).run([x.numpy()])
     with torch.no_grad():
-        for linear in (model[0], model[2]):
-            linear.weight.copy_(as_stored(torch_magnitude_pruned(linear.weight, 0.8)))
-        want = model(x).numpy()
-    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_keeps_dense_what_no_sparse_format_shrinks_and_picks_bitmap_for_cuda(tmp_path):
+    from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import LinearSite
+    from tensorpress.compiler.targets import TargetSpec
+    from tensorpress.compiler.weight_plan import WeightRecipe, plan_weights
+
+    rng = np.random.default_rng(0)
+    given = rng.standard_normal((64, 256)).astype(np.float32)
+    zeros = given.copy()
+    zeros[:, 32:] = 0  # 87.5% zeros of its own
+    weights = {"given": given, "zeros": zeros}
+    sites = [LinearSite(name, 64, 256, "float32", True, None) for name in weights]
+    as_given = WeightRecipe(format="auto", sparsity=None, prune="none")
+    plans, _ = plan_weights(sites, as_given, TargetSpec("cpu"), weights)
+    assert [(p.format, p.pruned) for p in plans] == [("dense-fp32-panel", False), ("ellpack", False)]
+    assert "no sparse format stores fewer bytes" in plans[0].reason
+    cuda_plans, _ = plan_weights(sites, as_given, TargetSpec("cuda", "sm_90a"), weights)
+    assert [p.format for p in cuda_plans] == ["dense-fp16", "bitmap"]  # fp16 dense: 2 B a weight to beat
+    pruned_plans, _ = plan_weights(sites, WeightRecipe(format="auto", sparsity=0.6), TargetSpec("cpu"), weights)
+    assert [(p.format, p.pruned) for p in pruned_plans] == [("ellpack", True), ("ellpack", True)]
+    with pytest.warns(UserWarning, match=r"zeros \[64x256\] stays dense: the ellpack kernel cannot take it \(no cuda"):
+        forced, _ = plan_weights(sites[1:], WeightRecipe(format="ellpack", sparsity=0.6), TargetSpec("cuda"), weights)
+    assert forced[0].format == "dense-fp16" and forced[0].pruned
 
 
 def test_sparse_options_refused_in_python(tmp_path):
@@ -85,7 +127,8 @@ def _tp(*args: str):
     return subprocess.run([sys.executable, "-m", "tensorpress", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_lists_bitmap(tmp_path):
+@pytest.mark.parametrize("sparse_format", ["auto", "bitmap"])
+def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_lists_it(tmp_path, sparse_format):
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -93,8 +136,8 @@ def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_list
 
     onnx_path = export_onnx("mlp", tmp_path)
     artifact = tmp_path / "mlp_sparse.tpk"
-    result = _tp("compile", str(onnx_path), "-o", str(artifact), "--sparsity", "0.8", "--prune", "magnitude",
-                 "--sparse-format", "bitmap")  # fmt: skip
+    chosen = ["--sparse-format", sparse_format] if sparse_format != "auto" else []  # auto: the default
+    result = _tp("compile", str(onnx_path), "-o", str(artifact), "--sparsity", "0.8", "--prune", "magnitude", *chosen)
     assert result.returncode == 0, result.stderr
     x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
@@ -114,7 +157,8 @@ def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_list
     manifest = tensorpress.runtime.load(artifact).manifest
     for layer in manifest["layers"]:
         (line,) = [row for row in listing.splitlines() if row.strip().startswith(layer["weight"])]
-        assert "bitmap" in line and f"{1 - layer['stored_bytes'] / layer['fp16_bytes']:.1%}" in line
+        assert ("ellpack" if sparse_format == "auto" else "bitmap") in line
+        assert f"{layer['density']:.1%}" in line and f"{1 - layer['stored_bytes'] / layer['fp16_bytes']:.1%}" in line
 
 
 @pytest.mark.parametrize(
