@@ -36,6 +36,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     kv_cache: KVCacheConfig | str | None = None,
     skip: Sequence[str] = (),
     scale_search: str | None = None,
+    calibration: str | os.PathLike | None = None,
     example_inputs: tuple | None = None,
     input_shapes: dict[str, list[int | str]] | None = None,
     tracer: str = "export",
@@ -54,11 +55,15 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         on fp16 Tensor Cores.
     weights: None (dense), a weight format name ("fp6", "fp5", "fp4", "fp6-auto", "e2m3", ...), or an
         FPxConfig. `skip` adds fnmatch patterns of weights to keep dense; `scale_search` is "absmax"
-        (default) or "mse".
+        (default), "mse" or "act" (the clip with the lowest layer-output error, needs `calibration`).
     sparsity: a SparseConfig: each linear weight (those `skip` and the default filter leave) pruned
-        ("magnitude" per output row, or "none": as given) and stored in a sparse format ("auto": per
-        layer the target's format storing the fewest bytes, ellpack on CPUs, bitmap on GPUs).
+        ("magnitude" per output row, "wanda" and "sparsegpt" from `calibration`, or "none": as given;
+        compiler/pruning.py) and stored in a sparse format ("auto": per layer the target's format storing
+        the fewest bytes, ellpack on CPUs, bitmap on GPUs).
         It does not combine with `weights` yet (sparse x FPx), nor with store_weights=False.
+    calibration: graph models, a file of sample inputs the model is run on once (CPU) to collect each
+        linear layer's input statistics: an .npz of inputs by name or a .txt of text (a sample a
+        line, models with a tokenizer); layout in compiler/calibration/__init__.py.
     kv_cache: decoders only, how the KV cache is stored: a KV-cache format name ("auto", the model's
         dtype and the default; "fp16", "fp32", "int8", "int4") or a KVCacheConfig.
     store_weights: False writes the weights' names, shapes and dtypes but not their values (the
@@ -81,10 +86,12 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     build_time(record_time)  # a malformed SOURCE_DATE_EPOCH fails now, not after the build
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    calibration_data = _calibration_data(calibration, model, store_weights)
     recipe, as_written = _recipe(weights, skip, scale_search)
     if sparsity is not None:
-        recipe = _sparse_recipe(recipe, sparsity, store_weights)
+        recipe = _sparse_recipe(recipe, sparsity, store_weights, calibrated=calibration_data is not None)
         as_written["sparsity"] = sparsity.to_dict()
+    _check_calibration_used(recipe, calibration_data)
     kv_config = _kv_cache_config(kv_cache)
     if input_shapes is not None:
         if _is_onnx_decoder(model) or _is_decoder_folder(model):
@@ -116,8 +123,22 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
             )
         timings = {"import": time.perf_counter() - start}
         as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
+        feeds = None
+        if calibration_data is not None:
+            from tensorpress.compiler.calibration import calibration_feeds
+
+            feeds = calibration_feeds(calibration_data, imported)  # names, dtypes, shapes checked here
+            as_written["calibration"] = {"file": calibration_data.path.name, "samples": len(feeds)}
         return compile_imported(
-            imported, Path(output), target_spec, recipe, as_written, timings, store_weights, record_time=record_time
+            imported,
+            Path(output),
+            target_spec,
+            recipe,
+            as_written,
+            timings,
+            store_weights,
+            record_time=record_time,
+            calibration=feeds,
         )
 
 
@@ -154,7 +175,38 @@ def _kv_cache_config(kv_cache: KVCacheConfig | str | None) -> KVCacheConfig | No
     raise ConfigError(f"kv_cache must be a KV cache format name or a KVCacheConfig, got {type(kv_cache).__name__}.")
 
 
-def _sparse_recipe(recipe: WeightRecipe, sparsity: Any, store_weights: bool) -> WeightRecipe:
+def _calibration_data(calibration: Any, model: Any, store_weights: bool):
+    """The calibration file read and checked before any work, or None."""
+    if calibration is None:
+        return None
+    from tensorpress.compiler.calibration import read_calibration_file
+
+    if not isinstance(calibration, (str, os.PathLike)):
+        raise ConfigError(f"calibration must be the path of an .npz or .txt file, got {type(calibration).__name__}.")
+    if _is_decoder_folder(model) or _is_onnx_decoder(model):
+        raise ConfigError("calibration of decoders is not built yet (graph models only); compile without it.")
+    if not store_weights:
+        raise ConfigError("calibration needs the weights' values; it cannot go with store_weights=False.")
+    return read_calibration_file(calibration)
+
+
+def _check_calibration_used(recipe: WeightRecipe, data: Any) -> None:
+    from tensorpress.compiler.pruning import CALIBRATED_PRUNE_METHODS
+
+    uses = recipe.scale_search == "act" or (recipe.sparsity is not None and recipe.prune in CALIBRATED_PRUNE_METHODS)
+    if recipe.scale_search == "act" and data is None:
+        raise ConfigError(
+            "the act scale search needs calibration data; give --calibration FILE (an .npz of model inputs "
+            "or a .txt of text), or use --scale-search mse."
+        )
+    if data is not None and not uses:
+        raise ConfigError(
+            "calibration data is read only by --prune wanda / sparsegpt and --scale-search act; drop "
+            "--calibration or ask for one of them."
+        )
+
+
+def _sparse_recipe(recipe: WeightRecipe, sparsity: Any, store_weights: bool, calibrated: bool) -> WeightRecipe:
     from tensorpress.compiler.formats import PLANNED_SPARSE_FORMATS
     from tensorpress.compiler.pruning import check_prune_method
 
@@ -168,10 +220,16 @@ def _sparse_recipe(recipe: WeightRecipe, sparsity: Any, store_weights: bool) -> 
         raise ConfigError(
             f"the {sparsity.format} sparse format is planned, not built yet; use auto, ellpack or bitmap."
         )
-    check_prune_method(sparsity.prune)
+    check_prune_method(sparsity.prune, calibrated)
     if not store_weights:
         raise ConfigError("sparse weights need their values at compile time (their stored sizes depend on them).")
     return dataclasses.replace(recipe, format=sparsity.format, sparsity=sparsity.sparsity, prune=sparsity.prune)
+
+
+def _is_fpx(name: str | None) -> bool:
+    from tensorpress.compiler.formats.fpx import FPxAutoFormat, FPxFormat
+
+    return name is not None and isinstance(get_weight_format(name), (FPxFormat, FPxAutoFormat))
 
 
 def _recipe(weights, skip, scale_search) -> tuple[WeightRecipe, dict[str, Any]]:
@@ -188,5 +246,7 @@ def _recipe(weights, skip, scale_search) -> tuple[WeightRecipe, dict[str, Any]]:
             get_weight_format(fmt, search)  # unknown names fail here, listing the valid ones
     else:
         raise ConfigError(f"weights must be a format name or an FPxConfig, got {type(weights).__name__}.")
+    if search == "act" and not _is_fpx(fmt):
+        raise ConfigError("the act scale search applies to FPx weights; give --weights fp6 (or another FPx format).")
     written.update({"skip": list(skip), "scale_search": search})
     return WeightRecipe(fmt, search, tuple(skip)), written

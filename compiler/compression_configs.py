@@ -58,7 +58,8 @@ class FPxConfig(_Config):
     """FPx weights (FP6-LLM): eXmY codes, one fp16 scale per output channel.
 
     ebits, mbits: exponent and mantissa bits (e3m2 = FP6 default, e2m3, e2m2 = FP5, e2m1 = FP4, ...).
-    scale_search: "absmax" (absmax / max value, the default) or "mse" (per-channel clip search).
+    scale_search: "absmax" (absmax / max value, the default), "mse" (per-channel clip search on the
+        weight error) or "act" (on the layer's output error over compile's `calibration`).
     skip: name patterns (fnmatch) of linear layers to keep dense, on top of the default filter.
     """
 
@@ -111,8 +112,9 @@ class SparseConfig(_Config):
     format: "auto" (per layer, the target's sparse format storing the fewest bytes: ellpack on CPUs,
         bitmap on GPUs; dense where none saves bytes) or a registered sparse weight format ("ellpack",
         "bitmap"; "tiled-csl" is planned, not built yet).
-    prune: "magnitude" (per output row, keep the largest |w|) or "none" (the weights as given);
-        "wanda" and "sparsegpt" are accepted here and refused by compile until calibration lands.
+    prune: "magnitude" (per output row, keep the largest |w|), "wanda" (|w| x the input channel's norm)
+        or "sparsegpt" (pruned and corrected from the layer's Hessian), the last two with compile's
+        `calibration`; or "none" (the weights as given). See compiler/pruning.py.
     """
 
     sparsity: float

@@ -6,6 +6,8 @@ imported = drop_unused_weights(imported)            weights nothing reads (e.g. 
 sites    = find_linear_sites(imported.mod)           every linear layer with a weight parameter
 plan     = plan_weights(sites, recipe, target, w)    which format each weight is stored in (with a sparsity:
                                                      pruned first, compiler/pruning.py; auto: by bytes)
+stats    = linear_input_statistics(imported, feeds)  with calibration: each compressed layer's input X^T X
+                                                     (compiler/calibration/), for wanda, sparsegpt, act
 imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
 imported = mask_infinite_max_in_logsumexp(imported)  numerics: logsumexp of ±Inf rows as torch gives it
 imported = decompose_gelu, FastMathTransform (CPU)   transcendentals as fast polynomials, not libm calls
@@ -69,12 +71,14 @@ def compile_imported(
     timings: dict[str, float] | None = None,
     store_weights: bool = True,
     record_time: bool = False,
+    calibration: list[dict[str, np.ndarray]] | None = None,
 ) -> CompileReport:
     """Everything after the import: plan, graph passes, build, write `output` atomically.
 
     store_weights=False writes no weight values (their names, shapes and dtypes only); weights of one
     shape are then packed once and shared, since only the packed shapes matter. record_time writes the
-    compile's time into the manifest (see `write_artifact`; by default none, so artifacts reproduce)."""
+    compile's time into the manifest (see `write_artifact`; by default none, so artifacts reproduce).
+    calibration: feeds ({input name: array}) to collect each compressed layer's input statistics on."""
     seconds = dict(timings or {})
     start = time.perf_counter()
     with internal_errors_named("rewrite", target):
@@ -87,17 +91,21 @@ def compile_imported(
     densities: dict[str, float] = {}
     if sites:
         log.info("packing the weights of %d linear layers (%s)", len(sites), recipe.format or "dense")
+    stats = _calibration_statistics(imported, sites, choices, calibration, target)
     packed: dict[str, PackedWeight] = {}
     packed_by_shape: dict[tuple, PackedWeight] = {}
 
     def pack(name: str, w: np.ndarray, choice: LayerChoice) -> PackedWeight:
         weight_format = get_weight_format(choice.format, recipe.scale_search)
+        layer_stats = stats.get(name)
         if name in pruned and recipe.sparsity is not None:
-            w = prune(w, recipe.sparsity, recipe.prune)
+            w = prune(w, recipe.sparsity, recipe.prune, layer_stats)
         if name in pruned or weight_format.sparse:
             densities[name] = float(np.count_nonzero(w)) / max(w.size, 1)
         if store_weights:
-            packed[name] = weight_format.pack(w)
+            packed[name] = (
+                weight_format.pack(w) if layer_stats is None else weight_format.pack_calibrated(w, layer_stats.gram)
+            )
         else:  # only shapes are written: one packing per (format, shape) serves every such weight
             key = (choice.format, w.shape)
             if key not in packed_by_shape:
@@ -133,6 +141,24 @@ def compile_imported(
         )
         seconds["write"] = time.perf_counter() - start
     return CompileReport(Path(output), manifest, seconds)
+
+
+def _calibration_statistics(imported, sites, choices, feeds, target) -> dict[str, Any]:
+    """{weight: LinearInputStatistics} of every linear layer stored compressed, from one CPU run of the
+    model over `feeds`; {} without calibration."""
+    if not feeds:
+        return {}
+    from tensorpress.compiler.calibration import linear_input_statistics
+
+    weights = {
+        s.weight: s.k for s in sites if s.weight in choices and get_weight_format(choices[s.weight].format).compresses
+    }
+    log.info("calibrating %d linear layers on %d samples (CPU)", len(weights), len(feeds))
+    start = time.perf_counter()
+    with internal_errors_named("calibration", target):
+        stats = linear_input_statistics(imported, feeds, weights) if weights else {}
+    log.info("calibration took %.1fs", time.perf_counter() - start)
+    return stats
 
 
 def numerics_passes(target: TargetSpec) -> list[GraphPass]:

@@ -1,30 +1,55 @@
 """Pruning: the zeros a sparse weight format then stores for free (`SparseConfig`, `--sparsity`).
 
-    w_pruned = prune(w, sparsity=0.8, method="magnitude")    # float W[M, K] -> the same, with zeros
+    w_pruned = prune(w, sparsity=0.8, method="magnitude")            # float W[M, K] -> the same, with zeros
+    w_pruned = prune(w, 0.5, "sparsegpt", stats)                     # stats: the layer's calibration
 
-"magnitude": per output row (a row of W[M, K]), the floor(sparsity * K) weights of smallest |w| become
-zero, the largest (1 - sparsity) are kept as they are (ties: the lower column index is pruned first).
-"none": the weights as given (models that arrive already pruned). "wanda" and "sparsegpt" need
-calibration activations, which are not built yet. Pure numpy; the pipeline prunes each linear weight a
-sparse format stores, right before packing it.
+Every method leaves exactly floor(sparsity * K) zeros in each output row (a row of W[M, K]):
+"magnitude": the weights of smallest |w| become zero, the others are kept as they are.
+"wanda" (Sun et al. 2023): the smallest |w_ij| * ||X_j||_2, where ||X_j||_2 is the L2 norm of input
+    channel j over the calibration tokens (`stats.channel_norms`); the others kept as they are.
+"sparsegpt" (Frantar & Alistarh 2023): columns left to right in blocks of 128; at each block's start
+    each row's mask in the block is chosen by w^2 / [H^-1]_jj^2 (the OBS saliency, with the inverse
+    Hessian of the columns still free), and every pruned weight's error is spread over the row's
+    columns to its right by the OBS update, so the kept weights are corrected: the layer's output
+    X W^T changes less. H = X^T X + 1% of its mean diagonal (dampening), from `stats.gram`.
+"none": the weights as given (models that arrive already pruned).
+Ties go to the lower column index. Pure numpy (float64 for sparsegpt); the pipeline prunes each linear
+weight a sparse format stores, right before packing it.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
-from tensorpress.errors import ConfigError
+from tensorpress.errors import ConfigError, TensorpressError
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "none")
-BUILT_PRUNE_METHODS = ("magnitude", "none")
+CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt")  # they read the layer's input activations
+SPARSEGPT_BLOCK = 128
+SPARSEGPT_DAMPENING = 0.01  # of the mean of H's diagonal, added to it (the paper's percdamp)
 
 
-def check_prune_method(method: str) -> None:
-    """ConfigError unless `method` is a pruning method compile can carry out now."""
+class LayerInputStatistics(Protocol):
+    """What the calibrated methods read of a layer's input X [tokens, K] (`compiler/calibration/`)."""
+
+    @property
+    def channel_norms(self) -> np.ndarray: ...  # float64 [K]: ||X_j||_2
+
+    @property
+    def gram(self) -> np.ndarray: ...  # float64 [K, K]: X^T X
+
+
+def check_prune_method(method: str, calibrated: bool = True) -> None:
+    """ConfigError unless `method` is a pruning method; `calibrated` says whether calibration data is given."""
     if method not in PRUNE_METHODS:
         raise ConfigError(f"unknown pruning method {method!r}; valid methods: {', '.join(PRUNE_METHODS)}.")
-    if method not in BUILT_PRUNE_METHODS:
-        raise ConfigError(f"pruning with {method} needs calibration, not built yet; use magnitude or none.")
+    if method in CALIBRATED_PRUNE_METHODS and not calibrated:
+        raise ConfigError(
+            f"pruning with {method} needs calibration data; give --calibration FILE (an .npz of model "
+            "inputs or a .txt of text), or use --prune magnitude."
+        )
 
 
 def check_sparsity(sparsity: object, what: str = "sparsity") -> float:
@@ -34,16 +59,79 @@ def check_sparsity(sparsity: object, what: str = "sparsity") -> float:
     return float(sparsity)
 
 
-def prune(w: np.ndarray, sparsity: float, method: str = "magnitude") -> np.ndarray:
-    """A copy of W[M, K] pruned to `sparsity` per output row by `method` (see the module docstring)."""
+def prune(
+    w: np.ndarray, sparsity: float, method: str = "magnitude", stats: LayerInputStatistics | None = None
+) -> np.ndarray:
+    """A copy of W[M, K] pruned to `sparsity` per output row by `method` (see the module docstring);
+    `stats` are the statistics of the layer's input, which wanda and sparsegpt need."""
     check_prune_method(method)
     sparsity = check_sparsity(sparsity)
     w = np.array(w, copy=True)
-    if method == "none" or w.size == 0:
+    if method == "none" or w.size == 0 or int(np.floor(sparsity * w.shape[1])) == 0:
         return w
-    dropped = int(np.floor(sparsity * w.shape[1]))
-    if dropped == 0:
-        return w
-    order = np.argsort(np.abs(w), axis=1, kind="stable")[:, :dropped]
+    if method in CALIBRATED_PRUNE_METHODS and stats is None:
+        raise TensorpressError(f"pruning with {method} was given no calibration statistics for this layer.")
+    if method == "sparsegpt":
+        assert stats is not None
+        return sparsegpt(w, sparsity, stats.gram).astype(w.dtype)
+    score = np.abs(w)
+    if method == "wanda":
+        assert stats is not None
+        score = score * _checked(stats.channel_norms, (w.shape[1],), "channel norms")[None, :]
+    return _zero_lowest(w, score, int(np.floor(sparsity * w.shape[1])))
+
+
+def _zero_lowest(w: np.ndarray, score: np.ndarray, dropped: int) -> np.ndarray:
+    order = np.argsort(score, axis=1, kind="stable")[:, :dropped]
     np.put_along_axis(w, order, 0, axis=1)
     return w
+
+
+def dampened_hessian(gram: np.ndarray, dampening: float = SPARSEGPT_DAMPENING) -> np.ndarray:
+    """H = X^T X + dampening * mean(diag) * I, float64; a channel no token ever used (diag 0) gets 1 on
+    the diagonal, so H is invertible (such a channel's weights never change the output)."""
+    h = np.array(gram, dtype=np.float64, copy=True)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += dampening * float(np.mean(np.diag(h)))
+    return h
+
+
+def sparsegpt(w: np.ndarray, sparsity: float, gram: np.ndarray, block: int = SPARSEGPT_BLOCK) -> np.ndarray:
+    """float64 W[M, K] pruned by SparseGPT (module docstring): floor(sparsity * K) zeros per row, the
+    kept weights updated so that ||(W - W') X^T|| stays small, X^T X = `gram` [K, K]."""
+    m, k = w.shape
+    gram = _checked(gram, (k, k), "input Gram matrix")
+    h = dampened_hessian(gram)
+    w = np.array(w, dtype=np.float64, copy=True)
+    w[:, np.diag(np.asarray(gram)) == 0] = 0.0  # channels that are always zero: any value is free
+    # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i, from the diagonal on, is the OBS update of
+    # column i with the columns >= i still free, divided by sqrt([H_{>=i}^-1]_00) = U_ii.
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    done_zeros = 0
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        target = int(np.floor(sparsity * end))  # zeros per row in columns [0, end): exactly floor(s*K) at the end
+        count, done_zeros = target - done_zeros, target
+        u_block = u[start:end, start:end]
+        cols = w[:, start:end]  # a view: updated in place
+        err = np.zeros((m, end - start))
+        mask = np.zeros(cols.shape, dtype=bool)
+        if count > 0:
+            saliency = cols**2 / np.diag(u_block)[None, :] ** 2
+            np.put_along_axis(mask, np.argsort(saliency, axis=1, kind="stable")[:, :count], True, axis=1)
+        for i in range(end - start):
+            col = cols[:, i]
+            pruned = np.where(mask[:, i], 0.0, col)
+            err[:, i] = (col - pruned) / u_block[i, i]
+            cols[:, i:] -= err[:, i : i + 1] * u_block[i : i + 1, i:]
+            cols[:, i] = pruned
+        w[:, end:] -= err @ u[start:end, end:]
+    return w
+
+
+def _checked(array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float64)
+    if array.shape != shape or not np.isfinite(array).all():
+        raise TensorpressError(f"the layer's {what} must be finite of shape {list(shape)}, got {list(array.shape)}.")
+    return array

@@ -34,6 +34,7 @@ def _compile(args: argparse.Namespace) -> int:
         sparsity=sparsity,
         skip=args.skip or (),
         scale_search=args.scale_search,
+        calibration=args.calibration,
         kv_cache=args.kv_cache_dtype,
         input_shapes=shapes or None,
         record_time=args.record_time,
@@ -171,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", help=f"weight format: {_weight_format_choices()} (default dense)")
     p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
-    p.add_argument("--scale-search", choices=_scale_searches(), help="FPx scale search (default absmax)")
+    p.add_argument(
+        "--scale-search",
+        choices=_scale_searches(),
+        help="FPx scale search (default absmax; act: lowest layer-output error on --calibration)",
+    )
     p.add_argument(
         "--sparsity",
         help="prune each linear weight to this fraction of zeros (0 <= S < 1) and store it sparse",
@@ -179,8 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prune",
         choices=_prune_methods(),
-        help="with --sparsity: magnitude (per output row, the default) or none (the weights as given); "
-        "wanda and sparsegpt need calibration, not built yet",
+        help="with --sparsity: magnitude (per output row, the default), wanda (|w| x input norm per output "
+        "row) or sparsegpt (pruned and corrected from the layer's Hessian), both with --calibration; or none "
+        "(the weights as given)",
+    )
+    p.add_argument(
+        "--calibration",
+        help="sample inputs for --prune wanda/sparsegpt and --scale-search act: an .npz of model inputs by "
+        "name (one sample, or [samples, ...]) or a .txt of text, a sample a line (models with a tokenizer)",
     )
     p.add_argument(
         "--sparse-format",

@@ -54,12 +54,17 @@ class WeightFormat(abc.ABC):
         return self
 
     def with_scale_search(self, scale_search: str) -> WeightFormat:
-        """This format with `scale_search` ("absmax", "mse") where it has scales to search; else itself."""
+        """This format with `scale_search` ("absmax", "mse", "act") where it has scales to search; else itself."""
         return self
 
     @abc.abstractmethod
     def pack(self, w: np.ndarray) -> PackedWeight:
         """Quantise float W[M, K] into the arrays the artifact stores."""
+
+    def pack_calibrated(self, w: np.ndarray, gram: np.ndarray) -> PackedWeight:
+        """`pack`, for a format that can use the layer's input Gram matrix X^T X [K, K] from calibration
+        (FPx's act scale search); the others ignore it."""
+        return self.pack(w)
 
     @abc.abstractmethod
     def unpack(self, packed: PackedWeight) -> np.ndarray:

@@ -60,7 +60,7 @@ from tensorpress.schedules.decode_stage import CPUDecodeOrder, DecodeStage, Stor
 if TYPE_CHECKING:
     from tvm import te, tirx
 
-SCALE_SEARCHES = ("absmax", "mse")
+SCALE_SEARCHES = ("absmax", "mse", "act")  # act: needs calibration (`pack_calibrated`)
 # Short names for the FPx formats of FP6-LLM; every eXmY is also registered under its own name.
 FPX_ALIASES = {"fp6": (3, 2), "fp6_e2m3": (2, 3), "fp5": (2, 2), "fp4": (2, 1)}
 
@@ -69,8 +69,9 @@ FPX_ALIASES = {"fp6": (3, 2), "fp6_e2m3": (2, 3), "fp5": (2, 2), "fp4": (2, 1)}
 class FPxFormat(WeightFormat):
     """eXmY codes in bit planes (`fpx_layout`) with one fp16 scale per output channel (`fpx`).
 
-    scale_search: "absmax" (scale = absmax / max value) or "mse" (each channel's clip ratio from
-    fpx.MSE_CLIP_RATIOS with the lowest squared error).
+    scale_search: "absmax" (scale = absmax / max value), "mse" (each channel's clip ratio from
+    fpx.MSE_CLIP_RATIOS with the lowest squared error) or "act" (the ratio with the lowest error of the
+    channel's output on the calibration activations: `pack_calibrated`, fpx.encode_act).
     """
 
     name: str
@@ -90,9 +91,20 @@ class FPxFormat(WeightFormat):
     def encode(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(codes uint8 [M, K], scales float16 [M]) with this format's scale search."""
         w = check_weight(w)
+        if self.scale_search == "act":
+            raise TensorpressError("the act scale search needs the layer's calibration activations (pack_calibrated).")
         if self.scale_search == "mse":
             return fpx.encode_mse(w, self.ebits, self.mbits)
         return fpx.encode(w, self.ebits, self.mbits)
+
+    def encode_calibrated(self, w: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`encode`, with the act search reading the layer's input Gram matrix X^T X [K, K]."""
+        if self.scale_search != "act":
+            return self.encode(w)
+        return fpx.encode_act(check_weight(w), gram, self.ebits, self.mbits)
+
+    def pack_calibrated(self, w: np.ndarray, gram: np.ndarray) -> PackedWeight:
+        return self.pack_codes(*self.encode_calibrated(w, gram))
 
     def pack_codes(self, codes: np.ndarray, scales: np.ndarray) -> PackedWeight:
         planes = fpx_layout.pack_fpx_planes(codes, self.ebits, self.mbits)
@@ -140,11 +152,15 @@ class FPxAutoFormat(WeightFormat):
     def _formats(self) -> list[FPxFormat]:
         return [FPxFormat(f"e{e}m{m}", e, m, self.scale_search) for e, m in self.candidates]
 
-    def _choose(self, w: np.ndarray) -> tuple[FPxFormat, np.ndarray, np.ndarray]:
+    def _choose(self, w: np.ndarray, gram: np.ndarray | None = None) -> tuple[FPxFormat, np.ndarray, np.ndarray]:
         best = None
         for fmt in self._formats():
-            codes, scales = fmt.encode(w)
-            err = float(fpx.reconstruction_error(w, codes, scales, fmt.ebits, fmt.mbits).sum())
+            if gram is None:
+                codes, scales = fmt.encode(w)
+                err = float(fpx.reconstruction_error(w, codes, scales, fmt.ebits, fmt.mbits).sum())
+            else:  # the candidate whose layer output on the calibration activations is closest
+                codes, scales = fmt.encode_calibrated(w, gram)
+                err = float(fpx.output_error(w, codes, scales, fmt.ebits, fmt.mbits, gram).sum())
             if best is None or err < best[0]:
                 best = (err, fmt, codes, scales)
         assert best is not None
@@ -155,6 +171,10 @@ class FPxAutoFormat(WeightFormat):
 
     def pack(self, w: np.ndarray) -> PackedWeight:
         fmt, codes, scales = self._choose(check_weight(w))
+        return fmt.pack_codes(codes, scales)
+
+    def pack_calibrated(self, w: np.ndarray, gram: np.ndarray) -> PackedWeight:
+        fmt, codes, scales = self._choose(check_weight(w), np.asarray(gram, dtype=np.float64))
         return fmt.pack_codes(codes, scales)
 
     def unpack(self, packed: PackedWeight) -> np.ndarray:

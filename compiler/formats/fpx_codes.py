@@ -152,16 +152,44 @@ def encode_mse(
 
     Returns (codes uint8 [M, K], scales float16 [M]); ties between ratios keep the larger one.
     """
-    check_format(ebits, mbits)
     w = _check_weight(w)
+    return _encode_best_clip(
+        w, ebits, mbits, clip_ratios, lambda codes, scales: reconstruction_error(w, codes, scales, ebits, mbits)
+    )
+
+
+def output_error(w: np.ndarray, codes: np.ndarray, scales: np.ndarray, ebits: int, mbits: int, gram: np.ndarray):
+    """float64 [M]: per row m, ||(w_m - decode_m) X^T||^2 = d_m (X^T X) d_m^T, the squared error the
+    quantisation adds to output channel m over the tokens X [T, K] whose Gram matrix X^T X is `gram`."""
+    diff = w.astype(np.float64) - decode(codes, scales, ebits, mbits).astype(np.float64)
+    return np.einsum("mk,mk->m", diff @ gram, diff)
+
+
+def encode_act(
+    w: np.ndarray, gram: np.ndarray, ebits: int, mbits: int, clip_ratios: np.ndarray = MSE_CLIP_RATIOS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like `encode_mse`, but each row's clip ratio minimises that row's output error on the
+    calibration activations (`output_error`, X^T X = `gram` float [K, K]) instead of the weight error."""
+    w = _check_weight(w)
+    gram = np.asarray(gram, dtype=np.float64)
+    if gram.shape != (w.shape[1], w.shape[1]) or not np.isfinite(gram).all():
+        raise TensorpressError(f"the act scale search needs a finite [{w.shape[1]}, {w.shape[1]}] Gram matrix.")
+    return _encode_best_clip(
+        w, ebits, mbits, clip_ratios, lambda codes, scales: output_error(w, codes, scales, ebits, mbits, gram)
+    )
+
+
+def _encode_best_clip(w, ebits, mbits, clip_ratios, error) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the codes and scale of the clip ratio with the lowest `error(codes, scales)` [M]."""
+    check_format(ebits, mbits)
     ratios = sorted(np.asarray(clip_ratios, dtype=np.float64), reverse=True)
     best_scales = absmax_scales(w, ebits, mbits, ratios[0])
     best_codes = quantize(w, best_scales, ebits, mbits)
-    best_err = reconstruction_error(w, best_codes, best_scales, ebits, mbits)
+    best_err = error(best_codes, best_scales)
     for clip in ratios[1:]:
         scales = absmax_scales(w, ebits, mbits, clip)
         codes = quantize(w, scales, ebits, mbits)
-        err = reconstruction_error(w, codes, scales, ebits, mbits)
+        err = error(codes, scales)
         better = err < best_err
         best_codes = np.where(better[:, None], codes, best_codes)
         best_scales = np.where(better, scales, best_scales)

@@ -337,3 +337,23 @@ def _new_param_order(
         if name in used and name not in params:
             params[name] = value
     return params
+
+
+def linear_site_inputs(func: relax.Function) -> dict[str, list[relax.Expr]]:
+    """{weight name: the activation expression x of each linear layer that reads it} in `func`, the
+    [.., K] operand its weight GEMM would multiply (calibration exposes them as outputs)."""
+    pats = _linear_patterns()
+    func_weights = _weight_params(func)
+    found: dict[str, list[relax.Expr]] = {}
+    for pattern in pats[4]:
+
+        def record(call, match):
+            site = _site_from_match(match, func_weights, pats)
+            if site is not None:  # the bias-less patterns match a biased linear's matmul again: once only
+                xs = found.setdefault(site.weight, [])
+                if not any(match[pats[0]].same_as(x) for x in xs):
+                    xs.append(match[pats[0]])
+            return call
+
+        rewrite_call(pattern, record, func)
+    return found

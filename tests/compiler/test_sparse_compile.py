@@ -109,8 +109,8 @@ def test_sparse_options_refused_in_python(tmp_path):
     x = (torch.randn(2, 64),)
     cases = [
         (dict(weights="fp6", sparsity=SparseConfig(0.5)), "sparse x FPx is not built yet"),
-        (dict(sparsity=SparseConfig(0.5, prune="wanda")), "needs calibration"),
-        (dict(sparsity=SparseConfig(0.5, prune="sparsegpt")), "needs calibration"),
+        (dict(sparsity=SparseConfig(0.5, prune="wanda")), "needs calibration data"),
+        (dict(sparsity=SparseConfig(0.5, prune="sparsegpt")), "needs calibration data"),
         (dict(sparsity=SparseConfig(0.5, format="tiled-csl")), "tiled-csl .* not built yet"),
         (dict(sparsity=0.5), "must be a SparseConfig"),
         (dict(sparsity=SparseConfig(0.5), store_weights=False), "values at compile time"),
@@ -168,7 +168,7 @@ def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_list
         (["--sparsity", "-0.1"], r"--sparsity must be a number in \[0, 1\)"),
         (["--sparsity", "lots"], r"--sparsity must be a number in \[0, 1\)"),
         (["--sparsity", "0.8", "--weights", "fp6"], "sparse x FPx is not built yet"),
-        (["--sparsity", "0.8", "--prune", "wanda"], "needs calibration, not built yet"),
+        (["--sparsity", "0.8", "--prune", "wanda"], "wanda needs calibration data; give --calibration FILE"),
         (["--prune", "magnitude"], "go with --sparsity"),
     ],
 )

@@ -1,0 +1,42 @@
+"""Calibration: run the model once on the CPU over sample inputs and collect, for each linear layer the
+weight plan compresses, statistics of that layer's input activations. The one calibration path of the
+project: pruning (wanda, sparsegpt), FPx's `act` scale search, and the next users, read it.
+
+    data  = read_calibration_file("calib.npz")                  # checked before any work (samples.py)
+    feeds = calibration_feeds(data, imported)                   # {input name: array} per sample
+    stats = linear_input_statistics(imported, feeds, weights)   # {weight name: LinearInputStatistics}
+
+The file (`--calibration FILE`, `tensorpress.compile(..., calibration=FILE)`):
+  .npz  model inputs by input name (np.savez(f, input_ids=..., attention_mask=...)). Each array is
+        either one sample, shaped like the input (rank, dtype and fixed sizes as the model declares),
+        or several, [S, *input shape] with S the same for every input; sample i is array[i]. Every
+        input of the model must be there, and nothing else.
+  .txt  text, one sample per non-empty line, for models with a tokenizer (a Hugging Face folder):
+        each line is tokenized alone (no padding), input_ids from the tokenizer, attention_mask ones,
+        token_type_ids zeros, position_ids 0 .. L-1.
+
+How (collect.py): the imported Relax module, where every frontend ends, gets each linear site's input
+expression as an extra output (`expose_linear_inputs`), is built for the CPU by the normal build and
+run by TVM's VM one sample at a time; the accumulators (statistics.py) fold each sample's [tokens, K]
+activations in float64 and nothing else is kept. One path for ONNX, torch and Hugging Face models
+alike, the same graph the compiler then rewrites, so a site's statistics are of exactly the tensor
+its weight GEMM will multiply. Graph models only for now (a decoder's prefill needs its KV cache).
+"""
+
+from tensorpress.compiler.calibration.collect import (
+    collect_linear_inputs,
+    expose_linear_inputs,
+    linear_input_statistics,
+)
+from tensorpress.compiler.calibration.samples import CalibrationData, calibration_feeds, read_calibration_file
+from tensorpress.compiler.calibration.statistics import LinearInputStatistics
+
+__all__ = [
+    "CalibrationData",
+    "LinearInputStatistics",
+    "calibration_feeds",
+    "collect_linear_inputs",
+    "expose_linear_inputs",
+    "linear_input_statistics",
+    "read_calibration_file",
+]
