@@ -14,6 +14,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.kit.cases import kept_per_row  # noqa: E402
 
 
 def test_dry_kit_prepares_runs_its_gpu_tests_and_benchmark(tmp_path):
@@ -34,3 +38,16 @@ def test_dry_kit_prepares_runs_its_gpu_tests_and_benchmark(tmp_path):
     bench = json.loads(bench_json.read_text())
     assert bench["summary"] and not any(s["incorrect_kernels"] for s in bench["summary"])
     assert {s["layer"].split()[0] for s in bench["summary"]} >= {"dry", "fp6", "fp5", "fp4"}
+    bitmap_tests = [name for name in tests["tests"] if "bitmap" in name]
+    assert bitmap_tests and all(tests["tests"][name] == "passed" for name in bitmap_tests)
+
+    (sparse_json,) = out.glob("sparse_gemm_gpu_*.json")
+    sparse = json.loads(sparse_json.read_text())
+    section = manifest["sparse_bench"]
+    expected = {(layer, s, n) for layer, spec in section.items() for s in spec["sparsities"] for n in spec["tokens"]}
+    assert {(p["layer"], p["sparsity"], p["n"]) for p in sparse["summary"]} == expected
+    for point in sparse["summary"]:
+        assert not point["incorrect_kernels"] and point["best"]["rel_error"] < 2e-3, point
+        kept = point["m"] * kept_per_row(point["k"], point["sparsity"])
+        assert point["nonzeros"] == kept and point["stored_bytes"] < point["m"] * point["k"] * 2
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back
