@@ -28,7 +28,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import Timer, environment, measure_copy_bandwidth, relative_error, write_results
+from benchmarks.harness import (
+    Timer,
+    environment,
+    measure_copy_bandwidth,
+    relative_error,
+    timed_within,
+    write_results,
+)
+from benchmarks.kit.budget import TIMING_BUDGET_S
 from benchmarks.kit.kernels import KernelKit, _runtime
 from benchmarks.kit.sparse_weights import BandPacker, make_sparse_weight
 
@@ -36,23 +44,10 @@ TOLERANCE = 2e-3  # fp16 output, fp32 accumulation
 SEMI_STRUCTURED_TOLERANCE = 5e-3  # cuSPARSELt accumulates as it likes
 TARGETS = {0.8: 2.5, 0.5: 1.4}  # sparsity -> speedup over cuBLAS at N = 16 (issue 12, H100)
 TARGET_TOKENS = 16
-TIMING_BUDGET_S = 0.25  # device seconds one timing may take: slow kernels get fewer runs (at least 5)
 
 
 def timed(timer: Timer, fn, warmup: int, runs: int):
-    """timer.time(fn) with as many runs as fit TIMING_BUDGET_S (one probe call sizes it)."""
-    import torch
-
-    fn()
-    if timer.cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if timer.cuda:
-        torch.cuda.synchronize()
-    once = max(time.perf_counter() - start, 1e-6)
-    fit = int(TIMING_BUDGET_S / once)
-    return timer.time(fn, min(warmup, max(1, fit // 10)), max(min(runs, fit), min(runs, 5)))
+    return timed_within(timer, fn, warmup, runs, TIMING_BUDGET_S)
 
 
 def semi_structured(dense):

@@ -131,6 +131,10 @@ def prepare(
             for c in cases:
                 kernels[c.name], kernel_library[c.name] = c, library
         test_tokens = list(DRY_TEST_TOKENS if dry else TEST_TOKENS)
+        from benchmarks.kit.kv_build import build_kv_part
+
+        print("building the KV part (decode attention per cache format)", flush=True)
+        kv_bench = build_kv_part(staging, build_arch, dry)
         if decoders:
             from benchmarks.kit.decoder_build import prepare_decoders
 
@@ -152,10 +156,14 @@ def prepare(
             "fpx_tests": {"cases": [c.name for c in fpx_tests], "tokens": test_tokens},
             "bitmap_tests": {"cases": [c.name for c in bitmap_tests], "tokens": test_tokens},
             "sparse_bench": sparse_bench,
+            "kv_bench": kv_bench,
             "build_seconds": seconds,
         }
         if decoders:
             manifest["decoders"] = decoder_section
+        from benchmarks.kit.budget import kv_estimate, sparse_estimate
+
+        manifest["device_estimate"] = {"sparse": sparse_estimate(sparse_bench), "kv": kv_estimate(kv_bench)}
         size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
         manifest["summary"] = {"kernels": len(kernels), "bytes": size, "arch": manifest["arch"], "dry": dry}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -258,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         f"kit ready: {args.out} ({summary['bytes'] / 2**20:.1f} MiB, {summary['kernels']} kernels, "
         f"{'dry (CPU)' if args.dry else args.arch}, Python {python_version}) in {time.perf_counter() - start:.0f} s"
     )
+    for part, estimate in manifest["device_estimate"].items():
+        print(f"device estimate, {part} part: {estimate['timings']} timings, ~{estimate['expected_s']} s expected, "
+              f"<= {estimate['bound_s']} s if every timing uses its whole budget (kit/budget.py)")  # fmt: skip
     return 0
 
 

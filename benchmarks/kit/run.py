@@ -9,10 +9,11 @@ device tool brings back):
     gpu_tests_<device>_<time>.json   passed/failed/skipped per test, environment, the end of pytest's output
     gemm_weight_<device>_<time>.json the dense / FPx GEMM benchmark (see benchmarks/gemm_weight.py)
     sparse_gemm_gpu_<...>.json       the bitmap sparse GEMM benchmark (benchmarks/sparse_gemm_gpu.py)
+    kv_attention_gpu_<...>.json      the quantised-KV decode attention benchmark (benchmarks/kv_attention_gpu.py)
     run.log                          this script's own summary
     + the decoder part's three files (benchmarks/kit/decoder_run.py), where the kit has one
-Parts can be left out (--skip-tests, --skip-bench, --skip-sparse, --skip-decoders) or run alone
-(--only tests,sparse): a short device session runs what it needs.
+Parts can be left out (--skip-tests, --skip-bench, --skip-sparse, --skip-kv, --skip-decoders) or run alone
+(--only sparse,kv): a short device session runs what it needs.
 Exit status: 0 when every gpu test passed and every kernel was correct, 1 otherwise.
 """
 
@@ -36,7 +37,7 @@ GPU_TESTS = [
 LOG_TAIL_CHARS = 20000  # of pytest's output, kept in the gpu tests' JSON
 
 
-PARTS = ("tests", "bench", "sparse", "decoders")
+PARTS = ("tests", "bench", "sparse", "kv", "decoders")
 
 
 def kit_environment(kit: Path) -> dict[str, str]:
@@ -90,6 +91,26 @@ def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> b
     return not bad
 
 
+def _run_kv(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> bool:
+    """The quantised-KV decode attention benchmark; True when every kernel's output was correct."""
+    from benchmarks.kv_attention_gpu import run_benchmark
+
+    start = time.perf_counter()
+    path = run_benchmark(kit, out, runs=min(runs, 3) if dry else runs, warmup=1 if dry else 10)
+    result = json.loads(path.read_text())
+    bad = [c for c in result["checks"] if not c["correct"]]
+    lines = [f"kv_attention_gpu: {len(result['rows'])} timings, {len(bad)} of {len(result['checks'])} output checks "
+             f"failed, in {time.perf_counter() - start:.0f} s -> {path.name}"]  # fmt: skip
+    for row in result["rows"]:
+        lines.append(f"  {row['format']:<5} G={row['group']} B={row['batch']:<2} T={row['context']:<6} "
+                     f"{row['ours_ms'] * 1e3:8.1f} us, {row['speedup_over_sdpa']:5.2f}x SDPA fp16, "
+                     f"{row['speedup_over_fp16_cache']:5.2f}x our fp16 cache, "
+                     f"{row['fraction_of_copy_bandwidth'] or 0:.0%} copy bw")  # fmt: skip
+    log.extend(lines)
+    print("\n".join(lines), flush=True)
+    return not bad
+
+
 def _junit(path: Path) -> dict:
     if not path.exists():
         return {"passed": 0, "failed": 0, "skipped": 0, "tests": {}}
@@ -115,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", action="append", help="only these benchmark layers (repeatable)")
     parser.add_argument("--skip-decoders", action="store_true", help="skip the decoder part (decoder_run.py)")
     parser.add_argument("--skip-sparse", action="store_true", help="skip the sparse GEMM benchmark")
+    parser.add_argument("--skip-kv", action="store_true", help="skip the KV attention benchmark")
     parser.add_argument("--only", help=f"comma-separated parts to run, of {','.join(PARTS)}")
     args = parser.parse_args(argv)
     if args.only:
@@ -169,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(log[-len(result["summary"]) - 1 :]), flush=True)
     if manifest.get("sparse_bench") and not args.skip_sparse:
         ok &= _run_sparse(kit, out, args.runs, manifest["dry"], log)
+    if manifest.get("kv_bench") and not args.skip_kv:
+        ok &= _run_kv(kit, out, args.runs, manifest["dry"], log)
     if manifest.get("decoders") and not args.skip_decoders:  # decoders: benchmarks/kit/decoder_run.py
         from benchmarks.kit.decoder_run import run_decoders
 

@@ -37,7 +37,7 @@ def _case_names() -> list[str]:
 
 @cache
 def weight(m: int, k: int, sparsity: float):
-    """(the kernel's buffers on the device, unpack(W) as float64 numpy): a random prune, numpy-packed."""
+    """(the kernel's buffers, numpy's unpack(W) in float64), on the device: a random prune, numpy-packed."""
     from benchmarks.kit.cases import bitmap_value_capacity, kept_per_row
     from tensorpress.compiler.formats import get_weight_format
 
@@ -51,13 +51,13 @@ def weight(m: int, k: int, sparsity: float):
     values[: packed.arrays["values"].size] = packed.arrays["values"]
     arrays = [packed.arrays["bits"], packed.arrays["offsets"], values]
     stored = [torch.from_numpy(np.ascontiguousarray(a)).to(device()) for a in arrays]
-    return stored, fmt.unpack(packed).astype(np.float64)
+    return stored, torch.from_numpy(fmt.unpack(packed)).double().to(device())
 
 
-def rel_error(out, ref: np.ndarray) -> float:
-    out = out.double().cpu().numpy()
-    assert np.isfinite(out).all(), "NaN/Inf in the output: an element was not written"
-    return float(np.abs(out - ref).max() / np.abs(ref).max())
+def rel_error(out, ref) -> float:
+    out = out.double()
+    assert torch.isfinite(out).all(), "NaN/Inf in the output: an element was not written"
+    return float((out - ref).abs().max() / ref.abs().max())
 
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)
@@ -68,15 +68,15 @@ def test_bitmap_kernel_matches_numpy_for_every_token_count(name, sparsity):
     stored, dense = weight(case.m, case.k, sparsity)
     from benchmarks.kit.cases import kept_per_row
 
-    assert np.count_nonzero(dense) == case.m * kept_per_row(case.k, sparsity)  # pruned as asked
+    assert int(torch.count_nonzero(dense)) == case.m * kept_per_row(case.k, sparsity)  # pruned as asked
     for n in kit_tokens("bitmap_tests"):
         rng = np.random.default_rng(n)
         x = rng.standard_normal((n, case.k)).astype(np.float16)
         b = rng.standard_normal(case.m).astype(np.float16) if case.bias else None
         y = torch.full((n, case.m), float("nan"), dtype=torch.float16, device=device())
-        on = lambda a: torch.from_numpy(a).to(device())  # noqa: E731
-        kit.run(case, on(x), stored, bias=on(b) if b is not None else None, out=y)
-        ref = x.astype(np.float64) @ dense.T + (b.astype(np.float64) if b is not None else 0)
+        x, b = (torch.from_numpy(a).to(device()) if a is not None else None for a in (x, b))
+        kit.run(case, x, stored, bias=b, out=y)
+        ref = x.double() @ dense.t() + (b.double() if b is not None else 0)  # float64 over numpy's unpack(W)
         assert rel_error(y, ref) < TOLERANCE, (name, sparsity, n)
 
 
