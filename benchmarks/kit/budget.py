@@ -28,6 +28,20 @@ def _timing(seconds_per_call: float) -> tuple[float, float]:
     return probe + min(full, TIMING_BUDGET_S), probe + TIMING_BUDGET_S
 
 
+def gemm_estimate(bench: dict) -> dict:
+    """The dense / FPx GEMM benchmark (benchmarks/gemm_weight.py): full RUNS + WARMUP, no budget cap."""
+    expected = START_S
+    timings = 0
+    for spec in bench.values():
+        m, k = spec["m"], spec["k"]
+        weight_bytes = m * k * (2 if spec.get("format", "dense-fp16").startswith("dense") else 0.8)  # FPx ~6 bits
+        for n in spec["tokens"]:
+            for _ in range(len(spec["candidates"]) + 1):  # + cuBLAS
+                call = (weight_bytes + n * (m + k) * 2) / KERNEL_BW
+                expected, timings = expected + (RUNS + WARMUP + 2) * (call + FLUSH_S), timings + 1
+    return {"timings": timings, "expected_s": round(expected), "bound_s": None}
+
+
 def sparse_estimate(section: dict) -> dict:
     expected = bound = START_S
     timings = 0

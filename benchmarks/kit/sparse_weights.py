@@ -9,7 +9,7 @@ The mask keeps exactly `kept_per_row(K, sparsity)` weights of each row, drawn un
 device); kept values are random fp16 around 1/sqrt(K), none zero (a zero would not be stored).
 Packing is `tensorpress.compiler.formats.bitmap`'s numpy packer, run on bands of whole 16-row tile rows
 in parallel and joined (`join_bands`: each band's offsets shifted by the nonzeros before it); the join
-equals packing the whole weight at once, which the kit's dry test checks.
+equals packing the whole weight at once (tests/benchmarks/test_sparse_weights.py).
 """
 
 from __future__ import annotations

@@ -63,5 +63,5 @@ def test_dry_kit_prepares_runs_its_gpu_tests_and_benchmark(tmp_path):
     timed = {(r["format"], r["group"], r["batch"], r["context"]) for r in kv["rows"]}
     assert len(timed) == len(kv["rows"]) == cases * len(kv_section["contexts"])
     assert all(r["ours_ms"] > 0 and r["kv_bytes"] > 0 for r in kv["rows"])
-    assert set(manifest["device_estimate"]) == {"sparse", "kv"}
+    assert set(manifest["device_estimate"]) == {"gemm", "sparse", "kv"}
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
