@@ -60,8 +60,10 @@ def bitmap_test_cases(dry: bool) -> list[KernelCase]:
 
     if dry:
         small = TileConfig(block_n=16, block_m=32, block_k=64, warps=2, stages=2)
-        return [case("bitmap", m, k, replace(small, split_k=s).to_dict(), bias=s == 2)
-                for m, k in DRY_BITMAP_TEST_SHAPES for s in (1, 2)]  # fmt: skip
+        fallback = replace(SHIPPED_TILES[-1], stages=2)  # the 16-row tile, on a layer of part bitmap tiles
+        cases = [case("bitmap", m, k, replace(small, split_k=s).to_dict(), bias=s == 2)
+                 for m, k in DRY_BITMAP_TEST_SHAPES for s in (1, 2)]  # fmt: skip
+        return [*cases, case("bitmap", 48, 208, fallback.to_dict())]
     cases = []
     for m, k in BITMAP_TEST_SHAPES:
         for tile in SHIPPED_TILES:
