@@ -101,6 +101,23 @@ class Timer:
         return _timing([s.elapsed_time(e) for s, e in pairs], "cuda-events")
 
 
+def timed_within(timer: Timer, fn: Callable[[], Any], warmup: int, runs: int, budget_s: float) -> Timing:
+    """timer.time(fn) with no more runs than fit `budget_s` seconds (one probe call sizes it; at least
+    5 runs): a kernel far slower than hoped cannot eat a short device session."""
+    import torch
+
+    def once() -> float:
+        start = time.perf_counter()
+        fn()
+        if timer.cuda:
+            torch.cuda.synchronize(timer.device)
+        return time.perf_counter() - start
+
+    once()  # first call: module load, workspace
+    fit = int(budget_s / max(once(), 1e-6))
+    return timer.time(fn, min(warmup, max(1, fit // 10)), max(min(runs, fit), min(runs, 5)))
+
+
 def _timing(samples: list[float], clock: str) -> Timing:
     ordered = sorted(samples)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731

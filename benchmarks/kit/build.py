@@ -11,7 +11,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.kit.cases import DRY_FPX_TEST_SHAPES, FPX_TEST_FORMATS, FPX_TEST_SHAPES, KernelCase, case
+from benchmarks.kit.cases import (
+    BITMAP_TEST_SHAPES,
+    DRY_BITMAP_TEST_SHAPES,
+    DRY_FPX_TEST_SHAPES,
+    FPX_TEST_FORMATS,
+    FPX_TEST_SHAPES,
+    KernelCase,
+    bitmap_value_capacity,
+    case,
+)
 
 SPLIT_CHOICES = (1, 2, 4, 8)
 
@@ -32,6 +41,38 @@ def fpx_bench_cases(fmt: str, layers: dict[str, tuple[int, int]], tokens, arch: 
     every decode-sized shipped tile (block_n 16) with a few split-K values. Returns (cases, defaults)
     like `bench_cases`."""
     return _candidates(fmt, layers, tokens, arch, FPX_SPLIT_CHOICES, decode_tiles_only=True)
+
+
+BITMAP_SPLIT_CHOICES = (1,)
+
+
+def bitmap_bench_cases(layers: dict[str, tuple[int, int]], tokens, arch: str) -> tuple[list[KernelCase], dict]:
+    """bitmap candidates per layer: the untuned choice for every N plus every decode-sized shipped tile
+    (block_n 16) without split-K (its decode is popcount-bound, not short of CTAs). Returns (cases,
+    defaults) like `bench_cases`; one kernel serves every sparsity (`cases.bitmap_value_capacity`)."""
+    return _candidates("bitmap", layers, tokens, arch, BITMAP_SPLIT_CHOICES, decode_tiles_only=True)
+
+
+def bitmap_test_cases(dry: bool) -> list[KernelCase]:
+    """The bitmap gpu tests' kernels (tests/schedules/tensorcore/test_bitmap_gpu.py): the shipped
+    decode tiles with split-K 1 and 2 on each test shape, the prefill tile, and one with bias."""
+    from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
+
+    if dry:
+        small = TileConfig(block_n=16, block_m=32, block_k=64, warps=2, stages=2)
+        fallback = replace(SHIPPED_TILES[-1], stages=2)  # the 16-row tile, on a layer of part bitmap tiles
+        cases = [case("bitmap", m, k, replace(small, split_k=s).to_dict(), bias=s == 2)
+                 for m, k in DRY_BITMAP_TEST_SHAPES for s in (1, 2)]  # fmt: skip
+        return [*cases, case("bitmap", 48, 208, fallback.to_dict())]
+    cases = []
+    for m, k in BITMAP_TEST_SHAPES:
+        for tile in SHIPPED_TILES:
+            if m % tile.block_m and tile is not SHIPPED_TILES[-1]:
+                continue  # the 16-row tile takes any M
+            for split_k in (1, 2) if tile.block_n == 16 else (1,):
+                cases.append(case("bitmap", m, k, replace(tile, split_k=split_k).to_dict()))
+    cases.append(case("bitmap", 256, 512, SHIPPED_TILES[0].to_dict(), bias=True))
+    return cases
 
 
 def _candidates(
@@ -120,10 +161,25 @@ def scheduled_module(cases: list[KernelCase], emulated: bool):
     intrinsics = emulated_intrinsics() if emulated else cuda_intrinsics()
     functions = {}
     for c in cases:
-        func = make_weight_gemm(decode_stage(c.fmt), c.m, c.k, with_bias=c.bias)
+        buffers = bitmap_buffers(c.m, c.k) if c.fmt == "bitmap" else None
+        func = make_weight_gemm(decode_stage(c.fmt), c.m, c.k, with_bias=c.bias, buffers=buffers)
         main = schedule_weight_gemm(func, TileConfig(**c.config_dict), intrinsics).mod["main"]
         functions[c.name] = main.with_attr("global_symbol", c.name)
     return tvm.IRModule(functions)
+
+
+def bitmap_buffers(m: int, k: int) -> list:
+    """The stored buffers of the kit's bitmap kernels for an [m, k] layer (`compiler/formats/bitmap.py`);
+    "values" has the kit's capacity (`cases.bitmap_value_capacity`), whatever the sparsity."""
+    from tensorpress.compiler.formats.bitmap import WORDS_PER_TILE, tile_grid
+    from tensorpress.schedules.decode_stage import StoredBuffer
+
+    tm, tk = tile_grid(m, k)
+    return [
+        StoredBuffer("bits", (tm, tk, WORDS_PER_TILE), "uint32"),
+        StoredBuffer("offsets", (tm, tk), "int32"),
+        StoredBuffer("values", (bitmap_value_capacity(m, k),), "float16"),
+    ]
 
 
 def build_library(cases: list[KernelCase], out: Path, arch: str | None) -> float:

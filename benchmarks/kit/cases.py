@@ -85,3 +85,52 @@ class KernelCase:
 
 def case(fmt: str, m: int, k: int, config: dict[str, int], bias: bool = False) -> KernelCase:
     return KernelCase(fmt, m, k, tuple(sorted(config.items())), bias)
+
+
+# Sparse weights (bitmap, `compiler/formats/bitmap.py`): the FPx layers (LLaMA-2-70B, OPT-66B) pruned at
+# random, each row keeping exactly round(K (1 - sparsity)) weights (the per-row groups Wanda prunes in,
+# so every run of every machine packs the same number of nonzeros). One kernel per (layer, tile) serves
+# every sparsity: its "values" buffer holds the nonzeros of the densest sparsity in SPARSITIES, and a
+# sparser weight's values are padded with zeros to that length (never read: only the bytes of the
+# weight's own nonzeros count as moved).
+SPARSE_LAYERS = FPX_LAYERS
+SPARSITIES = (0.5, 0.7, 0.8, 0.9)
+SPARSE_BENCH_TOKENS = (1, 8, 16, 32, 64)
+DRY_SPARSE_LAYERS: dict[str, tuple[int, int]] = {"dry 128x256": (128, 256)}
+DRY_SPARSITIES = (0.5, 0.8)
+DRY_SPARSE_TOKENS = (1, 16)
+# The bitmap gpu tests (tests/schedules/tensorcore/test_bitmap_gpu.py): a small and a real layer.
+BITMAP_TEST_SHAPES = ((256, 512), (4096, 4096), (48, 208))  # 48 x 208: part tiles along M and K
+DRY_BITMAP_TEST_SHAPES = ((128, 256),)
+BITMAP_TEST_SPARSITIES = (0.5, 0.8)
+
+
+def kept_per_row(k: int, sparsity: float) -> int:
+    """Weights a row of K keeps at `sparsity` (random masks: exactly this many per row)."""
+    return k - round(k * sparsity)
+
+
+def bitmap_value_capacity(m: int, k: int, sparsities=SPARSITIES) -> int:
+    """Length of the bitmap kernels' "values" buffer for an [m, k] layer: the nonzeros of the densest
+    sparsity plus the format's spare slot, rounded up to its multiple of 8 (`bitmap.VALUES_MULTIPLE`)."""
+    nnz = m * kept_per_row(k, min(sparsities))
+    return -(-(nnz + 1) // 8) * 8
+
+
+# Quantised KV cache: decode attention (one query token per sequence) over pages of 16 tokens, 32
+# query heads of head_dim 128 over 8 (GQA group 4) or 4 (group 8) kv heads, per cache format, at
+# each context, against torch's scaled_dot_product_attention in fp16.
+KV_FORMATS = ("fp16", "int8", "int4")
+KV_CONFIGS = ((32, 8, 128), (32, 4, 128))  # (query heads, kv heads, head_dim)
+KV_CONTEXTS = (4096, 32768, 131072)
+KV_BATCHES = (1, 8)
+KV_PAGE_SIZE = 16
+KV_CHECK_CONTEXT = 4096  # outputs checked against fp32 SDPA over the dequantised cache at this context
+DRY_KV_CONFIGS = ((4, 1, 16), (4, 2, 16))
+DRY_KV_CONTEXTS = (64, 200)
+DRY_KV_BATCHES = (1, 2)
+DRY_KV_CHECK_CONTEXT = 64
+
+
+def kv_kernel_name(fmt: str, heads: int, kv_heads: int, head_dim: int) -> str:
+    return f"kv_decode_{fmt}_{heads}_{kv_heads}_{head_dim}"

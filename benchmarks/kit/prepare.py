@@ -13,10 +13,14 @@ Layout (default .device-kit/, ignored by git; carry it with the device tool: car
     ├── kernels/fpx_<fmt>_<M>x<K>.so  FPx (FP6/FP5/FP4) candidates of the LLaMA-2-70B and OPT-66B layers
     ├── kernels/gpu_tests.so     the kernels of tests/schedules/tensorcore/test_template_gpu.py
     ├── kernels/fpx_gpu_tests.so the kernels of tests/schedules/tensorcore/test_fpx_gpu.py
+    ├── kernels/bitmap_<M>x<K>.so  bitmap (sparse) candidates of the same layers, one kernel for every
+    │                            sparsity (benchmarks/sparse_gemm_gpu.py; manifest "sparse_bench")
+    ├── kernels/bitmap_gpu_tests.so  the kernels of tests/schedules/tensorcore/test_bitmap_gpu.py
     └── runtime/                 TVM's runtime without its compiler (tensorpress runtime bundle parts):
         ├── tvm_libs/            libtvm_runtime.so, libtvm_runtime_cuda.so, libcudart.so.13
         └── python/              tvm_ffi for the device's Python (3.12), runtime-only tensorpress, plus
-                                 tensorpress.compiler.formats (numpy only) to pack FPx weights there
+                                 tensorpress.compiler.formats (numpy only) to pack FPx and bitmap
+                                 weights (and quantise KV pages) there
 """
 
 from __future__ import annotations
@@ -39,14 +43,21 @@ from benchmarks.kit.cases import (  # noqa: E402
     BENCH_TOKENS,
     DRY_FPX_LAYERS,
     DRY_LAYERS,
+    DRY_SPARSE_LAYERS,
+    DRY_SPARSE_TOKENS,
+    DRY_SPARSITIES,
     DRY_TEST_TOKENS,
     DRY_TOKENS,
     FPX_BENCH_FORMATS,
     FPX_BENCH_TOKENS,
     FPX_LAYERS,
     LLM_LAYERS,
+    SPARSE_BENCH_TOKENS,
+    SPARSE_LAYERS,
+    SPARSITIES,
     TEST_TOKENS,
     KernelCase,
+    bitmap_value_capacity,
 )
 
 CARRY_LIMIT = 48 << 20  # the device tool carries 64 MiB with the working tree (~16 MiB today)
@@ -57,7 +68,14 @@ def prepare(
 ) -> dict:
     """Build the kit into `out` (replaced if it exists); returns the manifest. `decoders`: add the
     decoder part (benchmarks/kit/decoder_build.py)."""
-    from benchmarks.kit.build import bench_cases, build_library, fpx_bench_cases, fpx_test_cases, test_cases
+    from benchmarks.kit.build import (
+        bench_cases,
+        bitmap_test_cases,
+        build_library,
+        fpx_bench_cases,
+        fpx_test_cases,
+        test_cases,
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".kit.", dir=out.parent))
@@ -101,13 +119,22 @@ def prepare(
                     "candidates": [c.name for c in cases],
                     "default": {str(n): name for n, name in defaults[layer].items()},
                 }  # fmt: skip
-        tests, fpx_tests = test_cases(dry), fpx_test_cases(dry)
-        for library, cases in [("kernels/gpu_tests.so", tests), ("kernels/fpx_gpu_tests.so", fpx_tests)]:
+        sparse_bench = _build_sparse(staging, dry, layers, choice_arch, build_arch, kernels, kernel_library, seconds)
+        tests, fpx_tests, bitmap_tests = test_cases(dry), fpx_test_cases(dry), bitmap_test_cases(dry)
+        for library, cases in [
+            ("kernels/gpu_tests.so", tests),
+            ("kernels/fpx_gpu_tests.so", fpx_tests),
+            ("kernels/bitmap_gpu_tests.so", bitmap_tests),
+        ]:
             print(f"building {library}: {len(cases)} kernels", flush=True)
             seconds[library] = build_library(cases, staging / library, build_arch)
             for c in cases:
                 kernels[c.name], kernel_library[c.name] = c, library
         test_tokens = list(DRY_TEST_TOKENS if dry else TEST_TOKENS)
+        from benchmarks.kit.kv_build import build_kv_part
+
+        print("building the KV part (decode attention per cache format)", flush=True)
+        kv_bench = build_kv_part(staging, build_arch, dry)
         if decoders:
             from benchmarks.kit.decoder_build import prepare_decoders
 
@@ -127,10 +154,20 @@ def prepare(
             "bench": bench,
             "tests": {"cases": [c.name for c in tests], "tokens": test_tokens},
             "fpx_tests": {"cases": [c.name for c in fpx_tests], "tokens": test_tokens},
+            "bitmap_tests": {"cases": [c.name for c in bitmap_tests], "tokens": test_tokens},
+            "sparse_bench": sparse_bench,
+            "kv_bench": kv_bench,
             "build_seconds": seconds,
         }
         if decoders:
             manifest["decoders"] = decoder_section
+        from benchmarks.kit.budget import gemm_estimate, kv_estimate, sparse_estimate
+
+        manifest["device_estimate"] = {
+            "gemm": gemm_estimate(bench),
+            "sparse": sparse_estimate(sparse_bench),
+            "kv": kv_estimate(kv_bench),
+        }
         size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
         manifest["summary"] = {"kernels": len(kernels), "bytes": size, "arch": manifest["arch"], "dry": dry}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -143,6 +180,34 @@ def prepare(
         if staging.exists():
             shutil.rmtree(staging)
     return manifest
+
+
+def _build_sparse(
+    staging: Path, dry: bool, layers, choice_arch: str, build_arch, kernels: dict, kernel_library: dict, seconds: dict
+) -> dict:
+    """The bitmap kernels of the sparse benchmark (benchmarks/sparse_gemm_gpu.py), one library per layer;
+    returns the manifest's "sparse_bench" section."""
+    from benchmarks.kit.build import bitmap_bench_cases, build_library
+
+    all_layers = DRY_SPARSE_LAYERS if dry else SPARSE_LAYERS
+    sparsities = DRY_SPARSITIES if dry else SPARSITIES
+    tokens = DRY_SPARSE_TOKENS if dry else SPARSE_BENCH_TOKENS
+    section = {}
+    for layer, (m, k) in all_layers.items():
+        if layers and layer not in layers:
+            continue
+        cases, defaults = bitmap_bench_cases({layer: (m, k)}, tokens, choice_arch)
+        library = f"kernels/bitmap_{m}x{k}.so"
+        print(f"building {library}: {len(cases)} kernels", flush=True)
+        seconds[library] = build_library(cases, staging / library, build_arch)
+        for c in cases:
+            kernels[c.name], kernel_library[c.name] = c, library
+        section[layer] = {
+            "m": m, "k": k, "sparsities": list(sparsities), "tokens": list(tokens),
+            "capacity": bitmap_value_capacity(m, k, sparsities), "candidates": [c.name for c in cases],
+            "default": {str(n): name for n, name in defaults[layer].items()},
+        }  # fmt: skip
+    return section
 
 
 def _copy_runtime(dest: Path, cuda: bool, python_version: str) -> None:
@@ -205,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         f"kit ready: {args.out} ({summary['bytes'] / 2**20:.1f} MiB, {summary['kernels']} kernels, "
         f"{'dry (CPU)' if args.dry else args.arch}, Python {python_version}) in {time.perf_counter() - start:.0f} s"
     )
+    for part, estimate in manifest["device_estimate"].items():
+        bound = f", <= {estimate['bound_s']} s if every timing uses its whole budget" if estimate["bound_s"] else ""
+        print(f"device estimate, {part} part: {estimate['timings']} timings, ~{estimate['expected_s']} s expected"
+              f"{bound} (benchmarks/kit/budget.py; the decoder part is not estimated)")  # fmt: skip
     return 0
 
 

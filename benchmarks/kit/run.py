@@ -4,12 +4,16 @@
     .venv/bin/python benchmarks/kit/run.py --out /tmp/kit-out   # here, after `prepare.py --dry`
 
 Needs no TVM and no tensorpress install: it puts the kit's runtime (tvm_ffi, TVM's runtime libraries,
-the runtime-only tensorpress) on the path. Writes to --out (at most 4 files, one folder level):
-    gpu_tests.log                    pytest's output
-    gpu_tests_<device>_<time>.json   passed/failed/skipped per test, environment
-    gemm_weight_<device>_<time>.json the benchmark (see benchmarks/gemm_weight.py)
+the runtime-only tensorpress) on the path. Writes to --out (at most 8 files, one folder level: what the
+device tool brings back):
+    gpu_tests_<device>_<time>.json   passed/failed/skipped per test, environment, the end of pytest's output
+    gemm_weight_<device>_<time>.json the dense / FPx GEMM benchmark (see benchmarks/gemm_weight.py)
+    sparse_gemm_gpu_<...>.json       the bitmap sparse GEMM benchmark (benchmarks/sparse_gemm_gpu.py)
+    kv_attention_gpu_<...>.json      the quantised-KV decode attention benchmark (benchmarks/kv_attention_gpu.py)
     run.log                          this script's own summary
     + the decoder part's three files (benchmarks/kit/decoder_run.py), where the kit has one
+Parts can be left out (--skip-tests, --skip-bench, --skip-sparse, --skip-kv, --skip-decoders) or run alone
+(--only sparse,kv): a short device session runs what it needs.
 Exit status: 0 when every gpu test passed and every kernel was correct, 1 otherwise.
 """
 
@@ -25,7 +29,15 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-GPU_TESTS = ["tests/schedules/tensorcore/test_template_gpu.py", "tests/schedules/tensorcore/test_fpx_gpu.py"]
+GPU_TESTS = [
+    "tests/schedules/tensorcore/test_template_gpu.py",
+    "tests/schedules/tensorcore/test_fpx_gpu.py",
+    "tests/schedules/tensorcore/test_bitmap_gpu.py",
+]
+LOG_TAIL_CHARS = 20000  # of pytest's output, kept in the gpu tests' JSON
+
+
+PARTS = ("tests", "bench", "sparse", "kv", "decoders")
 
 
 def kit_environment(kit: Path) -> dict[str, str]:
@@ -47,10 +59,56 @@ def run_gpu_tests(kit: Path, out: Path, dry: bool) -> dict:
     cmd += ["-m", "not slow"] if dry else ["-m", "gpu"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
     results = _junit(xml)
     xml.unlink(missing_ok=True)
-    return {"exit_status": proc.returncode, "seconds": time.perf_counter() - start, **results}
+    output = (proc.stdout + proc.stderr)[-LOG_TAIL_CHARS:]  # in the JSON: the tool brings back 8 files at most
+    return {"exit_status": proc.returncode, "seconds": time.perf_counter() - start, **results, "output_tail": output}
+
+
+def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> bool:
+    """The bitmap sparse GEMM benchmark; True when every kernel was correct."""
+    from benchmarks.kit.kernels import KernelKit
+    from benchmarks.sparse_gemm_gpu import run_benchmark
+
+    start = time.perf_counter()
+    workers = 2 if dry else min(16, os.cpu_count() or 1)  # the numpy packer, one band per process
+    path = run_benchmark(KernelKit(kit), out, runs=min(runs, 3) if dry else runs, warmup=1 if dry else 10,
+                         workers=workers)  # fmt: skip
+    result = json.loads(path.read_text())
+    bad = [s for s in result["summary"] if s["incorrect_kernels"]]
+    lines = [f"sparse_gemm_gpu: {len(result['summary'])} (layer, sparsity, N) points, {len(bad)} with incorrect "
+             f"kernels, in {time.perf_counter() - start:.0f} s -> {path.name}"]  # fmt: skip
+    for s in result["summary"]:
+        if s["n"] in (1, 16) or "target_met" in s:
+            best = s["best"] or {}
+            met = "met" if s.get("target_met") else "MISSED"
+            target = f" target {s['target_speedup']}x {met}" if "target_met" in s else ""
+            speedup, share = best.get("speedup") or 0, best.get("fraction_of_copy_bandwidth") or 0
+            lines.append(f"  {s['layer']:<20} {s['sparsity']:.0%} N={s['n']:<3} bitmap {speedup:5.2f}x cuBLAS "
+                         f"(ideal {s['ideal_speedup']:.2f}x, {share:.0%} copy bw){target}")  # fmt: skip
+    log.extend(lines)
+    print("\n".join(lines), flush=True)
+    return not bad
+
+
+def _run_kv(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> bool:
+    """The quantised-KV decode attention benchmark; True when every kernel's output was correct."""
+    from benchmarks.kv_attention_gpu import run_benchmark
+
+    start = time.perf_counter()
+    path = run_benchmark(kit, out, runs=min(runs, 3) if dry else runs, warmup=1 if dry else 10)
+    result = json.loads(path.read_text())
+    bad = [c for c in result["checks"] if not c["correct"]]
+    lines = [f"kv_attention_gpu: {len(result['rows'])} timings, {len(bad)} of {len(result['checks'])} output checks "
+             f"failed, in {time.perf_counter() - start:.0f} s -> {path.name}"]  # fmt: skip
+    for row in result["rows"]:
+        lines.append(f"  {row['format']:<5} G={row['group']} B={row['batch']:<2} T={row['context']:<6} "
+                     f"{row['ours_ms'] * 1e3:8.1f} us, {row['speedup_over_sdpa']:5.2f}x SDPA fp16, "
+                     f"{row['speedup_over_fp16_cache']:5.2f}x our fp16 cache, "
+                     f"{row['fraction_of_copy_bandwidth'] or 0:.0%} copy bw")  # fmt: skip
+    log.extend(lines)
+    print("\n".join(lines), flush=True)
+    return not bad
 
 
 def _junit(path: Path) -> dict:
@@ -77,7 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--layer", action="append", help="only these benchmark layers (repeatable)")
     parser.add_argument("--skip-decoders", action="store_true", help="skip the decoder part (decoder_run.py)")
+    parser.add_argument("--skip-sparse", action="store_true", help="skip the sparse GEMM benchmark")
+    parser.add_argument("--skip-kv", action="store_true", help="skip the KV attention benchmark")
+    parser.add_argument("--only", help=f"comma-separated parts to run, of {','.join(PARTS)}")
     args = parser.parse_args(argv)
+    if args.only:
+        chosen = set(args.only.split(","))
+        if chosen - set(PARTS):
+            parser.error(f"--only takes parts of {', '.join(PARTS)}")
+        for part in PARTS:
+            if part not in chosen:
+                setattr(args, f"skip_{part}", True)
     kit, out = Path(args.kit).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((kit / "manifest.json").read_text())
@@ -121,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             log.append(f"  {s['layer']:<24} N={s['n']:<4} best {speedup:5.2f}x cuBLAS ({share:.0%} of copy bw; "
                        f"ideal {ideal:.2f}x)")  # fmt: skip
         print("\n".join(log[-len(result["summary"]) - 1 :]), flush=True)
+    if manifest.get("sparse_bench") and not args.skip_sparse:
+        ok &= _run_sparse(kit, out, args.runs, manifest["dry"], log)
+    if manifest.get("kv_bench") and not args.skip_kv:
+        ok &= _run_kv(kit, out, args.runs, manifest["dry"], log)
     if manifest.get("decoders") and not args.skip_decoders:  # decoders: benchmarks/kit/decoder_run.py
         from benchmarks.kit.decoder_run import run_decoders
 

@@ -1,7 +1,8 @@
 """The GPU kit's dry mode end to end: prepare a CPU-built kit, run it, and find its results.
 
 A GPU session is rare and short; this proves here that the kit a GPU session carries is complete
-(kernels, runtime bundle, manifest, the gpu tests and the GEMM benchmark find what they need). The
+(kernels, runtime bundle, manifest; the gpu tests, the dense / FPx GEMM benchmark, the sparse (bitmap)
+GEMM benchmark and the quantised-KV attention benchmark find what they need and their outputs are right). The
 dry kernels are the same schedules built for the CPU, so the gpu tests in it check real numbers
 against torch. The decoder part has its own dry run (benchmarks/kit/decoder_run.py).
 """
@@ -14,6 +15,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.kit.cases import kept_per_row  # noqa: E402
 
 
 def test_dry_kit_prepares_runs_its_gpu_tests_and_benchmark(tmp_path):
@@ -34,3 +39,29 @@ def test_dry_kit_prepares_runs_its_gpu_tests_and_benchmark(tmp_path):
     bench = json.loads(bench_json.read_text())
     assert bench["summary"] and not any(s["incorrect_kernels"] for s in bench["summary"])
     assert {s["layer"].split()[0] for s in bench["summary"]} >= {"dry", "fp6", "fp5", "fp4"}
+    bitmap_tests = [name for name in tests["tests"] if "bitmap" in name]
+    assert bitmap_tests and all(tests["tests"][name] == "passed" for name in bitmap_tests)
+
+    (sparse_json,) = out.glob("sparse_gemm_gpu_*.json")
+    sparse = json.loads(sparse_json.read_text())
+    section = manifest["sparse_bench"]
+    expected = {(layer, s, n) for layer, spec in section.items() for s in spec["sparsities"] for n in spec["tokens"]}
+    assert {(p["layer"], p["sparsity"], p["n"]) for p in sparse["summary"]} == expected
+    for point in sparse["summary"]:
+        assert not point["incorrect_kernels"] and point["best"]["rel_error"] < 2e-3, point
+        kept = point["m"] * kept_per_row(point["k"], point["sparsity"])
+        assert point["nonzeros"] == kept and point["stored_bytes"] < point["m"] * point["k"] * 2
+
+    (kv_json,) = out.glob("kv_attention_gpu_*.json")
+    kv = json.loads(kv_json.read_text())
+    kv_section = manifest["kv_bench"]
+    assert {c["format"] for c in kv["checks"]} == set(kv_section["formats"]) == {"fp16", "int8", "int4"}
+    assert all(c["correct"] for c in kv["checks"]), [c for c in kv["checks"] if not c["correct"]]
+    cases = len(kv_section["formats"]) * len(kv_section["configs"]) * len(kv_section["batches"])
+    quantised_checks = [c for c in kv["checks"] if "rel_error" in c]  # numpy-quantised, vs fp32 SDPA
+    assert len(quantised_checks) == cases and all(c["rel_error"] < 2e-3 for c in quantised_checks)
+    timed = {(r["format"], r["group"], r["batch"], r["context"]) for r in kv["rows"]}
+    assert len(timed) == len(kv["rows"]) == cases * len(kv_section["contexts"])
+    assert all(r["ours_ms"] > 0 and r["kv_bytes"] > 0 for r in kv["rows"])
+    assert set(manifest["device_estimate"]) == {"gemm", "sparse", "kv"}
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back

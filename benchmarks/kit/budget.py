@@ -1,0 +1,79 @@
+"""Device seconds the kit's sparse and KV parts should take on an H100 / H200, from the manifest alone.
+
+A device session has about 15 minutes in all (start-up included) and the issues give each part 4
+minutes, so prepare.py prints these before anything is carried. Two figures per part:
+    expected  every kernel at half the copy bandwidth (3.0 TB/s on the H100, read + write), the numpy
+              packer at PACK_RATE elements/s per core on PACK_CORES cores, fixed costs as below
+    bound     as expected, but every timing spending its whole budget (TIMING_BUDGET_S: the benchmarks
+              cut the runs of a slow kernel to fit it), so a kernel 100x slower than hoped still fits
+The dry run's own seconds (the kit's dry test) are a floor for the Python around the kernels.
+"""
+
+from __future__ import annotations
+
+COPY_BW = 3.0e12  # H100 device-to-device copy, read + write (KINDS.md); the H200 is faster
+KERNEL_BW = COPY_BW / 2  # pessimistic share a kernel reaches
+FLUSH_S = 100e6 / COPY_BW  # the Timer rewrites 2 x L2 (~100 MB) before every timed run
+RUNS, WARMUP = 50, 10
+TIMING_BUDGET_S = 0.15  # device seconds one timing of the sparse and KV benchmarks may take (harness.timed_within)
+PACK_RATE = 18e6  # bitmap numpy packer, elements/s on one core (measured here: 8192 x 8192 in 3.6 s)
+PACK_CORES = 12  # of the device's 16 (16 spawned packers, some contention)
+START_S = 15.0  # a part's fixed cost: torch + CUDA context, copy bandwidth, the packers' spawn, JSON
+
+
+def _timing(seconds_per_call: float) -> tuple[float, float]:
+    """(expected, bound) device seconds of one timed measurement of a call taking seconds_per_call."""
+    probe = 2 * seconds_per_call
+    full = (RUNS + WARMUP) * (seconds_per_call + FLUSH_S)
+    return probe + min(full, TIMING_BUDGET_S), probe + TIMING_BUDGET_S
+
+
+def gemm_estimate(bench: dict) -> dict:
+    """The dense / FPx GEMM benchmark (benchmarks/gemm_weight.py): full RUNS + WARMUP, no budget cap."""
+    expected = START_S
+    timings = 0
+    for spec in bench.values():
+        m, k = spec["m"], spec["k"]
+        weight_bytes = m * k * (2 if spec.get("format", "dense-fp16").startswith("dense") else 0.8)  # FPx ~6 bits
+        for n in spec["tokens"]:
+            for _ in range(len(spec["candidates"]) + 1):  # + cuBLAS
+                call = (weight_bytes + n * (m + k) * 2) / KERNEL_BW
+                expected, timings = expected + (RUNS + WARMUP + 2) * (call + FLUSH_S), timings + 1
+    return {"timings": timings, "expected_s": round(expected), "bound_s": None}
+
+
+def sparse_estimate(section: dict) -> dict:
+    expected = bound = START_S
+    timings = 0
+    for spec in section.values():
+        m, k = spec["m"], spec["k"]
+        for sparsity in spec["sparsities"]:
+            pack = m * k / (PACK_RATE * PACK_CORES) + m * k * 2 * 2 / 10e9  # numpy + to host and back
+            expected, bound = expected + pack, bound + pack
+            for n in spec["tokens"]:
+                dense_s = (m * k * 2 + (n * (m + k)) * 2) / KERNEL_BW
+                sparse_s = (m * k * ((1 - sparsity) * 2 + 1 / 8) + (n * (m + k)) * 2) / KERNEL_BW
+                calls = [dense_s] + [sparse_s] * len(spec["candidates"]) + ([dense_s] if sparsity == 0.5 else [])
+                for call in calls:
+                    e, b = _timing(call)
+                    expected, bound, timings = expected + e + call, bound + b + call, timings + 1
+    return {"timings": timings, "expected_s": round(expected), "bound_s": round(bound)}
+
+
+def kv_estimate(section: dict) -> dict:
+    from tensorpress.compiler.formats import get_kv_cache_format
+
+    expected = bound = START_S
+    timings = 0
+    for config in section["configs"]:
+        kvh, d = config["kv_heads"], config["head_dim"]
+        for batch in section["batches"]:
+            rows = batch * section["check_context"] * 2 * kvh
+            check = len(section["formats"]) * rows * d / 20e6  # numpy quantize + dequantize
+            expected, bound = expected + check, bound + check
+            for context in section["contexts"]:
+                for fmt in [*section["formats"], "fp16"]:  # + SDPA, which reads fp16
+                    per_token = get_kv_cache_format(fmt).bytes_per_token(1, kvh, d, "float16")
+                    e, b = _timing(per_token * context * batch / KERNEL_BW)
+                    expected, bound, timings = expected + e, bound + b, timings + 1
+    return {"timings": timings, "expected_s": round(expected), "bound_s": round(bound)}

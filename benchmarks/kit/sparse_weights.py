@@ -1,0 +1,118 @@
+"""Pruned weights for the kit's bitmap kernels: a random mask, the numpy packer, the kernels' buffers.
+
+    packer = BandPacker(workers=16)                       # processes: the packer is numpy, one core each
+    weight = make_sparse_weight(8192, 28672, 0.8, torch.device("cuda"), packer)
+    kit.run(case, x, weight.stored)                       # bits, offsets, values (padded to the capacity)
+    torch.matmul(x, weight.dense.t())                     # cuBLAS on the very same pruned fp16 W
+
+The mask keeps exactly `kept_per_row(K, sparsity)` weights of each row, drawn uniformly (torch, on the
+device); kept values are random fp16 around 1/sqrt(K), none zero (a zero would not be stored).
+Packing is `tensorpress.compiler.formats.bitmap`'s numpy packer, run on bands of whole 16-row tile rows
+in parallel and joined (`join_bands`: each band's offsets shifted by the nonzeros before it); the join
+equals packing the whole weight at once (tests/benchmarks/test_sparse_weights.py).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+BAND_ROWS = 1024  # rows per packing task (a multiple of the bitmap tile's 16 rows)
+
+
+@dataclass
+class SparseWeight:
+    """W [M, K] pruned: the bitmap kernel's buffers (`stored`, torch), the fp16 W (`dense`), the bytes
+    the packed weight really holds (values unpadded) and how long making it took."""
+
+    stored: list[Any]
+    dense: Any
+    stored_bytes: int
+    nonzeros: int
+    seconds: dict[str, float]
+
+
+def _pack_band(band: np.ndarray) -> dict[str, np.ndarray]:
+    from tensorpress.compiler.formats import get_weight_format
+
+    packed = get_weight_format("bitmap").pack(band)
+    # the packer stores every nonzero fp16 bit pattern (-0.0 included): that many values are real
+    nnz = np.count_nonzero(band.astype(np.float16).view(np.uint16))
+    return {**packed.arrays, "nnz": np.array(nnz)}
+
+
+def join_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = None) -> dict[str, np.ndarray]:
+    """The bitmap arrays of a weight from those of its row bands (each a whole number of tile rows),
+    in order; "values" padded with zeros to `capacity` (default: the packer's own length)."""
+    total = sum(int(p["nnz"]) for p in parts)
+    size = -(-(total + 1) // 8) * 8 if capacity is None else capacity
+    if size < total + 1:
+        raise ValueError(f"{total} nonzeros do not fit a values buffer of {size}")
+    values = np.zeros(size, np.float16)
+    offsets, start = [], 0
+    for p in parts:
+        nnz = int(p["nnz"])
+        offsets.append(p["offsets"] + np.int32(start))
+        values[start : start + nnz] = p["values"][:nnz]
+        start += nnz
+    bits = np.concatenate([p["bits"] for p in parts])
+    return {"bits": bits, "offsets": np.concatenate(offsets).astype(np.int32), "values": values}
+
+
+class BandPacker:
+    """Packs with the numpy bitmap packer, bands of BAND_ROWS rows in `workers` processes (spawned:
+    the parent holds a CUDA context); workers=0 packs in this process."""
+
+    def __init__(self, workers: int):
+        import multiprocessing
+
+        self.pool = (
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None
+        )
+
+    def pack(self, w: np.ndarray, capacity: int | None = None) -> dict[str, np.ndarray]:
+        bands = [w[r : r + BAND_ROWS] for r in range(0, w.shape[0], BAND_ROWS)]
+        parts = list(self.pool.map(_pack_band, bands)) if self.pool else [_pack_band(b) for b in bands]
+        return join_bands(parts, capacity)
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
+
+
+def random_pruned(m: int, k: int, sparsity: float, device, seed: int):
+    """fp16 W [m, k] on `device`: random values around 1/sqrt(K) (none zero), each row keeping exactly
+    kept_per_row(k, sparsity) of them at random positions."""
+    import torch
+
+    from benchmarks.kit.cases import kept_per_row
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = (torch.randn(m, k, generator=g, device=device) / k**0.5).to(torch.float16)
+    w = torch.where(w == 0, torch.tensor(2.0**-14, dtype=torch.float16, device=device), w)
+    keep = torch.rand(m, k, generator=g, device=device).topk(kept_per_row(k, sparsity), dim=1).indices
+    mask = torch.zeros(m, k, dtype=torch.bool, device=device).scatter_(1, keep, True)
+    return torch.where(mask, w, torch.zeros((), dtype=torch.float16, device=device))
+
+
+def make_sparse_weight(
+    m: int, k: int, sparsity: float, device, packer: BandPacker, capacity: int, seed: int = 0
+) -> SparseWeight:
+    import torch
+
+    start = time.perf_counter()
+    dense = random_pruned(m, k, sparsity, device, seed)
+    host = dense.cpu().numpy()
+    masked = time.perf_counter()
+    arrays = packer.pack(host, capacity)
+    packed = time.perf_counter()
+    nnz = int(np.count_nonzero(host.view(np.uint16)))
+    stored = [torch.from_numpy(arrays[name]).to(device) for name in ("bits", "offsets", "values")]
+    real_values = -(-(nnz + 1) // 8) * 8  # what the packer alone stores (no kit padding)
+    nbytes = arrays["bits"].nbytes + arrays["offsets"].nbytes + 2 * real_values
+    seconds = {"mask": masked - start, "pack": packed - masked, "upload": time.perf_counter() - packed}
+    return SparseWeight(stored, dense, int(nbytes), nnz, seconds)

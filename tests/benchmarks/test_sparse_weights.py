@@ -1,0 +1,41 @@
+"""The kit's parallel bitmap packing (benchmarks/kit/sparse_weights.py): packing row bands and joining
+them gives the compiler's packer's arrays bit for bit, and the random prune keeps the asked count per row."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.kit import sparse_weights  # noqa: E402
+from benchmarks.kit.cases import bitmap_value_capacity, kept_per_row  # noqa: E402
+from tensorpress.compiler.formats import get_weight_format  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("m, k, sparsity", [(100, 200, 0.7), (64, 64, 0.5), (17, 130, 0.9)])
+def test_band_packing_equals_the_whole_weight_packed_at_once(monkeypatch, m, k, sparsity):
+    monkeypatch.setattr(sparse_weights, "BAND_ROWS", 32)  # several bands, the last one short
+    w = sparse_weights.random_pruned(m, k, sparsity, torch.device("cpu"), seed=m).numpy()
+    assert (np.count_nonzero(w, axis=1) == kept_per_row(k, sparsity)).all()
+    whole = get_weight_format("bitmap").pack(w).arrays
+    joined = sparse_weights.BandPacker(0).pack(w)
+    for name in ("bits", "offsets", "values"):
+        assert joined[name].dtype == whole[name].dtype and np.array_equal(joined[name], whole[name]), name
+    padded = sparse_weights.BandPacker(0).pack(w, capacity=bitmap_value_capacity(m, k))
+    assert padded["values"].size == bitmap_value_capacity(m, k)
+    assert np.array_equal(padded["values"][: whole["values"].size], whole["values"])
+    assert not padded["values"][whole["values"].size :].any()
+
+
+def test_a_capacity_too_small_for_the_nonzeros_is_refused():
+    w = sparse_weights.random_pruned(32, 64, 0.5, torch.device("cpu"), seed=0).numpy()
+    with pytest.raises(ValueError, match="do not fit"):
+        sparse_weights.BandPacker(0).pack(w, capacity=8)
