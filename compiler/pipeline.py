@@ -6,8 +6,9 @@ imported = drop_unused_weights(imported)            weights nothing reads (e.g. 
 sites    = find_linear_sites(imported.mod)           every linear layer with a weight parameter
 plan     = plan_weights(sites, recipe, target, w)    which format each weight is stored in (with a sparsity:
                                                      pruned first, compiler/pruning.py; auto: by bytes)
-stats    = linear_input_statistics(imported, feeds)  with calibration: each compressed layer's input X^T X
-                                                     (compiler/calibration/), for wanda, sparsegpt, act
+packed   = compress_in_order(imported, feeds, ...)    with calibration: the compressed layers pruned / quantised
+                                                     level by level from their inputs' X^T X
+                                                     (compiler/calibration/): wanda, sparsegpt, act
 imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
 imported = mask_infinite_max_in_logsumexp(imported)  numerics: logsumexp of ±Inf rows as torch gives it
 imported = decompose_gelu, FastMathTransform (CPU)   transcendentals as fast polynomials, not libm calls
@@ -91,21 +92,24 @@ def compile_imported(
     densities: dict[str, float] = {}
     if sites:
         log.info("packing the weights of %d linear layers (%s)", len(sites), recipe.format or "dense")
-    stats = _calibration_statistics(imported, sites, choices, calibration, target)
+    calibrated = _compress_calibrated(imported, sites, choices, recipe, calibration, target, pruned)
     packed: dict[str, PackedWeight] = {}
     packed_by_shape: dict[tuple, PackedWeight] = {}
 
     def pack(name: str, w: np.ndarray, choice: LayerChoice) -> PackedWeight:
         weight_format = get_weight_format(choice.format, recipe.scale_search)
-        layer_stats = stats.get(name)
+        if name in calibrated:  # pruned / quantised from its inputs, level by level
+            packed[name] = calibrated[name]
+            if name in pruned or weight_format.sparse:
+                stored = weight_format.unpack(packed[name])
+                densities[name] = float(np.count_nonzero(stored)) / max(stored.size, 1)
+            return packed[name]
         if name in pruned and recipe.sparsity is not None:
-            w = prune(w, recipe.sparsity, recipe.prune, layer_stats)
+            w = prune(w, recipe.sparsity, recipe.prune)
         if name in pruned or weight_format.sparse:
             densities[name] = float(np.count_nonzero(w)) / max(w.size, 1)
         if store_weights:
-            packed[name] = (
-                weight_format.pack(w) if layer_stats is None else weight_format.pack_calibrated(w, layer_stats.gram)
-            )
+            packed[name] = weight_format.pack(w)
         else:  # only shapes are written: one packing per (format, shape) serves every such weight
             key = (choice.format, w.shape)
             if key not in packed_by_shape:
@@ -143,22 +147,34 @@ def compile_imported(
     return CompileReport(Path(output), manifest, seconds)
 
 
-def _calibration_statistics(imported, sites, choices, feeds, target) -> dict[str, Any]:
-    """{weight: LinearInputStatistics} of every linear layer stored compressed, from one CPU run of the
-    model over `feeds`; {} without calibration."""
+def _compress_calibrated(imported, sites, choices, recipe, feeds, target, pruned) -> dict[str, PackedWeight]:
+    """{weight: PackedWeight} of every compressed or `pruned` linear layer, pruned (wanda, sparsegpt) or
+    quantised (act) from its input statistics, level by level (`compress_in_order`); {} without
+    calibration."""
     if not feeds:
         return {}
-    from tensorpress.compiler.calibration import linear_input_statistics
+    from tensorpress.compiler.calibration import compress_in_order
 
-    weights = {
-        s.weight: s.k for s in sites if s.weight in choices and get_weight_format(choices[s.weight].format).compresses
-    }
+    by_name = {s.weight: s for s in sites}
+    weights = {w: by_name[w].k for w, c in choices.items() if get_weight_format(c.format).compresses or w in pruned}
+
+    def compress(name: str, stats) -> tuple[PackedWeight, np.ndarray]:
+        site, param = by_name[name], imported.params[name]
+        w = np.asarray(param, dtype=np.float32)
+        w = w if site.transposed_in_graph else w.T  # [M, K], as the weight GEMM's packer takes it
+        weight_format = get_weight_format(choices[name].format, recipe.scale_search)
+        if name in pruned and recipe.sparsity is not None:
+            w = prune(w, recipe.sparsity, recipe.prune, stats)
+        packed = weight_format.pack_calibrated(w, stats.gram)
+        w_stored = weight_format.unpack(packed)  # what the compiled layer computes with feeds the next level
+        return packed, (w_stored if site.transposed_in_graph else w_stored.T).astype(param.dtype)
+
     log.info("calibrating %d linear layers on %d samples (CPU)", len(weights), len(feeds))
     start = time.perf_counter()
     with internal_errors_named("calibration", target):
-        stats = linear_input_statistics(imported, feeds, weights) if weights else {}
-    log.info("calibration took %.1fs", time.perf_counter() - start)
-    return stats
+        calibrated = compress_in_order(imported, feeds, weights, compress) if weights else {}
+    log.info("calibrated compression took %.1fs", time.perf_counter() - start)
+    return calibrated
 
 
 def numerics_passes(target: TargetSpec) -> list[GraphPass]:

@@ -97,12 +97,18 @@ def dampened_hessian(gram: np.ndarray, dampening: float = SPARSEGPT_DAMPENING) -
     return h
 
 
-def sparsegpt(w: np.ndarray, sparsity: float, gram: np.ndarray, block: int = SPARSEGPT_BLOCK) -> np.ndarray:
+def sparsegpt(
+    w: np.ndarray,
+    sparsity: float,
+    gram: np.ndarray,
+    block: int = SPARSEGPT_BLOCK,
+    dampening: float = SPARSEGPT_DAMPENING,
+) -> np.ndarray:
     """float64 W[M, K] pruned by SparseGPT (module docstring): floor(sparsity * K) zeros per row, the
     kept weights updated so that ||(W - W') X^T|| stays small, X^T X = `gram` [K, K]."""
     m, k = w.shape
     gram = _checked(gram, (k, k), "input Gram matrix")
-    h = dampened_hessian(gram)
+    h = dampened_hessian(gram, dampening)
     w = np.array(w, dtype=np.float64, copy=True)
     w[:, np.diag(np.asarray(gram)) == 0] = 0.0  # channels that are always zero: any value is free
     # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i, from the diagonal on, is the OBS update of

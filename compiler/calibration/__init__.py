@@ -5,6 +5,7 @@ project: pruning (wanda, sparsegpt), FPx's `act` scale search, and the next user
     data  = read_calibration_file("calib.npz")                  # checked before any work (samples.py)
     feeds = calibration_feeds(data, imported)                   # {input name: array} per sample
     stats = linear_input_statistics(imported, feeds, weights)   # {weight name: LinearInputStatistics}
+    packed = compress_in_order(imported, feeds, weights, compress)   # level by level (collect.py)
 
 The file (`--calibration FILE`, `tensorpress.compile(..., calibration=FILE)`):
   .npz  model inputs by input name (np.savez(f, input_ids=..., attention_mask=...)). Each array is
@@ -18,13 +19,16 @@ The file (`--calibration FILE`, `tensorpress.compile(..., calibration=FILE)`):
 How (collect.py): the imported Relax module, where every frontend ends, gets each linear site's input
 expression as an extra output (`expose_linear_inputs`), is built for the CPU by the normal build and
 run by TVM's VM one sample at a time; the accumulators (statistics.py) fold each sample's [tokens, K]
-activations in float64 and nothing else is kept. One path for ONNX, torch and Hugging Face models
+activations in float64 and nothing else is kept. The compiler compresses level by level
+(`compress_in_order`): a layer's statistics are taken with the layers feeding it already compressed
+(the weights are VM arguments: one build, a run per level). One path for ONNX, torch and Hugging Face models
 alike, the same graph the compiler then rewrites, so a site's statistics are of exactly the tensor
 its weight GEMM will multiply. Graph models only for now (a decoder's prefill needs its KV cache).
 """
 
 from tensorpress.compiler.calibration.collect import (
-    collect_linear_inputs,
+    CalibrationRun,
+    compress_in_order,
     expose_linear_inputs,
     linear_input_statistics,
 )
@@ -33,9 +37,10 @@ from tensorpress.compiler.calibration.statistics import LinearInputStatistics
 
 __all__ = [
     "CalibrationData",
+    "CalibrationRun",
     "LinearInputStatistics",
     "calibration_feeds",
-    "collect_linear_inputs",
+    "compress_in_order",
     "expose_linear_inputs",
     "linear_input_statistics",
     "read_calibration_file",

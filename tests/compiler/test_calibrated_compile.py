@@ -1,7 +1,8 @@
 """Calibrated compression through the whole compiler on the CPU: --prune wanda / sparsegpt and FPx's
 --scale-search act, from Python and the command line. The compiled model computes what torch (or
 onnxruntime) computes with the same weights, those weights derived from torch's own forward hooks
-on the calibration inputs (not from the compiler's calibration run)."""
+on the calibration inputs (not from the compiler's calibration run), layer after layer: fc2's
+statistics are taken with fc1 already compressed as stored, as the compiler does level by level."""
 
 from __future__ import annotations
 
@@ -76,9 +77,9 @@ def test_mlp_pruned_with_calibration_matches_torch_with_the_same_weights(tmp_pat
     assert report.manifest["recipe"]["calibration"] == {"file": "calib.npz", "samples": 4}
     assert {layer["stored_format"] for layer in report.manifest["layers"]} == {"ellpack"}  # auto, on the CPU
     (y,) = tensorpress.runtime.load(report.artifact).run([x.numpy()])
-    grams = hook_grams(model, SAMPLES)
     with torch.no_grad():
-        for i, gram in grams.items():
+        for i in (0, 2):  # fc1, then fc2 on the inputs fc1 as stored gives it
+            gram = hook_grams(model, SAMPLES, layers=(i,))[i]
             w = model[i].weight
             if method == "wanda":
                 pruned = torch_wanda(w, np.sqrt(np.diag(gram)), 0.5)
@@ -126,7 +127,8 @@ def test_mlp_fp6_act_matches_torch_with_the_same_weights(tmp_path):
     (y,) = tensorpress.runtime.load(report.artifact).run([x.numpy()])
     fmt = get_weight_format("fp6", "act")
     with torch.no_grad():
-        for i, gram in hook_grams(model, SAMPLES).items():
+        for i in (0, 2):
+            gram = hook_grams(model, SAMPLES, layers=(i,))[i]
             w = model[i].weight
             w.copy_(torch.from_numpy(fmt.unpack(fmt.pack_calibrated(w.numpy(), gram))))
         want = model(x).numpy()
@@ -154,9 +156,12 @@ def test_cli_wanda_matches_onnxruntime_on_the_pruned_weights_and_act_without_cal
 
     model = onnx.load(str(onnx_path))
     inits = {init.name: init for init in model.graph.initializer}
-    for name, gram in hook_grams(build("mlp"), SAMPLES, layers=("fc1", "fc2")).items():  # the exported module
-        w = torch.from_numpy(numpy_helper.to_array(inits[f"{name}.weight"]).copy())
-        pruned = as_stored(torch_wanda(w, np.sqrt(np.diag(gram)), 0.5))
+    torch_mlp = build("mlp")  # the exported module
+    for name in ("fc1", "fc2"):
+        gram = hook_grams(torch_mlp, SAMPLES, layers=(name,))[name]
+        layer = getattr(torch_mlp, name)
+        pruned = as_stored(torch_wanda(layer.weight.detach(), np.sqrt(np.diag(gram)), 0.5))
+        layer.weight.data = pruned
         inits[f"{name}.weight"].CopyFrom(numpy_helper.from_array(pruned.numpy(), f"{name}.weight"))
     want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)

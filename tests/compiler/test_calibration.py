@@ -12,7 +12,12 @@ from reference_models import build, export_onnx
 
 import tensorpress
 from tensorpress import SparseConfig
-from tensorpress.compiler.calibration import calibration_feeds, linear_input_statistics, read_calibration_file
+from tensorpress.compiler.calibration import (
+    calibration_feeds,
+    expose_linear_inputs,
+    linear_input_statistics,
+    read_calibration_file,
+)
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import find_linear_sites
 from tensorpress.errors import ConfigError
 from tensorpress.frontend import import_model
@@ -55,6 +60,10 @@ def test_statistics_equal_torch_forward_hooks(tmp_path, frontend):
     torch_names = dict(zip([s.weight for s in sites], ["qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"]))
     stats = linear_input_statistics(imported, feeds, {s.weight: s.k for s in sites})
     want = torch_linear_inputs(model, [torch.from_numpy(s) for s in samples])
+    levels = expose_linear_inputs(imported.mod, list(torch_names))[2]
+    assert {torch_names[name]: level for name, level in levels.items()} == {
+        "qkv.weight": 1, "proj.weight": 2, "fc1.weight": 3, "fc2.weight": 4
+    }  # fmt: skip
     for name, torch_name in torch_names.items():
         x = want[torch_name]
         assert stats[name].tokens == x.shape[0] == 3 * 2 * 16
