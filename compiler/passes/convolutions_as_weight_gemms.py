@@ -116,7 +116,7 @@ class _ConvToLinear(PyExprMutator):
         self.params = params
         self.new_params: dict[str, np.ndarray] = {}
         self.weights_2d: dict[relax.Var, relax.Var] = {}  # the 4-D parameter -> its [O, KH*KW*C] stand-in
-        self.linear_weights: set[relax.Var] = set()
+        self.candidates: set[relax.Var] = set()  # the function's parameters that may be replaced
 
     def rewrite_function(self, func: relax.Function) -> relax.Function:
         self.weights_2d = {}
@@ -213,13 +213,9 @@ class _ConvToLinear(PyExprMutator):
         b = reshaped.args[0]
         if not isinstance(b, relax.Var) or b.name not in self.params or b.ty.ndim != 1:
             return None
-        if _ints(b.ty.shape.values) != [channels] or _ints(self._shape_of(expr)) != [1, 1, 1, channels]:
+        if _ints(b.ty.shape.values) != [channels] or _ints(expr.ty.shape.values) != [1, 1, 1, channels]:
             return None
         return b
-
-    @staticmethod
-    def _shape_of(expr) -> list:
-        return list(expr.ty.shape.values)
 
 
 def _convertible_weights(func: relax.Function, num_input: int) -> set[relax.Var]:

@@ -23,6 +23,7 @@ import contextlib
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 from tvm.target import Target
 
 from tensorpress.schedules.cpu.loop_helpers import static_extent
@@ -42,6 +43,8 @@ class DepthwiseConv(CPUScheduleRule):
         if conv is None:
             return None
         lanes = vector_unit(target).lanes(str(sch.get(conv).writes[0].source.dtype))
+        if int(sch.get(conv).iter_vars[3].dom.extent) % lanes:
+            return None  # channels not whole vectors: the next rule takes it
         try:
             _schedule(sch, conv, lanes)
         except s_tir.ScheduleError:
@@ -51,37 +54,29 @@ class DepthwiseConv(CPUScheduleRule):
 
 def _depthwise_block(sch: s_tir.Schedule):
     """The function's depthwise conv block, or None when the function is not one."""
-    root = get_root_block(sch)
-    reductions = []
-    for block in sch.get_child_blocks(root):
-        kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
-        if tirx.IterVar.CommReduce in kinds:
-            reductions.append(block)
-    if len(reductions) != 1:
+    reductions = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
+    if reductions is None:
         return None
     block = sch.get(reductions[0])
     spatial = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
-    if len(spatial) != 4 or len(reduce) != 3 or not _is_one(reduce[2].dom.extent):
+    if len(spatial) != 4 or len(reduce) != 3:
         return None
+    if not (_is_static(spatial[3].dom.extent) and _is_static(reduce[2].dom.extent, 1)):
+        return None  # static channels, and a unit channel reduction (depthwise)
     channel = spatial[3].var
     write = block.writes[0]
     if len(write.region) != 4 or not write.region[3].min.same_as(channel):
         return None
-    reads = [r for r in block.reads if r.source.same_as(write.source) is False]
+    reads = [r for r in block.reads if not r.source.same_as(write.source)]
     weights = [r for r in reads if len(r.region) == 4 and r.region[0].min.same_as(channel)]
     inputs = [r for r in reads if len(r.region) == 4 and _mentions(r.region[3].min, channel)]
     if len(weights) != 1 or len(inputs) != 1:
-        return None
-    if static_extent_of(spatial[3].dom.extent) is None:
         return None
     return reductions[0]
 
 
 def _schedule(sch: s_tir.Schedule, conv, lanes: int) -> None:
-    channels = static_extent_of(sch.get(conv).iter_vars[3].dom.extent)
-    if channels is None or channels % lanes:
-        raise s_tir.ScheduleError("channels not a whole number of vectors")
     for producer in sch.get_producers(conv):  # the zero padding: read in place, the test is per pixel
         with contextlib.suppress(s_tir.ScheduleError):
             sch.compute_inline(producer)
@@ -112,12 +107,9 @@ def _schedule(sch: s_tir.Schedule, conv, lanes: int) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _is_one(extent) -> bool:
-    return isinstance(extent, tirx.IntImm) and extent.value == 1
-
-
-def static_extent_of(extent) -> int | None:
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
+def _is_static(extent, value: int | None = None) -> bool:
+    """Whether `extent` is a constant (equal to `value`, when given)."""
+    return isinstance(extent, tirx.IntImm) and (value is None or extent.value == value)
 
 
 def _mentions(expr, var) -> bool:
