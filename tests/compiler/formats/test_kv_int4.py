@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from llvm_harness import build_kv_append_and_read
 
 from tensorpress.compiler.formats import get_kv_cache_format
 from tensorpress.compiler.formats.kv_int4 import Int4KVCache, pack_nibbles, unpack_nibbles
@@ -93,10 +94,7 @@ def test_constant_zero_and_extreme_rows():
 
 
 def _append_and_read_lib(dtype, D):
-    from tvm.s_tir import dlight as dl
     from tvm.script import tirx as T
-
-    from tensorpress.schedules.kv_attention import kv_append_func, kv_attention_rules
 
     KVH, PS = 2, 4
 
@@ -115,16 +113,7 @@ def _append_and_read_lib(dtype, D):
                     INT4.read([codes, min_scale], va, vp, 1, vg, vr, vd, dtype),
                 )
 
-    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
-    mod = tvm.IRModule(
-        {
-            "append": kv_append_func(INT4, KVH, D, PS, dtype).with_attr("global_symbol", "append"),
-            "read": read_all.with_attr("global_symbol", "read"),
-        }
-    )
-    with target:
-        mod = dl.ApplyDefaultSchedule(*kv_attention_rules())(mod)
-        return tvm.compile(mod, target=target)
+    return build_kv_append_and_read(INT4, read_all, KVH, D, PS, dtype)
 
 
 @pytest.mark.parametrize("dtype, D", [("float32", 16), ("float16", 16), ("float32", 6)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from llvm_harness import build_kv_append_and_read
 
 from tensorpress.compiler.formats import FORMATS, get_kv_cache_format, kv_cache_format_names
 from tensorpress.compiler.formats.kv_int8 import Int8KVCache
@@ -59,10 +60,7 @@ def test_zero_rows_and_extremes():
 
 
 def _append_and_read_lib(dtype):
-    from tvm.s_tir import dlight as dl
     from tvm.script import tirx as T
-
-    from tensorpress.schedules.kv_attention import kv_append_func, kv_attention_rules
 
     KVH, D, PS = 2, 16, 4
 
@@ -81,16 +79,7 @@ def _append_and_read_lib(dtype):
                     INT8.read([codes, scales], va, vp, 1, vg, vr, vd, dtype),
                 )
 
-    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
-    mod = tvm.IRModule(
-        {
-            "append": kv_append_func(INT8, KVH, D, PS, dtype).with_attr("global_symbol", "append"),
-            "read": read_all.with_attr("global_symbol", "read"),
-        }
-    )
-    with target:
-        mod = dl.ApplyDefaultSchedule(*kv_attention_rules())(mod)
-        return tvm.compile(mod, target=target)
+    return build_kv_append_and_read(INT8, read_all, KVH, D, PS, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
