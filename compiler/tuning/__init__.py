@@ -1,0 +1,5 @@
+"""Auto-tuning: search the parameters of our schedule templates and of the generic ops, keep the best as
+records under `tuning_logs/<arch>/`, and apply them at compile.
+
+measure.py   BuiltCandidate (one compiled kernel to time) and the Measurer protocol; LocalMeasurer
+"""
