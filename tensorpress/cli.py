@@ -49,9 +49,19 @@ def _compile(args: argparse.Namespace) -> int:
         formats = sorted({layer["format"] for layer in layers})
         print(
             f"  {len(layers)} linear layers ({', '.join(formats)}): {stored / 1e6:.2f} MB stored, "
-            f"{fp16 / 1e6:.2f} MB as fp16 ({size_vs_fp16(stored, fp16)})"
+            f"{fp16 / 1e6:.2f} MB as fp16 ({size_vs_fp16(stored, fp16)}){_pruning_summary(layers)}"
         )
     return 0
+
+
+def _pruning_summary(layers: list[dict]) -> str:
+    """'; 6 pruned, 20.1% of their weights kept' for the layers with a recorded density, else ''."""
+    pruned = [layer for layer in layers if "density" in layer]
+    if not pruned:
+        return ""
+    weights = sum(layer["shape"][0] * layer["shape"][1] for layer in pruned)
+    kept = sum(layer["density"] * layer["shape"][0] * layer["shape"][1] for layer in pruned)
+    return f"; {len(pruned)} pruned, {kept / weights:.1%} of their weights kept"
 
 
 def _sparse_config(args: argparse.Namespace):

@@ -137,8 +137,8 @@ def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_list
     onnx_path = export_onnx("mlp", tmp_path)
     artifact = tmp_path / "mlp_sparse.tpk"
     chosen = ["--sparse-format", sparse_format] if sparse_format != "auto" else []  # auto: the default
-    result = _tp("compile", str(onnx_path), "-o", str(artifact), "--sparsity", "0.8", "--prune", "magnitude", *chosen)
-    assert result.returncode == 0, result.stderr
+    compiled = _tp("compile", str(onnx_path), "-o", str(artifact), "--sparsity", "0.8", "--prune", "magnitude", *chosen)
+    assert compiled.returncode == 0, compiled.stderr
     x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
     result = _tp("run", str(artifact), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"))
@@ -159,6 +159,10 @@ def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_list
         (line,) = [row for row in listing.splitlines() if row.strip().startswith(layer["weight"])]
         assert ("ellpack" if sparse_format == "auto" else "bitmap") in line
         assert f"{layer['density']:.1%}" in line and f"{1 - layer['stored_bytes'] / layer['fp16_bytes']:.1%}" in line
+    # compile's summary: how many layers were pruned and what fraction of their weights is left
+    sizes = [layer["shape"][0] * layer["shape"][1] for layer in manifest["layers"]]
+    kept = sum(layer["density"] * size for layer, size in zip(manifest["layers"], sizes)) / sum(sizes)
+    assert f"{len(sizes)} pruned, {kept:.1%} of their weights kept" in compiled.stdout, compiled.stdout
 
 
 @pytest.mark.parametrize(
