@@ -183,8 +183,11 @@ def _calibration_data(calibration: Any, model: Any, store_weights: bool):
 
     if not isinstance(calibration, (str, os.PathLike)):
         raise ConfigError(f"calibration must be the path of an .npz or .txt file, got {type(calibration).__name__}.")
-    if _is_decoder_folder(model) or _is_onnx_decoder(model):
-        raise ConfigError("calibration of decoders is not built yet (graph models only); compile without it.")
+    if _is_onnx_decoder(model):
+        raise ConfigError(
+            "calibration of ONNX decoders is not built (Hugging Face decoder folders and graph models are); "
+            "compile the model's Hugging Face folder, or compile without it."
+        )
     if not store_weights:
         raise ConfigError("calibration needs the weights' values; it cannot go with store_weights=False.")
     return read_calibration_file(calibration)

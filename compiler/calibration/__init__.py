@@ -15,6 +15,9 @@ The file (`--calibration FILE`, `tensorpress.compile(..., calibration=FILE)`):
   .txt  text, one sample per non-empty line, for models with a tokenizer (a Hugging Face folder):
         each line is tokenized alone (no padding), input_ids from the tokenizer, attention_mask ones,
         token_type_ids zeros, position_ids 0 .. L-1.
+  Decoders (Hugging Face folders) take prompts: a .txt through their tokenizer, or an .npz holding
+  only input_ids, one prompt [n] or [S, n]. They run through `prefill`, all prompts of a batch as one
+  ragged call over a scratch KV cache (prefill_arguments.py), attending in full precision as served.
 
 How (collect.py): the imported Relax module, where every frontend ends, gets each linear site's input
 expression as an extra output (`expose_linear_inputs`), is built for the CPU by the normal build and
@@ -23,7 +26,7 @@ activations in float64 and nothing else is kept. The compiler compresses level b
 (`compress_in_order`): a layer's statistics are taken with the layers feeding it already compressed
 (the weights are VM arguments: one build, a run per level). One path for ONNX, torch and Hugging Face models
 alike, the same graph the compiler then rewrites, so a site's statistics are of exactly the tensor
-its weight GEMM will multiply. Graph models only for now (a decoder's prefill needs its KV cache).
+its weight GEMM will multiply. (ONNX decoders are not calibrated: compile their Hugging Face folder.)
 """
 
 from tensorpress.compiler.calibration.collect import (

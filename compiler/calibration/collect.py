@@ -20,9 +20,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tensorpress.compiler.calibration.prefill_arguments import prefill_arguments
 from tensorpress.compiler.calibration.statistics import LinearInputStatistics
 from tensorpress.errors import ConfigError, TensorpressError
 
+PREFILL = "prefill"  # a decoder's function that takes whole prompts (frontend/decoders/causal_lm.py)
+PREFILL_INPUTS = ("input_ids", "positions", "seq_slot", "block_table", "last_token_index")  # then the cache
 BATCH_LIMIT = 64  # samples a run stacks at most (memory: every linear layer's input is returned)
 
 
@@ -62,9 +65,11 @@ def compress_in_order(
     return results
 
 
-def expose_linear_inputs(mod, weights: list[str]) -> tuple[Any, list[tuple[str, int]], dict[str, int]]:
-    """(a copy of `mod` whose "main" returns (its result, *site inputs), [(weight, index of its input
-    in that tuple)] for each linear layer reading one of `weights`, {weight: level}: 1 for a layer
+def expose_linear_inputs(
+    mod, weights: list[str], entry: str = "main"
+) -> tuple[Any, list[tuple[str, int]], dict[str, int]]:
+    """(a copy of `mod` whose function `entry` returns (its result, *site inputs), [(weight, index of its
+    input in that tuple)] for each linear layer reading one of `weights`, {weight: level}: 1 for a layer
     whose input no other of these layers feeds, else 1 + the highest level among those that do)."""
     import tvm
     from tvm import relax
@@ -72,7 +77,7 @@ def expose_linear_inputs(mod, weights: list[str]) -> tuple[Any, list[tuple[str, 
     from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import linear_site_inputs
 
     mod = tvm.IRModule(dict(mod.functions_items()))
-    func = relax.transform.ToNonDataflow()(tvm.IRModule({"main": mod["main"]}))["main"]
+    func = relax.transform.ToNonDataflow()(tvm.IRModule({entry: mod[entry]}))[entry]
     inputs = linear_site_inputs(func)
     exposed: list[Any] = []
     where: list[tuple[str, int]] = []
@@ -86,8 +91,9 @@ def expose_linear_inputs(mod, weights: list[str]) -> tuple[Any, list[tuple[str, 
     new = relax.Function(
         func.params, relax.SeqExpr(body.blocks, relax.Tuple([body.body, *exposed])), ret, attrs=func.attrs
     )
-    mod["main"] = new
-    return relax.transform.Normalize()(mod), where, levels
+    mod[entry] = new
+    # the other entry points (a decoder's decode) are not run: only `entry` and what it calls is built
+    return relax.transform.DeadCodeElimination([entry])(relax.transform.Normalize()(mod)), where, levels
 
 
 def _levels(func, inputs: dict[str, list]) -> dict[str, int]:
@@ -144,13 +150,14 @@ class CalibrationRun:
         from tensorpress.compiler.build_folder import build_folder
         from tensorpress.compiler.targets import parse_target
 
-        if imported.kind != "graph":
-            raise ConfigError(f"calibration runs graph models only for now, not a {imported.kind}; compile without it.")
-        mod, self.where, self.levels = expose_linear_inputs(imported.mod, weights)
+        if imported.kind not in ("graph", "decoder"):
+            raise ConfigError(f"calibration runs graph models and decoders, not a {imported.kind}; compile without it.")
+        self.entry = PREFILL if imported.kind == "decoder" else "main"
+        mod, self.where, self.levels = expose_linear_inputs(imported.mod, weights, self.entry)
         missing = sorted(set(weights) - {name for name, _ in self.where})
         if missing:
             raise TensorpressError(f"calibration found no linear layer reading {', '.join(missing)}.")
-        func = mod["main"]
+        func = mod[self.entry]
         self.imported = imported
         self.param_names = [v.name for v in list(func.params)[int(func.attrs["num_input"]) :]]
         with build_folder() as tmp:
@@ -174,15 +181,19 @@ class CalibrationRun:
         args = [weights[name] for name in self.param_names]
         for feed in self._batched(feeds):
             inputs = [tvm.runtime.tensor(np.ascontiguousarray(feed[spec.name])) for spec in self.imported.inputs]
-            outputs = self.vm["main"](*inputs, *args)
+            outputs = self.vm[self.entry](*inputs, *args)
             for name, index in self.where:
                 if name in accumulators:
                     accumulators[name].update(outputs[index].numpy())
 
     def _batched(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """Feeds of one shape stacked along the batch axis, where every input's first dimension is the
-        same symbolic one (a batch): each token's activations are then what they are alone, and the
-        statistics (sums over tokens) the same, for far fewer, larger runs."""
+        """A decoder's prompts, up to BATCH_LIMIT at a time, as the arguments of one ragged prefill
+        (prefill_arguments.py). Other models' feeds of one shape stacked along the batch axis, where
+        every input's first dimension is the same symbolic one (a batch). Either way each token's
+        activations are what they are alone, and the statistics (sums over tokens) the same, for far
+        fewer, larger runs."""
+        if self.entry == PREFILL:
+            return [self._prefill_feed(feeds[i : i + BATCH_LIMIT]) for i in range(0, len(feeds), BATCH_LIMIT)]
         firsts = {spec.shape[0] if spec.shape else None for spec in self.imported.inputs}
         if len(firsts) != 1 or not isinstance(next(iter(firsts)), str):
             return feeds
@@ -194,3 +205,9 @@ class CalibrationRun:
             for group in groups.values()
             for group in [group[i : i + BATCH_LIMIT] for i in range(0, len(group), BATCH_LIMIT)]
         ]
+
+    def _prefill_feed(self, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        specs = self.imported.inputs
+        page_size = int(self.imported.info["decoder"]["page_size"])
+        arguments = prefill_arguments([feed["input_ids"] for feed in feeds], specs[len(PREFILL_INPUTS) :], page_size)
+        return {spec.name: value for spec, value in zip(specs, arguments)}

@@ -54,7 +54,10 @@ def read_calibration_file(path: str | os.PathLike) -> CalibrationData:
 
 def calibration_feeds(data: CalibrationData, imported: Any) -> list[dict[str, np.ndarray]]:
     """One {input name: array} per sample, each fitting `imported.inputs` (names, dtypes, ranks, fixed
-    sizes, and the same size wherever two inputs share a symbolic dimension), or a ConfigError."""
+    sizes, and the same size wherever two inputs share a symbolic dimension), or a ConfigError.
+    A decoder's samples are prompts: {"input_ids": int32 [n]} each (see `_prompts`)."""
+    if imported.kind == "decoder":
+        return _prompts(data, imported)
     if data.texts is not None:
         feeds = _tokenized(data, imported)
     else:
@@ -113,6 +116,41 @@ def _check_feed(path: Path, index: int, feed: dict[str, np.ndarray], specs: list
                     f"{where} has shape {list(array.shape)}; the model's input is {_described(spec)} "
                     "(a symbolic size must be the same in every input of a sample, and not 0)."
                 )
+
+
+def _prompts(data: CalibrationData, imported: Any) -> list[dict[str, np.ndarray]]:
+    """A decoder's calibration prompts: each text line through the model's tokenizer, or the .npz's
+    `input_ids` (its only array: one prompt [n], or [S, n] for S prompts of one length), each checked
+    against the vocabulary and the context length."""
+    section = imported.info["decoder"]
+    vocab, context = int(section["config"]["vocab_size"]), int(section["context_length"])
+    if data.texts is not None:
+        tokenizer_file = imported.info.get("extra_files", {}).get(section.get("tokenizer") or "")
+        if tokenizer_file is None:
+            raise ConfigError(
+                f"calibration text {data.path} needs the model's tokenizer.json, which its folder lacks; "
+                "give an .npz of input_ids instead."
+            )
+        tokenizer = _tokenizer(str(Path(tokenizer_file).parent), data.path)
+        prompts = [np.asarray(tokenizer(text)["input_ids"]) for text in data.texts]
+    else:
+        assert data.arrays is not None
+        ids = data.arrays.get("input_ids")
+        if ids is None or len(data.arrays) != 1 or ids.dtype.kind not in "iu" or ids.ndim not in (1, 2):
+            raise ConfigError(
+                f"calibration file {data.path} must hold one integer array, input_ids: the token ids of one "
+                "prompt [n], or of several prompts of one length [samples, n]."
+            )
+        prompts = list(ids) if ids.ndim == 2 else [ids]
+    for i, prompt in enumerate(prompts):
+        where = f"calibration prompt {i} in {data.path}"
+        if not 1 <= len(prompt) <= context:
+            raise ConfigError(f"{where} has {len(prompt)} tokens; a prompt needs 1 to {context} (the context length).")
+        if prompt.min() < 0 or prompt.max() >= vocab:
+            raise ConfigError(
+                f"{where} holds token ids {prompt.min()}..{prompt.max()}; the vocabulary's ids are 0..{vocab - 1}."
+            )
+    return [{"input_ids": prompt.astype(np.int32)} for prompt in prompts]
 
 
 def _tokenized(data: CalibrationData, imported: Any) -> list[dict[str, np.ndarray]]:
