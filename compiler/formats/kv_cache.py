@@ -60,8 +60,8 @@ class CacheTensor:
     dtype: str
 
     def bytes_per_page(self) -> int:
-        """Bytes of one page of this tensor (every dim but "num_pages")."""
-        dims = [int(d) for d in self.shape if d != NUM_PAGES]
+        """Bytes of one page of this tensor (every dim but the symbolic page count)."""
+        dims = [int(d) for d in self.shape if not isinstance(d, str)]
         return math.prod(dims) * np.dtype(self.dtype).itemsize
 
     def to_dict(self) -> dict[str, Any]:
