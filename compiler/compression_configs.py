@@ -162,6 +162,7 @@ class KVCacheConfig(_Config):
             raise ConfigError(
                 f"KVCacheConfig format must be one of {', '.join(kv_cache_format_names())}, got {self.format!r}."
             )
+        self.kv_cache_format()  # a bad option of the format is refused here, in one sentence
 
     def kv_cache_format(self) -> KVCacheFormat:
         """The registry's format for this config, with its options set."""
