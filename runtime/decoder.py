@@ -491,8 +491,7 @@ class DecoderModel:
                 break
             waiting.popleft()
             self._start(r)
-            held = self.cache.held(r.seq_id)
-            free = (free[0] - (r.reserved_pages - held[0]), free[1] - (r.reserved_quantised - held[1]))
+            free = (free[0] - r.reserved_pages, free[1] - r.reserved_quantised)  # taken now or promised
             admitted.append(r)
         return admitted
 
