@@ -111,76 +111,11 @@ def random_cache(fmt, kv_heads: int, pages: int, rng):
     return arrays
 
 
-def page_granular_cache(fmt, kv_heads: int, batch: int, context: int, rng):
-    """(cache arrays, tagged block table, KV bytes one call reads) of a page-granular format: each
-    sequence's pages as the runtime leaves them at `context` tokens (`runtime/page_quantisation.py`):
-    full-precision pages N(0, 1); 2-bit codes uniform, slot maps of B random channels, min and scale as
-    N(0, 1) data would give."""
-    import numpy as np
-
-    from tensorpress.runtime.page_quantisation import PageQuantisationPolicy
-
-    spec = fmt.page_quantisation(1, kv_heads, HEAD_DIM, PAGE, "float32")
-    policy = PageQuantisationPolicy(PAGE, spec.sink_tokens, spec.window_tokens, spec.group_pages)
-    per_seq, group, due = context // PAGE, policy.group_pages, policy.groups_due(context)
-    table = np.zeros((batch, per_seq), np.int32)
-    fp_pages = quantised = 0
-    for b in range(batch):
-        for i in range(per_seq):
-            g = (i - policy.sink_pages) // group
-            if i >= policy.sink_pages and g < due:
-                table[b, i] = -1 - ((quantised + g) * group + (i - policy.sink_pages) % group)
-            else:
-                table[b, i] = fp_pages
-                fp_pages += 1
-        quantised += due
-    pages = rng.standard_normal((1, max(fp_pages, 1), 2, kv_heads, PAGE, HEAD_DIM), dtype=np.float32)
-    arrays = [pages]
-    for t in fmt.quantised_tensors(1, kv_heads, HEAD_DIM, "float32"):
-        shape = [max(quantised, 1) if d == "num_quantised_pages" else int(d) for d in t.shape]
-        if t.name == "kv_q_key_slot":
-            slots = np.full(shape, 255, np.uint8)
-            boosted = fmt.boosted(HEAD_DIM)
-            for index in np.ndindex(*shape[:-1]):
-                slots[index][np.sort(rng.choice(HEAD_DIM, boosted, replace=False))] = np.arange(boosted)
-            arrays.append(slots)
-        elif t.dtype == "uint8":
-            arrays.append(rng.integers(0, 255, size=shape, dtype=np.uint8, endpoint=True))
-        else:  # (min, scale): 2-bit grids of N(0, 1) data
-            params = np.empty(shape, np.float16)
-            params[..., 0] = rng.uniform(-3.0, -2.0, size=shape[:-1])
-            params[..., 1] = rng.uniform(1.3, 1.6, size=shape[:-1])
-            arrays.append(params)
-    quantised_bytes = fmt.bytes_per_token(1, kv_heads, HEAD_DIM, "float32") * quantised * group * PAGE
-    full_bytes = pages[0, 0].nbytes * fp_pages
-    return arrays, table, quantised_bytes + full_bytes
-
-
-def dequantised_dense(fmt, cache, batch: int, context: int, kv_heads: int, table=None):
-    """K, V [B, KVH, T, D] float32 of a cache whose sequence b owns pages b*T/PS .. (b+1)*T/PS - 1 (or,
-    for a page-granular format, the pages of its tagged block table)."""
+def dequantised_dense(fmt, cache, batch: int, context: int, kv_heads: int):
+    """K, V [B, KVH, T, D] float32 of a cache whose sequence b owns pages b*T/PS .. (b+1)*T/PS - 1."""
     import numpy as np
 
     per_seq = context // PAGE
-    if table is not None:
-        group = fmt.group_pages(PAGE)
-        k = np.empty((batch, kv_heads, context, HEAD_DIM), np.float32)
-        v = np.empty_like(k)
-        for b in range(batch):
-            for i, entry in enumerate(table[b]):
-                rows = slice(i * PAGE, (i + 1) * PAGE)
-                for g in range(kv_heads):
-                    if entry >= 0:
-                        k[b, g, rows], v[b, g, rows] = cache[0][0, entry, :, g]
-                        continue
-                    q, sub = divmod(-1 - int(entry), group)
-                    parts = [cache[1][0, q, :, g], *(a[0, q, g] for a in cache[2:])]
-                    keys, values = fmt.dequantize_page(parts, "float32")
-                    k[b, g, rows], v[b, g, rows] = (
-                        keys[sub * PAGE : (sub + 1) * PAGE],
-                        values[sub * PAGE : (sub + 1) * PAGE],
-                    )
-        return k, v
     flat = [a[0].reshape(batch * per_seq * 2 * kv_heads * PAGE, *a.shape[5:]) for a in cache]  # rows, in order
     dense = fmt.dequantize(flat, "float32").reshape(batch, per_seq, 2, kv_heads, PAGE, HEAD_DIM)
     kv = dense.transpose(2, 0, 3, 1, 4, 5).reshape(2, batch, kv_heads, context, HEAD_DIM)
@@ -249,6 +184,7 @@ def main() -> None:
 
 def _inputs(fmt, batch, context, kv_heads, rng):
     """(cache, q, positions, seq_slot, block_table, KV bytes one call reads)."""
+    import kv_page_granular
     import numpy as np
 
     per_seq = context // PAGE
@@ -256,7 +192,9 @@ def _inputs(fmt, batch, context, kv_heads, rng):
     positions = np.full(batch, context - 1, np.int32)
     seq_slot = np.arange(batch, dtype=np.int32)
     if hasattr(fmt, "quantised_tensors"):  # page-granular: full-precision sink and window, 2-bit pages
-        cache, block_table, kv_bytes = page_granular_cache(fmt, kv_heads, batch, context, rng)
+        cache, block_table, kv_bytes = kv_page_granular.random_cache(
+            fmt, batch, context, kv_heads, HEAD_DIM, PAGE, rng, "float32"
+        )
         return cache, q, positions, seq_slot, block_table, kv_bytes
     cache = random_cache(fmt, kv_heads, batch * per_seq, rng)
     block_table = np.arange(batch * per_seq, dtype=np.int32).reshape(batch, per_seq)
@@ -280,14 +218,20 @@ def _sdpa(q, k, v):
 
 def check_against_sdpa(fmt, kernel, kv_heads, rng) -> float:
     """max |ours - SDPA over the dequantised cache| at 1k context, batch 2."""
+    import numpy as np
     import torch
 
     batch, context = 2, 1024
     cache, q, positions, seq_slot, block_table, _ = _inputs(fmt, batch, context, kv_heads, rng)
+    import kv_page_granular
+
+    if hasattr(fmt, "quantised_tensors"):  # page-granular: quantised from dense rows by the numpy reference
+        k, v = (rng.standard_normal((batch, kv_heads, context, HEAD_DIM), dtype=np.float32) for _ in range(2))
+        cache, block_table, k, v = kv_page_granular.from_dense(fmt, k, v, PAGE, "float32")
     run, out = _call(kernel, cache, q, positions, seq_slot, block_table)
     run()
-    tagged = block_table if hasattr(fmt, "quantised_tensors") else None
-    k, v = dequantised_dense(fmt, cache, batch, context, kv_heads, tagged)
+    if not hasattr(fmt, "quantised_tensors"):
+        k, v = dequantised_dense(fmt, cache, batch, context, kv_heads)
     expected = _sdpa(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)).numpy()
     return float(abs(out.numpy() - expected).max())
 

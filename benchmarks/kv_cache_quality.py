@@ -17,7 +17,9 @@ int2-kitty keeps each sequence's first 32 and last 128 tokens (and a group still
 precision, so at its defaults nothing of a 72-token continuation or a 128-token text is ever 2-bit: the
 variants `int2-kitty-w32` (sink 16, window 32, pages of 32 tokens) and `int2-kitty-w32-noboost` (the same
 without the 4-bit key channels: KIVI-style per-channel 2-bit) put most of these short sequences in 2-bit
-pages, and the perplexity texts are scored up to --ppl-tokens 256 tokens.
+pages, and the perplexity texts are scored up to --ppl-tokens 256 tokens. Each record states the share of the
+cached tokens that sit in 2-bit pages at the sequences' longest (greedy / perplexity): the results file was
+run with --prompt-tokens 48 so that the greedy continuations reach 2-bit pages too.
 
 Writes JSON (default benchmarks/results/kv_cache_quality_tiny_llama.json) with versions and commit.
 """
@@ -63,6 +65,14 @@ def agreement(tokens: list[int], baseline: list[int]) -> dict:
     return {"agree_before_first_difference": prefix, "positions_agreeing": same, "first_token_equal": prefix > 0}
 
 
+def two_bit_share(policy, lengths: list[int]) -> float:
+    """Share of the cached tokens of sequences of `lengths` that sit in 2-bit pages (a page-granular KV
+    format's `PageQuantisationPolicy`; None: none do)."""
+    if policy is None:
+        return 0.0
+    return sum(policy.groups_due(n) * policy.group_pages * policy.page_size for n in lengths) / sum(lengths)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", nargs="+", default=["auto", "fp16", "int8", "int4", "int2-kitty", *VARIANTS])
@@ -86,6 +96,7 @@ def main() -> None:
     from tensorpress.compiler.compression_configs import KVCacheConfig
     from tensorpress.runtime.decoder import DecoderModel
     from tensorpress.runtime.loaded_artifact import load_artifact
+    from tensorpress.runtime.page_quantisation import PageQuantisationPolicy
 
     docs = held_out_docstrings()
     tokenizer = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
@@ -115,10 +126,14 @@ def main() -> None:
             baseline_tokens = generated
         assert baseline_tokens is not None
         per_prompt = [agreement(g, b) for g, b in zip(generated, baseline_tokens)]
+        policy = PageQuantisationPolicy.from_section(model.section)
+
         records[kv] = {
             "bytes_per_token": model.section["bytes_per_token"],
             "bits_per_element": model.section["kv_cache"]["bits"],
             "full_precision_window": model.section.get("page_quantisation"),  # page-granular formats
+            "two_bit_share_greedy": two_bit_share(policy, [len(p) + args.new_tokens - 1 for p in prompts]),
+            "two_bit_share_perplexity": two_bit_share(policy, [len(t) - 1 for t in texts]),
             "held_out_perplexity": math.exp(nll),
             "scored_tokens": scored,
             "first_token_equal": sum(p["first_token_equal"] for p in per_prompt) / len(per_prompt),
@@ -134,7 +149,8 @@ def main() -> None:
             f"{kv:>22}: {r['bytes_per_token']:5d} B/token  perplexity {r['held_out_perplexity']:7.3f}  "
             f"first token equal {r['first_token_equal']:.2f}  agree before first difference "
             f"{r['mean_agree_before_first_difference']:5.1f}/{args.new_tokens}  all equal "
-            f"{r['all_64_equal']}/{len(prompts)}  positions agreeing {r['mean_positions_agreeing']:.3f}"
+            f"{r['all_64_equal']}/{len(prompts)}  positions agreeing {r['mean_positions_agreeing']:.3f}  "
+            f"2-bit share {r['two_bit_share_greedy']:.2f} / {r['two_bit_share_perplexity']:.2f}"
         )
 
     payload = {

@@ -36,6 +36,11 @@ Adding a KV-cache format touches this folder only:
    the manifest and the runtime pick it up.
 3. Tests as tests/compiler/formats/test_kv_int8.py, tests/schedules/test_kv_attention_quantised.py and
    tests/runtime/test_decoder_kv_quantised.py do (`kv_int8.py` is the example).
+A page-granular KV format (recent tokens full precision, whole pages quantised when they leave the
+window) subclasses `PageQuantisedKVFormat` (`kv_page_quantised.py`) instead: its quantised tensors, the
+numpy page reference, the quantise-pages kernel and the read of one quantised element; the full-precision
+pool, the append, the tagged page read, the quantize_pages function and the runtime's policy come with
+it (`kv_int2_kitty.py` is the example).
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ reductions first (an absmax scale) adds blocks before it whose leading loops are
 schedules spread those over threads and run the rest, reductions included, in one thread). The
 kernel attributes (kernel name, op pattern) are added by `schedules/kv_attention.py`.
 
+A format that quantises whole pages after they leave a full-precision window (int2-kitty) is a
+`PageQuantisedKVFormat` (`kv_page_quantised.py`): two pools, a tagged block table, and one more kernel.
+
 Plain Python: TVM is imported lazily, inside the TIR methods, so the registry imports without it.
 """
 
