@@ -51,7 +51,7 @@ from tensorpress.runtime.kv_pool import (
     cache_tensors_of,
     pool_page_counts,
 )
-from tensorpress.runtime.page_quantisation import PageQuantisationPolicy
+from tensorpress.runtime.page_quantisation import PREFILL_SLICE_TOKENS, PageQuantisationPolicy
 from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
 from tensorpress.runtime.sampling import sample_token
 
@@ -439,7 +439,7 @@ class DecoderModel:
         sampled = options.temperature > 0
         full, quantised = pages_for(cached, self.page_size), 0
         if self._policy is not None:
-            full, quantised = self._policy.reservation(len(ids), cached)
+            full, quantised = self._policy.reservation(len(ids), cached, self._prefill_slice_tokens())
         return _Request(index, ids, max_new, rng if sampled else None, full, quantised)
 
     def _free_unpromised(self) -> tuple[int, int]:
@@ -498,8 +498,12 @@ class DecoderModel:
     def _start(self, r: _Request) -> None:
         with self._pages_changed:
             r.seq_id = self.cache.add_sequence()
-            self.cache.extend(r.seq_id, len(r.prompt))
+            self.cache.extend(r.seq_id, min(len(r.prompt), self._prefill_slice_tokens() or len(r.prompt)))
             self._live[r.seq_id] = r
+
+    def _prefill_slice_tokens(self) -> int | None:
+        """Tokens of a prompt prefilled in one call with a page-granular cache (None: whole prompts)."""
+        return None if self._policy is None else min(self.max_prefill_tokens, PREFILL_SLICE_TOKENS)
 
     def _finish(self, r: _Request) -> None:
         with self._pages_changed:
@@ -535,24 +539,44 @@ class DecoderModel:
         return self.artifact.to_numpy(chooser.run(key, call))
 
     def _run_prefill(self, requests: list[_Request]) -> np.ndarray:
-        """Last-token logits of each request's prompt, prefilled in calls of <= max_prefill_tokens."""
-        logits: list[np.ndarray] = []
-        group: list[_Request] = []
-        tokens = 0
-        for request in requests:
-            if group and tokens + len(request.prompt) > self.max_prefill_tokens:
-                logits.append(self._prefill_call(group))
-                group, tokens = [], 0
-            group.append(request)
-            tokens += len(request.prompt)
-        logits.append(self._prefill_call(group))
-        return np.concatenate(logits)
+        """Last-token logits of each request's prompt, prefilled in calls of <= max_prefill_tokens (whole
+        prompts; a longer prompt goes alone). A page-granular cache prefills a prompt in slices of
+        `_prefill_slice_tokens`: after each, the pages that left the window are quantised, and the next
+        slice reads them (a slice attends in full precision to itself, the sink and the window)."""
+        slice_tokens = self._prefill_slice_tokens() or max(len(r.prompt) for r in requests)
+        last: dict[int, np.ndarray] = {}
+        spans = [(i, r, 0, min(len(r.prompt), slice_tokens)) for i, r in enumerate(requests)]
+        while spans:
+            group: list[tuple[int, _Request, int, int]] = []
+            tokens = 0
+            for span in spans:
+                if group and tokens + span[3] - span[2] > self.max_prefill_tokens:
+                    self._prefill_group(group, last)
+                    group, tokens = [], 0
+                group.append(span)
+                tokens += span[3] - span[2]
+            self._prefill_group(group, last)
+            spans = [
+                (i, r, end, min(len(r.prompt), end + slice_tokens)) for i, r, _, end in spans if end < len(r.prompt)
+            ]
+            with self._pages_changed:
+                for _, r, _, end in spans:
+                    self.cache.extend(r.seq_id, end)  # never fails: admission reserved the pages
+        return np.stack([last[i] for i in range(len(requests))])
 
-    def _prefill_call(self, requests: list[_Request]) -> np.ndarray:
-        lengths = [len(r.prompt) for r in requests]
-        input_ids = np.concatenate([r.prompt for r in requests]).astype(np.int32)
-        positions = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
-        seq_slot = np.repeat(np.arange(len(requests)), lengths).astype(np.int32)
+    def _prefill_group(self, spans: list[tuple[int, _Request, int, int]], last: dict[int, np.ndarray]) -> None:
+        """One prefill call over the spans (index, request, start, end); keeps the logits of prompts' ends."""
+        for (i, r, _, end), row in zip(spans, self._prefill_call([(r, start, end) for _, r, start, end in spans])):
+            if end == len(r.prompt):
+                last[i] = row
+
+    def _prefill_call(self, spans: list[tuple[_Request, int, int]]) -> np.ndarray:
+        """Logits of the last token of each span (request, start, end) of prompt tokens, cached before."""
+        lengths = [end - start for _, start, end in spans]
+        input_ids = np.concatenate([r.prompt[start:end] for r, start, end in spans]).astype(np.int32)
+        positions = np.concatenate([np.arange(start, end) for _, start, end in spans]).astype(np.int32)
+        seq_slot = np.repeat(np.arange(len(spans)), lengths).astype(np.int32)
+        requests = [r for r, _, _ in spans]
         with self._pages_changed:
             block_table = self.cache.block_table([r.seq_id for r in requests])
         last_token_index = (np.cumsum(lengths) - 1).astype(np.int32)

@@ -12,9 +12,11 @@ the runtime never knows the format. A group is due once all its tokens lie befor
         page 18      being filled
 
 So a sequence holds at most `steady_pages` = sink pages + window pages + G + 1 full-precision pages
-(the +1: a decode step takes its new page before the step's quantisation frees a group), except while
-its prompt is prefilled: prefill attends in full precision, so the whole prompt is in fp pages until
-the call returns and its due groups are quantised.
+(the +1: a decode step takes its new page before the step's quantisation frees a group), plus, while
+its prompt is prefilled, the pages of one prefill slice: prefill attends in full precision, so a slice
+is in fp pages until the call returns and its due groups are quantised. A prompt longer than
+PREFILL_SLICE_TOKENS (or the runtime's max_prefill_tokens) is prefilled in slices; each later slice
+reads the 2-bit pages of the earlier ones, as a second turn of a conversation would.
 
 Pools: `max_total_tokens` T sizes the quantised pool for T tokens and the full-precision pool for
 min(T, FULL_PRECISION_SEQUENCES sequences at their steady count); `memory_fraction` gives the bytes,
@@ -29,6 +31,7 @@ from typing import Any
 from tensorpress.runtime.paged_kv_cache import pages_for
 
 FULL_PRECISION_SEQUENCES = 8  # sequences whose sink + window the full-precision pool holds at once
+PREFILL_SLICE_TOKENS = 512  # a longer prompt is prefilled in slices, its old pages quantised between them
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,12 @@ class PageQuantisationPolicy:
         """Block-table index of the first page of a sequence's group `group`."""
         return self.sink_pages + group * self.group_pages
 
-    def reservation(self, prompt_tokens: int, final_tokens: int) -> tuple[int, int]:
-        """(full-precision, quantised) pages a sequence needs at most, from prefill to its last token."""
+    def reservation(self, prompt_tokens: int, final_tokens: int, slice_tokens: int | None = None) -> tuple[int, int]:
+        """(full-precision, quantised) pages a sequence needs at most, from prefill (in slices of
+        `slice_tokens`: between them the due groups are quantised) to its last token."""
         pages = pages_for(final_tokens, self.page_size)
-        full = min(pages, max(pages_for(prompt_tokens, self.page_size), self.steady_pages))
-        return full, self.groups_due(final_tokens)
+        prefill = pages_for(min(prompt_tokens, slice_tokens or prompt_tokens), self.page_size)
+        return min(pages, prefill + self.steady_pages), self.groups_due(final_tokens)
 
     def pool_pages(self, tokens: int) -> tuple[int, int]:
         """(full-precision, quantised) pool pages for `tokens` tokens (module docstring)."""

@@ -126,6 +126,32 @@ def test_old_pages_are_stored_2bit_as_the_reference_says_and_decode_reads_them(a
     assert np.abs(plain._run_decode([r_plain], [token]) - logits).max() > 1e-3  # the 2-bit pages were read
 
 
+def test_a_prompt_prefilled_in_slices_reads_the_2bit_pages_of_the_earlier_slices(artifacts):
+    """A second turn, in effect: slices of 64 tokens; after the second (length 128) tokens 16..79 are 2-bit,
+    and the third slice (128..139) must read them as the reference model reads the same values from
+    full-precision pages."""
+    fmt = CONFIG.kv_cache_format()
+    kitty = _model(artifacts["kitty"], max_prefill_tokens=64)
+    prompt = _long_prompt(7, 140)
+    request = kitty._request(0, prompt, check_generation_options(8))
+    kitty._start(request)
+    logits = kitty._run_prefill([request])
+    stored, entries = _kv_rows(kitty, request, fmt)
+    assert [e < 0 for e in entries] == [False, True, True, True, True, False, False, False, False]
+    exact = _model(artifacts["kitty"], window=10**6)
+    reference = _prefilled(exact, prompt[:128])  # the first two slices, then the dequantised rows in fp pages
+    pool = exact.kv_cache[0].numpy()
+    for i, page in enumerate(exact.cache.pages(reference.seq_id)):
+        pool[:, page] = stored[:, :, :, i * 16 : (i + 1) * 16].reshape(pool[:, page].shape)
+    exact.kv_cache[0].copyfrom(pool)
+    reference.prompt = prompt
+    exact.cache.extend(reference.seq_id, 140)
+    expected = exact._prefill_call([(reference, 128, 140)])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    whole = _model(artifacts["kitty"])  # one slice: the whole prompt in full precision
+    assert np.abs(whole.next_token_logits([prompt]) - logits).max() > 1e-3
+
+
 def test_a_ragged_batch_gives_each_prompts_tokens_and_every_page_returns(artifacts):
     kitty = _model(artifacts["kitty"])
     prompts = [_long_prompt(3, 90), PROMPTS[0], _long_prompt(4, 40)]  # decoding crosses group boundaries

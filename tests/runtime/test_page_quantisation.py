@@ -40,8 +40,10 @@ def test_full_precision_pages_stay_within_the_steady_count_between_steps():
         pages = -(-length // policy.page_size)
         held = pages - policy.groups_due(length) * policy.group_pages
         assert held + 1 <= policy.steady_pages  # +1: the page a decode step takes before quantising
-    assert policy.reservation(100, 2000) == (policy.steady_pages, policy.groups_due(2000))
-    assert policy.reservation(1000, 2000) == (63, policy.groups_due(2000))  # the prompt is prefilled in fp
+    due = policy.groups_due(2000)
+    assert policy.reservation(100, 2000) == (7 + policy.steady_pages, due)  # the prompt's pages, then steady
+    assert policy.reservation(1000, 2000) == (63 + policy.steady_pages, due)  # prefilled in one call, in fp
+    assert policy.reservation(1000, 2000, slice_tokens=256) == (16 + policy.steady_pages, due)  # in slices
     assert policy.reservation(20, 40) == (3, 0)
 
 
