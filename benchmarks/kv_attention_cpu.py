@@ -6,7 +6,9 @@ tokens. Side by side in one process, on the same machine state:
 
     ours  paged_attention "decode" built for llvm by the project's rules (`schedules/kv_attention_cpu.py`)
           over pages of 16 tokens in each KV format (--formats: fp32 = the full-precision cache of an fp32
-          model, fp16, int8, int4); queries and outputs fp32
+          model, fp16, int8, int4, int2-kitty); queries and outputs fp32. int2-kitty's cache is what the
+          runtime leaves at that length: the first 2 pages (sink 32) and the last 8 to 15 (window 128 and the
+          group still waiting) full precision (fp32), the rest in 2-bit pages of 128 tokens (groups of 8)
     torch F.scaled_dot_product_attention(q, K, V, enable_gqa=True) on dense fp32 [B, KVH, T, D] K and V
           (what a framework without a paged or quantised cache does; fp32, as CPU models run)
 
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAD_DIM = 128
 HEADS = 32
 PAGE = 16
-FORMAT_NAMES = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4"}  # label -> registry name
+FORMAT_NAMES = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4", "int2-kitty": "int2-kitty"}
 NO_READ = "fp32_without_page_reads"  # the attention's arithmetic and scratch alone: where the time goes
 SDPA = "torch_sdpa_fp32"
 
@@ -181,15 +183,23 @@ def main() -> None:
 
 
 def _inputs(fmt, batch, context, kv_heads, rng):
+    """(cache, q, positions, seq_slot, block_table, KV bytes one call reads)."""
+    import kv_page_granular
     import numpy as np
 
     per_seq = context // PAGE
-    cache = random_cache(fmt, kv_heads, batch * per_seq, rng)
     q = rng.standard_normal((batch, HEADS, HEAD_DIM), dtype=np.float32)
     positions = np.full(batch, context - 1, np.int32)
     seq_slot = np.arange(batch, dtype=np.int32)
+    if hasattr(fmt, "quantised_tensors"):  # page-granular: full-precision sink and window, 2-bit pages
+        cache, block_table, kv_bytes = kv_page_granular.random_cache(
+            fmt, batch, context, kv_heads, HEAD_DIM, PAGE, rng, "float32"
+        )
+        return cache, q, positions, seq_slot, block_table, kv_bytes
+    cache = random_cache(fmt, kv_heads, batch * per_seq, rng)
     block_table = np.arange(batch * per_seq, dtype=np.int32).reshape(batch, per_seq)
-    return cache, q, positions, seq_slot, block_table
+    kv_bytes = fmt.bytes_per_token(1, kv_heads, HEAD_DIM, "float32") * context * batch
+    return cache, q, positions, seq_slot, block_table, kv_bytes
 
 
 def _call(kernel, cache, q, positions, seq_slot, block_table):
@@ -208,13 +218,20 @@ def _sdpa(q, k, v):
 
 def check_against_sdpa(fmt, kernel, kv_heads, rng) -> float:
     """max |ours - SDPA over the dequantised cache| at 1k context, batch 2."""
+    import numpy as np
     import torch
 
     batch, context = 2, 1024
-    cache, q, positions, seq_slot, block_table = _inputs(fmt, batch, context, kv_heads, rng)
+    cache, q, positions, seq_slot, block_table, _ = _inputs(fmt, batch, context, kv_heads, rng)
+    import kv_page_granular
+
+    if hasattr(fmt, "quantised_tensors"):  # page-granular: quantised from dense rows by the numpy reference
+        k, v = (rng.standard_normal((batch, kv_heads, context, HEAD_DIM), dtype=np.float32) for _ in range(2))
+        cache, block_table, k, v = kv_page_granular.from_dense(fmt, k, v, PAGE, "float32")
     run, out = _call(kernel, cache, q, positions, seq_slot, block_table)
     run()
-    k, v = dequantised_dense(fmt, cache, batch, context, kv_heads)
+    if not hasattr(fmt, "quantised_tensors"):
+        k, v = dequantised_dense(fmt, cache, batch, context, kv_heads)
     expected = _sdpa(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)).numpy()
     return float(abs(out.numpy() - expected).max())
 
@@ -229,9 +246,8 @@ def run_case(formats, kernels, batch, context, kv_heads, rng, args, copy_bandwid
     record: dict = {"context": context, "batch": batch, "group": group, "kv_heads": kv_heads, "results": {}}
     calls, kv_bytes = {}, {}
     for label, fmt in formats.items():
-        cache, q, positions, seq_slot, block_table = _inputs(fmt, batch, context, kv_heads, rng)
+        cache, q, positions, seq_slot, block_table, kv_bytes[label] = _inputs(fmt, batch, context, kv_heads, rng)
         calls[label], _ = _call(kernels[label], cache, q, positions, seq_slot, block_table)
-        kv_bytes[label] = fmt.bytes_per_token(1, kv_heads, HEAD_DIM, "float32") * context * batch
         if label == "fp32":  # the same kernel without its page reads, over the same (unread) cache
             calls[NO_READ], _ = _call(kernels[NO_READ], cache, q, positions, seq_slot, block_table)
             kv_bytes[NO_READ] = 0

@@ -1,4 +1,4 @@
-"""GPU decode attention over the paged KV cache per format (fp16, int8, int4) vs torch SDPA in fp16.
+"""GPU decode attention over the paged KV cache per format (fp16, int8, int4, int2-kitty) vs torch SDPA in fp16.
 
     python3 benchmarks/kv_attention_gpu.py --kit .device-kit --out "$OUT"     (normally via kit/run.py)
 
@@ -19,6 +19,9 @@ caches hold random codes and scales (the time does not depend on their values). 
 kit's Timer (CUDA events, cold L2, median; slow cases get fewer runs). Reported per case: time, speedup
 over SDPA fp16 and over our fp16 cache, the bytes the step must read (the cache's bytes per token x T x
 B, scales included, plus q and the output) as GB/s and as a fraction of the measured copy bandwidth.
+int2-kitty's cache is the one the runtime leaves at T tokens (`benchmarks/kv_page_granular.py`): each
+sequence's sink and window pages fp16, the rest in 2-bit pages of 128 tokens behind a tagged block table;
+its check quantises random fp16 pages with the numpy page reference.
 Target (issue 13, H100): int2 >= 5x our fp16 kernel at 32k; int8 / int4 have byte limits of about 2x / 3.8x.
 """
 
@@ -36,6 +39,7 @@ if __package__ in (None, ""):
 from benchmarks.harness import Timer, environment, measure_copy_bandwidth, relative_error, timed_within, write_results
 from benchmarks.kit.budget import TIMING_BUDGET_S
 from benchmarks.kit.cases import kv_kernel_name
+from benchmarks.kv_page_granular import from_dense, random_cache
 
 CHECK_TOLERANCE = 2e-3  # fp16 output of fp32 sums, vs fp32 SDPA over the dequantised cache
 SDPA_TOLERANCE = 5e-3  # vs fp16 SDPA (which rounds its own way)
@@ -123,6 +127,7 @@ def _sdpa(q, k, v):
 
 
 def run_benchmark(kit: Path, out_dir: Path, runs: int = 50, warmup: int = 10) -> Path:
+    import numpy as np
     import torch
 
     from tensorpress.compiler.formats import get_kv_cache_format
@@ -157,14 +162,21 @@ def run_benchmark(kit: Path, out_dir: Path, runs: int = 50, warmup: int = 10) ->
             q = torch.randn(batch, heads, head_dim, generator=g).to(torch.float16).to(device)
             for fmt_name in section["formats"]:
                 fmt = get_kv_cache_format(fmt_name)
-                shapes = _cache_shapes(fmt, kv_heads, head_dim, ps, pages)
-                stored, pool = _quantised_cache(fmt, shapes, pool_shape, g)
+                check_tables = tables
+                if hasattr(fmt, "quantised_tensors"):  # page-granular: fp16 sink + window, 2-bit pages
+                    dense = torch.randn(2, batch, kv_heads, context, head_dim, generator=g).to(torch.float16).numpy()
+                    stored, table, k_np, v_np = from_dense(fmt, dense[0], dense[1], ps, "float16")
+                    k, v = torch.from_numpy(k_np).to(device), torch.from_numpy(v_np).to(device)
+                    check_tables = (tables[0], tables[1], torch.from_numpy(table).to(device))
+                else:
+                    shapes = _cache_shapes(fmt, kv_heads, head_dim, ps, pages)
+                    stored, pool = _quantised_cache(fmt, shapes, pool_shape, g)
+                    k, v = _dense(torch.from_numpy(pool).to(device), batch, context)
                 cache = [torch.from_numpy(a).to(device) for a in stored]
-                k, v = _dense(torch.from_numpy(pool).to(device), batch, context)
                 reference = _sdpa(q.float(), k.float(), v.float())
                 out = torch.full(q.shape, float("nan"), dtype=torch.float16, device=device)
-                err = relative_error(call(kv_kernel_name(fmt_name, heads, kv_heads, head_dim), q, cache, tables, out),
-                                     reference)  # fmt: skip
+                name = kv_kernel_name(fmt_name, heads, kv_heads, head_dim)
+                err = relative_error(call(name, q, cache, check_tables, out), reference)
                 sdpa_err = relative_error(_sdpa(q, k, v), reference) if device_kind == "cuda" else None
                 point = {"format": fmt_name, "group": group, "batch": batch, "context": context}
                 checks.append({**point, "rel_error": err, "sdpa_fp16_rel_error": sdpa_err,
@@ -177,10 +189,22 @@ def run_benchmark(kit: Path, out_dir: Path, runs: int = 50, warmup: int = 10) ->
                 times, fp16_ms = {}, None
                 for fmt_name in section["formats"]:
                     fmt = get_kv_cache_format(fmt_name)
-                    cache = _random_cache(fmt_name, _cache_shapes(fmt, kv_heads, head_dim, ps, pages), device, g)
+                    step_tables, kv_bytes = (
+                        tables,
+                        fmt.bytes_per_token(1, kv_heads, head_dim, "float16") * context * batch,
+                    )
+                    if hasattr(fmt, "quantised_tensors"):  # page-granular: the runtime's tagged table
+                        rng = np.random.default_rng(context + batch)
+                        arrays, table, kv_bytes = random_cache(
+                            fmt, batch, context, kv_heads, head_dim, ps, rng, "float16"
+                        )
+                        cache = [torch.from_numpy(a).to(device) for a in arrays]
+                        step_tables = (tables[0], tables[1], torch.from_numpy(table).to(device))
+                    else:
+                        cache = _random_cache(fmt_name, _cache_shapes(fmt, kv_heads, head_dim, ps, pages), device, g)
                     name = kv_kernel_name(fmt_name, heads, kv_heads, head_dim)
                     out = torch.full(q.shape, float("nan"), dtype=torch.float16, device=device)
-                    call(name, q, cache, tables, out)
+                    call(name, q, cache, step_tables, out)
                     row = {"format": fmt_name, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
                            "group": group, "batch": batch, "context": context}  # fmt: skip
                     if fmt_name == "fp16":  # the same data through SDPA: checked, then timed
@@ -194,8 +218,7 @@ def run_benchmark(kit: Path, out_dir: Path, runs: int = 50, warmup: int = 10) ->
                     elif not torch.isfinite(out).all():
                         checks.append({"format": fmt_name, "group": group, "batch": batch, "context": context,
                                        "finite": False, "correct": False})  # fmt: skip
-                    t = timed(timer, lambda: call(name, q, cache, tables, out), warmup, runs)  # noqa: B023
-                    kv_bytes = fmt.bytes_per_token(1, kv_heads, head_dim, "float16") * context * batch
+                    t = timed(timer, lambda: call(name, q, cache, step_tables, out), warmup, runs)  # noqa: B023
                     sdpa_bytes = 2 * context * batch * kv_heads * head_dim * 2 + 2 * q.numel() * 2
                     moved = kv_bytes + 2 * q.numel() * 2  # q in, output out (fp16)
                     fp16_ms = t.median_ms if fmt_name == "fp16" else fp16_ms

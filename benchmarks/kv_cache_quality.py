@@ -10,8 +10,16 @@ records each format's perplexity on held-out docstrings (teacher-forced through 
 `DecoderModel.token_logprobs`), so a divergence can be told apart from a loss of quality (two greedy
 continuations may part at a near-tie and both be fine).
 
-    .venv/bin/python benchmarks/kv_cache_quality.py                        # auto fp16 int8 int4
+    .venv/bin/python benchmarks/kv_cache_quality.py             # auto fp16 int8 int4 and the int2-kitty variants
     .venv/bin/python benchmarks/kv_cache_quality.py --formats fp16 int4 --prompts 8 --quick
+
+int2-kitty keeps each sequence's first 32 and last 128 tokens (and a group still waiting) in full
+precision, so at its defaults nothing of a 72-token continuation or a 128-token text is ever 2-bit: the
+variants `int2-kitty-w32` (sink 16, window 32, pages of 32 tokens) and `int2-kitty-w32-noboost` (the same
+without the 4-bit key channels: KIVI-style per-channel 2-bit) put most of these short sequences in 2-bit
+pages, and the perplexity texts are scored up to --ppl-tokens 256 tokens. Each record states the share of the
+cached tokens that sit in 2-bit pages at the sequences' longest (greedy / perplexity): the results file was
+run with --prompt-tokens 48 so that the greedy continuations reach 2-bit pages too.
 
 Writes JSON (default benchmarks/results/kv_cache_quality_tiny_llama.json) with versions and commit.
 """
@@ -33,6 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "tiny_llama"
 DEMO_PROMPT = "Return a new list containing"
 BASELINE = "fp16"
+# label -> KVCacheConfig options: the int2-kitty variants that quantise the short sequences of this model
+VARIANTS = {
+    "int2-kitty-w32": {"format": "int2-kitty", "sink": 16, "window": 32, "page_tokens": 32},
+    "int2-kitty-w32-noboost": {
+        "format": "int2-kitty", "boost_fraction": 0.0, "sink": 16, "window": 32, "page_tokens": 32,
+    },
+}  # fmt: skip
 
 
 def held_out_docstrings() -> list[str]:
@@ -50,14 +65,22 @@ def agreement(tokens: list[int], baseline: list[int]) -> dict:
     return {"agree_before_first_difference": prefix, "positions_agreeing": same, "first_token_equal": prefix > 0}
 
 
+def two_bit_share(policy, lengths: list[int]) -> float:
+    """Share of the cached tokens of sequences of `lengths` that sit in 2-bit pages (a page-granular KV
+    format's `PageQuantisationPolicy`; None: none do)."""
+    if policy is None:
+        return 0.0
+    return sum(policy.groups_due(n) * policy.group_pages * policy.page_size for n in lengths) / sum(lengths)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", nargs="+", default=["auto", "fp16", "int8", "int4"])
+    parser.add_argument("--formats", nargs="+", default=["auto", "fp16", "int8", "int4", "int2-kitty", *VARIANTS])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=24, help="held-out prompts besides the demo's")
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--ppl-texts", type=int, default=48, help="held-out docstrings scored for perplexity")
-    parser.add_argument("--ppl-tokens", type=int, default=128, help="tokens scored per docstring (at most)")
+    parser.add_argument("--ppl-tokens", type=int, default=256, help="tokens scored per docstring (at most)")
     parser.add_argument("--quick", action="store_true", help="4 prompts, 8 texts: a smoke run")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kv_cache_quality_tiny_llama.json"))
     args = parser.parse_args()
@@ -70,8 +93,10 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     import tensorpress
+    from tensorpress.compiler.compression_configs import KVCacheConfig
     from tensorpress.runtime.decoder import DecoderModel
     from tensorpress.runtime.loaded_artifact import load_artifact
+    from tensorpress.runtime.page_quantisation import PageQuantisationPolicy
 
     docs = held_out_docstrings()
     tokenizer = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
@@ -79,7 +104,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kv in formats:
             path = Path(tmp) / f"{kv}.tpk"
-            tensorpress.compile(DEMO, path, target="cpu", kv_cache=kv)
+            kv_cache = KVCacheConfig(**VARIANTS[kv]) if kv in VARIANTS else kv
+            tensorpress.compile(DEMO, path, target="cpu", kv_cache=kv_cache)
             models[kv] = DecoderModel(load_artifact(path, "cpu"), max_total_tokens=8192, tokenizer=tokenizer)
     encode = models[BASELINE].encode
     # prompts: the demo's, then held-out docstrings' first tokens (spread over the held-out files)
@@ -100,9 +126,14 @@ def main() -> None:
             baseline_tokens = generated
         assert baseline_tokens is not None
         per_prompt = [agreement(g, b) for g, b in zip(generated, baseline_tokens)]
+        policy = PageQuantisationPolicy.from_section(model.section)
+
         records[kv] = {
             "bytes_per_token": model.section["bytes_per_token"],
             "bits_per_element": model.section["kv_cache"]["bits"],
+            "full_precision_window": model.section.get("page_quantisation"),  # page-granular formats
+            "two_bit_share_greedy": two_bit_share(policy, [len(p) + args.new_tokens - 1 for p in prompts]),
+            "two_bit_share_perplexity": two_bit_share(policy, [len(t) - 1 for t in texts]),
             "held_out_perplexity": math.exp(nll),
             "scored_tokens": scored,
             "first_token_equal": sum(p["first_token_equal"] for p in per_prompt) / len(per_prompt),
@@ -115,10 +146,11 @@ def main() -> None:
         }
         r = records[kv]
         print(
-            f"{kv:>6}: {r['bytes_per_token']:5d} B/token  perplexity {r['held_out_perplexity']:7.3f}  "
+            f"{kv:>22}: {r['bytes_per_token']:5d} B/token  perplexity {r['held_out_perplexity']:7.3f}  "
             f"first token equal {r['first_token_equal']:.2f}  agree before first difference "
             f"{r['mean_agree_before_first_difference']:5.1f}/{args.new_tokens}  all equal "
-            f"{r['all_64_equal']}/{len(prompts)}  positions agreeing {r['mean_positions_agreeing']:.3f}"
+            f"{r['all_64_equal']}/{len(prompts)}  positions agreeing {r['mean_positions_agreeing']:.3f}  "
+            f"2-bit share {r['two_bit_share_greedy']:.2f} / {r['two_bit_share_perplexity']:.2f}"
         )
 
     payload = {

@@ -140,11 +140,19 @@ class SparseConfig(_Config):
 @dataclass(frozen=True)
 class KVCacheConfig(_Config):
     """How a decoder's KV cache is stored: a registered KV-cache format name (`compiler/formats/`):
-    "auto" (the model's dtype, the default), "fp16", "fp32", "int8" (per-token, per-head scale) or "int4"
-    (per-token, per-head min and scale).
+    "auto" (the model's dtype, the default), "fp16", "fp32", "int8" (per-token, per-head scale), "int4"
+    (per-token, per-head min and scale) or "int2-kitty" (2-bit pages, `kv_int2_kitty.py`).
+
+    The options of a page-granular format (None: the format's default): boost_fraction (int2-kitty: key
+    channels at 4 bits, 0, 0.125 or 0.25), sink and window (tokens kept full precision at the start and
+    at the end of each sequence), page_tokens (tokens of one quantised page).
     """
 
     format: str = "auto"
+    boost_fraction: float | None = None
+    sink: int | None = None
+    window: int | None = None
+    page_tokens: int | None = None
 
     kind: ClassVar[str] = "kv_cache"
     implemented: ClassVar[bool] = True
@@ -154,10 +162,20 @@ class KVCacheConfig(_Config):
             raise ConfigError(
                 f"KVCacheConfig format must be one of {', '.join(kv_cache_format_names())}, got {self.format!r}."
             )
+        self.kv_cache_format()  # a bad option of the format is refused here, in one sentence
 
     def kv_cache_format(self) -> KVCacheFormat:
-        """The registry's format for this config."""
-        return get_kv_cache_format(self.format)
+        """The registry's format for this config, with its options set."""
+        fmt = get_kv_cache_format(self.format)
+        options = {k: getattr(self, k) for k in ("boost_fraction", "sink", "window", "page_tokens")}
+        given = sorted(k for k, v in options.items() if v is not None)
+        if not given:
+            return fmt
+        if not hasattr(fmt, "with_options"):
+            raise ConfigError(
+                f"KVCacheConfig {', '.join(given)} applies to page-granular formats, not {self.format!r}."
+            )
+        return fmt.with_options(**options)
 
 
 CONFIG_KINDS: dict[str, type[_Config]] = {c.kind: c for c in (FPxConfig, SparseConfig, KVCacheConfig)}

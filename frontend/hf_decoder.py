@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tensorpress.errors import ModelImportError
-from tensorpress.frontend.decoders.causal_lm import DECODE, PREFILL, CausalLM
+from tensorpress.frontend.decoders.causal_lm import DECODE, PREFILL, QUANTIZE_PAGES, CausalLM
 from tensorpress.frontend.decoders.decoder_config import (
     SUPPORTED_ARCHITECTURES,
     DecoderConfig,
@@ -157,13 +157,17 @@ def import_hf_decoder(
         "cache_tensors": [t.to_dict() for t in cache_tensors],
         "bytes_per_token": kv_cache.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim, dtype),
         "kv_cache": {"format": kv_cache.name, "bits": kv_cache.code_bits(dtype)},
-        "functions": {"prefill": PREFILL, "decode": DECODE},
+        "functions": {"prefill": PREFILL, "decode": DECODE}
+        | ({"quantize_pages": QUANTIZE_PAGES} if module.quantizes_pages() else {}),
         "max_sequence_length": max_len,
         "context_length": config.context_length(),  # the runtime refuses longer sequences unless asked
         "eos_token_ids": list(config.eos_token_ids),
         "bos_token_id": config.bos_token_id,
         "tokenizer": TOKENIZER_FILE if tokenizer.is_file() else None,
     }
+    if module.quantizes_pages():  # sink, window and group: when the runtime quantises pages
+        shape = (config.num_layers, config.num_kv_heads, config.head_dim, page_size, dtype)
+        decoder_info["page_quantisation"] = kv_cache.page_quantisation(*shape).to_dict()  # type: ignore[attr-defined]
     info = {
         "architecture": config.architecture,
         "decoder": decoder_info,

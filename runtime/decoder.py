@@ -43,7 +43,15 @@ import numpy as np
 from tensorpress.errors import InputError
 from tensorpress.runtime import cpu_threads
 from tensorpress.runtime.generation_options import GenerationOptions, check_generation_options, check_prompt_ids
-from tensorpress.runtime.kv_pool import DEFAULT_MAX_TOTAL_TOKENS, allocate_pool, cache_tensors_of, pool_pages
+from tensorpress.runtime.kv_pool import (
+    DEFAULT_MAX_TOTAL_TOKENS,
+    NUM_PAGES,
+    NUM_QUANTISED_PAGES,
+    allocate_pool,
+    cache_tensors_of,
+    pool_page_counts,
+)
+from tensorpress.runtime.page_quantisation import PREFILL_SLICE_TOKENS, PageQuantisationPolicy
 from tensorpress.runtime.paged_kv_cache import OutOfKVPagesError, PagedKVCache, pages_for
 from tensorpress.runtime.sampling import sample_token
 
@@ -102,7 +110,8 @@ class _Request:
     prompt: list[int]
     max_new_tokens: int
     rng: np.random.Generator | None
-    reserved_pages: int  # pages this request may hold at its longest
+    reserved_pages: int  # (full-precision) pages this request may hold at its longest
+    reserved_quantised: int = 0  # quantised pages it may hold (page-granular KV formats)
     thread: int = field(default_factory=threading.get_ident)  # the thread generating it
     seq_id: int = -1
     output: list[int] = field(default_factory=list)
@@ -143,11 +152,15 @@ class DecoderModel:
         self._prefill = self._function(section["functions"]["prefill"])
         self._decode = self._function(section["functions"]["decode"])
         self.cache_tensors = cache_tensors_of(section)
-        num_pages = pool_pages(section, max_total_tokens, memory_fraction, self._free_memory_bytes)
+        counts = pool_page_counts(section, max_total_tokens, memory_fraction, self._free_memory_bytes)
         # the KV cache: exactly the tensors the manifest lists, in the compiled functions' order
-        self.kv_cache = allocate_pool(section, num_pages, self._empty, self._free_memory_bytes())
+        self.kv_cache = allocate_pool(section, counts, self._empty, self._free_memory_bytes())
         self.kv_pages = self.kv_cache[0]  # the first (for the unquantised cache, the only) cache tensor
-        self.cache = PagedKVCache(num_pages, self.page_size)
+        # page-granular KV formats: pages leave full precision when they leave the window (page_quantisation.py)
+        self._policy = PageQuantisationPolicy.from_section(section)
+        group = self._policy.group_pages if self._policy else 1
+        self.cache = PagedKVCache(counts[NUM_PAGES], self.page_size, counts.get(NUM_QUANTISED_PAGES, 0), group)
+        self._quantize = self._function(section["functions"]["quantize_pages"]) if self._policy else None
         self._live: dict[int, _Request] = {}  # sequences holding pages, by cache sequence id
         # Guards self.cache and self._live (all threads); notified whenever pages are given back.
         self._pages_changed = threading.Condition(threading.RLock())
@@ -382,13 +395,13 @@ class DecoderModel:
         batch, _ = _as_batch(prompts)
         one_token = check_generation_options(1)
         requests = [self._request(i, p, one_token) for i, p in enumerate(batch)]
-        needed = sum(r.reserved_pages for r in requests)
+        needed = (sum(r.reserved_pages for r in requests), sum(r.reserved_quantised for r in requests))
         with self._pages_changed:
-            free = self.cache.num_free_pages - self._promised_pages()
-            if needed > free:
+            free = self._free_unpromised()
+            if needed[0] > free[0] or needed[1] > free[1]:
                 raise OutOfKVPagesError(
-                    f"these prompts need {needed} KV pages together but {free} are free; pass fewer prompts "
-                    "at once or raise max_total_tokens."
+                    f"these prompts need {_pages_words(needed)} together but {_pages_words(free)} are free; "
+                    "pass fewer prompts at once or raise max_total_tokens."
                 )
             for r in requests:
                 self._start(r)
@@ -424,11 +437,20 @@ class DecoderModel:
         rng = np.random.default_rng([entropy, index])
         cached = len(ids) + max(max_new - 1, 0)  # the last generated token is never appended
         sampled = options.temperature > 0
-        return _Request(index, ids, max_new, rng if sampled else None, pages_for(cached, self.page_size))
+        full, quantised = pages_for(cached, self.page_size), 0
+        if self._policy is not None:
+            full, quantised = self._policy.reservation(len(ids), cached, self._prefill_slice_tokens())
+        return _Request(index, ids, max_new, rng if sampled else None, full, quantised)
 
-    def _promised_pages(self) -> int:
-        """Pages live sequences may still take to reach their reserved length (hold the lock)."""
-        return sum(r.reserved_pages - len(self.cache.pages(r.seq_id)) for r in self._live.values())
+    def _free_unpromised(self) -> tuple[int, int]:
+        """(full-precision, quantised) free pages that no live sequence may still take to reach its
+        reserved length (hold the lock)."""
+        full, quantised = self.cache.num_free_pages, self.cache.num_free_quantised_pages
+        for r in self._live.values():
+            held = self.cache.held(r.seq_id)
+            full -= r.reserved_pages - held[0]
+            quantised -= r.reserved_quantised - held[1]
+        return full, quantised
 
     def _admit(self, waiting: deque[_Request], running: list[_Request]) -> list[_Request]:
         """Start waiting requests while the pool can hold them to their end (in order, no overtaking).
@@ -453,29 +475,35 @@ class DecoderModel:
 
     def _admit_locked(self, waiting: deque[_Request]) -> list[_Request]:
         admitted: list[_Request] = []
-        promised = self._promised_pages()
+        free = self._free_unpromised()
         while waiting:
             r = waiting[0]
-            if r.reserved_pages > self.cache.num_pages:
-                tokens = r.reserved_pages * self.page_size
+            if r.reserved_pages > self.cache.num_pages or r.reserved_quantised > self.cache.num_quantised_pages:
+                tokens = len(r.prompt) + r.max_new_tokens
+                at_least = r.reserved_pages * self.page_size
                 raise OutOfKVPagesError(
-                    f"prompt {r.index} needs {r.reserved_pages} KV pages of {self.page_size} tokens "
-                    f"({len(r.prompt)} prompt + {r.max_new_tokens} new tokens) but the pool has only "
-                    f"{self.cache.num_pages}; raise max_total_tokens to at least {tokens}."
+                    f"prompt {r.index} needs {_pages_words((r.reserved_pages, r.reserved_quantised))} of "
+                    f"{self.page_size} tokens ({len(r.prompt)} prompt + {r.max_new_tokens} new tokens) but the "
+                    f"pool has only {_pages_words((self.cache.num_pages, self.cache.num_quantised_pages))}; "
+                    f"raise max_total_tokens to at least {tokens if self._policy else at_least}."
                 )
-            if r.reserved_pages > self.cache.num_free_pages - promised:
+            if r.reserved_pages > free[0] or r.reserved_quantised > free[1]:
                 break
             waiting.popleft()
             self._start(r)
-            promised += r.reserved_pages - len(self.cache.pages(r.seq_id))
+            free = (free[0] - r.reserved_pages, free[1] - r.reserved_quantised)  # taken now or promised
             admitted.append(r)
         return admitted
 
     def _start(self, r: _Request) -> None:
         with self._pages_changed:
             r.seq_id = self.cache.add_sequence()
-            self.cache.extend(r.seq_id, len(r.prompt))
+            self.cache.extend(r.seq_id, min(len(r.prompt), self._prefill_slice_tokens() or len(r.prompt)))
             self._live[r.seq_id] = r
+
+    def _prefill_slice_tokens(self) -> int | None:
+        """Tokens of a prompt prefilled in one call with a page-granular cache (None: whole prompts)."""
+        return None if self._policy is None else min(self.max_prefill_tokens, PREFILL_SLICE_TOKENS)
 
     def _finish(self, r: _Request) -> None:
         with self._pages_changed:
@@ -511,28 +539,50 @@ class DecoderModel:
         return self.artifact.to_numpy(chooser.run(key, call))
 
     def _run_prefill(self, requests: list[_Request]) -> np.ndarray:
-        """Last-token logits of each request's prompt, prefilled in calls of <= max_prefill_tokens."""
-        logits: list[np.ndarray] = []
-        group: list[_Request] = []
-        tokens = 0
-        for request in requests:
-            if group and tokens + len(request.prompt) > self.max_prefill_tokens:
-                logits.append(self._prefill_call(group))
-                group, tokens = [], 0
-            group.append(request)
-            tokens += len(request.prompt)
-        logits.append(self._prefill_call(group))
-        return np.concatenate(logits)
+        """Last-token logits of each request's prompt, prefilled in calls of <= max_prefill_tokens (whole
+        prompts; a longer prompt goes alone). A page-granular cache prefills a prompt in slices of
+        `_prefill_slice_tokens`: after each, the pages that left the window are quantised, and the next
+        slice reads them (a slice attends in full precision to itself, the sink and the window)."""
+        slice_tokens = self._prefill_slice_tokens() or max(len(r.prompt) for r in requests)
+        last: dict[int, np.ndarray] = {}
+        spans = [(i, r, 0, min(len(r.prompt), slice_tokens)) for i, r in enumerate(requests)]
+        while spans:
+            group: list[tuple[int, _Request, int, int]] = []
+            tokens = 0
+            for span in spans:
+                if group and tokens + span[3] - span[2] > self.max_prefill_tokens:
+                    self._prefill_group(group, last)
+                    group, tokens = [], 0
+                group.append(span)
+                tokens += span[3] - span[2]
+            self._prefill_group(group, last)
+            spans = [
+                (i, r, end, min(len(r.prompt), end + slice_tokens)) for i, r, _, end in spans if end < len(r.prompt)
+            ]
+            with self._pages_changed:
+                for _, r, _, end in spans:
+                    self.cache.extend(r.seq_id, end)  # never fails: admission reserved the pages
+        return np.stack([last[i] for i in range(len(requests))])
 
-    def _prefill_call(self, requests: list[_Request]) -> np.ndarray:
-        lengths = [len(r.prompt) for r in requests]
-        input_ids = np.concatenate([r.prompt for r in requests]).astype(np.int32)
-        positions = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
-        seq_slot = np.repeat(np.arange(len(requests)), lengths).astype(np.int32)
+    def _prefill_group(self, spans: list[tuple[int, _Request, int, int]], last: dict[int, np.ndarray]) -> None:
+        """One prefill call over the spans (index, request, start, end); keeps the logits of prompts' ends."""
+        for (i, r, _, end), row in zip(spans, self._prefill_call([(r, start, end) for _, r, start, end in spans])):
+            if end == len(r.prompt):
+                last[i] = row
+
+    def _prefill_call(self, spans: list[tuple[_Request, int, int]]) -> np.ndarray:
+        """Logits of the last token of each span (request, start, end) of prompt tokens, cached before."""
+        lengths = [end - start for _, start, end in spans]
+        input_ids = np.concatenate([r.prompt[start:end] for r, start, end in spans]).astype(np.int32)
+        positions = np.concatenate([np.arange(start, end) for _, start, end in spans]).astype(np.int32)
+        seq_slot = np.repeat(np.arange(len(spans)), lengths).astype(np.int32)
+        requests = [r for r, _, _ in spans]
         with self._pages_changed:
             block_table = self.cache.block_table([r.seq_id for r in requests])
         last_token_index = (np.cumsum(lengths) - 1).astype(np.int32)
-        return self._call(self._prefill, input_ids, positions, seq_slot, block_table, last_token_index)
+        logits = self._call(self._prefill, input_ids, positions, seq_slot, block_table, last_token_index)
+        self._quantise_due_pages(requests)  # prefill attended in full precision; now the old pages go 2-bit
+        return logits
 
     def _run_decode(self, requests: list[_Request], tokens: list[int] | None = None) -> np.ndarray:
         """One decode step: feed each request its last output token (or `tokens`), get next logits."""
@@ -544,7 +594,36 @@ class DecoderModel:
         fed = [r.output[-1] for r in requests] if tokens is None else tokens
         input_ids = np.array(fed, dtype=np.int32)
         seq_slot = np.arange(len(requests), dtype=np.int32)
-        return self._call(self._decode, input_ids, positions, seq_slot, block_table)
+        logits = self._call(self._decode, input_ids, positions, seq_slot, block_table)
+        self._quantise_due_pages(requests)
+        return logits
+
+    def _quantise_due_pages(self, requests: list[_Request]) -> None:
+        """Quantise, in one compiled call, every group of pages of these sequences that has left the
+        window (`page_quantisation.py`); their full-precision pages go back to the pool."""
+        if self._policy is None or self._quantize is None:
+            return
+        src: list[list[int]] = []
+        dst: list[int] = []
+        with self._pages_changed:
+            for r in requests:
+                done = self.cache.held(r.seq_id)[1]
+                for group in range(done, self._policy.groups_due(self.cache.length(r.seq_id))):
+                    pages, q = self.cache.quantise_group(r.seq_id, self._policy.first_page_of_group(group))
+                    src.append(pages)
+                    dst.append(q)
+            if not src:
+                return
+            # under the lock: the fp pages must not be handed out before the kernel has read them
+            name, params = self._quantize
+            args = [self.artifact.to_device(np.array(a, np.int32)) for a in (src, dst)]
+            self._compiled(name)(*args, *self.kv_cache, *params)
+            self.cache.free_full_precision([p for pages in src for p in pages])
+
+
+def _pages_words(pages: tuple[int, int]) -> str:
+    """(full-precision, quantised) pages in words: "12 KV pages" or "12 full-precision + 3 quantised KV pages"."""
+    return f"{pages[0]} KV pages" if not pages[1] else f"{pages[0]} full-precision + {pages[1]} quantised KV pages"
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:

@@ -129,9 +129,17 @@ def _kv_cache_line(decoder: dict) -> str:
         f", {8 * per_token / elements:.2f} with scales" if elements and 8 * per_token != kv["bits"] * elements else ""
     )
     listed = ", ".join(_tensor(t) for t in tensors)
+    window = decoder.get("page_quantisation")
+    recent = (
+        f"; the first {window['sink_tokens']} and last {window['window_tokens']} tokens of each sequence full "
+        f"precision ({window['full_precision_bytes_per_token']} bytes per token), quantised "
+        f"{window['group_pages']} pages at a time"
+        if window
+        else ""
+    )
     return (
         f"  KV cache: {kv['format']}, {kv['bits']} bits per element{effective}, {per_token} bytes per token, "
-        f"pages of {decoder['page_size']} tokens ({listed})"
+        f"pages of {decoder['page_size']} tokens ({listed}){recent}"
     )
 
 

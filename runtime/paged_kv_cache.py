@@ -13,6 +13,12 @@ which of the P pages hold which tokens:
 handed out lowest id first, so a run is reproducible. Allocation is all-or-nothing: when the pool
 cannot hold a request, `OutOfKVPagesError` is raised and no table changes, so no other sequence's
 pages are ever touched.
+
+A page-granular KV format adds a second pool of quantised pages, each holding G runtime pages
+(`runtime/page_quantisation.py` says when). `quantise_group` swaps G consecutive full-precision pages of
+a sequence for one quantised page q; their table entries become -1 - (q·G + sub), sub = 0..G-1, the tag
+the attention reads (`compiler/formats/kv_page_quantised.py`); the fp pages return to their pool once
+the caller has run the quantise kernel (`free_full_precision`).
 """
 
 from __future__ import annotations
@@ -43,12 +49,15 @@ def pages_for(tokens: int, page_size: int) -> int:
 class PagedKVCache:
     """Page tables of live sequences over a pool of `num_pages` pages of `page_size` tokens."""
 
-    def __init__(self, num_pages: int, page_size: int):
-        if num_pages < 1 or page_size < 1:
-            raise ValueError("num_pages and page_size must be positive")
+    def __init__(self, num_pages: int, page_size: int, num_quantised_pages: int = 0, group_pages: int = 1):
+        if num_pages < 1 or page_size < 1 or group_pages < 1:
+            raise ValueError("num_pages, page_size and group_pages must be positive")
         self.num_pages = num_pages
         self.page_size = page_size
+        self.num_quantised_pages = num_quantised_pages
+        self.group_pages = group_pages
         self._free = list(range(num_pages))  # a min-heap: lowest page id first
+        self._free_quantised = list(range(num_quantised_pages))
         self._sequences: dict[int, _Sequence] = {}
         self._next_id = 0
 
@@ -57,8 +66,40 @@ class PagedKVCache:
         return len(self._free)
 
     @property
+    def num_free_quantised_pages(self) -> int:
+        return len(self._free_quantised)
+
+    @property
     def capacity_tokens(self) -> int:
-        return self.num_pages * self.page_size
+        """Tokens the pools hold (a quantised page holds G pages' worth)."""
+        return (self.num_pages + self.num_quantised_pages * self.group_pages) * self.page_size
+
+    def held(self, seq_id: int) -> tuple[int, int]:
+        """(full-precision, quantised) pages a sequence holds."""
+        pages = self._sequences[seq_id].pages
+        quantised = sum(1 for p in pages if p < 0)
+        return len(pages) - quantised, quantised // self.group_pages
+
+    def quantise_group(self, seq_id: int, first: int) -> tuple[list[int], int]:
+        """Give the G full-precision pages at table entries first.. of a sequence one quantised page q,
+        retag their entries; returns (the fp pages, q). The fp pages stay taken until `free_full_precision`."""
+        seq = self._sequences[seq_id]
+        group = seq.pages[first : first + self.group_pages]
+        if len(group) < self.group_pages or min(group) < 0:
+            raise ValueError(f"sequence {seq_id} has no {self.group_pages} full-precision pages at entry {first}")
+        if not self._free_quantised:
+            raise OutOfKVPagesError(
+                f"the quantised KV pool is full: sequence {seq_id} needs a quantised page but all "
+                f"{self.num_quantised_pages} are taken; raise --max-total-tokens."
+            )
+        q = heapq.heappop(self._free_quantised)
+        seq.pages[first : first + self.group_pages] = [-1 - (q * self.group_pages + sub) for sub in range(len(group))]
+        return group, q
+
+    def free_full_precision(self, pages: list[int]) -> None:
+        """Return full-precision pages (quantised away by `quantise_group`) to their pool."""
+        for page in pages:
+            heapq.heappush(self._free, page)
 
     def add_sequence(self) -> int:
         """Register an empty sequence; returns its id."""
@@ -91,7 +132,10 @@ class PagedKVCache:
     def release(self, seq_id: int) -> None:
         """Forget a sequence and return its pages to the pool."""
         for page in self._sequences.pop(seq_id).pages:
-            heapq.heappush(self._free, page)
+            if page >= 0:
+                heapq.heappush(self._free, page)
+            elif (-1 - page) % self.group_pages == 0:  # a quantised page, once (its first entry)
+                heapq.heappush(self._free_quantised, (-1 - page) // self.group_pages)
 
     def block_table(self, seq_ids: list[int]) -> np.ndarray:
         """[len(seq_ids), max pages] int32 page ids, row i for seq_ids[i]; unused entries are 0."""

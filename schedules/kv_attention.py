@@ -44,6 +44,8 @@ fp32; q is scaled by 1/√D before the dot products. The stage-1 values of all c
 Kernels (PrimFunc attribute `tensorpress.kernel` says which; the rules at the bottom schedule them):
     kv_append           (*cache, k[N,KVH,D], v[N,KVH,D], positions[N], seq_slot[N], block_table[B,M], layer)
                         writes the cache in place (Relax `call_tir_inplace`)
+    kv_quantize_pages   (*cache, src[K,G], dst[K]): page-granular formats only (`compiler/formats/
+                        kv_page_quantised.py`): G fp pages -> one quantised page, all layers, in place
     paged_attention     (q[N,H,D], *cache, positions[N], seq_slot[N], block_table[B,M], layer) -> out[N,H,D]
                         one definition; `phase` ("prefill" or "decode") only names it, so each phase can
                         get its own schedule. Schedules: `kv_attention_cpu.py`, `kv_attention_cuda.py`.
@@ -64,6 +66,7 @@ from tvm.target import Target
 KERNEL_ATTR = "tensorpress.kernel"
 APPEND_KERNEL = "kv_append"
 ATTENTION_KERNEL = "paged_attention"
+QUANTIZE_KERNEL = "kv_quantize_pages"  # page-granular formats: fp pages -> a quantised page
 PHASE_ATTR = "tensorpress.kv_phase"
 CHUNK_ATTR = "tensorpress.kv_chunk"
 
@@ -104,9 +107,22 @@ def kv_append_func(
     return func.with_attrs({KERNEL_ATTR: APPEND_KERNEL, "op_pattern": _OPAQUE})
 
 
+def kv_quantize_pages_func(
+    kv_cache: Any, num_kv_heads: int, head_dim: int, page_size: int, dtype: str
+) -> tirx.PrimFunc:
+    """The page-granular format's quantise kernel, marked as this file's kv_quantize_pages."""
+    func = kv_cache.quantize_pages_func(num_kv_heads, head_dim, page_size, dtype)
+    return func.with_attrs({KERNEL_ATTR: QUANTIZE_KERNEL, "op_pattern": _OPAQUE})
+
+
 def _cache_buffers(kv_cache: KVCacheLayout, kv_heads, head_dim, page_size, dtype) -> list[tirx.Buffer]:
-    """The cache tensors as kernel buffers, layers and pages symbolic (named without the `kv_` prefix)."""
-    dims = {"num_layers": tirx.Var("L", "int64"), "num_pages": tirx.Var("P", "int64")}
+    """The cache tensors as kernel buffers, layers and pages symbolic (named without the `kv_` prefix;
+    a page-granular format's quantised pool has its own page count)."""
+    dims = {
+        "num_layers": tirx.Var("L", "int64"),
+        "num_pages": tirx.Var("P", "int64"),
+        "num_quantised_pages": tirx.Var("Q", "int64"),
+    }
     buffers = []
     for tensor in kv_cache.cache_tensors("num_layers", kv_heads, page_size, head_dim, dtype):
         # sizes are int64 like the other shapes; the K/V axis (2) stays the int32 literal it always was
@@ -403,10 +419,12 @@ class KVAttentionCPU(dl.ScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         kernel = kernel_name(func)
-        if kernel not in (APPEND_KERNEL, ATTENTION_KERNEL) or target.kind.name != "llvm":
+        if kernel not in (APPEND_KERNEL, ATTENTION_KERNEL, QUANTIZE_KERNEL) or target.kind.name != "llvm":
             return None
         from tensorpress.schedules import kv_attention_cpu
 
+        if kernel == QUANTIZE_KERNEL:
+            return kv_attention_cpu.schedule_quantize_pages(func)
         if kernel == APPEND_KERNEL:
             return kv_attention_cpu.schedule_append(func)
         return kv_attention_cpu.schedule_attention(func)
@@ -418,10 +436,12 @@ class KVAttentionCUDA(dl.ScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         kernel = kernel_name(func)
-        if kernel not in (APPEND_KERNEL, ATTENTION_KERNEL) or target.kind.name != "cuda":
+        if kernel not in (APPEND_KERNEL, ATTENTION_KERNEL, QUANTIZE_KERNEL) or target.kind.name != "cuda":
             return None
         from tensorpress.schedules import kv_attention_cuda
 
+        if kernel == QUANTIZE_KERNEL:
+            return kv_attention_cuda.schedule_quantize_pages(func)
         if kernel == APPEND_KERNEL:
             return kv_attention_cuda.schedule_append(func)
         return kv_attention_cuda.schedule_attention(func)

@@ -31,6 +31,20 @@ def schedule_append(func: tirx.PrimFunc) -> s_tir.Schedule:
     return sch
 
 
+def spatial_loop_count(sch: s_tir.Schedule, block) -> int:
+    """How many of a block's leading loops are spatial (the kernels of this file put reductions last)."""
+    return sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
+
+
+def schedule_quantize_pages(func: tirx.PrimFunc) -> s_tir.Schedule:
+    """kv_quantize_pages: every block a parallel task per point of its spatial loops (page, layer, kv
+    head, channel or token), reductions in the task. It runs once per page group, not per token."""
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        sch.parallel(sch.fuse(*sch.get_loops(block)[: spatial_loop_count(sch, block)]))
+    return sch
+
+
 def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     _, kv_heads, head_dim, chunk = attention_shape(func)
     sch = s_tir.Schedule(func)

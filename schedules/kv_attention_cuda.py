@@ -104,6 +104,18 @@ def schedule_append(func: tirx.PrimFunc) -> s_tir.Schedule:
     return sch
 
 
+def schedule_quantize_pages(func: tirx.PrimFunc) -> s_tir.Schedule:
+    """kv_quantize_pages: every block one thread per point of its spatial loops, reductions in the thread
+    (it runs once per page group leaving the window; the decode attention is the kernel that matters)."""
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
+        bx, tx = sch.split(sch.fuse(*sch.get_loops(block)[:spatial]), [None, APPEND_THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    return sch
+
+
 def _bind_threads(sch: s_tir.Schedule, loops, tx: int, vec: int = 1, vector_gather: bool = True) -> None:
     """Spread the fused `loops` over (threadIdx.y = TY, threadIdx.x = tx[, vec elements each, vectorized
     or, for a gather that is not one vector load, unrolled: `_gathers_one_vector`])."""

@@ -19,6 +19,10 @@ TIMING_BUDGET_S = 0.15  # device seconds one timing of the sparse and KV benchma
 PACK_RATE = 18e6  # bitmap numpy packer, elements/s on one core (measured here: 8192 x 8192 in 3.6 s)
 PACK_CORES = 12  # of the device's 16 (16 spawned packers, some contention)
 START_S = 15.0  # a part's fixed cost: torch + CUDA context, copy bandwidth, the packers' spawn, JSON
+# page-granular KV caches (int2-kitty) are built on the host in numpy (benchmarks/kv_page_granular.py),
+# measured here on one core: quantised from dense rows for the check, random for the timed cases
+PAGE_CHECK_ROWS_PER_S = 26e3  # (token, kv head) rows through the numpy page reference
+PAGE_RANDOM_ROWS_PER_S = 420e3  # (token, kv head) rows of random pools and tables
 
 
 def _timing(seconds_per_call: float) -> tuple[float, float]:
@@ -70,8 +74,12 @@ def kv_estimate(section: dict) -> dict:
         for batch in section["batches"]:
             rows = batch * section["check_context"] * 2 * kvh
             check = len(section["formats"]) * rows * d / 20e6  # numpy quantize + dequantize
+            page_granular = [f for f in section["formats"] if hasattr(get_kv_cache_format(f), "quantised_tensors")]
+            check += len(page_granular) * batch * section["check_context"] * kvh / PAGE_CHECK_ROWS_PER_S
             expected, bound = expected + check, bound + check
             for context in section["contexts"]:
+                host = len(page_granular) * batch * context * kvh / PAGE_RANDOM_ROWS_PER_S
+                expected, bound = expected + host, bound + host
                 for fmt in [*section["formats"], "fp16"]:  # + SDPA, which reads fp16
                     per_token = get_kv_cache_format(fmt).bytes_per_token(1, kvh, d, "float16")
                     e, b = _timing(per_token * context * batch / KERNEL_BW)

@@ -120,16 +120,16 @@ def bitmap_value_capacity(m: int, k: int, sparsities=SPARSITIES) -> int:
 # Quantised KV cache: decode attention (one query token per sequence) over pages of 16 tokens, 32
 # query heads of head_dim 128 over 8 (GQA group 4) or 4 (group 8) kv heads, per cache format, at
 # each context, against torch's scaled_dot_product_attention in fp16.
-KV_FORMATS = ("fp16", "int8", "int4")
+KV_FORMATS = ("fp16", "int8", "int4", "int2-kitty")  # int2-kitty: fp16 sink + window, 2-bit pages of 128
 KV_CONFIGS = ((32, 8, 128), (32, 4, 128))  # (query heads, kv heads, head_dim)
 KV_CONTEXTS = (4096, 32768, 131072)
 KV_BATCHES = (1, 8)
 KV_PAGE_SIZE = 16
 KV_CHECK_CONTEXT = 4096  # outputs checked against fp32 SDPA over the dequantised cache at this context
 DRY_KV_CONFIGS = ((4, 1, 16), (4, 2, 16))
-DRY_KV_CONTEXTS = (64, 200)
+DRY_KV_CONTEXTS = (64, 320)  # 320: int2-kitty holds a 2-bit page from 288 tokens on
 DRY_KV_BATCHES = (1, 2)
-DRY_KV_CHECK_CONTEXT = 64
+DRY_KV_CHECK_CONTEXT = 320  # int2-kitty: one 2-bit page checked (2 sink pages, 8 in a group, the window)
 
 
 def kv_kernel_name(fmt: str, heads: int, kv_heads: int, head_dim: int) -> str:

@@ -36,6 +36,11 @@ Adding a KV-cache format touches this folder only:
    the manifest and the runtime pick it up.
 3. Tests as tests/compiler/formats/test_kv_int8.py, tests/schedules/test_kv_attention_quantised.py and
    tests/runtime/test_decoder_kv_quantised.py do (`kv_int8.py` is the example).
+A page-granular KV format (recent tokens full precision, whole pages quantised when they leave the
+window) subclasses `PageQuantisedKVFormat` (`kv_page_quantised.py`) instead: its quantised tensors, the
+numpy page reference, the quantise-pages kernel and the read of one quantised element; the full-precision
+pool, the append, the tagged page read, the quantize_pages function and the runtime's policy come with
+it (`kv_int2_kitty.py` is the example).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from tensorpress.compiler.formats.ellpack import EllpackFormat
 from tensorpress.compiler.formats.fpx import SCALE_SEARCHES, check_scale_search, fpx_formats
 from tensorpress.compiler.formats.int8 import Int8WeightFormat
 from tensorpress.compiler.formats.kv_cache import KVCacheFormat
+from tensorpress.compiler.formats.kv_int2_kitty import Int2KittyKVCache
 from tensorpress.compiler.formats.kv_int4 import Int4KVCache
 from tensorpress.compiler.formats.kv_int8 import Int8KVCache
 from tensorpress.compiler.formats.kv_model_dtype import ModelDtypeKVCache
@@ -76,6 +82,7 @@ FORMATS: dict[str, dict[str, Any]] = {
         "fp32": ModelDtypeKVCache("fp32", "float32"),
         "int8": Int8KVCache(),
         "int4": Int4KVCache(),  # asymmetric 4-bit, two codes a byte, fp16 min + scale per row
+        "int2-kitty": Int2KittyKVCache(),  # 2-bit pages, boosted key channels; fp16 sink + window
     },
 }
 WEIGHT_FORMATS: dict[str, WeightFormat] = FORMATS[WEIGHT]

@@ -30,6 +30,9 @@ reductions first (an absmax scale) adds blocks before it whose leading loops are
 schedules spread those over threads and run the rest, reductions included, in one thread). The
 kernel attributes (kernel name, op pattern) are added by `schedules/kv_attention.py`.
 
+A format that quantises whole pages after they leave a full-precision window (int2-kitty) is a
+`PageQuantisedKVFormat` (`kv_page_quantised.py`): two pools, a tagged block table, and one more kernel.
+
 Plain Python: TVM is imported lazily, inside the TIR methods, so the registry imports without it.
 """
 
@@ -60,8 +63,8 @@ class CacheTensor:
     dtype: str
 
     def bytes_per_page(self) -> int:
-        """Bytes of one page of this tensor (every dim but "num_pages")."""
-        dims = [int(d) for d in self.shape if d != NUM_PAGES]
+        """Bytes of one page of this tensor (every dim but the symbolic page count)."""
+        dims = [int(d) for d in self.shape if not isinstance(d, str)]
         return math.prod(dims) * np.dtype(self.dtype).itemsize
 
     def to_dict(self) -> dict[str, Any]:

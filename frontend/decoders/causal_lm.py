@@ -8,6 +8,10 @@
            *cache, *params) -> logits[B, vocab] float32
         one token per live sequence (seq_slot is normally arange(B)).
 
+    quantize_pages(src[K, G], dst[K], *cache, *params) -> the full-precision pages
+        page-granular KV formats only (`compiler/formats/kv_page_quantised.py`): quantises the G
+        full-precision pages src[k, :] into quantised page dst[k], every layer, in place.
+
 `cache` are the KV-cache format's tensors in its order (the unquantised format: one,
 kv_pages[L, P, 2, KVH, PS, D]; see `cache_tensors`). N, B, M and P are symbolic. The cache is
 written in place (`call_tir_inplace`); the runtime owns it.
@@ -26,6 +30,7 @@ from tensorpress.frontend.decoders.paged_attention import KVCacheKernels, PagedK
 
 PREFILL = "prefill"
 DECODE = "decode"
+QUANTIZE_PAGES = "quantize_pages"
 
 
 class CausalLM(nn.Module):
@@ -53,6 +58,20 @@ class CausalLM(nn.Module):
         kv = PagedKV(list(cache), positions, seq_slot, block_table, DECODE, self.kv_cache)
         return op.astype(self.lm_logits(self.hidden_states(input_ids, kv)), "float32")
 
+    def quantize_pages(self, src, dst, *cache):
+        c = self.config
+        page_size = int(cache[0].shape[4])
+        kernel = self.kv_cache.quantize_kernel(c.num_kv_heads, c.head_dim, page_size, self.dtype)  # type: ignore[attr-defined]
+        written = [nn.Tensor.placeholder(t.shape, t.dtype) for t in cache]
+        updated = op.tensor_ir_inplace_op(
+            kernel, "kv_quantize_pages", [*cache, src, dst], inplace_indices=list(range(len(cache))), out=written
+        )
+        return updated[0]
+
+    def quantizes_pages(self) -> bool:
+        """Whether the KV format is page-granular (keeps recent pages full precision, quantises later)."""
+        return hasattr(self.kv_cache, "quantize_kernel")
+
     def cache_tensors(self, page_size: int) -> list[Any]:
         """The KV-cache format's tensors (name, shape with "num_pages" symbolic, dtype) for this model."""
         c = self.config
@@ -77,6 +96,9 @@ class CausalLM(nn.Module):
                 "block_table": nn.spec.Tensor(["b", "m"], i32),
             },
         }
+        if self.quantizes_pages():
+            group = self.kv_cache.group_pages(page_size)  # type: ignore[attr-defined]
+            inputs[QUANTIZE_PAGES] = {"src": nn.spec.Tensor(["k", group], i32), "dst": nn.spec.Tensor(["k"], i32)}
         specs = {}
         for name, fixed in inputs.items():
             args = {**fixed, **cache}  # the methods take the cache as *cache: their names come from here

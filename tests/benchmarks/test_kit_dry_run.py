@@ -55,7 +55,7 @@ def test_dry_kit_prepares_runs_its_gpu_tests_and_benchmark(tmp_path):
     (kv_json,) = out.glob("kv_attention_gpu_*.json")
     kv = json.loads(kv_json.read_text())
     kv_section = manifest["kv_bench"]
-    assert {c["format"] for c in kv["checks"]} == set(kv_section["formats"]) == {"fp16", "int8", "int4"}
+    assert {c["format"] for c in kv["checks"]} == set(kv_section["formats"]) == {"fp16", "int8", "int4", "int2-kitty"}
     assert all(c["correct"] for c in kv["checks"]), [c for c in kv["checks"] if not c["correct"]]
     cases = len(kv_section["formats"]) * len(kv_section["configs"]) * len(kv_section["batches"])
     quantised_checks = [c for c in kv["checks"] if "rel_error" in c]  # numpy-quantised, vs fp32 SDPA

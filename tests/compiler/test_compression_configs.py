@@ -33,6 +33,7 @@ def test_defaults_and_lazy_export():
         SparseConfig(0.5, "tiled-csl", "wanda"),  # tiled-csl planned: accepted here, refused by compile
         SparseConfig(0),
         KVCacheConfig("int8"),
+        KVCacheConfig("int2-kitty", boost_fraction=0.125, sink=32, window=128),
     ],
 )
 def test_round_trips_through_dict_and_json(config):
@@ -66,7 +67,9 @@ def test_skip_takes_any_sequence_and_stays_hashable():
         lambda: SparseConfig(0.5, "csr"),
         lambda: SparseConfig(0.5, prune="random"),
         lambda: KVCacheConfig("int3"),
-        lambda: KVCacheConfig("int2-kitty"),  # planned, not registered: refused until it is
+        lambda: KVCacheConfig("int2-kitty", boost_fraction=0.3),
+        lambda: KVCacheConfig("int2-kitty", window=-1),
+        lambda: KVCacheConfig("int8", sink=32),  # options of page-granular formats only
     ],
 )
 def test_bad_values_raise_config_errors(build):

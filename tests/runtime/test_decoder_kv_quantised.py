@@ -137,10 +137,18 @@ def test_inspect_words_hold_for_every_registered_kv_format():
             "bytes_per_token": per_token,
             "kv_cache": {"format": name, "bits": fmt.code_bits("float32")},
         }
+        quantisation = getattr(fmt, "page_quantisation", None)  # page-granular: sink and window in fp
+        if quantisation is not None:
+            section["page_quantisation"] = quantisation(layers, kv_heads, head_dim, page, "float32").to_dict()
         line = _kv_cache_line(section)
         assert f"KV cache: {name}, {fmt.code_bits('float32')} bits per element" in line, line
         assert f"{per_token} bytes per token" in line and all(t.name in line for t in tensors), line
-        assert per_token == sum(t.bytes_per_page() for t in tensors) // page
+        if quantisation is None:
+            assert per_token == sum(t.bytes_per_page() for t in tensors) // page
+        else:  # bytes per token of the quantised pages; the full-precision ones are stated beside
+            quantised = sum(t.bytes_per_page() for t in tensors[1:])
+            assert per_token == -(-quantised // fmt.page_tokens)  # type: ignore[attr-defined]
+            assert f"full precision ({tensors[0].bytes_per_page() // page} bytes per token)" in line, line
 
 
 def test_an_unknown_kv_cache_dtype_is_one_error_line_and_writes_nothing(tmp_path):
@@ -152,7 +160,7 @@ def test_an_unknown_kv_cache_dtype_is_one_error_line_and_writes_nothing(tmp_path
     )
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [
-        "error: KVCacheConfig format must be one of auto, fp16, fp32, int8, int4, got 'int3'."
+        "error: KVCacheConfig format must be one of auto, fp16, fp32, int8, int4, int2-kitty, got 'int3'."
     ]
     assert not out.exists() and list(tmp_path.iterdir()) == []
 

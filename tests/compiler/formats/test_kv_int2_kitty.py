@@ -23,8 +23,8 @@ from tensorpress.errors import ConfigError
 PS, D = 128, 128
 
 
-def test_it_is_not_offered_until_the_runtime_uses_it():
-    assert "int2-kitty" not in kv_cache_format_names()
+def test_it_is_offered_as_a_kv_cache_dtype():
+    assert "int2-kitty" in kv_cache_format_names()
 
 
 def test_two_bit_packing_puts_element_4j_plus_i_in_bits_2i():
@@ -85,7 +85,8 @@ def test_bits_per_element_and_stored_bytes():
     rng = np.random.default_rng(2)
     page = quantize_page(*(rng.standard_normal((2, PS, D)).astype(np.float32)), boost_fraction=0.25)
     assert page.nbytes() == (PS * D // 4 + PS * 32 // 4 + 32 + 4 * D) + (PS * D // 4 + 4 * PS)
-    assert 8 * page.nbytes() / (2 * PS * D) == bits_per_element(D, PS, 0.25)
+    # the cache keeps a slot per channel (D bytes) where the page keeps the B boosted indices
+    assert 8 * (page.nbytes() - 32 + D) / (2 * PS * D) == bits_per_element(D, PS, 0.25)
     assert bits_per_element(128, 128, 0.25) <= 2.6  # the budget at f = 0.25, metadata included
     assert bits_per_element(128, 128, 0.0) < bits_per_element(128, 128, 0.125) < bits_per_element(128, 128, 0.25)
     with pytest.raises(ConfigError, match="multiple of 4 channels"):

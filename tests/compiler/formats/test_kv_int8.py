@@ -16,10 +16,11 @@ INT8 = get_kv_cache_format("int8")
 
 
 def test_registry_names_the_kv_formats_and_refuses_others():
-    assert kv_cache_format_names() == list(FORMATS["kv_cache"]) == ["auto", "fp16", "fp32", "int8", "int4"]
+    names = ["auto", "fp16", "fp32", "int8", "int4", "int2-kitty"]
+    assert kv_cache_format_names() == list(FORMATS["kv_cache"]) == names
     assert isinstance(INT8, Int8KVCache) and INT8.name == "int8"
-    with pytest.raises(ConfigError, match="valid names: auto, fp16, fp32, int8, int4"):
-        get_kv_cache_format("int2-kitty")
+    with pytest.raises(ConfigError, match="valid names: auto, fp16, fp32, int8, int4, int2-kitty"):
+        get_kv_cache_format("int2-oscar")
 
 
 def test_cache_tensors_and_bytes_per_token():
