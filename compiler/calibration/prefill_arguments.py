@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-NUM_PAGES = "num_pages"  # the cache tensors' symbolic page count (cache_tensors in kv_cache.py)
-
 
 def prefill_arguments(prompts: Sequence[np.ndarray], cache_specs: Sequence[Any], page_size: int) -> list[np.ndarray]:
     """The arguments of one prefill over `prompts` (int token ids, each [n_i] with n_i >= 1), with
-    zero cache tensors shaped by `cache_specs` (TensorSpecs, "num_pages" their one symbolic size)."""
+    zero cache tensors shaped by `cache_specs` (TensorSpecs whose symbolic sizes are page counts: the
+    full-precision pages, and a page-quantised format's quantised pages, which prefill never reads)."""
     lengths = [len(p) for p in prompts]
     pages = [-(-n // page_size) for n in lengths]
     first_page = np.concatenate([[0], np.cumsum(pages)[:-1]]).astype(np.int32)
@@ -37,7 +36,7 @@ def prefill_arguments(prompts: Sequence[np.ndarray], cache_specs: Sequence[Any],
         (np.cumsum(lengths) - 1).astype(np.int32),
     ]
     total_pages = int(sum(pages))
-    for spec in cache_specs:
-        shape = [total_pages if dim == NUM_PAGES else int(dim) for dim in spec.shape]
+    for spec in cache_specs:  # every symbolic size is a page count of some pool: as many as the prompts take
+        shape = [total_pages if isinstance(dim, str) else int(dim) for dim in spec.shape]
         arguments.append(np.zeros(shape, dtype=spec.dtype))
     return arguments
