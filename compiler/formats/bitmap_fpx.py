@@ -110,14 +110,17 @@ class BitmapFPxFormat(WeightFormat):
 
     def pack_codes(self, codes: np.ndarray, scales: np.ndarray) -> PackedWeight:
         """The stored arrays of eXmY codes uint8 [M, K] and their fp16 row scales [M]."""
-        tiles = tiled(codes)  # [TM, TK, 1024]
-        nonzero = tiles != 0
-        bits, offsets = tile_bits(nonzero)
-        stream = np.zeros(stream_length(int(nonzero.sum())), np.uint8)
-        stream[: int(nonzero.sum())] = tiles[nonzero]  # tile-major, row-major in a tile
+        bits, offsets, nonzeros = tile_codes(codes)
+        return self.pack_stream(codes.shape, bits, offsets, nonzeros, scales)
+
+    def pack_stream(self, shape, bits, offsets, nonzeros: np.ndarray, scales: np.ndarray) -> PackedWeight:
+        """The packed weight of `tile_codes`' arrays: the nonzero codes padded to `stream_length` zeros
+        and split in bit planes."""
+        stream = np.zeros(stream_length(nonzeros.size), np.uint8)
+        stream[: nonzeros.size] = nonzeros
         planes = fpx_layout.pack_fpx_planes(stream[None, :], self.ebits, self.mbits)
         arrays = {"bits": bits, "offsets": offsets, **planes, "scales": scales}
-        return PackedWeight(self.name, codes.shape, arrays)
+        return PackedWeight(self.name, tuple(shape), arrays)
 
     def unpack(self, packed: PackedWeight) -> np.ndarray:
         if packed.format != self.name:
@@ -144,6 +147,14 @@ class BitmapFPxFormat(WeightFormat):
 
     def decode_stage(self) -> BitmapFPxDecode:
         return BitmapFPxDecode(self.name, fpx_decode_stage(self.ebits, self.mbits))
+
+
+def tile_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bits, offsets, the nonzero codes uint8 [nnz] in stream order) of eXmY codes uint8 [M, K]."""
+    tiles = tiled(codes)  # [TM, TK, 1024]
+    nonzero = tiles != 0
+    bits, offsets = tile_bits(nonzero)
+    return bits, offsets, tiles[nonzero]  # tile-major, row-major in a tile
 
 
 class BitmapFPxDecode(DecodeStage):
