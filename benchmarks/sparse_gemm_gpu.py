@@ -1,4 +1,4 @@
-"""Benchmark the bitmap sparse-weight GEMM against cuBLAS fp16 (and 2:4 cuSPARSELt) on LLM layer shapes.
+"""Benchmark the bitmap sparse-weight GEMM (and sparse x FP6) against cuBLAS fp16 (and 2:4 cuSPARSELt) on LLM layers.
 
     python3 benchmarks/sparse_gemm_gpu.py --kit .device-kit --out "$OUT"     (normally via kit/run.py)
 
@@ -13,6 +13,11 @@ events, cold L2, median; the kit's Timer). Reported: time, speedup over cuBLAS, 
 side must move (its stored weight + X + Y once) and that as a fraction of the measured copy bandwidth,
 and the ideal speedup (cuBLAS's bytes / the bitmap kernel's bytes). Targets (issue 12, H100): 80 %
 >= 2.5x cuBLAS at N = 16, 50 % >= 1.4x.
+
+Sparse x FP6 (bitmap-e3m2, `compiler/formats/bitmap_fpx.py`): at 80 % the same pruned W has its kept values
+quantised to FP6 e3m2 with a scale per row by the numpy packer; its kernels are checked against X times
+the exact FP6 W in fp32 and timed against the same cuBLAS time (cuBLAS's fp16 W is the pruned W before
+FP6: the same shape and bytes). Target: >= 4x cuBLAS at N = 16 (0.28 B a weight: ideal ~7x).
 
 Random masks only: Wanda masks need calibration activations of the real model (not in the kit); the
 bitmap kernel's time depends on the nonzero count and layout density, which the random masks fix.
@@ -38,11 +43,12 @@ from benchmarks.harness import (
 )
 from benchmarks.kit.budget import TIMING_BUDGET_S
 from benchmarks.kit.kernels import KernelKit, _runtime
-from benchmarks.kit.sparse_weights import BandPacker, make_sparse_weight
+from benchmarks.kit.sparse_weights import BandPacker, make_sparse_fpx_weight, make_sparse_weight
 
 TOLERANCE = 2e-3  # fp16 output, fp32 accumulation
 SEMI_STRUCTURED_TOLERANCE = 5e-3  # cuSPARSELt accumulates as it likes
 TARGETS = {0.8: 2.5, 0.5: 1.4}  # sparsity -> speedup over cuBLAS at N = 16 (issue 12, H100)
+FPX_TARGETS = {0.8: 4.0}  # sparse x FP6, the same (issue 12, H100)
 TARGET_TOKENS = 16
 
 
@@ -88,6 +94,10 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
             for sparsity in spec["sparsities"]:
                 weight = make_sparse_weight(m, k, sparsity, device, packer, spec["capacity"], seed=m + k)
                 setup[f"{layer} {sparsity}"] = weight.seconds
+                fpx_weight = None  # sparse x FPx: the same pruned W, its kept values in FP6
+                if sparsity in spec.get("fpx", {}).get("sparsities", []):
+                    fpx_weight = make_sparse_fpx_weight(weight.dense, packer, spec["fpx"]["capacity"])
+                    setup[f"{layer} {sparsity} {spec['fpx']['format']}"] = fpx_weight.seconds
                 wt = weight.dense.t()
                 semi, semi_skip = semi_structured(weight.dense) if sparsity == 0.5 and not kit.manifest["dry"] else (
                     None, "dry run" if kit.manifest["dry"] else "2:4 is 50 % only")  # fmt: skip
@@ -99,20 +109,8 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
                     activations = (n * k + n * m) * 2
                     base_moved, moved = m * k * 2 + activations, weight.stored_bytes + activations
                     point = {"layer": layer, "m": m, "k": k, "sparsity": sparsity, "n": n}
-                    rows = []
-                    for name in spec["candidates"]:
-                        y = torch.full((n, m), float("nan"), dtype=torch.float16, device=device)
-                        kernel = kit.function(kit.case(name))
-                        args = [ffi.from_dlpack(t) for t in (x, *weight.stored, y)]
-                        kernel(*args)
-                        err = relative_error(y, reference)
-                        row = {**point, "kernel": name, "config": kit.case(name).config_dict, "rel_error": err}
-                        row["correct"] = err < TOLERANCE
-                        if row["correct"]:
-                            t = timed(timer, lambda: kernel(*args), warmup, runs)  # noqa: B023
-                            row.update(_rates(t.median_ms, moved, copy_bw, datasheet))
-                            row.update(time=t, speedup=base.median_ms / t.median_ms)
-                        rows.append(row)
+                    measure = _Measure(kit, ffi, timer, base, copy_bw, datasheet, warmup, runs)
+                    rows = measure.candidates(spec["candidates"], x, weight, reference, point, moved)
                     records.extend(rows)
                     best = max((r for r in rows if "speedup" in r), key=lambda r: r["speedup"], default=None)
                     default = next((r for r in rows if r["kernel"] == spec["default"][str(n)]), None)
@@ -133,9 +131,16 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
                     if target is not None:
                         entry["target_speedup"] = target
                         entry["target_met"] = bool(best and best["speedup"] >= target)
+                    if fpx_weight is not None:
+                        fpx_rows = measure.candidates(
+                            spec["fpx"]["candidates"], x, fpx_weight, x.float() @ fpx_weight.dense.t(),
+                            {**point, "format": spec["fpx"]["format"]}, fpx_weight.stored_bytes + activations,
+                        )  # fmt: skip
+                        records.extend(fpx_rows)
+                        entry["sparse_fpx"] = _fpx_entry(spec["fpx"], fpx_rows, fpx_weight, base_moved, activations, n)
                     summary.append(entry)
                     _print_line(entry)
-                del weight, semi
+                del weight, semi, fpx_weight
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
@@ -157,6 +162,52 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
         "records": records,
     }
     return write_results(out_dir, "sparse_gemm_gpu", payload)
+
+
+class _Measure:
+    """Check, then time, kernels of the kit on one (layer, sparsity, N) point against its cuBLAS time."""
+
+    def __init__(self, kit, ffi, timer, base, copy_bw, datasheet, warmup: int, runs: int):
+        self.kit, self.ffi, self.timer, self.base = kit, ffi, timer, base
+        self.copy_bw, self.datasheet, self.warmup, self.runs = copy_bw, datasheet, warmup, runs
+
+    def candidates(self, names: list[str], x, weight, reference, point: dict, moved: int) -> list[dict]:
+        """A row per kernel: its error against `reference` (fp32 X W^T) and, when correct, time and rates."""
+        import torch
+
+        n, m = x.shape[0], point["m"]
+        rows = []
+        for name in names:
+            y = torch.full((n, m), float("nan"), dtype=torch.float16, device=x.device)
+            kernel = self.kit.function(self.kit.case(name))
+            args = [self.ffi.from_dlpack(t) for t in (x, *weight.stored, y)]
+            kernel(*args)
+            err = relative_error(y, reference)
+            row = {**point, "kernel": name, "config": self.kit.case(name).config_dict, "rel_error": err}
+            row["correct"] = err < TOLERANCE
+            if row["correct"]:
+                t = timed(self.timer, lambda: kernel(*args), self.warmup, self.runs)  # noqa: B023
+                row.update(_rates(t.median_ms, moved, self.copy_bw, self.datasheet))
+                row.update(time=t, speedup=self.base.median_ms / t.median_ms)
+            rows.append(row)
+        return rows
+
+
+def _fpx_entry(spec: dict, rows: list[dict], weight, base_moved: int, activations: int, n: int) -> dict:
+    """The sparse x FPx side of a summary point: bytes, ideal and best speedups, the target at N = 16."""
+    best = max((r for r in rows if "speedup" in r), key=lambda r: r["speedup"], default=None)
+    entry = {
+        "format": spec["format"],
+        "stored_bytes": weight.stored_bytes,
+        "ideal_speedup": base_moved / (weight.stored_bytes + activations),
+        "best": _brief(best),
+        "default": _brief(next((r for r in rows if r["kernel"] == spec["default"][str(n)]), None)),
+        "incorrect_kernels": [r["kernel"] for r in rows if not r["correct"]],
+    }
+    target = FPX_TARGETS.get(rows[0]["sparsity"]) if rows and n == TARGET_TOKENS else None
+    if target is not None:
+        entry.update(target_speedup=target, target_met=bool(best and best["speedup"] >= target))
+    return entry
 
 
 def _semi(semi, skip: str | None, x, timer, base, copy_bw, datasheet, warmup: int, runs: int) -> dict:
@@ -208,6 +259,13 @@ def _print_line(s: dict) -> None:
         f"bad {len(s['incorrect_kernels'])}",
         flush=True,
     )
+    if "sparse_fpx" in s:
+        fpx = s["sparse_fpx"]
+        print(
+            f"{'':<20} {fpx['format']} best {(fpx['best'] or {}).get('speedup') or 0:5.2f}x of ideal "
+            f"{fpx['ideal_speedup']:4.2f}x | bad {len(fpx['incorrect_kernels'])}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,8 +59,9 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     sparsity: a SparseConfig: each linear weight (those `skip` and the default filter leave) pruned
         ("magnitude" per output row, "wanda" and "sparsegpt" from `calibration`, or "none": as given;
         compiler/pruning.py) and stored in a sparse format ("auto": per layer the target's format storing
-        the fewest bytes, ellpack on CPUs, bitmap on GPUs).
-        It does not combine with `weights` yet (sparse x FPx), nor with store_weights=False.
+        the fewest bytes, ellpack on CPUs, bitmap on GPUs). With FPx `weights` (sparse x FPx) the nonzeros
+        are FPx codes with the per-row scale (bitmap-eXmY; "auto" weighs it against plain FPx per layer,
+        on GPUs). It does not combine with store_weights=False.
     calibration: graph models, a file of sample inputs the model is run on once (CPU) to collect each
         linear layer's input statistics: an .npz of inputs by name or a .txt of text (a sample a
         line, models with a tokenizer); layout in compiler/calibration/__init__.py.
@@ -215,18 +216,40 @@ def _sparse_recipe(recipe: WeightRecipe, sparsity: Any, store_weights: bool, cal
 
     if not isinstance(sparsity, SparseConfig):
         raise ConfigError(f"sparsity must be a SparseConfig, got {type(sparsity).__name__}.")
-    if recipe.format is not None:
-        raise ConfigError(
-            f"sparse x FPx is not built yet: weights={recipe.format!r} and a sparsity cannot be combined; give one."
-        )
     if sparsity.format in PLANNED_SPARSE_FORMATS:
         raise ConfigError(
             f"the {sparsity.format} sparse format is planned, not built yet; use auto, ellpack or bitmap."
         )
+    fmt, values = sparsity.format, None
+    if recipe.format is not None:  # sparse x FPx
+        fmt, values = _sparse_fpx_format(recipe.format, sparsity.format)
     check_prune_method(sparsity.prune, calibrated)
     if not store_weights:
         raise ConfigError("sparse weights need their values at compile time (their stored sizes depend on them).")
-    return dataclasses.replace(recipe, format=sparsity.format, sparsity=sparsity.sparsity, prune=sparsity.prune)
+    return dataclasses.replace(recipe, format=fmt, values=values, sparsity=sparsity.sparsity, prune=sparsity.prune)
+
+
+def _sparse_fpx_format(weights: str, sparse_format: str) -> tuple[str, str]:
+    """(the recipe's format: auto or the sparse format holding FPx codes, the eXmY of the nonzeros) for
+    --weights `weights` with --sparse-format `sparse_format`; a ConfigError where none is built."""
+    from tensorpress.compiler.formats import AUTO_SPARSE_FORMAT, sparse_format_with_values
+    from tensorpress.compiler.formats.fpx import FPxFormat
+
+    fpx = get_weight_format(weights)
+    if not isinstance(fpx, FPxFormat):
+        raise ConfigError(
+            f"a sparsity combines with FPx weights only (fp6, fp5, fp4, e2m3, ...), not weights={weights!r}; "
+            "give one FPx format or drop the sparsity."
+        )
+    if sparse_format == AUTO_SPARSE_FORMAT:
+        return sparse_format, fpx.stage_name
+    chosen = sparse_format_with_values(sparse_format, fpx.stage_name)
+    if chosen is None:
+        raise ConfigError(
+            f"sparse x FPx is built for the bitmap format only, not {sparse_format}; use --sparse-format bitmap "
+            f"or auto with weights={weights!r}."
+        )
+    return chosen, fpx.stage_name
 
 
 def _is_fpx(name: str | None) -> bool:

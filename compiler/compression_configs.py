@@ -115,6 +115,8 @@ class SparseConfig(_Config):
     prune: "magnitude" (per output row, keep the largest |w|), "wanda" (|w| x the input channel's norm)
         or "sparsegpt" (pruned and corrected from the layer's Hessian), the last two with compile's
         `calibration`; or "none" (the weights as given). See compiler/pruning.py.
+    With an FPxConfig (sparse x FPx) the nonzeros are stored as FPx codes with the per-row scale
+    (format "bitmap" or "auto": bitmap-eXmY where it stores fewer bytes than plain FPx, on GPUs).
     """
 
     sparsity: float

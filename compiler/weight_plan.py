@@ -38,6 +38,8 @@ class WeightRecipe:
     skip: tuple[str, ...] = ()
     sparsity: float | None = None  # None: a sparse format stores the weights as given
     prune: str = "magnitude"
+    # sparse x FPx: the eXmY of the nonzeros; auto then weighs the sparse formats holding them against it
+    values: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,20 +74,32 @@ def row_nonzeros_after_pruning(w: np.ndarray, recipe: WeightRecipe) -> np.ndarra
     return counts
 
 
-def choose_sparse_format(site: LinearSite, row_nonzeros: np.ndarray, target: TargetSpec, dense: str) -> str:
+def choose_sparse_format(
+    site: LinearSite, row_nonzeros: np.ndarray, target: TargetSpec, dense: str, values: str = "fp16"
+) -> str:
     """--sparse-format auto for one layer: among the sparse formats auto considers on this target (their
-    `auto_targets`), the one storing the fewest bytes for these nonzeros, or `dense` when none stores
-    fewer than it."""
+    `auto_targets`) whose nonzeros are `values` (fp16, or an eXmY: sparse x FPx), the one storing the
+    fewest bytes for these nonzeros, or `dense` (the dense layout, or that FPx) when none stores fewer."""
     candidates: list[WeightFormat] = [
         f
         for f in WEIGHT_FORMATS.values()
-        if f.sparse and target.kind in f.auto_targets and f.unsupported_reason(site.m, site.k) is None
+        if f.sparse
+        and f.sparse_values == values
+        and target.kind in f.auto_targets
+        and f.unsupported_reason(site.m, site.k) is None
     ]
     sized = [(f.sparse_bytes(site.m, site.k, row_nonzeros), f.name) for f in candidates]
     best = min(sized, default=None)
     if best is None or best[0] >= get_weight_format(dense).stored_bytes(site.m, site.k):
         return dense
     return best[1]
+
+
+def _no_sparse_fpx_reason(values: str, target: TargetSpec) -> str:
+    """Why auto keeps a pruned layer in plain FPx `values` on `target` (one phrase)."""
+    if any(f.sparse and f.sparse_values == values and target.kind in f.auto_targets for f in WEIGHT_FORMATS.values()):
+        return f"no sparse format of {values} values stores fewer bytes"
+    return f"no sparse format of {values} values is chosen on {target.kind}; --sparse-format bitmap forces it"
 
 
 def plan_weights(
@@ -113,8 +127,15 @@ def plan_weights(
             fmt_name = dense
         elif auto:  # without the weight's values (none given): sized as if it had no zeros of its own
             w = weights[site.weight] if weights is not None and site.weight in weights else np.ones((site.m, site.k))
-            fmt_name = choose_sparse_format(site, row_nonzeros_after_pruning(w, recipe), target, dense)
-            why = "compressed" if fmt_name != dense else "dense (auto: no sparse format stores fewer bytes)"
+            fallback = recipe.values or dense  # sparse x FPx: the FPx format itself
+            nonzeros = row_nonzeros_after_pruning(w, recipe)
+            fmt_name = choose_sparse_format(site, nonzeros, target, fallback, recipe.values or "fp16")
+            if fmt_name != fallback:
+                why = "compressed"
+            elif recipe.values:  # plain FPx, pruned
+                why = f"compressed, not sparse (auto: {_no_sparse_fpx_reason(recipe.values, target)})"
+            else:
+                why = "dense (auto: no sparse format stores fewer bytes)"
         pruned = recipe.sparsity is not None and skipped is None and not tied
         fmt = get_weight_format(fmt_name, recipe.scale_search)
         reason = fmt.unsupported_reason(site.m, site.k)
@@ -123,7 +144,7 @@ def plan_weights(
         if tied:  # e.g. the LM head tied to the embeddings, by structure rather than by name
             why = f"skipped: {site.also_read_by} reads this weight too"
             why += " (an embedding tied to it)" if site.also_read_by == "take" else ""
-        if reason is not None and fmt_name == recipe.format:
+        if reason is not None and fmt_name in (recipe.format, recipe.values):
             warnings.warn(
                 f"{site.weight} [{site.m}x{site.k}] stays dense: the {fmt_name} kernel cannot take it ({reason}).",
                 stacklevel=2,

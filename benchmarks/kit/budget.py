@@ -17,6 +17,7 @@ FLUSH_S = 100e6 / COPY_BW  # the Timer rewrites 2 x L2 (~100 MB) before every ti
 RUNS, WARMUP = 50, 10
 TIMING_BUDGET_S = 0.15  # device seconds one timing of the sparse and KV benchmarks may take (harness.timed_within)
 PACK_RATE = 18e6  # bitmap numpy packer, elements/s on one core (measured here: 8192 x 8192 in 3.6 s)
+FPX_PACK_RATE = 2e6  # sparse x FP6 numpy packer (FPx encode, tiles, exact W), elements/s a core (here: 1.8e6 at load 6)
 PACK_CORES = 12  # of the device's 16 (16 spawned packers, some contention)
 START_S = 15.0  # a part's fixed cost: torch + CUDA context, copy bandwidth, the packers' spawn, JSON
 # page-granular KV caches (int2-kitty) are built on the host in numpy (benchmarks/kv_page_granular.py),
@@ -59,6 +60,15 @@ def sparse_estimate(section: dict) -> dict:
                 sparse_s = (m * k * ((1 - sparsity) * 2 + 1 / 8) + (n * (m + k)) * 2) / KERNEL_BW
                 calls = [dense_s] + [sparse_s] * len(spec["candidates"]) + ([dense_s] if sparsity == 0.5 else [])
                 for call in calls:
+                    e, b = _timing(call)
+                    expected, bound, timings = expected + e + call, bound + b + call, timings + 1
+        fpx = spec.get("fpx", {})
+        for sparsity in fpx.get("sparsities", []):  # sparse x FP6: its packer, then its candidates
+            pack = m * k / (FPX_PACK_RATE * PACK_CORES) + m * k * (4 + 2) / 10e9  # + the exact W up
+            expected, bound = expected + pack, bound + pack
+            for n in spec["tokens"]:
+                call = (m * k * ((1 - sparsity) * 0.75 + 1 / 8) + (n * (m + k)) * 2) / KERNEL_BW
+                for _ in fpx["candidates"]:
                     e, b = _timing(call)
                     expected, bound, timings = expected + e + call, bound + b + call, timings + 1
     return {"timings": timings, "expected_s": round(expected), "bound_s": round(bound)}

@@ -17,7 +17,9 @@ from benchmarks.kit.cases import (
     DRY_FPX_TEST_SHAPES,
     FPX_TEST_FORMATS,
     FPX_TEST_SHAPES,
+    SPARSE_FPX_FORMAT,
     KernelCase,
+    bitmap_fpx_stream_capacity,
     bitmap_value_capacity,
     case,
 )
@@ -51,6 +53,11 @@ def bitmap_bench_cases(layers: dict[str, tuple[int, int]], tokens, arch: str) ->
     (block_n 16) without split-K (its decode is popcount-bound, not short of CTAs). Returns (cases,
     defaults) like `bench_cases`; one kernel serves every sparsity (`cases.bitmap_value_capacity`)."""
     return _candidates("bitmap", layers, tokens, arch, BITMAP_SPLIT_CHOICES, decode_tiles_only=True)
+
+
+def bitmap_fpx_bench_cases(layers: dict[str, tuple[int, int]], tokens, arch: str) -> tuple[list[KernelCase], dict]:
+    """Sparse x FPx (bitmap-e3m2) candidates per layer, chosen as bitmap's (`bitmap_bench_cases`)."""
+    return _candidates(SPARSE_FPX_FORMAT, layers, tokens, arch, BITMAP_SPLIT_CHOICES, decode_tiles_only=True)
 
 
 def bitmap_test_cases(dry: bool) -> list[KernelCase]:
@@ -161,11 +168,42 @@ def scheduled_module(cases: list[KernelCase], emulated: bool):
     intrinsics = emulated_intrinsics() if emulated else cuda_intrinsics()
     functions = {}
     for c in cases:
-        buffers = bitmap_buffers(c.m, c.k) if c.fmt == "bitmap" else None
+        buffers = sparse_buffers(c.fmt, c.m, c.k)
         func = make_weight_gemm(decode_stage(c.fmt), c.m, c.k, with_bias=c.bias, buffers=buffers)
         main = schedule_weight_gemm(func, TileConfig(**c.config_dict), intrinsics).mod["main"]
         functions[c.name] = main.with_attr("global_symbol", c.name)
     return tvm.IRModule(functions)
+
+
+def sparse_buffers(fmt: str, m: int, k: int) -> list | None:
+    """The stored buffers of the kit's sparse kernels (their sizes follow the kit's capacity, not a
+    weight), or None for a format whose buffers follow from the shape."""
+    if fmt == "bitmap":
+        return bitmap_buffers(m, k)
+    if fmt == SPARSE_FPX_FORMAT:
+        return bitmap_fpx_buffers(m, k)
+    return None
+
+
+def bitmap_fpx_buffers(m: int, k: int) -> list:
+    """The stored buffers of the kit's bitmap-e3m2 kernels for an [m, k] layer: bitmap's bits and
+    offsets, the code stream's planes at the kit's capacity (`cases.bitmap_fpx_stream_capacity`), scales."""
+    from tensorpress.compiler.formats import fpx_layout, get_weight_format
+    from tensorpress.compiler.formats.bitmap import WORDS_PER_TILE, tile_grid
+    from tensorpress.schedules.decode_stage import StoredBuffer
+
+    tm, tk = tile_grid(m, k)
+    stream = bitmap_fpx_stream_capacity(m, k)
+    planes = [
+        StoredBuffer(fpx_layout.plane_name(p), fpx_layout.plane_shape(1, stream, p), "uint32")
+        for p in fpx_layout.plane_widths(get_weight_format(SPARSE_FPX_FORMAT).code_bits())
+    ]
+    return [
+        StoredBuffer("bits", (tm, tk, WORDS_PER_TILE), "uint32"),
+        StoredBuffer("offsets", (tm, tk), "int32"),
+        *planes,
+        StoredBuffer("scales", (m,), "float16"),
+    ]
 
 
 def bitmap_buffers(m: int, k: int) -> list:

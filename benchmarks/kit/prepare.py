@@ -53,10 +53,14 @@ from benchmarks.kit.cases import (  # noqa: E402
     FPX_LAYERS,
     LLM_LAYERS,
     SPARSE_BENCH_TOKENS,
+    SPARSE_FPX_FORMAT,
+    SPARSE_FPX_LAYERS,
+    SPARSE_FPX_SPARSITIES,
     SPARSE_LAYERS,
     SPARSITIES,
     TEST_TOKENS,
     KernelCase,
+    bitmap_fpx_stream_capacity,
     bitmap_value_capacity,
 )
 
@@ -187,7 +191,7 @@ def _build_sparse(
 ) -> dict:
     """The bitmap kernels of the sparse benchmark (benchmarks/sparse_gemm_gpu.py), one library per layer;
     returns the manifest's "sparse_bench" section."""
-    from benchmarks.kit.build import bitmap_bench_cases, build_library
+    from benchmarks.kit.build import bitmap_bench_cases, bitmap_fpx_bench_cases, build_library
 
     all_layers = DRY_SPARSE_LAYERS if dry else SPARSE_LAYERS
     sparsities = DRY_SPARSITIES if dry else SPARSITIES
@@ -197,16 +201,24 @@ def _build_sparse(
         if layers and layer not in layers:
             continue
         cases, defaults = bitmap_bench_cases({layer: (m, k)}, tokens, choice_arch)
+        fpx_layers = {layer: (m, k)} if layer in SPARSE_FPX_LAYERS else {}
+        fpx_cases, fpx_defaults = bitmap_fpx_bench_cases(fpx_layers, tokens, choice_arch)
         library = f"kernels/bitmap_{m}x{k}.so"
-        print(f"building {library}: {len(cases)} kernels", flush=True)
-        seconds[library] = build_library(cases, staging / library, build_arch)
-        for c in cases:
+        print(f"building {library}: {len(cases) + len(fpx_cases)} kernels", flush=True)
+        seconds[library] = build_library(cases + fpx_cases, staging / library, build_arch)
+        for c in cases + fpx_cases:
             kernels[c.name], kernel_library[c.name] = c, library
         section[layer] = {
             "m": m, "k": k, "sparsities": list(sparsities), "tokens": list(tokens),
             "capacity": bitmap_value_capacity(m, k, sparsities), "candidates": [c.name for c in cases],
             "default": {str(n): name for n, name in defaults[layer].items()},
         }  # fmt: skip
+        if fpx_layers:  # sparse x FPx: the same masks at these sparsities, the kept values in FP6
+            section[layer]["fpx"] = {
+                "format": SPARSE_FPX_FORMAT, "sparsities": list(SPARSE_FPX_SPARSITIES),
+                "capacity": bitmap_fpx_stream_capacity(m, k), "candidates": [c.name for c in fpx_cases],
+                "default": {str(n): name for n, name in fpx_defaults[layer].items()},
+            }  # fmt: skip
     return section
 
 

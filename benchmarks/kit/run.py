@@ -75,7 +75,7 @@ def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> b
     path = run_benchmark(KernelKit(kit), out, runs=min(runs, 3) if dry else runs, warmup=1 if dry else 10,
                          workers=workers)  # fmt: skip
     result = json.loads(path.read_text())
-    bad = [s for s in result["summary"] if s["incorrect_kernels"]]
+    bad = [s for s in result["summary"] if s["incorrect_kernels"] or s.get("sparse_fpx", {}).get("incorrect_kernels")]
     lines = [f"sparse_gemm_gpu: {len(result['summary'])} (layer, sparsity, N) points, {len(bad)} with incorrect "
              f"kernels, in {time.perf_counter() - start:.0f} s -> {path.name}"]  # fmt: skip
     for s in result["summary"]:
@@ -86,6 +86,13 @@ def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> b
             speedup, share = best.get("speedup") or 0, best.get("fraction_of_copy_bandwidth") or 0
             lines.append(f"  {s['layer']:<20} {s['sparsity']:.0%} N={s['n']:<3} bitmap {speedup:5.2f}x cuBLAS "
                          f"(ideal {s['ideal_speedup']:.2f}x, {share:.0%} copy bw){target}")  # fmt: skip
+            if "sparse_fpx" in s:  # sparse x FP6 on the same pruned W
+                fpx = s["sparse_fpx"]
+                met = ""
+                if "target_met" in fpx:
+                    met = f" target {fpx['target_speedup']}x {'met' if fpx['target_met'] else 'MISSED'}"
+                lines.append(f"  {'':<20} {fpx['format']} {(fpx['best'] or {}).get('speedup') or 0:5.2f}x cuBLAS "
+                             f"(ideal {fpx['ideal_speedup']:.2f}x){met}")  # fmt: skip
     log.extend(lines)
     print("\n".join(lines), flush=True)
     return not bad

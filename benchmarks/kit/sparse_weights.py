@@ -63,6 +63,44 @@ def join_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = None) 
     return {"bits": bits, "offsets": np.concatenate(offsets).astype(np.int32), "values": values}
 
 
+def _pack_fpx_band(band: np.ndarray) -> dict[str, np.ndarray]:
+    """A band's sparse x FPx arrays before the stream is split in planes, and its exact float32 W."""
+    from benchmarks.kit.cases import SPARSE_FPX_FORMAT
+    from tensorpress.compiler.formats import fpx_codes, get_weight_format
+    from tensorpress.compiler.formats.bitmap_fpx import tile_codes
+
+    fpx = get_weight_format(SPARSE_FPX_FORMAT).fpx  # type: ignore[attr-defined]
+    codes, scales = fpx.encode(band.astype(np.float32))
+    bits, offsets, nonzeros = tile_codes(codes)
+    exact = fpx_codes.decode(codes, scales, fpx.ebits, fpx.mbits)
+    return {"bits": bits, "offsets": offsets, "nonzeros": nonzeros, "scales": scales, "exact": exact}
+
+
+def join_fpx_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = None) -> dict[str, np.ndarray]:
+    """The bitmap-e3m2 arrays of a weight from those of its row bands (whole tile rows), in order, the
+    code stream padded with zero codes to `capacity` codes (default: the packer's own length); plus
+    "exact", the float32 W they decode to."""
+    from benchmarks.kit.cases import SPARSE_FPX_FORMAT
+    from tensorpress.compiler.formats import fpx_layout, get_weight_format
+
+    nonzeros = np.concatenate([p["nonzeros"] for p in parts])
+    starts = np.cumsum([0] + [p["nonzeros"].size for p in parts[:-1]])
+    offsets = np.concatenate([p["offsets"] + np.int32(start) for p, start in zip(parts, starts)]).astype(np.int32)
+    bits, scales = np.concatenate([p["bits"] for p in parts]), np.concatenate([p["scales"] for p in parts])
+    exact = np.concatenate([p["exact"] for p in parts])
+    fmt = get_weight_format(SPARSE_FPX_FORMAT)
+    arrays = dict(fmt.pack_stream(exact.shape, bits, offsets, nonzeros, scales).arrays)  # type: ignore[attr-defined]
+    if capacity is not None:  # more zero codes: each plane's row grows by whole zero words
+        if capacity < nonzeros.size + 1:
+            raise ValueError(f"{nonzeros.size} nonzero codes do not fit a stream of {capacity}")
+        for width in fpx_layout.plane_widths(fmt.code_bits()):
+            name = fpx_layout.plane_name(width)
+            grown = np.zeros(fpx_layout.plane_shape(1, capacity, width), np.uint32)
+            grown[:, : arrays[name].shape[1]] = arrays[name]
+            arrays[name] = grown
+    return {**arrays, "exact": exact}
+
+
 class BandPacker:
     """Packs with the numpy bitmap packer, bands of BAND_ROWS rows in `workers` processes (spawned:
     the parent holds a CUDA context); workers=0 packs in this process."""
@@ -78,6 +116,12 @@ class BandPacker:
         bands = [w[r : r + BAND_ROWS] for r in range(0, w.shape[0], BAND_ROWS)]
         parts = list(self.pool.map(_pack_band, bands)) if self.pool else [_pack_band(b) for b in bands]
         return join_bands(parts, capacity)
+
+    def pack_fpx(self, w: np.ndarray, capacity: int | None = None) -> dict[str, np.ndarray]:
+        """`join_fpx_bands` of the bands of `w`, packed in the workers."""
+        bands = [w[r : r + BAND_ROWS] for r in range(0, w.shape[0], BAND_ROWS)]
+        parts = list(self.pool.map(_pack_fpx_band, bands)) if self.pool else [_pack_fpx_band(b) for b in bands]
+        return join_fpx_bands(parts, capacity)
 
     def close(self) -> None:
         if self.pool:
@@ -116,3 +160,27 @@ def make_sparse_weight(
     nbytes = arrays["bits"].nbytes + arrays["offsets"].nbytes + 2 * real_values
     seconds = {"mask": masked - start, "pack": packed - masked, "upload": time.perf_counter() - packed}
     return SparseWeight(stored, dense, int(nbytes), nnz, seconds)
+
+
+def make_sparse_fpx_weight(dense, packer: BandPacker, capacity: int) -> SparseWeight:
+    """The sparse x FPx (bitmap-e3m2) weight of a pruned fp16 W on its device (`random_pruned`): the
+    kernels' buffers, `dense` = the exact W they decode to (float32), the bytes the packer alone stores."""
+    import torch
+
+    from benchmarks.kit.cases import SPARSE_FPX_FORMAT
+    from tensorpress.compiler.formats import fpx_layout, get_weight_format
+    from tensorpress.compiler.formats.bitmap_fpx import stream_length
+
+    start = time.perf_counter()
+    host = dense.cpu().numpy()
+    arrays = packer.pack_fpx(host, capacity)
+    packed = time.perf_counter()
+    nnz = int(np.unpackbits(arrays["bits"].view(np.uint8)).sum())
+    fmt = get_weight_format(SPARSE_FPX_FORMAT)
+    names = ["bits", "offsets", *(fpx_layout.plane_name(p) for p in fpx_layout.plane_widths(fmt.code_bits())), "scales"]
+    stored = [torch.from_numpy(np.ascontiguousarray(arrays[name])).to(dense.device) for name in names]
+    exact = torch.from_numpy(arrays["exact"]).to(dense.device)
+    stream_bytes = stream_length(nnz) * fmt.code_bits() // 8
+    nbytes = arrays["bits"].nbytes + arrays["offsets"].nbytes + arrays["scales"].nbytes + stream_bytes
+    seconds = {"pack": packed - start, "upload": time.perf_counter() - packed}
+    return SparseWeight(stored, exact, int(nbytes), nnz, seconds)

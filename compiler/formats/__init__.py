@@ -49,6 +49,7 @@ from typing import Any
 
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat
 from tensorpress.compiler.formats.bitmap import BitmapFormat
+from tensorpress.compiler.formats.bitmap_fpx import bitmap_fpx_formats
 from tensorpress.compiler.formats.dense import DenseFormat
 from tensorpress.compiler.formats.dense_column_panels import DensePanelFormat
 from tensorpress.compiler.formats.ellpack import EllpackFormat
@@ -74,6 +75,7 @@ FORMATS: dict[str, dict[str, Any]] = {
         **fpx_formats(),  # fp6, fp6_e2m3, fp5, fp4, every eXmY, fp6-auto
         "int8": Int8WeightFormat("int8"),
         "bitmap": BitmapFormat("bitmap"),  # unstructured sparse: a bitmask + the fp16 nonzeros per tile
+        **bitmap_fpx_formats(),  # sparse x FPx: bitmap-e3m2, ...: the bitmask + FPx codes, a scale per row
         "ellpack": EllpackFormat("ellpack"),  # unstructured sparse for the CPU: (fp16 value, column) row slots
     },
     KV_CACHE: {
@@ -118,8 +120,18 @@ def sparse_format_choices() -> list[str]:
 
 
 def sparse_weight_format_names() -> list[str]:
-    """The registered formats that store a weight's nonzeros (`WeightFormat.sparse`): --sparse-format."""
-    return sorted(name for name, fmt in WEIGHT_FORMATS.items() if fmt.sparse)
+    """The registered formats that store a weight's nonzeros (`WeightFormat.sparse`) in fp16: --sparse-format.
+    (Their FPx twins, such as bitmap-e3m2, are what `sparse_format_with_values` finds for --weights fp6.)"""
+    return sorted(name for name, fmt in WEIGHT_FORMATS.items() if fmt.sparse and fmt.sparse_values == "fp16")
+
+
+def sparse_format_with_values(layout: str, values: str) -> str | None:
+    """The registered sparse format of --sparse-format `layout` whose nonzeros are `values` ("fp16" or an
+    eXmY name: sparse x FPx), or None where none is built."""
+    for name, fmt in WEIGHT_FORMATS.items():
+        if fmt.sparse and fmt.sparse_layout == layout and fmt.sparse_values == values:
+            return name
+    return None
 
 
 def dense_weight_format(target_kind: str, act_dtype: str) -> str:
@@ -163,6 +175,7 @@ __all__ = [
     "get_weight_format",
     "kv_cache_format_names",
     "sparse_format_choices",
+    "sparse_format_with_values",
     "sparse_weight_format_names",
     "weight_format_names",
 ]

@@ -49,6 +49,16 @@ class WeightFormat(abc.ABC):
     targets: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # the target kinds with a kernel for it
     auto_targets: ClassVar[tuple[str, ...]] = ()  # sparse: where --sparse-format auto considers it
 
+    @property
+    def sparse_layout(self) -> str:
+        """Sparse formats: the --sparse-format name of where the nonzeros go (bitmap for bitmap x FPx too)."""
+        return self.name
+
+    @property
+    def sparse_values(self) -> str:
+        """Sparse formats: what each stored nonzero is, "fp16" or an FPx eXmY name (sparse x FPx)."""
+        return "fp16"
+
     def resolve(self, w: np.ndarray) -> WeightFormat:
         """The concrete format this weight is stored in (itself, except for choosers like fp6-auto)."""
         return self

@@ -58,7 +58,7 @@ def tile_grid(m: int, k: int) -> tuple[int, int]:
     return -(-m // TILE_ROWS), -(-k // TILE_COLS)
 
 
-def _tiled(a: np.ndarray) -> np.ndarray:
+def tiled(a: np.ndarray) -> np.ndarray:
     """[M, K] -> [TM, TK, TILE_ROWS * TILE_COLS] (zero padded), each tile's positions row-major."""
     m, k = a.shape
     tm, tk = tile_grid(m, k)
@@ -67,9 +67,49 @@ def _tiled(a: np.ndarray) -> np.ndarray:
     return padded.reshape(tm, TILE_ROWS, tk, TILE_COLS).transpose(0, 2, 1, 3).reshape(tm, tk, -1)
 
 
-def _untiled(t: np.ndarray, m: int, k: int) -> np.ndarray:
+def untiled(t: np.ndarray, m: int, k: int) -> np.ndarray:
+    """Inverse of `tiled`: [TM, TK, TILE_ROWS * TILE_COLS] -> [m, k] (the padding dropped)."""
     tm, tk, _ = t.shape
     return t.reshape(tm, tk, TILE_ROWS, TILE_COLS).transpose(0, 2, 1, 3).reshape(tm * TILE_ROWS, -1)[:m, :k]
+
+
+def tile_bits(nonzero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """("bits" uint32 [TM, TK, 32], "offsets" int32 [TM, TK]) of a mask bool [TM, TK, 1024] (`tiled`
+    order): each tile's positions as bits, and the count of set positions in the tiles before it."""
+    weights = (np.uint64(1) << np.arange(WORD_BITS, dtype=np.uint64)).astype(np.uint64)
+    words = nonzero.reshape(*nonzero.shape[:2], WORDS_PER_TILE, WORD_BITS).astype(np.uint64) @ weights
+    counts = nonzero.sum(axis=2).reshape(-1)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32).reshape(nonzero.shape[:2])
+    return words.astype(np.uint32), offsets
+
+
+def tile_positions(bits: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(set bool [TM, TK, 1024], index int64 [TM, TK, 1024]): per position of each tile, whether its bit
+    is set, and offsets[tile] + the set bits before it (the index of its value when set)."""
+    shifts = np.arange(WORD_BITS, dtype=np.uint32)
+    nonzero = ((bits[..., None] >> shifts) & np.uint32(1)).astype(bool).reshape(*bits.shape[:2], -1)
+    rank = np.cumsum(nonzero, axis=2) - nonzero  # nonzeros before each position in its tile
+    return nonzero, offsets[..., None].astype(np.int64) + rank
+
+
+def tile_rank(bits, offsets, row, col):
+    """TIR (is_set, index) of W[row, col]: whether its bit is set and offsets[tile] + the set bits of
+    its tile before its position (the module docstring's popcount, one clamp per word)."""
+    from tvm import tirx
+
+    tm, tk = row // TILE_ROWS, col // TILE_COLS
+    position = (row % TILE_ROWS) * TILE_COLS + col % TILE_COLS
+    word, bit = position // WORD_BITS, (position % WORD_BITS).astype("uint32")
+    one = tirx.const(1, "uint32")
+    rank = tirx.const(0, "int32")
+    for j in range(WORDS_PER_TILE):
+        # bits of word j before `position`: all 32 (j < word), the low `bit` (j == word) or none
+        before = tirx.min(tirx.max(position - WORD_BITS * j, 0), WORD_BITS).astype("uint32")
+        low = (one << (before & tirx.const(WORD_BITS - 1, "uint32"))) - one  # no shift by 32: undefined in C
+        mask = tirx.Select(before == WORD_BITS, tirx.const(0xFFFFFFFF, "uint32"), low)
+        rank = rank + tirx.popcount(bits[tm, tk, j] & mask).astype("int32")
+    is_set = ((bits[tm, tk, word] >> bit) & one) != tirx.const(0, "uint32")
+    return is_set, offsets[tm, tk] + rank
 
 
 @dataclass(frozen=True)
@@ -89,28 +129,22 @@ class BitmapFormat(WeightFormat):
             w16 = w.astype(np.float16)
         if not np.isfinite(w16).all():
             raise TensorpressError("bitmap stores fp16 values; this weight has values beyond fp16's range.")
-        tiles = _tiled(w16)  # [TM, TK, 1024]
+        tiles = tiled(w16)  # [TM, TK, 1024]
         nonzero = tiles.view(np.uint16) != 0  # bit patterns: -0.0 counts as a stored value
-        weights = (np.uint64(1) << np.arange(WORD_BITS, dtype=np.uint64)).astype(np.uint64)
-        words = nonzero.reshape(*nonzero.shape[:2], WORDS_PER_TILE, WORD_BITS).astype(np.uint64) @ weights
-        counts = nonzero.sum(axis=2).reshape(-1)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32).reshape(nonzero.shape[:2])
-        nnz = int(counts.sum())
+        words, offsets = tile_bits(nonzero)
+        nnz = int(nonzero.sum())
         size = -(-(nnz + 1) // VALUES_MULTIPLE) * VALUES_MULTIPLE
         values = np.zeros(size, np.float16)
         values[:nnz] = tiles[nonzero]  # tile-major, row-major inside a tile (C order of `tiles`)
-        arrays = {"bits": words.astype(np.uint32), "offsets": offsets, "values": values}
+        arrays = {"bits": words, "offsets": offsets, "values": values}
         return PackedWeight(self.name, (m, k), arrays)
 
     def unpack(self, packed: PackedWeight) -> np.ndarray:
         m, k = packed.shape
         bits, offsets, values = (packed.arrays[n] for n in ("bits", "offsets", "values"))
-        shifts = np.arange(WORD_BITS, dtype=np.uint32)
-        nonzero = ((bits[..., None] >> shifts) & np.uint32(1)).astype(bool).reshape(*bits.shape[:2], -1)
-        rank = np.cumsum(nonzero, axis=2) - nonzero  # nonzeros before each position in its tile
-        index = offsets[..., None].astype(np.int64) + rank
+        nonzero, index = tile_positions(bits, offsets)
         tiles = np.where(nonzero, values[np.minimum(index, values.size - 1)], np.float16(0))
-        return _untiled(tiles, m, k).astype(np.float32)
+        return untiled(tiles, m, k).astype(np.float32)
 
     def stored_bytes(self, m: int, k: int) -> int:
         """The bytes at the break-even density (those of fp16): the real count is the packed weight's."""
@@ -138,18 +172,5 @@ class BitmapDecode(DecodeStage):
         from tvm import tirx
 
         bits, offsets, values = stored
-        tm, tk = row // TILE_ROWS, col // TILE_COLS
-        position = (row % TILE_ROWS) * TILE_COLS + col % TILE_COLS
-        word, bit = position // WORD_BITS, (position % WORD_BITS).astype("uint32")
-        one = tirx.const(1, "uint32")
-        zero = tirx.const(0, "uint32")
-        rank = tirx.const(0, "int32")
-        for j in range(WORDS_PER_TILE):
-            # bits of word j before `position`: all 32 (j < word), the low `bit` (j == word) or none
-            before = tirx.min(tirx.max(position - WORD_BITS * j, 0), WORD_BITS).astype("uint32")
-            low = (one << (before & tirx.const(WORD_BITS - 1, "uint32"))) - one  # no shift by 32: undefined in C
-            mask = tirx.Select(before == WORD_BITS, tirx.const(0xFFFFFFFF, "uint32"), low)
-            rank = rank + tirx.popcount(bits[tm, tk, j] & mask).astype("int32")
-        is_set = ((bits[tm, tk, word] >> bit) & one) != zero
-        value = values[offsets[tm, tk] + rank]
-        return tirx.Select(is_set, value.astype(dtype), tirx.const(0, dtype))
+        is_set, index = tile_rank(bits, offsets, row, col)
+        return tirx.Select(is_set, values[index].astype(dtype), tirx.const(0, dtype))

@@ -317,12 +317,14 @@ class FPxDecode(DecodeStage):
         return bits
 
     def decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
+        return self.scaled(self.unscaled_decode(stored, row, col, "float16"), stored[-1][row], dtype)
+
+    def scaled(self, h: tirx.PrimExpr, scale: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+        """W in `dtype` from the fp16 pattern value h and the row's fp16 scale (see the module docstring:
+        the first multiply is exact, the second rounds once)."""
         from tvm import tirx
 
-        *planes, scales = stored
-        h = self.unscaled_decode(stored, row, col, "float16")
         value = h * tirx.const(self.exponent_fix, "float16")  # exact, see the module docstring
-        scale = scales[row]
         if dtype == "float16":
             return value * scale
         return value.astype(dtype) * scale.astype(dtype)

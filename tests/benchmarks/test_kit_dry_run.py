@@ -51,6 +51,14 @@ def test_dry_kit_prepares_runs_its_gpu_tests_and_benchmark(tmp_path):
         assert not point["incorrect_kernels"] and point["best"]["rel_error"] < 2e-3, point
         kept = point["m"] * kept_per_row(point["k"], point["sparsity"])
         assert point["nonzeros"] == kept and point["stored_bytes"] < point["m"] * point["k"] * 2
+    fpx_points = [p for p in sparse["summary"] if "sparse_fpx" in p]  # sparse x FP6 at 80%
+    assert {(p["layer"], p["n"]) for p in fpx_points} == {
+        (layer, n) for layer, spec in section.items() if "fpx" in spec for n in spec["tokens"]
+    } and fpx_points
+    for point in fpx_points:
+        fpx = point["sparse_fpx"]
+        assert not fpx["incorrect_kernels"] and fpx["best"]["rel_error"] < 2e-3, point
+        assert fpx["stored_bytes"] < point["stored_bytes"] and fpx["ideal_speedup"] > point["ideal_speedup"]
 
     (kv_json,) = out.glob("kv_attention_gpu_*.json")
     kv = json.loads(kv_json.read_text())

@@ -39,3 +39,24 @@ def test_a_capacity_too_small_for_the_nonzeros_is_refused():
     w = sparse_weights.random_pruned(32, 64, 0.5, torch.device("cpu"), seed=0).numpy()
     with pytest.raises(ValueError, match="do not fit"):
         sparse_weights.BandPacker(0).pack(w, capacity=8)
+
+
+@pytest.mark.parametrize("m, k", [(100, 200), (17, 130)])
+def test_fpx_band_packing_equals_the_whole_weight_packed_at_once(monkeypatch, m, k):
+    from benchmarks.kit.cases import bitmap_fpx_stream_capacity
+
+    monkeypatch.setattr(sparse_weights, "BAND_ROWS", 32)
+    w = sparse_weights.random_pruned(m, k, 0.8, torch.device("cpu"), seed=m).numpy()
+    fmt = get_weight_format("bitmap-e3m2")
+    whole = fmt.pack(w.astype(np.float32))
+    joined = sparse_weights.BandPacker(0).pack_fpx(w)
+    for name, array in whole.arrays.items():
+        assert joined[name].dtype == array.dtype and np.array_equal(joined[name], array), name
+    np.testing.assert_array_equal(joined["exact"], fmt.unpack(whole))
+    capacity = bitmap_fpx_stream_capacity(m, k, (0.5,))
+    padded = sparse_weights.BandPacker(0).pack_fpx(w, capacity)
+    assert padded["plane4"].shape == (1, capacity // 8) and padded["plane2"].shape == (1, capacity // 16)
+    grown = {**whole.arrays, "plane4": padded["plane4"], "plane2": padded["plane2"]}
+    np.testing.assert_array_equal(fmt.unpack(type(whole)(whole.format, whole.shape, grown)), fmt.unpack(whole))
+    with pytest.raises(ValueError, match="do not fit"):
+        sparse_weights.BandPacker(0).pack_fpx(w, capacity=128)

@@ -108,7 +108,6 @@ def test_sparse_options_refused_in_python(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval()
     x = (torch.randn(2, 64),)
     cases = [
-        (dict(weights="fp6", sparsity=SparseConfig(0.5)), "sparse x FPx is not built yet"),
         (dict(sparsity=SparseConfig(0.5, prune="wanda")), "needs calibration data"),
         (dict(sparsity=SparseConfig(0.5, prune="sparsegpt")), "needs calibration data"),
         (dict(sparsity=SparseConfig(0.5, format="tiled-csl")), "tiled-csl .* not built yet"),
@@ -171,7 +170,6 @@ def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_list
         (["--sparsity", "1.5"], r"--sparsity must be a number in \[0, 1\)"),
         (["--sparsity", "-0.1"], r"--sparsity must be a number in \[0, 1\)"),
         (["--sparsity", "lots"], r"--sparsity must be a number in \[0, 1\)"),
-        (["--sparsity", "0.8", "--weights", "fp6"], "sparse x FPx is not built yet"),
         (["--sparsity", "0.8", "--prune", "wanda"], "wanda needs calibration data; give --calibration FILE"),
         (["--prune", "magnitude"], "go with --sparsity"),
     ],

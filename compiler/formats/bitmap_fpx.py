@@ -1,0 +1,192 @@
+"""bitmap x FPx: unstructured-sparse weights whose nonzeros are FPx codes (`--weights fp6 --sparsity 0.8`).
+
+The bitmap of `bitmap.py` (16 x 64 tiles, a bit per weight, an offset per tile) says where the nonzeros
+are; each nonzero is an eXmY code (`fpx_codes.py`) with FPx's fp16 scale per output row, and the codes
+travel as ONE row of FPx bit planes (`fpx_layout.py`): code i of the stream is column i of a 1-row
+weight, so plane4 + plane2 hold an FP6 code in 6 bits.
+
+    W[M, K] (pruned) ──FPx encode──▶ codes uint8 [M, K] + scales fp16 [M]     (fpx.FPxFormat.encode)
+    bitmap of the codes that are not +0, per 16 x 64 tile                       (bitmap.tile_bits)
+
+    stored "bits":     uint32  [TM, TK, 32]   bit p % 32 of word p // 32 set: position p of the tile
+                                              (p = 64 r + c) holds a code other than +0 (bitmap.py's picture)
+    stored "offsets":  int32   [TM, TK]       index in the code stream of the tile's first nonzero
+    stored "plane4",   uint32  [1, Vp p/32]   the nonzero codes, tile after tile (tm-major), row-major in
+           "plane2"...                        a tile: the planes of `fpx_layout` for a 1 x Vp weight
+    stored "scales":   float16 [M]            FPx's per-row scale
+        Vp = nnz + 1 rounded up to 128 (fpx_layout.K_ALIGN), zero codes: a spare code keeps the index of
+        every position in bounds (the decode may load before it selects)
+
+    tile (tm, tk) of the codes       the code stream (one 1-row FPx weight)
+      r=0  . a . . b ...             ... │ a b c d e ... │ next tile's codes ...
+      r=1  c . . d . ...                 ▲ offsets[tm, tk]
+      ...                            plane4 [0, word_in_row(i, 4)], plane2 [0, word_in_row(i, 2)] hold code i
+
+    W[row, col] = bit(row, col) ? value(code[offsets[tm, tk] + popcount(bits before p)]) * scales[row] : 0
+
+Bytes: FP6 stores 0.75 B per nonzero + 1/8 B per weight + 4 B per 1024 weights + 2 B per row: at 80%
+sparsity 0.279 B a weight, 7.2x fewer than fp16 and 2.7x fewer than dense FP6. It stores fewer bytes than
+dense FP6 below about 83% density (at 6 bits), which is what `--sparse-format auto` compares per layer.
+
+Exactness: unpack(pack(w)) equals FPx's unpack(pack(w)) bit for bit (the same codes and scales; a code
+of +0 is FPx's value +0, so leaving it out of the stream changes nothing; -0 is a stored code).
+
+Decode stage (`BitmapFPxDecode`): bitmap's rank (`bitmap.tile_rank`) then FPx's bit-plane field decode
+(`FPxDecode.unscaled_decode` on the 1-row stream) and its row scale, applied once per output in the GEMM's
+epilogue. On the Tensor Core template it takes the plain path of bitmap: the decode block runs inside the
+W-tile fetch, reading bits, offsets and planes from global memory (cached), and writes the dense fp16 W
+tile in shared memory that ldmatrix reads. Why not staged: the rank reads all 32 words of a tile's bitmap
+and the tile's codes start at a data-dependent offset, so neither is a rectangle indexed by (row, affine
+column) that the template's cp.async staging can copy (`decode_stage.py`). On the CPU the panel schedule
+decodes each weight once per call; `auto` does not choose it there (its rank costs every weight 32
+popcounts: plain FPx, read word by word, is faster).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from tensorpress.compiler.formats import fpx_layout
+from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
+from tensorpress.compiler.formats.bitmap import (
+    WORDS_PER_TILE,
+    tile_bits,
+    tile_grid,
+    tile_positions,
+    tile_rank,
+    tiled,
+    untiled,
+)
+from tensorpress.compiler.formats.fpx import FPxDecode, FPxFormat, fpx_decode_stage, fpx_formats
+from tensorpress.compiler.formats.fpx_codes import decode as decode_codes
+from tensorpress.errors import TensorpressError
+from tensorpress.schedules.decode_stage import DecodeStage
+
+LAYOUT = "bitmap"
+
+
+def stream_length(nonzeros: int) -> int:
+    """Vp: codes in the stream for `nonzeros` nonzeros (one spare, rounded up to whole plane rows)."""
+    return fpx_layout.padded_k(nonzeros + 1)
+
+
+@dataclass(frozen=True)
+class BitmapFPxFormat(WeightFormat):
+    """bitmap tiles whose nonzeros are eXmY codes with a scale per row (see the module docstring)."""
+
+    name: str
+    ebits: int
+    mbits: int
+    scale_search: str = "absmax"
+
+    sparse: ClassVar[bool] = True
+    auto_targets: ClassVar[tuple[str, ...]] = ("cuda",)  # the CPU pays the rank per weight: plain FPx there
+
+    @property
+    def fpx(self) -> FPxFormat:
+        """The FPx format of the nonzeros (its encode, scale search and codes)."""
+        return FPxFormat(f"e{self.ebits}m{self.mbits}", self.ebits, self.mbits, self.scale_search)
+
+    @property
+    def sparse_layout(self) -> str:
+        return LAYOUT
+
+    @property
+    def sparse_values(self) -> str:
+        return self.fpx.stage_name
+
+    def with_scale_search(self, scale_search: str) -> BitmapFPxFormat:
+        return dataclasses.replace(self, scale_search=scale_search)
+
+    def pack(self, w: np.ndarray) -> PackedWeight:
+        return self.pack_codes(*self.fpx.encode(check_weight(w)))
+
+    def pack_calibrated(self, w: np.ndarray, gram: np.ndarray) -> PackedWeight:
+        return self.pack_codes(*self.fpx.encode_calibrated(check_weight(w), gram))
+
+    def pack_codes(self, codes: np.ndarray, scales: np.ndarray) -> PackedWeight:
+        """The stored arrays of eXmY codes uint8 [M, K] and their fp16 row scales [M]."""
+        bits, offsets, nonzeros = tile_codes(codes)
+        return self.pack_stream(codes.shape, bits, offsets, nonzeros, scales)
+
+    def pack_stream(self, shape, bits, offsets, nonzeros: np.ndarray, scales: np.ndarray) -> PackedWeight:
+        """The packed weight of `tile_codes`' arrays: the nonzero codes padded to `stream_length` zeros
+        and split in bit planes."""
+        stream = np.zeros(stream_length(nonzeros.size), np.uint8)
+        stream[: nonzeros.size] = nonzeros
+        planes = fpx_layout.pack_fpx_planes(stream[None, :], self.ebits, self.mbits)
+        arrays = {"bits": bits, "offsets": offsets, **planes, "scales": scales}
+        return PackedWeight(self.name, tuple(shape), arrays)
+
+    def unpack(self, packed: PackedWeight) -> np.ndarray:
+        if packed.format != self.name:
+            raise TensorpressError(f"a {packed.format} weight cannot be unpacked as {self.name}.")
+        m, k = packed.shape
+        widest = fpx_layout.plane_widths(self.code_bits())[0]
+        length = packed.arrays[fpx_layout.plane_name(widest)].shape[1] * fpx_layout.WORD_BITS // widest
+        stream = fpx_layout.unpack_fpx_planes(packed.arrays, 1, length, self.ebits, self.mbits)[0]
+        nonzero, index = tile_positions(packed.arrays["bits"], packed.arrays["offsets"])
+        codes = np.where(nonzero, stream[np.minimum(index, length - 1)], np.uint8(0))
+        return decode_codes(untiled(codes, m, k), packed.arrays["scales"], self.ebits, self.mbits)
+
+    def stored_bytes(self, m: int, k: int) -> int:
+        """The bytes at the break-even density (those of dense FPx): the real count is the packed weight's."""
+        return self.fpx.stored_bytes(m, k)
+
+    def sparse_bytes(self, m: int, k: int, row_nonzeros: np.ndarray) -> int:
+        tm, tk = tile_grid(m, k)
+        stream = stream_length(int(row_nonzeros.sum())) * self.code_bits() // 8
+        return stream + tm * tk * (WORDS_PER_TILE + 1) * 4 + 2 * m
+
+    def code_bits(self) -> int:
+        return self.fpx.code_bits()
+
+    def decode_stage(self) -> BitmapFPxDecode:
+        return BitmapFPxDecode(self.name, fpx_decode_stage(self.ebits, self.mbits))
+
+
+def tile_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bits, offsets, the nonzero codes uint8 [nnz] in stream order) of eXmY codes uint8 [M, K]."""
+    tiles = tiled(codes)  # [TM, TK, 1024]
+    nonzero = tiles != 0
+    bits, offsets = tile_bits(nonzero)
+    return bits, offsets, tiles[nonzero]  # tile-major, row-major in a tile
+
+
+class BitmapFPxDecode(DecodeStage):
+    """W[m, k] = (bit set ? value(code of its rank in the stream) : 0) * scales[m].
+
+    Capabilities: row scale (the scale after the sum over k, as FPx). Stored order: bits, offsets, the
+    planes widest first, scales."""
+
+    scales_rows = True
+
+    def __init__(self, name: str, values: FPxDecode):
+        self.name = name
+        self.values = values
+
+    def unscaled_decode(self, stored, row, col, dtype: str):
+        from tvm import tirx
+
+        bits, offsets, *planes = stored[:-1]
+        is_set, index = tile_rank(bits, offsets, row, col)
+        h = self.values.unscaled_decode(planes, 0, index, "float16")  # the code's fp16 pattern, exact
+        return tirx.Select(is_set, h, tirx.const(0, "float16")).astype(dtype)
+
+    def row_scale(self, stored, row):
+        return self.values.row_scale(stored, row)  # scales are the last buffer, as FPx's
+
+    def decode(self, stored, row, col, dtype: str):
+        return self.values.scaled(self.unscaled_decode(stored, row, col, "float16"), stored[-1][row], dtype)
+
+
+def bitmap_fpx_formats() -> dict[str, WeightFormat]:
+    """The registry's sparse x FPx entries: "bitmap-eXmY" for every eXmY FPx registers."""
+    canonical = [f for name, f in fpx_formats().items() if isinstance(f, FPxFormat) and name == f.stage_name]
+    return {
+        f"{LAYOUT}-{f.stage_name}": BitmapFPxFormat(f"{LAYOUT}-{f.stage_name}", f.ebits, f.mbits) for f in canonical
+    }
