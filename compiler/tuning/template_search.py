@@ -1,0 +1,273 @@
+"""Search one template kernel's config space with measured candidates ranked by an XGBoost model.
+
+    space    = the template's valid configs for the kernel, the default first
+    measured = the trials already in the log for this kernel (a rerun measures none of them again)
+    1. the default config (its time is the summary's "default time")
+    2. a random batch of the rest (seeded by the kernel, so a rerun proposes the same ones)
+    3. until `trials` are measured, the space is exhausted or the deadline passes, batches of the
+       model's best predictions (gradient-boosted trees on config features, fitted to log-seconds of
+       every measured trial) plus some random picks (exploration)
+    4. a "best" record: the kernel is finished, a rerun skips it
+
+Each candidate is built here (the PrimFunc scheduled with the config, compiled, exported with the
+measurer's library suffix) and timed by the `Measurer` (`measure.py`): locally, or on remote devices.
+Every trial is appended to the log as soon as its batch is timed (`records.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorpress.compiler.targets import TargetSpec
+from tensorpress.compiler.tuning.measure import ArgSpec, BuiltCandidate, LocalMeasurer, Measurer
+from tensorpress.compiler.tuning.records import Record, append_record, key_text, read_records
+
+BATCH = 4  # candidates built and timed together (an RPC measurer runs them side by side)
+INITIAL_RANDOM = 8  # measured trials (the default included) before the model ranks candidates
+EXPLORE = 1  # random picks in each model batch
+
+
+@dataclass(frozen=True)
+class TemplateSpace:
+    """What the search needs of a template: its name, its configs for a kernel (default first, as
+    dicts), and how to schedule the kernel with one (a tvm Schedule)."""
+
+    template: str
+    configs: Callable[[Any, Any], list[dict[str, Any]]]  # (func, tvm target) -> configs
+    schedule: Callable[[Any, Any, dict[str, Any]], Any]  # (func, tvm target, config) -> Schedule
+
+
+def cpu_weight_gemm_space() -> TemplateSpace:
+    from tensorpress.schedules.cpu.gemm_config import CpuGemmConfig, schedule_with_config, search_space
+    from tensorpress.schedules.template_config import CPU_WEIGHT_GEMM
+
+    return TemplateSpace(
+        CPU_WEIGHT_GEMM,
+        lambda func, target: [c.to_dict() for c in search_space(func, target)],
+        lambda func, target, config: schedule_with_config(func, target, CpuGemmConfig.from_dict(config)),
+    )
+
+
+@dataclass(frozen=True)
+class TemplateKernel:
+    """One distinct kernel to tune: a name for people, its unscheduled PrimFunc, its record key and
+    the token count it is timed at."""
+
+    name: str
+    func: Any
+    key: dict[str, Any]
+    tokens: int
+
+
+@dataclass
+class KernelResult:
+    """The outcome of one kernel's search (or of the records, for a kernel finished before)."""
+
+    name: str
+    default_seconds: float
+    best_seconds: float
+    best_config: dict[str, Any]
+    trials: int
+    space_size: int
+    history: list[tuple[float, float]] = field(default_factory=list)  # (elapsed s, seconds) per trial
+    resumed: int = 0  # trials read back from the log instead of measured
+    skipped: bool = False  # finished in an earlier run
+
+    @property
+    def speedup(self) -> float:
+        return self.default_seconds / self.best_seconds if math.isfinite(self.best_seconds) else math.nan
+
+    def seconds_to_within(self, fraction: float = 0.95) -> float | None:
+        """Search time until a trial reached `fraction` of the best speed (best / t >= fraction)."""
+        for elapsed, seconds in self.history:
+            if self.best_seconds / seconds >= fraction:
+                return elapsed
+        return None
+
+
+def argument_specs(func: Any, tokens: int) -> tuple[ArgSpec, ...]:
+    """The kernel's arguments with every symbolic extent (the token count N) bound to `tokens`."""
+    import tvm
+
+    specs = []
+    for buf in func.params:  # TVM 0.27: a PrimFunc's params are its buffers
+        shape = tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else tokens for d in buf.shape)
+        specs.append(ArgSpec(shape, str(buf.dtype)))
+    return tuple(specs)
+
+
+def build_candidate(
+    kernel: TemplateKernel, space: TemplateSpace, config: dict[str, Any], target: TargetSpec, path: Path
+) -> BuiltCandidate | None:
+    """Compile `kernel` scheduled with `config` into the library `path`; None where it does not build."""
+    import tvm
+
+    from tensorpress.compiler.build import tir_pipeline
+
+    tvm_target = target.tvm_target()
+    try:
+        with tvm_target:
+            sch = space.schedule(kernel.func, tvm_target, config)
+            func = sch.mod["main"].with_attr("global_symbol", "kernel")
+            executable = tvm.compile(tvm.IRModule({"kernel": func}), target=tvm_target, tir_pipeline=tir_pipeline())
+        executable.export_library(str(path))
+    except Exception:  # noqa: BLE001 - a config TVM cannot schedule or build is a failed trial
+        return None
+    return BuiltCandidate(path, "kernel", argument_specs(kernel.func, kernel.tokens))
+
+
+def search_kernel(
+    kernel: TemplateKernel,
+    space: TemplateSpace,
+    target: TargetSpec,
+    log_dir: Path,
+    trials: int,
+    deadline: float = math.inf,
+    measurer: Measurer | None = None,
+    progress: Callable[[int, int], Any] | None = None,
+) -> KernelResult:
+    """Tune one kernel (module docstring), appending to `log_dir`; `deadline` is a time.monotonic()
+    value after which no new batch starts; progress(measured, total) after each batch."""
+    measurer = measurer or LocalMeasurer()
+    text = key_text(kernel.key)
+    logged = [r for r in read_records([log_dir]) if key_text(r.key) == text]
+    finished = [r for r in logged if r.type == "best"]
+    configs = space.configs(kernel.func, target.tvm_target())
+    if finished:
+        return _result_from_records(kernel.name, logged, finished[-1], len(configs))
+    measured: dict[str, float] = {}
+    history: list[tuple[float, float]] = []
+    for record in (r for r in logged if r.type == "trial"):
+        if key_text(record.config) not in measured:
+            measured[key_text(record.config)] = record.seconds
+            history.append((float(record.fields.get("elapsed", 0.0)), record.seconds))
+    resumed = len(measured)
+    base = max((elapsed for elapsed, _ in history), default=0.0)
+    start = time.monotonic()
+    total = min(trials, len(configs))
+    rng = random.Random(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
+    if progress:
+        progress(len(measured), total)
+    with tempfile.TemporaryDirectory(prefix="tensorpress-tune-") as tmp:
+        while len(measured) < total and time.monotonic() < deadline:
+            batch = _next_batch(configs, measured, min(BATCH, total - len(measured)), rng)
+            if not batch:
+                break
+            built = [
+                build_candidate(kernel, space, c, target, Path(tmp, f"c{len(measured) + i}{measurer.library_suffix}"))
+                for i, c in enumerate(batch)
+            ]
+            runnable = [b for b in built if b is not None]
+            times = iter(measurer.measure(runnable) if runnable else [])
+            for config, candidate in zip(batch, built):
+                seconds = next(times) if candidate is not None else math.inf
+                elapsed = base + time.monotonic() - start
+                append_record(log_dir, "trial", kernel.key, config, seconds, elapsed=round(elapsed, 3))
+                measured[key_text(config)] = seconds
+                history.append((elapsed, seconds))
+            if progress:
+                progress(len(measured), total)
+    default_seconds = measured.get(key_text(configs[0]), math.inf)
+    best_text = min(measured, key=measured.__getitem__) if measured else key_text(configs[0])
+    best_config = next(c for c in configs if key_text(c) == best_text)
+    best_seconds = measured.get(best_text, math.inf)
+    elapsed = base + time.monotonic() - start
+    if measured:
+        append_record(
+            log_dir,
+            "best",
+            kernel.key,
+            best_config,
+            best_seconds,
+            default_seconds=default_seconds if math.isfinite(default_seconds) else None,
+            trials=len(measured),
+            elapsed=round(elapsed, 3),
+        )
+    return KernelResult(
+        kernel.name, default_seconds, best_seconds, best_config, len(measured), len(configs), history, resumed
+    )
+
+
+def _next_batch(
+    configs: list[dict[str, Any]], measured: dict[str, float], size: int, rng: random.Random
+) -> list[dict[str, Any]]:
+    """The default first, then random picks until INITIAL_RANDOM are measured, then the model's."""
+    left = [c for c in configs if key_text(c) not in measured]
+    if not left or size <= 0:
+        return []
+    batch: list[dict[str, Any]] = []
+    if key_text(configs[0]) not in measured:
+        batch.append(configs[0])
+        left = left[1:]
+    if len(measured) + len(batch) < INITIAL_RANDOM or len(left) <= size - len(batch):
+        picks = rng.sample(left, min(size - len(batch), len(left)))
+        return batch + picks
+    ranked = _ranked_by_model(configs, measured, left)
+    explore = min(EXPLORE, size - len(batch))
+    chosen = ranked[: size - len(batch) - explore]
+    rest = [c for c in left if c not in chosen]
+    return batch + chosen + rng.sample(rest, min(explore, len(rest)))
+
+
+def _ranked_by_model(
+    configs: list[dict[str, Any]], measured: dict[str, float], left: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`left` ordered by the predicted time of an XGBoost model fitted to the measured trials."""
+    import xgboost
+
+    encode = config_encoder(configs)
+    done = [c for c in configs if key_text(c) in measured]
+    finite = [measured[key_text(c)] for c in done if math.isfinite(measured[key_text(c)])]
+    worst = max(finite, default=1.0)
+    y = np.log([min(measured[key_text(c)], 4 * worst) for c in done])  # a failed build: 4x the worst
+    model = xgboost.XGBRegressor(n_estimators=60, max_depth=3, learning_rate=0.2, n_jobs=1, verbosity=0)
+    model.fit(np.array([encode(c) for c in done]), y)
+    predicted = model.predict(np.array([encode(c) for c in left]))
+    return [left[i] for i in np.argsort(predicted, kind="stable")]
+
+
+def config_encoder(configs: list[dict[str, Any]]) -> Callable[[dict[str, Any]], list[float]]:
+    """Features of a config for the model: each numeric parameter and its log2, each named one one-hot
+    over the values the space holds, and the product of the numeric ones (the register tile's area)."""
+    names = sorted(configs[0])
+    categories = {n: sorted({str(c[n]) for c in configs}) for n in names if isinstance(configs[0][n], str)}
+
+    def encode(config: dict[str, Any]) -> list[float]:
+        features: list[float] = []
+        area = 1.0
+        for name in names:
+            value = config[name]
+            if name in categories:
+                features += [float(str(value) == v) for v in categories[name]]
+            else:
+                features += [float(value), math.log2(max(float(value), 1e-9))]
+                area *= float(value)
+        return [*features, area]
+
+    return encode
+
+
+def _result_from_records(name: str, logged: list[Record], best: Record, space_size: int) -> KernelResult:
+    trials = [r for r in logged if r.type == "trial"]
+    default = best.fields.get("default_seconds")
+    return KernelResult(
+        name,
+        math.inf if default is None else float(default),
+        best.seconds,
+        best.config,
+        int(best.fields.get("trials", len(trials))),
+        space_size,
+        [(float(r.fields.get("elapsed", 0.0)), r.seconds) for r in trials],
+        resumed=len(trials),
+        skipped=True,
+    )
