@@ -42,7 +42,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     tracer: str = "export",
     store_weights: bool = True,
     record_time: bool = False,
-    tuning_log: str | os.PathLike | None = None,
+    tuning_log: str | os.PathLike | bool | None = None,
     **import_options: Any,
 ) -> CompileReport:
     """Compile `model` into one artifact file at `output`.
@@ -77,8 +77,9 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         every zip member carries one fixed date, so the same model and options give the same bytes
         (SOURCE_DATE_EPOCH, where set, is the time recorded).
     tuning_log: a folder `tensorpress tune` wrote; its records tune the template kernels they match,
-        before those of the committed tuning_logs/<arch>/ (read always). The manifest's kernel_configs
-        says per kernel which config it got and from which log (or "default").
+        before those of the committed tuning_logs/<arch>/ (read unless tuning_log is False: every kernel
+        its default config). The manifest's kernel_configs says per kernel which config it got and from
+        which log (or "default").
     Every option and the output path are checked before any work starts. Each stage logs a line (INFO,
     logger "tensorpress.compile"); TVM's own log lines go to the "tensorpress.tvm" logger (DEBUG).
     Returns a CompileReport (artifact path, manifest, seconds per stage).
@@ -118,13 +119,15 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         )
 
 
-def tuning_logs_for(target: TargetSpec, tuning_log: str | os.PathLike | None) -> list[Path]:
+def tuning_logs_for(target: TargetSpec, tuning_log: str | os.PathLike | bool | None) -> list[Path]:
     """The tuning logs a compile for `target` reads, first match wins: `tuning_log` (a folder, which
-    must exist) and the committed tuning_logs/<arch>/ of the repository."""
+    must exist) and the committed tuning_logs/<arch>/ of the repository; none for tuning_log=False."""
     from tensorpress.compiler.tuning.records import default_log_dir
 
+    if tuning_log is False:
+        return []
     logs = []
-    if tuning_log is not None:
+    if tuning_log is not None and tuning_log is not True:
         if not Path(tuning_log).is_dir():
             raise ConfigError(
                 f"tuning log folder {tuning_log} does not exist; give the --log folder a `tensorpress tune` wrote."

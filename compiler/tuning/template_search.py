@@ -7,7 +7,10 @@
     3. until `trials` are measured, the space is exhausted or the deadline passes, batches of the
        model's best predictions (gradient-boosted trees on config features, fitted to log-seconds of
        every measured trial) plus some random picks (exploration)
-    4. a "best" record: the kernel is finished, a rerun skips it
+    4. the default and the CONFIRM_TOP fastest trials timed again, CONFIRM_ROUNDS rounds in turn: one
+       lucky measurement on a busy machine does not make a config the best; each one's figure is its
+       fastest round
+    5. a "best" record (confirmed times): the kernel is finished, a rerun skips it
 
 Each candidate is built here (the PrimFunc scheduled with the config, compiled, exported with the
 measurer's library suffix) and timed by the `Measurer` (`measure.py`): locally, or on remote devices.
@@ -35,6 +38,8 @@ from tensorpress.compiler.tuning.records import Record, append_record, key_text,
 BATCH = 4  # candidates built and timed together (an RPC measurer runs them side by side)
 INITIAL_RANDOM = 8  # measured trials (the default included) before the model ranks candidates
 EXPLORE = 1  # random picks in each model batch
+CONFIRM_TOP = 3  # fastest trials timed again beside the default before the best is chosen
+CONFIRM_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -88,9 +93,10 @@ class KernelResult:
         return self.default_seconds / self.best_seconds if math.isfinite(self.best_seconds) else math.nan
 
     def seconds_to_within(self, fraction: float = 0.95) -> float | None:
-        """Search time until a trial reached `fraction` of the best speed (best / t >= fraction)."""
+        """Search time until a trial reached `fraction` of the best trial's speed (best / t >= fraction)."""
+        best = min((seconds for _, seconds in self.history), default=math.inf)
         for elapsed, seconds in self.history:
-            if self.best_seconds / seconds >= fraction:
+            if best / seconds >= fraction:
                 return elapsed
         return None
 
@@ -177,10 +183,11 @@ def search_kernel(
                 history.append((elapsed, seconds))
             if progress:
                 progress(len(measured), total)
-    default_seconds = measured.get(key_text(configs[0]), math.inf)
-    best_text = min(measured, key=measured.__getitem__) if measured else key_text(configs[0])
+        confirmed = _confirm(kernel, space, target, configs, measured, measurer, Path(tmp))
+    default_seconds = confirmed.get(key_text(configs[0]), math.inf)
+    best_text = min(confirmed, key=confirmed.__getitem__) if confirmed else key_text(configs[0])
     best_config = next(c for c in configs if key_text(c) == best_text)
-    best_seconds = measured.get(best_text, math.inf)
+    best_seconds = confirmed.get(best_text, math.inf)
     elapsed = base + time.monotonic() - start
     if measured:
         append_record(
@@ -196,6 +203,25 @@ def search_kernel(
     return KernelResult(
         kernel.name, default_seconds, best_seconds, best_config, len(measured), len(configs), history, resumed
     )
+
+
+def _confirm(kernel, space, target, configs, measured, measurer, folder: Path) -> dict[str, float]:
+    """{config text: fastest of CONFIRM_ROUNDS new timings} of the default and the CONFIRM_TOP fastest
+    trials (step 4 of the module docstring); {} when nothing was measured."""
+    ranked = sorted((t for t in measured if math.isfinite(measured[t])), key=measured.__getitem__)
+    default = key_text(configs[0])
+    finalists = ([default] if default in measured else []) + [t for t in ranked if t != default][:CONFIRM_TOP]
+    by_text = {key_text(c): c for c in configs}
+    built = {
+        t: build_candidate(kernel, space, by_text[t], target, folder / f"final{i}{measurer.library_suffix}")
+        for i, t in enumerate(finalists)
+    }
+    runnable = [t for t in finalists if built[t] is not None]
+    best = {t: math.inf for t in finalists}
+    for _ in range(CONFIRM_ROUNDS if runnable else 0):
+        for t, seconds in zip(runnable, measurer.measure([built[t] for t in runnable])):
+            best[t] = min(best[t], seconds)
+    return best
 
 
 def _next_batch(

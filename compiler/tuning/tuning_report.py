@@ -26,7 +26,7 @@ def summary_table(results: Sequence[KernelResult]) -> str:
                 f"{r.speedup:.2f}x" if math.isfinite(r.speedup) else "-",
                 f"{r.trials}/{r.space_size}",
                 "-" if to_95 is None else f"{to_95:.0f}s",
-                "(finished before)" if r.skipped else (f"({r.resumed} resumed)" if r.resumed else ""),
+                _note(r),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -35,6 +35,14 @@ def summary_table(results: Sequence[KernelResult]) -> str:
         cells = [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:-1], widths[1:-1])), row[-1]]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _note(r: KernelResult) -> str:
+    if r.skipped:
+        return "(finished before)"
+    if r.trials == 0:
+        return "(not reached: time budget spent)"
+    return f"({r.resumed} resumed)" if r.resumed else ""
 
 
 def _time(seconds: float) -> str:
