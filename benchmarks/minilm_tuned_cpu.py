@@ -42,13 +42,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def export_onnx(model, path: Path) -> None:
+    """`model` (a transformers BertModel) as ONNX: three int64 inputs by name, last_hidden_state out."""
     import torch
+
+    class ByName(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
 
     ids = torch.ones((1, 16), dtype=torch.int64)
     names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}
     torch.onnx.export(
-        model, (ids, ids, torch.zeros_like(ids)), str(path), input_names=names, output_names=["last_hidden_state"],
-        dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}, dynamo=False,
+        ByName().eval(), (ids, ids, torch.zeros_like(ids)), str(path), input_names=names,
+        output_names=["last_hidden_state"], dynamic_axes=axes, dynamo=False,
     )  # fmt: skip
 
 
