@@ -55,31 +55,6 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune(args: argparse.Namespace) -> int:
-    from tensorpress.compiler.tuning.tune_model import tune
-
-    shapes = dict(_parse_shape(s) for s in args.input_shape or [])
-    _show_stages()
-    report = tune(
-        args.model,
-        target=args.target,
-        dtype=args.dtype,
-        weights=args.weights,
-        sparsity=_sparse_config(args),
-        skip=args.skip or (),
-        input_shapes=shapes or None,
-        trials=args.trials,
-        time_budget=args.time_budget,
-        log=args.log,
-    )
-    if not report.results:
-        print(f"no template kernel to tune in {args.model} for {args.target}")
-        return 0
-    print(report.summary)
-    print(f"records: {report.log_dir}" + (f", plot: {report.plot}" if report.plot else ""))
-    return 0
-
-
 def _sparse_config(args: argparse.Namespace):
     """The SparseConfig of --sparsity / --prune / --sparse-format, or None; a ConfigError for bad values."""
     from tensorpress.compiler.compression_configs import SparseConfig
@@ -128,6 +103,31 @@ def _dim(text: str) -> int | str:
         return int(text)
     except ValueError:
         return text
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from tensorpress.compiler.tuning.tune_model import tune
+
+    shapes = dict(_parse_shape(s) for s in args.input_shape or [])
+    _show_stages()
+    report = tune(
+        args.model,
+        target=args.target,
+        dtype=args.dtype,
+        weights=args.weights,
+        sparsity=_sparse_config(args),
+        skip=args.skip or (),
+        input_shapes=shapes or None,
+        trials=args.trials,
+        time_budget=args.time_budget,
+        log=args.log,
+    )
+    if not report.results:
+        print(f"no template kernel to tune in {args.model} for {args.target}")
+        return 0
+    print(report.summary)
+    print(f"records: {report.log_dir}" + (f", plot: {report.plot}" if report.plot else ""))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
