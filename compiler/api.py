@@ -15,7 +15,7 @@ from tensorpress.compiler.compression_configs import FPxConfig, KVCacheConfig, S
 from tensorpress.compiler.formats import get_weight_format
 from tensorpress.compiler.input_shapes import check_input_shapes
 from tensorpress.compiler.pipeline import CompileReport, compile_imported, internal_errors_named
-from tensorpress.compiler.targets import parse_target
+from tensorpress.compiler.targets import TargetSpec, parse_target
 from tensorpress.compiler.tvm_log import tvm_log_routed
 from tensorpress.compiler.weight_plan import WeightRecipe
 from tensorpress.errors import ConfigError
@@ -42,6 +42,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     tracer: str = "export",
     store_weights: bool = True,
     record_time: bool = False,
+    tuning_log: str | os.PathLike | bool | None = None,
     **import_options: Any,
 ) -> CompileReport:
     """Compile `model` into one artifact file at `output`.
@@ -76,15 +77,97 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
     record_time: write the compile's date and time into the manifest. By default none is written and
         every zip member carries one fixed date, so the same model and options give the same bytes
         (SOURCE_DATE_EPOCH, where set, is the time recorded).
+    tuning_log: a folder `tensorpress tune` wrote; its records tune the template kernels they match,
+        before those of the committed tuning_logs/<arch>/ (read unless tuning_log is False: every kernel
+        its default config). The manifest's kernel_configs says per kernel which config it got and from
+        which log (or "default").
     Every option and the output path are checked before any work starts. Each stage logs a line (INFO,
     logger "tensorpress.compile"); TVM's own log lines go to the "tensorpress.tvm" logger (DEBUG).
     Returns a CompileReport (artifact path, manifest, seconds per stage).
     """
-    from tensorpress.frontend import import_model
-
     target_spec = parse_target(target)
     check_destination(output, "artifact", example="model.tpk")
     build_time(record_time)  # a malformed SOURCE_DATE_EPOCH fails now, not after the build
+    logs = tuning_logs_for(target_spec, tuning_log)
+    with tvm_log_routed():
+        prepared = import_for_compile(
+            model,
+            target_spec,
+            dtype=dtype,
+            weights=weights,
+            sparsity=sparsity,
+            kv_cache=kv_cache,
+            skip=skip,
+            scale_search=scale_search,
+            calibration=calibration,
+            example_inputs=example_inputs,
+            input_shapes=input_shapes,
+            tracer=tracer,
+            store_weights=store_weights,
+            **import_options,
+        )
+        return compile_imported(
+            prepared.imported,
+            Path(output),
+            target_spec,
+            prepared.recipe,
+            prepared.as_written,
+            prepared.timings,
+            store_weights,
+            record_time=record_time,
+            calibration=prepared.feeds,
+            tuning_logs=logs,
+        )
+
+
+def tuning_logs_for(target: TargetSpec, tuning_log: str | os.PathLike | bool | None) -> list[Path]:
+    """The tuning logs a compile for `target` reads, first match wins: `tuning_log` (a folder, which
+    must exist) and the committed tuning_logs/<arch>/ of the repository; none for tuning_log=False."""
+    from tensorpress.compiler.tuning.records import default_log_dir
+
+    if tuning_log is False:
+        return []
+    logs = []
+    if tuning_log is not None and tuning_log is not True:
+        if not Path(tuning_log).is_dir():
+            raise ConfigError(
+                f"tuning log folder {tuning_log} does not exist; give the --log folder a `tensorpress tune` wrote."
+            )
+        logs.append(Path(tuning_log))
+    return [*logs, default_log_dir(target)]
+
+
+@dataclasses.dataclass
+class ImportedForCompile:
+    """A model imported and checked as `compile` takes it, with its weight recipe (and as written)."""
+
+    imported: Any
+    recipe: WeightRecipe
+    as_written: dict[str, Any]
+    timings: dict[str, float]
+    feeds: list | None
+
+
+def import_for_compile(
+    model: Any,
+    target_spec: TargetSpec,
+    *,
+    dtype: str | None = None,
+    weights: FPxConfig | str | None = None,
+    sparsity: SparseConfig | None = None,
+    kv_cache: KVCacheConfig | str | None = None,
+    skip: Sequence[str] = (),
+    scale_search: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    example_inputs: tuple | None = None,
+    input_shapes: dict[str, list[int | str]] | None = None,
+    tracer: str = "export",
+    store_weights: bool = True,
+    **import_options: Any,
+) -> ImportedForCompile:
+    """Check every option of `compile` (see there) and import the model: what `compile` and `tune` share."""
+    from tensorpress.frontend import import_model
+
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
     calibration_data = _calibration_data(calibration, model, store_weights)
@@ -110,37 +193,26 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
             f"a KV cache format ({kv_config.format}) applies to decoders only; {_described(model)} is not a "
             "decoder (a Hugging Face causal-LM folder or an ONNX decoder exported with past_key_values)."
         )
-    with tvm_log_routed():
-        log.info("importing %s", _described(model))
-        start = time.perf_counter()
-        with internal_errors_named("import", target_spec):
-            imported = import_model(
-                model,
-                example_inputs=example_inputs,
-                input_shapes=input_shapes,
-                dtype=dtype,
-                tracer=tracer,
-                **import_options,
-            )
-        timings = {"import": time.perf_counter() - start}
-        as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
-        feeds = None
-        if calibration_data is not None:
-            from tensorpress.compiler.calibration import calibration_feeds
-
-            feeds = calibration_feeds(calibration_data, imported)  # names, dtypes, shapes checked here
-            as_written["calibration"] = {"file": calibration_data.path.name, "samples": len(feeds)}
-        return compile_imported(
-            imported,
-            Path(output),
-            target_spec,
-            recipe,
-            as_written,
-            timings,
-            store_weights,
-            record_time=record_time,
-            calibration=feeds,
+    log.info("importing %s", _described(model))
+    start = time.perf_counter()
+    with internal_errors_named("import", target_spec):
+        imported = import_model(
+            model,
+            example_inputs=example_inputs,
+            input_shapes=input_shapes,
+            dtype=dtype,
+            tracer=tracer,
+            **import_options,
         )
+    timings = {"import": time.perf_counter() - start}
+    as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
+    feeds = None
+    if calibration_data is not None:
+        from tensorpress.compiler.calibration import calibration_feeds
+
+        feeds = calibration_feeds(calibration_data, imported)  # names, dtypes, shapes checked here
+        as_written["calibration"] = {"file": calibration_data.path.name, "samples": len(feeds)}
+    return ImportedForCompile(imported, recipe, as_written, timings, feeds)
 
 
 def _described(model: Any) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorpress.compiler.targets import TargetSpec
@@ -25,6 +25,8 @@ class BuildResult:
     library: Path
     seconds: float
     kernels: list[str]  # names of the TIR kernels in the library
+    # template kernels: name -> {"template", "config", "origin"} (the tile config and its tuning log or "default")
+    kernel_configs: dict[str, dict] = field(default_factory=dict)
 
 
 TIR_PIPELINE = "tensorpress_nan_propagating"
@@ -79,13 +81,14 @@ def rule_target_for(target_spec: TargetSpec, tvm_target):
     return tvm_target
 
 
-def _relax_pipeline(target_spec: TargetSpec, tvm_target):
+def _relax_pipeline(target_spec: TargetSpec, tvm_target, configs=None, kernel_configs: dict | None = None):
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
     from tensorpress.compiler.passes.order_shape_heap_stores import order_shape_heap_stores
     from tensorpress.schedules.rules import rules_for
+    from tensorpress.schedules.template_config import stamp_of
 
     rule_target = rule_target_for(target_spec, tvm_target)
     order_shape_heap_stores_pass = tvm.transform.module_pass(
@@ -97,7 +100,12 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
         with tvm_target:
             mod = tvm.transform.Sequential(relax_lowering())(mod)
         with rule_target:
-            mod = dl.ApplyDefaultSchedule(*rules_for(tvm_target))(mod)
+            mod = dl.ApplyDefaultSchedule(*rules_for(tvm_target, configs))(mod)
+        if kernel_configs is not None:  # what each template kernel was scheduled with (template_config.py)
+            for gvar, func in mod.functions_items():
+                stamp = stamp_of(func) if isinstance(func, tvm.tirx.PrimFunc) else None
+                if stamp is not None:
+                    kernel_configs[gvar.name_hint] = stamp
         finalize = [
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
@@ -118,8 +126,9 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     return pipeline
 
 
-def build_library(mod, target_spec: TargetSpec, out_path: Path) -> BuildResult:
+def build_library(mod, target_spec: TargetSpec, out_path: Path, configs=None) -> BuildResult:
     """Compile `mod` for `target_spec` and export the library to `out_path` (a shared object).
+    `configs`: a `ConfigLookup` of tuned template configs (schedules/template_config.py), None for none.
 
     CUDA libraries carry real fatbins built by nvcc (a source-only CUDA module is refused).
     """
@@ -130,13 +139,14 @@ def build_library(mod, target_spec: TargetSpec, out_path: Path) -> BuildResult:
     import tvm
 
     start = time.perf_counter()
+    kernel_configs: dict[str, dict] = {}
     tvm_target = target_spec.tvm_target()
     config = {"tirx.use_async_copy": True} if target_spec.kind == "cuda" else {}
     with tvm_target, tvm.transform.PassContext(opt_level=3, config=config):
         executable = tvm.compile(
             mod,
             target=tvm_target,
-            relax_pipeline=_relax_pipeline(target_spec, tvm_target),
+            relax_pipeline=_relax_pipeline(target_spec, tvm_target, configs, kernel_configs),
             tir_pipeline=tir_pipeline(),
         )
     executable.export_library(str(out_path))
@@ -148,7 +158,7 @@ def build_library(mod, target_spec: TargetSpec, out_path: Path) -> BuildResult:
             "runtime."
         )
     kernels = sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
-    return BuildResult(Path(out_path), seconds, kernels)
+    return BuildResult(Path(out_path), seconds, kernels, dict(sorted(kernel_configs.items())))
 
 
 def compiler_versions() -> dict[str, str]:

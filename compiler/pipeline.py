@@ -12,7 +12,8 @@ packed   = compress_in_order(imported, feeds, ...)    with calibration: the comp
 imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
 imported = mask_infinite_max_in_logsumexp(imported)  numerics: logsumexp of ±Inf rows as torch gives it
 imported = decompose_gelu, FastMathTransform (CPU)   transcendentals as fast polynomials, not libm calls
-library  = build_library(imported.mod, target)       lower, schedules/ rules, tvm.compile, nvcc for CUDA
+library  = build_library(imported.mod, target, tuned) lower, schedules/ rules (tuned configs from the
+                                                     tuning logs, compiler/tuning/), tvm.compile, nvcc for CUDA
 write_artifact(out, library, imported.params, manifest)   (store_weights=False: shapes and dtypes only)
 
 Every graph pass has one signature, ImportedModel -> ImportedModel (`compiler/passes/`), and this file
@@ -25,7 +26,7 @@ import contextlib
 import logging
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,16 @@ class CompileReport:
     seconds: dict[str, float]
 
 
+@dataclass
+class RewrittenModel:
+    """A model after every graph pass, ready to build: its weight plan, packed weights and densities."""
+
+    model: ImportedModel
+    plans: list[LayerPlan]
+    packed: dict[str, PackedWeight]
+    densities: dict[str, float]
+
+
 def compile_imported(
     imported: ImportedModel,
     output: Path,
@@ -73,15 +84,70 @@ def compile_imported(
     store_weights: bool = True,
     record_time: bool = False,
     calibration: list[dict[str, np.ndarray]] | None = None,
+    tuning_logs: Sequence[Path] = (),
 ) -> CompileReport:
     """Everything after the import: plan, graph passes, build, write `output` atomically.
 
     store_weights=False writes no weight values (their names, shapes and dtypes only); weights of one
     shape are then packed once and shared, since only the packed shapes matter. record_time writes the
     compile's time into the manifest (see `write_artifact`; by default none, so artifacts reproduce).
-    calibration: feeds ({input name: array}) to collect each compressed layer's input statistics on."""
+    calibration: feeds ({input name: array}) to collect each compressed layer's input statistics on.
+    tuning_logs: logs whose records tune the template kernels, earlier ones first (compiler/tuning/)."""
     seconds = dict(timings or {})
     start = time.perf_counter()
+    rewritten = rewrite_for_target(imported, target, recipe, store_weights, calibration)
+    seconds["rewrite"] = time.perf_counter() - start
+    with build_folder() as tmp:
+        log.info("building the kernels for %s", target.name)
+        with internal_errors_named("build", target, rewritten.model.mod):
+            build = build_library(rewritten.model.mod, target, tmp / "library.so", _config_lookup(tuning_logs, target))
+        seconds["build"] = build.seconds
+        manifest = _manifest(
+            rewritten.model,
+            target,
+            rewritten.plans,
+            rewritten.packed,
+            recipe_as_written,
+            build.kernels,
+            rewritten.densities,
+        )
+        manifest["kernel_configs"] = build.kernel_configs
+        manifest["weights"]["stored"] = store_weights
+        start = time.perf_counter()
+        log.info("writing %s", output)
+        from tensorpress.compiler.artifact_writer import write_artifact
+
+        extra = rewritten.model.info.get("extra_files", {})
+        manifest = write_artifact(
+            output,
+            build.library,
+            rewritten.model.params,
+            manifest,
+            extra_files=extra,
+            store_weights=store_weights,
+            record_time=record_time,
+        )
+        seconds["write"] = time.perf_counter() - start
+    return CompileReport(Path(output), manifest, seconds)
+
+
+def _config_lookup(tuning_logs: Sequence[Path], target: TargetSpec):
+    """The tuned template configs of `tuning_logs` (None: no log, every kernel its default)."""
+    if not tuning_logs:
+        return None
+    from tensorpress.compiler.tuning.records import RecordLookup
+
+    return RecordLookup(tuning_logs, target)
+
+
+def rewrite_for_target(
+    imported: ImportedModel,
+    target: TargetSpec,
+    recipe: WeightRecipe,
+    store_weights: bool = True,
+    calibration: list[dict[str, np.ndarray]] | None = None,
+) -> RewrittenModel:
+    """Plan and graph passes: the model as the build takes it (linears as weight-GEMM kernels)."""
     with internal_errors_named("rewrite", target):
         if target.kind == "cpu":
             imported = convolutions_as_weight_gemms(imported)
@@ -121,30 +187,7 @@ def compile_imported(
         rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
         for graph_pass in numerics_passes(target):
             rewritten = graph_pass(rewritten)
-    seconds["rewrite"] = time.perf_counter() - start
-    with build_folder() as tmp:
-        log.info("building the kernels for %s", target.name)
-        with internal_errors_named("build", target, rewritten.mod):
-            build = build_library(rewritten.mod, target, tmp / "library.so")
-        seconds["build"] = build.seconds
-        manifest = _manifest(rewritten, target, plans, packed, recipe_as_written, build.kernels, densities)
-        manifest["weights"]["stored"] = store_weights
-        start = time.perf_counter()
-        log.info("writing %s", output)
-        from tensorpress.compiler.artifact_writer import write_artifact
-
-        extra = rewritten.info.get("extra_files", {})
-        manifest = write_artifact(
-            output,
-            build.library,
-            rewritten.params,
-            manifest,
-            extra_files=extra,
-            store_weights=store_weights,
-            record_time=record_time,
-        )
-        seconds["write"] = time.perf_counter() - start
-    return CompileReport(Path(output), manifest, seconds)
+    return RewrittenModel(rewritten, plans, packed, densities)
 
 
 def _compress_calibrated(imported, sites, choices, recipe, feeds, target, pruned) -> dict[str, PackedWeight]:

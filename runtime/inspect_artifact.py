@@ -64,8 +64,24 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
         stored = sum(layer["stored_bytes"] for layer in layers)
         fp16 = sum(layer["fp16_bytes"] for layer in layers)
         lines.append(f"    total: {_size(stored)} stored vs {_size(fp16)} as fp16 ({size_vs_fp16(stored, fp16)})")
+    lines += _kernel_config_lines(m.get("kernel_configs") or {})
     lines += _function_lines(artifact)
     return "\n".join(lines)
+
+
+def _kernel_config_lines(configs: dict) -> list[str]:
+    """Per template kernel the config it was built with and where it came from (a tuning log or the
+    default), from the manifest's kernel_configs."""
+    if not isinstance(configs, dict) or not configs:
+        return []
+    tuned = sum(1 for c in configs.values() if c.get("origin") != "default")
+    lines = [f"  kernel configs ({len(configs)} template kernels, {tuned} from tuning logs):"]
+    width = max(len(name) for name in configs)
+    for name, entry in configs.items():
+        params = ", ".join(f"{k}={v}" for k, v in (entry.get("config") or {}).items())
+        origin = entry.get("origin", "?")
+        lines.append(f"    {name.ljust(width)}  {params}  ({'default' if origin == 'default' else 'tuned: ' + origin})")
+    return lines
 
 
 def size_vs_fp16(stored: int, fp16: int) -> str:

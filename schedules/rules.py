@@ -10,6 +10,8 @@ from __future__ import annotations
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
+from tensorpress.schedules.template_config import ConfigLookup
+
 
 class NotMineOnError(dl.ScheduleRule):
     """A rule that answers "not mine" (None) where the wrapped rule raises, so the next rule is tried.
@@ -28,8 +30,9 @@ class NotMineOnError(dl.ScheduleRule):
             return None
 
 
-def rules_for(target: Target) -> list[dl.ScheduleRule]:
-    """The rule list for `target` (a TVM Target of kind llvm or cuda)."""
+def rules_for(target: Target, configs: ConfigLookup | None = None) -> list[dl.ScheduleRule]:
+    """The rule list for `target` (a TVM Target of kind llvm or cuda); `configs` gives the template
+    rules tuned configs by kernel (None: every kernel gets its default)."""
     from tensorpress.schedules.kv_attention import kv_attention_rules
 
     if target.kind.name == "cuda":
@@ -37,7 +40,7 @@ def rules_for(target: Target) -> list[dl.ScheduleRule]:
 
         return [
             *kv_attention_rules(),
-            *tensorcore_rules(),
+            *tensorcore_rules(configs),
             NotMineOnError(dl.gpu.Matmul()),
             NotMineOnError(dl.gpu.GEMV()),
             NotMineOnError(dl.gpu.Reduction()),
@@ -46,5 +49,5 @@ def rules_for(target: Target) -> list[dl.ScheduleRule]:
         ]
     from tensorpress.schedules.cpu import cpu_rules
 
-    ours_first = [*kv_attention_rules(), *cpu_rules()]
+    ours_first = [*kv_attention_rules(), *cpu_rules(configs)]
     return [rule if type(rule).__module__.startswith("tensorpress.") else NotMineOnError(rule) for rule in ours_first]

@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first access)
 _LAZY = {
     "compile": "tensorpress.compiler.api",
+    "tune": "tensorpress.compiler.tuning.tune_model",
     "FPxConfig": "tensorpress.compiler.compression_configs",
     "SparseConfig": "tensorpress.compiler.compression_configs",
     "KVCacheConfig": "tensorpress.compiler.compression_configs",
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from tensorpress.compiler.compression_configs import FPxConfig as FPxConfig
     from tensorpress.compiler.compression_configs import KVCacheConfig as KVCacheConfig
     from tensorpress.compiler.compression_configs import SparseConfig as SparseConfig
+    from tensorpress.compiler.tuning.tune_model import tune as tune
     from tensorpress.errors import TensorpressError as TensorpressError
 
 

@@ -1,4 +1,4 @@
-"""`tensorpress` command line: compile, run, inspect, package, generate.
+"""`tensorpress` command line: compile, tune, run, inspect, package, generate.
 
 Start-up stays under a second: only argparse is imported here; each command imports what it needs.
 A `TensorpressError` is printed as one line (`error: ...`) with exit status 1; warnings as `warning: ...`
@@ -38,6 +38,7 @@ def _compile(args: argparse.Namespace) -> int:
         kv_cache=args.kv_cache_dtype,
         input_shapes=shapes or None,
         record_time=args.record_time,
+        tuning_log=args.tuning_log,
     )
     manifest = report.manifest
     layers = manifest["layers"]
@@ -112,6 +113,31 @@ def _dim(text: str) -> int | str:
         return int(text)
     except ValueError:
         return text
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from tensorpress.compiler.tuning.tune_model import tune
+
+    shapes = dict(_parse_shape(s) for s in args.input_shape or [])
+    _show_stages()
+    report = tune(
+        args.model,
+        target=args.target,
+        dtype=args.dtype,
+        weights=args.weights,
+        sparsity=_sparse_config(args),
+        skip=args.skip or (),
+        input_shapes=shapes or None,
+        trials=args.trials,
+        time_budget=args.time_budget,
+        log=args.log,
+    )
+    if not report.results:
+        print(f"no template kernel to tune in {args.model} for {args.target}")
+        return 0
+    print(report.summary)
+    print(f"records: {report.log_dir}" + (f", plot: {report.plot}" if report.plot else ""))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -222,8 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the compile's date and time into the artifact (by default none: the same model and "
         "options give the same bytes; SOURCE_DATE_EPOCH, where set, is the time recorded)",
     )
+    p.add_argument(
+        "--tuning-log",
+        help="a folder `tensorpress tune` wrote: its records choose the kernels' tile configs, before the "
+        "committed tuning_logs/<arch>/ (read always)",
+    )
     p.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
     p.set_defaults(func=_compile)
+
+    p = sub.add_parser("tune", help="tune a model's kernels on this machine and append the records to a log")
+    p.add_argument("model", help="the model, as for compile")
+    p.add_argument("--target", default="cpu", help="cpu (template tuning runs where candidates are timed)")
+    p.add_argument("--dtype", choices=("float32", "float16"), help="activation dtype, as for compile")
+    p.add_argument("--weights", help="weight format, as for compile")
+    p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
+    p.add_argument("--sparsity", help="as for compile (sparse kernels are not tuned yet)")
+    p.add_argument("--prune", choices=_prune_methods(), help="as for compile")
+    p.add_argument("--sparse-format", choices=_sparse_formats(), help="as for compile")
+    p.add_argument("--input-shape", action="append", help="ONNX graphs: name=1,128 (repeatable), as for compile")
+    p.add_argument("--trials", type=int, default=32, help="measured candidates per kernel at most (default 32)")
+    p.add_argument("--time-budget", help="for the whole run, e.g. 90s, 10m, 1h (default: no limit)")
+    p.add_argument("--log", help="log folder (default tuning_logs/<arch>/ of the repository, which compile reads)")
+    p.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("run", help="run a graph artifact on inputs from an .npz file")
     p.add_argument("artifact", help="a .tpk file compiled from a graph model (decoders: use generate)")

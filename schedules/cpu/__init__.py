@@ -25,8 +25,9 @@ from tensorpress.schedules.cpu.injective import Injective
 from tensorpress.schedules.cpu.matmul import Matmul
 from tensorpress.schedules.cpu.row_reduction import RowReduction
 from tensorpress.schedules.cpu.weight_gemm import WeightGemm
+from tensorpress.schedules.template_config import ConfigLookup
 
 
-def cpu_rules() -> list[dl.ScheduleRule]:
-    """Rules for llvm targets, most specific first."""
-    return [WeightGemm(), DepthwiseConv(), Matmul(), dl.cpu.GEMV(), RowReduction(), Injective(), Fallback()]
+def cpu_rules(configs: ConfigLookup | None = None) -> list[dl.ScheduleRule]:
+    """Rules for llvm targets, most specific first; `configs`: tuned template configs (None: defaults)."""
+    return [WeightGemm(configs), DepthwiseConv(), Matmul(), dl.cpu.GEMV(), RowReduction(), Injective(), Fallback()]

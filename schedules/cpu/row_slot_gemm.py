@@ -42,8 +42,19 @@ def is_row_slot_gemm(func: tirx.PrimFunc) -> bool:
     return func.attrs is not None and ROW_SLOTS_ATTR in func.attrs
 
 
-def schedule_row_slot_gemm(func: tirx.PrimFunc) -> s_tir.Schedule:
-    """The schedule of the module docstring for a weight GEMM defined over row slots."""
+def default_row_slot_tile(block_rows: int, n_hint: int | None) -> tuple[int, int]:
+    """The untuned (token lanes T, rows per pass R) for several tokens: T = 8 up to DECODE_STEP_TOKENS
+    expected tokens, else 16; R as many of the block's rows as keep R x T/8 accumulators in 8 registers."""
+    tokens = LANES if (n_hint or DECODE_STEP_TOKENS) <= DECODE_STEP_TOKENS else 2 * LANES
+    return tokens, max(1, min(block_rows, ACCUMULATOR_VECTORS * LANES // tokens))
+
+
+def schedule_row_slot_gemm(
+    func: tirx.PrimFunc, tokens: int | None = None, rows_per_pass: int | None = None
+) -> s_tir.Schedule:
+    """The schedule of the module docstring for a weight GEMM defined over row slots: one token
+    (n_hint == 1) gathers; more take `tokens` token lanes (a multiple of LANES) and `rows_per_pass`
+    rows of a block at a time (dividing its rows), by default `default_row_slot_tile`."""
     block_rows = int(func.attrs[ROW_SLOTS_ATTR])
     n_hint = int(func.attrs[N_HINT_ATTR]) if N_HINT_ATTR in func.attrs else 16
     if n_hint == 1:  # int32 index math: 8 column indices widen and add in one vector each, not two
@@ -52,7 +63,8 @@ def schedule_row_slot_gemm(func: tirx.PrimFunc) -> s_tir.Schedule:
     if n_hint == 1:
         _gather(sch, block_rows)
     else:
-        _tokens_in_lanes(sch, block_rows, LANES if n_hint <= DECODE_STEP_TOKENS else 2 * LANES)
+        default_tokens, default_rows = default_row_slot_tile(block_rows, n_hint)
+        _tokens_in_lanes(sch, block_rows, tokens or default_tokens, rows_per_pass or default_rows)
     return sch
 
 
@@ -72,12 +84,11 @@ def _gather(sch: s_tir.Schedule, block_rows: int) -> None:
     sch.vectorize(sch.get_loops(store)[-1])
 
 
-def _tokens_in_lanes(sch: s_tir.Schedule, block_rows: int, tokens: int) -> None:
+def _tokens_in_lanes(sch: s_tir.Schedule, block_rows: int, tokens: int, rows_per_pass: int) -> None:
     x_t = sch.get_sblock("tokens")
     sch.parallel(sch.get_loops(x_t)[0])
     gemm = sch.get_sblock("gemm")
     n, r, s = sch.get_loops(gemm)
-    rows_per_pass = max(1, min(block_rows, ACCUMULATOR_VECTORS * LANES // tokens))
     blocks, passes, rows = sch.split(r, [None, block_rows // rows_per_pass, rows_per_pass])
     # Tokens past N read the zero padding of X_t and land in the register tile only; the store below
     # keeps the first N (so no predicate splits the vector loop).

