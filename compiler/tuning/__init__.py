@@ -1,5 +1,7 @@
 """Auto-tuning: search the parameters of our schedule templates and of the generic ops, keep the best as
 records under `tuning_logs/<arch>/`, and apply them at compile.
 
-measure.py   BuiltCandidate (one compiled kernel to time) and the Measurer protocol; LocalMeasurer
+measure.py       BuiltCandidate (one compiled kernel to time) and the Measurer protocol; LocalMeasurer
+rpc_measure.py   RpcMeasurer: the same protocol on every server a TVM RPC tracker has under a key
+loopback_rpc.py  LoopbackRpcCluster: a tracker and N servers on this machine (tests, benchmarks, local runs)
 """
