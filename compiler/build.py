@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorpress.compiler.targets import TargetSpec
@@ -25,6 +25,7 @@ class BuildResult:
     library: Path
     seconds: float
     kernels: list[str]  # names of the TIR kernels in the library
+    tuned_kernels: list[str] = field(default_factory=list)  # generic ops scheduled from the tuning log
 
 
 TIR_PIPELINE = "tensorpress_nan_propagating"
@@ -79,7 +80,7 @@ def rule_target_for(target_spec: TargetSpec, tvm_target):
     return tvm_target
 
 
-def _relax_pipeline(target_spec: TargetSpec, tvm_target):
+def _relax_pipeline(target_spec: TargetSpec, tvm_target, tuning_log: Path | None = None, tuned: list | None = None):
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
@@ -96,6 +97,12 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     def pipeline(mod, _ctx):
         with tvm_target:
             mod = tvm.transform.Sequential(relax_lowering())(mod)
+        if tuning_log is not None:  # generic ops with a meta_schedule record; the rules skip them
+            from tensorpress.compiler.tuning.generic_records import apply_generic_records
+
+            mod, names = apply_generic_records(mod, tvm_target, tuning_log)
+            if tuned is not None:
+                tuned.extend(names)
         with rule_target:
             mod = dl.ApplyDefaultSchedule(*rules_for(tvm_target))(mod)
         finalize = [
@@ -118,10 +125,11 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target):
     return pipeline
 
 
-def build_library(mod, target_spec: TargetSpec, out_path: Path) -> BuildResult:
+def build_library(mod, target_spec: TargetSpec, out_path: Path, tuning_log: Path | None = None) -> BuildResult:
     """Compile `mod` for `target_spec` and export the library to `out_path` (a shared object).
 
-    CUDA libraries carry real fatbins built by nvcc (a source-only CUDA module is refused).
+    CUDA libraries carry real fatbins built by nvcc (a source-only CUDA module is refused). tuning_log: a
+    tuning log folder whose meta_schedule records schedule the generic ops they match.
     """
     if target_spec.kind == "cuda":
         from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support, library_has_gpu_binary
@@ -130,13 +138,14 @@ def build_library(mod, target_spec: TargetSpec, out_path: Path) -> BuildResult:
     import tvm
 
     start = time.perf_counter()
+    tuned: list[str] = []
     tvm_target = target_spec.tvm_target()
     config = {"tirx.use_async_copy": True} if target_spec.kind == "cuda" else {}
     with tvm_target, tvm.transform.PassContext(opt_level=3, config=config):
         executable = tvm.compile(
             mod,
             target=tvm_target,
-            relax_pipeline=_relax_pipeline(target_spec, tvm_target),
+            relax_pipeline=_relax_pipeline(target_spec, tvm_target, tuning_log, tuned),
             tir_pipeline=tir_pipeline(),
         )
     executable.export_library(str(out_path))
@@ -148,7 +157,7 @@ def build_library(mod, target_spec: TargetSpec, out_path: Path) -> BuildResult:
             "runtime."
         )
     kernels = sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
-    return BuildResult(Path(out_path), seconds, kernels)
+    return BuildResult(Path(out_path), seconds, kernels, sorted(tuned))
 
 
 def compiler_versions() -> dict[str, str]:

@@ -1,0 +1,336 @@
+"""The generic ops of a model, tuned by TVM's meta_schedule.
+
+The generic ops are the TIR functions the Relax lowering makes (`build.relax_lowering`: legalize, fuse)
+that our templates do not own (weight GEMM, KV append and attention, marked `tensorpress.kernel`):
+softmax, layer norm, the attention's batched matmuls, fused elementwise tails. Each distinct one worth
+it is searched with meta_schedule (evolutionary search ranked by its XGBoost cost model), measured here
+(LocalRunner) or on the servers of a TVM RPC tracker (RPCRunner), and its trials go to TVM's JSON
+database in `<log dir>/meta_schedule/` (`generic_records.py`), which the build then applies.
+
+Which ops: the distinct functions (structurally equal copies are one op, their calls add up), with static
+shapes only (a record is for one shape), ranked by calls x (estimated FLOPs + argument bytes) per model
+call; the top `max_ops` whose share is at least 1% of the top op's are tuned.
+
+Resuming: an op whose search finished (a line in finished_ops.jsonl) is not searched again; an op a kill
+interrupted is searched for its remaining trials only, starting from its measured records.
+
+Cold start: meta_schedule's builder workers compile with `_builder_without_intrinsics` (TVM's default
+builder imports every tensor intrinsic, 40 s, in each worker), and this process skips that import too on
+CPU targets (`_tensor_intrin_package_without_import`). Its popen workers are killed after each op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tensorpress.compiler.targets import TargetSpec
+from tensorpress.compiler.tuning.generic_records import (
+    FINISHED,
+    database_folder,
+    is_template_kernel,
+    open_tuning_database,
+)
+
+log = logging.getLogger("tensorpress.tune")
+
+MIN_SHARE = 0.01  # an op costing less than this share of the costliest op is not worth a search
+
+
+@dataclass(frozen=True)
+class SearchBudget:
+    """How much meta_schedule searches: `trials_per_op` measured candidates for each of at most `max_ops`
+    ops, measured `trials_per_batch` at a time; the evolutionary search keeps `population` schedules and
+    evolves them `evolve_iterations` times per batch (its cost-model work grows with both)."""
+
+    trials_per_op: int = 64
+    max_ops: int = 8
+    trials_per_batch: int = 16
+    population: int = 128
+    evolve_iterations: int = 2
+
+
+@dataclass(frozen=True)
+class GenericOp:
+    """One distinct generic op: its lowered function (first name it has), call count, estimated work."""
+
+    name: str
+    func: Any  # tvm.tirx.PrimFunc
+    calls: int
+    flops: float  # per call (TVM's estimate)
+    bytes: int  # of its arguments, per call
+
+    @property
+    def cost(self) -> float:
+        return self.calls * (self.flops + self.bytes)
+
+
+@dataclass(frozen=True)
+class GenericOpResult:
+    """What tuning did for one op: measured trials in the log, best seconds per call (None: no candidate
+    ran), and whether it was searched now (False: already finished in the log)."""
+
+    name: str
+    calls: int
+    trials: int
+    best_s: float | None
+    searched: bool
+
+
+def lower_to_kernels(mod: Any, target_spec: TargetSpec) -> Any:
+    """The Relax module after the build's lowering (fused TIR functions, nothing scheduled yet)."""
+    import tvm
+
+    from tensorpress.compiler.build import relax_lowering
+
+    with target_spec.tvm_target():
+        return tvm.transform.Sequential(relax_lowering())(mod)
+
+
+def find_generic_ops(lowered: Any) -> list[GenericOp]:
+    """The distinct generic ops of a lowered module with static shapes, costliest first."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    calls: dict[str, int] = {}
+
+    def count(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and expr.args and isinstance(expr.args[0], tvm.ir.GlobalVar):
+            calls[expr.args[0].name_hint] = calls.get(expr.args[0].name_hint, 0) + 1
+
+    for _, func in lowered.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, count)
+    ops: list[GenericOp] = []
+    for gv, func in lowered.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or is_template_kernel(func):
+            continue
+        nbytes = _static_argument_bytes(func)
+        if nbytes is None:
+            continue
+        normal = _normalized(func)
+        same = next((i for i, op in enumerate(ops) if tvm_ffi.structural_equal(_normalized(op.func), normal)), None)
+        if same is not None:
+            op = ops[same]
+            ops[same] = GenericOp(op.name, op.func, op.calls + calls.get(gv.name_hint, 0), op.flops, op.bytes)
+            continue
+        flops = float(estimate_tir_flops(tvm.IRModule({"main": normal})))
+        ops.append(GenericOp(gv.name_hint, func, calls.get(gv.name_hint, 0), flops, nbytes))
+    return sorted(ops, key=lambda op: op.cost, reverse=True)
+
+
+def ops_worth_tuning(ops: list[GenericOp], max_ops: int) -> list[GenericOp]:
+    """The costliest `max_ops` ops (of `find_generic_ops`), less those under MIN_SHARE of the first."""
+    if not ops:
+        return []
+    top = ops[0].cost
+    return [op for op in ops[:max_ops] if op.cost > 0 and op.cost >= MIN_SHARE * top]
+
+
+def tune_generic_ops(
+    mod: Any,
+    target_spec: TargetSpec,
+    log_dir: Path,
+    budget: SearchBudget | None = None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    seed: int = 0,
+    on_op_done: Callable[[GenericOpResult], None] | None = None,
+) -> list[GenericOpResult]:
+    """Tune the generic ops of `mod` (the Relax module the build gets, after the graph passes) with
+    meta_schedule, appending every measured trial to `log_dir/meta_schedule/`. Measures on this machine,
+    or on every server registered with the TVM RPC tracker `rpc_tracker` ("HOST:PORT") under `rpc_key`.
+    Resumable: run it again after a kill and finished ops are skipped. `on_op_done` is called after
+    each op (progress)."""
+    budget = budget or SearchBudget()
+    ops = ops_worth_tuning(find_generic_ops(lower_to_kernels(mod, target_spec)), budget.max_ops)
+    folder = database_folder(log_dir)
+    database = open_tuning_database(folder)
+    finished = _finished_ops(folder / FINISHED)
+    runner_factory = _runner_factory(rpc_tracker, rpc_key)
+    results = []
+    for op in ops:
+        key = _op_key(op.func)
+        workload = _normalized_module(op.func)
+        searched = False
+        remaining = budget.trials_per_op - _trials_in(database, workload)
+        if key not in finished and remaining > 0:
+            log.info("meta_schedule: %s, %d trials", op.name, remaining)
+            work_dir = folder / "search" / op.name  # meta_schedule's own logs
+            _search(workload, target_spec, work_dir, database, budget, remaining, runner_factory, seed)
+            searched = True
+        if key not in finished:
+            _append_line(folder / FINISHED, {"op": key, "name": op.name, "trials": budget.trials_per_op})
+            finished.add(key)
+        trials = _trials_in(database, workload)
+        result = GenericOpResult(op.name, op.calls, trials, _best_s(database, workload), searched)
+        results.append(result)
+        if on_op_done is not None:
+            on_op_done(result)
+    return results
+
+
+def _search(workload, target_spec, work_dir: Path, database, budget: SearchBudget, trials: int, runner_factory, seed):
+    from tvm.s_tir import meta_schedule as ms
+
+    _tensor_intrin_package_without_import(target_spec)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=budget.population,
+        init_min_unmeasured=min(50, budget.population),
+        genetic_num_iters=budget.evolve_iterations,
+    )
+    with _killing_new_popen_workers():
+        ms.tune_tir(
+            mod=workload,
+            target=target_spec.tvm_target(),
+            work_dir=str(work_dir),
+            max_trials_global=trials,
+            num_trials_per_iter=min(budget.trials_per_batch, trials),
+            builder=ms.builder.LocalBuilder(f_build=_builder_without_intrinsics(), timeout_sec=120),
+            runner=runner_factory(),
+            database=database,
+            cost_model="xgb",
+            strategy=strategy,
+            seed=seed,
+        )
+
+
+def _runner_factory(rpc_tracker: str | None, rpc_key: str | None) -> Callable[[], Any]:
+    """meta_schedule's runner: LocalRunner, or RPCRunner over every server of the tracker (checked now,
+    so a missing tracker or key is one clear error before any search)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False)
+    if rpc_tracker is None:
+        return lambda: ms.runner.LocalRunner(evaluator_config=evaluator)
+    from tensorpress.compiler.tuning.rpc_measure import RpcMeasurer
+
+    servers = RpcMeasurer(rpc_tracker, rpc_key or "").num_servers  # raises RpcTrackerError, one sentence
+    host, _, port = rpc_tracker.rpartition(":")
+    config = ms.runner.RPCConfig(
+        tracker_host=host, tracker_port=int(port), tracker_key=rpc_key, session_timeout_sec=120
+    )
+    return lambda: ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=servers)
+
+
+def _builder_without_intrinsics() -> Callable:
+    """meta_schedule's default build minus its `import tvm.s_tir.tensor_intrin` (40 s in every fresh
+    worker). Made in a function so cloudpickle sends it by value: the worker imports only TVM."""
+
+    def build(mod, target, _params):
+        import tvm
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+    return build
+
+
+def _tensor_intrin_package_without_import(target_spec: TargetSpec) -> None:
+    """TuneContext imports `tvm.s_tir.tensor_intrin`, whose __init__ parses every intrinsic of every
+    target (40 s). CPU targets without VNNI/AMX use none; so the package is registered unexecuted (its
+    submodules still import on demand), and CUDA gets only its own intrinsics."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        package = types.ModuleType(name)
+        package.__path__ = list(spec.submodule_search_locations or []) if spec else []
+        sys.modules[name] = package
+    if target_spec.kind == "cuda":
+        importlib.import_module(f"{name}.cuda")
+
+
+@contextlib.contextmanager
+def _killing_new_popen_workers() -> Iterator[None]:
+    """Kill, by pid, the `tvm.exec.popen_worker` children that meta_schedule starts and leaves behind."""
+    import psutil
+
+    me = psutil.Process()
+    before = {child.pid for child in me.children(recursive=True)}
+    try:
+        yield
+    finally:
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.pid not in before and "tvm.exec.popen_worker" in " ".join(child.cmdline()):
+                    child.kill()
+                    child.wait(timeout=10)
+
+
+def _normalized(func: Any) -> Any:
+    return func.with_attr("global_symbol", "main")
+
+
+def _normalized_module(func: Any) -> Any:
+    import tvm
+
+    return tvm.IRModule({"main": _normalized(func)})
+
+
+def _op_key(func: Any) -> str:
+    """A name for an op that is the same in every process: the hash of its normalised TVMScript."""
+    return hashlib.sha256(_normalized(func).script().encode()).hexdigest()[:32]
+
+
+def _static_argument_bytes(func: Any) -> int | None:
+    import numpy as np
+    import tvm
+
+    total = 0
+    for param in func.params:  # TVM 0.27: a buffer argument is a Var whose type is a BufferType
+        buffer = param.ty
+        if not isinstance(buffer, tvm.tirx.buffer.BufferType):
+            continue
+        if not all(isinstance(dim, tvm.tirx.IntImm) for dim in buffer.shape):
+            return None
+        total += int(np.prod([int(dim) for dim in buffer.shape])) * tvm.DataType(buffer.dtype).bits // 8
+    return total
+
+
+def _trials_in(database: Any, workload: Any) -> int:
+    import tvm_ffi
+
+    return sum(
+        1 for record in database.get_all_tuning_records() if tvm_ffi.structural_equal(record.workload.mod, workload)
+    )
+
+
+def _best_s(database: Any, workload: Any) -> float | None:
+    if not database.has_workload(workload):
+        return None
+    top = database.get_top_k(database.commit_workload(workload), 1)
+    if not top or not top[0].run_secs:
+        return None
+    best = min(float(s) for s in top[0].run_secs)
+    return best if best < 1e9 else None
+
+
+def _finished_ops(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            keys.add(str(json.loads(line)["op"]))
+    return keys
+
+
+def _append_line(path: Path, entry: dict) -> None:
+    """Append one JSON line whole: written, flushed and fsynced at once (a kill leaves it or not)."""
+    with open(path, "ab") as file:
+        file.write(json.dumps(entry).encode() + b"\n")
+        file.flush()
+        os.fsync(file.fileno())
