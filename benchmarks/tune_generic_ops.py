@@ -7,13 +7,15 @@ tuned by meta_schedule against the schedule our rules give them, side by side on
 Each op is a one-op Relax graph lowered as the compile lowers it (the same TIR function MiniLM's build
 gets at that shape): `scores` = q @ k^T, the attention's batched matmul [12,128,32] x [12,32,128];
 `layer_norm` over [128, 384]. `tune_generic_ops` searches it (XGBoost cost model, LocalRunner) into a
-fresh log, then both libraries are built by `build_library` (default: the rules; tuned: the same build
-given the log) and timed in this process on the same inputs, alternately, by TVM's time_evaluator; the
-outputs are checked against each other and numpy first.
+fresh log. Then the op's kernel as our rules schedule it (what a build without the log gives it) and as
+the best record schedules it are built alike, checked against numpy, and timed in this process on the
+same inputs, alternately, by TVM's time_evaluator. Last, `build_library` is given the log: it applies
+the record only where meta_schedule's runner found it faster than the rules (`applied`).
 
-Reported per op: default and tuned ms, speedup, trials measured, the trial (and seconds since the tune
-started, from meta_schedule's task log) at which the best-so-far came within 95% of the best, and the
-seconds to the first measured trial (cold start: builder workers never import the tensor intrinsics).
+Reported per op: default and tuned ms (and both as meta_schedule's runner measured them), speedup,
+trials measured, the trial (and seconds since the tune started, from meta_schedule's task log) at which
+the best-so-far came within 95% of the best, and the seconds to the first measured trial (cold start:
+builder workers never import the tensor intrinsics).
 Writes benchmarks/results/tune_generic_ops_<device>_<time>.json with the load average.
 """
 
@@ -71,18 +73,37 @@ def op_graph(name: str):
     return bb.get(), inputs, reference
 
 
-def time_side_by_side(libraries: dict[str, Path], inputs, rounds: int = 5) -> dict[str, float]:
-    """Best-of-rounds median ms of one call of each library's `main`, the libraries alternating."""
+def kernels_side_by_side(mod, log_dir: Path, inputs, reference, rounds: int = 5) -> dict[str, float]:
+    """The op's kernel as our rules schedule it and as the best record schedules it, built alike
+    (tvm.tirx.build), checked against numpy, then timed alternately: best-of-rounds median ms."""
     import tvm
-    from tvm import relax
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir import meta_schedule as ms
 
+    from tensorpress.compiler.tuning.generic_ops import find_generic_ops, lower_to_kernels
+    from tensorpress.compiler.tuning.generic_records import WORKLOADS, normalized
+    from tensorpress.schedules.rules import rules_for
+
+    cpu = TargetSpec("cpu")
+    target = cpu.tvm_target()
+    (op,) = find_generic_ops(lower_to_kernels(mod, cpu))
+    workload = tvm.IRModule({"main": normalized(op.func)})
+    with target:
+        default = dl.ApplyDefaultSchedule(*rules_for(target))(workload.clone())
+    folder = database_folder(log_dir)
+    database = ms.database.JSONDatabase(path_workload=str(folder / WORKLOADS), path_tuning_record=str(folder / RECORDS))
+    tuned = database.query_schedule(workload, target, "main").mod
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in inputs]
-    vms = {name: relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev) for name, path in libraries.items()}
-    best = {name: float("inf") for name in libraries}
+    libs = {name: tvm.tirx.build(m, target=target) for name, m in (("default", default), ("tuned", tuned))}
+    best = {name: float("inf") for name in libs}
+    for lib in libs.values():
+        args = [tvm.runtime.tensor(a, dev) for a in inputs] + [tvm.runtime.empty(reference.shape, "float32", dev)]
+        lib["main"](*args)
+        np.testing.assert_allclose(args[-1].numpy(), reference, rtol=1e-4, atol=1e-4)
     for _ in range(rounds):
-        for name, vm in vms.items():
-            timer = vm.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=50)
+        for name, lib in libs.items():
+            args = [tvm.runtime.tensor(a, dev) for a in inputs] + [tvm.runtime.empty(reference.shape, "float32", dev)]
+            timer = lib.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=50)
             best[name] = min(best[name], timer(*args).median * 1e3)
     return best
 
@@ -117,28 +138,20 @@ def run_op(name: str, trials: int, folder: Path) -> dict:
     start_wall, start = time.time(), time.perf_counter()
     (result,) = tune_generic_ops(mod, cpu, log_dir, budget)
     tune_s = time.perf_counter() - start
-    default = build_library(mod, cpu, folder / f"{name}_default.so")
-    tuned = build_library(mod, cpu, folder / f"{name}_tuned.so", tuning_log=log_dir)
-    assert tuned.tuned_kernels == [result.name], tuned.tuned_kernels
-    outputs = {}
-    import tvm
-    from tvm import relax
-
-    for side, build in (("default", default), ("tuned", tuned)):
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(build.library)), tvm.cpu())
-        outputs[side] = vm["main"](*[tvm.runtime.tensor(a, tvm.cpu()) for a in inputs]).numpy()
-        np.testing.assert_allclose(outputs[side], reference, rtol=1e-4, atol=1e-4)
-    ms_times = time_side_by_side({"default": default.library, "tuned": tuned.library}, inputs)
+    kernel_ms = kernels_side_by_side(mod, log_dir, inputs, reference)
+    build = build_library(mod, cpu, folder / f"{name}_with_log.so", tuning_log=log_dir)
     return {
         "op": name,
         "kernel": result.name,
         "trials": result.trials,
         "tune_s": tune_s,
-        "default_ms": ms_times["default"],
-        "tuned_ms": ms_times["tuned"],
-        "speedup": ms_times["default"] / ms_times["tuned"],
+        "runner_default_ms": (result.default_s or float("nan")) * 1e3,
+        "runner_best_ms": (result.best_s or float("nan")) * 1e3,
+        "default_ms": kernel_ms["default"],
+        "tuned_ms": kernel_ms["tuned"],
+        "speedup": kernel_ms["default"] / kernel_ms["tuned"],
+        "build_applies_the_record": build.tuned_kernels == [result.name],
         "meta_schedule_log": trial_curve(log_dir, result.name, start_wall),
-        "records": len((database_folder(log_dir) / RECORDS).read_text().splitlines()),
     }
 
 
@@ -151,14 +164,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tune-generic-ops-") as tmp:
         rows = [run_op(name, args.trials, Path(tmp)) for name in args.ops.split(",")]
     print(f"load average before {load_before}, after {os.getloadavg()}")
-    header = ("op", "default ms", "tuned ms", "speedup", "trials", "95% at", "tune s")
-    print("{:12s} {:>10s} {:>9s} {:>8s} {:>6s} {:>14s} {:>7s}".format(*header))
+    header = ("op", "default ms", "tuned ms", "speedup", "trials", "95% at", "tune s", "applied")
+    print("{:12s} {:>10s} {:>9s} {:>8s} {:>6s} {:>14s} {:>7s} {:>8s}".format(*header))
     for r in rows:
         reach = r["meta_schedule_log"].get("reach_95pct") or {}
         at = f"#{reach.get('trial')} ({reach.get('s', 0):.0f} s)" if reach else "-"
         print(
             f"{r['op']:12s} {r['default_ms']:10.4f} {r['tuned_ms']:9.4f} {r['speedup']:7.2f}x {r['trials']:6d} "
-            f"{at:>14s} {r['tune_s']:7.0f}"
+            f"{at:>14s} {r['tune_s']:7.0f} {r['build_applies_the_record']!s:>8s}"
         )
     env = environment(extra={"load_average_before": load_before, "load_average_after": os.getloadavg()})
     path = write_results(RESULTS, "tune_generic_ops", {"environment": env, "ops": rows, "trials_per_op": args.trials})

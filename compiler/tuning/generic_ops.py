@@ -11,6 +11,10 @@ Which ops: the distinct functions (structurally equal copies are one op, their c
 shapes only (a record is for one shape), ranked by calls x (estimated FLOPs + argument bytes) per model
 call; the top `max_ops` whose share is at least 1% of the top op's are tuned.
 
+After its search, each op's default schedule (our rules, what a build without the log gives it) is
+measured by the same runner; both times go to finished_ops.jsonl, and the build applies the record only
+where it is faster.
+
 Resuming: an op whose search finished (a line in finished_ops.jsonl) is not searched again; an op a kill
 interrupted is searched for its remaining trials only, starting from its measured records.
 
@@ -22,23 +26,28 @@ CPU targets (`_tensor_intrin_package_without_import`). Its popen workers are kil
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
 import os
 import sys
+import tempfile
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tensorpress.compiler.targets import TargetSpec
 from tensorpress.compiler.tuning.generic_records import (
     FINISHED,
     database_folder,
+    finished_ops,
     is_template_kernel,
+    normalized,
+    op_key,
     open_tuning_database,
 )
 
@@ -77,14 +86,20 @@ class GenericOp:
 
 @dataclass(frozen=True)
 class GenericOpResult:
-    """What tuning did for one op: measured trials in the log, best seconds per call (None: no candidate
-    ran), and whether it was searched now (False: already finished in the log)."""
+    """What tuning did for one op: measured trials in the log, seconds per call of the best candidate and
+    of the default schedule (our rules) on the same runner (None: did not run), and whether it was
+    searched now (False: already finished in the log). The build applies the record only when faster."""
 
     name: str
     calls: int
     trials: int
     best_s: float | None
+    default_s: float | None
     searched: bool
+
+    @property
+    def speedup(self) -> float | None:
+        return self.default_s / self.best_s if self.best_s and self.default_s else None
 
 
 def lower_to_kernels(mod: Any, target_spec: TargetSpec) -> Any:
@@ -120,8 +135,8 @@ def find_generic_ops(lowered: Any) -> list[GenericOp]:
         nbytes = _static_argument_bytes(func)
         if nbytes is None:
             continue
-        normal = _normalized(func)
-        same = next((i for i, op in enumerate(ops) if tvm_ffi.structural_equal(_normalized(op.func), normal)), None)
+        normal = normalized(func)
+        same = next((i for i, op in enumerate(ops) if tvm_ffi.structural_equal(normalized(op.func), normal)), None)
         if same is not None:
             op = ops[same]
             ops[same] = GenericOp(op.name, op.func, op.calls + calls.get(gv.name_hint, 0), op.flops, op.bytes)
@@ -158,54 +173,102 @@ def tune_generic_ops(
     ops = ops_worth_tuning(find_generic_ops(lower_to_kernels(mod, target_spec)), budget.max_ops)
     folder = database_folder(log_dir)
     database = open_tuning_database(folder)
-    finished = _finished_ops(folder / FINISHED)
-    runner_factory = _runner_factory(rpc_tracker, rpc_key)
+    finished = finished_ops(log_dir)
+    runner = _runner_factory(rpc_tracker, rpc_key)
     results = []
     for op in ops:
-        key = _op_key(op.func)
+        key = op_key(op.func)
         workload = _normalized_module(op.func)
         searched = False
-        remaining = budget.trials_per_op - _trials_in(database, workload)
-        if key not in finished and remaining > 0:
-            log.info("meta_schedule: %s, %d trials", op.name, remaining)
-            work_dir = folder / "search" / op.name  # meta_schedule's own logs
-            _search(workload, target_spec, work_dir, database, budget, remaining, runner_factory, seed)
-            searched = True
         if key not in finished:
-            _append_line(folder / FINISHED, {"op": key, "name": op.name, "trials": budget.trials_per_op})
-            finished.add(key)
-        trials = _trials_in(database, workload)
-        result = GenericOpResult(op.name, op.calls, trials, _best_s(database, workload), searched)
+            remaining = budget.trials_per_op - _trials_in(database, workload)
+            with _killing_new_popen_workers():
+                meta_schedule_runner = runner()
+                if remaining > 0:
+                    log.info("meta_schedule: %s, %d trials", op.name, remaining)
+                    work_dir = folder / "search" / op.name  # meta_schedule's own logs
+                    _search(workload, target_spec, work_dir, database, budget, remaining, meta_schedule_runner, seed)
+                    searched = True
+                default_s = _default_schedule_seconds(workload, target_spec, meta_schedule_runner)
+            best_s = _best_s(database, workload)
+            entry = {
+                "op": key,
+                "name": op.name,
+                "trials": budget.trials_per_op,
+                "default_s": default_s,
+                "best_s": best_s,
+            }
+            _append_line(folder / FINISHED, entry)
+            finished[key] = entry
+        entry = finished[key]
+        result = GenericOpResult(
+            op.name, op.calls, _trials_in(database, workload), entry.get("best_s"), entry.get("default_s"), searched
+        )
         results.append(result)
         if on_op_done is not None:
             on_op_done(result)
     return results
 
 
-def _search(workload, target_spec, work_dir: Path, database, budget: SearchBudget, trials: int, runner_factory, seed):
+def _search(workload, target_spec, work_dir: Path, database, budget: SearchBudget, trials: int, runner, seed) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     _tensor_intrin_package_without_import(target_spec)
+    _unnamed_handlers_off_meta_schedule_logger()
     work_dir.mkdir(parents=True, exist_ok=True)
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=budget.population,
         init_min_unmeasured=min(50, budget.population),
         genetic_num_iters=budget.evolve_iterations,
     )
-    with _killing_new_popen_workers():
-        ms.tune_tir(
-            mod=workload,
-            target=target_spec.tvm_target(),
-            work_dir=str(work_dir),
-            max_trials_global=trials,
-            num_trials_per_iter=min(budget.trials_per_batch, trials),
-            builder=ms.builder.LocalBuilder(f_build=_builder_without_intrinsics(), timeout_sec=120),
-            runner=runner_factory(),
-            database=database,
-            cost_model="xgb",
-            strategy=strategy,
-            seed=seed,
-        )
+    ms.tune_tir(
+        mod=workload,
+        target=target_spec.tvm_target(),
+        work_dir=str(work_dir),
+        max_trials_global=trials,
+        num_trials_per_iter=min(budget.trials_per_batch, trials),
+        builder=ms.builder.LocalBuilder(f_build=_builder_without_intrinsics(), timeout_sec=120),
+        runner=runner,
+        database=database,
+        cost_model="xgb",
+        strategy=strategy,
+        seed=seed,
+    )
+
+
+def _unnamed_handlers_off_meta_schedule_logger() -> None:
+    """Each tune rebuilds meta_schedule's logging config from the names of its logger's handlers, and
+    fails on a handler without a name (a second tune in one pytest process meets one)."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in list(logger.handlers):
+        if handler.get_name() is None:
+            logger.removeHandler(handler)
+
+
+def _default_schedule_seconds(workload, target_spec: TargetSpec, runner) -> float | None:
+    """Seconds per call of the op as a build without the log schedules it (our rules), measured by the
+    same meta_schedule runner as the candidates, so the two are compared alike; None if it fails."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir import meta_schedule as ms
+
+    from tensorpress.compiler.build import rule_target_for
+    from tensorpress.schedules.rules import rules_for
+
+    target = target_spec.tvm_target()
+    with rule_target_for(target_spec, target):  # on a copy: the pass updates the module it is given
+        scheduled = dl.ApplyDefaultSchedule(*rules_for(target))(workload.clone())
+    with tempfile.TemporaryDirectory(prefix="tensorpress-default-") as tmp:
+        artifact = Path(tmp) / "default.tar"  # linked where it runs, as the candidates are
+        tvm.tirx.build(scheduled, target=target).export_library(str(artifact))
+        args = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+        device = "cuda" if target_spec.kind == "cuda" else "cpu"
+        (future,) = runner.run([ms.runner.RunnerInput(str(artifact), device, args)])
+        result = future.result()
+    if result.error_msg or not result.run_secs:
+        log.warning("the default schedule of a generic op did not run: %s", result.error_msg)
+        return None
+    return float(np.median([float(s) for s in result.run_secs]))
 
 
 def _runner_factory(rpc_tracker: str | None, rpc_key: str | None) -> Callable[[], Any]:
@@ -270,19 +333,10 @@ def _killing_new_popen_workers() -> Iterator[None]:
                     child.wait(timeout=10)
 
 
-def _normalized(func: Any) -> Any:
-    return func.with_attr("global_symbol", "main")
-
-
 def _normalized_module(func: Any) -> Any:
     import tvm
 
-    return tvm.IRModule({"main": _normalized(func)})
-
-
-def _op_key(func: Any) -> str:
-    """A name for an op that is the same in every process: the hash of its normalised TVMScript."""
-    return hashlib.sha256(_normalized(func).script().encode()).hexdigest()[:32]
+    return tvm.IRModule({"main": normalized(func)})
 
 
 def _static_argument_bytes(func: Any) -> int | None:
@@ -316,16 +370,6 @@ def _best_s(database: Any, workload: Any) -> float | None:
         return None
     best = min(float(s) for s in top[0].run_secs)
     return best if best < 1e9 else None
-
-
-def _finished_ops(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    keys = set()
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            keys.add(str(json.loads(line)["op"]))
-    return keys
 
 
 def _append_line(path: Path, entry: dict) -> None:

@@ -2,18 +2,22 @@
 
     <log dir>/meta_schedule/database_workload.json        TVM's JSONDatabase: one line per workload
     <log dir>/meta_schedule/database_tuning_record.json   one line per measured trial, appended as measured
-    <log dir>/meta_schedule/finished_ops.jsonl            one line per generic op whose search finished
+    <log dir>/meta_schedule/finished_ops.jsonl            one line per generic op whose search finished:
+                                                          its key, best and default (rules) seconds
 
 TVM appends a record line per trial, so a tune killed with -9 can leave a partial last line, and TVM's
 reader then refuses the whole file. Tuning drops such a tail before it resumes (`open_tuning_database`);
 a build never writes: it reads the whole lines that parse, skips the rest with one warning naming the
 file, and keeps only the records made for its target (`load_generic_records`). A generic op with a
 record gets the best recorded schedule through TVM's MetaScheduleApplyDatabase; every other function
-goes to the schedule rules as before.
+goes to the schedule rules as before, and so does an op whose finished search found nothing faster than
+the rules (the record is kept: a later, longer search starts from it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +46,35 @@ def is_template_kernel(func: Any) -> bool:
 
 def database_folder(log_dir: Path) -> Path:
     return Path(log_dir) / META_SCHEDULE_DIR
+
+
+def normalized(func: Any) -> Any:
+    """The function as meta_schedule keys it (a workload is the module {"main": func named "main"})."""
+    return func.with_attr("global_symbol", "main")
+
+
+def op_key(func: Any) -> str:
+    """A name for a generic op that is the same in every process: the hash of its normalised TVMScript."""
+    return hashlib.sha256(normalized(func).script().encode()).hexdigest()[:32]
+
+
+def finished_ops(log_dir: Path) -> dict[str, dict]:
+    """op key -> its finished_ops.jsonl entry (the last one); unreadable lines are skipped."""
+    path = database_folder(log_dir) / FINISHED
+    entries: dict[str, dict] = {}
+    if not path.is_file():
+        return entries
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            entry = json.loads(line)
+            entries[str(entry["op"])] = entry
+    return entries
+
+
+def slower_than_default(entry: dict) -> bool:
+    """Whether a finished search found nothing faster than the rules (both measured alike)."""
+    best, default = entry.get("best_s"), entry.get("default_s")
+    return best is None or (default is not None and best >= default)
 
 
 def open_tuning_database(folder: Path) -> Any:
@@ -113,10 +146,14 @@ def apply_generic_records(mod: Any, target: Any, log_dir: Path | None) -> tuple[
     import tvm
     from tvm import relax
 
+    not_faster = {key for key, entry in finished_ops(Path(log_dir or ".")).items() if slower_than_default(entry)}
     generic = {
         gv: func
         for gv, func in mod.functions_items()
-        if isinstance(func, tvm.tirx.PrimFunc) and not is_template_kernel(func) and not _scheduled(func)
+        if isinstance(func, tvm.tirx.PrimFunc)
+        and not is_template_kernel(func)
+        and not _scheduled(func)
+        and (not not_faster or op_key(func) not in not_faster)
     }
     if not generic:
         return mod, []

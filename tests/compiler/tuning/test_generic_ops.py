@@ -3,8 +3,15 @@ meta_schedule record of one is applied by the build (the schedule TVM's own data
 outputs equal numpy; a broken log never stops a build. The search itself (meta_schedule with XGBoost, a
 tiny budget, resumed after a kill) is the slow test at the end: ~50 s on 2 cores."""
 
+import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +31,7 @@ from tensorpress.compiler.tuning.generic_records import (
     WORKLOADS,
     apply_generic_records,
     database_folder,
+    op_key,
 )
 
 CPU = TargetSpec("cpu")
@@ -121,6 +129,18 @@ def test_the_build_applies_the_best_record_and_matches_numpy(recorded_log, tmp_p
     np.testing.assert_allclose(_run(build.library, q, k), _numpy_reference(q, k), rtol=1e-5, atol=1e-6)
 
 
+def test_a_record_no_faster_than_the_rules_is_not_applied(recorded_log, tmp_path):
+    log_dir = tmp_path / "slower"
+    shutil.copytree(recorded_log, log_dir)
+    lowered = lower_to_kernels(_attention_scores(), CPU)
+    entry = {"op": op_key(lowered["matmul"]), "name": "matmul", "trials": 1, "default_s": 1e-5, "best_s": 2e-5}
+    (database_folder(log_dir) / FINISHED).write_text(json.dumps(entry) + "\n")
+    assert apply_generic_records(lowered, CPU.tvm_target(), log_dir)[1] == []
+    entry.update(best_s=0.5e-5)
+    (database_folder(log_dir) / FINISHED).write_text(json.dumps(entry) + "\n")
+    assert apply_generic_records(lowered, CPU.tvm_target(), log_dir)[1] == ["matmul"]
+
+
 def test_a_broken_or_missing_log_is_skipped_with_one_warning(recorded_log, tmp_path, caplog):
     lowered = lower_to_kernels(_attention_scores(), CPU)
     target = CPU.tvm_target()
@@ -161,8 +181,50 @@ def test_tuning_writes_records_resumes_and_the_build_applies_them(tmp_path):
     (folder / FINISHED).unlink()
     (resumed,) = tune_generic_ops(_attention_scores(), CPU, log_dir, TINY)
     assert not resumed.searched and (folder / FINISHED).read_text().count("\n") == 1
+    # the record is applied only where the search beat our rules, both timed by meta_schedule's runner
+    assert result.default_s is not None and result.default_s > 0
     build = build_library(_attention_scores(), CPU, tmp_path / "tuned.so", tuning_log=log_dir)
-    assert build.tuned_kernels == ["matmul"]
+    assert build.tuned_kernels == (["matmul"] if result.best_s < result.default_s else [])
     rng = np.random.default_rng(1)
     q, k = (rng.standard_normal((HEADS, SEQ, SEQ)).astype("float32") for _ in range(2))
     np.testing.assert_allclose(_run(build.library, q, k), _numpy_reference(q, k), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_tuning_measures_on_every_server_of_a_tracker(tmp_path):
+    from tensorpress.compiler.tuning.loopback_rpc import LoopbackRpcCluster
+
+    with LoopbackRpcCluster(servers=2, key="ms-cpu", log_dir=tmp_path / "rpc") as cluster:
+        (result,) = tune_generic_ops(
+            _attention_scores(), CPU, tmp_path / "log", TINY, rpc_tracker=cluster.tracker, rpc_key=cluster.key
+        )
+        server_logs = [log.read_text() for log in cluster.server_logs()]
+    assert result.searched and result.trials == TINY.trials_per_op and result.best_s is not None
+    assert all("load_module" in text for text in server_logs)  # meta_schedule's RPCRunner used both
+
+
+@pytest.mark.slow
+def test_a_tune_killed_mid_search_resumes_without_measuring_again(tmp_path):
+    budget = SearchBudget(trials_per_op=8, max_ops=1, trials_per_batch=4, population=16, evolve_iterations=1)
+    log_dir = tmp_path / "log"
+    records = database_folder(log_dir) / RECORDS
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_generic_ops import _attention_scores, CPU\n"
+        "from tensorpress.compiler.tuning.generic_ops import SearchBudget, tune_generic_ops\n"
+        f"tune_generic_ops(_attention_scores(), CPU, {str(log_dir)!r}, {budget!r})\n"
+    )
+    tune = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (records.is_file() and records.read_text().count("\n") >= budget.trials_per_batch):
+            assert tune.poll() is None and time.monotonic() < deadline, "the first batch was never recorded"
+            time.sleep(0.2)
+    finally:
+        os.killpg(tune.pid, signal.SIGKILL)  # the tune and its popen workers, mid-search
+        tune.wait()
+    measured_before = records.read_text().count("\n")
+    assert measured_before < budget.trials_per_op
+    (result,) = tune_generic_ops(_attention_scores(), CPU, log_dir, budget)
+    assert result.searched and result.trials == budget.trials_per_op
+    assert records.read_text().count("\n") == budget.trials_per_op  # the first batch was not measured again
