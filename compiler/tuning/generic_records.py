@@ -35,6 +35,7 @@ RECORDS = "database_tuning_record.json"
 FINISHED = "finished_ops.jsonl"
 TEMPLATE_KERNEL_ATTR = "tensorpress.kernel"  # set on the weight-GEMM and KV kernels: our templates' own
 SCHEDULED_ATTR = "tirx.is_scheduled"
+MIN_GAIN = 1.03  # a record must beat the rules by 3% to replace them
 FAILED_RUN_S = 1e9  # meta_schedule stores a candidate that failed to build or run as 1e10 s
 
 
@@ -72,9 +73,10 @@ def finished_ops(log_dir: Path) -> dict[str, dict]:
 
 
 def slower_than_default(entry: dict) -> bool:
-    """Whether a finished search found nothing faster than the rules (both measured alike)."""
+    """Whether a finished search found nothing at least MIN_GAIN faster than the rules (both measured
+    alike, once each: a smaller gain is within the noise of a shared machine)."""
     best, default = entry.get("best_s"), entry.get("default_s")
-    return best is None or (default is not None and best >= default)
+    return best is None or (default is not None and best * MIN_GAIN >= default)
 
 
 def open_tuning_database(folder: Path) -> Any:
