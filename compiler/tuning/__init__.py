@@ -5,5 +5,6 @@ measure.py       BuiltCandidate (one compiled kernel to time) and the Measurer p
 rpc_measure.py   RpcMeasurer: the same protocol on every server a TVM RPC tracker has under a key
 loopback_rpc.py  LoopbackRpcCluster: a tracker and N servers on this machine (tests, benchmarks, local runs)
 generic_ops.py   the generic ops (lowered functions no template owns), tuned by meta_schedule: tune_generic_ops
+meta_schedule_search.py  how one op is searched (TVM's builder, runners, cost model) and cleaned up after
 generic_records.py  their JSON database under <log>/meta_schedule/ and apply_generic_records for the build
 """

@@ -68,9 +68,10 @@ def recorded_log(tmp_path_factory):
     made-up time: which schedule is applied is what the tests check, not how fast it is)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from tensorpress.compiler.tuning.generic_ops import _normalized_module, _tensor_intrin_package_without_import
+    from tensorpress.compiler.tuning.generic_ops import _normalized_module
+    from tensorpress.compiler.tuning.meta_schedule_search import tensor_intrin_package_without_import
 
-    _tensor_intrin_package_without_import(CPU)
+    tensor_intrin_package_without_import(CPU)
     log_dir = tmp_path_factory.mktemp("recorded_log")
     workload = _normalized_module(lower_to_kernels(_attention_scores(), CPU)["matmul"])
     target = CPU.tvm_target()
