@@ -27,6 +27,7 @@ class BuildResult:
     kernels: list[str]  # names of the TIR kernels in the library
     # template kernels: name -> {"template", "config", "origin"} (the tile config and its tuning log or "default")
     kernel_configs: dict[str, dict] = field(default_factory=dict)
+    tuned_kernels: list[str] = field(default_factory=list)  # generic ops scheduled from the tuning log
 
 
 TIR_PIPELINE = "tensorpress_nan_propagating"
@@ -81,7 +82,9 @@ def rule_target_for(target_spec: TargetSpec, tvm_target):
     return tvm_target
 
 
-def _relax_pipeline(target_spec: TargetSpec, tvm_target, configs=None, kernel_configs: dict | None = None):
+def _relax_pipeline(
+    target_spec: TargetSpec, tvm_target, configs=None, kernel_configs: dict | None = None, tuning_logs=(), tuned=None
+):
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
@@ -99,6 +102,12 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target, configs=None, kernel_co
     def pipeline(mod, _ctx):
         with tvm_target:
             mod = tvm.transform.Sequential(relax_lowering())(mod)
+        for tuning_log in tuning_logs:  # generic ops with a meta_schedule record; the rules skip them
+            from tensorpress.compiler.tuning.generic_records import apply_generic_records
+
+            mod, names = apply_generic_records(mod, tvm_target, tuning_log)
+            if tuned is not None:
+                tuned.extend(names)
         with rule_target:
             mod = dl.ApplyDefaultSchedule(*rules_for(tvm_target, configs))(mod)
         if kernel_configs is not None:  # what each template kernel was scheduled with (template_config.py)
@@ -126,11 +135,12 @@ def _relax_pipeline(target_spec: TargetSpec, tvm_target, configs=None, kernel_co
     return pipeline
 
 
-def build_library(mod, target_spec: TargetSpec, out_path: Path, configs=None) -> BuildResult:
+def build_library(mod, target_spec: TargetSpec, out_path: Path, configs=None, tuning_logs=()) -> BuildResult:
     """Compile `mod` for `target_spec` and export the library to `out_path` (a shared object).
     `configs`: a `ConfigLookup` of tuned template configs (schedules/template_config.py), None for none.
 
-    CUDA libraries carry real fatbins built by nvcc (a source-only CUDA module is refused).
+    CUDA libraries carry real fatbins built by nvcc (a source-only CUDA module is refused). tuning_logs:
+    tuning log folders, first first, whose meta_schedule records schedule the generic ops they match.
     """
     if target_spec.kind == "cuda":
         from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support, library_has_gpu_binary
@@ -140,13 +150,14 @@ def build_library(mod, target_spec: TargetSpec, out_path: Path, configs=None) ->
 
     start = time.perf_counter()
     kernel_configs: dict[str, dict] = {}
+    tuned: list[str] = []
     tvm_target = target_spec.tvm_target()
     config = {"tirx.use_async_copy": True} if target_spec.kind == "cuda" else {}
     with tvm_target, tvm.transform.PassContext(opt_level=3, config=config):
         executable = tvm.compile(
             mod,
             target=tvm_target,
-            relax_pipeline=_relax_pipeline(target_spec, tvm_target, configs, kernel_configs),
+            relax_pipeline=_relax_pipeline(target_spec, tvm_target, configs, kernel_configs, tuning_logs, tuned),
             tir_pipeline=tir_pipeline(),
         )
     executable.export_library(str(out_path))
@@ -158,7 +169,7 @@ def build_library(mod, target_spec: TargetSpec, out_path: Path, configs=None) ->
             "runtime."
         )
     kernels = sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
-    return BuildResult(Path(out_path), seconds, kernels, dict(sorted(kernel_configs.items())))
+    return BuildResult(Path(out_path), seconds, kernels, dict(sorted(kernel_configs.items())), sorted(tuned))
 
 
 def compiler_versions() -> dict[str, str]:

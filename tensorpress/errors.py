@@ -48,3 +48,7 @@ class TuningLogError(TensorpressError):
 class InternalCompileError(TensorpressError):
     """TVM failed inside a compile (a tensorpress bug): one sentence naming the stage, kernel and target;
     the original error is chained as __cause__."""
+
+
+class RpcTrackerError(TensorpressError):
+    """A TVM RPC tracker cannot be reached, or no RPC server is registered with it under the given key."""
