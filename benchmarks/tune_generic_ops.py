@@ -139,7 +139,7 @@ def run_op(name: str, trials: int, folder: Path) -> dict:
     (result,) = tune_generic_ops(mod, cpu, log_dir, budget)
     tune_s = time.perf_counter() - start
     kernel_ms = kernels_side_by_side(mod, log_dir, inputs, reference)
-    build = build_library(mod, cpu, folder / f"{name}_with_log.so", tuning_log=log_dir)
+    build = build_library(mod, cpu, folder / f"{name}_with_log.so", tuning_logs=[log_dir])
     return {
         "op": name,
         "kernel": result.name,

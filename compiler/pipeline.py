@@ -100,7 +100,8 @@ def compile_imported(
     with build_folder() as tmp:
         log.info("building the kernels for %s", target.name)
         with internal_errors_named("build", target, rewritten.model.mod):
-            build = build_library(rewritten.model.mod, target, tmp / "library.so", _config_lookup(tuning_logs, target))
+            configs = _config_lookup(tuning_logs, target)
+            build = build_library(rewritten.model.mod, target, tmp / "library.so", configs, tuning_logs)
         seconds["build"] = build.seconds
         manifest = _manifest(
             rewritten.model,
@@ -112,6 +113,7 @@ def compile_imported(
             rewritten.densities,
         )
         manifest["kernel_configs"] = build.kernel_configs
+        manifest["tuned_generic_kernels"] = build.tuned_kernels  # scheduled from meta_schedule records
         manifest["weights"]["stored"] = store_weights
         start = time.perf_counter()
         log.info("writing %s", output)

@@ -131,9 +131,12 @@ def _tune(args: argparse.Namespace) -> int:
         trials=args.trials,
         time_budget=args.time_budget,
         log=args.log,
+        generic_ops=args.generic_ops,
+        rpc_tracker=args.rpc_tracker,
+        rpc_key=args.rpc_key,
     )
-    if not report.results:
-        print(f"no template kernel to tune in {args.model} for {args.target}")
+    if not report.results and not report.generic:
+        print(f"no kernel to tune in {args.model} for {args.target}")
         return 0
     print(report.summary)
     print(f"records: {report.log_dir}" + (f", plot: {report.plot}" if report.plot else ""))
@@ -269,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=32, help="measured candidates per kernel at most (default 32)")
     p.add_argument("--time-budget", help="for the whole run, e.g. 90s, 10m, 1h (default: no limit)")
     p.add_argument("--log", help="log folder (default tuning_logs/<arch>/ of the repository, which compile reads)")
+    p.add_argument(
+        "--generic-ops",
+        type=int,
+        default=8,
+        help="generic ops (no template: norms, softmax, attention matmuls) searched by meta_schedule, the costliest "
+        "first, --trials each; 0 for none (default 8; ops with symbolic shapes are not tuned)",
+    )
+    p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: time candidates on its servers")
+    p.add_argument("--rpc-key", help="the device key the servers registered under (with --rpc-tracker)")
     p.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
     p.set_defaults(func=_tune)
 

@@ -3,11 +3,17 @@
     prepared = import_for_compile(model, ...)            compile's checks and import
     kernels  = template_kernels(lowered(rewritten))      the distinct template kernels (extract_kernels.py)
     for each kernel:  search_kernel(...)                 template_search.py, records appended to the log
-    summary table, tuning_progress.png beside the log
+    tune_generic_ops(rewritten, ...)                     the generic ops by meta_schedule (generic_ops.py)
+    summary tables, tuning_progress.png beside the log
+
+Candidates are timed on this machine, or on every server of a TVM RPC tracker (`rpc_tracker`,
+`rpc_key`: RpcMeasurer for the templates, meta_schedule's RPCRunner for the generic ops); they are
+always built here.
 
 A rerun of the same command resumes: kernels finished in the log are not searched again, trials in the
-log are not measured again. `time_budget` is shared by the kernels not yet finished: each gets an even
-share of what is left when its turn comes.
+log are not measured again. `time_budget` is shared by the template kernels not yet finished: each gets
+an even share of what is left when its turn comes; the generic ops are searched only when time is left
+after them, and a generic op once started runs its trials.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from tensorpress.compiler.tuning.template_search import KernelResult, TemplateSp
 from tensorpress.errors import ConfigError
 
 DEFAULT_TRIALS = 32
+DEFAULT_GENERIC_OPS = 8  # the generic ops searched at most, the costliest first (generic_ops.py)
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -38,6 +45,7 @@ class TuneReport:
 
     log_dir: Path
     results: list[KernelResult] = field(default_factory=list)
+    generic: list[Any] = field(default_factory=list)  # GenericOpResult per generic op
     summary: str = ""
     plot: Path | None = None
 
@@ -72,6 +80,9 @@ def tune(
     trials: int = DEFAULT_TRIALS,
     time_budget: str | float | None = None,
     log: str | os.PathLike | None = None,
+    generic_ops: int = DEFAULT_GENERIC_OPS,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
     measurer: Measurer | None = None,
     show_progress: bool = True,
     **import_options: Any,
@@ -82,7 +93,10 @@ def tune(
     trials: measured candidates per kernel at most (the default config counts as one).
     time_budget: for the whole run, '10m', '90s', '1h' or seconds (None: no limit).
     log: the log folder (default tuning_logs/<arch>/ of the repository, which `compile` reads).
-    measurer: how candidates are timed (default `LocalMeasurer`, this CPU).
+    generic_ops: how many generic ops meta_schedule searches at most, `trials` each (0: none).
+    rpc_tracker, rpc_key: "HOST:PORT" and key of a TVM RPC tracker whose servers time the candidates.
+    measurer: how template candidates are timed (default `LocalMeasurer`, this CPU; RpcMeasurer with
+    rpc_tracker).
     Returns a TuneReport; the log gets a line per trial and per finished kernel (`records.py`).
     """
     from tensorpress.compiler.api import import_for_compile
@@ -94,7 +108,15 @@ def tune(
     budget = parse_time_budget(time_budget)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ConfigError(f"trials must be a whole number of at least 1, got {trials!r}.")
+    if not isinstance(generic_ops, int) or isinstance(generic_ops, bool) or generic_ops < 0:
+        raise ConfigError(f"generic_ops must be a whole number of at least 0, got {generic_ops!r}.")
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise ConfigError("--rpc-tracker HOST:PORT and --rpc-key KEY go together; give both, or neither to tune here.")
     space = _template_space(target_spec)
+    if rpc_tracker is not None and measurer is None:
+        from tensorpress.compiler.tuning.rpc_measure import RpcMeasurer
+
+        measurer = RpcMeasurer(rpc_tracker, str(rpc_key))  # an unreachable tracker is one error, before any work
     log_dir = Path(log) if log is not None else _default_log(target_spec)
     if log_dir.exists() and not log_dir.is_dir():
         raise ConfigError(f"the tuning log {log_dir} is a file; give a folder (the log is <folder>/templates.jsonl).")
@@ -117,9 +139,20 @@ def tune(
         left = budget - (time.monotonic() - start)
         deadline = time.monotonic() + max(left, 0.0) / (len(kernels) - index)
         report.results.append(_search(kernel, space, target_spec, log_dir, trials, deadline, measurer, show_progress))
-    from tensorpress.compiler.tuning.tuning_report import PLOT_FILE, plot_progress, summary_table
+    if generic_ops and time.monotonic() - start < budget:
+        report.generic = _tune_generic(
+            rewritten.model.mod, target_spec, log_dir, trials, generic_ops, rpc_tracker, rpc_key
+        )
+    from tensorpress.compiler.tuning.tuning_report import PLOT_FILE, generic_summary_table, plot_progress, summary_table
 
-    report.summary = summary_table(report.results)
+    report.summary = "\n\n".join(
+        table
+        for table in (
+            summary_table(report.results) if report.results else "",
+            generic_summary_table(report.generic) if report.generic else "",
+        )
+        if table
+    )
     report.plot = plot_progress(report.results, log_dir / PLOT_FILE) if report.results else None
     return report
 
@@ -137,6 +170,16 @@ def _search(kernel, space, target, log_dir, trials, deadline, measurer, show_pro
             bar.refresh()
 
         return search_kernel(kernel, space, target, log_dir, trials, deadline, measurer, progress)
+
+
+def _tune_generic(mod, target, log_dir, trials, max_ops, rpc_tracker, rpc_key) -> list:
+    from tensorpress.compiler.tuning.generic_ops import tune_generic_ops
+    from tensorpress.compiler.tuning.meta_schedule_search import SearchBudget
+    from tensorpress.compiler.tvm_log import tvm_log_routed
+
+    budget = SearchBudget(trials_per_op=trials, max_ops=max_ops, trials_per_batch=min(16, trials))
+    with tvm_log_routed():  # TVM's own log lines go to the log file, not over the progress bars
+        return tune_generic_ops(mod, target, log_dir, budget, rpc_tracker, rpc_key)
 
 
 def _template_space(target: TargetSpec) -> TemplateSpace:

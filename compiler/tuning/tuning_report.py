@@ -37,6 +37,31 @@ def summary_table(results: Sequence[KernelResult]) -> str:
     return "\n".join(lines)
 
 
+def generic_summary_table(results: Sequence) -> str:
+    """generic op, calls per run, default time, best time, speedup, trials; the build applies a record only
+    where the best beat the default (generic_records.py)."""
+    header = ("generic op", "calls", "default", "best", "speedup", "trials", "")
+    rows = [header]
+    for r in results:
+        speedup = r.speedup
+        rows.append(
+            (
+                r.name,
+                str(r.calls),
+                "-" if r.default_s is None else _time(r.default_s),
+                "-" if r.best_s is None else _time(r.best_s),
+                "-" if speedup is None else f"{speedup:.2f}x",
+                str(r.trials),
+                "" if r.searched else "(finished before)",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1])), row[-1]]).rstrip()
+        for row in rows
+    )
+
+
 def _note(r: KernelResult) -> str:
     if r.skipped:
         return "(finished before)"

@@ -130,7 +130,7 @@ def test_the_build_applies_the_best_record_and_matches_numpy(recorded_log, tmp_p
     )
     assert tvm_ffi.structural_equal(applied["matmul"].body, best.mod["main"].body)
 
-    build = build_library(_attention_scores(), CPU, tmp_path / "tuned.so", tuning_log=log_dir)
+    build = build_library(_attention_scores(), CPU, tmp_path / "tuned.so", tuning_logs=[log_dir])
     assert build.tuned_kernels == ["matmul"]
     rng = np.random.default_rng(0)
     q, k = (rng.standard_normal((HEADS, SEQ, SEQ)).astype("float32") for _ in range(2))
@@ -167,7 +167,7 @@ def test_a_broken_or_missing_log_is_skipped_with_one_warning(recorded_log, tmp_p
     caplog.clear()
     records.write_text('[0, "not a record"]\n')
     with caplog.at_level(logging.WARNING, logger="tensorpress.compile"):
-        build = build_library(_attention_scores(), CPU, tmp_path / "plain.so", tuning_log=log_dir)
+        build = build_library(_attention_scores(), CPU, tmp_path / "plain.so", tuning_logs=[log_dir])
     assert build.tuned_kernels == []
     assert len(caplog.records) == 1 and str(records) in caplog.records[0].getMessage()
 
@@ -193,7 +193,7 @@ def test_tuning_writes_records_resumes_and_the_build_applies_them(tmp_path):
     # the record is applied only where the search beat our rules, both timed by meta_schedule's runner
     # (the resumed run timed the rules again: its finished line is the one the build reads)
     assert resumed.default_s is not None and resumed.default_s > 0 and resumed.best_s == result.best_s
-    build = build_library(_attention_scores(), CPU, tmp_path / "tuned.so", tuning_log=log_dir)
+    build = build_library(_attention_scores(), CPU, tmp_path / "tuned.so", tuning_logs=[log_dir])
     assert build.tuned_kernels == (["matmul"] if resumed.best_s * MIN_GAIN < resumed.default_s else [])
     rng = np.random.default_rng(1)
     q, k = (rng.standard_normal((HEADS, SEQ, SEQ)).astype("float32") for _ in range(2))

@@ -39,6 +39,7 @@ def killed_and_resumed(tmp_path_factory):
     onnx_path = export_onnx("mlp", folder)
     log = folder / "log"
     command = [sys.executable, "-m", "tensorpress", "tune", str(onnx_path), "--trials", str(TRIALS), "--log", str(log)]
+    command += ["--generic-ops", "0"]  # templates only: meta_schedule's search has its own tests
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while len(_trial_lines(log)) < 3 and proc.poll() is None and time.monotonic() < deadline:
@@ -108,6 +109,15 @@ def test_compile_applies_the_recorded_configs_and_computes_the_same(killed_and_r
     assert "token_tile=3, weight_tile=8  (tuned: " in shown.stdout
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _one_error_line(capsys, *args: str) -> str:
     """The CLI (in this process: no interpreter start-up per case) fails with one `error: ...` sentence."""
     from tensorpress.cli import main
@@ -128,7 +138,39 @@ def test_bad_input_is_one_sentence_and_writes_nothing(killed_and_resumed, tmp_pa
     )
     assert "10x" in _one_error_line(capsys, "tune", onnx_path, "--time-budget", "10x", "--log", str(log))
     assert "trials" in _one_error_line(capsys, "tune", onnx_path, "--trials", "0", "--log", str(log))
+    assert "go together" in _one_error_line(
+        capsys, "tune", onnx_path, "--rpc-tracker", "127.0.0.1:9", "--log", str(log)
+    )
+    unreachable = _one_error_line(
+        capsys, "tune", onnx_path, "--rpc-tracker", f"127.0.0.1:{_closed_port()}", "--rpc-key", "gpu", "--log", str(log)
+    )
+    assert "rpc_tracker" in unreachable and "gpu" in unreachable, unreachable
     assert not log.exists()
     output = tmp_path / "m.tpk"
     missing = _one_error_line(capsys, "compile", onnx_path, "-o", str(output), "--tuning-log", str(log))
     assert "tuning log folder" in missing and not output.exists()
+
+
+@pytest.mark.slow
+def test_tune_searches_the_generic_ops_and_compile_applies_the_faster_ones(tmp_path):
+    from tensorpress.compiler.tuning.generic_records import finished_ops, slower_than_default
+
+    onnx_path = export_onnx("block", tmp_path)
+    log = tmp_path / "log"
+    shape = ["--input-shape", "x=2,16,64"]  # generic ops are tuned for static shapes only
+    tuned = tp("tune", str(onnx_path), *shape, "--trials", "4", "--generic-ops", "1", "--log", str(log))
+    assert tuned.returncode == 0, tuned.stderr
+    assert "generic op" in tuned.stdout and "speedup" in tuned.stdout, tuned.stdout
+    (entry,) = finished_ops(log).values()
+    artifact = tmp_path / "block.tpk"
+    compiled = tp("compile", str(onnx_path), *shape, "-o", str(artifact), "--tuning-log", str(log))
+    assert compiled.returncode == 0, compiled.stderr
+    applied = tensorpress.runtime.load(artifact).manifest["tuned_generic_kernels"]
+    assert len(applied) == (0 if slower_than_default(entry) else 1)
+    x = np.random.default_rng(0).standard_normal((2, 16, 64)).astype(np.float32)
+    import torch
+
+    with torch.no_grad():
+        want = build("block")(torch.from_numpy(x)).numpy()
+    (got,) = tensorpress.runtime.load(artifact).run([x])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
