@@ -65,6 +65,9 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
         fp16 = sum(layer["fp16_bytes"] for layer in layers)
         lines.append(f"    total: {_size(stored)} stored vs {_size(fp16)} as fp16 ({size_vs_fp16(stored, fp16)})")
     lines += _kernel_config_lines(m.get("kernel_configs") or {})
+    generic = m.get("tuned_generic_kernels") or []
+    if generic:  # the other kernels (generic ops) keep the schedule rules' choice
+        lines.append(f"  generic ops scheduled from tuning logs (meta_schedule): {', '.join(generic)}")
     lines += _function_lines(artifact)
     return "\n".join(lines)
 

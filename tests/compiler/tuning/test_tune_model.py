@@ -167,6 +167,7 @@ def test_tune_searches_the_generic_ops_and_compile_applies_the_faster_ones(tmp_p
     assert compiled.returncode == 0, compiled.stderr
     applied = tensorpress.runtime.load(artifact).manifest["tuned_generic_kernels"]
     assert len(applied) == (0 if slower_than_default(entry) else 1)
+    assert all(name in tp("inspect", str(artifact)).stdout for name in applied)
     x = np.random.default_rng(0).standard_normal((2, 16, 64)).astype(np.float32)
     import torch
 
