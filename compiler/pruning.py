@@ -11,7 +11,7 @@ Every method leaves exactly floor(sparsity * K) zeros in each output row (a row 
     each row's mask in the block is chosen by w^2 / [H^-1]_jj^2 (the OBS saliency, with the inverse
     Hessian of the columns still free), and every pruned weight's error is spread over the row's
     columns to its right by the OBS update, so the kept weights are corrected: the layer's output
-    X W^T changes less. H = X^T X + 1% of its mean diagonal (dampening), from `stats.gram`.
+    X W^T changes less. H = X^T X + 10% of its mean diagonal (dampening), from `stats.gram`.
 "none": the weights as given (models that arrive already pruned).
 Ties go to the lower column index. Pure numpy (float64 for sparsegpt); the pipeline prunes each linear
 weight a sparse format stores, right before packing it.
@@ -28,7 +28,10 @@ from tensorpress.errors import ConfigError, TensorpressError
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "none")
 CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt")  # they read the layer's input activations
 SPARSEGPT_BLOCK = 128
-SPARSEGPT_DAMPENING = 0.01  # of the mean of H's diagonal, added to it (the paper's percdamp)
+# Of the mean of H's diagonal, added to it. The paper's 1% assumes 128 x 2048 calibration tokens; with a
+# few hundred (fewer than K: X^T X is rank-deficient) the OBS update overfits them. On MiniLM at 50%
+# over 48 lines, the min cosine of ten held-out sentences was 0.817 at 1%, 0.860 at 10%, 0.868 at 30%.
+SPARSEGPT_DAMPENING = 0.1
 
 
 class LayerInputStatistics(Protocol):
