@@ -4,6 +4,7 @@
     model.generate([1, 2, 3], max_new_tokens=32)                       # -> [new token ids]
     model.generate(["Hello", [5, 6]], max_new_tokens=8, temperature=0.7, top_p=0.9, seed=1)
     for seq, token in model.generate_stream("Hello", max_new_tokens=8): ...
+    with model.conversation() as chat: chat.send("Hi"); chat.send("And then?")   # multi-turn, one cache
 
 One call to `generate` runs a small continuous-batching loop: prompts of any lengths are admitted
 while the page pool can hold them, prefilled together (ragged, one `prefill` call), then decoded
@@ -42,6 +43,7 @@ import numpy as np
 
 from tensorpress.errors import InputError
 from tensorpress.runtime import cpu_threads
+from tensorpress.runtime.conversation import Conversation
 from tensorpress.runtime.generation_options import GenerationOptions, check_generation_options, check_prompt_ids
 from tensorpress.runtime.kv_pool import (
     DEFAULT_MAX_TOTAL_TOKENS,
@@ -113,9 +115,11 @@ class _Request:
     reserved_pages: int  # (full-precision) pages this request may hold at its longest
     reserved_quantised: int = 0  # quantised pages it may hold (page-granular KV formats)
     thread: int = field(default_factory=threading.get_ident)  # the thread generating it
-    seq_id: int = -1
+    seq_id: int = -1  # preset when the request continues a conversation's sequence
     output: list[int] = field(default_factory=list)
     done: bool = False
+    cached: int = 0  # tokens of its sequence already in the cache (a conversation's earlier turns)
+    keep: bool = False  # its pages outlive it (a conversation's turn): finishing does not release them
 
 
 class DecoderModel:
@@ -260,6 +264,11 @@ class DecoderModel:
 
     # ------------------------------------------------------------------ generation
 
+    def conversation(self) -> Conversation:
+        """A multi-turn conversation: each `send` continues one sequence whose KV cache stays between
+        turns, so a turn prefills only its own tokens (`conversation.py`). Close it to free its pages."""
+        return Conversation(self)
+
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Decoders are not run on raw inputs: this says to use `generate` (InputError)."""
         raise InputError("this artifact is a decoder (an LLM); call generate(), not run().")
@@ -338,7 +347,7 @@ class DecoderModel:
                 running = [r for r in running if not r.done]
         finally:
             for r in requests:  # also when the caller stops iterating early
-                if r.seq_id >= 0 and not r.done:
+                if not r.done and self._live.get(r.seq_id) is r:
                     self._finish(r)
 
     def token_logprobs(
@@ -385,7 +394,7 @@ class DecoderModel:
                         take(r, row)
         finally:
             for r in requests:
-                if r.seq_id >= 0 and not r.done:
+                if not r.done and self._live.get(r.seq_id) is r:
                     self._finish(r)
         out = [np.asarray(s) for s in scores]
         return out[0] if single else out
@@ -411,15 +420,22 @@ class DecoderModel:
             for r in requests:
                 self._finish(r)
 
-    def _request(self, index: int, prompt: Prompt, options: GenerationOptions) -> _Request:
+    def _request(
+        self, index: int, prompt: Prompt, options: GenerationOptions, history: tuple[int, list[int]] | None = None
+    ) -> _Request:
+        """The request of one prompt. history: (sequence id, tokens it has cached) of the conversation the
+        prompt continues (`conversation.py`); the prompt's ids then start after them."""
         ids = self.encode(prompt) if isinstance(prompt, str) else check_prompt_ids(prompt, index)
         if not ids:
             raise InputError(f"prompt {index} is empty; give at least one token.")
         vocab = int(self.config["vocab_size"])
         if max(ids) >= vocab:
             raise InputError(f"prompt {index} has token ids outside the vocabulary [0, {vocab}).")
+        seq_id, pending = history if history is not None else (-1, [])
+        cached_before = self.cache.length(seq_id) if seq_id >= 0 else 0
+        ids = [*pending, *ids]  # tokens of earlier turns not in the cache yet (the last one generated)
         max_new = options.max_new_tokens
-        total = len(ids) + max_new
+        total = cached_before + len(ids) + max_new
         if self.max_sequence_length is not None and total > self.max_sequence_length:
             raise InputError(
                 f"prompt {index}: {len(ids)} prompt + {max_new} new tokens exceed the "
@@ -435,12 +451,22 @@ class DecoderModel:
         seed = options.seed
         entropy = seed if seed is not None else int(np.random.SeedSequence().entropy)  # type: ignore[arg-type]
         rng = np.random.default_rng([entropy, index])
-        cached = len(ids) + max(max_new - 1, 0)  # the last generated token is never appended
+        cached = cached_before + len(ids) + max(max_new - 1, 0)  # the last generated token is never appended
         sampled = options.temperature > 0
         full, quantised = pages_for(cached, self.page_size), 0
         if self._policy is not None:
             full, quantised = self._policy.reservation(len(ids), cached, self._prefill_slice_tokens())
-        return _Request(index, ids, max_new, rng if sampled else None, full, quantised)
+        return _Request(
+            index,
+            ids,
+            max_new,
+            rng if sampled else None,
+            full,
+            quantised,
+            seq_id=seq_id,
+            cached=cached_before,
+            keep=history is not None,
+        )
 
     def _free_unpromised(self) -> tuple[int, int]:
         """(full-precision, quantised) free pages that no live sequence may still take to reach its
@@ -451,6 +477,12 @@ class DecoderModel:
             full -= r.reserved_pages - held[0]
             quantised -= r.reserved_quantised - held[1]
         return full, quantised
+
+    def _still_needed(self, r: _Request) -> tuple[int, int]:
+        """(full-precision, quantised) pages a waiting request must still take: its reservation less
+        what its conversation's sequence already holds."""
+        held = self.cache.held(r.seq_id) if r.seq_id >= 0 else (0, 0)
+        return max(0, r.reserved_pages - held[0]), max(0, r.reserved_quantised - held[1])
 
     def _admit(self, waiting: deque[_Request], running: list[_Request]) -> list[_Request]:
         """Start waiting requests while the pool can hold them to their end (in order, no overtaking).
@@ -465,11 +497,12 @@ class DecoderModel:
                 if admitted or running or not waiting:
                     return admitted
                 if not any(r.thread != threading.get_ident() for r in self._live.values()):
-                    # this thread's own open stream holds the pages: waiting would never end
+                    # this thread's own open stream, or open conversations, hold the pages: waiting would
+                    # never end
                     raise OutOfKVPagesError(
                         f"prompt {waiting[0].index} waits for KV pages that another generation still in "
-                        "progress on this model holds; finish or close that stream first, or raise "
-                        "max_total_tokens."
+                        "progress, or an open conversation, on this model holds; finish or close it first, "
+                        "or raise max_total_tokens."
                     )
                 self._pages_changed.wait()
 
@@ -487,18 +520,21 @@ class DecoderModel:
                     f"pool has only {_pages_words((self.cache.num_pages, self.cache.num_quantised_pages))}; "
                     f"raise max_total_tokens to at least {tokens if self._policy else at_least}."
                 )
-            if r.reserved_pages > free[0] or r.reserved_quantised > free[1]:
+            needed = self._still_needed(r)
+            if needed[0] > free[0] or needed[1] > free[1]:
                 break
             waiting.popleft()
             self._start(r)
-            free = (free[0] - r.reserved_pages, free[1] - r.reserved_quantised)  # taken now or promised
+            free = (free[0] - needed[0], free[1] - needed[1])  # taken now or promised
             admitted.append(r)
         return admitted
 
     def _start(self, r: _Request) -> None:
         with self._pages_changed:
-            r.seq_id = self.cache.add_sequence()
-            self.cache.extend(r.seq_id, min(len(r.prompt), self._prefill_slice_tokens() or len(r.prompt)))
+            if r.seq_id < 0:
+                r.seq_id = self.cache.add_sequence()
+            first_slice = min(len(r.prompt), self._prefill_slice_tokens() or len(r.prompt))
+            self.cache.extend(r.seq_id, r.cached + first_slice)
             self._live[r.seq_id] = r
 
     def _prefill_slice_tokens(self) -> int | None:
@@ -508,8 +544,15 @@ class DecoderModel:
     def _finish(self, r: _Request) -> None:
         with self._pages_changed:
             r.done = True
-            self.cache.release(r.seq_id)
+            if not r.keep:
+                self.cache.release(r.seq_id)
             del self._live[r.seq_id]
+            self._pages_changed.notify_all()
+
+    def _release_sequence(self, seq_id: int) -> None:
+        """Give back the pages of a conversation's sequence (`Conversation.close`)."""
+        with self._pages_changed:
+            self.cache.release(seq_id)
             self._pages_changed.notify_all()
 
     def _emit(self, r: _Request, logits: np.ndarray, temperature: float, top_p: float, stops: set[int]):
@@ -561,7 +604,7 @@ class DecoderModel:
             ]
             with self._pages_changed:
                 for _, r, _, end in spans:
-                    self.cache.extend(r.seq_id, end)  # never fails: admission reserved the pages
+                    self.cache.extend(r.seq_id, r.cached + end)  # never fails: admission reserved the pages
         return np.stack([last[i] for i in range(len(requests))])
 
     def _prefill_group(self, spans: list[tuple[int, _Request, int, int]], last: dict[int, np.ndarray]) -> None:
@@ -574,7 +617,8 @@ class DecoderModel:
         """Logits of the last token of each span (request, start, end) of prompt tokens, cached before."""
         lengths = [end - start for _, start, end in spans]
         input_ids = np.concatenate([r.prompt[start:end] for r, start, end in spans]).astype(np.int32)
-        positions = np.concatenate([np.arange(start, end) for _, start, end in spans]).astype(np.int32)
+        positions = np.concatenate([np.arange(r.cached + start, r.cached + end) for r, start, end in spans])
+        positions = positions.astype(np.int32)
         seq_slot = np.repeat(np.arange(len(spans)), lengths).astype(np.int32)
         requests = [r for r, _, _ in spans]
         with self._pages_changed:

@@ -1,8 +1,12 @@
 """`tensorpress generate ARTIFACT.tpk --prompt "..." | --prompt-ids 1,2,3 [options]`
 
-Output contract (scripts read it):
+Several --prompt (or --prompt-ids) are the turns of one conversation (`runtime/conversation.py`): each
+turn's prompt follows the tokens of the turns before it, whose KV cache is kept, not recomputed.
+
+Output contract (scripts read it), once per turn:
     stdout line 1   the new token ids, comma-separated
-    stdout line 2+  the new text, when the model has a tokenizer
+    stdout line 2+  the new text, when the model has a tokenizer (one line: newlines become spaces
+                    when there is more than one turn)
     stderr (last)   token counts and tokens/s
 """
 
@@ -27,8 +31,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tensorpress generate` (the CLI's subparser calls this)."""
     parser.add_argument("artifact", help="a .tpk file compiled from a decoder model")
     prompt = parser.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
-    prompt.add_argument("--prompt-ids", type=_int_list, help="prompt token ids, e.g. 1,2,3")
+    prompt.add_argument(
+        "--prompt", action="append", help="prompt text (needs the model's tokenizer); repeat it for more turns"
+    )
+    prompt.add_argument(
+        "--prompt-ids", type=_int_list, action="append", help="prompt token ids, e.g. 1,2,3; repeat it for more turns"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
@@ -60,29 +68,38 @@ def generate_command(args: argparse.Namespace) -> int:
     options = check_generation_options(
         args.max_new_tokens, args.temperature, args.top_p, args.stop_ids, args.seed, args.allow_beyond_context
     )
-    if args.prompt_ids is not None and not args.prompt_ids:
-        raise InputError("--prompt-ids is empty; give at least one token id, e.g. --prompt-ids 1,2,3.")
-    if args.prompt is not None and not args.prompt:
-        raise InputError("--prompt is empty; give some text.")
+    for turn, ids in enumerate(args.prompt_ids or [], 1):
+        if not ids:
+            raise InputError(f"--prompt-ids of turn {turn} is empty; give at least one token id, e.g. 1,2,3.")
+    for turn, text in enumerate(args.prompt or [], 1):
+        if not text:
+            raise InputError(f"--prompt of turn {turn} is empty; give some text.")
     loaded = load_artifact(args.artifact, args.device)
     if loaded.manifest.get("kind") != "decoder":
         raise InputError(f"{args.artifact} is not a decoder model; `generate` needs an artifact of an LLM.")
     model = DecoderModel(loaded, max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction)
-    prompt = args.prompt if args.prompt is not None else args.prompt_ids
-    start = time.perf_counter()
-    tokens = model.generate(
-        prompt,
-        max_new_tokens=options.max_new_tokens,
-        temperature=options.temperature,
-        top_p=options.top_p,
-        stop_ids=options.stop_ids,
-        seed=options.seed,
-        allow_beyond_context=options.allow_beyond_context,
-    )
-    seconds = time.perf_counter() - start
+    turns = args.prompt if args.prompt is not None else args.prompt_ids
+    settings = {
+        "max_new_tokens": options.max_new_tokens,
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        "stop_ids": options.stop_ids,
+        "seed": options.seed,
+        "allow_beyond_context": options.allow_beyond_context,
+    }
+    with model.conversation() as chat:
+        for prompt in turns:
+            start = time.perf_counter()
+            tokens = chat.send(prompt, **settings) if len(turns) > 1 else model.generate(prompt, **settings)
+            _print_turn(model, tokens, time.perf_counter() - start, one_line=len(turns) > 1)
+    return 0
+
+
+def _print_turn(model, tokens: list[int], seconds: float, one_line: bool) -> None:
     print(",".join(str(t) for t in tokens), flush=True)
     if model.tokenizer is not None:
-        print(model.decode_text(tokens), flush=True)
+        text = model.decode_text(tokens)
+        print(" ".join(text.splitlines()) if one_line else text, flush=True)
     stats = model.last_stats
     rate = len(tokens) / seconds if seconds else 0.0
     print(
@@ -91,4 +108,3 @@ def generate_command(args: argparse.Namespace) -> int:
         f"decode {stats.decode_tokens_per_second:.1f} tokens/s",
         file=sys.stderr,
     )
-    return 0

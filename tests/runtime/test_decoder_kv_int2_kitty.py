@@ -8,20 +8,24 @@ pages of 32 tokens (2 runtime pages), so that prompts of ~100 tokens already hol
   full-precision pages (the reference: the same artifact with a window that never closes);
 - generate() over a ragged batch gives each prompt's tokens alone, reruns are bit-identical, and every
   page of both pools returns; out-of-pages is one error that leaves a running sequence alone;
-- the same --memory-fraction holds more tokens than fp16 pages; the CLI generates and inspect states
-  the bits, bytes per token and the window."""
+- a two-turn conversation's second prefill reads the first turn's 2-bit pages as the reference model
+  reads the same values; with full-precision pages a conversation equals one prompt of all its turns;
+- the same --memory-fraction holds more tokens than fp16 pages; the CLI generates (one turn and a
+  conversation) and inspect states the bits, bytes per token and the window."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from decoder_harness import compile_decoder
 
 from tensorpress.compiler.compression_configs import KVCacheConfig
+from tensorpress.errors import InputError
 from tensorpress.runtime import tvm_runtime
 from tensorpress.runtime.decoder import DecoderModel
 from tensorpress.runtime.generation_options import check_generation_options
@@ -152,6 +156,77 @@ def test_a_prompt_prefilled_in_slices_reads_the_2bit_pages_of_the_earlier_slices
     assert np.abs(whole.next_token_logits([prompt]) - logits).max() > 1e-3
 
 
+def _capturing_logits(model):
+    """Record the logits row of every token `model` emits (the conversation API returns only tokens)."""
+    rows, emit = [], model._emit
+
+    def recording(r, logits, *rest):
+        rows.append(np.array(logits))
+        return emit(r, logits, *rest)
+
+    model._emit = recording
+    return rows
+
+
+def test_a_two_turn_conversation_reads_its_first_turns_2bit_pages(artifacts):
+    """Turn 1 (110 + 12 tokens) leaves tokens 16..79 in 2-bit pages; turn 2's prefill (its last answer token +
+    20 prompt tokens) must read them as the reference model reads the same values from full-precision pages."""
+    fmt = CONFIG.kv_cache_format()
+    kitty = _model(artifacts["kitty"])
+    first, second = _long_prompt(8, 110), _long_prompt(9, 20)
+    chat = kitty.conversation()
+    answer = chat.send(first, max_new_tokens=12, stop_ids=[])
+    cached = chat.cached_tokens
+    assert cached == kitty.cache.length(chat._seq_id) == 121  # the last answer token waits for turn 2
+    assert kitty.cache.held(chat._seq_id)[1] == 2  # two 2-bit pages of 32 tokens
+    stored, _ = _kv_rows(kitty, SimpleNamespace(seq_id=chat._seq_id), fmt)
+    stored = np.pad(stored, [(0, 0)] * 3 + [(0, -cached % 16), (0, 0)])  # whole pages (the last one partly used)
+    logits = _capturing_logits(kitty)
+    reply = chat.send(second, max_new_tokens=4, stop_ids=[])
+    assert chat.tokens == [*first, *answer, *second, *reply]
+
+    exact = _model(artifacts["kitty"], window=10**6)  # the cached rows, dequantised, in full-precision pages
+    history = chat.tokens[:cached]
+    reference = _prefilled(exact, history)
+    pool = exact.kv_cache[0].numpy()
+    for i, page in enumerate(exact.cache.pages(reference.seq_id)):
+        pool[:, page] = stored[:, :, :, i * 16 : (i + 1) * 16].reshape(pool[:, page].shape)
+    exact.kv_cache[0].copyfrom(pool)
+    reference.prompt = [*history, answer[-1], *second]
+    exact.cache.extend(reference.seq_id, len(reference.prompt))
+    expected = exact._prefill_call([(reference, cached, len(reference.prompt))])
+    np.testing.assert_allclose(logits[0], expected[0], rtol=1e-5, atol=1e-5)
+    assert reply[0] == int(np.argmax(expected[0]))
+    whole = _model(artifacts["kitty"])  # the same tokens in one prompt: no 2-bit page is read
+    assert np.abs(whole.next_token_logits([reference.prompt]) - logits[0]).max() > 1e-3
+
+    chat.close()
+    assert kitty.cache.num_free_pages == kitty.cache.num_pages
+    assert kitty.cache.num_free_quantised_pages == kitty.cache.num_quantised_pages
+    with pytest.raises(InputError, match="conversation is closed"):
+        chat.send(second)
+
+
+def test_a_conversation_with_full_precision_pages_equals_one_prompt_of_its_turns(artifacts):
+    fp16 = _model(artifacts["fp16"], max_total_tokens=128)
+    turns = [_long_prompt(10, 30), _long_prompt(11, 9), _long_prompt(12, 17)]
+    with fp16.conversation() as chat:
+        answers = [chat.send(t, max_new_tokens=6, stop_ids=[]) for t in turns[:2]]
+        with pytest.raises(OutOfKVPagesError):  # refused before it started: the conversation stays as it was
+            chat.send(turns[2], max_new_tokens=200)
+        answers.append(chat.send(turns[2], max_new_tokens=6, stop_ids=[]))
+        held = fp16.cache.num_pages - fp16.cache.num_free_pages
+        assert held == -(-chat.cached_tokens // fp16.page_size)  # the pages stay between turns
+        other = fp16.generate(PROMPTS[0], max_new_tokens=4)  # another request beside the open conversation
+    assert other == fp16.generate(PROMPTS[0], max_new_tokens=4)
+    assert fp16.cache.num_free_pages == fp16.cache.num_pages
+    so_far: list[int] = []
+    for turn, answer in zip(turns, answers):
+        so_far += turn
+        assert fp16.generate(so_far, max_new_tokens=6, stop_ids=[]) == answer
+        so_far += answer
+
+
 def test_a_ragged_batch_gives_each_prompts_tokens_and_every_page_returns(artifacts):
     kitty = _model(artifacts["kitty"])
     prompts = [_long_prompt(3, 90), PROMPTS[0], _long_prompt(4, 40)]  # decoding crosses group boundaries
@@ -179,7 +254,6 @@ def test_the_same_memory_holds_more_tokens_than_fp16_pages(artifacts, monkeypatc
     """The pools take the most tokens that fit: the full-precision pool (the model's fp32 here) stops at 8
     sequences' sink + window + group + 1 pages, the rest is 2-bit pages. Small budgets are mostly the fp
     pool; from a few MB on the 2-bit pages dominate."""
-    from tensorpress.errors import InputError
 
     fp16_per_token = _model(artifacts["fp16"], max_total_tokens=16).section["bytes_per_token"]
     free = 20000 * fp16_per_token  # room for 20000 tokens of fp16 pages
@@ -208,6 +282,12 @@ def test_the_cli_generates_and_inspect_states_bits_bytes_and_the_window(artifact
     assert run.returncode == 0, run.stderr
     ids = [int(t) for t in run.stdout.splitlines()[0].split(",")]
     assert ids == _model(artifacts["kitty"]).generate(PROMPTS[0], max_new_tokens=8)
+    two_turns = ["--prompt-ids", "5,6,7", "--prompt-ids", "8,9", "--max-new-tokens", "3"]
+    turns = cli("generate", str(artifacts["kitty"]), *two_turns)
+    assert turns.returncode == 0, turns.stderr
+    first, second = ([int(t) for t in line.split(",")] for line in turns.stdout.splitlines()[::2])
+    with _model(artifacts["kitty"]).conversation() as chat:
+        assert [chat.send([5, 6, 7], max_new_tokens=3), chat.send([8, 9], max_new_tokens=3)] == [first, second]
     shown = cli("inspect", str(artifacts["kitty"]))
     assert shown.returncode == 0, shown.stderr
     assert "KV cache: int2-kitty, 2 bits per element, " in shown.stdout
