@@ -5,9 +5,18 @@ keys are gathered transposed ([D, CHUNK] in a task-local buffer) so q·k vectori
 positions (for short rows q·k reads the pages directly). The gather walks the pages row by row (a row's
 page address once, its elements in memory order) and writes the tile's columns: twice as fast as walking
 the tile's rows at head_dim 128 (the page lookup per element dominated). The chunk's values are read once
-into a task-local [CHUNK, D] tile too (a quantised row is decoded once, not once per query head of the
-group), and p·V vectorises over head_dim. The merge runs one parallel task per (token, query head),
-vectorised over head_dim. Chunks past a token's position are skipped (the CUDA schedule cannot, see there).
+into a task-local [D, CHUNK] tile too (a quantised row is decoded once, not once per query head of the
+group), and p·V vectorises over the SLOTS slot sums (a vector of 8 positions). The merge runs one
+parallel task per (token, query head), vectorised over head_dim. Chunks past a token's position are
+skipped (the CUDA schedule cannot, see there).
+
+A chunk wholly at or before its token's position (every chunk of a decode token but its last) runs a copy
+of the task body in which the definition's clamp of a position to the token's (min(t, position)) and its
+masks (t <= position) are gone: there a row's page is the same for a run of rows, so its key and value
+gathers read 8 rows per vector (`_gather_rows`) with one page lookup and one dequantisation branch per vector:
+
+    task (n, g, c) ─┬─ c·CHUNK + CHUNK - 1 <= positions[n]:  body without clamps/masks  (blocks "*_full")
+                    └─ c·CHUNK <= positions[n] < ...:         body as defined
 """
 
 from __future__ import annotations
@@ -67,16 +76,16 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
         sch.reorder(j, d, t)
         sch.vectorize(t)
 
-    values = sch.get_sblock("values")  # the chunk's V rows, read (dequantised) once into a [CHUNK, D] tile
-    sch.vectorize(sch.get_loops(values)[-1])
+    # the chunk's values transposed too, [D, CHUNK] (a quantised row decoded once, not once per query head
+    # of the group): p·V runs over the SLOTS slot sums as one vector (slot s sums the positions
+    # t = step·SLOTS + s, in step order, as defined), into slot sums kept [D, SLOTS]; chunk_acc adds a
+    # channel's SLOTS sums in slot order
+    sch.transform_layout(sch.get_sblock("values"), ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
     slot_acc = sch.get_sblock("slot_acc")
+    sch.transform_layout(slot_acc, ("write", 0), lambda n, h, c, s, d: (n, h, c, d, s))
     s, j, d, step = sch.get_loops(slot_acc)[-4:]
-    sch.reorder(step, s, j, d)  # a value row's address once for all heads of the group
-    sch.vectorize(d)
-    chunk_acc = sch.get_sblock("chunk_acc")
-    j, d, s = sch.get_loops(chunk_acc)[-3:]
-    sch.reorder(j, s, d)
-    sch.vectorize(d)
+    sch.reorder(j, d, step, s)
+    sch.vectorize(s)
 
     merged_acc = sch.get_sblock("merged_acc")
     d, c = sch.get_loops(merged_acc)[-2:]
@@ -101,22 +110,24 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     versioned = _versioned_task(scheduled, task_var, start + chunk - 1 <= position, start <= position)
     sch = s_tir.Schedule(versioned)
     if head_dim > INLINE_KEYS_UP_TO:
-        _gather_keys_by_rows(sch, sch.get_sblock("keys" + FULL), head_dim)
+        _gather_rows(sch, sch.get_sblock("keys" + FULL), head_dim)
+    _gather_rows(sch, sch.get_sblock("values" + FULL), head_dim)
     return sch
 
 
 GATHER_ROWS = 8  # rows of a key gather's vector (an AVX2 register of fp32)
-BYTE_CODES = 4  # channels read together: the 2-bit codes of one byte (see _gather_keys_by_rows)
+BYTE_CODES = 4  # channels read together: the 2-bit codes of one byte (see _gather_rows)
 
 
-def _gather_keys_by_rows(sch: s_tir.Schedule, keys, head_dim: int) -> None:
-    """The full chunk's key gather into its [D, CHUNK] tile, vectorised over GATHER_ROWS rows: one
+def _gather_rows(sch: s_tir.Schedule, keys, head_dim: int) -> None:
+    """A full chunk's key or value gather into its [D, CHUNK] tile, vectorised over GATHER_ROWS rows: one
     element of 8 consecutive rows per vector, so the page lookup (the same for all 8 rows when the page
     size is a multiple of 8: no clamp in a full chunk) and a channel's per-channel terms (a per-channel
     scale, which channels have more bits) are scalars, and the tile is written in whole vectors. The
     channels run BYTE_CODES at a time, unrolled, so the bytes that hold 4 channels' codes are loaded once.
-    (int2-kitty at 32k context, one thread: 82 -> 52 ms of CPU time with this gather and the full-chunk
-    copy; fp32 about the same either way: its time is the page reads.)"""
+    (int2-kitty at 32k context, one thread, CPU time: 82 ms before the full-chunk copy, 52 with it and this
+    gather of keys, 39 with values gathered the same way; fp32 about the same either way: its time is
+    the page reads.)"""
     t, d = sch.get_loops(keys)[-2:]
     rows, lanes = sch.split(t, [None, GATHER_ROWS])
     sch.reorder(rows, d, lanes)
