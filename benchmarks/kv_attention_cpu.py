@@ -21,7 +21,8 @@ r + 1 of any: the machine may be shared, and its load then falls on all alike; h
 far larger than the L3, so it streams from DRAM). Reported per case: milliseconds, the speedup over our
 fp32 cache and over torch, the KV bytes each call reads (bytes per token x T x B: codes and per-row
 metadata), and the fraction of the machine's copy bandwidth (torch's multi-threaded copy, measured in the
-same run, read + write counted) that those bytes over the time reach. Data are random (the time does not
+same run, read + write counted) that those bytes over the time reach, and the GFLOP/s of the attention's
+arithmetic (4·H·D FLOPs per position: q·k and p·v; the same for every format). Data are random (the time does not
 depend on the values); before timing, each format's output at 1k context is checked against torch's SDPA
 over that format's dequantised cache.
 
@@ -34,7 +35,6 @@ Writes JSON (default benchmarks/results/kv_attention_cpu.json; --quick: kv_atten
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -143,11 +143,12 @@ def main() -> None:
     import tvm
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from harness import environment, measure_copy_bandwidth
+    from harness import environment, measure_copy_bandwidth, write_json
 
     from tensorpress.compiler.formats import get_kv_cache_format
 
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()  # other jobs on the machine: their load falls on every row alike
     copy_bandwidth = measure_copy_bandwidth(torch.device("cpu"))
     print(f"copy bandwidth {copy_bandwidth / 1e9:.1f} GB/s (read + write), {args.threads} threads")
     formats = {label: get_kv_cache_format(FORMAT_NAMES[label]) for label in args.formats}
@@ -174,11 +175,11 @@ def main() -> None:
         "page_size": PAGE,
         "threads": args.threads,
         "copy_bandwidth_bytes_per_s": copy_bandwidth,
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "environment": environment(extra={"tvm": tvm.__version__, "cpu_count": os.cpu_count()}),
         "records": records,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1) + "\n")
+    write_json(out, payload)
     print(f"wrote {out}")
 
 
@@ -268,8 +269,10 @@ def run_case(formats, kernels, batch, context, kv_heads, rng, args, copy_bandwid
         }
     base = record["results"].get("fp32", {}).get("median_ms")
     torch_ms = record["results"][SDPA]["median_ms"]
+    flops = 4 * HEADS * HEAD_DIM * context * batch  # q·k and p·v: 2 multiply-adds per head, position, channel
     for r in record["results"].values():
         r["fraction_of_copy_bandwidth"] = r["kv_bytes"] / (r["median_ms"] * 1e-3) / copy_bandwidth
+        r["gflop_per_s"] = flops / (r["median_ms"] * 1e-3) / 1e9
         r["speedup_vs_our_fp32"] = base / r["median_ms"] if base else None
         r["speedup_vs_torch_sdpa"] = torch_ms / r["median_ms"]
     line = "  ".join(

@@ -388,31 +388,6 @@ def attention_shape(func: tirx.PrimFunc) -> tuple[int, int, int, int]:
     return heads, int(cache_params(func)[0].shape[3]), head_dim, int(func.attrs[CHUNK_ATTR])
 
 
-def guard_loop_body(func: tirx.PrimFunc, loop_var: tirx.Var, condition: tirx.PrimExpr) -> tirx.PrimFunc:
-    """`func` with the body of the loop over `loop_var` run only when `condition` holds.
-
-    Written as a loop of 1 or 0 iterations rather than an `if` (what TVM's passes expect of a CPU
-    task body; the CUDA schedule skips nothing, see `kv_attention_cuda.schedule_attention`).
-    """
-    found = []
-
-    def wrap(loop: tirx.For) -> tirx.For:
-        if not loop.loop_var.same_as(loop_var):
-            return loop
-        found.append(loop)
-        once = tirx.Var("run_once", "int64")
-        body = tirx.For(once, tirx.IntImm("int64", 0), condition.astype("int64"), tirx.ForKind.SERIAL, loop.body)
-        return tirx.For(
-            loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations,
-            loop.step, loop.span,
-        )  # fmt: skip
-
-    new_body = tvm_ffi.structural_map(func.body, (tirx.For, wrap))
-    if len(found) != 1:
-        raise RuntimeError(f"expected one loop over {loop_var}, found {len(found)}")
-    return func.with_body(new_body)
-
-
 class KVAttentionCPU(dl.ScheduleRule):
     """llvm: one parallel task per (token, kv head) for append, per (token, kv head, chunk) for stage 1
     of attention and per (token, query head) for the merge (`kv_attention_cpu.py`)."""

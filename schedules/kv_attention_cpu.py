@@ -5,16 +5,28 @@ keys are gathered transposed ([D, CHUNK] in a task-local buffer) so q·k vectori
 positions (for short rows q·k reads the pages directly). The gather walks the pages row by row (a row's
 page address once, its elements in memory order) and writes the tile's columns: twice as fast as walking
 the tile's rows at head_dim 128 (the page lookup per element dominated). The chunk's values are read once
-into a task-local [CHUNK, D] tile too (a quantised row is decoded once, not once per query head of the
-group), and p·V vectorises over head_dim. The merge runs one parallel task per (token, query head),
-vectorised over head_dim. Chunks past a token's position are skipped (the CUDA schedule cannot, see there).
+into a task-local [D, CHUNK] tile too (a quantised row is decoded once, not once per query head of the
+group), and p·V vectorises over the SLOTS slot sums (a vector of 8 positions). The merge runs one
+parallel task per (token, query head), vectorised over head_dim. Chunks past a token's position are
+skipped (the CUDA schedule cannot, see there).
+
+A chunk wholly at or before its token's position (every chunk of a decode token but its last) runs a copy
+of the task body in which the definition's clamp of a position to the token's (min(t, position)) and its
+masks (t <= position) are gone: there a row's page is the same for a run of rows, so its key and value
+gathers read 8 rows per vector (`_gather_rows`) with one page lookup and one dequantisation branch per vector:
+
+    task (n, g, c) ─┬─ c·CHUNK + CHUNK - 1 <= positions[n]:  body without clamps/masks  (blocks "*_full")
+                    └─ c·CHUNK <= positions[n] < ...:         body as defined
 """
 
 from __future__ import annotations
 
+import tvm_ffi
 from tvm import s_tir, tirx
+from tvm.ir import TensorLoad
+from tvm.s_tir import stmt as sblock_stmt
 
-from tensorpress.schedules.kv_attention import attention_shape, cache_params, guard_loop_body, row_blocks
+from tensorpress.schedules.kv_attention import attention_shape, cache_params, row_blocks
 
 INLINE_KEYS_UP_TO = 64  # head_dim up to which q·k reads the pages directly (measured on AVX2)
 
@@ -64,16 +76,16 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
         sch.reorder(j, d, t)
         sch.vectorize(t)
 
-    values = sch.get_sblock("values")  # the chunk's V rows, read (dequantised) once into a [CHUNK, D] tile
-    sch.vectorize(sch.get_loops(values)[-1])
+    # the chunk's values transposed too, [D, CHUNK] (a quantised row decoded once, not once per query head
+    # of the group): p·V runs over the SLOTS slot sums as one vector (slot s sums the positions
+    # t = step·SLOTS + s, in step order, as defined), into slot sums kept [D, SLOTS]; chunk_acc adds a
+    # channel's SLOTS sums in slot order
+    sch.transform_layout(sch.get_sblock("values"), ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
     slot_acc = sch.get_sblock("slot_acc")
+    sch.transform_layout(slot_acc, ("write", 0), lambda n, h, c, s, d: (n, h, c, d, s))
     s, j, d, step = sch.get_loops(slot_acc)[-4:]
-    sch.reorder(step, s, j, d)  # a value row's address once for all heads of the group
-    sch.vectorize(d)
-    chunk_acc = sch.get_sblock("chunk_acc")
-    j, d, s = sch.get_loops(chunk_acc)[-3:]
-    sch.reorder(j, s, d)
-    sch.vectorize(d)
+    sch.reorder(j, d, step, s)
+    sch.vectorize(s)
 
     merged_acc = sch.get_sblock("merged_acc")
     d, c = sch.get_loops(merged_acc)[-2:]
@@ -84,7 +96,8 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     sch.vectorize(sch.get_loops(out)[-1])
     sch.parallel(sch.fuse(n, h))
 
-    # task = (n * KVH + g) * C + c  ->  skip chunk c when c * CHUNK > positions[n]
+    # task = (n * KVH + g) * C + c  ->  skip chunk c when c * CHUNK > positions[n]; a chunk wholly at or
+    # before positions[n] (all but the last of a decode token) runs a copy without the clamps and masks
     scheduled = sch.mod["main"]
     names = [p.name for p in scheduled.params]
     positions = scheduled.params[names.index("positions")]
@@ -92,5 +105,121 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     page_size = int(cache_params(scheduled)[0].shape[4])
     chunks = (block_table.shape[1] * page_size + chunk - 1) // chunk
     token = tirx.floordiv(task_var, kv_heads * chunks)
-    condition = tirx.floormod(task_var, chunks) * chunk <= positions[token].astype("int64")
-    return s_tir.Schedule(guard_loop_body(scheduled, task_var, condition))
+    start = tirx.floormod(task_var, chunks) * chunk
+    position = positions[token].astype("int64")
+    versioned = _versioned_task(scheduled, task_var, start + chunk - 1 <= position, start <= position)
+    sch = s_tir.Schedule(versioned)
+    if head_dim > INLINE_KEYS_UP_TO:
+        _gather_rows(sch, sch.get_sblock("keys" + FULL), head_dim)
+    _gather_rows(sch, sch.get_sblock("values" + FULL), head_dim)
+    return sch
+
+
+GATHER_ROWS = 8  # rows of a key gather's vector (an AVX2 register of fp32)
+BYTE_CODES = 4  # channels read together: the 2-bit codes of one byte (see _gather_rows)
+
+
+def _gather_rows(sch: s_tir.Schedule, keys, head_dim: int) -> None:
+    """A full chunk's key or value gather into its [D, CHUNK] tile, vectorised over GATHER_ROWS rows: one
+    element of 8 consecutive rows per vector, so the page lookup (the same for all 8 rows when the page
+    size is a multiple of 8: no clamp in a full chunk) and a channel's per-channel terms (a per-channel
+    scale, which channels have more bits) are scalars, and the tile is written in whole vectors. The
+    channels run BYTE_CODES at a time, unrolled, so the bytes that hold 4 channels' codes are loaded once.
+    (int2-kitty at 32k context, one thread, CPU time: 82 ms before the full-chunk copy, 52 with it and this
+    gather of keys, 39 with values gathered the same way; fp32 about the same either way: its time is
+    the page reads.)"""
+    t, d = sch.get_loops(keys)[-2:]
+    rows, lanes = sch.split(t, [None, GATHER_ROWS])
+    sch.reorder(rows, d, lanes)
+    sch.vectorize(lanes)
+    if head_dim % BYTE_CODES == 0:
+        _, codes = sch.split(d, [None, BYTE_CODES])
+        sch.unroll(codes)
+
+
+FULL = "_full"  # suffix of the blocks of a chunk wholly at or before the token's position
+
+
+def _versioned_task(func: tirx.PrimFunc, task_var: tirx.Var, full: tirx.PrimExpr, started: tirx.PrimExpr):
+    """`func` with the body of the task loop run as one of two versions: for a chunk wholly at or before
+    the token's position (`full`) without the clamps and masks of positions, else (`started` and not
+    `full`) as it is; a chunk past the position runs neither. Each is a loop of 1 or 0 iterations
+    rather than an `if` (what TVM's passes expect of a CPU task body)."""
+    positions = func.params[[p.name for p in func.params].index("positions")]
+    found = []
+
+    def split(loop: tirx.For) -> tirx.For:
+        if not loop.loop_var.same_as(task_var):
+            return loop
+        found.append(loop)
+        once = lambda name, cond, body: tirx.For(  # noqa: E731
+            tirx.Var(name, "int64"), tirx.IntImm("int64", 0), cond.astype("int64"), tirx.ForKind.SERIAL, body
+        )
+        body = tirx.SeqStmt(
+            [
+                once("run_full", full, _fresh_defs(func, _without_position_clamps(loop.body, positions, FULL))),
+                once("run_partial", tirx.And(started, tirx.Not(full)), loop.body),
+            ]
+        )
+        return tirx.For(
+            loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations,
+            loop.step, loop.span,
+        )  # fmt: skip
+
+    new_body = tvm_ffi.structural_map(func.body, (tirx.For, split))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one loop over {task_var}, found {len(found)}")
+    return func.with_body(new_body)
+
+
+def _fresh_defs(func: tirx.PrimFunc, body: tirx.Stmt) -> tirx.Stmt:
+    """A copy of `body` (a statement of `func`) whose loops and blocks define new variables; the
+    buffers and variables it takes from outside (params, shapes, the root's buffers) stay the same."""
+    renewed = s_tir.renew_defs(func.with_body(body))
+    outside = {}
+    for old, new in zip(func.params, renewed.params):
+        outside[new] = old
+        if isinstance(old.ty, tirx.BufferType):
+            outside.update({n: o for n, o in zip(new.shape, old.shape) if isinstance(n, tirx.Var)})
+    root_buffers = {b.name: b for b in func.body.block.alloc_buffers}
+    by_name = {v.name: v for v in outside.values() if isinstance(v, tirx.Var)}
+
+    def var(v):
+        if v in outside:
+            return outside[v]
+        return (root_buffers if isinstance(v.ty, tirx.BufferType) else by_name).get(v.name, v)
+
+    return tvm_ffi.structural_map(renewed.body, (tirx.Var, var))
+
+
+def _reads(expr, buffer: tirx.Buffer) -> bool:
+    """Whether `expr` loads from `buffer`."""
+    found = []
+
+    def visit(load):
+        if load.source.same_as(buffer):
+            found.append(load)
+        return load
+
+    tvm_ffi.structural_map(expr, (TensorLoad, visit))
+    return bool(found)
+
+
+def _without_position_clamps(body: tirx.Stmt, positions: tirx.Buffer, suffix: str) -> tirx.Stmt:
+    """`body` for a chunk that lies wholly at or before the token's position: every `min(x, position)`
+    clamp is x and every `x <= position` mask is true (so the page of a row is the same for all rows of
+    a vector), and its blocks are renamed with `suffix` (a function's block names are unique)."""
+
+    def unclamp(node: tirx.Min):
+        return node.a if _reads(node.b, positions) else node
+
+    def unmask(node: tirx.LE):
+        return tirx.const(True, "bool") if _reads(node.b, positions) else node
+
+    def rename(block: sblock_stmt.SBlock):
+        return sblock_stmt.SBlock(
+            block.iter_vars, block.reads, block.writes, block.name_hint + suffix, block.body, block.init,
+            block.alloc_buffers, block.match_buffers, block.annotations,
+        )  # fmt: skip
+
+    return tvm_ffi.structural_map(body, [(tirx.Min, unclamp), (tirx.LE, unmask), (sblock_stmt.SBlock, rename)])

@@ -66,7 +66,11 @@ def _run(kernel, batch, tagged, stored):
 
 @pytest.mark.parametrize(
     "heads, kv_heads, head_dim, phase, new",
-    [(4, 2, 32, "decode", [1, 1, 1, 1]), (8, 1, 64, "prefill", [7, 3, 1, 2])],
+    [
+        (4, 2, 32, "decode", [1, 1, 1, 1]),
+        (8, 1, 64, "prefill", [7, 3, 1, 2]),
+        (8, 2, 128, "decode", [1, 1, 1, 1]),  # head_dim > 64: the gathered key tile, vectorised over rows
+    ],
 )
 def test_attention_over_full_precision_and_2bit_pages_matches_numpy_over_the_dequantised_cache(
     heads, kv_heads, head_dim, phase, new
