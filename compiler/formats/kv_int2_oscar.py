@@ -270,4 +270,3 @@ def _quantize_pages_func(
                     codes[vl, q, vkv, vg, vt, vj] = codes_byte(pages, vl, fp, vkv, vg, vt, vj, low32, step)
 
     return kv_quantize_pages
-
