@@ -176,8 +176,9 @@ def save_kv_rotations(path: str | os.PathLike, rotations: dict[str, np.ndarray],
     """Write the rotations and the marker (the model's id, JSON) to `path`, through a temporary file."""
     from tensorpress.runtime.atomic_file import atomic_output
 
+    arrays: dict[str, Any] = {MARKER: np.array(json.dumps(made_for)), **rotations}
     with atomic_output(path) as f:
-        np.savez(f, **{MARKER: np.array(json.dumps(made_for))}, **rotations)
+        np.savez(f, **arrays)
 
 
 def load_kv_rotations(path: str | os.PathLike, made_for: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -196,17 +197,25 @@ def load_kv_rotations(path: str | os.PathLike, made_for: dict[str, Any]) -> dict
 def kv_rotations_for(model: Any, calibration: str | os.PathLike, dtype: str | None) -> dict[str, np.ndarray]:
     """The rotations a compile of the decoder folder `model` with int2-oscar stores: read from a calib.npz
     made for this model, or calibrated now from prompts (.txt, or .npz of input_ids)."""
-    from tensorpress.compiler.calibration.samples import calibration_feeds, read_calibration_file
+    config, unrotated = _import_unrotated(model, dtype)
+    if is_kv_rotations_file(calibration):
+        return load_kv_rotations(calibration, model_id(unrotated.params, config))
+    return _calibrated(unrotated, calibration, config)
+
+
+def _import_unrotated(model: Any, dtype: str | None) -> tuple[Any, Any]:
+    """(DecoderConfig, the decoder imported with a plain KV cache): what the calibration run runs."""
     from tensorpress.compiler.formats import get_kv_cache_format
     from tensorpress.frontend import import_model
     from tensorpress.frontend.hf_decoder import read_decoder_config
 
-    config = read_decoder_config(model)
-    unrotated = import_model(model, dtype=dtype, kv_cache=get_kv_cache_format("auto"))
-    if is_kv_rotations_file(calibration):
-        return load_kv_rotations(calibration, model_id(unrotated.params, config))
-    feeds = calibration_feeds(read_calibration_file(calibration), unrotated)
-    return calibrate_kv_rotations(unrotated, feeds, config)
+    return read_decoder_config(model), import_model(model, dtype=dtype, kv_cache=get_kv_cache_format("auto"))
+
+
+def _calibrated(unrotated: Any, prompts: str | os.PathLike, config: Any) -> dict[str, np.ndarray]:
+    from tensorpress.compiler.calibration.samples import calibration_feeds, read_calibration_file
+
+    return calibrate_kv_rotations(unrotated, calibration_feeds(read_calibration_file(prompts), unrotated), config)
 
 
 def calibrate(model: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, dtype: str | None = None):
@@ -214,7 +223,7 @@ def calibrate(model: str | os.PathLike, data: str | os.PathLike, output: str | o
     prompts in `data` (.txt or .npz of input_ids), written to `output` (.npz) with the model's id, which
     `compile --calibration` checks. Returns the output path. Nothing is written on an error."""
     from tensorpress.compiler.calibration.samples import read_calibration_file
-    from tensorpress.frontend.hf_decoder import is_hf_decoder_folder, read_decoder_config
+    from tensorpress.frontend.hf_decoder import is_hf_decoder_folder
     from tensorpress.runtime.atomic_file import check_destination
 
     if Path(output).suffix != ".npz":
@@ -225,10 +234,6 @@ def calibrate(model: str | os.PathLike, data: str | os.PathLike, output: str | o
     if is_kv_rotations_file(data):
         raise ConfigError(f"{data} is already a calibration output; give prompts (.txt, or .npz of input_ids).")
     read_calibration_file(data)  # a bad data file is refused before the model is imported
-    rotations = kv_rotations_for(model, data, dtype)
-    from tensorpress.compiler.formats import get_kv_cache_format
-    from tensorpress.frontend import import_model
-
-    unrotated = import_model(model, dtype=dtype, kv_cache=get_kv_cache_format("auto"))
-    save_kv_rotations(output, rotations, model_id(unrotated.params, read_decoder_config(model)))
+    config, unrotated = _import_unrotated(model, dtype)
+    save_kv_rotations(output, _calibrated(unrotated, data, config), model_id(unrotated.params, config))
     return Path(output)

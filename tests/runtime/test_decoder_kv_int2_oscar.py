@@ -166,3 +166,21 @@ def test_a_random_gqa_llama_calibrated_on_input_ids_keeps_the_first_token(tmp_pa
     prompts = [[t % 384 for t in p] for p in prompts]
     first = [[m.generate(p, max_new_tokens=1, stop_ids=[]) for p in prompts] for m in models]
     assert first[0] == first[1]
+
+
+def test_tensorpress_calibrate_writes_what_compile_stores_and_compile_takes_it(artifacts, tmp_path):
+    prompts = artifacts["oscar"].parent / "prompts.txt"
+    calib = tmp_path / "calib.npz"
+    out = subprocess.run(
+        [sys.executable, "-m", "tensorpress", "calibrate", str(DEMO), "--data", str(prompts), "-o", str(calib)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    compiled = compile_decoder(DEMO, tmp_path / "from_file.tpk", kv_cache=CONFIG, calibration=calib)
+    stored = [load_artifact(path, "cpu") for path in (artifacts["oscar"], compiled)]
+    params = [{n: p.numpy() for n, p in zip(s.param_names, s.params)} for s in stored]
+    with np.load(calib) as written:
+        for name in (n for n in params[0] if n.startswith("kv_rotations.")):
+            np.testing.assert_array_equal(written[name], params[0][name])  # the same prompts, the same run
+            np.testing.assert_array_equal(params[1][name], params[0][name])
