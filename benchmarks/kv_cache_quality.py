@@ -54,13 +54,14 @@ CALIBRATION_DOCS = 64  # int2-oscar's rotations: calibrated on this many of the 
 
 
 def training_docstrings(count: int) -> list[str]:
-    """`count` docstrings of the demo's training split (never the held-out ones), one line each."""
+    """`count` docstrings of the demo's training split (never the held-out ones), one line each, cut to their
+    first 100 words (the model's context is 512 tokens)."""
     sys.path.insert(0, str(ROOT / "examples"))
     from train_tiny_llama import stdlib_docstrings
 
     docs = stdlib_docstrings()
     train = docs[: len(docs) - len(docs) // 20]
-    return [" ".join(d.split()) for d in train[:: max(1, len(train) // count)][:count]]
+    return [" ".join(d.split()[:100]) for d in train[:: max(1, len(train) // count)][:count]]
 
 
 def held_out_docstrings() -> list[str]:
