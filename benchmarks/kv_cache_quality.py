@@ -18,9 +18,12 @@ precision, so at its defaults nothing of a 72-token continuation or a 128-token 
 variants `int2-kitty-w32` (sink 16, window 32, pages of 32 tokens), `int2-kitty-w32-noboost` (the same
 without the 4-bit key channels: KIVI-style per-channel 2-bit) and `int2-oscar-w32` (the same sink, window
 and pages; rotations calibrated on 64 docstrings of the training split) put most of these short sequences
-in 2-bit pages, and the perplexity texts are scored up to --ppl-tokens 256 tokens. Each record states the share of the
-cached tokens that sit in 2-bit pages at the sequences' longest (greedy / perplexity): the results file was
-run with --prompt-tokens 48 so that the greedy continuations reach 2-bit pages too.
+in 2-bit pages (`int2-oscar-w32-hadamard`: the same with Hadamard-only rotations, the ablation), and the
+perplexity texts are scored up to --ppl-tokens 256 tokens. Each record states the share of the cached
+tokens that sit in 2-bit pages at the sequences' longest (greedy / perplexity): the results file was run
+with --prompt-tokens 48 so that the greedy continuations reach 2-bit pages too (the ablation's file,
+kv_cache_quality_tiny_llama_oscar_ablation.json, with --formats fp16 int2-kitty-w32 int2-oscar-w32
+int2-oscar-w32-hadamard).
 
 Writes JSON (default benchmarks/results/kv_cache_quality_tiny_llama.json) with versions and commit.
 """
@@ -49,7 +52,10 @@ VARIANTS = {
     },
     # per-token 2-bit needs no page group; pages of 32 all the same, so its 2-bit share is kitty-w32's
     "int2-oscar-w32": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32},
+    # the ablation: the same quantiser with Hadamard-only rotations (no calibrated eigenvectors)
+    "int2-oscar-w32-hadamard": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32},
 }  # fmt: skip
+HADAMARD_ONLY = ("int2-oscar-w32-hadamard",)
 CALIBRATION_DOCS = 64  # int2-oscar's rotations: calibrated on this many of the model's training docstrings
 
 
@@ -71,6 +77,19 @@ def held_out_docstrings() -> list[str]:
 
     docs = stdlib_docstrings()
     return docs[-len(docs) // 20 :]
+
+
+def hadamard_rotations_file(path: Path) -> Path:
+    """A calib.npz for the demo whose R_K and R_V are the normalised Hadamard matrix in every layer and head."""
+    import numpy as np
+
+    from tensorpress.compiler.calibration.kv_rotations import hadamard, import_unrotated, model_id, save_kv_rotations
+
+    config, unrotated = import_unrotated(DEMO, None)
+    h = np.repeat(hadamard(config.head_dim).astype(np.float32)[None], config.num_kv_heads, axis=0)
+    rotations = {f"kv_rotations.{i}.{kind}": h for i in range(config.num_layers) for kind in ("key", "value")}
+    save_kv_rotations(path, rotations, model_id(unrotated.params, config))
+    return path
 
 
 def agreement(tokens: list[int], baseline: list[int]) -> dict:
@@ -124,9 +143,10 @@ def main() -> None:
             path = Path(tmp) / f"{kv}.tpk"
             kv_cache = KVCacheConfig(**VARIANTS[kv]) if kv in VARIANTS else KVCacheConfig(kv)
             calibrated = getattr(kv_cache.kv_cache_format(), "attention_rotations", False)
-            tensorpress.compile(
-                DEMO, path, target="cpu", kv_cache=kv_cache, calibration=calibration if calibrated else None
-            )
+            data = calibration if calibrated else None
+            if kv in HADAMARD_ONLY:
+                data = hadamard_rotations_file(Path(tmp) / "hadamard.npz")
+            tensorpress.compile(DEMO, path, target="cpu", kv_cache=kv_cache, calibration=data)
             models[kv] = DecoderModel(load_artifact(path, "cpu"), max_total_tokens=8192, tokenizer=tokenizer)
     encode = models[BASELINE].encode
     # prompts: the demo's, then held-out docstrings' first tokens (spread over the held-out files)

@@ -197,13 +197,13 @@ def load_kv_rotations(path: str | os.PathLike, made_for: dict[str, Any]) -> dict
 def kv_rotations_for(model: Any, calibration: str | os.PathLike, dtype: str | None) -> dict[str, np.ndarray]:
     """The rotations a compile of the decoder folder `model` with int2-oscar stores: read from a calib.npz
     made for this model, or calibrated now from prompts (.txt, or .npz of input_ids)."""
-    config, unrotated = _import_unrotated(model, dtype)
+    config, unrotated = import_unrotated(model, dtype)
     if is_kv_rotations_file(calibration):
         return load_kv_rotations(calibration, model_id(unrotated.params, config))
     return _calibrated(unrotated, calibration, config)
 
 
-def _import_unrotated(model: Any, dtype: str | None) -> tuple[Any, Any]:
+def import_unrotated(model: Any, dtype: str | None) -> tuple[Any, Any]:
     """(DecoderConfig, the decoder imported with a plain KV cache): what the calibration run runs."""
     from tensorpress.compiler.formats import get_kv_cache_format
     from tensorpress.frontend import import_model
@@ -234,6 +234,6 @@ def calibrate(model: str | os.PathLike, data: str | os.PathLike, output: str | o
     if is_kv_rotations_file(data):
         raise ConfigError(f"{data} is already a calibration output; give prompts (.txt, or .npz of input_ids).")
     read_calibration_file(data)  # a bad data file is refused before the model is imported
-    config, unrotated = _import_unrotated(model, dtype)
+    config, unrotated = import_unrotated(model, dtype)
     save_kv_rotations(output, _calibrated(unrotated, data, config), model_id(unrotated.params, config))
     return Path(output)
