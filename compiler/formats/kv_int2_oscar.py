@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -102,7 +103,7 @@ class Int2OscarKVCache(PageQuantisedKVFormat):
     key_clip: float = KEY_CLIP
     value_clip: float = VALUE_CLIP
     name: str = "int2-oscar"
-    attention_rotations = True  # per layer and kv head, R_K and R_V: the decoder asks for them as params
+    attention_rotations: ClassVar[bool] = True  # R_K and R_V per layer and kv head, model parameters
 
     def __post_init__(self):
         for field, value in (("sink", self.sink), ("window", self.window), ("page_tokens", self.page_tokens)):
