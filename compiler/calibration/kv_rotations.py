@@ -17,8 +17,9 @@ attention weighs, H spreads each of them over every channel, so the per-token 2-
 direction wholesale. OSCAR's paper composes the same two (row-vector form k · U_Q · H · P_br); its
 bit-reversal permutation P_br spreads importance across quantisation groups along head_dim, and a
 per-token group covering the whole head makes a permutation a no-op, so it is left out. Its value target
-C_S is written VᵀSᵀSV (the covariance of the attention outputs); we weight each value by the attention it
-receives (the issue's definition), which keeps memory at O(D²) per head: a documented difference.
+C_S appears (project page, read as text) to be VᵀSᵀSV, the covariance of the attention outputs; we weight
+each value by the attention it receives (the issue's definition), which keeps memory at O(D²) per head: a
+documented difference, not checked against their code.
 """
 
 from __future__ import annotations
