@@ -15,11 +15,15 @@ continuations may part at a near-tie and both be fine).
 
 int2-kitty keeps each sequence's first 32 and last 128 tokens (and a group still waiting) in full
 precision, so at its defaults nothing of a 72-token continuation or a 128-token text is ever 2-bit: the
-variants `int2-kitty-w32` (sink 16, window 32, pages of 32 tokens) and `int2-kitty-w32-noboost` (the same
-without the 4-bit key channels: KIVI-style per-channel 2-bit) put most of these short sequences in 2-bit
-pages, and the perplexity texts are scored up to --ppl-tokens 256 tokens. Each record states the share of the
-cached tokens that sit in 2-bit pages at the sequences' longest (greedy / perplexity): the results file was
-run with --prompt-tokens 48 so that the greedy continuations reach 2-bit pages too.
+variants `int2-kitty-w32` (sink 16, window 32, pages of 32 tokens), `int2-kitty-w32-noboost` (the same
+without the 4-bit key channels: KIVI-style per-channel 2-bit) and `int2-oscar-w32` (the same sink, window
+and pages; rotations calibrated on 64 docstrings of the training split) put most of these short sequences
+in 2-bit pages (`int2-oscar-w32-hadamard`: the same with Hadamard-only rotations, the ablation), and the
+perplexity texts are scored up to --ppl-tokens 256 tokens. Each record states the share of the cached
+tokens that sit in 2-bit pages at the sequences' longest (greedy / perplexity): the results file was run
+with --prompt-tokens 48 so that the greedy continuations reach 2-bit pages too (the ablation's file,
+kv_cache_quality_tiny_llama_oscar_ablation.json, with --formats fp16 int2-kitty-w32 int2-oscar-w32
+int2-oscar-w32-hadamard).
 
 Writes JSON (default benchmarks/results/kv_cache_quality_tiny_llama.json) with versions and commit.
 """
@@ -27,7 +31,6 @@ Writes JSON (default benchmarks/results/kv_cache_quality_tiny_llama.json) with v
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -47,7 +50,24 @@ VARIANTS = {
     "int2-kitty-w32-noboost": {
         "format": "int2-kitty", "boost_fraction": 0.0, "sink": 16, "window": 32, "page_tokens": 32,
     },
+    # per-token 2-bit needs no page group; pages of 32 all the same, so its 2-bit share is kitty-w32's
+    "int2-oscar-w32": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32},
+    # the ablation: the same quantiser with Hadamard-only rotations (no calibrated eigenvectors)
+    "int2-oscar-w32-hadamard": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32},
 }  # fmt: skip
+HADAMARD_ONLY = ("int2-oscar-w32-hadamard",)
+CALIBRATION_DOCS = 64  # int2-oscar's rotations: calibrated on this many of the model's training docstrings
+
+
+def training_docstrings(count: int) -> list[str]:
+    """`count` docstrings of the demo's training split (never the held-out ones), one line each, cut to their
+    first 100 words (the model's context is 512 tokens)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from train_tiny_llama import stdlib_docstrings
+
+    docs = stdlib_docstrings()
+    train = docs[: len(docs) - len(docs) // 20]
+    return [" ".join(d.split()[:100]) for d in train[:: max(1, len(train) // count)][:count]]
 
 
 def held_out_docstrings() -> list[str]:
@@ -57,6 +77,19 @@ def held_out_docstrings() -> list[str]:
 
     docs = stdlib_docstrings()
     return docs[-len(docs) // 20 :]
+
+
+def hadamard_rotations_file(path: Path) -> Path:
+    """A calib.npz for the demo whose R_K and R_V are the normalised Hadamard matrix in every layer and head."""
+    import numpy as np
+
+    from tensorpress.compiler.calibration.kv_rotations import hadamard, import_unrotated, model_id, save_kv_rotations
+
+    config, unrotated = import_unrotated(DEMO, None)
+    h = np.repeat(hadamard(config.head_dim).astype(np.float32)[None], config.num_kv_heads, axis=0)
+    rotations = {f"kv_rotations.{i}.{kind}": h for i in range(config.num_layers) for kind in ("key", "value")}
+    save_kv_rotations(path, rotations, model_id(unrotated.params, config))
+    return path
 
 
 def agreement(tokens: list[int], baseline: list[int]) -> dict:
@@ -75,7 +108,9 @@ def two_bit_share(policy, lengths: list[int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", nargs="+", default=["auto", "fp16", "int8", "int4", "int2-kitty", *VARIANTS])
+    parser.add_argument(
+        "--formats", nargs="+", default=["auto", "fp16", "int8", "int4", "int2-kitty", "int2-oscar", *VARIANTS]
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=24, help="held-out prompts besides the demo's")
     parser.add_argument("--prompt-tokens", type=int, default=8)
@@ -89,7 +124,7 @@ def main() -> None:
     formats = list(dict.fromkeys([BASELINE, *args.formats]))
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from harness import environment
+    from harness import environment, write_json
     from tokenizers import Tokenizer
 
     import tensorpress
@@ -102,10 +137,16 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
+        calibration = Path(tmp) / "calibration.txt"
+        calibration.write_text("\n".join(training_docstrings(CALIBRATION_DOCS)) + "\n")
         for kv in formats:
             path = Path(tmp) / f"{kv}.tpk"
-            kv_cache = KVCacheConfig(**VARIANTS[kv]) if kv in VARIANTS else kv
-            tensorpress.compile(DEMO, path, target="cpu", kv_cache=kv_cache)
+            kv_cache = KVCacheConfig(**VARIANTS[kv]) if kv in VARIANTS else KVCacheConfig(kv)
+            calibrated = getattr(kv_cache.kv_cache_format(), "attention_rotations", False)
+            data = calibration if calibrated else None
+            if kv in HADAMARD_ONLY:
+                data = hadamard_rotations_file(Path(tmp) / "hadamard.npz")
+            tensorpress.compile(DEMO, path, target="cpu", kv_cache=kv_cache, calibration=data)
             models[kv] = DecoderModel(load_artifact(path, "cpu"), max_total_tokens=8192, tokenizer=tokenizer)
     encode = models[BASELINE].encode
     # prompts: the demo's, then held-out docstrings' first tokens (spread over the held-out files)
@@ -161,14 +202,12 @@ def main() -> None:
         "prompts": len(prompts),
         "prompt_tokens": args.prompt_tokens,
         "perplexity_texts": len(texts),
+        "int2_oscar_calibration": f"{CALIBRATION_DOCS} docstrings of the training split, one prompt each",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "environment": environment(),
         "records": records,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, payload)}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         linear layer's input statistics: an .npz of inputs by name or a .txt of text (a sample a
         line, models with a tokenizer); layout in compiler/calibration/__init__.py.
     kv_cache: decoders only, how the KV cache is stored: a KV-cache format name ("auto", the model's
-        dtype and the default; "fp16", "fp32", "int8", "int4") or a KVCacheConfig.
+        dtype and the default; "fp16", "fp32", "int8", "int4", "int2-kitty", "int2-oscar") or a KVCacheConfig.
+        int2-oscar needs `calibration`: prompts (.txt, .npz of input_ids) its rotations are calibrated on,
+        or the calib.npz `tensorpress calibrate` wrote for this model.
     store_weights: False writes the weights' names, shapes and dtypes but not their values (the
         library alone, e.g. to carry a 7B-shaped model where 13 GB cannot go); they are given at load
         time, `tensorpress.runtime.load(path, weights={name: array})`. A Hugging Face decoder folder
@@ -170,13 +172,17 @@ def import_for_compile(
 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
-    calibration_data = _calibration_data(calibration, model, store_weights)
+    kv_config = _kv_cache_config(kv_cache)
+    rotated_kv = kv_config is not None and getattr(kv_config.kv_cache_format(), "attention_rotations", False)
+    if rotated_kv:
+        _check_rotated_kv(kv_config, model, calibration, store_weights)
+    rotations_file = rotated_kv and _is_kv_rotations_file(calibration)
+    calibration_data = None if rotations_file else _calibration_data(calibration, model, store_weights)
     recipe, as_written = _recipe(weights, skip, scale_search)
     if sparsity is not None:
         recipe = _sparse_recipe(recipe, sparsity, store_weights, calibrated=calibration_data is not None)
         as_written["sparsity"] = sparsity.to_dict()
-    _check_calibration_used(recipe, calibration_data)
-    kv_config = _kv_cache_config(kv_cache)
+    _check_calibration_used(recipe, calibration_data, calibrates_kv=rotated_kv)
     if input_shapes is not None:
         if _is_onnx_decoder(model) or _is_decoder_folder(model):
             raise ConfigError("decoders take no input shapes; their prompts and KV cache size themselves at run time.")
@@ -188,6 +194,13 @@ def import_for_compile(
     if _is_decoder_folder(model) or _is_onnx_decoder(model):
         import_options["kv_cache"] = (kv_config or KVCacheConfig()).kv_cache_format()
         as_written["kv_cache"] = kv_cache.to_dict() if isinstance(kv_cache, KVCacheConfig) else kv_cache
+        if rotated_kv:
+            from tensorpress.compiler.calibration.kv_rotations import kv_rotations_for
+
+            log.info("calibrating the KV cache's rotations on %s", Path(calibration).name)  # type: ignore[arg-type]
+            with internal_errors_named("calibration", target_spec):
+                import_options["kv_parameters"] = kv_rotations_for(model, calibration, dtype)  # type: ignore[arg-type]
+            as_written["kv_calibration"] = Path(calibration).name  # type: ignore[arg-type]
     elif kv_config is not None:
         raise ConfigError(
             f"a KV cache format ({kv_config.format}) applies to decoders only; {_described(model)} is not a "
@@ -207,7 +220,7 @@ def import_for_compile(
     timings = {"import": time.perf_counter() - start}
     as_written["dtype"] = imported.info.get("dtype") or _graph_dtype(imported)
     feeds = None
-    if calibration_data is not None:
+    if calibration_data is not None and _uses_calibration(recipe):
         from tensorpress.compiler.calibration import calibration_feeds
 
         feeds = calibration_feeds(calibration_data, imported)  # names, dtypes, shapes checked here
@@ -266,10 +279,37 @@ def _calibration_data(calibration: Any, model: Any, store_weights: bool):
     return read_calibration_file(calibration)
 
 
-def _check_calibration_used(recipe: WeightRecipe, data: Any) -> None:
+def _check_rotated_kv(kv_config: KVCacheConfig, model: Any, calibration: Any, store_weights: bool) -> None:
+    """A KV format with calibrated rotations (int2-oscar) needs a decoder folder and calibration data."""
+    if calibration is None:
+        raise ConfigError(
+            f"--kv-cache-dtype {kv_config.format} needs calibration data: give --calibration FILE (a .txt of "
+            "prompts, an .npz of input_ids, or the calib.npz `tensorpress calibrate` writes)."
+        )
+    if not _is_decoder_folder(model):
+        raise ConfigError(
+            f"--kv-cache-dtype {kv_config.format} is calibrated on Hugging Face decoder folders only; "
+            f"{_described(model)} is not one."
+        )
+    if not store_weights:
+        raise ConfigError(f"--kv-cache-dtype {kv_config.format} needs the weights' values to calibrate on.")
+
+
+def _is_kv_rotations_file(calibration: Any) -> bool:
+    from tensorpress.compiler.calibration.kv_rotations import is_kv_rotations_file
+
+    return isinstance(calibration, (str, os.PathLike)) and is_kv_rotations_file(calibration)
+
+
+def _uses_calibration(recipe: WeightRecipe) -> bool:
+    """Whether the weight recipe reads calibration data (a calibrated prune or the act scale search)."""
     from tensorpress.compiler.pruning import CALIBRATED_PRUNE_METHODS
 
-    uses = recipe.scale_search == "act" or (recipe.sparsity is not None and recipe.prune in CALIBRATED_PRUNE_METHODS)
+    return recipe.scale_search == "act" or (recipe.sparsity is not None and recipe.prune in CALIBRATED_PRUNE_METHODS)
+
+
+def _check_calibration_used(recipe: WeightRecipe, data: Any, calibrates_kv: bool = False) -> None:
+    uses = _uses_calibration(recipe) or calibrates_kv
     if recipe.scale_search == "act" and data is None:
         raise ConfigError(
             "the act scale search needs calibration data; give --calibration FILE (an .npz of model inputs "
@@ -277,8 +317,8 @@ def _check_calibration_used(recipe: WeightRecipe, data: Any) -> None:
         )
     if data is not None and not uses:
         raise ConfigError(
-            "calibration data is read only by --prune wanda / sparsegpt and --scale-search act; drop "
-            "--calibration or ask for one of them."
+            "calibration data is read only by --prune wanda / sparsegpt, --scale-search act and --kv-cache-dtype "
+            "int2-oscar; drop --calibration or ask for one of them."
         )
 
 

@@ -143,7 +143,8 @@ class SparseConfig(_Config):
 class KVCacheConfig(_Config):
     """How a decoder's KV cache is stored: a registered KV-cache format name (`compiler/formats/`):
     "auto" (the model's dtype, the default), "fp16", "fp32", "int8" (per-token, per-head scale), "int4"
-    (per-token, per-head min and scale) or "int2-kitty" (2-bit pages, `kv_int2_kitty.py`).
+    (per-token, per-head min and scale), "int2-kitty" (2-bit pages, `kv_int2_kitty.py`) or "int2-oscar"
+    (calibrated rotations, per-token clipped 2-bit, `kv_int2_oscar.py`; compile needs `calibration`).
 
     The options of a page-granular format (None: the format's default): boost_fraction (int2-kitty: key
     channels at 4 bits, 0, 0.125 or 0.25), sink and window (tokens kept full precision at the start and

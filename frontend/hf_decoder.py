@@ -29,7 +29,7 @@ from tensorpress.frontend.decoders.decoder_config import (
     DecoderConfig,
     decoder_config_from_hf,
 )
-from tensorpress.frontend.decoders.paged_attention import KVCacheKernels
+from tensorpress.frontend.decoders.paged_attention import KVCacheKernels, kv_rotations
 from tensorpress.frontend.decoders.safetensors_reader import read_safetensors_folder
 from tensorpress.imported_model import ImportedModel, TensorSpec
 
@@ -77,6 +77,8 @@ def build_decoder_module(config: DecoderConfig, dtype: str, kv_cache: KVCacheKer
 
         module = OPTForCausalLM(config, dtype)
     module.kv_cache = kv_cache
+    if getattr(kv_cache, "attention_rotations", False):  # params kv_rotations.{layer}.key / .value
+        module.kv_rotations = kv_rotations(config.num_layers, config.num_kv_heads, config.head_dim, dtype)
     return module
 
 
@@ -117,6 +119,7 @@ def import_hf_decoder(
     shapes_only: bool = False,
     weight_source: WeightSource | None = None,
     source: str | None = None,
+    kv_parameters: dict[str, np.ndarray] | None = None,
 ) -> ImportedModel:
     """Import a Llama/Qwen2/OPT causal-LM folder as prefill/decode functions over a paged KV cache.
 
@@ -127,6 +130,8 @@ def import_hf_decoder(
     no memory (for artifacts compiled with store_weights=False, whose weights come at load time).
     weight_source, source: where the weights come from instead of the folder's *.safetensors, and its
     name for messages (the ONNX decoder frontend passes the graph's initializers).
+    kv_parameters: the parameters a KV format asks for beside the checkpoint's (int2-oscar's calibrated
+    rotations, kv_rotations.{layer}.key / .value), made by the compiler.
     """
     folder = Path(folder)
     where = source or str(folder)
@@ -143,7 +148,8 @@ def import_hf_decoder(
         needed = {name: tuple(int(d) for d in p.shape) for name, p in named}
         params = _load_params(named, weight_source(needed), dtype, where, "the model's weights")
     else:
-        params = _load_params(named, read_safetensors_folder(folder), dtype, where, "the *.safetensors files")
+        tensors = {**read_safetensors_folder(folder), **(kv_parameters or {})}
+        params = _load_params(named, tensors, dtype, where, "the *.safetensors files")
 
     cache_tensors = module.cache_tensors(page_size)
     # learned position tables end; RoPE has no hard limit

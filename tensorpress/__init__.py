@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile": "tensorpress.compiler.api",
     "tune": "tensorpress.compiler.tuning.tune_model",
+    "calibrate": "tensorpress.compiler.calibration.kv_rotations",
     "FPxConfig": "tensorpress.compiler.compression_configs",
     "SparseConfig": "tensorpress.compiler.compression_configs",
     "KVCacheConfig": "tensorpress.compiler.compression_configs",
@@ -36,6 +37,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from tensorpress import runtime as runtime
     from tensorpress.compiler.api import compile as compile
+    from tensorpress.compiler.calibration.kv_rotations import calibrate as calibrate
     from tensorpress.compiler.compression_configs import FPxConfig as FPxConfig
     from tensorpress.compiler.compression_configs import KVCacheConfig as KVCacheConfig
     from tensorpress.compiler.compression_configs import SparseConfig as SparseConfig

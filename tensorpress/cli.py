@@ -1,4 +1,4 @@
-"""`tensorpress` command line: compile, tune, run, inspect, package, generate.
+"""`tensorpress` command line: compile, tune, calibrate, run, inspect, package, generate.
 
 Start-up stays under a second: only argparse is imported here; each command imports what it needs.
 A `TensorpressError` is printed as one line (`error: ...`) with exit status 1; warnings as `warning: ...`
@@ -167,6 +167,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from tensorpress.compiler.calibration.kv_rotations import calibrate
+
+    path = calibrate(args.model, args.data, args.output, dtype=args.dtype)
+    print(f"calibrated the KV rotations of {args.model} on {args.data} -> {path}")
+    print(f"  compile with: tensorpress compile {args.model} --kv-cache-dtype int2-oscar --calibration {path} -o ...")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from tensorpress.runtime.inspect_artifact import describe_artifact
 
@@ -229,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibration",
-        help="sample inputs for --prune wanda/sparsegpt and --scale-search act: an .npz of model inputs by "
-        "name (one sample, or [samples, ...]) or a .txt of text, a sample a line (models with a tokenizer)",
+        help="sample inputs for --prune wanda/sparsegpt, --scale-search act and --kv-cache-dtype int2-oscar: an "
+        ".npz of model inputs by name (one sample, or [samples, ...]) or a .txt of text, a sample a line (models "
+        "with a tokenizer); int2-oscar also takes the calib.npz `tensorpress calibrate` writes",
     )
     p.add_argument(
         "--sparse-format",
@@ -283,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-key", help="the device key the servers registered under (with --rpc-tracker)")
     p.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
     p.set_defaults(func=_tune)
+
+    p = sub.add_parser("calibrate", help="calibrate int2-oscar's KV rotations of a decoder on prompts")
+    p.add_argument("model", help="a Hugging Face decoder folder")
+    p.add_argument("--data", required=True, help="prompts: a .txt (a prompt a line) or an .npz of input_ids")
+    p.add_argument("-o", "--output", required=True, help="the .npz to write (compile takes it as --calibration)")
+    p.add_argument("--dtype", choices=("float32", "float16"), help="activation dtype of the run (default float32)")
+    p.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("run", help="run a graph artifact on inputs from an .npz file")
     p.add_argument("artifact", help="a .tpk file compiled from a graph model (decoders: use generate)")

@@ -1,6 +1,8 @@
 """Calibration: run the model once on the CPU over sample inputs and collect, for each linear layer the
 weight plan compresses, statistics of that layer's input activations. The one calibration path of the
-project: pruning (wanda, sparsegpt), FPx's `act` scale search, and the next users, read it.
+project: pruning (wanda, sparsegpt), FPx's `act` scale search and int2-oscar's KV rotations
+(`kv_rotations.py`: its accumulator takes the attention's input and folds the query and value
+covariances) read it.
 
     data  = read_calibration_file("calib.npz")                  # checked before any work (samples.py)
     feeds = calibration_feeds(data, imported)                   # {input name: array} per sample

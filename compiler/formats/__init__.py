@@ -57,6 +57,7 @@ from tensorpress.compiler.formats.fpx import SCALE_SEARCHES, check_scale_search,
 from tensorpress.compiler.formats.int8 import Int8WeightFormat
 from tensorpress.compiler.formats.kv_cache import KVCacheFormat
 from tensorpress.compiler.formats.kv_int2_kitty import Int2KittyKVCache
+from tensorpress.compiler.formats.kv_int2_oscar import Int2OscarKVCache
 from tensorpress.compiler.formats.kv_int4 import Int4KVCache
 from tensorpress.compiler.formats.kv_int8 import Int8KVCache
 from tensorpress.compiler.formats.kv_model_dtype import ModelDtypeKVCache
@@ -85,6 +86,7 @@ FORMATS: dict[str, dict[str, Any]] = {
         "int8": Int8KVCache(),
         "int4": Int4KVCache(),  # asymmetric 4-bit, two codes a byte, fp16 min + scale per row
         "int2-kitty": Int2KittyKVCache(),  # 2-bit pages, boosted key channels; fp16 sink + window
+        "int2-oscar": Int2OscarKVCache(),  # calibrated K/V rotations, per-token clipped 2-bit; fp16 sink + window
     },
 }
 WEIGHT_FORMATS: dict[str, WeightFormat] = FORMATS[WEIGHT]

@@ -42,7 +42,7 @@ import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -79,6 +79,9 @@ class KVCacheFormat(abc.ABC):
     """
 
     name: str
+    # True: the decoder stores K, V rotated by per-layer, per-kv-head orthonormal matrices the compiler
+    # calibrates (model parameters kv_rotations.{layer}.key / .value; frontend/decoders/paged_attention.py)
+    attention_rotations: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ what is stored
 

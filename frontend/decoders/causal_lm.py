@@ -39,6 +39,7 @@ class CausalLM(nn.Module):
     config: DecoderConfig
     dtype: str
     kv_cache: KVCacheKernels  # the compiler's choice of KV-cache format (set by the importer)
+    kv_rotations: Any = None  # the per-layer KVRotation list, where the format asks for rotations
 
     def hidden_states(self, input_ids: nn.Tensor, kv: PagedKV) -> nn.Tensor:
         """[N] token ids -> [N, hidden] final hidden states (after the final norm)."""
@@ -49,13 +50,13 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def prefill(self, input_ids, positions, seq_slot, block_table, last_token_index, *cache):
-        kv = PagedKV(list(cache), positions, seq_slot, block_table, PREFILL, self.kv_cache)
+        kv = PagedKV(list(cache), positions, seq_slot, block_table, PREFILL, self.kv_cache, self.kv_rotations)
         hidden = self.hidden_states(input_ids, kv)
         last = op.take(hidden, last_token_index, axis=0)
         return op.astype(self.lm_logits(last), "float32")
 
     def decode(self, input_ids, positions, seq_slot, block_table, *cache):
-        kv = PagedKV(list(cache), positions, seq_slot, block_table, DECODE, self.kv_cache)
+        kv = PagedKV(list(cache), positions, seq_slot, block_table, DECODE, self.kv_cache, self.kv_rotations)
         return op.astype(self.lm_logits(self.hidden_states(input_ids, kv)), "float32")
 
     def quantize_pages(self, src, dst, *cache):

@@ -10,6 +10,13 @@ format's business, see `compiler/formats/kv_cache.py`) and the metadata that say
 
 The kernels come from the KV-cache format the compiler hands to the import (`KVCacheKernels`): this
 module only says where attention and the cache live.
+
+A format may ask for rotations around the cache (`attention_rotations`, int2-oscar): then each layer
+has a `KVRotation` (R_K, R_V per kv head, orthonormal model parameters the compiler calibrated) and
+`attend` stores and reads everything rotated, so the cache, its kernels and the runtime never know:
+
+    k' = R_K k,  q' = R_K q   (after RoPE; a query head uses its kv head's R_K)   q'·k' = q·k
+    v' = R_V v,  out = R_Vᵀ out'                                                 Σ p v  unchanged
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class PagedKV:
     block_table: nn.Tensor
     phase: str  # "prefill" or "decode": which attention kernel (and schedule) to use
     kernels: KVCacheKernels
+    rotations: list[KVRotation] | None = None  # per layer, where the format asks for them
 
     @property
     def page_size(self) -> int:
@@ -85,6 +93,13 @@ class PagedKV:
         _, heads, head_dim = (int(s) if isinstance(s, int) else s for s in q.shape)
         kv_heads = int(k.shape[1])
         dtype = q.dtype
+        rotation = self.rotations[layer] if self.rotations is not None else None
+        if rotation is not None:
+            q, k, v = (
+                rotation.rotate(q, rotation.key),
+                rotation.rotate(k, rotation.key),
+                rotation.rotate(v, rotation.value),
+            )
         layer_arg = tirx.IntImm("int64", layer)
         append = self.kernels.append_kernel(kv_heads, head_dim, self.page_size, dtype)
         written = [nn.Tensor.placeholder(t.shape, t.dtype) for t in self.cache]
@@ -97,12 +112,38 @@ class PagedKV:
         )
         self.cache = list(updated) if len(written) > 1 else [updated]
         attention = self.kernels.attention_kernel(heads, kv_heads, head_dim, self.page_size, dtype, self.phase)
-        return op.tensor_ir_op(
+        out = op.tensor_ir_op(
             attention,
             f"paged_attention_{self.phase}",
             [q, *self.cache, self.positions, self.seq_slot, self.block_table, layer_arg],
             out=nn.Tensor.placeholder(q.shape, dtype),
         )
+        return rotation.rotate(out, rotation.value, inverse=True) if rotation is not None else out
+
+
+class KVRotation(nn.Module):
+    """One layer's rotations of the cache (module docstring): key = R_K, value = R_V, each [KVH, D, D],
+    orthonormal; a row x of kv head g is stored as R[g] x."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype: str):
+        self.key = nn.Parameter((kv_heads, head_dim, head_dim), dtype)
+        self.value = nn.Parameter((kv_heads, head_dim, head_dim), dtype)
+
+    @staticmethod
+    def rotate(x: nn.Tensor, rotation: nn.Tensor, inverse: bool = False) -> nn.Tensor:
+        """x [N, heads, D] -> R[g] x (or R[g]ᵀ x) per head, head h in kv head g = h // (heads / KVH)."""
+        n, heads, head_dim = x.shape
+        kv_heads = int(rotation.shape[0])
+        grouped = op.reshape(x, (n, kv_heads, int(heads) // kv_heads, head_dim))
+        # rows times Rᵀ is R times each row; rows times R is Rᵀ times each row
+        matrix = rotation if inverse else op.permute_dims(rotation, [0, 2, 1])
+        return op.reshape(op.matmul(grouped, matrix), (n, heads, head_dim))
+
+
+def kv_rotations(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> nn.ModuleList:
+    """A `KVRotation` per layer: the parameters kv_rotations.{layer}.key / .value of a decoder whose KV
+    format asks for them."""
+    return nn.ModuleList([KVRotation(kv_heads, head_dim, dtype) for _ in range(num_layers)])
 
 
 def apply_rope(x: nn.Tensor, positions: nn.Tensor, inv_freq: np.ndarray) -> nn.Tensor:

@@ -160,7 +160,7 @@ def test_an_unknown_kv_cache_dtype_is_one_error_line_and_writes_nothing(tmp_path
     )
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [
-        "error: KVCacheConfig format must be one of auto, fp16, fp32, int8, int4, int2-kitty, got 'int3'."
+        "error: KVCacheConfig format must be one of auto, fp16, fp32, int8, int4, int2-kitty, int2-oscar, got 'int3'."
     ]
     assert not out.exists() and list(tmp_path.iterdir()) == []
 

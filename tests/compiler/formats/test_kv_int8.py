@@ -16,11 +16,11 @@ INT8 = get_kv_cache_format("int8")
 
 
 def test_registry_names_the_kv_formats_and_refuses_others():
-    names = ["auto", "fp16", "fp32", "int8", "int4", "int2-kitty"]
+    names = ["auto", "fp16", "fp32", "int8", "int4", "int2-kitty", "int2-oscar"]
     assert kv_cache_format_names() == list(FORMATS["kv_cache"]) == names
     assert isinstance(INT8, Int8KVCache) and INT8.name == "int8"
-    with pytest.raises(ConfigError, match="valid names: auto, fp16, fp32, int8, int4, int2-kitty"):
-        get_kv_cache_format("int2-oscar")
+    with pytest.raises(ConfigError, match="valid names: auto, fp16, fp32, int8, int4, int2-kitty, int2-oscar"):
+        get_kv_cache_format("int3")
 
 
 def test_cache_tensors_and_bytes_per_token():
