@@ -74,11 +74,23 @@ def scatter_statement(
 ) -> tuple[tirx.Stmt, list[tirx.Buffer]]:
     """(the statement of the module docstring building `region` of W into `out` (indexed [row, col] of
     W), the local buffers it allocates)."""
-    fill = threads.wrap(lambda index: _zero_fill(out, region, threads.count, index))
     words = tirx.decl_buffer((scatter.vector,), str(stored[scatter.words].dtype), name="scatter_words", scope="local")
-    body = threads.wrap(lambda index: _scatter(scatter, stored, out, region, threads.count, index, words))
-    steps = [fill] + ([threads.barrier()] if threads.barrier is not None else []) + [body]
-    return tirx.SeqStmt(steps), [words]
+
+    def fill(index: tirx.PrimExpr) -> tirx.Stmt:
+        return _zero_fill(out, region, threads.count, index)
+
+    def place(index: tirx.PrimExpr) -> tirx.Stmt:
+        return _scatter(scatter, stored, out, region, threads.count, index, words)
+
+    if threads.barrier is not None:  # GPU threads: fill, __syncthreads(), scatter
+        return threads.wrap(lambda index: tirx.SeqStmt([fill(index), threads.barrier(), place(index)])), [words]
+    if threads.count == 1:
+        return threads.wrap(lambda index: tirx.SeqStmt([fill(index), place(index)])), [words]
+    # Threads run one after another (the CPU replay): every thread fills, then every thread scatters, in
+    # one loop nest (one statement, as the GPU's, for the software pipeline).
+    phase = tirx.Var("phase", "int32")
+    both = threads.wrap(lambda index: tirx.IfThenElse(phase == 0, fill(index), place(index)))
+    return tirx.For(phase, 0, 2, tirx.ForKind.SERIAL, both), [words]
 
 
 def _zero_fill(out: tirx.Buffer, region: ScatterRegion, count: int, index: tirx.PrimExpr) -> tirx.Stmt:
