@@ -82,14 +82,18 @@ def scatter_statement(
     def place(index: tirx.PrimExpr) -> tirx.Stmt:
         return _scatter(scatter, stored, out, region, threads.count, index, words)
 
-    if threads.barrier is not None:  # GPU threads: fill, __syncthreads(), scatter
-        return threads.wrap(lambda index: tirx.SeqStmt([fill(index), threads.barrier(), place(index)])), [words]
     if threads.count == 1:
         return threads.wrap(lambda index: tirx.SeqStmt([fill(index), place(index)])), [words]
-    # Threads run one after another (the CPU replay): every thread fills, then every thread scatters, in
-    # one loop nest (one statement, as the GPU's, for the software pipeline).
+    # One loop nest over two phases (one statement: the software pipeline takes it as one step):
+    # every thread fills (then waits at the barrier, on the GPU), then every thread scatters. The CPU
+    # replay runs threads one after another, so the phase loop alone keeps fills before scatters.
     phase = tirx.Var("phase", "int32")
-    both = threads.wrap(lambda index: tirx.IfThenElse(phase == 0, fill(index), place(index)))
+
+    def first_fill(index: tirx.PrimExpr) -> tirx.Stmt:
+        filled = fill(index) if threads.barrier is None else tirx.SeqStmt([fill(index), threads.barrier()])
+        return tirx.IfThenElse(phase == 0, filled, place(index))
+
+    both = threads.wrap(first_fill)
     return tirx.For(phase, 0, 2, tirx.ForKind.SERIAL, both), [words]
 
 
@@ -133,7 +137,9 @@ def _scatter(scatter, stored, out, region: ScatterRegion, count: int, index: tir
     stores = []
     for e in range(vec):
         r, c, value = scatter.element(local[e])
-        row, col = tile_row * tr_size + r, tile_col * tc_size + c
+        # r, c wrapped into the tile (a no-op for every word a packer writes): the stores then provably
+        # stay in the tiles the region covers, so TVM compacts the shared W buffer to the CTA's tile
+        row, col = tile_row * tr_size + tirx.floormod(r, tr_size), tile_col * tc_size + tirx.floormod(c, tc_size)
         inside = tirx.all(
             region.row0 <= row, row < region.row0 + region.rows, region.col0 <= col, col < region.col0 + region.cols
         )

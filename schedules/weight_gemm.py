@@ -136,7 +136,13 @@ def _with_scatter_decode(func: tirx.PrimFunc, stage: DecodeStage, m: int, k: int
     assert stage.tile_scatter is not None
     stored = list(func.params[1 : 1 + num_stored])  # buffer parameters are Buffers in TVM 0.27
     old: list = []
-    tvm_ffi.structural_map(func.body, (SBlock, lambda b: old.append(b) or b if b.name_hint == "decode" else b))
+
+    def find(block: SBlock) -> SBlock:
+        if block.name_hint == "decode":
+            old.append(block)
+        return block
+
+    tvm_ffi.structural_map(func.body, (SBlock, find))
     (decode,) = old
     out = decode.writes[0].source
     region = ScatterRegion(tirx.const(0, "int32"), tirx.const(0, "int32"), m, k, m, k)

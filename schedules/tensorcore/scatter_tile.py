@@ -82,5 +82,10 @@ def install_tile_scatter(
 def _inner_reads(block: SBlock) -> list:
     """The read regions of the block under the blockized W-tile block (the copy of the W buffer)."""
     found: list = []
-    tvm_ffi.structural_map(block.body, [(SBlock, lambda b: found.append(b) or b)])
+
+    def collect(inner: SBlock) -> SBlock:
+        found.append(inner)
+        return inner
+
+    tvm_ffi.structural_map(block.body, [(SBlock, collect)])
     return [region for b in found for region in b.reads]

@@ -21,6 +21,16 @@ into its B fragments, two weights per register (`fragment_decode.py` has the pic
 
     global ──cp.async──▶ staged words (shared, rows padded) ──LDS + pair decode──▶ B fragments ──▶ mma
 
+A scatter format (its stage's `tile_scatter`, e.g. Tiled-CSL: words of (fp16 value | position) per 16 x 64
+tile) is not a per-element decode: the PrimFunc's whole-W decode block is dropped and each K tile's W
+tile builds itself (`scatter_tile.py`, `schedules/tile_scatter.py`), one format for all such formats:
+
+    W tile (shared, rows padded +16 B) ◀──STS.128 zeros (all threads)── ; __syncthreads()
+    global words ──LDG.128: 4 words a thread──▶ registers ──STS value at (row, col) of its word──▶ W tile
+                   (the block_m x block_k W tile covers whole 16 x 64 format tiles, or half of one when
+                    block_k = 32; each format tile's words are dealt to threads / tiles threads)
+                                          W tile ──ldmatrix──▶ B fragments ──▶ mma   (as a decoded tile)
+
 N and K are padded to whole tiles inside the kernel (predicated, zero-filling cp.async; Y rows
 n >= N are never stored); block_m must divide M (TileConfig.check_shape).
 """
