@@ -135,7 +135,7 @@ def _tp(*args: str):
     return subprocess.run([sys.executable, "-m", "tensorpress", *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("sparse_format", ["auto", "bitmap", "tiled-csl"])
+@pytest.mark.parametrize("sparse_format", ["auto", "bitmap", pytest.param("tiled-csl", marks=pytest.mark.slow)])
 def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_lists_it(tmp_path, sparse_format):
     import onnx
     import onnxruntime as ort

@@ -36,8 +36,9 @@ def _check(out: np.ndarray, ref: np.ndarray) -> None:
         assert relative_error(out, ref) < TOLERANCE
 
 
-@pytest.mark.parametrize("sparsity", [1.0, 0.999, 0.5, 0.0], ids=["density0", "density0.1%", "density50%", "dense"])
-@pytest.mark.parametrize("n", [1, 17])
+@pytest.mark.parametrize(
+    "sparsity, n", [(1.0, 1), (0.999, 17), (0.5, 5), (0.0, 17)], ids=["density0", "density0.1%", "density50%", "dense"]
+)
 def test_replay_matches_numpy(sparsity, n):
     out, ref = replay_weight_gemm("tiled-csl", 64, 256, n, SMALL, seed=n, sparsity=sparsity, bias=True)
     _check(out, ref)
@@ -46,9 +47,8 @@ def test_replay_matches_numpy(sparsity, n):
 @pytest.mark.parametrize("config", [HALF, SHIPPED_TILES[-1], TileConfig(16, 64, 64, 2, 2, split_k=2)], ids=str)
 def test_replay_other_tiles_padded_k_and_split_k(config):
     # K = 208: not a multiple of 64 (the last format tile is part padding) nor of every config's K slice
-    for shuffle in (3, 4):
-        out, ref = replay_weight_gemm("tiled-csl", 64, 208, 5, config, seed=2, sparsity=0.5, shuffle_seed=shuffle)
-        _check(out, ref)
+    out, ref = replay_weight_gemm("tiled-csl", 64, 208, 5, config, seed=2, sparsity=0.5, shuffle_seed=config.block_m)
+    _check(out, ref)
 
 
 class _PlantedDecode(TiledCSLDecode):
