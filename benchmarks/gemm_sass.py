@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/gemm_sass.py [--m 4096 --k 4096] [--arch sm_80 --arch sm_90a]
     .venv/bin/python benchmarks/gemm_sass.py --format fp6 --format fp5 --format fp4 --arch sm_90a
     .venv/bin/python benchmarks/gemm_sass.py --decode-only --format fp6 --format fp5 --format fp4
+    .venv/bin/python benchmarks/gemm_sass.py --format tiled-csl --format bitmap --sparsity 0.8 --arch sm_90a
 
 One row per (format, config, arch, kernel): registers, spill and stack bytes, shared memory (static +
 dynamic), and the count of HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) instructions in
@@ -13,7 +14,10 @@ the issue budget (`sass_cost.weight_budget`) says whether the decode keeps the k
 at full HBM bandwidth an H100 SM receives about 14 bytes per clock, i.e. 14·8/b weights of b bits,
 and issues 4 × 32 thread-instructions per clock, so it can spend at most ~1.15·b thread-instructions
 per weight (fp16: 18.5, FP6: 6.9, FP5: 5.8, FP4: 4.6) on everything (copy, decode, mma, loop); "ok"
-marks the rows within it.
+marks the rows within it. A sparse format (bitmap, tiled-csl) is built for a weight pruned at random to
+--sparsity and its budget uses the bits it really stores per weight (tiled-csl at 80%: 32 bits a
+nonzero + offsets, about 6.5 bits, a budget of about 7.5). Its decode loops run as many times as its
+tiles hold words, so the steady state counts one trip of each (a lower bound for the scatter).
 
 --decode-only compiles just an FPx decode, the way one lane of an mma B fragment would run it (8
 weights of a 32-wide group per row: one word of plane4, half a word of plane2), per element and as
@@ -42,6 +46,22 @@ def format_bits(fmt: str) -> int:
     from tensorpress.compiler.formats import get_weight_format
 
     return get_weight_format(fmt).code_bits()
+
+
+def sparse_buffers(fmt: str, m: int, k: int, sparsity: float):
+    """(the stored buffers, bits stored per weight) of a random [m, k] weight pruned to `sparsity` in the
+    sparse format `fmt`; (None, code bits) for the formats whose buffers follow from the shape."""
+    import numpy as np
+
+    from tensorpress.compiler.formats import get_weight_format
+    from tensorpress.compiler.pruning import prune
+
+    weight_format = get_weight_format(fmt)
+    if not weight_format.sparse:
+        return None, weight_format.code_bits()
+    w = prune(np.random.default_rng(0).standard_normal((m, k)).astype(np.float32), sparsity)
+    packed = weight_format.pack(w)
+    return packed.buffers, packed.nbytes * 8 / (m * k)
 
 
 def decode_only_kernel(fmt: str, pair: bool, m: int = 1024, k: int = 1024, rows_per_thread: int = 8):
@@ -120,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", action="append", help="weight formats (default: dense-fp16)")
     parser.add_argument("--split-k", type=int, action="append", help="split_k values (default: 1 and 2)")
     parser.add_argument("--decode-only", action="store_true", help="FPx decode cost per element vs per pair")
+    parser.add_argument("--sparsity", type=float, default=0.8, help="sparse formats: the weight's zeros")
     args = parser.parse_args(argv)
     if args.decode_only:
         for arch in args.arch or ["sm_90a"]:
@@ -127,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     formats = args.format or ["dense-fp16"]
     configs = [replace(t, split_k=s) for t in SHIPPED_TILES for s in (args.split_k or [1, 2])]
-    functions, labels = {}, {}
+    functions, labels, bits = {}, {}, {}
     for fmt in formats:
+        buffers, bits[fmt] = sparse_buffers(fmt, args.m, args.k, args.sparsity)
         for config in configs:
-            func = make_weight_gemm(decode_stage(fmt), args.m, args.k, with_bias=True)
+            func = make_weight_gemm(decode_stage(fmt), args.m, args.k, with_bias=True, buffers=buffers)
             symbol = f"{fmt.replace('-', '_')}_{config.label()}"
             main_func = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
             functions[symbol] = main_func.with_attr("global_symbol", symbol)
@@ -159,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(row + " | | | | | | | |")
                 continue
             s = summarize(counts, config)
-            budget = weight_budget(format_bits(fmt))
+            budget = weight_budget(bits[fmt])
             verdict = "ok" if s["instructions_per_weight"] <= budget else "over"
             print(
                 f"{row} {s['HMMA']} | {s['INT']} | {s['int_per_hmma']:.1f} | {s['FP16']} | {s['BAR']} | "

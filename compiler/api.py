@@ -329,9 +329,7 @@ def _sparse_recipe(recipe: WeightRecipe, sparsity: Any, store_weights: bool, cal
     if not isinstance(sparsity, SparseConfig):
         raise ConfigError(f"sparsity must be a SparseConfig, got {type(sparsity).__name__}.")
     if sparsity.format in PLANNED_SPARSE_FORMATS:
-        raise ConfigError(
-            f"the {sparsity.format} sparse format is planned, not built yet; use auto, ellpack or bitmap."
-        )
+        raise ConfigError(f"the {sparsity.format} sparse format is planned, not built yet; use auto or a built one.")
     fmt, values = sparsity.format, None
     if recipe.format is not None:  # sparse x FPx
         fmt, values = _sparse_fpx_format(recipe.format, sparsity.format)

@@ -110,8 +110,8 @@ class SparseConfig(_Config):
 
     sparsity: fraction of zeros, 0 <= sparsity < 1.
     format: "auto" (per layer, the target's sparse format storing the fewest bytes: ellpack on CPUs,
-        bitmap on GPUs; dense where none saves bytes) or a registered sparse weight format ("ellpack",
-        "bitmap"; "tiled-csl" is planned, not built yet).
+        bitmap or tiled-csl on GPUs; dense where none saves bytes) or a registered sparse weight format
+        ("ellpack", "bitmap", "tiled-csl").
     prune: "magnitude" (per output row, keep the largest |w|), "wanda" (|w| x the input channel's norm)
         or "sparsegpt" (pruned and corrected from the layer's Hessian), the last two with compile's
         `calibration`; or "none" (the weights as given). See compiler/pruning.py.

@@ -19,6 +19,9 @@ never ask a stage for its name:
                                                               vector instruction along K
     row slots            row_slots                            make_weight_gemm: the GEMM over the
                                                               nonzeros (no decode block); CPU only
+    tile scatter         tile_scatter                         Tensor Core template: zero-filled W
+                                                              tile, each stored word's value stored
+                                                              at its position (scatter formats)
 
 Row slots. A sparse stage may describe W as S slots per row, each a (value, column) pair, padding
 slots value 0: W[m, k] = the sum of value(m, s) over the slots s with column(m, s) == k. Then the
@@ -40,6 +43,16 @@ The template asks for (row, col), (row, col + 1) pairs, col even, in whatever or
 layout gives each lane; the stage never hears of lanes. Its answer must equal the PrimFunc's decode
 block (the unscaled values, when the PrimFunc scales rows in the epilogue), and must be finite for
 every possible content of the staged words: beyond K the template zero-fills X, not W.
+
+Tile scatter. A sparse stage whose stored words each say where in a tile their value goes (Tiled-CSL)
+is a scatter, not a per-element gather: its `decode` still defines W[m, k] (a search, the CPU's path
+and the one definition the tests check), and `tile_scatter` tells the Tensor Core template how to
+build the tile without it. W is cut in tiles of tile_rows x tile_cols; tile (tr, tc) is all zeros
+except that, for every word index j in word_range(stored, tr, tc) = [first, end), with w the word at
+j of the stored buffer `words` (an index into the stored buffers),
+    element(w) = (row r, column c in the tile, value) says W[tr·tile_rows + r, tc·tile_cols + c] = value.
+first and end are multiples of `vector` (whole 128-bit loads); a tile may hold the same word twice
+(its padding), and a position no word names is 0. `schedules/tensorcore/scatter.py` has the picture.
 
 Buffers. What a format stores for one weight is described by its packed weight (`StoredBuffer`s,
 possibly sized by the data, e.g. a sparse weight's nonzero count); `stored_buffers(m, k)` answers for
@@ -92,6 +105,20 @@ class RowSlots:
     block_rows: int
     value: Callable[[list, Any, Any], Any]
     column: Callable[[list, Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class TileScatter:
+    """A stage's W as words scattered into zero tiles (see the module docstring, "Tile scatter"):
+    word_range(stored, tile_row, tile_col) -> (first, end) int32 TIR word indices; element(word) ->
+    (row, col, value) TIR (int32, int32, float16) of one word of the `words` stored buffer."""
+
+    tile_rows: int
+    tile_cols: int
+    words: int
+    word_range: Callable[[list, Any, Any], tuple[Any, Any]]
+    element: Callable[[Any], tuple[Any, Any, Any]]
+    vector: int = 4  # words per aligned 128-bit load
 
 
 class DecodeStage:
@@ -151,6 +178,10 @@ class DecodeStage:
     cpu_panel_width: int | None = None  # W stored as [M/P, K, P] column panels: read in place
     cpu_decode_order: CPUDecodeOrder | None = None  # rows readable word by word (decode along K)
     row_slots: RowSlots | None = None  # W as (value, column) slots per row: the GEMM over the nonzeros
+
+    # -- Tensor Core template: tile scatter -------------------------------------------------------
+
+    tile_scatter: TileScatter | None = None  # W as words scattered into zero tiles (scatter formats)
 
 
 def staged_buffer_names(stage: DecodeStage, m: int, k: int, known: list[str]) -> list[str]:

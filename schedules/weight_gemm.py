@@ -84,6 +84,8 @@ def make_weight_gemm(
         return _row_slot_gemm(stage, stage.row_slots, m, k, x, stored, act_dtype, out_dtype, with_bias)
     factored = row_scale_in_epilogue and stage.scales_rows
     decode = stage.unscaled_decode if factored else stage.decode
+    if stage.tile_scatter is not None:  # a zero placeholder, replaced below by the scatter
+        decode = lambda *_: tirx.const(0, act_dtype)  # noqa: E731
     w = te.compute((m, k), lambda r, c: decode(stored, r, c, act_dtype), name="decode")
     rk = te.reduce_axis((0, k), name="k")
     acc = te.compute(
@@ -104,6 +106,8 @@ def make_weight_gemm(
         args.append(bias)
     y = te.compute((rows, m), lambda i, j: with_bias_added(i, j).astype(out_dtype), name="store")
     func = te.create_prim_func([*args, y])
+    if stage.tile_scatter is not None:
+        func = _with_scatter_decode(func, stage, m, k, len(stored))
     _STAGE_OF_FORMAT[stage.name] = stage
     return func.with_attrs(
         {
@@ -117,6 +121,47 @@ def make_weight_gemm(
             "op_pattern": 8,
         }
     )
+
+
+def _with_scatter_decode(func: tirx.PrimFunc, stage: DecodeStage, m: int, k: int, num_stored: int) -> tirx.PrimFunc:
+    """`func` whose "decode" block (and its loops) is one block building all of W by the stage's tile
+    scatter (`schedules/tile_scatter.py`, one thread): a scatter format's definition of its decode."""
+    import tvm_ffi
+    from tvm.ir import Range
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
+    from tvm.tirx import BufferRegion
+
+    from tensorpress.schedules.tile_scatter import ScatterRegion, one_thread, scatter_statement
+
+    assert stage.tile_scatter is not None
+    stored = list(func.params[1 : 1 + num_stored])  # buffer parameters are Buffers in TVM 0.27
+    old: list = []
+
+    def find(block: SBlock) -> SBlock:
+        if block.name_hint == "decode":
+            old.append(block)
+        return block
+
+    tvm_ffi.structural_map(func.body, (SBlock, find))
+    (decode,) = old
+    out = decode.writes[0].source
+    region = ScatterRegion(tirx.const(0, "int32"), tirx.const(0, "int32"), m, k, m, k)
+    body, local = scatter_statement(stage.tile_scatter, stored, out, region, one_thread())
+
+    def whole(buffer) -> BufferRegion:
+        return BufferRegion(buffer, [Range(0, extent) for extent in buffer.shape])
+
+    block = SBlock([], [whole(b) for b in stored], [whole(out)], "decode", body, alloc_buffers=local)
+    realize = SBlockRealize([], tirx.const(True, "bool"), block)
+
+    def replace(stmt):
+        if isinstance(stmt, SBlockRealize) and stmt.block.same_as(decode):
+            return realize
+        if isinstance(stmt, tirx.For) and isinstance(stmt.body, SBlockRealize) and stmt.body.same_as(realize):
+            return realize  # the decode's own loops: the scatter walks the tiles itself
+        return stmt
+
+    return tvm_ffi.structural_map(func, [(SBlockRealize, replace), (tirx.For, replace)])
 
 
 # Row slots: tokens padded to a multiple of this in the transposed copy of X, so a schedule may run

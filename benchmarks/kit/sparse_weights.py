@@ -9,7 +9,9 @@ The mask keeps exactly `kept_per_row(K, sparsity)` weights of each row, drawn un
 device); kept values are random fp16 around 1/sqrt(K), none zero (a zero would not be stored).
 Packing is `tensorpress.compiler.formats.bitmap`'s numpy packer, run on bands of whole 16-row tile rows
 in parallel and joined (`join_bands`: each band's offsets shifted by the nonzeros before it); the join
-equals packing the whole weight at once (tests/benchmarks/test_sparse_weights.py).
+equals packing the whole weight at once (tests/benchmarks/test_sparse_weights.py). Tiled-CSL's packer
+joins the same way (`BandPacker.pack_tiled_csl`: each band's offsets shifted by the words before it),
+ready for the kit's tiled-csl kernels, which the sparse benchmark does not build yet.
 """
 
 from __future__ import annotations
@@ -101,6 +103,27 @@ def join_fpx_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = No
     return {**arrays, "exact": exact}
 
 
+def _pack_tiled_csl_band(band: np.ndarray) -> dict[str, np.ndarray]:
+    from tensorpress.compiler.formats.tiled_csl import pack_tiled_csl
+
+    return pack_tiled_csl(band)
+
+
+def join_tiled_csl_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = None) -> dict[str, np.ndarray]:
+    """The tiled-csl arrays of a weight from those of its row bands (whole 16-row tile rows), in order:
+    each band's offsets rows shifted by the words before it; "words" padded with zero words (no tile
+    names them) to `capacity` (default: the packer's own length)."""
+    starts = np.cumsum([0] + [p["words"].size for p in parts[:-1]])
+    total = int(sum(p["words"].size for p in parts))
+    size = total if capacity is None else capacity
+    if size < total:
+        raise ValueError(f"{total} tiled-csl words do not fit a words buffer of {size}")
+    words = np.zeros(size, np.uint32)
+    words[:total] = np.concatenate([p["words"] for p in parts])
+    offsets = np.concatenate([p["offsets"] + np.int32(start) for p, start in zip(parts, starts)]).astype(np.int32)
+    return {"words": words, "offsets": offsets}
+
+
 class BandPacker:
     """Packs with the numpy bitmap packer, bands of BAND_ROWS rows in `workers` processes (spawned:
     the parent holds a CUDA context); workers=0 packs in this process."""
@@ -122,6 +145,14 @@ class BandPacker:
         bands = [w[r : r + BAND_ROWS] for r in range(0, w.shape[0], BAND_ROWS)]
         parts = list(self.pool.map(_pack_fpx_band, bands)) if self.pool else [_pack_fpx_band(b) for b in bands]
         return join_fpx_bands(parts, capacity)
+
+    def pack_tiled_csl(self, w: np.ndarray, capacity: int | None = None) -> dict[str, np.ndarray]:
+        """`join_tiled_csl_bands` of the bands of `w`, packed in the workers."""
+        bands = [w[r : r + BAND_ROWS] for r in range(0, w.shape[0], BAND_ROWS)]
+        parts = (
+            list(self.pool.map(_pack_tiled_csl_band, bands)) if self.pool else [_pack_tiled_csl_band(b) for b in bands]
+        )
+        return join_tiled_csl_bands(parts, capacity)
 
     def close(self) -> None:
         if self.pool:

@@ -61,6 +61,7 @@ from tensorpress.compiler.formats.kv_int2_oscar import Int2OscarKVCache
 from tensorpress.compiler.formats.kv_int4 import Int4KVCache
 from tensorpress.compiler.formats.kv_int8 import Int8KVCache
 from tensorpress.compiler.formats.kv_model_dtype import ModelDtypeKVCache
+from tensorpress.compiler.formats.tiled_csl import TiledCSLFormat
 from tensorpress.errors import ConfigError
 from tensorpress.schedules.decode_stage import DecodeStage
 
@@ -78,6 +79,7 @@ FORMATS: dict[str, dict[str, Any]] = {
         "bitmap": BitmapFormat("bitmap"),  # unstructured sparse: a bitmask + the fp16 nonzeros per tile
         **bitmap_fpx_formats(),  # sparse x FPx: bitmap-e3m2, ...: the bitmask + FPx codes, a scale per row
         "ellpack": EllpackFormat("ellpack"),  # unstructured sparse for the CPU: (fp16 value, column) row slots
+        "tiled-csl": TiledCSLFormat("tiled-csl"),  # unstructured sparse: (fp16 value | position) words per tile
     },
     KV_CACHE: {
         "auto": ModelDtypeKVCache("auto", None),  # the model's dtype
@@ -93,7 +95,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = FORMATS[WEIGHT]
 KV_CACHE_FORMATS: dict[str, KVCacheFormat] = FORMATS[KV_CACHE]
 
 # Names SparseConfig accepts for sparse formats that are planned, not built yet.
-PLANNED_SPARSE_FORMATS = ("tiled-csl",)
+PLANNED_SPARSE_FORMATS: tuple[str, ...] = ()
 # --sparse-format auto: per layer, the sparse format of the target (`WeightFormat.auto_targets`) that
 # stores the fewest bytes, or the target's dense format when none stores fewer (`compiler/weight_plan.py`).
 AUTO_SPARSE_FORMAT = "auto"

@@ -21,6 +21,16 @@ into its B fragments, two weights per register (`fragment_decode.py` has the pic
 
     global ──cp.async──▶ staged words (shared, rows padded) ──LDS + pair decode──▶ B fragments ──▶ mma
 
+A scatter format (its stage's `tile_scatter`, e.g. Tiled-CSL: words of (fp16 value | position) per 16 x 64
+tile) is not a per-element decode: the PrimFunc's whole-W decode block is dropped and each K tile's W
+tile builds itself (`scatter_tile.py`, `schedules/tile_scatter.py`), one format for all such formats:
+
+    W tile (shared, rows padded +16 B) ◀──STS.128 zeros (all threads)── ; __syncthreads()
+    global words ──LDG.128: 4 words a thread──▶ registers ──STS value at (row, col) of its word──▶ W tile
+                   (the block_m x block_k W tile covers whole 16 x 64 format tiles, or half of one when
+                    block_k = 32; each format tile's words are dealt to threads / tiles threads)
+                                          W tile ──ldmatrix──▶ B fragments ──▶ mma   (as a decoded tile)
+
 N and K are padded to whole tiles inside the kernel (predicated, zero-filling cp.async; Y rows
 n >= N are never stored); block_m must divide M (TileConfig.check_shape).
 """
@@ -38,6 +48,7 @@ from tensorpress.schedules.decode_stage import DecodeStage, staged_buffer_names
 from tensorpress.schedules.tensorcore import fragments as frag
 from tensorpress.schedules.tensorcore.fragment_decode import install_fragment_decode
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
+from tensorpress.schedules.tensorcore.scatter_tile import install_tile_scatter, without_scatter_decode
 from tensorpress.schedules.tensorcore.tile_config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
 from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, decode_stage_of, is_weight_gemm
 
@@ -99,9 +110,12 @@ class _Template:
         stored = [p.name for p in func.params]
         self.staged = staged_buffer_names(self.stage, self.m, self.k, stored)
         self.fragment_decode = _fragment_decode_stage(self.stage, func, config, bool(self.staged))
+        self.scatter = self.stage.tile_scatter
         _check_dtypes(func)
         # int32 index math everywhere (N is int64 in the PrimFunc; mixed widths break layout maps).
         narrow = tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
+        if self.scatter is not None:  # the W tiles build themselves: the whole-W decode block goes
+            narrow, self.scatter_stored = without_scatter_decode(narrow)
         self.sch = s_tir.Schedule(narrow)
 
     # -- orchestration --------------------------------------------------------------------------------
@@ -120,6 +134,10 @@ class _Template:
             self.sch = install_fragment_decode(
                 self.sch, self.frag_tiles[1], self.fragment_decode, staged, self.intr.decode_b
             )
+        if self.scatter is not None:
+            self.sch = install_tile_scatter(
+                self.sch, self.w_scatter, self.scatter_stored, self.cfg, self.m, self.k, self.intr.kind == "cuda"
+            )
         return self.sch
 
     # -- steps ---------------------------------------------------------------------------------------
@@ -134,7 +152,8 @@ class _Template:
         sch.pad_einsum(sch.get_sblock("gemm"), [cfg.block_n, 1, cfg.split_k * cfg.block_k])
         blocks = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
         sch.compute_inline(sch.get_sblock("gemm_pad"))  # the un-pad copy; "store" reads the padded acc
-        if "decode_pad" in blocks:  # decode_pad[m, k] = m < M and k < K ? decode[m, k] : 0
+        # decode_pad[m, k] = m < M and k < K ? decode[m, k] : 0 (a scatter stage has no decode block)
+        if "decode_pad" in blocks and "decode" in blocks:
             sch.compute_inline(sch.get_sblock("decode"))
         self.x_padded = "X_pad" if "X_pad" in blocks else None
         self.w_source = "decode_pad" if "decode_pad" in blocks else "decode"
@@ -193,6 +212,12 @@ class _Template:
         else:
             self.w_shared = sch.cache_read(self.outer, 1, scope)
             sch.compute_at(self.w_shared, self.k0)
+        if self.scatter is not None:
+            self.staged_blocks = []
+            self._cooperative(self.x_shared, self.k0, vector=True)
+            sch.annotate(self.x_shared, "permuted_layout", 1)
+            self._scatter_tile()
+            return
         decode = sch.get_sblock(self.w_source)
         staged_blocks = []
         for name in self.staged:
@@ -224,6 +249,17 @@ class _Template:
             sch.annotate(self.w_shared, "permuted_layout", 1)
         else:
             sch.storage_align(self.w_shared, 0, axis=-2, factor=32 if self.cfg.block_k == 32 else 64, offset=8)
+
+    def _scatter_tile(self) -> None:
+        """A scatter stage: the W tile (one block per K tile, rows padded like a decoded tile) whose body
+        `install_tile_scatter` replaces with the CTA's zero-fill and scatter of the stage's words."""
+        sch = self.sch
+        if self.w_source == "decode_pad":  # the W tile reads decode through the padding guard
+            sch.compute_inline(sch.get_sblock("decode_pad"))
+        self.w_scatter = sch.blockize(_loops_below(sch, self.w_shared, self.k0, 0)[0])
+        # padded rows (+16 B), as a decoded tile: the scatter stores at the buffer's own (row, col)
+        sch.storage_align(self.w_scatter, 0, axis=-2, factor=32 if self.cfg.block_k == 32 else 64, offset=8)
+        self.swizzle_w = False
 
     def _fragments(self) -> None:
         """ldmatrix sources/targets and the warp accumulator, laid out as the mma fragments."""

@@ -103,7 +103,7 @@ def steady_state(instructions: list[Instruction], decoded_per_thread: int) -> Co
     return counts
 
 
-def weight_budget(bits: int) -> float:
+def weight_budget(bits: float) -> float:
     """Thread-instructions an H100 SM may spend per b-bit weight and still stream W at full bandwidth."""
     weights_per_clock = H100_BYTES_PER_SM_CLOCK * 8 / bits
     return ISSUE_PER_SM_CLOCK / weights_per_clock

@@ -35,6 +35,24 @@ def test_band_packing_equals_the_whole_weight_packed_at_once(monkeypatch, m, k, 
     assert not padded["values"][whole["values"].size :].any()
 
 
+@pytest.mark.parametrize("m, k, sparsity", [(100, 200, 0.7), (17, 130, 0.0)])
+def test_tiled_csl_band_packing_equals_the_whole_weight_packed_at_once(monkeypatch, m, k, sparsity):
+    from tensorpress.compiler.formats.tiled_csl import pack_tiled_csl, unpack_tiled_csl
+
+    monkeypatch.setattr(sparse_weights, "BAND_ROWS", 32)  # several bands, the last one short
+    w = sparse_weights.random_pruned(m, k, sparsity, torch.device("cpu"), seed=m).numpy()
+    whole = pack_tiled_csl(w)
+    joined = sparse_weights.BandPacker(0).pack_tiled_csl(w)
+    for name in ("words", "offsets"):
+        assert joined[name].dtype == whole[name].dtype and np.array_equal(joined[name], whole[name]), name
+    padded = sparse_weights.BandPacker(0).pack_tiled_csl(w, capacity=whole["words"].size + 8)
+    assert np.array_equal(padded["words"][: whole["words"].size], whole["words"]) and not padded["words"][-8:].any()
+    exact = w.astype(np.float32)
+    np.testing.assert_array_equal(unpack_tiled_csl(joined, m, k), exact)
+    with pytest.raises(ValueError, match="do not fit"):
+        sparse_weights.BandPacker(0).pack_tiled_csl(w, capacity=whole["words"].size - 4)
+
+
 def test_a_capacity_too_small_for_the_nonzeros_is_refused():
     w = sparse_weights.random_pruned(32, 64, 0.5, torch.device("cpu"), seed=0).numpy()
     with pytest.raises(ValueError, match="do not fit"):

@@ -30,7 +30,7 @@ def test_defaults_and_lazy_export():
         FPxConfig(),
         FPxConfig(2, 3, "mse", ("*.attention.*", "encoder.layer.0.*")),
         SparseConfig(0.8, "bitmap"),
-        SparseConfig(0.5, "tiled-csl", "wanda"),  # tiled-csl planned: accepted here, refused by compile
+        SparseConfig(0.5, "tiled-csl", "wanda"),
         SparseConfig(0),
         KVCacheConfig("int8"),
         KVCacheConfig("int2-kitty", boost_fraction=0.125, sink=32, window=128),

@@ -1,9 +1,10 @@
-"""Sparse weights through the whole compiler (ellpack chosen by --sparse-format auto, or bitmap forced;
+"""Sparse weights through the whole compiler (ellpack chosen by --sparse-format auto, or bitmap or
+tiled-csl forced;
 magnitude pruning) on the CPU: the compiled model computes what torch / onnxruntime compute with the same
 pruned weights (pruned here by torch's topk, rounded to the formats' fp16 values), from Python and from
-the command line; auto keeps layers dense where no sparse format saves bytes, and picks bitmap for
-CUDA; `inspect` lists each layer's format, density and stored bytes; bad options are one error line and
-write nothing."""
+the command line; auto keeps layers dense where no sparse format saves bytes, and picks bitmap or
+(very sparse) tiled-csl for CUDA; `inspect` lists each layer's format, density and stored bytes; bad
+options are one error line and write nothing."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def test_magnitude_pruning_is_torch_topk_per_row():
     np.testing.assert_array_equal(prune(w.numpy(), 0.9, "none"), w.numpy())
 
 
-@pytest.mark.parametrize("sparse_format", ["auto", "bitmap"])
+@pytest.mark.parametrize("sparse_format", ["auto", "bitmap", "tiled-csl"])
 def test_mlp_pruned_80_percent_matches_torch_with_the_same_weights(tmp_path, sparse_format):
     # K = 60 and M = 19: the bitmap kernel takes neither (16-row, 16-column multiples), ellpack any
     torch.manual_seed(0)
@@ -50,13 +51,13 @@ def test_mlp_pruned_80_percent_matches_torch_with_the_same_weights(tmp_path, spa
     model = torch.nn.Sequential(linears[0], torch.nn.ReLU(), linears[1], torch.nn.ReLU(), linears[2]).eval()
     config = SparseConfig(sparsity=0.8, format=sparse_format, prune="magnitude")
     x = torch.randn(5, 60)
-    if sparse_format == "bitmap":
-        with pytest.warns(UserWarning, match=r"0\.weight \[128x60\] stays dense: the bitmap kernel cannot take it"):
+    if sparse_format != "auto":
+        with pytest.warns(UserWarning, match=rf"0\.weight \[128x60\] stays dense: the {sparse_format} kernel cannot"):
             report = tensorpress.compile(model, tmp_path / "m.tpk", example_inputs=(x,), sparsity=config)
     else:
         report = tensorpress.compile(model, tmp_path / "m.tpk", example_inputs=(x,), sparsity=config)
     layers = report.manifest["layers"]
-    formats = {"auto": ["ellpack"] * 3, "bitmap": ["dense-fp32-panel", "bitmap", "dense-fp32-panel"]}[sparse_format]
+    formats = ["ellpack"] * 3 if sparse_format == "auto" else ["dense-fp32-panel", sparse_format, "dense-fp32-panel"]
     assert [layer["format"] for layer in layers] == formats
     assert report.manifest["recipe"]["sparsity"] == {
         "kind": "sparse", "sparsity": 0.8, "format": sparse_format, "prune": "magnitude"
@@ -71,10 +72,14 @@ def test_mlp_pruned_80_percent_matches_torch_with_the_same_weights(tmp_path, spa
             assert layer["stored_bytes"] == -(-m // 8) * 8 * keep * 4
         if layer["format"] == "bitmap":  # 2 B a kept weight + 1 bit a weight + 4 B a 16 x 64 tile
             assert layer["stored_bytes"] == pytest.approx(2 * m * keep + m * k / 8 + m * k / 256, rel=0.01)
+        if layer["format"] == "tiled-csl":  # 4 B a kept weight, at most 3 padding words + 4 B offset a tile
+            tiles = -(-m // 16) * -(-k // 64)
+            assert 4 * m * keep < layer["stored_bytes"] <= 4 * m * keep + 16 * tiles + 4 * -(-m // 16)
     with torch.no_grad():
         for linear, layer, was_pruned in zip(linears, layers, pruned):
             w = torch_magnitude_pruned(linear.weight, 0.8) if was_pruned else linear.weight
-            linear.weight.copy_(as_stored(w) if layer["format"] in ("ellpack", "bitmap") else w)  # fp16 values
+            sparse = layer["format"] in ("ellpack", "bitmap", "tiled-csl")
+            linear.weight.copy_(as_stored(w) if sparse else w)  # fp16 values
     (y,) = tensorpress.runtime.load(report.artifact).run([x.numpy()])
     with torch.no_grad():
         np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-4, atol=1e-5)
@@ -97,6 +102,11 @@ def test_auto_keeps_dense_what_no_sparse_format_shrinks_and_picks_bitmap_for_cud
     assert "no sparse format stores fewer bytes" in plans[0].reason
     cuda_plans, _ = plan_weights(sites, as_given, TargetSpec("cuda", "sm_90a"), weights)
     assert [p.format for p in cuda_plans] == ["dense-fp16", "bitmap"]  # fp16 dense: 2 B a weight to beat
+    # 98% zeros: tiled-csl's 4 B a nonzero beat the bitmap's bit a weight (auto weighs them by bytes)
+    very = {"very": np.where(rng.random((64, 256)) < 0.02, given, 0).astype(np.float32)}
+    site = [LinearSite("very", 64, 256, "float32", True, None)]
+    very_plans, _ = plan_weights(site, as_given, TargetSpec("cuda", "sm_90a"), very)
+    assert [p.format for p in very_plans] == ["tiled-csl"]
     pruned_plans, _ = plan_weights(sites, WeightRecipe(format="auto", sparsity=0.6), TargetSpec("cpu"), weights)
     assert [(p.format, p.pruned) for p in pruned_plans] == [("ellpack", True), ("ellpack", True)]
     with pytest.warns(UserWarning, match=r"zeros \[64x256\] stays dense: the ellpack kernel cannot take it \(no cuda"):
@@ -110,7 +120,6 @@ def test_sparse_options_refused_in_python(tmp_path):
     cases = [
         (dict(sparsity=SparseConfig(0.5, prune="wanda")), "needs calibration data"),
         (dict(sparsity=SparseConfig(0.5, prune="sparsegpt")), "needs calibration data"),
-        (dict(sparsity=SparseConfig(0.5, format="tiled-csl")), "tiled-csl .* not built yet"),
         (dict(sparsity=0.5), "must be a SparseConfig"),
         (dict(sparsity=SparseConfig(0.5), store_weights=False), "values at compile time"),
     ]
@@ -126,7 +135,7 @@ def _tp(*args: str):
     return subprocess.run([sys.executable, "-m", "tensorpress", *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("sparse_format", ["auto", "bitmap"])
+@pytest.mark.parametrize("sparse_format", ["auto", "bitmap", pytest.param("tiled-csl", marks=pytest.mark.slow)])
 def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_lists_it(tmp_path, sparse_format):
     import onnx
     import onnxruntime as ort
@@ -156,7 +165,7 @@ def test_cli_sparsity_matches_onnxruntime_on_the_pruned_weights_and_inspect_list
     manifest = tensorpress.runtime.load(artifact).manifest
     for layer in manifest["layers"]:
         (line,) = [row for row in listing.splitlines() if row.strip().startswith(layer["weight"])]
-        assert ("ellpack" if sparse_format == "auto" else "bitmap") in line
+        assert ("ellpack" if sparse_format == "auto" else sparse_format) in line
         assert f"{layer['density']:.1%}" in line and f"{1 - layer['stored_bytes'] / layer['fp16_bytes']:.1%}" in line
     # compile's summary: how many layers were pruned and what fraction of their weights is left
     sizes = [layer["shape"][0] * layer["shape"][1] for layer in manifest["layers"]]

@@ -62,10 +62,11 @@ def pack_int4(codes: np.ndarray) -> np.ndarray:
 
 
 def weight_and_stored(
-    fmt: str, m: int, k: int, rng: np.random.Generator
+    fmt: str, m: int, k: int, rng: np.random.Generator, sparsity: float = 0.8
 ) -> tuple[np.ndarray, list[np.ndarray], list[StoredBuffer]]:
     """A random weight in format `fmt`: its values W [m, k] (exact: fp16 or fp32), the arrays the kernel
-    takes and their buffers (a sparse format's sizes follow its nonzeros: it is pruned 80% first)."""
+    takes and their buffers (a sparse format's sizes follow its nonzeros: it is pruned to `sparsity`
+    first, 80% by default; 1.0 leaves no nonzero)."""
     if fmt == "dense-fp16":
         w = rng.standard_normal((m, k)).astype(np.float16)
         return w, [w], stage_for(fmt).stored_buffers(m, k)
@@ -82,7 +83,11 @@ def weight_and_stored(
 
     weight_format = get_weight_format(fmt)
     dense = (rng.standard_normal((m, k)) * 0.05).astype(np.float32)
-    packed = weight_format.pack(prune(dense, 0.8) if weight_format.sparse else dense)
+    if weight_format.sparse and sparsity >= 1.0:
+        dense[:] = 0
+    elif weight_format.sparse and sparsity > 0:
+        dense = prune(dense, sparsity)
+    packed = weight_format.pack(dense)
     w = weight_format.unpack(packed)  # float32, exact: an fp16 scale times a code's value, or an fp16 value
     return w, [np.ascontiguousarray(a) for a in packed.arrays.values()], packed.buffers
 
@@ -110,6 +115,7 @@ def replay_weight_gemm(
     row_scale_in_epilogue: bool = True,
     stage: DecodeStage | None = None,
     shuffle_seed: int | None = None,
+    sparsity: float = 0.8,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Schedule the weight GEMM with the emulated intrinsics, replay it on the CPU with shuffled
     threads and NaN-poisoned scratch memory; returns (Y from the kernel, Y from numpy), fp32.
@@ -122,7 +128,7 @@ def replay_weight_gemm(
     stage = stage or stage_for(fmt)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, k)).astype(np.float16)
-    w, stored, buffers = weight_and_stored(fmt, m, k, rng)
+    w, stored, buffers = weight_and_stored(fmt, m, k, rng, sparsity)
     func = make_weight_gemm(
         stage, m, k, out_dtype=out_dtype, with_bias=bias, row_scale_in_epilogue=row_scale_in_epilogue, buffers=buffers
     )
