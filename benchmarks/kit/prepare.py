@@ -231,19 +231,11 @@ def _copy_runtime(dest: Path, cuda: bool, python_version: str) -> None:
 
 
 def _copy_weight_formats(package: Path) -> None:
-    """tensorpress.compiler.formats (numpy only at import) into the kit's runtime-only tensorpress, with
-    the TVM-free decode-stage interface its format files subclass: the FPx benchmark and gpu tests
-    pack weights on the device with the very code the compiler packs with."""
-    formats = package / "compiler" / "formats"
-    formats.mkdir(parents=True)
-    docstring = '"""Only the storage formats: the GPU kit packs weights with them."""\n'
-    (package / "compiler" / "__init__.py").write_text(docstring)
-    for source in sorted((ROOT / "compiler" / "formats").glob("*.py")):
-        shutil.copyfile(source, formats / source.name)
-    (package / "schedules").mkdir(exist_ok=True)
-    for name in ("__init__.py", "decode_stage.py"):
-        if not (package / "schedules" / name).exists():
-            shutil.copyfile(ROOT / "schedules" / name, package / "schedules" / name)
+    """tensorpress.compiler.formats into the kit's runtime-only tensorpress (`write_weight_formats`): the
+    FPx benchmark and gpu tests pack weights on the device with the very code the compiler packs with."""
+    from tensorpress.compiler.runtime_bundle import write_weight_formats
+
+    write_weight_formats(package)
 
 
 def _commit() -> dict:
