@@ -7,8 +7,9 @@ device seconds and write the timings as ready-made tuning records (compiler/tuni
 The kit (compiler/tuning/tuning_kit.py) lists kernels, each with its candidates (built here: nothing can
 be rebuilt on the device, which has no TVM compiler) and its points (a record key: the kernel at one token
 count). Per point, in the kit's order:
-  1. weights, made once per kernel: random dense fp16 or FPx codes (weights.py); bitmap and bitmap-e3m2
-     pruned at random to the density that fills the recorded buffers (sparse_weights.py)
+  1. weights, made once per kernel: random dense fp16 or FPx codes (weights.py) for a band of
+     WEIGHT_BAND_ROWS rows, repeated down M; bitmap and bitmap-e3m2 pruned at random to the density that
+     fills the recorded buffers (sparse_weights.py, the packers in 12 processes)
   2. each candidate's first output is checked against X · Wᵀ in fp32: a wrong kernel is a failed trial
      (seconds null), never a best
   3. rounds of ROUND candidates: the default first, then the kit's order (chosen where the compiler is:
@@ -40,6 +41,7 @@ CONFIRM_ROUNDS = 2  # a GPU's timings are steadier than a shared CPU's (template
 CONFIRM_MARGIN = 0.03
 TOLERANCE = 2e-3  # fp16 output, fp32 accumulation (gemm_weight.py)
 RESULTS = "tuning"
+WEIGHT_BAND_ROWS = 512  # rows of random dense / FPx weight made, then repeated down M
 
 
 def run_tuning(kit: Path, out: Path, dry: bool, budget_s: float | None = None, log=print) -> Path:
@@ -122,8 +124,15 @@ def _weight(kernel: dict, device):
         return sparse.stored, sparse.dense
     from benchmarks.kit.weights import make_weight
 
-    weight = make_weight(fmt, m, k, device)
-    return weight.stored, weight.dense
+    # dense and FPx rows are stored independently (a row of W is a row of every plane), so a random
+    # band of rows repeated down M is a valid weight: seconds instead of minutes of numpy FPx packing
+    band = make_weight(fmt, min(m, WEIGHT_BAND_ROWS), k, device)
+    repeat = -(-m // band.dense.shape[0])
+
+    def rows(t):
+        return t.repeat(repeat, *([1] * (t.dim() - 1)))[:m].contiguous()
+
+    return [rows(t) for t in band.stored], rows(band.dense)
 
 
 def _sparsity(m: int, k: int, slots: int) -> float:
