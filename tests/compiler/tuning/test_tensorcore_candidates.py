@@ -66,9 +66,9 @@ def test_a_sample_of_candidates_builds_for_sm_90a_on_the_tensor_core_path():
         func = make_weight_gemm(decode_stage(fmt), 8192, 8192)
         candidates = tensorcore_candidates(func, "sm_90a", TOKENS, count=6, seed=0)[2:]  # past the shipped ones
         functions = {
-            f"c{j}": schedule_weight_gemm(func, TileConfig(**c), cuda_intrinsics()).mod["main"].with_attr(
-                "global_symbol", f"c{j}"
-            )
+            f"c{j}": schedule_weight_gemm(func, TileConfig(**c), cuda_intrinsics())
+            .mod["main"]
+            .with_attr("global_symbol", f"c{j}")
             for j, c in enumerate(candidates)
         }
         reports = inspect_cuda(tvm.IRModule(functions), "sm_90a")

@@ -99,7 +99,8 @@ def test_a_wrong_candidate_is_a_failed_trial_and_no_budget_times_only_the_defaul
         return [functions[0], lambda *args: None, *functions[2:]]  # candidate 1 leaves Y unwritten (NaN)
 
     monkeypatch.setattr(tuning_run, "_functions", one_wrong)
-    rows = json.loads(tuning_run.run_tuning(folder, tmp_path / "a", dry=True, log=lambda line: None).read_text())["rows"]
+    results = tuning_run.run_tuning(folder, tmp_path / "a", dry=True, log=lambda line: None)
+    rows = json.loads(results.read_text())["rows"]
     manifest = json.loads((folder / "manifest.json").read_text())
     wrong = [k["candidates"][1]["config"] for k in manifest["tuning"]["kernels"]]
     trials = [r for r in rows if r["type"] == "trial"]
@@ -133,6 +134,7 @@ def test_bad_input_is_one_sentence(kit, tmp_path, capsys):
     assert "do not exist" in error("tune", "--import-kit", str(tmp_path / "nowhere"), "--log", str(log))
     assert "no tuning_" in error("tune", "--import-kit", str(tmp_path), "--log", str(log))
     assert "needs a model" in error("tune")
-    assert "GPU kit" in error("tune", str(onnx_path), "--target", "cuda:sm_90a", "--rpc-tracker", "h:1", "--rpc-key", "k")
+    rpc = ("--rpc-tracker", "h:1", "--rpc-key", "k")
+    assert "GPU kit" in error("tune", str(onnx_path), "--target", "cuda:sm_90a", *rpc)
     assert "not a tuning kit" in error("tune", str(onnx_path), "--target", "cuda:sm_90a", "--kit", str(tmp_path))
     assert not log.exists()
