@@ -179,12 +179,14 @@ def _kit_instructions(report, log: str | None) -> str:
 
 
 def _import_kit(args: argparse.Namespace) -> int:
-    from tensorpress.compiler.tuning.kit_import import import_kit_results
+    from tensorpress.compiler.tuning.kit_import import import_kit_results, points_table
     from tensorpress.errors import ConfigError
 
     if args.log is None:
         raise ConfigError("--import-kit needs --log FOLDER, the tuning log to append to (e.g. tuning_logs/sm_90a).")
     report = import_kit_results(args.import_kit, args.log)
+    if report.points:
+        print(points_table(report.points))
     print(
         f"imported {report.appended} records ({report.best} finished kernels) from {len(report.files)} file(s) "
         f"into {report.log_dir}; {report.present} already there, {len(report.skipped)} skipped"

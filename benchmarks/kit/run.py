@@ -209,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         path = run_tuning(kit, out, manifest["dry"], log=lambda line: (log.append(line), print(line, flush=True)))
-        log.append(f"tuning: {time.perf_counter() - start:.0f} s -> {path.name}")
+        failed = [p for p in json.loads(path.read_text())["points"] if p["best_seconds"] is None]
+        ok &= not failed
+        log.append(f"tuning: {len(failed)} points with no correct candidate, {time.perf_counter() - start:.0f} s "
+                   f"-> {path.name}")  # fmt: skip
         print(log[-1], flush=True)
     if manifest.get("decoders") and not args.skip_decoders:  # decoders: benchmarks/kit/decoder_run.py
         from benchmarks.kit.decoder_run import run_decoders

@@ -37,6 +37,7 @@ class ImportReport:
     present: int = 0
     skipped: list[str] = field(default_factory=list)
     best: int = 0  # finished kernels among the appended rows
+    points: list[dict[str, Any]] = field(default_factory=list)  # the device's per-point summaries, as written
 
 
 def import_kit_results(results: str | os.PathLike, log: str | os.PathLike) -> ImportReport:
@@ -63,10 +64,11 @@ def import_kit_results(results: str | os.PathLike, log: str | os.PathLike) -> Im
     report = ImportReport(log_dir, files)
     done = {_row_id(r.fields) for r in read_records([log_dir])} - {None}
     for path in files:
-        rows, problem = _rows(path)
+        rows, points, problem = _rows(path)
         if problem:
             report.skipped.append(problem)
             continue
+        report.points += points
         for number, row in enumerate(rows):
             where = f"{path.name} row {number}"
             problem = record_problem(row)
@@ -99,16 +101,36 @@ def import_kit_results(results: str | os.PathLike, log: str | os.PathLike) -> Im
     return report
 
 
-def _rows(path: Path) -> tuple[list[Any], str | None]:
-    """The "rows" of a results file, or why it has none."""
+def _rows(path: Path) -> tuple[list[Any], list[dict[str, Any]], str | None]:
+    """The "rows" and "points" of a results file, or why it has none."""
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError, UnicodeDecodeError):
-        return [], f"{path.name}: not a JSON results file (corrupt or cut short)"
+        return [], [], f"{path.name}: not a JSON results file (corrupt or cut short)"
     rows = data.get("rows") if isinstance(data, dict) else None
     if not isinstance(rows, list):
-        return [], f"{path.name}: no list of rows (not a tuning part's results)"
-    return rows, None
+        return [], [], f"{path.name}: no list of rows (not a tuning part's results)"
+    points = data.get("points")
+    return rows, [p for p in points if isinstance(p, dict)] if isinstance(points, list) else [], None
+
+
+def points_table(points: list[dict[str, Any]]) -> str:
+    """Per point (kernel at a token count): default and best time, speedup, candidates timed, and the
+    device seconds until a trial reached 95 % of the best (the issue's tuning-time figure)."""
+
+    def ms(value: Any) -> str:
+        return f"{value * 1e3:.4f}" if isinstance(value, (int, float)) else "failed"
+
+    lines = [f"{'kernel':<24} {'N':>4} {'default ms':>11} {'best ms':>10} {'speedup':>7} {'timed':>5} {'95% s':>6}"]
+    for p in points:
+        speedup = p.get("speedup")
+        to_95 = p.get("seconds_to_95")
+        lines.append(
+            f"{str(p.get('kernel'))[:24]:<24} {p.get('tokens')!s:>4} {ms(p.get('default_seconds')):>11} "
+            f"{ms(p.get('best_seconds')):>10} {f'{speedup:.2f}x' if speedup else '-':>7} {p.get('timed')!s:>5} "
+            f"{'-' if to_95 is None else f'{to_95:.1f}':>6}"
+        )
+    return "\n".join(lines)
 
 
 def _row_id(fields: Any) -> tuple[str, int] | None:

@@ -26,9 +26,10 @@ EXPLORE_EVERY = 4  # every 4th candidate after the defaults is a random one, not
 def tensorcore_candidates(
     func: Any, arch: str, tokens: Sequence[int], count: int, seed: int = 0
 ) -> list[dict[str, int]]:
-    """Up to `count` tile configs (as dicts) for the weight-GEMM PrimFunc `func` on `arch`, timed at the
-    token counts `tokens`: the untuned choices first (one per token count), then the module docstring's
-    order. Every config validates for the arch, fits the kernel's shape and its shared memory."""
+    """`count` tile configs (as dicts; more only if the token counts have more distinct untuned choices,
+    fewer if the space is smaller) for the weight-GEMM PrimFunc `func` on `arch`, timed at the token
+    counts `tokens`: the untuned choices first, then the module docstring's order. Every config validates
+    for the arch, fits the kernel's shape and its shared memory."""
     from tensorpress.schedules.tensorcore.arch import arch_spec
     from tensorpress.schedules.tensorcore.template import weight_gemm_shape
     from tensorpress.schedules.tensorcore.tile_config import _score, choose_config, search_space, token_tile
@@ -54,11 +55,11 @@ def tensorcore_candidates(
     while ranked:
         pick = ranked.pop(rng.randrange(len(ranked)) if (len(ordered) + 1) % EXPLORE_EVERY == 0 else 0)
         ordered.append(pick)
-    chosen: list[dict[str, int]] = []
-    for config in [*defaults, *ordered]:
+    chosen = [config.to_dict() for config in defaults]  # always: each point is timed against its default
+    for config in ordered:
         if len(chosen) >= count:
             break
-        if config in defaults or fits_shared_memory(func, config, arch):
+        if fits_shared_memory(func, config, arch):
             chosen.append(config.to_dict())
     return chosen
 

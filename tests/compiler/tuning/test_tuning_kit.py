@@ -70,7 +70,7 @@ def test_the_device_timings_import_as_records_that_compile_applies(kit, tmp_path
     onnx_path, _, _, results = kit
     log = tmp_path / "log"
     status, stdout = _cli("tune", "--import-kit", str(results.parent), "--log", str(log))
-    assert status == 0 and "(2 finished kernels)" in stdout
+    assert status == 0 and "(2 finished kernels)" in stdout and "95% s" in stdout  # + the per-point table
     rows = json.loads(results.read_text())["rows"]
     records = [json.loads(line) for line in (log / RECORDS_FILE).read_text().splitlines()]
     assert [(r["type"], r["key"], r["config"], r["seconds"]) for r in records] == [
@@ -138,3 +138,23 @@ def test_bad_input_is_one_sentence(kit, tmp_path, capsys):
     assert "GPU kit" in error("tune", str(onnx_path), "--target", "cuda:sm_90a", *rpc)
     assert "not a tuning kit" in error("tune", str(onnx_path), "--target", "cuda:sm_90a", "--kit", str(tmp_path))
     assert not log.exists()
+
+
+def test_the_layer_tuning_part_keys_its_records_as_a_decoder_compile_keys_its_kernels():
+    """The GPU kit's own tuning part (prepare.py --tuning) keys kernels made from (format, M, K, N); the
+    records it yields apply only if a compile of a model keys its kernels the same (tiny Llama, FP6)."""
+    from tensorpress.compiler.api import import_for_compile
+    from tensorpress.compiler.pipeline import rewrite_for_target
+    from tensorpress.compiler.targets import parse_target
+    from tensorpress.compiler.tuning.extract_kernels import lowered_module, template_kernels
+    from tensorpress.compiler.tuning.tuning_kit import point_kernels
+
+    target = parse_target("cuda:sm_90a")
+    prepared = import_for_compile(ROOT / "examples" / "tiny_llama", target, weights="fp6")
+    rewritten = rewrite_for_target(prepared.imported, target, prepared.recipe)
+    kernels = template_kernels(lowered_module(rewritten.model.mod, target), target, "tensorcore-weight-gemm")
+    assert {k.key["format"]["name"] for k in kernels} == {"dense-fp16", "e3m2"}
+    for kernel in kernels:
+        key = kernel.key
+        (made,) = point_kernels([(key["format"]["name"], key["m"], key["k"])], (key["n"],), "sm_90a")
+        assert key_text(made.points[0][1]) == key_text(key)
