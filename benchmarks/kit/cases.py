@@ -162,4 +162,4 @@ TUNING_CANDIDATES = 12  # built per (format, layer): ~5 s of nvcc each here, ~40
 TUNING_BUDGET_S = 90.0
 DRY_TUNING_LAYERS: dict[str, tuple[int, int]] = {"dry 128x256": (128, 256)}
 DRY_TUNING_TOKENS = (1, 16)
-DRY_TUNING_CANDIDATES = 3
+DRY_TUNING_CANDIDATES = 2

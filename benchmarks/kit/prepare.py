@@ -220,8 +220,10 @@ def prepare_tuning(out: Path, arch: str, dry: bool, python_version: str) -> dict
     count = DRY_TUNING_CANDIDATES if dry else TUNING_CANDIDATES
     manifest = write_tuning_kit(out, kernels, TargetSpec("cuda", arch), count, TUNING_BUDGET_S, dry=dry,
                                 python_version=python_version)  # fmt: skip
+    from benchmarks.harness import write_json
+
     manifest["device_estimate"] = {"tuning": tuning_estimate(manifest["tuning"])}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_json(out / "manifest.json", manifest)  # write-then-rename: the kit's manifest is whole or the old one
     return manifest
 
 
