@@ -10,6 +10,10 @@ Candidates are timed on this machine, or on every server of a TVM RPC tracker (`
 `rpc_key`: RpcMeasurer for the templates, meta_schedule's RPCRunner for the generic ops); they are
 always built here.
 
+For a CUDA target nothing is timed here: the model's Tensor Core kernels and their candidate tile
+configs go into a tuning kit (tuning_kit.py) that the GPU kit times on a GPU (benchmarks/kit/run.py
+--only tune), and `tensorpress tune --import-kit` (kit_import.py) appends what it measured to the log.
+
 A rerun of the same command resumes: kernels finished in the log are not searched again, trials in the
 log are not measured again. `time_budget` is shared by the template kernels not yet finished: each gets
 an even share of what is left when its turn comes; the generic ops are searched only when time is left
