@@ -125,6 +125,23 @@ def write_runtime_files(
         _copy_tokenizers(dest / "python")
 
 
+def write_weight_formats(package: str | os.PathLike) -> None:
+    """tensorpress.compiler.formats (numpy only at import) into a runtime-only tensorpress at `package`,
+    with the TVM-free decode-stage interface its format files subclass: the GPU kits pack weights on the
+    device with the very code the compiler packs with."""
+    package = Path(package)
+    formats = package / "compiler" / "formats"
+    formats.mkdir(parents=True)
+    docstring = '"""Only the storage formats: the GPU kit packs weights with them."""\n'
+    (package / "compiler" / "__init__.py").write_text(docstring)
+    for source in sorted((PACKAGE_ROOT / "compiler" / "formats").glob("*.py")):
+        shutil.copyfile(source, formats / source.name)
+    (package / "schedules").mkdir(exist_ok=True)
+    for name in ("__init__.py", "decode_stage.py"):
+        if not (package / "schedules" / name).exists():
+            shutil.copyfile(PACKAGE_ROOT / "schedules" / name, package / "schedules" / name)
+
+
 def _copy_tokenizers(dest: Path) -> None:
     """Hugging Face `tokenizers` (Rust, one abi3 library for every CPython >= 3.10), text prompts only."""
     try:

@@ -116,6 +116,14 @@ def _dim(text: str) -> int | str:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from tensorpress.errors import ConfigError
+
+    if args.import_kit is not None:
+        if args.model is not None:
+            raise ConfigError("--import-kit imports a GPU kit's timings and takes no model; give one or the other.")
+        return _import_kit(args)
+    if args.model is None:
+        raise ConfigError("tune needs a model to tune (or --import-kit RESULTS to import a GPU kit's timings).")
     from tensorpress.compiler.tuning.tune_model import tune
 
     shapes = dict(_parse_shape(s) for s in args.input_shape or [])
@@ -134,12 +142,55 @@ def _tune(args: argparse.Namespace) -> int:
         generic_ops=args.generic_ops,
         rpc_tracker=args.rpc_tracker,
         rpc_key=args.rpc_key,
+        kit=args.kit,
+        kit_dry=args.dry_kit,
     )
+    if report.kit is not None:
+        print(_kit_instructions(report, args.log))
+        return 0
     if not report.results and not report.generic:
         print(f"no kernel to tune in {args.model} for {args.target}")
         return 0
     print(report.summary)
     print(f"records: {report.log_dir}" + (f", plot: {report.plot}" if report.plot else ""))
+    return 0
+
+
+def _kit_instructions(report, log: str | None) -> str:
+    """What a CUDA tune prepared, and the commands that time it on a GPU and bring the records back."""
+    from tensorpress.compiler.tuning.records import shown_path
+
+    manifest = report.kit_manifest
+    section = manifest["tuning"]
+    points = sum(len(k["points"]) for k in section["kernels"])
+    kit = shown_path(report.kit)
+    arch = section["arch"]
+    lines = [
+        f"prepared a tuning kit for {arch}{' (dry: CPU-built kernels)' if manifest['dry'] else ''}: {kit} "
+        f"({len(section['kernels'])} kernels, {points} record keys, {manifest['summary']['kernels']} candidates, "
+        f"{manifest['summary']['bytes'] / 2**20:.1f} MiB, built in {manifest['build_seconds']:.0f} s)",
+        "no candidate is timed here: time them on a GPU machine that has this repository and the kit "
+        f'(the device tool: carry ["{kit}"]), within {section["budget_s"]:.0f} device seconds:',
+        f'    python3 benchmarks/kit/run.py --kit {kit} --only tune --out "$OUT"',
+        "then append the timings to the log that compile reads:",
+        f"    tensorpress tune --import-kit RESULTS_FOLDER --log {log or shown_path(report.log_dir)}",
+    ]
+    return "\n".join(lines)
+
+
+def _import_kit(args: argparse.Namespace) -> int:
+    from tensorpress.compiler.tuning.kit_import import import_kit_results, points_table
+    from tensorpress.errors import ConfigError
+
+    if args.log is None:
+        raise ConfigError("--import-kit needs --log FOLDER, the tuning log to append to (e.g. tuning_logs/sm_90a).")
+    report = import_kit_results(args.import_kit, args.log)
+    if report.points:
+        print(points_table(report.points))
+    print(
+        f"imported {report.appended} records ({report.best} finished kernels) from {len(report.files)} file(s) "
+        f"into {report.log_dir}; {report.present} already there, {len(report.skipped)} skipped"
+    )
     return 0
 
 
@@ -270,8 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("tune", help="tune a model's kernels on this machine and append the records to a log")
-    p.add_argument("model", help="the model, as for compile")
-    p.add_argument("--target", default="cpu", help="cpu (template tuning runs where candidates are timed)")
+    p.add_argument("model", nargs="?", help="the model, as for compile")
+    p.add_argument(
+        "--target",
+        default="cpu",
+        help="cpu (candidates timed here), or cuda:sm_XX (candidates built here into a tuning kit that the GPU "
+        "kit times on a GPU; see --kit and --import-kit)",
+    )
     p.add_argument("--dtype", choices=("float32", "float16"), help="activation dtype, as for compile")
     p.add_argument("--weights", help="weight format, as for compile")
     p.add_argument("--skip", action="append", help="name pattern of linear weights to keep dense (repeatable)")
@@ -279,8 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", choices=_prune_methods(), help="as for compile")
     p.add_argument("--sparse-format", choices=_sparse_formats(), help="as for compile")
     p.add_argument("--input-shape", action="append", help="ONNX graphs: name=1,128 (repeatable), as for compile")
-    p.add_argument("--trials", type=int, default=32, help="measured candidates per kernel at most (default 32)")
-    p.add_argument("--time-budget", help="for the whole run, e.g. 90s, 10m, 1h (default: no limit)")
+    p.add_argument(
+        "--trials", type=int, help="measured candidates per kernel at most (default 32; cuda: 16 built per kernel)"
+    )
+    p.add_argument(
+        "--time-budget", help="for the whole run, e.g. 90s, 10m, 1h (default: no limit; cuda: device seconds, 90s)"
+    )
     p.add_argument("--log", help="log folder (default tuning_logs/<arch>/ of the repository, which compile reads)")
     p.add_argument(
         "--generic-ops",
@@ -291,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: time candidates on its servers")
     p.add_argument("--rpc-key", help="the device key the servers registered under (with --rpc-tracker)")
+    p.add_argument("--kit", help="cuda: the tuning kit folder to write (default .tuning-kit/ of the repository)")
+    p.add_argument("--dry-kit", action="store_true", help="cuda: CPU-built kernels, to try the kit without a GPU")
+    p.add_argument(
+        "--import-kit",
+        metavar="RESULTS",
+        help="append a GPU kit's tuning timings (a tuning_*.json or its folder) to --log, instead of tuning",
+    )
     p.add_argument("--verbose", action="store_true", help="print the full traceback of an error")
     p.set_defaults(func=_tune)
 

@@ -1,4 +1,4 @@
-"""Device seconds the kit's sparse and KV parts should take on an H100 / H200, from the manifest alone.
+"""Device seconds the kit's sparse, KV and tuning parts should take on an H100 / H200, from the manifest alone.
 
 A device session has about 15 minutes in all (start-up included) and the issues give each part 4
 minutes, so prepare.py prints these before anything is carried. Two figures per part:
@@ -95,3 +95,39 @@ def kv_estimate(section: dict) -> dict:
                     e, b = _timing(per_token * context * batch / KERNEL_BW)
                     expected, bound, timings = expected + e, bound + b, timings + 1
     return {"timings": timings, "expected_s": round(expected), "bound_s": round(bound)}
+
+
+WEIGHT_BAND_ELEMENTS_S = 5e6  # dense / FPx band of 512 rows made by numpy (FP6: 7.5e6/s here at load 7.6)
+
+
+def tuning_estimate(section: dict) -> dict:
+    """The tuning part (tuning_run.py): per point, every candidate checked once then timed (timed_within),
+    until the point's share of section["budget_s"] is spent; then the confirmation rounds. Expected: all
+    candidates timed at KERNEL_BW; bound: the budget spent, plus a last timing and the confirmation
+    rounds each using their whole TIMING_BUDGET_S, plus the weights."""
+    from benchmarks.kit.tuning_run import CONFIRM_ROUNDS, CONFIRM_TOP, WEIGHT_BAND_ROWS
+
+    fixed = START_S
+    timings = 0
+    candidates_s = confirm_expected = confirm_bound = 0.0
+    for kernel in section["kernels"]:
+        m, k, fmt = kernel["m"], kernel["k"], kernel["fmt"]
+        if fmt.startswith("bitmap"):  # pruned, packed whole in 12 processes
+            fixed += m * k / ((FPX_PACK_RATE if fmt != "bitmap" else PACK_RATE) * PACK_CORES)
+        else:
+            fixed += min(m, WEIGHT_BAND_ROWS) * k / WEIGHT_BAND_ELEMENTS_S
+        weight_bytes = m * k * (2 if fmt.startswith("dense") else 0.8)
+        for point in kernel["points"]:
+            call = (weight_bytes + point["tokens"] * (m + k) * 2) / KERNEL_BW
+            expected, bound = _timing(call)
+            finalists = min(len(point["candidates"]), CONFIRM_TOP + 1)
+            candidates_s += len(point["candidates"]) * (expected + call)
+            confirm_expected += finalists * CONFIRM_ROUNDS * expected
+            confirm_bound += finalists * CONFIRM_ROUNDS * bound + bound  # + a timing begun at the deadline
+            timings += len(point["candidates"]) + finalists * CONFIRM_ROUNDS
+    budget = section["budget_s"]
+    return {
+        "timings": timings,
+        "expected_s": round(fixed + min(candidates_s, budget) + confirm_expected),
+        "bound_s": round(fixed + budget + confirm_bound),
+    }

@@ -7,7 +7,6 @@ emulated intrinsics, replayed on the CPU: built for llvm, slow, but numerically 
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -222,23 +221,7 @@ def bitmap_buffers(m: int, k: int) -> list:
 
 def build_library(cases: list[KernelCase], out: Path, arch: str | None) -> float:
     """Compile `cases` into one shared library at `out`: CUDA fatbins for `arch`, or (arch None)
-    the CPU replay for the dry run. Returns the seconds it took."""
-    import tvm
+    the CPU replay for the dry run (`tensorpress.compiler.cuda.kernel_library`). Returns the seconds."""
+    from tensorpress.compiler.cuda.kernel_library import compile_kernel_library
 
-    start = time.perf_counter()
-    if arch is None:
-        from tensorpress.schedules.verification.cpu_replay import build_replay
-
-        build_replay(scheduled_module(cases, emulated=True), seed=None).export_library(str(out))
-        return time.perf_counter() - start
-    from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support, library_has_gpu_binary
-    from tensorpress.schedules.verification.cuda_inspection import ASYNC_COPY_CONFIG, cuda_target
-
-    ensure_cuda_build_support()
-    target = cuda_target(arch)
-    with target, tvm.transform.PassContext(opt_level=3, config=ASYNC_COPY_CONFIG):
-        executable = tvm.compile(scheduled_module(cases, emulated=False), target=target)
-    executable.export_library(str(out))
-    if not library_has_gpu_binary(out):
-        raise RuntimeError(f"{out} holds no GPU binary (CUDA source only): the nvcc toolchain is not in use")
-    return time.perf_counter() - start
+    return compile_kernel_library(scheduled_module(cases, emulated=arch is None), out, arch)

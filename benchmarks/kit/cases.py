@@ -150,3 +150,16 @@ DRY_KV_CHECK_CONTEXT = 320  # int2-kitty: one 2-bit page checked (2 sink pages, 
 
 def kv_kernel_name(fmt: str, heads: int, kv_heads: int, head_dim: int) -> str:
     return f"kv_decode_{fmt}_{heads}_{kv_heads}_{head_dim}"
+
+
+# The tuning part (prepare.py --tuning; benchmarks/kit/tuning_run.py): candidate tile configs of the
+# dense fp16 and FP6 (e3m2) weight GEMMs on the LLaMA-2-70B and OPT-66B layers, timed at these token
+# counts (record keys with n = N: a decode step's kernels are keyed n = 16) within TUNING_BUDGET_S.
+TUNING_FORMATS = ("dense-fp16", "e3m2")
+TUNING_LAYERS = FPX_LAYERS
+TUNING_TOKENS = (1, 16, 64)
+TUNING_CANDIDATES = 12  # built per (format, layer): ~5 s of nvcc each here, ~40 KB each
+TUNING_BUDGET_S = 90.0
+DRY_TUNING_LAYERS: dict[str, tuple[int, int]] = {"dry 128x256": (128, 256)}
+DRY_TUNING_TOKENS = (1, 16)
+DRY_TUNING_CANDIDATES = 2

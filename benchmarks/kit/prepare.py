@@ -3,6 +3,16 @@
     .venv/bin/python benchmarks/kit/prepare.py                # sm_90a kernels for the H100/H200
     .venv/bin/python benchmarks/kit/prepare.py --dry          # CPU-built kernels: run.py works here
 
+The tuning part (filling tuning_logs/sm_90a/), a kit of its own: dense fp16 and FP6 candidates on the
+LLaMA-2-70B and OPT-66B layers at N = 1, 16, 64 (cases.TUNING_*: 144 candidates, 15.5 MiB; 36 min of
+nvcc here at load 8-10 on the 2 shared cores), then one device command (estimate printed: ~45 s expected,
+<= 174 s), then the import here:
+
+    .venv/bin/python benchmarks/kit/prepare.py --tuning --out .tuning-kit
+    device tool: run(command='python3 benchmarks/kit/run.py --kit .tuning-kit --only tune --out "$OUT"',
+                     carry=[".tuning-kit"], timeout_s=400)       # budget 90 s; bound printed by prepare
+    .venv/bin/tensorpress tune --import-kit /work/.device/<files_at> --log tuning_logs/sm_90a
+
 Layout (default .device-kit/, ignored by git; carry it with the device tool: carry=[".device-kit"]):
 
     .device-kit/
@@ -186,6 +196,38 @@ def prepare(
     return manifest
 
 
+def prepare_tuning(out: Path, arch: str, dry: bool, python_version: str) -> dict:
+    """The tuning part alone (a kit of its own, so it fits a device session beside nothing else): the
+    candidates of cases.TUNING_FORMATS on cases.TUNING_LAYERS at TUNING_TOKENS, built for `arch` (dry:
+    for the CPU), keyed as a compile for `arch` keys them (compiler/tuning/tuning_kit.py). Returns the
+    manifest, with its device estimate (budget.py)."""
+    from benchmarks.kit.budget import tuning_estimate
+    from benchmarks.kit.cases import (
+        DRY_TUNING_CANDIDATES,
+        DRY_TUNING_LAYERS,
+        DRY_TUNING_TOKENS,
+        TUNING_BUDGET_S,
+        TUNING_CANDIDATES,
+        TUNING_FORMATS,
+        TUNING_LAYERS,
+        TUNING_TOKENS,
+    )
+    from tensorpress.compiler.targets import TargetSpec
+    from tensorpress.compiler.tuning.tuning_kit import point_kernels, write_tuning_kit
+
+    layers = DRY_TUNING_LAYERS if dry else TUNING_LAYERS
+    shapes = sorted({(fmt, m, k) for fmt in TUNING_FORMATS for m, k in layers.values()})
+    kernels = point_kernels(shapes, DRY_TUNING_TOKENS if dry else TUNING_TOKENS, arch)
+    count = DRY_TUNING_CANDIDATES if dry else TUNING_CANDIDATES
+    manifest = write_tuning_kit(out, kernels, TargetSpec("cuda", arch), count, TUNING_BUDGET_S, dry=dry,
+                                python_version=python_version)  # fmt: skip
+    from benchmarks.harness import write_json
+
+    manifest["device_estimate"] = {"tuning": tuning_estimate(manifest["tuning"])}
+    write_json(out / "manifest.json", manifest)  # write-then-rename: the kit's manifest is whole or the old one
+    return manifest
+
+
 def _build_sparse(
     staging: Path, dry: bool, layers, choice_arch: str, build_arch, kernels: dict, kernel_library: dict, seconds: dict
 ) -> dict:
@@ -231,19 +273,11 @@ def _copy_runtime(dest: Path, cuda: bool, python_version: str) -> None:
 
 
 def _copy_weight_formats(package: Path) -> None:
-    """tensorpress.compiler.formats (numpy only at import) into the kit's runtime-only tensorpress, with
-    the TVM-free decode-stage interface its format files subclass: the FPx benchmark and gpu tests
-    pack weights on the device with the very code the compiler packs with."""
-    formats = package / "compiler" / "formats"
-    formats.mkdir(parents=True)
-    docstring = '"""Only the storage formats: the GPU kit packs weights with them."""\n'
-    (package / "compiler" / "__init__.py").write_text(docstring)
-    for source in sorted((ROOT / "compiler" / "formats").glob("*.py")):
-        shutil.copyfile(source, formats / source.name)
-    (package / "schedules").mkdir(exist_ok=True)
-    for name in ("__init__.py", "decode_stage.py"):
-        if not (package / "schedules" / name).exists():
-            shutil.copyfile(ROOT / "schedules" / name, package / "schedules" / name)
+    """tensorpress.compiler.formats into the kit's runtime-only tensorpress (`write_weight_formats`): the
+    FPx benchmark and gpu tests pack weights on the device with the very code the compiler packs with."""
+    from tensorpress.compiler.runtime_bundle import write_weight_formats
+
+    write_weight_formats(package)
 
 
 def _commit() -> dict:
@@ -272,11 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=None, help="the device's Python (default 3.12; dry: this one)")
     parser.add_argument("--layer", action="append", help="only these benchmark layers (repeatable)")
     parser.add_argument("--no-decoders", action="store_true", help="leave out the decoder part (decoder_build.py)")
+    parser.add_argument("--tuning", action="store_true", help="build the tuning part alone (see the docstring)")
     args = parser.parse_args(argv)
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     python_version = args.python or (here if args.dry else "3.12")
     start = time.perf_counter()
-    manifest = prepare(Path(args.out), args.arch, args.dry, python_version, args.layer, not args.no_decoders)
+    if args.tuning:
+        manifest = prepare_tuning(Path(args.out), args.arch, args.dry, python_version)
+    else:
+        manifest = prepare(Path(args.out), args.arch, args.dry, python_version, args.layer, not args.no_decoders)
     summary = manifest["summary"]
     print(
         f"kit ready: {args.out} ({summary['bytes'] / 2**20:.1f} MiB, {summary['kernels']} kernels, "
@@ -286,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         bound = f", <= {estimate['bound_s']} s if every timing uses its whole budget" if estimate["bound_s"] else ""
         print(f"device estimate, {part} part: {estimate['timings']} timings, ~{estimate['expected_s']} s expected"
               f"{bound} (benchmarks/kit/budget.py; the decoder part is not estimated)")  # fmt: skip
+    if args.tuning:
+        print(f'on the GPU: python3 benchmarks/kit/run.py --kit {args.out} --only tune --out "$OUT"; back here: '
+              "tensorpress tune --import-kit RESULTS_FOLDER --log tuning_logs/" + args.arch)  # fmt: skip
     return 0
 
 

@@ -10,10 +10,13 @@ device tool brings back):
     gemm_weight_<device>_<time>.json the dense / FPx GEMM benchmark (see benchmarks/gemm_weight.py)
     sparse_gemm_gpu_<...>.json       the bitmap sparse GEMM benchmark (benchmarks/sparse_gemm_gpu.py)
     kv_attention_gpu_<...>.json      the quantised-KV decode attention benchmark (benchmarks/kv_attention_gpu.py)
+    tuning_<...>.json                the tuning part: candidate tile configs timed, rows = tuning records
+                                     (benchmarks/kit/tuning_run.py; import: tensorpress tune --import-kit)
     run.log                          this script's own summary
     + the decoder part's three files (benchmarks/kit/decoder_run.py), where the kit has one
-Parts can be left out (--skip-tests, --skip-bench, --skip-sparse, --skip-kv, --skip-decoders) or run alone
-(--only sparse,kv): a short device session runs what it needs.
+Parts can be left out (--skip-tests, --skip-bench, --skip-sparse, --skip-kv, --skip-decoders, --skip-tune) or
+run alone (--only sparse,kv; a tuning kit from `tensorpress tune --target cuda`: --only tune): a short device
+session runs what it needs.
 Exit status: 0 when every gpu test passed and every kernel was correct, 1 otherwise.
 """
 
@@ -37,7 +40,7 @@ GPU_TESTS = [
 LOG_TAIL_CHARS = 20000  # of pytest's output, kept in the gpu tests' JSON
 
 
-PARTS = ("tests", "bench", "sparse", "kv", "decoders")
+PARTS = ("tests", "bench", "sparse", "kv", "decoders", "tune")
 
 
 def kit_environment(kit: Path) -> dict[str, str]:
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-decoders", action="store_true", help="skip the decoder part (decoder_run.py)")
     parser.add_argument("--skip-sparse", action="store_true", help="skip the sparse GEMM benchmark")
     parser.add_argument("--skip-kv", action="store_true", help="skip the KV attention benchmark")
+    parser.add_argument("--skip-tune", action="store_true", help="skip the tuning part (tuning_run.py)")
     parser.add_argument("--only", help=f"comma-separated parts to run, of {','.join(PARTS)}")
     args = parser.parse_args(argv)
     if args.only:
@@ -200,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         ok &= _run_sparse(kit, out, args.runs, manifest["dry"], log)
     if manifest.get("kv_bench") and not args.skip_kv:
         ok &= _run_kv(kit, out, args.runs, manifest["dry"], log)
+    if manifest.get("tuning") and not args.skip_tune:  # candidate tile configs -> records (tuning_run.py)
+        from benchmarks.kit.tuning_run import run_tuning
+
+        start = time.perf_counter()
+        path = run_tuning(kit, out, manifest["dry"], log=lambda line: (log.append(line), print(line, flush=True)))
+        failed = [p for p in json.loads(path.read_text())["points"] if p["best_seconds"] is None]
+        ok &= not failed
+        log.append(f"tuning: {len(failed)} points with no correct candidate, {time.perf_counter() - start:.0f} s "
+                   f"-> {path.name}")  # fmt: skip
+        print(log[-1], flush=True)
     if manifest.get("decoders") and not args.skip_decoders:  # decoders: benchmarks/kit/decoder_run.py
         from benchmarks.kit.decoder_run import run_decoders
 

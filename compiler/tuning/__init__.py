@@ -11,6 +11,9 @@ generic_ops.py           the generic ops (lowered functions no template owns), t
 meta_schedule_search.py  how one generic op is searched (TVM's builder, runners, cost model), cleaned up after
 generic_records.py       their JSON database under <log>/meta_schedule/; apply_generic_records for the build
 tune_model.py            `tensorpress.tune` / `tensorpress tune`: extract, search each kernel, summarise
+tensorcore_candidates.py the tile configs a CUDA kernel's candidates are drawn from (valid for the arch, ranked)
+tuning_kit.py            CUDA: the candidates built here into a tuning kit that the GPU kit times on a GPU
+kit_import.py            `tensorpress tune --import-kit`: the GPU's timings appended to a log as records
 tuning_report.py         the summary table and the best-so-far plot
 
 At compile, `RecordLookup` is the `ConfigLookup` (schedules/template_config.py) the template rules ask

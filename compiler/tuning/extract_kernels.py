@@ -11,6 +11,7 @@ their arrays).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from tensorpress.compiler.targets import TargetSpec
@@ -31,16 +32,21 @@ def lowered_module(mod: Any, target: TargetSpec) -> Any:
         return tvm.transform.Sequential(relax_lowering())(mod)
 
 
-def template_kernels(mod: Any, target: TargetSpec, template: str) -> list[TemplateKernel]:
-    """The distinct, timeable weight-GEMM kernels of a lowered module, in a stable order."""
+def template_kernels(
+    mod: Any, target: TargetSpec, template: str, data_dependent: Collection[str] = ()
+) -> list[TemplateKernel]:
+    """The distinct, timeable weight-GEMM kernels of a lowered module, in a stable order; formats named in
+    `data_dependent` are kept although their buffers depend on the data (the GPU kit makes such weights)."""
     import tvm
 
     from tensorpress.schedules.template_config import kernel_signature
-    from tensorpress.schedules.weight_gemm import is_weight_gemm
+    from tensorpress.schedules.weight_gemm import FORMAT_ATTR, is_weight_gemm
 
     found: dict[str, TemplateKernel] = {}
     for gvar, func in sorted(mod.functions_items(), key=lambda item: item[0].name_hint):
-        if not isinstance(func, tvm.tirx.PrimFunc) or not is_weight_gemm(func) or not _data_independent(func):
+        if not isinstance(func, tvm.tirx.PrimFunc) or not is_weight_gemm(func):
+            continue
+        if str(func.attrs[FORMAT_ATTR]) not in data_dependent and not _data_independent(func):
             continue
         key = kernel_key(kernel_signature(func), template, target)
         found.setdefault(key_text(key), TemplateKernel(gvar.name_hint, func, key, key["n"] or DEFAULT_TOKENS))

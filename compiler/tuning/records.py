@@ -130,7 +130,7 @@ def _parse_line(raw: bytes, path: Path, number: int) -> Record | None:
         cut = "" if raw.endswith(b"\n") else " (cut short)"
         warnings.warn(f"{path}, line {number}: not a JSON record{cut}; skipped.", stacklevel=3)
         return None
-    problem = _problem(line)
+    problem = record_problem(line)
     if problem is not None:
         warnings.warn(f"{path}, line {number}: {problem}; skipped.", stacklevel=3)
         return None
@@ -138,7 +138,7 @@ def _parse_line(raw: bytes, path: Path, number: int) -> Record | None:
     return Record(line["type"], line["key"], line["config"], seconds, line, path, number)
 
 
-def _problem(line: Any) -> str | None:
+def record_problem(line: Any) -> str | None:
     """Why a parsed line is not a record of this schema, or None."""
     if not isinstance(line, dict) or line.get("schema") != SCHEMA:
         return f"not a {SCHEMA} record"

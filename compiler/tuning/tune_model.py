@@ -10,6 +10,10 @@ Candidates are timed on this machine, or on every server of a TVM RPC tracker (`
 `rpc_key`: RpcMeasurer for the templates, meta_schedule's RPCRunner for the generic ops); they are
 always built here.
 
+For a CUDA target nothing is timed here: the model's Tensor Core kernels and their candidate tile
+configs go into a tuning kit (tuning_kit.py) that the GPU kit times on a GPU (benchmarks/kit/run.py
+--only tune), and `tensorpress tune --import-kit` (kit_import.py) appends what it measured to the log.
+
 A rerun of the same command resumes: kernels finished in the log are not searched again, trials in the
 log are not measured again. `time_budget` is shared by the template kernels not yet finished: each gets
 an even share of what is left when its turn comes; the generic ops are searched only when time is left
@@ -35,6 +39,7 @@ from tensorpress.compiler.tuning.template_search import KernelResult, TemplateSp
 from tensorpress.errors import ConfigError
 
 DEFAULT_TRIALS = 32
+DEFAULT_KIT_CANDIDATES = 16  # CUDA: candidates built per kernel shape (~5 s of nvcc each here)
 DEFAULT_GENERIC_OPS = 8  # the generic ops searched at most, the costliest first (generic_ops.py)
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -48,6 +53,8 @@ class TuneReport:
     generic: list[Any] = field(default_factory=list)  # GenericOpResult per generic op
     summary: str = ""
     plot: Path | None = None
+    kit: Path | None = None  # CUDA: the tuning kit prepared for a GPU (tuning_kit.py)
+    kit_manifest: dict[str, Any] | None = None
 
 
 def parse_time_budget(text: str | float | None) -> float:
@@ -77,7 +84,7 @@ def tune(
     sparsity: SparseConfig | None = None,
     skip: Sequence[str] = (),
     input_shapes: dict[str, list[int | str]] | None = None,
-    trials: int = DEFAULT_TRIALS,
+    trials: int | None = None,
     time_budget: str | float | None = None,
     log: str | os.PathLike | None = None,
     generic_ops: int = DEFAULT_GENERIC_OPS,
@@ -85,6 +92,8 @@ def tune(
     rpc_key: str | None = None,
     measurer: Measurer | None = None,
     show_progress: bool = True,
+    kit: str | os.PathLike | None = None,
+    kit_dry: bool = False,
     **import_options: Any,
 ) -> TuneReport:
     """Tune the template kernels of `model` as `compile` with the same options would build them.
@@ -98,6 +107,12 @@ def tune(
     measurer: how template candidates are timed (default `LocalMeasurer`, this CPU; RpcMeasurer with
     rpc_tracker).
     Returns a TuneReport; the log gets a line per trial and per finished kernel (`records.py`).
+
+    For a CUDA target the candidates are timed on a GPU by the GPU kit: this builds a tuning kit at `kit`
+    (default .tuning-kit/ of the repository; `trials` candidates per kernel, default 16; `time_budget`
+    the device seconds of the whole part, default 90 s; `kit_dry`: CPU-built kernels, to prove the
+    plumbing without a GPU) and returns with report.kit set; nothing is timed and no log is written.
+    `tensorpress tune --import-kit` brings the device's timings back as records.
     """
     from tensorpress.compiler.api import import_for_compile
     from tensorpress.compiler.pipeline import rewrite_for_target
@@ -106,12 +121,22 @@ def tune(
 
     target_spec = parse_target(target)
     budget = parse_time_budget(time_budget)
+    if target_spec.kind == "cuda" and trials is None:
+        trials = DEFAULT_KIT_CANDIDATES
+    trials = DEFAULT_TRIALS if trials is None else trials
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ConfigError(f"trials must be a whole number of at least 1, got {trials!r}.")
     if not isinstance(generic_ops, int) or isinstance(generic_ops, bool) or generic_ops < 0:
         raise ConfigError(f"generic_ops must be a whole number of at least 0, got {generic_ops!r}.")
     if (rpc_tracker is None) != (rpc_key is None):
         raise ConfigError("--rpc-tracker HOST:PORT and --rpc-key KEY go together; give both, or neither to tune here.")
+    if target_spec.kind == "cuda":
+        if rpc_tracker is not None:
+            raise ConfigError(
+                "--rpc-tracker times CPU candidates; for --target cuda the GPU kit times them (see --kit)."
+            )
+        options = dict(dtype=dtype, weights=weights, sparsity=sparsity, skip=skip, input_shapes=input_shapes)
+        return _prepare_cuda_kit(model, target_spec, budget, trials, kit, kit_dry, options, import_options)
     space = _template_space(target_spec)
     if rpc_tracker is not None and measurer is None:
         from tensorpress.compiler.tuning.rpc_measure import RpcMeasurer
@@ -154,6 +179,40 @@ def tune(
         if table
     )
     report.plot = plot_progress(report.results, log_dir / PLOT_FILE) if report.results else None
+    return report
+
+
+def _prepare_cuda_kit(model, target, budget, candidates, kit, dry, options, import_options) -> TuneReport:
+    """`tune` for a CUDA target: the model's Tensor Core kernels and their candidates in a tuning kit."""
+    from tensorpress.compiler.api import import_for_compile
+    from tensorpress.compiler.pipeline import rewrite_for_target
+    from tensorpress.compiler.tuning.extract_kernels import lowered_module, template_kernels
+    from tensorpress.compiler.tuning.records import REPO_ROOT, default_log_dir
+    from tensorpress.compiler.tuning.tuning_kit import (
+        DEFAULT_DEVICE_BUDGET_S,
+        DEFAULT_KIT,
+        DEVICE_MADE_SPARSE,
+        kit_kernels,
+        write_tuning_kit,
+    )
+    from tensorpress.compiler.tvm_log import tvm_log_routed
+    from tensorpress.schedules.template_config import TENSORCORE_WEIGHT_GEMM
+
+    folder = Path(kit) if kit is not None else REPO_ROOT / DEFAULT_KIT
+    if folder.exists() and not (folder / "manifest.json").is_file():
+        raise ConfigError(f"{folder} exists and is not a tuning kit; give --kit a new folder or an old kit.")
+    with tvm_log_routed():
+        prepared = import_for_compile(model, target, **options, **import_options)
+        rewritten = rewrite_for_target(prepared.imported, target, prepared.recipe)
+        lowered = lowered_module(rewritten.model.mod, target)
+        kernels = template_kernels(lowered, target, TENSORCORE_WEIGHT_GEMM, data_dependent=DEVICE_MADE_SPARSE)
+    report = TuneReport(default_log_dir(target))
+    if not kernels:
+        return report
+    device_budget = DEFAULT_DEVICE_BUDGET_S if math.isinf(budget) else budget
+    with tvm_log_routed():
+        manifest = write_tuning_kit(folder, kit_kernels(kernels), target, candidates, device_budget, dry=dry)
+    report.kit, report.kit_manifest = folder, manifest
     return report
 
 
