@@ -3,7 +3,8 @@
 A device session has about 15 minutes in all (start-up included) and the issues give each part 4
 minutes, so prepare.py prints these before anything is carried. Two figures per part:
     expected  every kernel at half the copy bandwidth (3.0 TB/s on the H100, read + write), the numpy
-              packer at PACK_RATE elements/s per core on PACK_CORES cores, fixed costs as below
+              packers at their rates per core (bitmap: PACK_RATE elements/s, tiled-csl:
+              CSL_PACK_NONZEROS_RATE nonzeros/s) on PACK_CORES cores, fixed costs as below
     bound     as expected, but every timing spending its whole budget (TIMING_BUDGET_S: the benchmarks
               cut the runs of a slow kernel to fit it), so a kernel 100x slower than hoped still fits
 The dry run's own seconds (the kit's dry test) are a floor for the Python around the kernels.

@@ -28,8 +28,8 @@ BAND_ROWS = 1024  # rows per packing task (a multiple of the bitmap tile's 16 ro
 
 @dataclass
 class SparseWeight:
-    """W [M, K] pruned: the bitmap kernel's buffers (`stored`, torch), the fp16 W (`dense`), the bytes
-    the packed weight really holds (values unpadded) and how long making it took."""
+    """W [M, K] pruned: a sparse kernel's buffers (`stored`, torch), the W they hold (`dense`), the bytes
+    the packed weight really holds (without the kit's padding) and how long making it took."""
 
     stored: list[Any]
     dense: Any
