@@ -19,9 +19,10 @@ quantised to FP6 e3m2 with a scale per row by the numpy packer; its kernels are 
 the exact FP6 W in fp32 and timed against the same cuBLAS time (cuBLAS's fp16 W is the pruned W before
 FP6: the same shape and bytes). Target: >= 4x cuBLAS at N = 16 (0.28 B a weight: ideal ~7x).
 
-Tiled-CSL (`compiler/formats/tiled_csl.py`, Flash-LLM's format: 4 B a nonzero) at every sparsity: the same
-pruned W packed by its numpy packer, its candidates checked against the same fp32 reference as bitmap's
-and timed against the same cuBLAS time, with bitmap's targets.
+Tiled-CSL (`compiler/formats/tiled_csl.py`, Flash-LLM's format: 4 B a nonzero) at the kit's tiled-csl
+sparsities (80 %: `cases.TILED_CSL_SPARSITIES`, the device budget): the same pruned W packed by its numpy
+packer, its candidates checked against the same fp32 reference as bitmap's and timed against the same
+cuBLAS time, with bitmap's targets.
 
 Random masks only: Wanda masks need calibration activations of the real model (not in the kit); the
 bitmap kernel's time depends on the nonzero count and layout density, which the random masks fix.

@@ -227,7 +227,7 @@ def _build_sparse(
             }  # fmt: skip
         section[layer]["tiled_csl"] = {  # tiled-csl (Flash-LLM's format): the same masks at these sparsities
             "format": TILED_CSL_FORMAT, "sparsities": list(TILED_CSL_SPARSITIES),
-            "capacity": tiled_csl_word_capacity(m, k),  "candidates": [c.name for c in csl_cases],
+            "capacity": tiled_csl_word_capacity(m, k), "candidates": [c.name for c in csl_cases],
             "default": {str(n): name for n, name in csl_defaults[layer].items()},
         }  # fmt: skip
     return section
