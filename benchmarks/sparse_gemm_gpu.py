@@ -1,4 +1,4 @@
-"""Benchmark the bitmap sparse-weight GEMM (and sparse x FP6) against cuBLAS fp16 (and 2:4 cuSPARSELt) on LLM layers.
+"""Benchmark the bitmap and tiled-csl sparse GEMMs (and sparse x FP6) vs cuBLAS fp16 (and 2:4 cuSPARSELt) on LLM layers.
 
     python3 benchmarks/sparse_gemm_gpu.py --kit .device-kit --out "$OUT"     (normally via kit/run.py)
 
@@ -18,6 +18,11 @@ Sparse x FP6 (bitmap-e3m2, `compiler/formats/bitmap_fpx.py`): at 80 % the same p
 quantised to FP6 e3m2 with a scale per row by the numpy packer; its kernels are checked against X times
 the exact FP6 W in fp32 and timed against the same cuBLAS time (cuBLAS's fp16 W is the pruned W before
 FP6: the same shape and bytes). Target: >= 4x cuBLAS at N = 16 (0.28 B a weight: ideal ~7x).
+
+Tiled-CSL (`compiler/formats/tiled_csl.py`, Flash-LLM's format: 4 B a nonzero) at the kit's tiled-csl
+sparsities (80 %: `cases.TILED_CSL_SPARSITIES`, the device budget): the same pruned W packed by its numpy
+packer, its candidates checked against the same fp32 reference as bitmap's and timed against the same
+cuBLAS time, with bitmap's targets.
 
 Random masks only: Wanda masks need calibration activations of the real model (not in the kit); the
 bitmap kernel's time depends on the nonzero count and layout density, which the random masks fix.
@@ -43,7 +48,12 @@ from benchmarks.harness import (
 )
 from benchmarks.kit.budget import TIMING_BUDGET_S
 from benchmarks.kit.kernels import KernelKit, _runtime
-from benchmarks.kit.sparse_weights import BandPacker, make_sparse_fpx_weight, make_sparse_weight
+from benchmarks.kit.sparse_weights import (
+    BandPacker,
+    make_sparse_fpx_weight,
+    make_sparse_weight,
+    make_tiled_csl_weight,
+)
 
 TOLERANCE = 2e-3  # fp16 output, fp32 accumulation
 SEMI_STRUCTURED_TOLERANCE = 5e-3  # cuSPARSELt accumulates as it likes
@@ -98,6 +108,10 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
                 if sparsity in spec.get("fpx", {}).get("sparsities", []):
                     fpx_weight = make_sparse_fpx_weight(weight.dense, packer, spec["fpx"]["capacity"])
                     setup[f"{layer} {sparsity} {spec['fpx']['format']}"] = fpx_weight.seconds
+                csl, csl_weight = spec.get("tiled_csl", {}), None  # tiled-csl: the same pruned W
+                if sparsity in csl.get("sparsities", []):
+                    csl_weight = make_tiled_csl_weight(weight.dense, packer, csl["capacity"])
+                    setup[f"{layer} {sparsity} {csl['format']}"] = csl_weight.seconds
                 wt = weight.dense.t()
                 semi, semi_skip = semi_structured(weight.dense) if sparsity == 0.5 and not kit.manifest["dry"] else (
                     None, "dry run" if kit.manifest["dry"] else "2:4 is 50 % only")  # fmt: skip
@@ -137,10 +151,21 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
                             {**point, "format": spec["fpx"]["format"]}, fpx_weight.stored_bytes + activations,
                         )  # fmt: skip
                         records.extend(fpx_rows)
-                        entry["sparse_fpx"] = _fpx_entry(spec["fpx"], fpx_rows, fpx_weight, base_moved, activations, n)
+                        entry["sparse_fpx"] = _format_entry(
+                            spec["fpx"], fpx_rows, fpx_weight, base_moved, activations, n, FPX_TARGETS
+                        )
+                    if csl_weight is not None:
+                        csl_rows = measure.candidates(
+                            csl["candidates"], x, csl_weight, reference, {**point, "format": csl["format"]},
+                            csl_weight.stored_bytes + activations,
+                        )  # fmt: skip
+                        records.extend(csl_rows)
+                        entry["tiled_csl"] = _format_entry(
+                            csl, csl_rows, csl_weight, base_moved, activations, n, TARGETS
+                        )
                     summary.append(entry)
                     _print_line(entry)
-                del weight, semi, fpx_weight
+                del weight, semi, fpx_weight, csl_weight
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
@@ -148,7 +173,8 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
     payload = {
         "benchmark": "sparse_gemm_gpu",
         "what": "Y[N,M] = X[N,K] W[M,K]^T fp16 with W pruned at random (exact count per row): tensorpress bitmap "
-        "kernel vs cuBLAS fp16 on the same pruned W, and 2:4 semi-structured at 50 % where torch has it",
+        "and tiled-csl kernels vs cuBLAS fp16 on the same pruned W, and 2:4 semi-structured at 50 % where torch "
+        "has it",
         "environment": env,
         "dry_run": bool(kit.manifest["dry"]),
         "masks": "random (Wanda masks need calibration activations; not in the kit)",
@@ -193,8 +219,11 @@ class _Measure:
         return rows
 
 
-def _fpx_entry(spec: dict, rows: list[dict], weight, base_moved: int, activations: int, n: int) -> dict:
-    """The sparse x FPx side of a summary point: bytes, ideal and best speedups, the target at N = 16."""
+def _format_entry(
+    spec: dict, rows: list[dict], weight, base_moved: int, activations: int, n: int, targets: dict
+) -> dict:
+    """Another format's side of a summary point (sparse x FPx, tiled-csl): bytes, ideal and best speedups,
+    the target (`targets`: sparsity -> speedup) at N = 16."""
     best = max((r for r in rows if "speedup" in r), key=lambda r: r["speedup"], default=None)
     entry = {
         "format": spec["format"],
@@ -204,7 +233,7 @@ def _fpx_entry(spec: dict, rows: list[dict], weight, base_moved: int, activation
         "default": _brief(next((r for r in rows if r["kernel"] == spec["default"][str(n)]), None)),
         "incorrect_kernels": [r["kernel"] for r in rows if not r["correct"]],
     }
-    target = FPX_TARGETS.get(rows[0]["sparsity"]) if rows and n == TARGET_TOKENS else None
+    target = targets.get(rows[0]["sparsity"]) if rows and n == TARGET_TOKENS else None
     if target is not None:
         entry.update(target_speedup=target, target_met=bool(best and best["speedup"] >= target))
     return entry
@@ -259,13 +288,15 @@ def _print_line(s: dict) -> None:
         f"bad {len(s['incorrect_kernels'])}",
         flush=True,
     )
-    if "sparse_fpx" in s:
-        fpx = s["sparse_fpx"]
-        print(
-            f"{'':<20} {fpx['format']} best {(fpx['best'] or {}).get('speedup') or 0:5.2f}x of ideal "
-            f"{fpx['ideal_speedup']:4.2f}x | bad {len(fpx['incorrect_kernels'])}",
-            flush=True,
-        )
+    for key in ("tiled_csl", "sparse_fpx"):
+        if key in s:
+            other, best = s[key], s[key]["best"] or {}
+            print(
+                f"{'':<20} {other['format']} best {best.get('speedup') or 0:5.2f}x of ideal "
+                f"{other['ideal_speedup']:4.2f}x ({(best.get('fraction_of_copy_bandwidth') or 0):4.0%} copy bw) | "
+                f"bad {len(other['incorrect_kernels'])}",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

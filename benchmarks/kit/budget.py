@@ -3,7 +3,8 @@
 A device session has about 15 minutes in all (start-up included) and the issues give each part 4
 minutes, so prepare.py prints these before anything is carried. Two figures per part:
     expected  every kernel at half the copy bandwidth (3.0 TB/s on the H100, read + write), the numpy
-              packer at PACK_RATE elements/s per core on PACK_CORES cores, fixed costs as below
+              packers at their rates per core (bitmap: PACK_RATE elements/s, tiled-csl:
+              CSL_PACK_NONZEROS_RATE nonzeros/s) on PACK_CORES cores, fixed costs as below
     bound     as expected, but every timing spending its whole budget (TIMING_BUDGET_S: the benchmarks
               cut the runs of a slow kernel to fit it), so a kernel 100x slower than hoped still fits
 The dry run's own seconds (the kit's dry test) are a floor for the Python around the kernels.
@@ -18,6 +19,9 @@ RUNS, WARMUP = 50, 10
 TIMING_BUDGET_S = 0.15  # device seconds one timing of the sparse and KV benchmarks may take (harness.timed_within)
 PACK_RATE = 18e6  # bitmap numpy packer, elements/s on one core (measured here: 8192 x 8192 in 3.6 s)
 FPX_PACK_RATE = 2e6  # sparse x FP6 numpy packer (FPx encode, tiles, exact W), elements/s a core (here: 1.8e6 at load 6)
+# tiled-csl numpy packer: its cost follows the nonzeros (here: 4.2e6 of them, 50 % of 1024 x 8192, in
+# 0.7-1.1 s at load 5; 0.84e6 at 90 % in 0.23 s)
+CSL_PACK_NONZEROS_RATE = 4e6
 PACK_CORES = 12  # of the device's 16 (16 spawned packers, some contention)
 START_S = 15.0  # a part's fixed cost: torch + CUDA context, copy bandwidth, the packers' spawn, JSON
 # page-granular KV caches (int2-kitty) are built on the host in numpy (benchmarks/kv_page_granular.py),
@@ -60,6 +64,16 @@ def sparse_estimate(section: dict) -> dict:
                 sparse_s = (m * k * ((1 - sparsity) * 2 + 1 / 8) + (n * (m + k)) * 2) / KERNEL_BW
                 calls = [dense_s] + [sparse_s] * len(spec["candidates"]) + ([dense_s] if sparsity == 0.5 else [])
                 for call in calls:
+                    e, b = _timing(call)
+                    expected, bound, timings = expected + e + call, bound + b + call, timings + 1
+        csl = spec.get("tiled_csl", {})
+        for sparsity in csl.get("sparsities", []):  # tiled-csl: its packer on the same W, then its candidates
+            nonzeros = m * k * (1 - sparsity)
+            pack = nonzeros / (CSL_PACK_NONZEROS_RATE * PACK_CORES) + (m * k * 2 + nonzeros * 4) / 10e9
+            expected, bound = expected + pack, bound + pack
+            for n in spec["tokens"]:
+                call = (nonzeros * 4 + m * k * 10 / 1024 + (n * (m + k)) * 2) / KERNEL_BW  # + padding, offsets
+                for _ in csl["candidates"]:
                     e, b = _timing(call)
                     expected, bound, timings = expected + e + call, bound + b + call, timings + 1
         fpx = spec.get("fpx", {})

@@ -17,10 +17,12 @@ from benchmarks.kit.cases import (
     FPX_TEST_FORMATS,
     FPX_TEST_SHAPES,
     SPARSE_FPX_FORMAT,
+    TILED_CSL_FORMAT,
     KernelCase,
     bitmap_fpx_stream_capacity,
     bitmap_value_capacity,
     case,
+    tiled_csl_word_capacity,
 )
 
 SPLIT_CHOICES = (1, 2, 4, 8)
@@ -57,6 +59,12 @@ def bitmap_bench_cases(layers: dict[str, tuple[int, int]], tokens, arch: str) ->
 def bitmap_fpx_bench_cases(layers: dict[str, tuple[int, int]], tokens, arch: str) -> tuple[list[KernelCase], dict]:
     """Sparse x FPx (bitmap-e3m2) candidates per layer, chosen as bitmap's (`bitmap_bench_cases`)."""
     return _candidates(SPARSE_FPX_FORMAT, layers, tokens, arch, BITMAP_SPLIT_CHOICES, decode_tiles_only=True)
+
+
+def tiled_csl_bench_cases(layers: dict[str, tuple[int, int]], tokens, arch: str) -> tuple[list[KernelCase], dict]:
+    """tiled-csl candidates per layer, chosen as bitmap's (`bitmap_bench_cases`); one kernel serves every
+    sparsity (`cases.tiled_csl_word_capacity`)."""
+    return _candidates(TILED_CSL_FORMAT, layers, tokens, arch, BITMAP_SPLIT_CHOICES, decode_tiles_only=True)
 
 
 def bitmap_test_cases(dry: bool) -> list[KernelCase]:
@@ -181,7 +189,22 @@ def sparse_buffers(fmt: str, m: int, k: int) -> list | None:
         return bitmap_buffers(m, k)
     if fmt == SPARSE_FPX_FORMAT:
         return bitmap_fpx_buffers(m, k)
+    if fmt == TILED_CSL_FORMAT:
+        return tiled_csl_buffers(m, k)
     return None
+
+
+def tiled_csl_buffers(m: int, k: int) -> list:
+    """The stored buffers of the kit's tiled-csl kernels for an [m, k] layer (`compiler/formats/tiled_csl.py`);
+    "words" has the kit's capacity (`cases.tiled_csl_word_capacity`), whatever the sparsity."""
+    from tensorpress.compiler.formats.bitmap import tile_grid
+    from tensorpress.schedules.decode_stage import StoredBuffer
+
+    tm, tk = tile_grid(m, k)
+    return [
+        StoredBuffer("words", (tiled_csl_word_capacity(m, k),), "uint32"),
+        StoredBuffer("offsets", (tm, tk + 1), "int32"),
+    ]
 
 
 def bitmap_fpx_buffers(m: int, k: int) -> list:

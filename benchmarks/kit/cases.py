@@ -133,6 +133,25 @@ def bitmap_value_capacity(m: int, k: int, sparsities=SPARSITIES) -> int:
     return -(-(nnz + 1) // 8) * 8
 
 
+# Tiled-CSL (`compiler/formats/tiled_csl.py`, Flash-LLM's format): the same layers and masks as bitmap, its
+# candidates chosen as bitmap's, at 80 % only (issue 12's headline target): every bitmap sparsity would put
+# the sparse part's bound (budget.py) at ~316 s, over its 4 minutes (80 % alone: ~220 s). Its kernels'
+# "words" buffer holds the densest sparsity's words (zero words after a sparser weight's, never read).
+TILED_CSL_FORMAT = "tiled-csl"
+TILED_CSL_SPARSITIES = (0.8,)
+
+
+def tiled_csl_word_capacity(m: int, k: int, sparsities=TILED_CSL_SPARSITIES) -> int:
+    """Length of the tiled-csl kernels' "words" buffer for an [m, k] layer: the densest sparsity's
+    nonzeros plus at most 3 padding words a 16 x 64 tile, rounded up to the format's multiple of 4."""
+    from tensorpress.compiler.formats.bitmap import tile_grid
+    from tensorpress.compiler.formats.tiled_csl import WORDS_MULTIPLE
+
+    tm, tk = tile_grid(m, k)
+    words = m * kept_per_row(k, min(sparsities)) + (WORDS_MULTIPLE - 1) * tm * tk
+    return -(-words // WORDS_MULTIPLE) * WORDS_MULTIPLE
+
+
 # Quantised KV cache: decode attention (one query token per sequence) over pages of 16 tokens, 32
 # query heads of head_dim 128 over 8 (GQA group 4) or 4 (group 8) kv heads, per cache format, at
 # each context, against torch's scaled_dot_product_attention in fp16.

@@ -23,14 +23,15 @@ Layout (default .device-kit/, ignored by git; carry it with the device tool: car
     ├── kernels/fpx_<fmt>_<M>x<K>.so  FPx (FP6/FP5/FP4) candidates of the LLaMA-2-70B and OPT-66B layers
     ├── kernels/gpu_tests.so     the kernels of tests/schedules/tensorcore/test_template_gpu.py
     ├── kernels/fpx_gpu_tests.so the kernels of tests/schedules/tensorcore/test_fpx_gpu.py
-    ├── kernels/bitmap_<M>x<K>.so  bitmap (sparse) candidates of the same layers, one kernel for every
-    │                            sparsity (benchmarks/sparse_gemm_gpu.py; manifest "sparse_bench")
+    ├── kernels/bitmap_<M>x<K>.so  sparse candidates of the same layers (bitmap, tiled-csl; bitmap-e3m2 on
+    │                            some), one kernel for every sparsity (benchmarks/sparse_gemm_gpu.py;
+    │                            manifest "sparse_bench")
     ├── kernels/bitmap_gpu_tests.so  the kernels of tests/schedules/tensorcore/test_bitmap_gpu.py
     └── runtime/                 TVM's runtime without its compiler (tensorpress runtime bundle parts):
         ├── tvm_libs/            libtvm_runtime.so, libtvm_runtime_cuda.so, libcudart.so.13
         └── python/              tvm_ffi for the device's Python (3.12), runtime-only tensorpress, plus
-                                 tensorpress.compiler.formats (numpy only) to pack FPx and bitmap
-                                 weights (and quantise KV pages) there
+                                 tensorpress.compiler.formats (numpy only) to pack FPx, bitmap
+                                 and tiled-csl weights (and quantise KV pages) there
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ from benchmarks.kit.cases import (  # noqa: E402
     SPARSE_LAYERS,
     SPARSITIES,
     TEST_TOKENS,
+    TILED_CSL_FORMAT,
+    TILED_CSL_SPARSITIES,
     KernelCase,
     bitmap_fpx_stream_capacity,
     bitmap_value_capacity,
+    tiled_csl_word_capacity,
 )
 
 CARRY_LIMIT = 48 << 20  # the device tool carries 64 MiB with the working tree (~16 MiB today)
@@ -231,9 +235,9 @@ def prepare_tuning(out: Path, arch: str, dry: bool, python_version: str) -> dict
 def _build_sparse(
     staging: Path, dry: bool, layers, choice_arch: str, build_arch, kernels: dict, kernel_library: dict, seconds: dict
 ) -> dict:
-    """The bitmap kernels of the sparse benchmark (benchmarks/sparse_gemm_gpu.py), one library per layer;
-    returns the manifest's "sparse_bench" section."""
-    from benchmarks.kit.build import bitmap_bench_cases, bitmap_fpx_bench_cases, build_library
+    """The bitmap, bitmap-e3m2 and tiled-csl kernels of the sparse benchmark (benchmarks/sparse_gemm_gpu.py),
+    one library per layer; returns the manifest's "sparse_bench" section."""
+    from benchmarks.kit.build import bitmap_bench_cases, bitmap_fpx_bench_cases, build_library, tiled_csl_bench_cases
 
     all_layers = DRY_SPARSE_LAYERS if dry else SPARSE_LAYERS
     sparsities = DRY_SPARSITIES if dry else SPARSITIES
@@ -245,10 +249,12 @@ def _build_sparse(
         cases, defaults = bitmap_bench_cases({layer: (m, k)}, tokens, choice_arch)
         fpx_layers = {layer: (m, k)} if layer in SPARSE_FPX_LAYERS else {}
         fpx_cases, fpx_defaults = bitmap_fpx_bench_cases(fpx_layers, tokens, choice_arch)
+        csl_cases, csl_defaults = tiled_csl_bench_cases({layer: (m, k)}, tokens, choice_arch)
         library = f"kernels/bitmap_{m}x{k}.so"
-        print(f"building {library}: {len(cases) + len(fpx_cases)} kernels", flush=True)
-        seconds[library] = build_library(cases + fpx_cases, staging / library, build_arch)
-        for c in cases + fpx_cases:
+        built = cases + fpx_cases + csl_cases
+        print(f"building {library}: {len(built)} kernels", flush=True)
+        seconds[library] = build_library(built, staging / library, build_arch)
+        for c in built:
             kernels[c.name], kernel_library[c.name] = c, library
         section[layer] = {
             "m": m, "k": k, "sparsities": list(sparsities), "tokens": list(tokens),
@@ -261,6 +267,11 @@ def _build_sparse(
                 "capacity": bitmap_fpx_stream_capacity(m, k), "candidates": [c.name for c in fpx_cases],
                 "default": {str(n): name for n, name in fpx_defaults[layer].items()},
             }  # fmt: skip
+        section[layer]["tiled_csl"] = {  # tiled-csl (Flash-LLM's format): the same masks at these sparsities
+            "format": TILED_CSL_FORMAT, "sparsities": list(TILED_CSL_SPARSITIES),
+            "capacity": tiled_csl_word_capacity(m, k), "candidates": [c.name for c in csl_cases],
+            "default": {str(n): name for n, name in csl_defaults[layer].items()},
+        }  # fmt: skip
     return section
 
 

@@ -8,7 +8,7 @@ the runtime-only tensorpress) on the path. Writes to --out (at most 8 files, one
 device tool brings back):
     gpu_tests_<device>_<time>.json   passed/failed/skipped per test, environment, the end of pytest's output
     gemm_weight_<device>_<time>.json the dense / FPx GEMM benchmark (see benchmarks/gemm_weight.py)
-    sparse_gemm_gpu_<...>.json       the bitmap sparse GEMM benchmark (benchmarks/sparse_gemm_gpu.py)
+    sparse_gemm_gpu_<...>.json       the bitmap / tiled-csl sparse GEMM benchmark (benchmarks/sparse_gemm_gpu.py)
     kv_attention_gpu_<...>.json      the quantised-KV decode attention benchmark (benchmarks/kv_attention_gpu.py)
     tuning_<...>.json                the tuning part: candidate tile configs timed, rows = tuning records
                                      (benchmarks/kit/tuning_run.py; import: tensorpress tune --import-kit)
@@ -68,8 +68,16 @@ def run_gpu_tests(kit: Path, out: Path, dry: bool) -> dict:
     return {"exit_status": proc.returncode, "seconds": time.perf_counter() - start, **results, "output_tail": output}
 
 
+OTHER_SPARSE = ("tiled_csl", "sparse_fpx")  # the sparse benchmark's other formats, beside bitmap
+
+
+def _has_incorrect_kernels(point: dict) -> bool:
+    """Whether any format's kernel was wrong at this (layer, sparsity, N) point of the sparse benchmark."""
+    return bool(point["incorrect_kernels"]) or any(point.get(key, {}).get("incorrect_kernels") for key in OTHER_SPARSE)
+
+
 def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> bool:
-    """The bitmap sparse GEMM benchmark; True when every kernel was correct."""
+    """The sparse GEMM benchmark (bitmap, tiled-csl, sparse x FP6); True when every kernel was correct."""
     from benchmarks.kit.kernels import KernelKit
     from benchmarks.sparse_gemm_gpu import run_benchmark
 
@@ -78,7 +86,7 @@ def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> b
     path = run_benchmark(KernelKit(kit), out, runs=min(runs, 3) if dry else runs, warmup=1 if dry else 10,
                          workers=workers)  # fmt: skip
     result = json.loads(path.read_text())
-    bad = [s for s in result["summary"] if s["incorrect_kernels"] or s.get("sparse_fpx", {}).get("incorrect_kernels")]
+    bad = [s for s in result["summary"] if _has_incorrect_kernels(s)]
     lines = [f"sparse_gemm_gpu: {len(result['summary'])} (layer, sparsity, N) points, {len(bad)} with incorrect "
              f"kernels, in {time.perf_counter() - start:.0f} s -> {path.name}"]  # fmt: skip
     for s in result["summary"]:
@@ -89,13 +97,12 @@ def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> b
             speedup, share = best.get("speedup") or 0, best.get("fraction_of_copy_bandwidth") or 0
             lines.append(f"  {s['layer']:<20} {s['sparsity']:.0%} N={s['n']:<3} bitmap {speedup:5.2f}x cuBLAS "
                          f"(ideal {s['ideal_speedup']:.2f}x, {share:.0%} copy bw){target}")  # fmt: skip
-            if "sparse_fpx" in s:  # sparse x FP6 on the same pruned W
-                fpx = s["sparse_fpx"]
+            for other in (s[key] for key in OTHER_SPARSE if key in s):  # other formats of the same pruned W
                 met = ""
-                if "target_met" in fpx:
-                    met = f" target {fpx['target_speedup']}x {'met' if fpx['target_met'] else 'MISSED'}"
-                lines.append(f"  {'':<20} {fpx['format']} {(fpx['best'] or {}).get('speedup') or 0:5.2f}x cuBLAS "
-                             f"(ideal {fpx['ideal_speedup']:.2f}x){met}")  # fmt: skip
+                if "target_met" in other:
+                    met = f" target {other['target_speedup']}x {'met' if other['target_met'] else 'MISSED'}"
+                lines.append(f"  {'':<20} {other['format']} {(other['best'] or {}).get('speedup') or 0:5.2f}x "
+                             f"cuBLAS (ideal {other['ideal_speedup']:.2f}x){met}")  # fmt: skip
     log.extend(lines)
     print("\n".join(lines), flush=True)
     return not bad

@@ -10,8 +10,8 @@ device); kept values are random fp16 around 1/sqrt(K), none zero (a zero would n
 Packing is `tensorpress.compiler.formats.bitmap`'s numpy packer, run on bands of whole 16-row tile rows
 in parallel and joined (`join_bands`: each band's offsets shifted by the nonzeros before it); the join
 equals packing the whole weight at once (tests/benchmarks/test_sparse_weights.py). Tiled-CSL's packer
-joins the same way (`BandPacker.pack_tiled_csl`: each band's offsets shifted by the words before it),
-ready for the kit's tiled-csl kernels, which the sparse benchmark does not build yet.
+joins the same way (`BandPacker.pack_tiled_csl`: each band's offsets shifted by the words before it);
+`make_tiled_csl_weight` packs the very pruned W of a bitmap weight for the kit's tiled-csl kernels.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ BAND_ROWS = 1024  # rows per packing task (a multiple of the bitmap tile's 16 ro
 
 @dataclass
 class SparseWeight:
-    """W [M, K] pruned: the bitmap kernel's buffers (`stored`, torch), the fp16 W (`dense`), the bytes
-    the packed weight really holds (values unpadded) and how long making it took."""
+    """W [M, K] pruned: a sparse kernel's buffers (`stored`, torch), the W they hold (`dense`), the bytes
+    the packed weight really holds (without the kit's padding) and how long making it took."""
 
     stored: list[Any]
     dense: Any
@@ -215,3 +215,20 @@ def make_sparse_fpx_weight(dense, packer: BandPacker, capacity: int) -> SparseWe
     nbytes = arrays["bits"].nbytes + arrays["offsets"].nbytes + arrays["scales"].nbytes + stream_bytes
     seconds = {"pack": packed - start, "upload": time.perf_counter() - packed}
     return SparseWeight(stored, exact, int(nbytes), nnz, seconds)
+
+
+def make_tiled_csl_weight(dense, packer: BandPacker, capacity: int) -> SparseWeight:
+    """The tiled-csl weight of a pruned fp16 W on its device (`random_pruned`): the kernels' buffers
+    (words padded to `capacity`, offsets), `dense` = W itself, the bytes the packer alone stores."""
+    import torch
+
+    start = time.perf_counter()
+    host = dense.cpu().numpy()
+    arrays = packer.pack_tiled_csl(host, capacity)
+    packed = time.perf_counter()
+    nnz = int(np.count_nonzero(host.view(np.uint16)))
+    stored = [torch.from_numpy(arrays[name]).to(dense.device) for name in ("words", "offsets")]
+    real_words = int(arrays["offsets"][-1, -1])  # what the packer alone stores (no kit padding)
+    nbytes = 4 * real_words + arrays["offsets"].nbytes
+    seconds = {"pack": packed - start, "upload": time.perf_counter() - packed}
+    return SparseWeight(stored, dense, nbytes, nnz, seconds)

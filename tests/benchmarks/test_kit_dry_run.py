@@ -1,8 +1,8 @@
 """The GPU kit's dry mode end to end: prepare a CPU-built kit, run it, and find its results.
 
 A GPU session is rare and short; this proves here that the kit a GPU session carries is complete
-(kernels, runtime bundle, manifest; the gpu tests, the dense / FPx GEMM benchmark, the sparse (bitmap)
-GEMM benchmark and the quantised-KV attention benchmark find what they need and their outputs are right). The
+(kernels, runtime bundle, manifest; the gpu tests, the dense / FPx GEMM benchmark, the sparse (bitmap,
+tiled-csl) GEMM benchmark and the quantised-KV attention benchmark find what they need and their outputs are right). The
 dry kernels are the same schedules built for the CPU, so the gpu tests in it check real numbers
 against torch. The decoder part has its own dry run (benchmarks/kit/decoder_run.py).
 """
@@ -59,6 +59,14 @@ def test_dry_kit_prepares_runs_its_gpu_tests_and_benchmark(tmp_path):
         fpx = point["sparse_fpx"]
         assert not fpx["incorrect_kernels"] and fpx["best"]["rel_error"] < 2e-3, point
         assert fpx["stored_bytes"] < point["stored_bytes"] and fpx["ideal_speedup"] > point["ideal_speedup"]
+    csl_points = [p for p in sparse["summary"] if "tiled_csl" in p]  # tiled-csl on the same pruned W
+    csl_expected = {(layer, s, n) for layer, spec in section.items() for s in spec["tiled_csl"]["sparsities"]
+                    for n in spec["tokens"]}  # fmt: skip
+    assert {(p["layer"], p["sparsity"], p["n"]) for p in csl_points} == csl_expected and csl_points
+    for point in csl_points:
+        csl = point["tiled_csl"]
+        assert csl["format"] == "tiled-csl" and not csl["incorrect_kernels"] and csl["best"]["rel_error"] < 2e-3, point
+        assert 4 * point["nonzeros"] <= csl["stored_bytes"] < point["m"] * point["k"] * 2
 
     (kv_json,) = out.glob("kv_attention_gpu_*.json")
     kv = json.loads(kv_json.read_text())

@@ -78,3 +78,94 @@ def test_fpx_band_packing_equals_the_whole_weight_packed_at_once(monkeypatch, m,
     np.testing.assert_array_equal(fmt.unpack(type(whole)(whole.format, whole.shape, grown)), fmt.unpack(whole))
     with pytest.raises(ValueError, match="do not fit"):
         sparse_weights.BandPacker(0).pack_fpx(w, capacity=128)
+
+
+@pytest.mark.parametrize("m, k", [(100, 200), (48, 1024), (17, 130)])
+def test_tiled_csl_word_capacity_holds_the_densest_sparsitys_words(m, k):
+    from benchmarks.kit.cases import tiled_csl_word_capacity
+
+    capacity = tiled_csl_word_capacity(m, k, (0.5, 0.8))
+    assert capacity % 4 == 0
+    for seed in range(3):  # random masks, each row keeping exactly kept_per_row(k, 0.5)
+        w = sparse_weights.random_pruned(m, k, 0.5, torch.device("cpu"), seed=seed).numpy()
+        words = get_weight_format("tiled-csl").pack(w).arrays["words"].size
+        assert words <= capacity < words + 4 * 3 * -(-m // 16) * -(-k // 64) + 4
+
+
+def test_tiled_csl_word_capacity_holds_a_weight_padded_by_3_words_in_every_tile():
+    from benchmarks.kit.cases import kept_per_row, tiled_csl_word_capacity
+
+    m, k, sparsity = 16, 256, 0.8  # 51 kept a row, in 4 tiles: 13, 13, 13, 12 but for 3 rows
+    per_tile = np.tile([13, 13, 13, 12], (m, 1))
+    for row in range(3):  # the tiles then hold 209, 209, 209, 189 nonzeros: each 1 more than a multiple of 4
+        per_tile[row, row] += 1
+        per_tile[row, 3] -= 1
+    w = np.zeros((m, k), np.float16)
+    for row in range(m):
+        for tile in range(4):
+            w[row, tile * 64 : tile * 64 + per_tile[row, tile]] = 1.0
+    assert (np.count_nonzero(w, axis=1) == kept_per_row(k, sparsity)).all()
+    words = get_weight_format("tiled-csl").pack(w).arrays["words"].size
+    assert words == m * kept_per_row(k, sparsity) + 4 * 3 == tiled_csl_word_capacity(m, k, (sparsity,))
+
+
+@pytest.mark.parametrize("m, k", [(128, 256), (48, 208)])
+def test_the_kits_tiled_csl_buffers_are_what_the_format_packs_at_the_kits_capacity(m, k):
+    from benchmarks.kit.build import tiled_csl_buffers
+    from benchmarks.kit.cases import tiled_csl_word_capacity
+
+    w = sparse_weights.random_pruned(m, k, 0.8, torch.device("cpu"), seed=1).numpy()
+    packed = get_weight_format("tiled-csl").pack(w)
+    kit = tiled_csl_buffers(m, k)
+    assert [(b.name, b.dtype) for b in kit] == [(b.name, b.dtype) for b in packed.buffers]
+    assert kit[1].shape == packed.buffers[1].shape and kit[0].shape == (tiled_csl_word_capacity(m, k),)
+    arrays = sparse_weights.BandPacker(0).pack_tiled_csl(w, tiled_csl_word_capacity(m, k))
+    assert [(name, a.shape, str(a.dtype)) for name, a in arrays.items()] == [(b.name, b.shape, b.dtype) for b in kit]
+
+
+def test_tiled_csl_candidates_are_bitmaps():
+    from benchmarks.kit.build import bitmap_bench_cases, tiled_csl_bench_cases
+
+    layers = {"llama2-70b q/o": (8192, 8192), "small": (128, 256)}
+    csl, csl_defaults = tiled_csl_bench_cases(layers, (1, 16, 64), "sm_90a")
+    bitmap, bitmap_defaults = bitmap_bench_cases(layers, (1, 16, 64), "sm_90a")
+    assert [(c.m, c.k, c.config) for c in csl] == [(c.m, c.k, c.config) for c in bitmap]
+    assert {c.fmt for c in csl} == {"tiled-csl"} and all(c.name.startswith("wg_tiled_csl_") for c in csl)
+    renamed = {layer: {n: name.replace("wg_bitmap_", "wg_tiled_csl_") for n, name in d.items()}
+               for layer, d in bitmap_defaults.items()}  # fmt: skip
+    assert csl_defaults == renamed
+
+
+def test_the_sparse_estimate_counts_tiled_csls_timings():
+    from benchmarks.kit.budget import sparse_estimate
+
+    spec = {"m": 8192, "k": 8192, "sparsities": [0.5, 0.8], "tokens": [1, 16], "candidates": ["a", "b"]}
+    without = sparse_estimate({"layer": spec})
+    csl = {"format": "tiled-csl", "sparsities": [0.8], "candidates": ["c", "d", "e"]}
+    with_csl = sparse_estimate({"layer": {**spec, "tiled_csl": csl}})
+    assert with_csl["timings"] == without["timings"] + 2 * 3
+    assert with_csl["expected_s"] >= without["expected_s"] and with_csl["bound_s"] > without["bound_s"]
+
+
+def test_a_kit_tiled_csl_kernel_reads_a_sparser_weight_from_its_padded_words():
+    """One kit kernel (CPU replay), built for the densest sparsity's words, on a sparser weight."""
+    import tvm
+
+    from benchmarks.kit.build import scheduled_module
+    from benchmarks.kit.cases import case, tiled_csl_word_capacity
+    from tensorpress.schedules.tensorcore.tile_config import TileConfig
+    from tensorpress.schedules.verification.cpu_replay import build_replay
+
+    m, k, n = 48, 208, 5  # part tiles along M and K
+    config = TileConfig(block_n=16, block_m=16, block_k=64, warps=1, stages=2)
+    kernel_case = case("tiled-csl", m, k, config.to_dict())
+    kernel = build_replay(scheduled_module([kernel_case], emulated=True), seed=None)[kernel_case.name]
+    w = sparse_weights.random_pruned(m, k, 0.9, torch.device("cpu"), seed=3).numpy()
+    arrays = sparse_weights.BandPacker(0).pack_tiled_csl(w, tiled_csl_word_capacity(m, k))
+    x = np.random.default_rng(0).standard_normal((n, k)).astype(np.float16)
+    y = np.full((n, m), np.nan, np.float16)
+    dev = tvm.cpu()
+    tensors = [tvm.runtime.tensor(a, dev) for a in (x, arrays["words"], arrays["offsets"], y)]
+    kernel(*tensors)
+    reference = x.astype(np.float32) @ w.astype(np.float32).T
+    np.testing.assert_allclose(tensors[-1].numpy().astype(np.float32), reference, rtol=2e-3, atol=2e-3)
