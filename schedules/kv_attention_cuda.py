@@ -31,6 +31,14 @@ the lowered kernel that every shared-buffer read follows a barrier placed after 
 another statement. Races between CTAs (two CTAs writing one workspace row) the replay does see: it
 runs the CTAs in shuffled orders (see `_divisor_at_most`).
 
+Why SIMT, not Tensor Cores, for q·k and p·V. A CTA's products are [G query heads] x [CHUNK rows] x D with
+G = 4..8 (the GQA group): an mma.m16n8k16 would run with G of its 16 rows used. With fp16 pages that
+costs nothing: each K/V element loaded feeds 2·G FLOPs, 4..8 FLOP per byte, under the H100's SIMT fp32
+ridge (~67 TFLOP/s over 3.35 TB/s, ~20 FLOP/B), so the FMAs keep up with HBM. With 2-bit pages (~0.33 B
+an element, metadata included) the same work is 24..48 FLOP/B: at G = 8 the SIMT kernel passes the ridge
+and becomes compute-bound, so Tensor Cores (the group's heads padded to 16 rows, pages decoded into B
+fragments as the weight GEMM's fragment decode does) are the next step for the 2-bit read; not built.
+
 Prefill runs the same kernels, one query token per CTA row of the grid: correct and parallel, but
 neither query-tiled nor sparing of the workspace (N x H x chunks x D fp32: 17 GB for 16 x 2048
 prompt tokens at Llama-7B's shape). A query-tiled prefill kernel is the next step.
