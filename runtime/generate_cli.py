@@ -68,12 +68,14 @@ def generate_command(args: argparse.Namespace) -> int:
     options = check_generation_options(
         args.max_new_tokens, args.temperature, args.top_p, args.stop_ids, args.seed, args.allow_beyond_context
     )
-    for turn, ids in enumerate(args.prompt_ids or [], 1):
-        if not ids:
-            raise InputError(f"--prompt-ids of turn {turn} is empty; give at least one token id, e.g. 1,2,3.")
-    for turn, text in enumerate(args.prompt or [], 1):
-        if not text:
-            raise InputError(f"--prompt of turn {turn} is empty; give some text.")
+    for flag, turns, what in (
+        ("--prompt-ids", args.prompt_ids or [], "at least one token id, e.g. --prompt-ids 1,2,3"),
+        ("--prompt", args.prompt or [], "some text"),
+    ):
+        for turn, prompt in enumerate(turns, 1):
+            if not prompt:
+                which = f" of turn {turn}" if len(turns) > 1 else ""
+                raise InputError(f"{flag}{which} is empty; give {what}.")
     loaded = load_artifact(args.artifact, args.device)
     if loaded.manifest.get("kind") != "decoder":
         raise InputError(f"{args.artifact} is not a decoder model; `generate` needs an artifact of an LLM.")

@@ -112,6 +112,8 @@ def test_the_out_of_pages_message_names_a_pool_size_within_the_context(llama):
     "flags, message",
     [
         (["--prompt-ids", ""], "--prompt-ids is empty"),
+        (["--prompt-ids", "1,2", "--prompt-ids", ""], "--prompt-ids of turn 2 is empty"),
+        (["--prompt", "Hi", "--prompt", ""], "--prompt of turn 2 is empty"),
         (["--prompt-ids", "1,2", "--temperature", "-1"], "temperature must be 0"),
         (["--prompt-ids", "1,2", "--temperature", "nan"], "temperature must be a finite number"),
         (["--prompt-ids", "1,2", "--top-p", "0"], "top_p must be in"),
