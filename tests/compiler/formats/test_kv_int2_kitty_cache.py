@@ -8,29 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from tvm import te
-from tvm.s_tir import dlight as dl
+from llvm_harness import assert_tagged_reads_bit_for_bit, build_kv_kernels, page_read_func, zero_cache_arrays
 
 from tensorpress.compiler.compression_configs import KVCacheConfig
 from tensorpress.compiler.formats import get_kv_cache_format
 from tensorpress.compiler.formats.kv_int2_kitty import Int2KittyKVCache, bits_per_element
 from tensorpress.errors import ConfigError
-from tensorpress.schedules.kv_attention import kv_attention_rules, kv_quantize_pages_func
+from tensorpress.schedules.kv_attention import kv_quantize_pages_func
 
 L, KVH, D, PS = 2, 2, 32, 8
-TARGET = {"kind": "llvm", "num-cores": 2}
-
-
-def _compile(funcs):
-    target = tvm.target.Target(TARGET)
-    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
-    with target:
-        return tvm.compile(dl.ApplyDefaultSchedule(*kv_attention_rules())(mod), target=target)
-
-
-def _zeros(tensors, pages, quantised_pages):
-    sizes = {"num_pages": pages, "num_quantised_pages": quantised_pages}
-    return [np.zeros([sizes.get(d, d) for d in t.shape], t.dtype) for t in tensors]  # type: ignore[call-overload]
 
 
 def _head_slices(stored, layer, q, g):
@@ -50,8 +36,8 @@ def test_the_quantise_kernel_writes_the_numpy_page_reference_bit_for_bit(dtype, 
     pages[1, 5, 0, 1, :, 3:9] = 0.5  # constant channels: equal strength (ties go to the lower index), scale 0
     src = np.array([[9, 2, 5, 0], [3, 11, 1, 7]], np.int32)
     dst = np.array([2, 0], np.int32)
-    lib = _compile({"quantize": kv_quantize_pages_func(fmt, KVH, D, PS, dtype)})
-    cache = [tvm.runtime.tensor(a) for a in [pages, *_zeros(fmt.quantised_tensors(L, KVH, D, dtype), 0, 3)]]
+    lib = build_kv_kernels({"quantize": kv_quantize_pages_func(fmt, KVH, D, PS, dtype)})
+    cache = [tvm.runtime.tensor(a) for a in [pages, *zero_cache_arrays(fmt.quantised_tensors(L, KVH, D, dtype), 0, 3)]]
     lib["quantize"](*cache, tvm.runtime.tensor(src), tvm.runtime.tensor(dst))
     stored = [t.numpy() for t in cache[1:]]
     for k in range(len(src)):
@@ -64,27 +50,13 @@ def test_the_quantise_kernel_writes_the_numpy_page_reference_bit_for_bit(dtype, 
     assert not stored[0][:, 1].any()  # the page not written stays as it was
 
 
-def _read_all(fmt, dtype, entries):
-    """out[kv, e, l, g, r, d] = the format's page read of row r of block-table entry e (a te compute)."""
-    tensors = fmt.cache_tensors(L, KVH, PS, D, dtype)
-    shapes = {"num_pages": 4, "num_quantised_pages": 3}
-    cache = [te.placeholder([shapes.get(d, d) for d in t.shape], t.dtype, t.name) for t in tensors]  # type: ignore[call-overload]
-    table = te.placeholder((entries,), "int32", "table")
-
-    def reader(kv):
-        return lambda e, layer, g, r, d: fmt.read(cache, layer, table[e], kv, g, r, d, dtype)
-
-    outs = [te.compute((entries, L, KVH, PS, D), reader(kv), name=f"read_{kv}") for kv in (0, 1)]
-    return te.create_prim_func([*cache, table, *outs]), [t for t in tensors]
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_the_page_read_gives_dequantize_page_through_tagged_entries_bit_for_bit(dtype):
     fmt = Int2KittyKVCache(page_tokens=16)  # G = 2
     rng = np.random.default_rng(8)
-    func, tensors = _read_all(fmt, dtype, 6)
+    func, tensors = page_read_func(fmt, dtype, (L, KVH, PS, D), 6, pages=4, quantised_pages=3)
     pages = rng.standard_normal((L, 4, 2, KVH, PS, D)).astype(dtype)
-    stored = _zeros(tensors[1:], 0, 3)
+    stored = zero_cache_arrays(tensors[1:], 0, 3)
     references = {}
     for q in (1, 2):
         for layer in range(L):
@@ -100,19 +72,7 @@ def test_the_page_read_gives_dequantize_page_through_tagged_entries_bit_for_bit(
                 references[q, layer, g] = fmt.dequantize_page(page, dtype)
     # entries: fp page 3, q page 2 sub 1, q page 1 sub 0, fp page 0, q page 1 sub 1, q page 2 sub 0
     table = np.array([3, -1 - 5, -1 - 2, 0, -1 - 3, -1 - 4], np.int32)
-    lib = tvm.compile(tvm.IRModule({"read": func.with_attr("global_symbol", "read")}), target="llvm")
-    outs = [tvm.runtime.empty((6, L, KVH, PS, D), dtype) for _ in range(2)]
-    lib["read"](*[tvm.runtime.tensor(a) for a in (pages, *stored, table)], *outs)
-    for kv, out in enumerate(o.numpy() for o in outs):
-        for e, entry in enumerate(table):
-            for layer in range(L):
-                for g in range(KVH):
-                    if entry >= 0:
-                        want = pages[layer, entry, kv, g]
-                    else:
-                        q, sub = divmod(-1 - int(entry), 2)
-                        want = references[q, layer, g][kv][sub * PS : (sub + 1) * PS]
-                    np.testing.assert_array_equal(out[e, layer, g].view(np.uint8), want.view(np.uint8))
+    assert_tagged_reads_bit_for_bit(func, pages, stored, table, references, group=2)
 
 
 def test_tensors_bytes_and_the_issues_bit_budget():
