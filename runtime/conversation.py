@@ -80,10 +80,18 @@ class Conversation:
         if isinstance(prompt, str | Sequence) and len(prompt) == 0:
             raise InputError("the turn's prompt is empty; give some text or at least one token id.")
         request = self._model._request(0, prompt, options, history=(self._seq_id, self._pending))
-        self._in_turn = True
-        return self._turn(request, options)
+        return self._turn(request, options, len(self.tokens))
 
-    def _turn(self, request: Any, options: Any) -> Iterator[int]:
+    def _turn(self, request: Any, options: Any, tokens_before: int) -> Iterator[int]:
+        # Checked again when the turn starts (the first token is asked for), not when it was prepared: a
+        # stream never read holds nothing, and one prepared before another turn ran is stale.
+        if self._closed_because is not None:
+            raise InputError(f"this conversation is closed ({self._closed_because}); start a new one.")
+        if self._in_turn:
+            raise InputError("this conversation is still streaming its last turn; finish reading it first.")
+        if len(self.tokens) != tokens_before:
+            raise InputError("another turn of this conversation ran after this one was prepared; send it again.")
+        self._in_turn = True
         model = self._model
         length_before = model.cache.length(self._seq_id) if self._seq_id >= 0 else 0
         stream = model._stream([request], options)

@@ -211,7 +211,10 @@ def test_a_conversation_with_full_precision_pages_equals_one_prompt_of_its_turns
     fp16 = _model(artifacts["fp16"], max_total_tokens=128)
     turns = [_long_prompt(10, 30), _long_prompt(11, 9), _long_prompt(12, 17)]
     with fp16.conversation() as chat:
+        never_read = chat.send_stream(turns[0], max_new_tokens=6)  # prepared, never started: holds nothing
         answers = [chat.send(t, max_new_tokens=6, stop_ids=[]) for t in turns[:2]]
+        with pytest.raises(InputError, match="another turn of this conversation ran after this one was prepared"):
+            next(never_read)
         with pytest.raises(OutOfKVPagesError):  # refused before it started: the conversation stays as it was
             chat.send(turns[2], max_new_tokens=200)
         answers.append(chat.send(turns[2], max_new_tokens=6, stop_ids=[]))
