@@ -94,6 +94,7 @@ def prepare(
         fpx_test_cases,
         test_cases,
     )
+    from tensorpress.compiler.tuning.tuning_kit import source_commit
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".kit.", dir=out.parent))
@@ -165,7 +166,7 @@ def prepare(
             "arch": None if dry else arch,
             "python": python_version,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "commit": _commit(),
+            "commit": source_commit(),
             "versions": _versions(),
             "kernels": {name: c.to_json() for name, c in kernels.items()},
             "kernel_library": kernel_library,
@@ -289,13 +290,6 @@ def _copy_weight_formats(package: Path) -> None:
     from tensorpress.compiler.runtime_bundle import write_weight_formats
 
     write_weight_formats(package)
-
-
-def _commit() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def _versions() -> dict:

@@ -197,7 +197,7 @@ def write_tuning_kit(
             "arch": None if dry else arch,
             "python": python_version,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "commit": _commit(),
+            "commit": source_commit(),
             "versions": compiler_versions(),
             "kernels": {},
             "kernel_library": {},
@@ -215,7 +215,8 @@ def write_tuning_kit(
     return manifest
 
 
-def _commit() -> dict[str, Any]:
+def source_commit() -> dict[str, Any]:
+    """The repository's HEAD and whether tracked files differ from it (what a kit was built from)."""
     from tensorpress.compiler.tuning.records import REPO_ROOT
 
     def git(*args: str) -> str:
