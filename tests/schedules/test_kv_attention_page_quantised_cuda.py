@@ -2,7 +2,8 @@
 they are gathered, beside the full-precision sink and window pages): replayed on the CPU with shuffled
 threads and NaN-poisoned scratch against numpy attention over the dequantised cache, three planted bugs
 in the 2-bit read (wrong channel index, wrong zero point, a quantised page off by one) caught by the same
-replay, and the attention and page-quantise kernels built for sm_80 and sm_90a by nvcc without spills."""
+replay, and the attention and page-quantise kernels of int2-kitty and int2-oscar built for sm_80 and
+sm_90a by nvcc without spills."""
 
 from __future__ import annotations
 
@@ -75,14 +76,16 @@ def test_the_cuda_schedule_replayed_with_shuffled_threads_matches_numpy_and_catc
     assert quantised_pages == 9
 
 
-@pytest.mark.slow  # nvcc for two architectures: about 40 s
+@pytest.mark.slow  # nvcc: about 20 s a case
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_the_kitty_cuda_kernels_build_a_fatbin_without_spills(arch, tmp_path):
+@pytest.mark.parametrize("name", ["int2-kitty", "int2-oscar"])
+def test_the_page_quantised_cuda_kernels_build_a_fatbin_without_spills(name, arch, tmp_path):
     from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support, library_has_gpu_binary
+    from tensorpress.compiler.formats import get_kv_cache_format
     from tensorpress.schedules.verification.cuda_inspection import inspect_cuda
 
     ensure_cuda_build_support()
-    fmt = Int2KittyKVCache()
+    fmt = get_kv_cache_format(name)
     funcs = {
         "decode": paged_attention_func(fmt, 32, 8, 128, 16, "float16", "decode"),
         "quantize": kv_quantize_pages_func(fmt, 8, 128, 16, "float16"),
@@ -91,7 +94,7 @@ def test_the_kitty_cuda_kernels_build_a_fatbin_without_spills(arch, tmp_path):
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
     with target:
         lib = tvm.compile(dl.ApplyDefaultSchedule(*kv_attention_rules())(mod), target=target)
-    path = tmp_path / "kv_int2_kitty.so"
+    path = tmp_path / f"kv_{name}.so"
     lib.export_library(str(path))
     assert library_has_gpu_binary(path)
     scheduled = tvm.IRModule(

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import tvm
 from llvm_harness import assert_tagged_reads_bit_for_bit, build_kv_kernels, page_read_func, zero_cache_arrays
-from tvm.s_tir import dlight as dl
 
 from tensorpress.compiler.compression_configs import KVCacheConfig
 from tensorpress.compiler.formats import get_kv_cache_format
 from tensorpress.compiler.formats.kv_int2_oscar import Int2OscarKVCache, bits_per_element
 from tensorpress.errors import ConfigError
-from tensorpress.schedules.kv_attention import kv_attention_rules, kv_quantize_pages_func
+from tensorpress.schedules.kv_attention import kv_quantize_pages_func
 
 L, KVH, D, PS = 2, 2, 32, 8
 
@@ -90,35 +89,3 @@ def test_options_are_set_through_the_config_and_bad_ones_refused():
         Int2OscarKVCache().cache_tensors(1, 1, 16, 30, "float32")
     with pytest.raises(ConfigError, match="key_clip must be a fraction"):
         Int2OscarKVCache(key_clip=0.3)
-
-
-@pytest.mark.slow  # nvcc: about 30 s
-def test_the_cuda_kernels_over_oscar_pages_build_a_fatbin_without_spills(tmp_path):
-    from tensorpress.compiler.cuda.toolchain import ensure_cuda_build_support, library_has_gpu_binary
-    from tensorpress.schedules.kv_attention import paged_attention_func
-    from tensorpress.schedules.kv_attention_cuda import schedule_attention, schedule_quantize_pages
-    from tensorpress.schedules.verification.cuda_inspection import inspect_cuda
-
-    ensure_cuda_build_support()
-    fmt = Int2OscarKVCache()
-    funcs = {
-        "decode": paged_attention_func(fmt, 32, 8, 128, 16, "float16", "decode"),
-        "quantize": kv_quantize_pages_func(fmt, 8, 128, 16, "float16"),
-    }
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
-    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
-    with target:
-        lib = tvm.compile(dl.ApplyDefaultSchedule(*kv_attention_rules())(mod), target=target)
-    path = tmp_path / "kv_int2_oscar.so"
-    lib.export_library(str(path))
-    assert library_has_gpu_binary(path)
-    scheduled = tvm.IRModule(
-        {
-            "attention": schedule_attention(funcs["decode"]).mod["main"].with_attr("global_symbol", "attention"),
-            "quantize": schedule_quantize_pages(funcs["quantize"]).mod["main"].with_attr("global_symbol", "quantize"),
-        }
-    )
-    reports = inspect_cuda(scheduled, "sm_90a")
-    assert any(r.name.startswith("attention") for r in reports)
-    for report in reports:
-        assert report.spill_bytes == 0 and report.sass["LDL"] == 0, report.summary()
