@@ -473,14 +473,13 @@ class DecoderModel:
         reserved length (hold the lock)."""
         full, quantised = self.cache.num_free_pages, self.cache.num_free_quantised_pages
         for r in self._live.values():
-            held = self.cache.held(r.seq_id)
-            full -= r.reserved_pages - held[0]
-            quantised -= r.reserved_quantised - held[1]
+            needed = self._still_needed(r)
+            full, quantised = full - needed[0], quantised - needed[1]
         return full, quantised
 
     def _still_needed(self, r: _Request) -> tuple[int, int]:
-        """(full-precision, quantised) pages a waiting request must still take: its reservation less
-        what its conversation's sequence already holds."""
+        """(full-precision, quantised) pages a request may still take: its reservation less what its
+        sequence already holds (a live one's, or the conversation's it continues)."""
         held = self.cache.held(r.seq_id) if r.seq_id >= 0 else (0, 0)
         return max(0, r.reserved_pages - held[0]), max(0, r.reserved_quantised - held[1])
 
