@@ -173,10 +173,11 @@ def kv_kernel_name(fmt: str, heads: int, kv_heads: int, head_dim: int) -> str:
 
 # The tuning part (prepare.py --tuning; benchmarks/kit/tuning_run.py): candidate tile configs of the
 # dense fp16 and FP6 (e3m2) weight GEMMs on the LLaMA-2-70B and OPT-66B layers, timed at these token
-# counts (record keys with n = N: a decode step's kernels are keyed n = 16) within TUNING_BUDGET_S.
+# counts (record keys with n = N: a decoder's decode step is keyed n = 16 and its prefill n = 128, as
+# rewrite_linear_to_weight_gemm.token_count_hint keys symbolic token counts) within TUNING_BUDGET_S.
 TUNING_FORMATS = ("dense-fp16", "e3m2")
 TUNING_LAYERS = FPX_LAYERS
-TUNING_TOKENS = (1, 16, 64)
+TUNING_TOKENS = (1, 16, 64, 128)
 TUNING_CANDIDATES = 12  # built per (format, layer): ~5 s of nvcc each here, ~40 KB each
 TUNING_BUDGET_S = 90.0
 DRY_TUNING_LAYERS: dict[str, tuple[int, int]] = {"dry 128x256": (128, 256)}

@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/kit/prepare.py --dry          # CPU-built kernels: run.py works here
 
 The tuning part (filling tuning_logs/sm_90a/), a kit of its own: dense fp16 and FP6 candidates on the
-LLaMA-2-70B and OPT-66B layers at N = 1, 16, 64 (cases.TUNING_*: 144 candidates, 15.5 MiB; 36 min of
-nvcc here at load 8-10 on the 2 shared cores), then one device command (estimate printed: ~45 s expected,
-<= 174 s), then the import here:
+LLaMA-2-70B and OPT-66B layers at N = 1, 16, 64, 128 (cases.TUNING_*: 144 candidates, 15.5 MiB; 36 min
+of nvcc here at load 8-10 on the 2 shared cores), then one device command (estimate printed: ~50 s
+expected, <= 191 s), then the import here:
 
     .venv/bin/python benchmarks/kit/prepare.py --tuning --out .tuning-kit
     device tool: run(command='python3 benchmarks/kit/run.py --kit .tuning-kit --only tune --out "$OUT"',
