@@ -306,6 +306,9 @@ def _emit_weight_gemm(x, stored, site, choice, packed, match, pats, bb, kernels,
         name = f"weight_gemm_{stage_name}_{site.m}x{site.k}_{choice.act_dtype}" + ("_bias" if has_bias else "")
         name += f"_out_{kernel_out}" if kernel_out != choice.act_dtype else ""
         name = f"{name}_n{n_hint}".replace("-", "_")
+        # Layers of one shape whose stored buffers differ in size (tiled-csl's word count follows the
+        # data) get kernels of their own, and each needs its own symbol.
+        name = _unused_name(name, {gv.name_hint for gv in kernels.values()})
         func = func.with_attr("global_symbol", name).with_attr(N_HINT_ATTR, n_hint)
         kernels[key] = bb.add_func(func, name)
     x2d = relax.op.reshape(x, [n, site.k]) if len(lead) != 1 else x
@@ -319,6 +322,14 @@ def _emit_weight_gemm(x, stored, site, choice, packed, match, pats, bb, kernels,
     if out_dtype != kernel_out:
         y = relax.op.astype(y, out_dtype)
     return relax.op.reshape(y, [*lead, site.m]) if len(lead) != 1 else y
+
+
+def _unused_name(name: str, taken: set[str]) -> str:
+    """`name`, or `name_1`, `name_2`, ... : the first that is not in `taken`."""
+    unique, suffix = name, 1
+    while unique in taken:
+        unique, suffix = f"{name}_{suffix}", suffix + 1
+    return unique
 
 
 def _new_param_order(

@@ -85,6 +85,25 @@ def test_mlp_pruned_80_percent_matches_torch_with_the_same_weights(tmp_path, spa
         np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_layers_of_one_shape_with_different_stored_sizes_each_get_their_kernel(tmp_path):
+    # K = 128: two 64-column tiles per row band, whose word counts follow the data, so the three layers'
+    # stored buffers differ in size; their kernels once shared one symbol and the build failed.
+    sparse_format = "tiled-csl"
+    torch.manual_seed(1)
+    linears = [torch.nn.Linear(128, 128, bias=False) for _ in range(3)]
+    model = torch.nn.Sequential(*linears).eval()
+    config = SparseConfig(sparsity=0.8, format=sparse_format, prune="magnitude")
+    x = torch.randn(3, 128)
+    report = tensorpress.compile(model, tmp_path / "m.tpk", example_inputs=(x,), sparsity=config)
+    assert [layer["format"] for layer in report.manifest["layers"]] == [sparse_format] * 3
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.copy_(as_stored(torch_magnitude_pruned(linear.weight, 0.8)))
+        expected = model(x).numpy()
+    (y,) = tensorpress.runtime.load(report.artifact).run([x.numpy()])
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_auto_keeps_dense_what_no_sparse_format_shrinks_and_picks_bitmap_for_cuda(tmp_path):
     from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import LinearSite
     from tensorpress.compiler.targets import TargetSpec
