@@ -24,8 +24,10 @@ sparsities (80 %: `cases.TILED_CSL_SPARSITIES`, the device budget): the same pru
 packer, its candidates checked against the same fp32 reference as bitmap's and timed against the same
 cuBLAS time, with bitmap's targets.
 
-Random masks only: Wanda masks need calibration activations of the real model (not in the kit); the
-bitmap kernel's time depends on the nonzero count and layout density, which the random masks fix.
+Masks: random at every sparsity; and Wanda's (each row's largest |w| ||X_j||) over drawn input-channel norms
+with outlier channels (`sparse_weights.wanda_channel_norms`: the kit carries no real activations) at 80 % and
+N = 16, bitmap only: the same nonzero count per row, but uneven tiles (outlier columns dense in every row),
+which is what a Wanda-pruned LLM gives the kernel. Each summary entry says its "mask".
 """
 
 from __future__ import annotations
@@ -101,28 +103,31 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
     try:
         for layer, spec in kit.manifest["sparse_bench"].items():
             m, k = spec["m"], spec["k"]
-            for sparsity in spec["sparsities"]:
-                weight = make_sparse_weight(m, k, sparsity, device, packer, spec["capacity"], seed=m + k)
-                setup[f"{layer} {sparsity}"] = weight.seconds
+            for sparsity, mask, tokens in _mask_cases(spec):
+                weight = make_sparse_weight(m, k, sparsity, device, packer, spec["capacity"], seed=m + k, mask=mask)
+                setup[f"{layer} {sparsity}" + ("" if mask == "random" else f" {mask}")] = weight.seconds
+                random = mask == "random"  # the other formats and 2:4 on the random masks only (the budget)
                 fpx_weight = None  # sparse x FPx: the same pruned W, its kept values in FP6
-                if sparsity in spec.get("fpx", {}).get("sparsities", []):
+                if random and sparsity in spec.get("fpx", {}).get("sparsities", []):
                     fpx_weight = make_sparse_fpx_weight(weight.dense, packer, spec["fpx"]["capacity"])
                     setup[f"{layer} {sparsity} {spec['fpx']['format']}"] = fpx_weight.seconds
                 csl, csl_weight = spec.get("tiled_csl", {}), None  # tiled-csl: the same pruned W
-                if sparsity in csl.get("sparsities", []):
+                if random and sparsity in csl.get("sparsities", []):
                     csl_weight = make_tiled_csl_weight(weight.dense, packer, csl["capacity"])
                     setup[f"{layer} {sparsity} {csl['format']}"] = csl_weight.seconds
                 wt = weight.dense.t()
-                semi, semi_skip = semi_structured(weight.dense) if sparsity == 0.5 and not kit.manifest["dry"] else (
-                    None, "dry run" if kit.manifest["dry"] else "2:4 is 50 % only")  # fmt: skip
-                for n in spec["tokens"]:
+                if random and sparsity == 0.5 and not kit.manifest["dry"]:
+                    semi, semi_skip = semi_structured(weight.dense)
+                else:
+                    semi, semi_skip = None, "dry run" if kit.manifest["dry"] else "2:4 is 50 % only, on random masks"
+                for n in tokens:
                     x = torch.randn(n, k, device=device).to(torch.float16)
                     reference = x.float() @ weight.dense.float().t()
                     y_base = torch.empty(n, m, dtype=torch.float16, device=device)
                     base = timed(timer, lambda: torch.matmul(x, wt, out=y_base), warmup, runs)  # noqa: B023
                     activations = (n * k + n * m) * 2
                     base_moved, moved = m * k * 2 + activations, weight.stored_bytes + activations
-                    point = {"layer": layer, "m": m, "k": k, "sparsity": sparsity, "n": n}
+                    point = {"layer": layer, "m": m, "k": k, "sparsity": sparsity, "mask": mask, "n": n}
                     measure = _Measure(kit, ffi, timer, base, copy_bw, datasheet, warmup, runs)
                     rows = measure.candidates(spec["candidates"], x, weight, reference, point, moved)
                     records.extend(rows)
@@ -172,12 +177,13 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
         packer.close()
     payload = {
         "benchmark": "sparse_gemm_gpu",
-        "what": "Y[N,M] = X[N,K] W[M,K]^T fp16 with W pruned at random (exact count per row): tensorpress bitmap "
-        "and tiled-csl kernels vs cuBLAS fp16 on the same pruned W, and 2:4 semi-structured at 50 % where torch "
-        "has it",
+        "what": "Y[N,M] = X[N,K] W[M,K]^T fp16 with W pruned (exact count per row) at random or by Wanda over drawn "
+        "channel norms: tensorpress bitmap and tiled-csl kernels vs cuBLAS fp16 on the same pruned W, and 2:4 "
+        "semi-structured at 50 % where torch has it",
         "environment": env,
         "dry_run": bool(kit.manifest["dry"]),
-        "masks": "random (Wanda masks need calibration activations; not in the kit)",
+        "masks": "random at every sparsity; wanda (drawn channel norms with outliers, kit/cases.py WANDA_*) at the "
+        "layer's 'wanda' sparsities and tokens, bitmap only",
         "copy_bandwidth": copy_bw,
         "runs_per_timing": runs,
         "timing_budget_s": TIMING_BUDGET_S,
@@ -188,6 +194,14 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
         "records": records,
     }
     return write_results(out_dir, "sparse_gemm_gpu", payload)
+
+
+def _mask_cases(spec: dict) -> list[tuple[float, str, list[int]]]:
+    """(sparsity, mask, tokens) of a layer: random masks at every sparsity, Wanda masks at their own."""
+    wanda = spec.get("wanda", {})
+    return [(s, "random", spec["tokens"]) for s in spec["sparsities"]] + [
+        (s, "wanda", wanda["tokens"]) for s in wanda.get("sparsities", [])
+    ]
 
 
 class _Measure:
@@ -282,7 +296,8 @@ def _print_line(s: dict) -> None:
     best, semi = s["best"] or {}, s["semi_structured_2_4"]
     semi_text = f"2:4 {semi['speedup_over_cublas']:4.2f}x" if "speedup_over_cublas" in semi else "2:4 -"
     print(
-        f"{s['layer']:<20} {s['sparsity']:.0%} N={s['n']:<3} cuBLAS {s['cublas']['time'].median_ms * 1e3:8.1f} us | "
+        f"{s['layer']:<20} {s['sparsity']:.0%} {s['mask']:<6} N={s['n']:<3} "
+        f"cuBLAS {s['cublas']['time'].median_ms * 1e3:8.1f} us | "
         f"bitmap best {best.get('speedup') or 0:5.2f}x of ideal {s['ideal_speedup']:4.2f}x "
         f"({(best.get('fraction_of_copy_bandwidth') or 0):4.0%} copy bw) | {semi_text} | "
         f"bad {len(s['incorrect_kernels'])}",

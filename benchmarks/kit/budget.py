@@ -66,6 +66,16 @@ def sparse_estimate(section: dict) -> dict:
                 for call in calls:
                     e, b = _timing(call)
                     expected, bound, timings = expected + e + call, bound + b + call, timings + 1
+        wanda = spec.get("wanda", {})
+        for sparsity in wanda.get("sparsities", []):  # Wanda masks: a second pruned W, bitmap candidates only
+            pack = m * k / (PACK_RATE * PACK_CORES) + m * k * 2 * 2 / 10e9
+            expected, bound = expected + pack, bound + pack
+            for n in wanda["tokens"]:
+                dense_s = (m * k * 2 + (n * (m + k)) * 2) / KERNEL_BW
+                sparse_s = (m * k * ((1 - sparsity) * 2 + 1 / 8) + (n * (m + k)) * 2) / KERNEL_BW
+                for call in [dense_s] + [sparse_s] * len(spec["candidates"]):
+                    e, b = _timing(call)
+                    expected, bound, timings = expected + e + call, bound + b + call, timings + 1
         csl = spec.get("tiled_csl", {})
         for sparsity in csl.get("sparsities", []):  # tiled-csl: its packer on the same W, then its candidates
             nonzeros = m * k * (1 - sparsity)

@@ -72,6 +72,8 @@ from benchmarks.kit.cases import (  # noqa: E402
     TEST_TOKENS,
     TILED_CSL_FORMAT,
     TILED_CSL_SPARSITIES,
+    WANDA_MASK_SPARSITIES,
+    WANDA_MASK_TOKENS,
     KernelCase,
     bitmap_fpx_stream_capacity,
     bitmap_value_capacity,
@@ -262,6 +264,8 @@ def _build_sparse(
             "capacity": bitmap_value_capacity(m, k, sparsities), "candidates": [c.name for c in cases],
             "default": {str(n): name for n, name in defaults[layer].items()},
         }  # fmt: skip
+        # Wanda masks: the same bitmap kernels on uneven tiles (cases.WANDA_MASK_*)
+        section[layer]["wanda"] = {"sparsities": list(WANDA_MASK_SPARSITIES), "tokens": list(WANDA_MASK_TOKENS)}
         if fpx_layers:  # sparse x FPx: the same masks at these sparsities, the kept values in FP6
             section[layer]["fpx"] = {
                 "format": SPARSE_FPX_FORMAT, "sparsities": list(SPARSE_FPX_SPARSITIES),

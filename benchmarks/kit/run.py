@@ -87,7 +87,7 @@ def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> b
                          workers=workers)  # fmt: skip
     result = json.loads(path.read_text())
     bad = [s for s in result["summary"] if _has_incorrect_kernels(s)]
-    lines = [f"sparse_gemm_gpu: {len(result['summary'])} (layer, sparsity, N) points, {len(bad)} with incorrect "
+    lines = [f"sparse_gemm_gpu: {len(result['summary'])} (layer, sparsity, mask, N) points, {len(bad)} with incorrect "
              f"kernels, in {time.perf_counter() - start:.0f} s -> {path.name}"]  # fmt: skip
     for s in result["summary"]:
         if s["n"] in (1, 16) or "target_met" in s:
@@ -95,7 +95,8 @@ def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> b
             met = "met" if s.get("target_met") else "MISSED"
             target = f" target {s['target_speedup']}x {met}" if "target_met" in s else ""
             speedup, share = best.get("speedup") or 0, best.get("fraction_of_copy_bandwidth") or 0
-            lines.append(f"  {s['layer']:<20} {s['sparsity']:.0%} N={s['n']:<3} bitmap {speedup:5.2f}x cuBLAS "
+            where = f"{s['layer']:<20} {s['sparsity']:.0%} {s.get('mask', 'random'):<6} N={s['n']:<3}"
+            lines.append(f"  {where} bitmap {speedup:5.2f}x cuBLAS "
                          f"(ideal {s['ideal_speedup']:.2f}x, {share:.0%} copy bw){target}")  # fmt: skip
             for other in (s[key] for key in OTHER_SPARSE if key in s):  # other formats of the same pruned W
                 met = ""

@@ -5,8 +5,9 @@
     kit.run(case, x, weight.stored)                       # bits, offsets, values (padded to the capacity)
     torch.matmul(x, weight.dense.t())                     # cuBLAS on the very same pruned fp16 W
 
-The mask keeps exactly `kept_per_row(K, sparsity)` weights of each row, drawn uniformly (torch, on the
-device); kept values are random fp16 around 1/sqrt(K), none zero (a zero would not be stored).
+The mask keeps exactly `kept_per_row(K, sparsity)` weights of each row (torch, on the device): drawn
+uniformly, or Wanda's choice over drawn input-channel norms (`wanda_channel_norms`); kept values are
+random fp16 around 1/sqrt(K), none zero (a zero would not be stored).
 Packing is `tensorpress.compiler.formats.bitmap`'s numpy packer, run on bands of whole 16-row tile rows
 in parallel and joined (`join_bands`: each band's offsets shifted by the nonzeros before it); the join
 equals packing the whole weight at once (tests/benchmarks/test_sparse_weights.py). Tiled-CSL's packer
@@ -159,9 +160,10 @@ class BandPacker:
             self.pool.shutdown()
 
 
-def random_pruned(m: int, k: int, sparsity: float, device, seed: int):
+def random_pruned(m: int, k: int, sparsity: float, device, seed: int, mask: str = "random"):
     """fp16 W [m, k] on `device`: random values around 1/sqrt(K) (none zero), each row keeping exactly
-    kept_per_row(k, sparsity) of them at random positions."""
+    kept_per_row(k, sparsity) of them: at random positions (mask "random"), or the largest
+    |w_ij| * ||X_j|| over drawn input-channel norms (mask "wanda": `wanda_channel_norms`)."""
     import torch
 
     from benchmarks.kit.cases import kept_per_row
@@ -169,18 +171,40 @@ def random_pruned(m: int, k: int, sparsity: float, device, seed: int):
     g = torch.Generator(device=device).manual_seed(seed)
     w = (torch.randn(m, k, generator=g, device=device) / k**0.5).to(torch.float16)
     w = torch.where(w == 0, torch.tensor(2.0**-14, dtype=torch.float16, device=device), w)
-    keep = torch.rand(m, k, generator=g, device=device).topk(kept_per_row(k, sparsity), dim=1).indices
-    mask = torch.zeros(m, k, dtype=torch.bool, device=device).scatter_(1, keep, True)
-    return torch.where(mask, w, torch.zeros((), dtype=torch.float16, device=device))
+    if mask == "wanda":
+        score = w.float().abs() * wanda_channel_norms(k, seed, device)
+    elif mask == "random":
+        score = torch.rand(m, k, generator=g, device=device)
+    else:
+        raise ValueError(f"unknown mask {mask!r}: random or wanda")
+    keep = score.topk(kept_per_row(k, sparsity), dim=1).indices
+    kept = torch.zeros(m, k, dtype=torch.bool, device=device).scatter_(1, keep, True)
+    return torch.where(kept, w, torch.zeros((), dtype=torch.float16, device=device))
+
+
+def wanda_channel_norms(k: int, seed: int, device):
+    """Drawn input-channel norms ||X_j|| [k] standing in for a real model's calibration activations (the
+    kit carries none): log-normal, with a few outlier channels many times larger (cases.WANDA_*), so that
+    Wanda keeps the outlier columns in every row and the other columns' density varies, as it does in a
+    Wanda-pruned LLM; the kernels then see uneven tiles, where random masks give even ones."""
+    import torch
+
+    from benchmarks.kit.cases import WANDA_NORM_SIGMA, WANDA_OUTLIER_FACTOR, WANDA_OUTLIER_FRACTION
+
+    g = torch.Generator().manual_seed(seed + 1)
+    norms = torch.exp(WANDA_NORM_SIGMA * torch.randn(k, generator=g))
+    outliers = torch.randperm(k, generator=g)[: max(1, round(k * WANDA_OUTLIER_FRACTION))]
+    norms[outliers] *= WANDA_OUTLIER_FACTOR
+    return norms.to(device)
 
 
 def make_sparse_weight(
-    m: int, k: int, sparsity: float, device, packer: BandPacker, capacity: int, seed: int = 0
+    m: int, k: int, sparsity: float, device, packer: BandPacker, capacity: int, seed: int = 0, mask: str = "random"
 ) -> SparseWeight:
     import torch
 
     start = time.perf_counter()
-    dense = random_pruned(m, k, sparsity, device, seed)
+    dense = random_pruned(m, k, sparsity, device, seed, mask)
     host = dense.cpu().numpy()
     masked = time.perf_counter()
     arrays = packer.pack(host, capacity)

@@ -45,8 +45,11 @@ def test_dry_kit_prepares_runs_its_gpu_tests_and_benchmark(tmp_path):
     (sparse_json,) = out.glob("sparse_gemm_gpu_*.json")
     sparse = json.loads(sparse_json.read_text())
     section = manifest["sparse_bench"]
-    expected = {(layer, s, n) for layer, spec in section.items() for s in spec["sparsities"] for n in spec["tokens"]}
-    assert {(p["layer"], p["sparsity"], p["n"]) for p in sparse["summary"]} == expected
+    expected = {(layer, s, "random", n) for layer, spec in section.items() for s in spec["sparsities"]
+                for n in spec["tokens"]}  # fmt: skip
+    wanda = {(layer, s, "wanda", n) for layer, spec in section.items() for s in spec["wanda"]["sparsities"]
+             for n in spec["wanda"]["tokens"]}  # fmt: skip
+    assert wanda and {(p["layer"], p["sparsity"], p["mask"], p["n"]) for p in sparse["summary"]} == expected | wanda
     for point in sparse["summary"]:
         assert not point["incorrect_kernels"] and point["best"]["rel_error"] < 2e-3, point
         kept = point["m"] * kept_per_row(point["k"], point["sparsity"])

@@ -1,5 +1,6 @@
 """The kit's parallel bitmap packing (benchmarks/kit/sparse_weights.py): packing row bands and joining
-them gives the compiler's packer's arrays bit for bit, and the random prune keeps the asked count per row."""
+them gives the compiler's packer's arrays bit for bit, the random prune keeps the asked count per row, and
+the Wanda masks are Wanda's choice over their drawn channel norms, with the uneven tiles they are there for."""
 
 from __future__ import annotations
 
@@ -145,6 +146,41 @@ def test_the_sparse_estimate_counts_tiled_csls_timings():
     with_csl = sparse_estimate({"layer": {**spec, "tiled_csl": csl}})
     assert with_csl["timings"] == without["timings"] + 2 * 3
     assert with_csl["expected_s"] >= without["expected_s"] and with_csl["bound_s"] > without["bound_s"]
+
+
+def test_wanda_masks_keep_each_rows_largest_w_times_channel_norm():
+    m, k, sparsity, seed = 96, 1024, 0.8, 5
+    w = sparse_weights.random_pruned(m, k, sparsity, torch.device("cpu"), seed, mask="wanda").numpy()
+    full = sparse_weights.random_pruned(m, k, 0.0, torch.device("cpu"), seed).numpy()  # the same values, unpruned
+    norms = sparse_weights.wanda_channel_norms(k, seed, torch.device("cpu")).numpy()
+    keep = kept_per_row(k, sparsity)
+    score = np.abs(full.astype(np.float32)) * norms
+    expected = np.zeros_like(full, dtype=bool)
+    np.put_along_axis(expected, np.argsort(-score, axis=1, kind="stable")[:, :keep], True, axis=1)
+    np.testing.assert_array_equal(w != 0, expected)
+    np.testing.assert_array_equal(w[expected], full[expected])
+    # The outlier channels are kept in almost every row, and 16 x 64 tiles are less even than with a
+    # random mask of the same count per row.
+    outliers = norms > 5 * np.median(norms)
+    assert outliers.sum() >= 2 and (w[:, outliers] != 0).mean() > 0.9
+    random = sparse_weights.random_pruned(m, k, sparsity, torch.device("cpu"), seed).numpy()
+
+    def tile_counts(x):
+        return (x != 0).reshape(m // 16, 16, k // 64, 64).sum(axis=(1, 3))
+
+    assert tile_counts(w).std() > 1.5 * tile_counts(random).std()
+    with pytest.raises(ValueError, match="unknown mask"):
+        sparse_weights.random_pruned(m, k, sparsity, torch.device("cpu"), seed, mask="2:4")
+
+
+def test_the_sparse_estimate_counts_the_wanda_masks_timings():
+    from benchmarks.kit.budget import sparse_estimate
+
+    spec = {"m": 8192, "k": 8192, "sparsities": [0.5, 0.8], "tokens": [1, 16], "candidates": ["a", "b"]}
+    without = sparse_estimate({"layer": spec})
+    with_wanda = sparse_estimate({"layer": {**spec, "wanda": {"sparsities": [0.8], "tokens": [16]}}})
+    assert with_wanda["timings"] == without["timings"] + 1 + 2  # cuBLAS and the two candidates at N = 16
+    assert with_wanda["bound_s"] > without["bound_s"]
 
 
 def test_a_kit_tiled_csl_kernel_reads_a_sparser_weight_from_its_padded_words():
