@@ -29,7 +29,8 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from tensorpress.schedules.weight_gemm import N_HINT_ATTR, ROW_SLOTS_ATTR
+from tensorpress.schedules.cpu.row_slot_gather import gather_row_slot_func
+from tensorpress.schedules.weight_gemm import N_HINT_ATTR, ROW_SLOTS_ATTR, decode_stage_of
 
 LANES = 8  # fp32 lanes of an AVX2 vector
 ACCUMULATOR_VECTORS = 8  # of AVX2's 16 registers: the rest hold the value, X and addresses
@@ -57,6 +58,8 @@ def schedule_row_slot_gemm(
     rows of a block at a time (dividing its rows), by default `default_row_slot_tile`."""
     block_rows = int(func.attrs[ROW_SLOTS_ATTR])
     n_hint = int(func.attrs[N_HINT_ATTR]) if N_HINT_ATTR in func.attrs else 16
+    if n_hint == 1 and block_rows == LANES:
+        return s_tir.Schedule(_gather_written_out(func))
     if n_hint == 1:  # int32 index math: 8 column indices widen and add in one vector each, not two
         func = tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
     sch = s_tir.Schedule(func)
@@ -66,6 +69,14 @@ def schedule_row_slot_gemm(
         default_tokens, default_rows = default_row_slot_tile(block_rows, n_hint)
         _tokens_in_lanes(sch, block_rows, tokens or default_tokens, rows_per_pass or default_rows)
     return sch
+
+
+def _gather_written_out(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """`row_slot_gather`'s loops for `func` (the stage's slots, M, and whether "store" adds a bias)."""
+    sch = s_tir.Schedule(func)
+    with_bias = len(sch.get(sch.get_sblock("store")).reads) > 1  # acc, and bias when there is one
+    m = int(func.attrs["tensorpress.mk"][0])
+    return gather_row_slot_func(func, decode_stage_of(func).row_slots, m, with_bias)
 
 
 def _gather(sch: s_tir.Schedule, block_rows: int) -> None:
