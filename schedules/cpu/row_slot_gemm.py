@@ -14,9 +14,11 @@ Parallel over the blocks of 8 rows (the threads share nothing). Inside a block, 
       Y[n, 8b:8b+8] = acc (+ bias)                   acc[r, :] += value(r, s) * X_t[column(r, s), t:t+T]
                                                  Y[t:t+T, rows] = acc (+ bias), the first N tokens
 
-With one token the 8 lanes are the block's 8 rows: a slot is one vector of values, one of columns and
-8 scalar loads of X, no horizontal sum (vgatherdps is slower on this Zen 3: 2.09 vs 1.66 ms at
-4096 x 4096, 80 %, one thread, measured with llvm.x86.avx2.gather.d.ps.256 in the same loop). With
+With one token the 8 lanes are the block's 8 rows: a slot is one vector of values, 8 scalar column
+loads and 8 scalar loads of X, no horizontal sum. For 8-row blocks that loop is written out as TIR
+(`row_slot_gather.py`: scheduled, the columns become a vector and each X address a vpextrd; 1.59 vs
+1.11 ms at 4096 x 4096, 80 %, one thread); other block sizes take the `_gather` schedule below.
+(vgatherdps is slower still: 2.09 ms, measured with llvm.x86.avx2.gather.d.ps.256 in the same loop.) With
 more tokens a slot's X is T contiguous floats: one broadcast value and T/8 FMAs per nonzero, no
 gather; T = 8 for up to 16 expected tokens (decode steps, whose N is often 1), 16 for more (prefill,
 encoders), R chosen so the accumulators (R x T/8 vectors) stay in 8 registers. The path is chosen
