@@ -31,7 +31,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from tensorpress.schedules.cpu.row_slot_gather import gather_row_slot_func
+from tensorpress.schedules.cpu.row_slot_gather import gather_row_slot_func, with_one_token_gather
 from tensorpress.schedules.weight_gemm import N_HINT_ATTR, ROW_SLOTS_ATTR, decode_stage_of
 
 LANES = 8  # fp32 lanes of an AVX2 vector
@@ -61,7 +61,7 @@ def schedule_row_slot_gemm(
     block_rows = int(func.attrs[ROW_SLOTS_ATTR])
     n_hint = int(func.attrs[N_HINT_ATTR]) if N_HINT_ATTR in func.attrs else 16
     if n_hint == 1 and block_rows == LANES:
-        return s_tir.Schedule(_gather_written_out(func))
+        return s_tir.Schedule(gather_row_slot_func(func, *_gather_arguments(func)))
     if n_hint == 1:  # int32 index math: 8 column indices widen and add in one vector each, not two
         func = tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
     sch = s_tir.Schedule(func)
@@ -70,15 +70,18 @@ def schedule_row_slot_gemm(
     else:
         default_tokens, default_rows = default_row_slot_tile(block_rows, n_hint)
         _tokens_in_lanes(sch, block_rows, tokens or default_tokens, rows_per_pass or default_rows)
+        if block_rows == LANES and not isinstance(func.params[0].shape[0], tirx.IntImm):
+            return s_tir.Schedule(with_one_token_gather(sch.mod["main"], *_gather_arguments(func)))
     return sch
 
 
-def _gather_written_out(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """`row_slot_gather`'s loops for `func` (the stage's slots, M, and whether "store" adds a bias)."""
+def _gather_arguments(func: tirx.PrimFunc) -> tuple:
+    """`row_slot_gather`'s (slots, M, with_bias) for `func`: whether "store" adds a bias is whether it
+    reads more than the sums."""
     sch = s_tir.Schedule(func)
-    with_bias = len(sch.get(sch.get_sblock("store")).reads) > 1  # acc, and bias when there is one
+    with_bias = len(sch.get(sch.get_sblock("store")).reads) > 1
     m = int(func.attrs["tensorpress.mk"][0])
-    return gather_row_slot_func(func, decode_stage_of(func).row_slots, m, with_bias)
+    return decode_stage_of(func).row_slots, m, with_bias
 
 
 def _gather(sch: s_tir.Schedule, block_rows: int) -> None:
