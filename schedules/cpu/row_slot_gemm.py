@@ -22,8 +22,9 @@ loads and 8 scalar loads of X, no horizontal sum. For 8-row blocks that loop is 
 more tokens a slot's X is T contiguous floats: one broadcast value and T/8 FMAs per nonzero, no
 gather; T = 8 for up to 16 expected tokens (decode steps, whose N is often 1), 16 for more (prefill,
 encoders), R chosen so the accumulators (R x T/8 vectors) stay in 8 registers. The path is chosen
-when the kernel is built (N is symbolic): a decode step built for 16 tokens runs 8 lanes even when a
-call has one token.
+when the kernel is built (N is symbolic), except that a kernel built for several tokens (8-row blocks)
+also holds the written-out one-token loop and takes it when a call has N = 1 (a decode step of one
+sequence: 2.4 vs 1.1 ms at 4096 x 4096, 80 %, one thread).
 """
 
 from __future__ import annotations
