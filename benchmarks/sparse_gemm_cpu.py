@@ -21,8 +21,9 @@ fastest round (this machine is shared: the minimum is the least disturbed run), 
 beside it. Ratios: torch / ours and dense / ours (> 1: ours is
 faster). Fraction of copy bandwidth: the bytes a call must move (the stored weight, X, Y) per second
 over this machine's copy bandwidth (torch's copy of 512 MiB, read + write), measured in the same run.
-With one token the kernel built for a decode step (n_hint 16: 8 token lanes) is timed too
-("ours_built_for_16_ms"): what a decoder compiled by the pipeline runs for one sequence.
+With one token the kernel built for a decode step (n_hint 16: 8 token lanes, switching to the one-token
+gather when a call has N = 1) is timed too ("ours_built_for_16_ms"): what a decoder compiled by the
+pipeline runs for one sequence.
 Writes JSON (benchmarks/results/sparse_gemm_cpu.json) with machine, versions and git commit.
 """
 

@@ -20,7 +20,7 @@ block's slots slot-major (the last block padded with all-zero rows):
 
 Why this layout: the kernel (`schedules/cpu/row_slot_gemm.py`) works on one block of 8 rows at a
 time. With few tokens it keeps the 8 rows' sums in the 8 fp32 lanes of one AVX2 register: a slot is
-one 16-byte load of 8 fp16 values (one vcvtph2ps), one load of 8 columns and 8 gathered X, and no
+one 16-byte load of 8 fp16 values (one vcvtph2ps), 8 column loads and 8 gathered X, and no
 horizontal sum at the end. With more tokens it reads X transposed, a slot's tokens contiguous, and
 broadcasts each value over them. Either way a block's slots are one contiguous stream. fp16 values
 and 16-bit columns make 4 B per nonzero: at 80% sparsity 0.8 B per weight, 2.5x fewer bytes than

@@ -14,14 +14,17 @@ Parallel over the blocks of 8 rows (the threads share nothing). Inside a block, 
       Y[n, 8b:8b+8] = acc (+ bias)                   acc[r, :] += value(r, s) * X_t[column(r, s), t:t+T]
                                                  Y[t:t+T, rows] = acc (+ bias), the first N tokens
 
-With one token the 8 lanes are the block's 8 rows: a slot is one vector of values, one of columns and
-8 scalar loads of X, no horizontal sum (vgatherdps is slower on this Zen 3: 2.09 vs 1.66 ms at
-4096 x 4096, 80 %, one thread, measured with llvm.x86.avx2.gather.d.ps.256 in the same loop). With
+With one token the 8 lanes are the block's 8 rows: a slot is one vector of values, 8 scalar column
+loads and 8 scalar loads of X, no horizontal sum. For 8-row blocks that loop is written out as TIR
+(`row_slot_gather.py`: scheduled, the columns become a vector and each X address a vpextrd; 1.59 vs
+1.11 ms at 4096 x 4096, 80 %, one thread); other block sizes take the `_gather` schedule below.
+(vgatherdps is slower still: 2.09 ms, measured with llvm.x86.avx2.gather.d.ps.256 in the same loop.) With
 more tokens a slot's X is T contiguous floats: one broadcast value and T/8 FMAs per nonzero, no
 gather; T = 8 for up to 16 expected tokens (decode steps, whose N is often 1), 16 for more (prefill,
 encoders), R chosen so the accumulators (R x T/8 vectors) stay in 8 registers. The path is chosen
-when the kernel is built (N is symbolic): a decode step built for 16 tokens runs 8 lanes even when a
-call has one token.
+when the kernel is built (N is symbolic), except that a kernel built for several tokens (8-row blocks)
+also holds the written-out one-token loop and takes it when a call has N = 1 (a decode step of one
+sequence: 2.4 vs 1.1 ms at 4096 x 4096, 80 %, one thread).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from tensorpress.schedules.weight_gemm import N_HINT_ATTR, ROW_SLOTS_ATTR
+from tensorpress.schedules.cpu.row_slot_gather import gather_row_slot_func, with_one_token_gather
+from tensorpress.schedules.weight_gemm import N_HINT_ATTR, ROW_SLOTS_ATTR, decode_stage_of
 
 LANES = 8  # fp32 lanes of an AVX2 vector
 ACCUMULATOR_VECTORS = 8  # of AVX2's 16 registers: the rest hold the value, X and addresses
@@ -57,6 +61,8 @@ def schedule_row_slot_gemm(
     rows of a block at a time (dividing its rows), by default `default_row_slot_tile`."""
     block_rows = int(func.attrs[ROW_SLOTS_ATTR])
     n_hint = int(func.attrs[N_HINT_ATTR]) if N_HINT_ATTR in func.attrs else 16
+    if n_hint == 1 and block_rows == LANES:
+        return s_tir.Schedule(gather_row_slot_func(func, *_gather_arguments(func)))
     if n_hint == 1:  # int32 index math: 8 column indices widen and add in one vector each, not two
         func = tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
     sch = s_tir.Schedule(func)
@@ -65,7 +71,18 @@ def schedule_row_slot_gemm(
     else:
         default_tokens, default_rows = default_row_slot_tile(block_rows, n_hint)
         _tokens_in_lanes(sch, block_rows, tokens or default_tokens, rows_per_pass or default_rows)
+        if block_rows == LANES and not isinstance(func.params[0].shape[0], tirx.IntImm):
+            return s_tir.Schedule(with_one_token_gather(sch.mod["main"], *_gather_arguments(func)))
     return sch
+
+
+def _gather_arguments(func: tirx.PrimFunc) -> tuple:
+    """`row_slot_gather`'s (slots, M, with_bias) for `func`: whether "store" adds a bias is whether it
+    reads more than the sums."""
+    sch = s_tir.Schedule(func)
+    with_bias = len(sch.get(sch.get_sblock("store")).reads) > 1
+    m = int(func.attrs["tensorpress.mk"][0])
+    return decode_stage_of(func).row_slots, m, with_bias
 
 
 def _gather(sch: s_tir.Schedule, block_rows: int) -> None:

@@ -107,3 +107,46 @@ def test_weight_gemm_over_the_nonzeros_is_x_times_w(act_dtype, m, k, density):
             want = x.astype(np.float64) @ w_hat.T + bias.astype(np.float64)
             tol = 1e-5 if act_dtype == "float32" else 2e-3
             np.testing.assert_allclose(y.astype(np.float64), want, rtol=tol, atol=tol * 4, err_msg=f"{n_hint=} {n=}")
+
+
+def one_token_kernel(packed, m, k, with_bias):
+    """The one-token (n_hint 1) weight GEMM over `packed`, scheduled by the CPU rule and built for the
+    artifact CPU target (x86-64-v3), as the compile pipeline builds it: (kernel, its assembly)."""
+    import tvm
+
+    from tensorpress.compiler.targets import parse_target
+    from tensorpress.schedules.cpu.weight_gemm import WeightGemm
+
+    func = make_weight_gemm(FMT.decode_stage(), m, k, "float32", with_bias=with_bias, buffers=packed.buffers)
+    target = parse_target("cpu").tvm_target()
+    sch = WeightGemm().apply(func.with_attr(N_HINT_ATTR, 1), target, False)
+    lib = tvm.compile(sch.mod, target=target)
+    return lib["main"], lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize(("m", "k", "with_bias"), [(45, 77, True), (16, 200, False)])
+def test_one_token_gather_kernel_is_x_times_w(density, m, k, with_bias):
+    """The written-out gather (`schedules/cpu/row_slot_gather.py`): rows not a multiple of 8, every
+    density (0: one all-padding slot), 1 to 16 tokens, with and without bias, against numpy in float64."""
+    rng = np.random.default_rng(int(density * 10) + m)
+    packed = FMT.pack(sparse_weight(m, k, density, seed=k))
+    w_hat = FMT.unpack(packed).astype(np.float64)
+    bias = rng.standard_normal(m).astype(np.float32)
+    kernel, _ = one_token_kernel(packed, m, k, with_bias)
+    for n in (1, 3, 16):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        args = [x, packed.arrays["values"], packed.arrays["cols"], *([bias] if with_bias else [])]
+        y = run(kernel, args, (n, m), "float32")
+        want = x.astype(np.float64) @ w_hat.T + (bias.astype(np.float64) if with_bias else 0)
+        np.testing.assert_allclose(y.astype(np.float64), want, rtol=1e-5, atol=4e-5, err_msg=f"{density=} {n=}")
+
+
+def test_one_token_gather_addresses_x_with_scalar_column_loads():
+    """The point of the written-out gather: X is addressed by columns loaded as scalars (movzwl), not
+    extracted from a vector of columns (vpextrd/vpextrq, 2 uops each on Zen, 1.4x slower at 4096^2)."""
+    packed = FMT.pack(sparse_weight(64, 512, 0.2, seed=3))
+    _, asm = one_token_kernel(packed, 64, 512, with_bias=False)
+    assert "vcvtph2ps" in asm and "vfmadd231ps" in asm
+    assert "movzwl" in asm
+    assert "vpextrd" not in asm and "vpextrq" not in asm
