@@ -38,6 +38,10 @@ class RowReduction(CPUScheduleRule):
             return None
         if all(info.is_injective() for info in infos):
             return None
+        if _inline_elementwise_steps(sch, infos):
+            infos = normalize_prim_func(sch)
+            if infos is None or len(infos) < 2 or not infos[-1].is_injective():
+                return None
         rows = _row_loops(sch, infos)
         if not rows:
             return None  # one row (batch 1) or no shared rows: nothing to spread, the fallback takes it
@@ -46,6 +50,27 @@ class RowReduction(CPUScheduleRule):
             return _schedule_rows(sch, infos, rows, lanes)
         except s_tir.ScheduleError:
             return None  # e.g. a reduction that is also an output of the function: cannot move into a row
+
+
+def _inline_elementwise_steps(sch: s_tir.Schedule, infos) -> bool:
+    """Fold every elementwise step whose consumers are all elementwise into them (softmax's
+    x - max into exp, its divide, mask and broadcast into the output), so that no whole-tensor
+    intermediate is written and read again. A step a reduction reads (exp, read by the sum) stays:
+    inlining it would compute it once per reader. Returns whether anything was inlined."""
+    changed = False
+    for info in infos[:-1]:
+        block = info.block_rv
+        if not info.is_injective():
+            continue
+        consumers = sch.get_consumers(block)
+        if not consumers or any(sch.get(c).init is not None for c in consumers):
+            continue
+        try:
+            sch.compute_inline(block)
+        except s_tir.ScheduleError:
+            continue
+        changed = True
+    return changed
 
 
 def _schedule_rows(sch: s_tir.Schedule, infos, rows: int, lanes: int) -> s_tir.Schedule:

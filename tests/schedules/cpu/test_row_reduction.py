@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import tvm_ffi
 from cpu_schedule_harness import AVX2, compiled, only_prim_func, relax_graph, rng, schedule, sym
-from tvm import relax, te
+from tvm import relax, s_tir, te, tirx
 from tvm.script import tirx as T
 
 from tensorpress.schedules.cpu.fallback import Fallback
@@ -125,3 +126,45 @@ def test_declines_a_reduction_that_is_also_an_output():
     s, c = compiled(schedule(Fallback(), _row_sum_and_centred))([a], [((64,), "float32"), ((64, 128), "float32")])
     np.testing.assert_allclose(s, a.sum(axis=1), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(c, a - a.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-4)
+
+
+def _masked_softmax_func():
+    """softmax over the last axis, then rows whose mask is set zeroed: the chain MiniLM's attention
+    fuses (max, x - max, exp, sum, divide, where), on symbolic rows and row length."""
+    b, n = sym("b"), sym("n")
+    x = te.placeholder((b, n, n), "float32", name="x")
+    mask = te.placeholder((b, n, 1), "int8", name="mask")
+    k = te.reduce_axis((0, n), name="k")
+    top = te.compute((b, n), lambda i, r: te.max(x[i, r, k], axis=k), name="top")
+    delta = te.compute((b, n, n), lambda i, r, c: x[i, r, c] - top[i, r], name="delta")
+    e = te.compute((b, n, n), lambda i, r, c: te.exp(delta[i, r, c]), name="e")
+    k2 = te.reduce_axis((0, n), name="k2")
+    total = te.compute((b, n), lambda i, r: te.sum(e[i, r, k2], axis=k2), name="total")
+    norm = te.compute((b, n, n), lambda i, r, c: e[i, r, c] / total[i, r], name="norm")
+    zero = te.compute((b, n, n), lambda i, r, c: tirx.const(0.0, "float32"), name="zero")
+    out = te.compute(
+        (b, n, n), lambda i, r, c: tirx.Select(mask[i, r, 0] != 0, zero[i, r, c], norm[i, r, c]), name="out"
+    )
+    return te.create_prim_func([x, mask, out])
+
+
+def test_masked_softmax_keeps_only_the_exponentials_between_steps():
+    """The elementwise steps that feed only elementwise steps (x - max, divide, zero, where) are folded
+    into their consumers: the one whole-tensor intermediate left is exp, which the sum reads."""
+    sch = schedule(RowReduction(), _masked_softmax_func())
+    allocated = [buf for blk in _blocks(sch.mod["main"]) for buf in blk.alloc_buffers if len(buf.shape) == 3]
+    assert [buf.name for buf in allocated] == ["e"]
+    call = compiled(sch)
+    r = rng(11)
+    for batch, length in ((1, 1), (2, 5), (1, 33)):
+        x = (r.standard_normal((batch, length, length)) * 4).astype("float32")
+        mask = (r.random((batch, length, 1)) < 0.3).astype("int8")
+        (y,) = call([x, mask], [(x.shape, "float32")])
+        want = np.where(mask != 0, 0.0, _softmax(x.astype(np.float64)))
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def _blocks(func):
+    found = []
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, found.append)])
+    return found
