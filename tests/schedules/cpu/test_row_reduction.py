@@ -128,40 +128,50 @@ def test_declines_a_reduction_that_is_also_an_output():
     np.testing.assert_allclose(c, a - a.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-4)
 
 
-def _masked_softmax_func():
+def _masked_softmax_func(heads: int | None):
     """softmax over the last axis, then rows whose mask is set zeroed: the chain MiniLM's attention
-    fuses (max, x - max, exp, sum, divide, where), on symbolic rows and row length."""
+    fuses (max, x - max, exp, sum, divide, where), on symbolic rows and row length; with `heads`, a
+    constant axis after the batch ([b, heads, n, n], the rows then go over the cores in stages)."""
     b, n = sym("b"), sym("n")
-    x = te.placeholder((b, n, n), "float32", name="x")
-    mask = te.placeholder((b, n, 1), "int8", name="mask")
+    lead = (b,) if heads is None else (b, heads)
+    x = te.placeholder((*lead, n, n), "float32", name="x")
+    mask = te.placeholder((*lead, n, 1), "int8", name="mask")
     k = te.reduce_axis((0, n), name="k")
-    top = te.compute((b, n), lambda i, r: te.max(x[i, r, k], axis=k), name="top")
-    delta = te.compute((b, n, n), lambda i, r, c: x[i, r, c] - top[i, r], name="delta")
-    e = te.compute((b, n, n), lambda i, r, c: te.exp(delta[i, r, c]), name="e")
+    top = te.compute((*lead, n), lambda *r: te.max(x[(*r, k)], axis=k), name="top")
+    delta = te.compute(x.shape, lambda *i: x[i] - top[i[:-1]], name="delta")
+    e = te.compute(x.shape, lambda *i: te.exp(delta[i]), name="e")
     k2 = te.reduce_axis((0, n), name="k2")
-    total = te.compute((b, n), lambda i, r: te.sum(e[i, r, k2], axis=k2), name="total")
-    norm = te.compute((b, n, n), lambda i, r, c: e[i, r, c] / total[i, r], name="norm")
-    zero = te.compute((b, n, n), lambda i, r, c: tirx.const(0.0, "float32"), name="zero")
-    out = te.compute(
-        (b, n, n), lambda i, r, c: tirx.Select(mask[i, r, 0] != 0, zero[i, r, c], norm[i, r, c]), name="out"
-    )
+    total = te.compute((*lead, n), lambda *r: te.sum(e[(*r, k2)], axis=k2), name="total")
+    norm = te.compute(x.shape, lambda *i: e[i] / total[i[:-1]], name="norm")
+    zero = te.compute(x.shape, lambda *i: tirx.const(0.0, "float32"), name="zero")
+    out = te.compute(x.shape, lambda *i: tirx.Select(mask[(*i[:-1], 0)] != 0, zero[i], norm[i]), name="out")
     return te.create_prim_func([x, mask, out])
 
 
-def test_masked_softmax_keeps_only_the_exponentials_between_steps():
+@pytest.mark.parametrize("heads", [None, 3])
+def test_masked_softmax_keeps_only_the_exponentials_between_steps(heads):
     """The elementwise steps that feed only elementwise steps (x - max, divide, zero, where) are folded
-    into their consumers: the one whole-tensor intermediate left is exp, which the sum reads."""
-    sch = schedule(RowReduction(), _masked_softmax_func())
-    allocated = [buf for blk in _blocks(sch.mod["main"]) for buf in blk.alloc_buffers if len(buf.shape) == 3]
-    assert [buf.name for buf in allocated] == ["e"]
+    into their consumers: the one whole-tensor intermediate left is exp, which the sum reads. With a
+    constant heads axis the max and the sum are vector partial results (the row's tail masked)."""
+    sch = schedule(RowReduction(), _masked_softmax_func(heads))
+    whole = str(list(sch.mod["main"].params[0].shape))
+    allocated = [buf.name for blk in _blocks(sch.mod["main"]) for buf in blk.alloc_buffers]
+    assert [name for name in allocated if str(list(_buffer(sch, name).shape)) == whole] == ["e"]
+    if heads is not None:
+        assert {"top.rf", "total.rf"} <= set(allocated)
     call = compiled(sch)
     r = rng(11)
     for batch, length in ((1, 1), (2, 5), (1, 33)):
-        x = (r.standard_normal((batch, length, length)) * 4).astype("float32")
-        mask = (r.random((batch, length, 1)) < 0.3).astype("int8")
+        lead = (batch,) if heads is None else (batch, heads)
+        x = (r.standard_normal((*lead, length, length)) * 4).astype("float32")
+        mask = (r.random((*lead, length, 1)) < 0.3).astype("int8")
         (y,) = call([x, mask], [(x.shape, "float32")])
         want = np.where(mask != 0, 0.0, _softmax(x.astype(np.float64)))
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def _buffer(sch, name):
+    return next(buf for blk in _blocks(sch.mod["main"]) for buf in blk.alloc_buffers if buf.name == name)
 
 
 def _blocks(func):
