@@ -7,7 +7,9 @@ Relax VM's profiler (`vm_profiler_load_executable`, every call_tir timed alone) 
 time over one forward pass (median of --runs passes). onnxruntime runs the same model exported to ONNX
 with SessionOptions.enable_profiling; its node times are summed by op type. Both on TVM_NUM_THREADS /
 intra_op_num_threads = the CPUs this process may use. FLOPs: 2*M*N*K for the matmul kernels, read from
-the arguments' shapes. Writes benchmarks/results/minilm_profile_cpu.json.
+the arguments' shapes, GFLOP/s from the fastest pass. Each kernel's time includes waking the thread
+pool; onnxruntime runs several times slower with profiling on, so its figures are shares, not times.
+Writes benchmarks/results/minilm_profile_cpu.json.
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ def parse_args(argv):
     parser.add_argument("--untuned", action="store_true", help="every template kernel at its default config")
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser.parse_args(argv)
+
+
+def matmul_flops(name: str, shapes: list[list[int]]) -> float | None:
+    """2*M*N*K of one call of a matmul kernel (weight GEMMs, attention's batched matmuls): K is the
+    first argument's last axis, M*N (times the batch) the last argument's (the output's) size."""
+    if not (name.startswith("weight_gemm") or name.startswith("matmul")) or len(shapes) < 3:
+        return None
+    out = 1
+    for d in shapes[-1]:
+        out *= d
+    return 2.0 * out * shapes[0][-1]
 
 
 def tvm_profile(loaded, arrays, runs: int) -> dict[str, dict]:
@@ -145,12 +158,19 @@ def main(argv=None) -> int:
             "min_ms": round(entry["min_ms"], 4),
             "argument_shapes": entry["argument_shapes"],
         }
+        flops = matmul_flops(name, entry["argument_shapes"])
+        if flops is not None and entry["min_ms"] > 0:  # per call, from the fastest pass
+            row["gflops_per_s"] = round(flops * entry["calls"] / (entry["min_ms"] * 1e6), 1)
         rows.append(row)
     ours_total = sum(r["ms"] for r in rows)
     ort_rows = sorted(({"op": op, **v} for op, v in theirs.items()), key=lambda r: -r["ms"])
     print(f"tensorpress kernels, {args.batch}x{args.seq}: {ours_total:.2f} ms per pass")
     for r in rows:
-        print(f"  {r['ms']:7.3f} ms (min {r['min_ms']:7.3f})  x{r['calls']:<3d} {r['kernel']}  {r['argument_shapes']}")
+        rate = f"{r['gflops_per_s']:6.1f} GFLOP/s" if "gflops_per_s" in r else " " * 14
+        print(
+            f"  {r['ms']:7.3f} ms (min {r['min_ms']:7.3f}) {rate} x{r['calls']:<3d} {r['kernel']}"
+            f"  {r['argument_shapes']}"
+        )
     print(f"onnxruntime nodes: {sum(r['ms'] for r in ort_rows):.2f} ms per pass")
     for r in ort_rows:
         print(f"  {r['ms']:7.3f} ms  {r['nodes']:3d} nodes  {r['op']}")
