@@ -9,7 +9,9 @@ with tuning_log=False (every kernel its default config), both run with `tensorpr
 torch eager (`transformers.AutoModel`, no_grad, default threads); onnxruntime's default CPU session
 on the same model exported with torch.onnx (dynamic batch and sequence). Outputs are compared first.
 Each round runs every side once, each after a 50 ms pause (idle thread pools fall asleep); a side's
-figure is its fastest round (the machine is shared), the median is kept beside it. TVM's pool gets
+figure is its fastest round (the machine is shared), the median is kept beside it, and beside that
+the CPU time of all the process's threads in its cheapest round (process_time: what a call costs the
+machine, less sensitive to other jobs than wall time; a pool that spins while it waits counts it). TVM's pool gets
 every CPU this process may use (TVM_NUM_THREADS), as benchmarks/minilm_cpu.py does. Writes JSON
 (benchmarks/results/minilm_tuned_cpu.json) with the machine, its load, versions and git commit.
 """
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "onnxruntime": lambda feeds=inputs: session.run(None, feeds)[0],
         }
         times: dict[str, list[float]] = {side: [] for side in SIDES}
+        cpu_times: dict[str, list[float]] = {side: [] for side in SIDES}
         with torch.no_grad():
             expected = calls["torch"]()
             diffs = {side: float(np.abs(calls[side]() - expected).max()) for side in SIDES}
@@ -118,14 +121,16 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for side in SIDES:
                     time.sleep(PAUSE_S)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     calls[side]()
                     times[side].append((time.perf_counter() - start) * 1e3)
+                    cpu_times[side].append((time.process_time() - cpu_start) * 1e3)
         row = {"batch": batch, "seq": seq}
         for side in SIDES:
             row[f"{side}_ms"] = min(times[side])
             row[f"{side}_median_ms"] = statistics.median(times[side])
             row[f"{side}_max_abs_diff_vs_torch"] = diffs[side]
+            row[f"{side}_process_cpu_ms"] = min(cpu_times[side])
         row["tuned_vs_untuned"] = row["untuned_ms"] / row["tuned_ms"]
         row["tuned_vs_onnxruntime"] = row["onnxruntime_ms"] / row["tuned_ms"]
         rows.append(row)
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     payload = {
         "benchmark": "minilm_tuned_cpu",
+        "command": " ".join(["benchmarks/minilm_tuned_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
         "environment": environment(
             extra={
                 "cpu_count": os.cpu_count(),

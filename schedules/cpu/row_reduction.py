@@ -21,7 +21,12 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from tensorpress.schedules.cpu.loop_helpers import parallelize_outer, static_extent, vectorize_innermost
+from tensorpress.schedules.cpu.loop_helpers import (
+    parallelize_outer,
+    product_of_static,
+    static_extent,
+    vectorize_innermost,
+)
 from tensorpress.schedules.cpu.vector_unit import vector_unit
 
 
@@ -38,14 +43,115 @@ class RowReduction(CPUScheduleRule):
             return None
         if all(info.is_injective() for info in infos):
             return None
+        if _inline_elementwise_steps(sch, infos):
+            infos = normalize_prim_func(sch)
+            if infos is None or len(infos) < 2 or not infos[-1].is_injective():
+                return None
         rows = _row_loops(sch, infos)
         if not rows:
             return None  # one row (batch 1) or no shared rows: nothing to spread, the fallback takes it
         lanes = vector_unit(target).lanes(str(sch.get(infos[-1].block_rv).writes[0].source.dtype))
+        if any(_symbolic_reduction(sch, info) for info in infos):
+            staged = _try_staged(func, lanes)
+            if staged is not None:
+                return staged
         try:
             return _schedule_rows(sch, infos, rows, lanes)
         except s_tir.ScheduleError:
             return None  # e.g. a reduction that is also an output of the function: cannot move into a row
+
+
+def _inline_elementwise_steps(sch: s_tir.Schedule, infos) -> bool:
+    """Fold every elementwise step whose consumers are all elementwise into them (softmax's
+    x - max into exp, its divide, mask and broadcast into the output), so that no whole-tensor
+    intermediate is written and read again. A step a reduction reads (exp, read by the sum) stays:
+    inlining it would compute it once per reader. Returns whether anything was inlined."""
+    changed = False
+    for info in infos[:-1]:
+        block = info.block_rv
+        if not info.is_injective():
+            continue
+        consumers = sch.get_consumers(block)
+        if not consumers or any(sch.get(c).init is not None for c in consumers):
+            continue
+        try:
+            sch.compute_inline(block)
+        except s_tir.ScheduleError:
+            continue
+        changed = True
+    return changed
+
+
+def _symbolic_reduction(sch: s_tir.Schedule, info) -> bool:
+    """A reduction whose innermost (reduced) loop has a symbolic extent, e.g. softmax over seq."""
+    if info.is_injective():
+        return False
+    loops = sch.get_loops(info.block_rv)
+    return bool(loops) and static_extent(sch, loops[-1]) is None
+
+
+def _try_staged(func: tirx.PrimFunc, lanes: int) -> s_tir.Schedule | None:
+    """Rows of symbolic length, in stages over the rows: each reduction over a symbolic row becomes
+    `lanes` vector partial results (the chunk past the row's end masked by the split's predicate)
+    in a parallel pass of its own, and each other step a parallel pass whose final combines of
+    partial results are computed inside it. TVM 0.27's compute_at drops the predicate of a partial-
+    results block, so those stay at the root, unlike the one-pass schedule of _schedule_rows (a
+    scalar reduction there runs a chain of dependent adds as long as the row). None where TVM
+    refuses a step."""
+    sch = s_tir.Schedule(func)
+    try:
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        _inline_elementwise_steps(sch, infos)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) < 2:
+            return None
+        combines, elementwise = [], []
+        for info in infos:
+            if info.is_injective():
+                elementwise.append(info.block_rv)
+                continue
+            *rows, row = sch.get_loops(info.block_rv)
+            if static_extent(sch, row) is not None:
+                return None  # a fixed-length reduction beside a symbolic one: the one-pass schedule
+            _, lane = sch.split(row, [None, lanes])
+            partial = sch.rfactor(lane, factor_axis=len(sch.get(info.block_rv).writes[0].source.shape))
+            *rows, chunks, lane = sch.get_loops(partial)
+            sch.vectorize(lane)
+            # Rows over the cores, fused only as far as the fused index divides by constants (a
+            # reduction's bindings must stay affine), before the init is split off (after it TVM
+            # refuses `parallel`).
+            prefix = _affine_prefix(sch, rows)
+            if product_of_static(sch, prefix) < 2:
+                return None
+            parallelize_outer(sch, prefix)
+            sch.decompose_reduction(partial, sch.get_loops(partial)[-2])
+            combines.append(info.block_rv)
+        for block in elementwise:
+            loops = sch.get_loops(block)
+            parallelize_outer(sch, loops[:-1])
+            vectorize_innermost(sch, block, lanes)
+        for block in combines:  # into the row loop of the step that reads the combined value
+            consumers = sch.get_consumers(block)
+            if len(consumers) == 1 and sch.get(consumers[0]).init is None:
+                sch.compute_at(block, sch.get_loops(consumers[0])[0], preserve_unit_loops=True)
+            else:
+                parallelize_outer(sch, _affine_prefix(sch, sch.get_loops(block)[:-1]))
+    except s_tir.ScheduleError:
+        return None
+    return sch
+
+
+def _affine_prefix(sch: s_tir.Schedule, loops: list) -> list:
+    """The leading loops whose fusion divides only by constants: the first, then each next one while
+    its extent is constant ([b, 12, s] gives [b, 12])."""
+    prefix = loops[:1]
+    for loop in loops[1:]:
+        if static_extent(sch, loop) is None:
+            break
+        prefix.append(loop)
+    return prefix
 
 
 def _schedule_rows(sch: s_tir.Schedule, infos, rows: int, lanes: int) -> s_tir.Schedule:

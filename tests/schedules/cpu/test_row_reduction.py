@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import tvm_ffi
 from cpu_schedule_harness import AVX2, compiled, only_prim_func, relax_graph, rng, schedule, sym
-from tvm import relax, te
+from tvm import relax, s_tir, te, tirx
 from tvm.script import tirx as T
 
 from tensorpress.schedules.cpu.fallback import Fallback
@@ -125,3 +126,55 @@ def test_declines_a_reduction_that_is_also_an_output():
     s, c = compiled(schedule(Fallback(), _row_sum_and_centred))([a], [((64,), "float32"), ((64, 128), "float32")])
     np.testing.assert_allclose(s, a.sum(axis=1), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(c, a - a.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-4)
+
+
+def _masked_softmax_func(heads: int | None):
+    """softmax over the last axis, then rows whose mask is set zeroed: the chain MiniLM's attention
+    fuses (max, x - max, exp, sum, divide, where), on symbolic rows and row length; with `heads`, a
+    constant axis after the batch ([b, heads, n, n], the rows then go over the cores in stages)."""
+    b, n = sym("b"), sym("n")
+    lead = (b,) if heads is None else (b, heads)
+    x = te.placeholder((*lead, n, n), "float32", name="x")
+    mask = te.placeholder((*lead, n, 1), "int8", name="mask")
+    k = te.reduce_axis((0, n), name="k")
+    top = te.compute((*lead, n), lambda *r: te.max(x[(*r, k)], axis=k), name="top")
+    delta = te.compute(x.shape, lambda *i: x[i] - top[i[:-1]], name="delta")
+    e = te.compute(x.shape, lambda *i: te.exp(delta[i]), name="e")
+    k2 = te.reduce_axis((0, n), name="k2")
+    total = te.compute((*lead, n), lambda *r: te.sum(e[(*r, k2)], axis=k2), name="total")
+    norm = te.compute(x.shape, lambda *i: e[i] / total[i[:-1]], name="norm")
+    zero = te.compute(x.shape, lambda *i: tirx.const(0.0, "float32"), name="zero")
+    out = te.compute(x.shape, lambda *i: tirx.Select(mask[(*i[:-1], 0)] != 0, zero[i], norm[i]), name="out")
+    return te.create_prim_func([x, mask, out])
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+def test_masked_softmax_keeps_only_the_exponentials_between_steps(heads):
+    """The elementwise steps that feed only elementwise steps (x - max, divide, zero, where) are folded
+    into their consumers: the one whole-tensor intermediate left is exp, which the sum reads. With a
+    constant heads axis the max and the sum are vector partial results (the row's tail masked)."""
+    sch = schedule(RowReduction(), _masked_softmax_func(heads))
+    whole = str(list(sch.mod["main"].params[0].shape))
+    allocated = [buf.name for blk in _blocks(sch.mod["main"]) for buf in blk.alloc_buffers]
+    assert [name for name in allocated if str(list(_buffer(sch, name).shape)) == whole] == ["e"]
+    if heads is not None:
+        assert {"top.rf", "total.rf"} <= set(allocated)
+    call = compiled(sch)
+    r = rng(11)
+    for batch, length in ((1, 1), (2, 5), (1, 33)):
+        lead = (batch,) if heads is None else (batch, heads)
+        x = (r.standard_normal((*lead, length, length)) * 4).astype("float32")
+        mask = (r.random((*lead, length, 1)) < 0.3).astype("int8")
+        (y,) = call([x, mask], [(x.shape, "float32")])
+        want = np.where(mask != 0, 0.0, _softmax(x.astype(np.float64)))
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def _buffer(sch, name):
+    return next(buf for blk in _blocks(sch.mod["main"]) for buf in blk.alloc_buffers if buf.name == name)
+
+
+def _blocks(func):
+    found = []
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, found.append)])
+    return found
