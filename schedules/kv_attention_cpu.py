@@ -26,6 +26,7 @@ from tvm import s_tir, tirx
 from tvm.ir import TensorLoad
 from tvm.s_tir import stmt as sblock_stmt
 
+from tensorpress.schedules.cpu.vector_exp import with_vector_exp
 from tensorpress.schedules.kv_attention import attention_shape, cache_params, row_blocks
 
 INLINE_KEYS_UP_TO = 64  # head_dim up to which q·k reads the pages directly (measured on AVX2)
@@ -59,7 +60,7 @@ def schedule_quantize_pages(func: tirx.PrimFunc) -> s_tir.Schedule:
 
 def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     _, kv_heads, head_dim, chunk = attention_shape(func)
-    sch = s_tir.Schedule(func)
+    sch = s_tir.Schedule(with_vector_exp(func))  # exp as arithmetic: libm's expf is a call per element
     score = sch.get_sblock("score")
     task = sch.fuse(*sch.get_loops(score)[:3])
     sch.parallel(task)
@@ -112,6 +113,8 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     if head_dim > INLINE_KEYS_UP_TO:
         _gather_rows(sch, sch.get_sblock("keys" + FULL), head_dim)
     _gather_rows(sch, sch.get_sblock("values" + FULL), head_dim)
+    for prob in ("prob", "prob" + FULL):  # p = e^(s - m) over the chunk's positions, a vector at a time
+        sch.vectorize(sch.get_loops(sch.get_sblock(prob))[-1])
     return sch
 
 
