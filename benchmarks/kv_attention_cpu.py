@@ -6,9 +6,11 @@ tokens. Side by side in one process, on the same machine state:
 
     ours  paged_attention "decode" built for llvm by the project's rules (`schedules/kv_attention_cpu.py`)
           over pages of 16 tokens in each KV format (--formats: fp32 = the full-precision cache of an fp32
-          model, fp16, int8, int4, int2-kitty); queries and outputs fp32. int2-kitty's cache is what the
-          runtime leaves at that length: the first 2 pages (sink 32) and the last 8 to 15 (window 128 and the
-          group still waiting) full precision (fp32), the rest in 2-bit pages of 128 tokens (groups of 8)
+          model, fp16, int8, int4, int2-kitty, int2-oscar); queries and outputs fp32. int2-kitty's cache is what
+          the runtime leaves at that length: the first 2 pages (sink 32) and the last 8 to 15 (window 128 and
+          the group still waiting) full precision (fp32), the rest in 2-bit pages of 128 tokens (groups of 8);
+          int2-oscar's the same with 2-bit pages of 16 tokens (its rotations are the decoder's, outside the
+          attention: the kernel reads rotated rows like any others)
     torch F.scaled_dot_product_attention(q, K, V, enable_gqa=True) on dense fp32 [B, KVH, T, D] K and V
           (what a framework without a paged or quantised cache does; fp32, as CPU models run)
 
@@ -44,7 +46,14 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAD_DIM = 128
 HEADS = 32
 PAGE = 16
-FORMAT_NAMES = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4", "int2-kitty": "int2-kitty"}
+FORMAT_NAMES = {
+    "fp32": "fp32",
+    "fp16": "fp16",
+    "int8": "int8",
+    "int4": "int4",
+    "int2-kitty": "int2-kitty",
+    "int2-oscar": "int2-oscar",
+}
 NO_READ = "fp32_without_page_reads"  # the attention's arithmetic and scratch alone: where the time goes
 SDPA = "torch_sdpa_fp32"
 

@@ -1,4 +1,4 @@
-"""Page-granular KV caches (int2-kitty) for the attention benchmarks, in numpy: the pools and the tagged
+"""Page-granular KV caches (int2-kitty, int2-oscar) for the attention benchmarks, in numpy: the pools and the tagged
 block table that the runtime leaves after B sequences of T tokens (`runtime/page_quantisation.py`):
 each sequence's sink pages and its last window (+ the group still waiting) in full precision, the
 groups of G pages before the window in quantised pages (`compiler/formats/kv_page_quantised.py`).
@@ -68,9 +68,11 @@ def from_dense(fmt, k: np.ndarray, v: np.ndarray, page_size: int, dtype: str = "
         rows = slice(first * page_size, first * page_size + tokens)
         for g in range(kv_heads):
             page = fmt.quantize_page(k_read[b, g, rows], v_read[b, g, rows])
-            arrays[1][0, q, :, g] = page[0]
-            for array, part in zip(arrays[2:], page[1:]):
-                array[0, q, g] = part
+            for array, part in zip(arrays[1:], page):
+                if array.shape[2:4] == (2, kv_heads) and part.shape[0] == 2:  # a K/V axis before the head
+                    array[0, q, :, g] = part
+                else:
+                    array[0, q, g] = part
             k_read[b, g, rows], v_read[b, g, rows] = fmt.dequantize_page(page, dtype)
     return arrays, table, k_read, v_read
 
@@ -81,7 +83,7 @@ def random_cache(fmt, batch: int, context: int, kv_heads: int, head_dim: int, pa
     table, full, groups = layout(fmt, page_size, batch, context)
     arrays = _empty(fmt, full, len(groups), kv_heads, head_dim, page_size, dtype)
     arrays[0][...] = rng.standard_normal(arrays[0].shape, dtype=np.float32)
-    boosted = fmt.boosted(head_dim)
+    boosted = fmt.boosted(head_dim) if hasattr(fmt, "boosted") else 0  # int2-kitty's 4-bit key channels
     for t, array in zip(fmt.cache_tensors(1, kv_heads, page_size, head_dim, dtype)[1:], arrays[1:]):
         if t.name == "kv_q_key_slot":  # B random channels per (page, head), slots in channel order
             maps = array.reshape(-1, head_dim)

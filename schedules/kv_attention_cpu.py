@@ -2,9 +2,12 @@
 
 Attention stage 1 runs one parallel task per (token, kv head, chunk): for head_dim > 64 the chunk's
 keys are gathered transposed ([D, CHUNK] in a task-local buffer) so q·k vectorises over the chunk's
-positions (for short rows q·k reads the pages directly). The gather walks the pages row by row (a row's
-page address once, its elements in memory order) and writes the tile's columns: twice as fast as walking
-the tile's rows at head_dim 128 (the page lookup per element dominated). The chunk's values are read once
+positions, as a register tile: all heads of the group × 1 or 2 vectors of positions, 8 sums held in
+registers over d, so a key vector is loaded once for all heads (for short rows q·k reads the pages
+directly). p = e^(s - m) is computed as vector arithmetic (`cpu/vector_exp.py`), not a libm call per
+score. The gather walks the pages row by row (a row's page address once, its elements in memory order)
+and writes the tile's columns: twice as fast as walking the tile's rows at head_dim 128 (the page lookup
+per element dominated). The chunk's values are read once
 into a task-local [D, CHUNK] tile too (a quantised row is decoded once, not once per query head of the
 group), and p·V vectorises over the SLOTS slot sums (a vector of 8 positions). The merge runs one
 parallel task per (token, query head), vectorised over head_dim. Chunks past a token's position are
@@ -26,6 +29,7 @@ from tvm import s_tir, tirx
 from tvm.ir import TensorLoad
 from tvm.s_tir import stmt as sblock_stmt
 
+from tensorpress.schedules.cpu.vector_exp import with_vector_exp
 from tensorpress.schedules.kv_attention import attention_shape, cache_params, row_blocks
 
 INLINE_KEYS_UP_TO = 64  # head_dim up to which q·k reads the pages directly (measured on AVX2)
@@ -59,7 +63,7 @@ def schedule_quantize_pages(func: tirx.PrimFunc) -> s_tir.Schedule:
 
 def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     _, kv_heads, head_dim, chunk = attention_shape(func)
-    sch = s_tir.Schedule(func)
+    sch = s_tir.Schedule(with_vector_exp(func))  # exp as arithmetic: libm's expf is a call per element
     score = sch.get_sblock("score")
     task = sch.fuse(*sch.get_loops(score)[:3])
     sch.parallel(task)
@@ -73,8 +77,22 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     else:  # the chunk's keys transposed, [D, CHUNK], so q·k vectorises over the chunk's positions
         sch.transform_layout(keys, ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
         j, t, d = sch.get_loops(score)[-3:]  # (the gather keeps its loops (t, d): rows in memory order)
-        sch.reorder(j, d, t)
-        sch.vectorize(t)
+        # register tile: every head of the group times `vectors` vectors of positions, so a key vector
+        # loaded once serves all heads (SCORE_ACCUMULATORS sums in registers over d)
+        group = int(sch.get(j).extent)
+        vectors = _largest_divisor(chunk // GATHER_ROWS, max(1, SCORE_ACCUMULATORS // group))
+        positions, tile, lanes = sch.split(t, [None, vectors, GATHER_ROWS])
+        sch.reorder(positions, d, j, tile, lanes)
+        sch.unroll(j)
+        sch.unroll(tile)
+        sch.vectorize(lanes)
+        # the sums in a local tile (constant indices once unrolled: LLVM keeps them in registers; in the
+        # task's workspace it stores them after every FMA, not knowing that the key tile is elsewhere)
+        in_registers = sch.cache_write(score, 0, "local")
+        sch.reverse_compute_at(in_registers, positions)
+        sch.decompose_reduction(score, d)
+        for loop in sch.get_loops(in_registers)[-2:]:
+            sch.unroll(loop)
 
     # the chunk's values transposed too, [D, CHUNK] (a quantised row decoded once, not once per query head
     # of the group): p·V runs over the SLOTS slot sums as one vector (slot s sums the positions
@@ -112,11 +130,20 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     if head_dim > INLINE_KEYS_UP_TO:
         _gather_rows(sch, sch.get_sblock("keys" + FULL), head_dim)
     _gather_rows(sch, sch.get_sblock("values" + FULL), head_dim)
+    for prob in ("prob", "prob" + FULL):  # p = e^(s - m) over the chunk's positions, a vector at a time
+        sch.vectorize(sch.get_loops(sch.get_sblock(prob))[-1])
     return sch
 
 
 GATHER_ROWS = 8  # rows of a key gather's vector (an AVX2 register of fp32)
+SCORE_ACCUMULATORS = 8  # q·k sums held in registers (of 16 ymm: the rest for keys and broadcast q)
+GATHER_VECTORS = 2  # vectors of rows per channel step: a channel's terms (scale, boost) serve 16 rows
 BYTE_CODES = 4  # channels read together: the 2-bit codes of one byte (see _gather_rows)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n that is at most `at_most` (1 at least)."""
+    return max(k for k in range(1, max(1, at_most) + 1) if n % k == 0)
 
 
 def _gather_rows(sch: s_tir.Schedule, keys, head_dim: int) -> None:
@@ -127,10 +154,12 @@ def _gather_rows(sch: s_tir.Schedule, keys, head_dim: int) -> None:
     channels run BYTE_CODES at a time, unrolled, so the bytes that hold 4 channels' codes are loaded once.
     (int2-kitty at 32k context, one thread, CPU time: 82 ms before the full-chunk copy, 52 with it and this
     gather of keys, 39 with values gathered the same way; fp32 about the same either way: its time is
-    the page reads.)"""
+    the page reads.) GATHER_VECTORS vectors of rows per channel step share the channel's terms: 16 rows
+    (32k, G4: 33.5 -> 31.3 ms; 32 rows spill registers and take twice as long)."""
     t, d = sch.get_loops(keys)[-2:]
-    rows, lanes = sch.split(t, [None, GATHER_ROWS])
-    sch.reorder(rows, d, lanes)
+    rows, vectors, lanes = sch.split(t, [None, GATHER_VECTORS, GATHER_ROWS])
+    sch.reorder(rows, d, vectors, lanes)
+    sch.unroll(vectors)
     sch.vectorize(lanes)
     if head_dim % BYTE_CODES == 0:
         _, codes = sch.split(d, [None, BYTE_CODES])

@@ -262,7 +262,9 @@ class Int2KittyKVCache(PageQuantisedKVFormat):
             last = int(high.shape[4]) * 4 - 1
             clamped = tirx.min(slot, last)
             high_bits = two_bits(high[layer, page, head, row, clamped // 4], clamped)
-            code = low | tirx.Select(slot != NOT_BOOSTED, high_bits, 0) << 2
+            # a branch, not a select: the high plane is read for the boosted channels only (the slot
+            # is the same for every row of a vector, so a vectorised gather skips 1 - f of its loads)
+            code = low | tirx.if_then_else(slot != NOT_BOOSTED, high_bits, 0) << 2
             minimum, step = key_min_scale[layer, page, head, d, 0], key_min_scale[layer, page, head, d, 1]
         else:  # per token
             code = low
