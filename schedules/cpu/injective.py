@@ -18,6 +18,7 @@ from tensorpress.schedules.cpu.loop_helpers import (
     static_extent,
     vectorize_innermost,
 )
+from tensorpress.schedules.cpu.vector_exp import with_vector_exp
 from tensorpress.schedules.cpu.vector_unit import vector_unit
 
 
@@ -27,7 +28,7 @@ class Injective(CPUScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        sch = s_tir.Schedule(func)
+        sch = s_tir.Schedule(with_vector_exp(func))  # sigmoid's, SiLU's exp in vectors, not a libm call each
         infos = normalize_prim_func(sch)
         if infos is None or not infos or not all(info.is_injective() for info in infos):
             return None

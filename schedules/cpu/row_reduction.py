@@ -27,6 +27,7 @@ from tensorpress.schedules.cpu.loop_helpers import (
     static_extent,
     vectorize_innermost,
 )
+from tensorpress.schedules.cpu.vector_exp import with_vector_exp
 from tensorpress.schedules.cpu.vector_unit import vector_unit
 
 
@@ -37,6 +38,7 @@ class RowReduction(CPUScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
+        func = with_vector_exp(func)  # softmax's exp in vectors, not a libm call per element
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None or len(infos) < 2 or not infos[-1].is_injective():

@@ -92,3 +92,17 @@ def test_declines_reductions():
     k = te.reduce_axis((0, 8), name="k")
     y = te.compute((8,), lambda i: te.sum(x[i, k], axis=k), name="y")
     assert Injective().apply(te.create_prim_func([x, y]), AVX2, False) is None
+
+
+def test_silu_exp_runs_in_vectors_and_keeps_the_edges():
+    # SiLU's sigmoid exp is `vector_exp`'s arithmetic: overflow to inf gives x * 0 = -0 / 0, not NaN
+    b = sym("b")
+    mod = relax_graph([("x", [b, 64], "float32")], lambda bb, x: bb.emit(relax.op.nn.silu(x)))
+    sch = schedule(Injective(), only_prim_func(mod))
+    assert "T.exp(" not in sch.mod["main"].script()
+    x = rng(3).standard_normal((3, 64)).astype("float32") * 40
+    x[0, :6] = [-np.inf, np.inf, np.nan, -100.0, 100.0, 0.0]
+    (y,) = compiled(sch)([x], [(x.shape, "float32")])
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(np.float64) / (1 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-7, equal_nan=True)

@@ -178,3 +178,19 @@ def _blocks(func):
     found = []
     tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, found.append)])
     return found
+
+
+def test_softmax_exp_runs_in_vectors_not_a_libm_call_per_element():
+    # exp is `vector_exp`'s arithmetic (<= 2 ulp); a masked score (-inf) still gives 0, a NaN row NaN
+    b, s = sym("b"), sym("s")
+    mod = relax_graph([("x", [b, 12, s, s], "float32")], lambda bb, x: bb.emit(relax.op.nn.softmax(x)))
+    sch = schedule(RowReduction(), only_prim_func(mod))
+    assert "T.exp(" not in sch.mod["main"].script()
+    x = rng(7).standard_normal((1, 12, 19, 19)).astype("float32") * 30
+    x[0, :, :, 5] = -np.inf
+    x[0, 3, 4, 2] = np.nan
+    (y,) = compiled(sch)([x], [(x.shape, "float32")])
+    want = _softmax(x.astype(np.float64))
+    assert np.isnan(y[0, 3, 4]).all() and (y[0, :, :, 5][~np.isnan(y[0, :, :, 5])] == 0).all()
+    finite = ~np.isnan(want)
+    np.testing.assert_allclose(y[finite], want[finite], rtol=1e-5, atol=1e-7)
