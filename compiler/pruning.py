@@ -10,8 +10,12 @@ Every method leaves exactly floor(sparsity * K) zeros in each output row (a row 
 "sparsegpt" (Frantar & Alistarh 2023): columns left to right in blocks of 128; at each block's start
     each row's mask in the block is chosen by w^2 / [H^-1]_jj^2 (the OBS saliency, with the inverse
     Hessian of the columns still free), and every pruned weight's error is spread over the row's
-    columns to its right by the OBS update, so the kept weights are corrected: the layer's output
-    X W^T changes less. H = X^T X + 10% of its mean diagonal (dampening), from `stats.gram`.
+    columns to its right by the OBS update. That sweep only approximates the best kept weights for
+    the mask it picks, so they are then re-solved exactly (`least_squares_refit`): each row's kept
+    weights w'_S minimise (w' - w)^T H (w' - w) = ||X (w' - w)||^2 + dampening ||w' - w||^2, i.e.
+    H_SS w'_S = (H w)_S. H = X^T X + 10% of its mean diagonal (dampening), from `stats.gram`.
+    On MiniLM at 50% (48 calibration lines) the refit raised the min cosine of ten held-out
+    sentences from 0.859 to 0.883 (benchmarks/results/calibrated_quality_minilm_cpu.json).
 "none": the weights as given (models that arrive already pruned).
 Ties go to the lower column index. Pure numpy (float64 for sparsegpt); the pipeline prunes each linear
 weight a sparse format stores, right before packing it.
@@ -32,6 +36,7 @@ SPARSEGPT_BLOCK = 128
 # few hundred (fewer than K: X^T X is rank-deficient) the OBS update overfits them. On MiniLM at 50%
 # over 48 lines, the min cosine of ten held-out sentences was 0.817 at 1%, 0.860 at 10%, 0.868 at 30%.
 SPARSEGPT_DAMPENING = 0.1
+REFIT_STEPS = 300  # conjugate-gradient steps of the least-squares refit at most (each one [M, K] x [K, K] GEMM)
 
 
 class LayerInputStatistics(Protocol):
@@ -106,18 +111,23 @@ def sparsegpt(
     gram: np.ndarray,
     block: int = SPARSEGPT_BLOCK,
     dampening: float = SPARSEGPT_DAMPENING,
+    refit: bool = True,
 ) -> np.ndarray:
     """float64 W[M, K] pruned by SparseGPT (module docstring): floor(sparsity * K) zeros per row, the
-    kept weights updated so that ||(W - W') X^T|| stays small, X^T X = `gram` [K, K]."""
+    kept weights updated so that ||(W - W') X^T|| stays small, X^T X = `gram` [K, K]. `refit`: re-solve
+    the kept weights by least squares after the OBS sweep (False: the sweep alone, as the paper)."""
     m, k = w.shape
     gram = _checked(gram, (k, k), "input Gram matrix")
     h = dampened_hessian(gram, dampening)
     w = np.array(w, dtype=np.float64, copy=True)
-    w[:, np.diag(np.asarray(gram)) == 0] = 0.0  # channels that are always zero: any value is free
+    original = w.copy()
+    dead = np.diag(np.asarray(gram)) == 0
+    w[:, dead] = 0.0  # channels that are always zero: any value is free
     # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i, from the diagonal on, is the OBS update of
     # column i with the columns >= i still free, divided by sqrt([H_{>=i}^-1]_00) = U_ii.
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     done_zeros = 0
+    keep = np.broadcast_to(~dead, w.shape).copy()
     for start in range(0, k, block):
         end = min(start + block, k)
         target = int(np.floor(sparsity * end))  # zeros per row in columns [0, end): exactly floor(s*K) at the end
@@ -129,6 +139,7 @@ def sparsegpt(
         if count > 0:
             saliency = cols**2 / np.diag(u_block)[None, :] ** 2
             np.put_along_axis(mask, np.argsort(saliency, axis=1, kind="stable")[:, :count], True, axis=1)
+        keep[:, start:end] &= ~mask
         for i in range(end - start):
             col = cols[:, i]
             pruned = np.where(mask[:, i], 0.0, col)
@@ -136,7 +147,40 @@ def sparsegpt(
             cols[:, i:] -= err[:, i : i + 1] * u_block[i : i + 1, i:]
             cols[:, i] = pruned
         w[:, end:] -= err @ u[start:end, end:]
+    if refit:
+        original[:, dead] = 0.0
+        w = least_squares_refit(original, keep, h, start=w)
     return w
+
+
+def least_squares_refit(
+    w: np.ndarray, keep: np.ndarray, h: np.ndarray, start: np.ndarray | None = None, tolerance: float = 1e-8
+) -> np.ndarray:
+    """float64 W'[M, K], zero where `keep` is False, each row's kept weights the exact minimiser of
+    (w' - w)^T H (w' - w) = ||X (w' - w)||^2 + dampening ||w' - w||^2 for its mask: H_SS w'_S = (H w)_S.
+    Solved for all rows at once by Jacobi-preconditioned conjugate gradients (one [M, K] x [K, K] product
+    a step, where a direct solve per row would cost |S|^3 each), from `start` (the OBS result: close),
+    until each row's residual is `tolerance` of its first, or after REFIT_STEPS steps."""
+    keep = keep.astype(np.float64)
+    x = (w if start is None else start) * keep
+    r = (w - x) @ h * keep  # minus the gradient, masked: the residual of H_SS x_S = (H w)_S
+    inv_diag = 1.0 / np.diag(h)[None, :]
+    z = r * inv_diag
+    p = z.copy()
+    rz = np.einsum("mk,mk->m", r, z)
+    first = np.einsum("mk,mk->m", r, r)
+    for _ in range(REFIT_STEPS):
+        if (np.einsum("mk,mk->m", r, r) <= tolerance**2 * first).all():
+            break
+        hp = p @ h * keep
+        alpha = rz / np.maximum(np.einsum("mk,mk->m", p, hp), np.finfo(np.float64).tiny)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * hp
+        z = r * inv_diag
+        rz_next = np.einsum("mk,mk->m", r, z)
+        p = z + (rz_next / np.maximum(rz, np.finfo(np.float64).tiny))[:, None] * p
+        rz = rz_next
+    return x
 
 
 def _checked(array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
