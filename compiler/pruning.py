@@ -31,6 +31,8 @@ from tensorpress.errors import ConfigError, TensorpressError
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "none")
 CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt")  # they read the layer's input activations
+# Columns whose masks are chosen at once. On MiniLM at 50% with the refit, min cosine of the ten held-out
+# sentences: 0.854 at 32, 0.868 at 64, 0.884 at 128, 0.878 at 256, 0.878 with the whole row as one block.
 SPARSEGPT_BLOCK = 128
 # Of the mean of H's diagonal, added to it. The paper's 1% assumes 128 x 2048 calibration tokens; with a
 # few hundred (fewer than K: X^T X is rank-deficient) the OBS update overfits them. On MiniLM at 50%
