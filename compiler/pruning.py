@@ -16,7 +16,7 @@ Every method leaves exactly floor(sparsity * K) zeros in each output row (a row 
     dampening ||w' - w||^2, i.e. H_SS w'_S = (H w)_S, by at most REFIT_STEPS conjugate-gradient steps
     from the sweep's result. H = X^T X + 10% of its mean diagonal (dampening), from `stats.gram`.
     On MiniLM (48 calibration lines) the refit raised the min cosine of ten held-out sentences from
-    0.859 to 0.884 at 50%, from 0.580 to 0.640 at 70% (benchmarks/results/calibrated_quality_minilm_cpu.json).
+    0.859 to 0.889 at 50%, from 0.580 to 0.661 at 70% (benchmarks/results/calibrated_quality_minilm_cpu.json).
 "none": the weights as given (models that arrive already pruned).
 Ties go to the lower column index. Pure numpy (float64 for sparsegpt); the pipeline prunes each linear
 weight a sparse format stores, right before packing it.
@@ -32,14 +32,14 @@ from tensorpress.errors import ConfigError, TensorpressError
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "none")
 CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt")  # they read the layer's input activations
-# Columns whose masks are chosen at once. On MiniLM at 50% with the refit, min cosine of the ten held-out
-# sentences: 0.854 at 32, 0.868 at 64, 0.884 at 128, 0.878 at 256, 0.878 with the whole row as one block.
+# Columns whose masks are chosen at once. On MiniLM at 50% with the refit converged, min cosine of the ten
+# held-out sentences: 0.854 at 32, 0.868 at 64, 0.884 at 128, 0.878 at 256, 0.878 with the whole row as one block.
 SPARSEGPT_BLOCK = 128
 # Of the mean of H's diagonal, added to it. The paper's 1% assumes 128 x 2048 calibration tokens; with a
 # few hundred (fewer than K: X^T X is rank-deficient) the OBS update overfits them. On MiniLM at 50%
 # over 48 lines, the min cosine of ten held-out sentences was 0.817 at 1%, 0.860 at 10%, 0.868 at 30%
-# with the OBS sweep alone; with the least-squares refit (where it is also the ridge pulling the kept
-# weights to their old values) 0.862 at 3%, 0.883 at 10%, 0.876 at 30%.
+# with the OBS sweep alone; with the least-squares refit converged (where it is also the ridge pulling the
+# kept weights to their old values) 0.862 at 3%, 0.883 at 10%, 0.876 at 30%.
 SPARSEGPT_DAMPENING = 0.1
 # Conjugate-gradient steps of the least-squares refit at most (each one [M, K] x [K, K] GEMM, so the refit
 # costs about 2 REFIT_STEPS times the sweep's own M K^2). On MiniLM at 50 %, min cosine over the ten
