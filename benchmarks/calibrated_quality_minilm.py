@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -145,6 +146,8 @@ def main() -> None:
             "numpy": np.__version__,
         },
         "machine": platform.processor() or platform.machine(),
+        "command": " ".join([".venv/bin/python", "benchmarks/calibrated_quality_minilm.py", *sys.argv[1:]]),
+        "loadavg": os.getloadavg(),  # other jobs share the 2 cores: the seconds above are rough
         "git_commit": git_commit(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,10 +71,40 @@ def test_sparsegpt_equals_a_brute_force_obs(block):
     x = outlier_activations(200, 24, seed=3)
     w = np.random.default_rng(4).standard_normal((6, 24))
     gram = x.T @ x
-    got = sparsegpt(w, 0.5, gram, block=block)
+    got = sparsegpt(w, 0.5, gram, block=block, refit=False)
     want = reference_sparsegpt(w, 0.5, dampened_hessian(gram), block)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
     assert ((got == 0).sum(axis=1) == 12).all()
+
+
+def test_sparsegpt_refit_is_numpy_lstsq_on_the_raw_activations_for_its_mask():
+    """Each row's kept weights minimise ||X (w' - w)||^2 + lambda ||w' - w||^2, lambda the dampening
+    added to H's diagonal: lstsq of [X; sqrt(lambda) I] restricted to the row's kept columns."""
+    x = outlier_activations(120, 40, seed=9)
+    x[:, 3] = 0.0  # a channel no token uses: stays zero
+    w = np.random.default_rng(10).standard_normal((7, 40))
+    gram = x.T @ x
+    got = sparsegpt(w, 0.5, gram)
+    lam = 0.1 * float(np.mean(np.diag(dampened_hessian(gram, 0.0))))
+    a = np.vstack([x, np.sqrt(lam) * np.eye(40)])
+    mask = sparsegpt(w, 0.5, gram, refit=False) != 0
+    np.testing.assert_array_equal(got != 0, mask)  # the refit keeps the OBS mask
+    for row in range(7):
+        kept = np.nonzero(mask[row])[0]
+        target = np.where(np.arange(40) == 3, 0.0, w[row])
+        want = np.linalg.lstsq(a[:, kept], a @ target, rcond=None)[0]
+        np.testing.assert_allclose(got[row, kept], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    assert (got[:, 3] == 0).all() and ((got == 0).sum(axis=1) == 20).all()
+
+
+def test_sparsegpt_refit_lowers_the_dampened_output_error_of_the_obs_sweep():
+    x = outlier_activations(400, 128, seed=11)
+    w = np.random.default_rng(12).standard_normal((64, 128))
+    h = dampened_hessian(x.T @ x)
+    for sparsity in (0.5, 0.7):
+        obs, refit = (sparsegpt(w, sparsity, x.T @ x, refit=flag) for flag in (False, True))
+        error = {name: np.einsum("mk,kl,ml->", w - v, h, w - v) for name, v in (("obs", obs), ("refit", refit))}
+        assert error["refit"] < error["obs"], error
 
 
 def test_sparsegpt_gives_the_lowest_layer_output_error():
