@@ -53,18 +53,21 @@ import numpy as np
 from tensorpress.compiler.formats import fpx_layout
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
 from tensorpress.compiler.formats.bitmap import (
+    RUN_LENGTHS,
     WORDS_PER_TILE,
+    kept_if,
     tile_bits,
     tile_grid,
     tile_positions,
     tile_rank,
+    tile_run,
     tiled,
     untiled,
 )
 from tensorpress.compiler.formats.fpx import FPxDecode, FPxFormat, fpx_decode_stage, fpx_formats
 from tensorpress.compiler.formats.fpx_codes import decode as decode_codes
 from tensorpress.errors import TensorpressError
-from tensorpress.schedules.decode_stage import DecodeStage
+from tensorpress.schedules.decode_stage import DecodeStage, KRuns
 
 LAYOUT = "bitmap"
 
@@ -160,14 +163,24 @@ def tile_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class BitmapFPxDecode(DecodeStage):
     """W[m, k] = (bit set ? value(code of its rank in the stream) : 0) * scales[m].
 
-    Capabilities: row scale (the scale after the sum over k, as FPx). Stored order: bits, offsets, the
-    planes widest first, scales."""
+    Capabilities: row scale (the scale after the sum over k, as FPx); runs along K (bitmap's `tile_run`,
+    the rank shared by a run of a tile row). Stored order: bits, offsets, the planes widest first, scales."""
 
     scales_rows = True
 
     def __init__(self, name: str, values: FPxDecode):
         self.name = name
         self.values = values
+        self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
+
+    def decode_run(self, stored, row, col0, length: int, dtype: str, bind):
+        """The unscaled values of W[row, col0 .. col0 + length) (the template's W tile is unscaled)."""
+        bits, offsets, *planes = stored[:-1]
+        is_set, index = tile_run(bits, offsets, row, col0, length, bind)
+        # decoded unconditionally (the spare code keeps every index in bounds), then masked: a select of
+        # loads is lowered to a branch per weight
+        codes = [bind(f"value{n}", self.values.unscaled_decode(planes, 0, i, "float16")) for n, i in enumerate(index)]
+        return [kept_if(s, h).astype(dtype) for s, h in zip(is_set, codes)]
 
     def unscaled_decode(self, stored, row, col, dtype: str):
         from tvm import tirx
