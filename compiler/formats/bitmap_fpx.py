@@ -37,7 +37,9 @@ epilogue. On the Tensor Core template it takes the plain path of bitmap: the dec
 W-tile fetch, reading bits, offsets and planes from global memory (cached), and writes the dense fp16 W
 tile in shared memory that ldmatrix reads. Why not staged: the rank reads all 32 words of a tile's bitmap
 and the tile's codes start at a data-dependent offset, so neither is a rectangle indexed by (row, affine
-column) that the template's cp.async staging can copy (`decode_stage.py`). On the CPU the panel schedule
+column) that the template's cp.async staging can copy (`decode_stage.py`). Why not bitmap's runs along K
+(`bitmap.tile_run`, one rank per run): tried, the FPx decodes of a run in flight spilled on the decode
+tile (runs of 64: 16 B on sm_90a; runs of 32: 4 B on sm_80), so each weight still pays the full rank. On the CPU the panel schedule
 decodes each weight once per call; `auto` does not choose it there (its rank costs every weight 32
 popcounts: plain FPx, read word by word, is faster).
 """
@@ -53,21 +55,18 @@ import numpy as np
 from tensorpress.compiler.formats import fpx_layout
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
 from tensorpress.compiler.formats.bitmap import (
-    RUN_LENGTHS,
     WORDS_PER_TILE,
-    kept_if,
     tile_bits,
     tile_grid,
     tile_positions,
     tile_rank,
-    tile_run,
     tiled,
     untiled,
 )
 from tensorpress.compiler.formats.fpx import FPxDecode, FPxFormat, fpx_decode_stage, fpx_formats
 from tensorpress.compiler.formats.fpx_codes import decode as decode_codes
 from tensorpress.errors import TensorpressError
-from tensorpress.schedules.decode_stage import DecodeStage, KRuns
+from tensorpress.schedules.decode_stage import DecodeStage
 
 LAYOUT = "bitmap"
 
@@ -163,24 +162,14 @@ def tile_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class BitmapFPxDecode(DecodeStage):
     """W[m, k] = (bit set ? value(code of its rank in the stream) : 0) * scales[m].
 
-    Capabilities: row scale (the scale after the sum over k, as FPx); runs along K (bitmap's `tile_run`,
-    the rank shared by a run of a tile row). Stored order: bits, offsets, the planes widest first, scales."""
+    Capabilities: row scale (the scale after the sum over k, as FPx). Stored order: bits, offsets, the
+    planes widest first, scales."""
 
     scales_rows = True
 
     def __init__(self, name: str, values: FPxDecode):
         self.name = name
         self.values = values
-        self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
-
-    def decode_run(self, stored, row, col0, length: int, dtype: str, bind):
-        """The unscaled values of W[row, col0 .. col0 + length) (the template's W tile is unscaled)."""
-        bits, offsets, *planes = stored[:-1]
-        is_set, index = tile_run(bits, offsets, row, col0, length, bind)
-        # decoded unconditionally (the spare code keeps every index in bounds), then masked: a select of
-        # loads is lowered to a branch per weight
-        codes = [bind(f"value{n}", self.values.unscaled_decode(planes, 0, i, "float16")) for n, i in enumerate(index)]
-        return [kept_if(s, h).astype(dtype) for s, h in zip(is_set, codes)]
 
     def unscaled_decode(self, stored, row, col, dtype: str):
         from tvm import tirx

@@ -36,19 +36,24 @@ VECTOR = 8  # fp16 weights in one 16-byte store
 
 
 def run_length(stage: DecodeStage, config: TileConfig) -> int | None:
-    """The longest run of the stage that tiles the config's W tile with whole runs for every thread."""
+    """The longest run of the stage that fits the config's W tile in whole warps: the runs of a tile are
+    a multiple of 32, and either a multiple of the CTA's threads (each thread its share) or a divisor
+    of them (the last warps idle while the tile decodes: on m64 k64, runs of 64 for 2 of its 4 warps
+    spill nothing, runs of 32 for all 4 spilled 40 B on sm_80)."""
     if stage.k_runs is None:
         return None
     threads = config.warps * WARP_SIZE
     for length in stage.k_runs.lengths:
-        if config.block_k % length == 0 and (config.block_m * config.block_k // length) % threads == 0:
+        runs = config.block_m * config.block_k // length
+        if config.block_k % length == 0 and runs % WARP_SIZE == 0 and (runs % threads == 0 or threads % runs == 0):
             return length
     return None
 
 
 def spread_runs(sch: s_tir.Schedule, loops: list, config: TileConfig, length: int):
     """Split the W tile's (row, col) `loops` into runs of `length` columns, spread the runs over the CTA's
-    threads rows fastest, and blockize each run: the run block (SBlockRV)."""
+    threads rows fastest (fewer runs than threads: the first warps), and blockize each run: the run
+    block (SBlockRV)."""
     rows, cols = loops
     run_col, within = sch.split(cols, [None, length])
     run = sch.blockize(within)  # before the threads: its bindings stay (row, run_col * length + within)

@@ -16,7 +16,7 @@ from tensorcore_cases import check_tensor_core_kernels, once_per_session, relati
 from tvm import tirx
 
 from tensorpress.compiler.formats import decode_stage, get_weight_format
-from tensorpress.compiler.formats.bitmap import kept_if, tile_rank, tile_run
+from tensorpress.compiler.formats.bitmap import tile_rank
 from tensorpress.compiler.formats.bitmap_fpx import BitmapFPxDecode
 from tensorpress.compiler.formats.fpx import fpx_decode_stage
 from tensorpress.compiler.pruning import prune
@@ -62,8 +62,7 @@ def test_takes_the_w_tile_path_with_the_scale_in_the_epilogue():
 
 
 class _OffByOnePopcount(BitmapFPxDecode):
-    """Counts the weight's own bit in its rank: every stored weight reads its successor's code (in the
-    per-weight decode and in the runs along K the template takes)."""
+    """Counts the weight's own bit in its rank: every stored weight reads its successor's code."""
 
     def unscaled_decode(self, stored, row, col, dtype):
         bits, offsets, *planes = stored[:-1]
@@ -71,22 +70,12 @@ class _OffByOnePopcount(BitmapFPxDecode):
         h = self.values.unscaled_decode(planes, 0, index + 1, "float16")
         return tirx.Select(is_set, h, tirx.const(0, "float16")).astype(dtype)
 
-    def decode_run(self, stored, row, col0, length, dtype, bind):
-        bits, offsets, *planes = stored[:-1]
-        is_set, index = tile_run(bits, offsets, row, col0, length, bind)
-        h = [self.values.unscaled_decode(planes, 0, i + 1, "float16") for i in index]
-        return [kept_if(s, v).astype(dtype) for s, v in zip(is_set, h)]
-
 
 class _WrongPositionBit(BitmapFPxDecode):
     """Tests bit (p ^ 1) for whether W[row, col] is stored: neighbouring columns swap their masks."""
 
     def unscaled_decode(self, stored, row, col, dtype):
         return super().unscaled_decode(stored, row, tirx.bitwise_xor(col, 1), dtype)
-
-    def decode_run(self, stored, row, col0, length, dtype, bind):
-        values = super().decode_run(stored, row, col0, length, dtype, bind)
-        return [values[i ^ 1] for i in range(length)]
 
 
 PLANTED = {

@@ -16,18 +16,19 @@ from tensorpress.schedules.tensorcore.run_tile import run_length
 from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
 
 TOLERANCE = 2e-3
-SMALL = TileConfig(block_n=16, block_m=32, block_k=64, warps=2, stages=2)  # 64 threads: runs of 32
+SMALL = TileConfig(block_n=16, block_m=32, block_k=64, warps=2, stages=2)  # 32 runs of 64: one warp idle
+NARROW = TileConfig(block_n=16, block_m=64, block_k=32, warps=2, stages=2)  # block_k 32: runs of 32, all busy
 
 
-def test_run_length_fits_every_thread_with_whole_runs():
+def test_run_length_fits_the_tile_in_whole_warps():
     stage = decode_stage("bitmap")
-    # a tile row of 64 per thread, but m64 k64 with 4 warps: 64 rows x 64 for 128 threads, runs of 32
-    assert [run_length(stage, c) for c in SHIPPED_TILES] == [64, 64, 64, 64, 64, 32, 64]
-    assert run_length(stage, SMALL) == 32  # 32 x 64 weights: 32 runs of 64 for 64 threads would not do
+    assert [run_length(stage, c) for c in SHIPPED_TILES] == [64] * len(SHIPPED_TILES)  # a tile row a run
+    assert (run_length(stage, SMALL), run_length(stage, NARROW)) == (64, 32)
+    assert run_length(stage, TileConfig(block_n=16, block_m=16, block_k=32, warps=2, stages=2)) is None  # 16 runs
     assert run_length(decode_stage("fp6"), SHIPPED_TILES[0]) is None  # no k_runs: one weight a thread
 
 
-@pytest.mark.parametrize("config", [SMALL, SHIPPED_TILES[0]], ids=lambda c: c.label())
+@pytest.mark.parametrize("config", [SMALL, NARROW, SHIPPED_TILES[0]], ids=lambda c: c.label())
 @pytest.mark.parametrize("k", [208, 240])  # K tiles pad K: runs of 64 cross K; 240: a run of 32 crosses it
 def test_runs_crossing_k_match_numpy(config, k):
     out, ref = replay_weight_gemm("bitmap", 128, k, 9, config, seed=k, bias=True)
