@@ -77,8 +77,7 @@ def steady_state(instructions: list[Instruction], decoded_per_thread: int) -> Co
     """Opcode counts one thread executes per iteration of the main loop (the outermost loop holding
     HMMA: one K tile). An inner loop in it counts times its trip count, which is known for a decode
     loop into a shared W tile: `decoded_per_thread` W elements a thread writes per K tile over the
-    elements the STS in its body write (an STS.128 8 fp16, an STS.64 4, any other one). Forward
-    branches are counted as taken both ways (an upper bound). None when
+    STS in its body. Forward branches are counted as taken both ways (an upper bound). None when
     there is no such loop or an inner loop's trips cannot be told."""
     spans = loops(instructions)
     holding_mma = [s for s in spans if any(ins.base == "HMMA" for ins in instructions[s[0] : s[1] + 1])]
@@ -91,7 +90,7 @@ def steady_state(instructions: list[Instruction], decoded_per_thread: int) -> Co
     covered: set[int] = set()
     for start, end in inner:
         body = instructions[start : end + 1]
-        stores = sum(_fp16_stored(ins) for ins in body if ins.base == "STS")
+        stores = sum(ins.base == "STS" for ins in body)
         if stores == 0 or decoded_per_thread % stores:
             return None
         trips = decoded_per_thread // stores
@@ -102,12 +101,6 @@ def steady_state(instructions: list[Instruction], decoded_per_thread: int) -> Co
         if i not in covered:
             counts[instructions[i].base] += 1
     return counts
-
-
-def _fp16_stored(ins: Instruction) -> int:
-    """W elements (fp16) one STS of a decode loop writes: 8 for 16 bytes (a run's vector store), 4 for 8
-    bytes, else 1 (the plain decode's STS.U16)."""
-    return {"128": 8, "64": 4}.get(ins.opcode.split(".")[-1], 1)
 
 
 def weight_budget(bits: float) -> float:

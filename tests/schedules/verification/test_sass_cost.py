@@ -33,14 +33,6 @@ def test_steady_state_counts_one_k_tile_with_inner_loops_times_their_trips():
     assert counts == {"BAR": 1, "LDGSTS": 1, "LOP3": 4, "STS": 8, "BRA": 5, "LDSM": 1, "HMMA": 2}
 
 
-def test_a_16_byte_store_of_the_decode_loop_counts_8_elements():
-    # runs along K store 8 fp16 a STS.128: 2 x 8 elements a trip, 32 elements = 2 trips
-    listing = LISTING.replace("STS.U16 [R7], R5", "STS.128 [R7], R4").replace("STS.U16 [R7+0x2]", "STS.128 [R7+0x10]")
-    counts = steady_state(parse_listing(listing)["k_kernel"], decoded_per_thread=32)
-    assert (counts["STS"], counts["LOP3"], counts["BRA"]) == (4, 2, 3)
-    assert steady_state(parse_listing(listing)["k_kernel"], decoded_per_thread=8) is None  # not a whole trip
-
-
 def test_steady_state_needs_a_loop_with_mma_and_countable_inner_loops():
     instructions = parse_listing(LISTING)["k_kernel"]
     assert steady_state(instructions, decoded_per_thread=7) is None  # 7 elements, 2 STS a trip
