@@ -22,6 +22,9 @@ never ask a stage for its name:
     tile scatter         tile_scatter                         Tensor Core template: zero-filled W
                                                               tile, each stored word's value stored
                                                               at its position (scatter formats)
+    runs along K         k_runs                               Tensor Core template: each thread
+                                                              decodes a run of consecutive weights
+                                                              of a W-tile row, sharing its work
 
 Row slots. A sparse stage may describe W as S slots per row, each a (value, column) pair, padding
 slots value 0: W[m, k] = the sum of value(m, s) over the slots s with column(m, s) == k. Then the
@@ -53,6 +56,18 @@ j of the stored buffer `words` (an index into the stored buffers),
     element(w) = (row r, column c in the tile, value) says W[tr·tile_rows + r, tc·tile_cols + c] = value.
 first and end are multiples of `vector` (whole 128-bit loads); a tile may hold the same word twice
 (its padding), and a position no word names is 0. `schedules/tensorcore/scatter.py` has the picture.
+
+Runs along K. A stage whose decode of W[m, k] repeats work that its neighbours along K share (a
+sparse rank: the popcounts of the words before a row, the row's own words, the tile offset) may decode
+a run of `length` consecutive weights W[row, col0 .. col0 + length) at once, col0 a multiple of
+`length`: `k_runs.decode(stored, row, col0, length, dtype, bind)` gives the `length` values. What the
+run shares goes through `bind(name, value)`, which computes the value once, in order, and returns what
+reads it (a register of the template's): each bound value may use the ones bound before it, so a rank
+advances by one bit a weight without the expression of every rank growing with the run. The Tensor
+Core template then gives each thread whole runs of its decoded W tile instead of one weight at a time
+(`schedules/tensorcore/run_tile.py` has the picture). It asks only for runs with col0 < K (the stage
+may read its padding up to the next multiple of `length`) and masks columns >= K itself; the values
+must equal the PrimFunc's decode block (the unscaled values when the epilogue applies a row scale).
 
 Buffers. What a format stores for one weight is described by its packed weight (`StoredBuffer`s,
 possibly sized by the data, e.g. a sparse weight's nonzero count); `stored_buffers(m, k)` answers for
@@ -105,6 +120,17 @@ class RowSlots:
     block_rows: int
     value: Callable[[list, Any, Any], Any]
     column: Callable[[list, Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class KRuns:
+    """A stage's decode of runs of consecutive weights along K (see the module docstring, "Runs along K"):
+    decode(stored, row, col0, length, dtype, bind) -> values [PrimExpr] * length for any length in
+    `lengths` (longest first, each a multiple of 8: one 16-byte store of fp16); bind(name, PrimExpr) ->
+    PrimExpr computes a value the run shares once."""
+
+    lengths: tuple[int, ...]
+    decode: Callable[[list, Any, Any, int, str, Callable[[str, Any], Any]], list]
 
 
 @dataclass(frozen=True)
@@ -182,6 +208,10 @@ class DecodeStage:
     # -- Tensor Core template: tile scatter -------------------------------------------------------
 
     tile_scatter: TileScatter | None = None  # W as words scattered into zero tiles (scatter formats)
+
+    # -- Tensor Core template: runs along K -------------------------------------------------------
+
+    k_runs: KRuns | None = None  # runs of consecutive weights along K decoded at once (shared work)
 
 
 def staged_buffer_names(stage: DecodeStage, m: int, k: int, known: list[str]) -> list[str]:

@@ -30,7 +30,9 @@ Why 16 x 64: the per-tile offset costs 4 B per 1024 weights (0.03 bit per weight
 weight stores 0.2 x 2 B + 1/8 B + 1/256 B = 0.529 B per weight, 3.78x fewer bytes than fp16, close to
 the bitmap's limit (3.8x); a row of a tile is two words, so the GEMM's 16-row mma tiles and 64-column K
 tiles cover whole tiles. The price is up to 32 masked popcounts per decoded weight (one per word of
-the tile), which a plain global-memory decode pays in full; a staged / fragment decode can share them.
+the tile), which a plain global-memory decode pays in full. The Tensor Core template shares them over a
+run of a tile row (`tile_run`, the stage's runs along K): the rows above popcounted once per run, then
+the rank advances by one bit a weight.
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
@@ -45,7 +47,7 @@ import numpy as np
 
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
 from tensorpress.errors import TensorpressError
-from tensorpress.schedules.decode_stage import DecodeStage
+from tensorpress.schedules.decode_stage import DecodeStage, KRuns
 
 TILE_ROWS, TILE_COLS = 16, 64
 WORD_BITS = 32
@@ -112,6 +114,60 @@ def tile_rank(bits, offsets, row, col):
     return is_set, offsets[tm, tk] + rank
 
 
+RUN_LENGTHS = (64, 32)  # runs along K the decode shares work over: a row of a tile, one mask word
+
+
+def tile_run(bits, offsets, row, col0, length: int, bind):
+    """TIR (is_set, index) of the run W[row, col0 .. col0 + length), col0 a multiple of `length` in
+    RUN_LENGTHS (a run never leaves its tile or word pair): per weight of the run its bit (uint32 0 / 1)
+    and its index in the values. `bind(name, value)` computes a value once for the run (the
+    template's registers, `decode_stage.py` "Runs along K").
+
+    The rank is computed once per run and advances by one bit per weight (no popcount a weight):
+        rank(col0) = offsets[tile] + popcounts of the tile rows above `row` (15 row pairs, selected)
+                     + popcount(the row's first word) when the run starts in its second word
+        rank(col + 1) = rank(col) + bit(col)
+    """
+    from tvm import tirx
+
+    assert length in RUN_LENGTHS, length
+    tm, tk, r = row // TILE_ROWS, col0 // TILE_COLS, row % TILE_ROWS
+    half = (col0 % TILE_COLS) // WORD_BITS  # 0: the run starts in the row's first word, 1: its second
+
+    def popc(word):
+        return tirx.popcount(word).astype("int32")
+
+    zero = tirx.const(0, "int32")
+    rank = offsets[tm, tk]
+    # bound before they are selected: TVM lowers a select of loads to a branch (every word is in bounds)
+    for q in range(TILE_ROWS - 1):  # the rows above r: both words of each
+        pair = bind(f"row{q}", popc(bits[tm, tk, 2 * q]) + popc(bits[tm, tk, 2 * q + 1]))
+        rank = rank + tirx.Select(q < r, pair, zero)
+    if length < TILE_COLS:
+        rank = rank + tirx.Select(half == 1, bind("first_word", popc(bits[tm, tk, 2 * r])), zero)
+    rank = bind("rank0", rank)
+    words = [bind(f"word{w}", bits[tm, tk, 2 * r + half + w]) for w in range(length // WORD_BITS)]
+    one = tirx.const(1, "uint32")
+    is_set, index = [], []
+    for i in range(length):
+        bit = bind(f"bit{i}", (words[i // WORD_BITS] >> tirx.const(i % WORD_BITS, "uint32")) & one)
+        is_set.append(bit)
+        index.append(rank)
+        if i + 1 < length:
+            rank = bind(f"rank{i + 1}", rank + bit.astype("int32"))
+    return is_set, index
+
+
+def kept_if(bit, value):
+    """float16 `value` where the uint32 `bit` is 1, +0 where it is 0, without a predicate: the pattern
+    masked with bit * 0xFFFF (a select of 64 values a run held 64 predicates and spilled on sm_80; and
+    not 0 - bit, which the CPU replay stored as all zeros)."""
+    from tvm import tirx
+
+    mask = (bit * tirx.const(0xFFFF, "uint32")).astype("uint16")
+    return tirx.reinterpret("float16", tirx.reinterpret("uint16", value) & mask)
+
+
 @dataclass(frozen=True)
 class BitmapFormat(WeightFormat):
     """Per 16 x 64 tile a bitmask and the packed fp16 nonzeros (see the module docstring)."""
@@ -163,10 +219,20 @@ class BitmapFormat(WeightFormat):
 
 
 class BitmapDecode(DecodeStage):
-    """W[m, k] from the tile's bits, offset and values; a plain global-memory decode, no capabilities."""
+    """W[m, k] from the tile's bits, offset and values; a plain global-memory decode. Capability: runs
+    along K (`tile_run`: the rank shared by a run of a tile row)."""
 
     def __init__(self, name: str):
         self.name = name
+        self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
+
+    def decode_run(self, stored, row, col0, length: int, dtype: str, bind):
+        bits, offsets, values = stored
+        is_set, index = tile_run(bits, offsets, row, col0, length, bind)
+        # loaded unconditionally (the spare value keeps every index in bounds), then masked: a select
+        # of a load is lowered to a branch per weight
+        loaded = [bind(f"value{n}", values[i]) for n, i in enumerate(index)]
+        return [kept_if(s, v).astype(dtype) for s, v in zip(is_set, loaded)]
 
     def decode(self, stored, row, col, dtype: str):
         from tvm import tirx

@@ -21,6 +21,14 @@ into its B fragments, two weights per register (`fragment_decode.py` has the pic
 
     global ──cp.async──▶ staged words (shared, rows padded) ──LDS + pair decode──▶ B fragments ──▶ mma
 
+A stage offering runs along K (its `k_runs`, e.g. bitmap: the rank of a tile row shared by its weights)
+decodes its W tile in runs: each thread takes whole runs of L consecutive weights of one row, rows
+fastest across threads, and stores each 8 weights as one 16-byte STS (`run_tile.py` has the picture):
+
+    global bits/offsets/values ──run decode (rank once, rank += bit a weight; registers)──┐
+    W tile (shared, rows padded +16 B) ◀──STS.128 per 8 weights, thread t = row t of a run column──┘
+                                          W tile ──ldmatrix──▶ B fragments ──▶ mma   (as a decoded tile)
+
 A scatter format (its stage's `tile_scatter`, e.g. Tiled-CSL: words of (fp16 value | position) per 16 x 64
 tile) is not a per-element decode: the PrimFunc's whole-W decode block is dropped and each K tile's W
 tile builds itself (`scatter_tile.py`, `schedules/tile_scatter.py`), one format for all such formats:
@@ -48,6 +56,7 @@ from tensorpress.schedules.decode_stage import DecodeStage, staged_buffer_names
 from tensorpress.schedules.tensorcore import fragments as frag
 from tensorpress.schedules.tensorcore.fragment_decode import install_fragment_decode
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
+from tensorpress.schedules.tensorcore.run_tile import install_k_runs, run_length, spread_runs
 from tensorpress.schedules.tensorcore.scatter_tile import install_tile_scatter, without_scatter_decode
 from tensorpress.schedules.tensorcore.tile_config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
 from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, decode_stage_of, is_weight_gemm
@@ -111,6 +120,7 @@ class _Template:
         self.staged = staged_buffer_names(self.stage, self.m, self.k, stored)
         self.fragment_decode = _fragment_decode_stage(self.stage, func, config, bool(self.staged))
         self.scatter = self.stage.tile_scatter
+        self.run_length: int | None = None  # runs along K of the W-tile decode (`_fetch_operands`)
         _check_dtypes(func)
         # int32 index math everywhere (N is int64 in the PrimFunc; mixed widths break layout maps).
         narrow = tvm.tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
@@ -129,6 +139,9 @@ class _Template:
         self._epilogue()
         self._tensorize()
         self._pipeline()
+        if self.run_length is not None:
+            k_tiles_pad_k = self.k % (self.cfg.split_k * self.cfg.block_k) != 0
+            self.sch = install_k_runs(self.sch, self.w_runs, self.stage, self.run_length, self.k, k_tiles_pad_k)
         if self.fragment_decode is not None:
             staged = [self.sch.get(b).writes[0].source for b in self.staged_blocks]
             self.sch = install_fragment_decode(
@@ -240,15 +253,23 @@ class _Template:
                 sch.storage_align(block, 0, axis=-2, factor=8, offset=4)
             self.swizzle_w = False
             return
-        self._cooperative(self.w_shared, self.k0, vector=self._is_copy(self.w_shared))
+        copy = self._is_copy(self.w_shared)
+        self.run_length = None if copy or staged_blocks else _run_length(self.stage, func_of(sch), self.cfg)
+        if self.run_length is not None:  # runs along K: each thread decodes whole runs of a row
+            loops = _loops_below(sch, self.w_shared, self.k0, 0)
+            self.w_runs = spread_runs(sch, loops, self.cfg, self.run_length)
+        else:
+            self._cooperative(self.w_shared, self.k0, vector=copy)
         # Tiles are XOR-swizzled (TVM's permuted_layout) so ldmatrix reads are free of bank conflicts.
         # InjectPermutedLayout would also rewrite the staged buffers a decode reads, which it cannot
-        # lay out (32-bit words); a decoded W tile therefore gets padded rows (+16 B) instead.
-        self.swizzle_w = not staged_blocks
+        # lay out (32-bit words), and a run's 16-byte stores are replaced after it ran; such a decoded
+        # W tile therefore gets padded rows (+16 B) instead.
+        self.swizzle_w = not staged_blocks and self.run_length is None
         if self.swizzle_w:
             sch.annotate(self.w_shared, "permuted_layout", 1)
         else:
-            sch.storage_align(self.w_shared, 0, axis=-2, factor=32 if self.cfg.block_k == 32 else 64, offset=8)
+            tile = self.w_runs if self.run_length is not None else self.w_shared  # the run block outlives w_shared
+            sch.storage_align(tile, 0, axis=-2, factor=32 if self.cfg.block_k == 32 else 64, offset=8)
 
     def _scatter_tile(self) -> None:
         """A scatter stage: the W tile (one block per K tile, rows padded like a decoded tile) whose body
@@ -396,6 +417,24 @@ def _fragment_decode_stage(
     if stage.scales_rows and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
         return None
     return stage
+
+
+def _run_length(stage: DecodeStage, func: tirx.PrimFunc, config: TileConfig) -> int | None:
+    """The run length along K of the W-tile decode (`run_tile.py`), or None for one weight a thread.
+
+    That needs a stage offering runs along K with a length that fits the tile, holding what the
+    PrimFunc's decode block computes (for a stage with a row scale, the unscaled values: a PrimFunc
+    that applies the scale in the epilogue).
+    """
+    if stage.k_runs is None:
+        return None
+    if stage.scales_rows and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
+        return None
+    return run_length(stage, config)
+
+
+def func_of(sch: s_tir.Schedule) -> tirx.PrimFunc:
+    return sch.mod["main"]
 
 
 def find_blocks(sch: s_tir.Schedule, predicate) -> list:
