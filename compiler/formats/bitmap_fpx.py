@@ -40,8 +40,8 @@ and the tile's codes start at a data-dependent offset, so neither is a rectangle
 column) that the template's cp.async staging can copy (`decode_stage.py`). Why not bitmap's runs along K
 (`bitmap.tile_run`, one rank per run): tried, the FPx decodes of a run in flight spilled on the decode
 tile (runs of 64: 16 B on sm_90a; runs of 32: 4 B on sm_80), so each weight still pays the full rank.
-On the CPU the panel schedule decodes each weight once per call; `auto` does not choose it there (its rank costs every weight 32
-popcounts: plain FPx, read word by word, is faster).
+On the CPU the panel schedule decodes each weight once per call; `auto` does not choose it there (its
+rank costs every weight 32 popcounts: plain FPx, read word by word, is faster).
 """
 
 from __future__ import annotations
