@@ -49,6 +49,7 @@ from benchmarks.harness import (
     write_results,
 )
 from benchmarks.kit.budget import TIMING_BUDGET_S
+from benchmarks.kit.cases import sparse_mask_cases
 from benchmarks.kit.kernels import KernelKit, _runtime
 from benchmarks.kit.sparse_weights import (
     BandPacker,
@@ -103,7 +104,7 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
     try:
         for layer, spec in kit.manifest["sparse_bench"].items():
             m, k = spec["m"], spec["k"]
-            for sparsity, mask, tokens in _mask_cases(spec):
+            for sparsity, mask, tokens in sparse_mask_cases(spec):
                 weight = make_sparse_weight(m, k, sparsity, device, packer, spec["capacity"], seed=m + k, mask=mask)
                 setup[f"{layer} {sparsity}" + ("" if mask == "random" else f" {mask}")] = weight.seconds
                 random = mask == "random"  # the other formats and 2:4 on the random masks only (the budget)
@@ -194,14 +195,6 @@ def run_benchmark(kit: KernelKit, out_dir: Path, runs: int = 50, warmup: int = 1
         "records": records,
     }
     return write_results(out_dir, "sparse_gemm_gpu", payload)
-
-
-def _mask_cases(spec: dict) -> list[tuple[float, str, list[int]]]:
-    """(sparsity, mask, tokens) of a layer: random masks at every sparsity, Wanda masks at their own."""
-    wanda = spec.get("wanda", {})
-    return [(s, "random", spec["tokens"]) for s in spec["sparsities"]] + [
-        (s, "wanda", wanda["tokens"]) for s in wanda.get("sparsities", [])
-    ]
 
 
 class _Measure:

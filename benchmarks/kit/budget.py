@@ -52,28 +52,20 @@ def gemm_estimate(bench: dict) -> dict:
 
 
 def sparse_estimate(section: dict) -> dict:
+    from benchmarks.kit.cases import sparse_mask_cases
+
     expected = bound = START_S
     timings = 0
     for spec in section.values():
         m, k = spec["m"], spec["k"]
-        for sparsity in spec["sparsities"]:
+        for sparsity, mask, tokens in sparse_mask_cases(spec):  # each a pruned W, its bitmap candidates
             pack = m * k / (PACK_RATE * PACK_CORES) + m * k * 2 * 2 / 10e9  # numpy + to host and back
             expected, bound = expected + pack, bound + pack
-            for n in spec["tokens"]:
+            for n in tokens:
                 dense_s = (m * k * 2 + (n * (m + k)) * 2) / KERNEL_BW
                 sparse_s = (m * k * ((1 - sparsity) * 2 + 1 / 8) + (n * (m + k)) * 2) / KERNEL_BW
-                calls = [dense_s] + [sparse_s] * len(spec["candidates"]) + ([dense_s] if sparsity == 0.5 else [])
-                for call in calls:
-                    e, b = _timing(call)
-                    expected, bound, timings = expected + e + call, bound + b + call, timings + 1
-        wanda = spec.get("wanda", {})
-        for sparsity in wanda.get("sparsities", []):  # Wanda masks: a second pruned W, bitmap candidates only
-            pack = m * k / (PACK_RATE * PACK_CORES) + m * k * 2 * 2 / 10e9
-            expected, bound = expected + pack, bound + pack
-            for n in wanda["tokens"]:
-                dense_s = (m * k * 2 + (n * (m + k)) * 2) / KERNEL_BW
-                sparse_s = (m * k * ((1 - sparsity) * 2 + 1 / 8) + (n * (m + k)) * 2) / KERNEL_BW
-                for call in [dense_s] + [sparse_s] * len(spec["candidates"]):
+                semi = [dense_s] if mask == "random" and sparsity == 0.5 else []  # 2:4, as cuBLAS's bytes
+                for call in [dense_s] + [sparse_s] * len(spec["candidates"]) + semi:
                     e, b = _timing(call)
                     expected, bound, timings = expected + e + call, bound + b + call, timings + 1
         csl = spec.get("tiled_csl", {})

@@ -119,6 +119,15 @@ WANDA_OUTLIER_FRACTION = 0.002
 WANDA_OUTLIER_FACTOR = 20.0
 
 
+def sparse_mask_cases(spec: dict) -> list[tuple[float, str, list[int]]]:
+    """(sparsity, mask, tokens) at which the sparse part times a layer of its manifest section: random
+    masks at every sparsity, Wanda masks at their own sparsities and tokens."""
+    wanda = spec.get("wanda", {})
+    return [(s, "random", spec["tokens"]) for s in spec["sparsities"]] + [
+        (s, "wanda", wanda["tokens"]) for s in wanda.get("sparsities", [])
+    ]
+
+
 def kept_per_row(k: int, sparsity: float) -> int:
     """Weights a row of K keeps at `sparsity` (random masks: exactly this many per row)."""
     return k - round(k * sparsity)

@@ -95,7 +95,7 @@ def _run_sparse(kit: Path, out: Path, runs: int, dry: bool, log: list[str]) -> b
             met = "met" if s.get("target_met") else "MISSED"
             target = f" target {s['target_speedup']}x {met}" if "target_met" in s else ""
             speedup, share = best.get("speedup") or 0, best.get("fraction_of_copy_bandwidth") or 0
-            where = f"{s['layer']:<20} {s['sparsity']:.0%} {s.get('mask', 'random'):<6} N={s['n']:<3}"
+            where = f"{s['layer']:<20} {s['sparsity']:.0%} {s['mask']:<6} N={s['n']:<3}"
             lines.append(f"  {where} bitmap {speedup:5.2f}x cuBLAS "
                          f"(ideal {s['ideal_speedup']:.2f}x, {share:.0%} copy bw){target}")  # fmt: skip
             for other in (s[key] for key in OTHER_SPARSE if key in s):  # other formats of the same pruned W
