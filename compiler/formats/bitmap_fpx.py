@@ -52,10 +52,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from tensorpress.compiler.formats import fpx_layout
+from tensorpress.compiler.formats import code_stream, fpx_layout
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
 from tensorpress.compiler.formats.bitmap import (
+    RUN_LENGTHS,
+    WORD_BITS,
     WORDS_PER_TILE,
+    run_start,
     tile_bits,
     tile_grid,
     tile_positions,
@@ -66,14 +69,17 @@ from tensorpress.compiler.formats.bitmap import (
 from tensorpress.compiler.formats.fpx import FPxDecode, FPxFormat, fpx_decode_stage, fpx_formats
 from tensorpress.compiler.formats.fpx_codes import decode as decode_codes
 from tensorpress.errors import TensorpressError
-from tensorpress.schedules.decode_stage import DecodeStage
+from tensorpress.schedules.decode_stage import DecodeStage, KRuns
 
 LAYOUT = "bitmap"
 
 
+SPARE_CODES = 1 + WORD_BITS  # a code past the last (a rank may reach it) and a word past it in every plane
+
+
 def stream_length(nonzeros: int) -> int:
-    """Vp: codes in the stream for `nonzeros` nonzeros (one spare, rounded up to whole plane rows)."""
-    return fpx_layout.padded_k(nonzeros + 1)
+    """Vp: codes in the stream for `nonzeros` nonzeros (the spare codes, rounded up to 128)."""
+    return fpx_layout.padded_k(nonzeros + SPARE_CODES)
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,7 @@ class BitmapFPxFormat(WeightFormat):
         and split in bit planes."""
         stream = np.zeros(stream_length(nonzeros.size), np.uint8)
         stream[: nonzeros.size] = nonzeros
-        planes = fpx_layout.pack_fpx_planes(stream[None, :], self.ebits, self.mbits)
+        planes = code_stream.pack_planes(stream, self.code_bits())
         arrays = {"bits": bits, "offsets": offsets, **planes, "scales": scales}
         return PackedWeight(self.name, tuple(shape), arrays)
 
@@ -128,11 +134,9 @@ class BitmapFPxFormat(WeightFormat):
         if packed.format != self.name:
             raise TensorpressError(f"a {packed.format} weight cannot be unpacked as {self.name}.")
         m, k = packed.shape
-        widest = fpx_layout.plane_widths(self.code_bits())[0]
-        length = packed.arrays[fpx_layout.plane_name(widest)].shape[1] * fpx_layout.WORD_BITS // widest
-        stream = fpx_layout.unpack_fpx_planes(packed.arrays, 1, length, self.ebits, self.mbits)[0]
+        stream = code_stream.unpack_planes(packed.arrays, self.code_bits())
         nonzero, index = tile_positions(packed.arrays["bits"], packed.arrays["offsets"])
-        codes = np.where(nonzero, stream[np.minimum(index, length - 1)], np.uint8(0))
+        codes = np.where(nonzero, stream[np.minimum(index, stream.size - 1)], np.uint8(0))
         return decode_codes(untiled(codes, m, k), packed.arrays["scales"], self.ebits, self.mbits)
 
     def stored_bytes(self, m: int, k: int) -> int:
@@ -162,22 +166,67 @@ def tile_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class BitmapFPxDecode(DecodeStage):
     """W[m, k] = (bit set ? value(code of its rank in the stream) : 0) * scales[m].
 
-    Capabilities: row scale (the scale after the sum over k, as FPx). Stored order: bits, offsets, the
-    planes widest first, scales."""
+    Capabilities: row scale (the scale after the sum over k, as FPx) and runs along K (`decode_run`: a
+    rank per chunk of a run, the chunk's codes read as one window per plane). Stored order: bits,
+    offsets, the planes widest first, scales."""
 
     scales_rows = True
 
     def __init__(self, name: str, values: FPxDecode):
         self.name = name
         self.values = values
+        self.chunk = min(8, WORD_BITS // values.widths[0])  # weights whose codes fit one window per plane
+        self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
 
     def unscaled_decode(self, stored, row, col, dtype: str):
         from tvm import tirx
 
         bits, offsets, *planes = stored[:-1]
         is_set, index = tile_rank(bits, offsets, row, col)
-        h = self.values.unscaled_decode(planes, 0, index, "float16")  # the code's fp16 pattern, exact
+        words = [plane[0, code_stream.field_word(index, w)] for plane, w in zip(planes, self.values.widths)]
+        starts = [code_stream.field_bit(index, w).astype("uint32") for w in self.values.widths]
+        h = tirx.reinterpret("float16", self.values.field_fp16_bits(words, starts).astype("uint16"))
         return tirx.Select(is_set, h, tirx.const(0, "float16")).astype(dtype)
+
+    def decode_run(self, stored, row, col0, length: int, dtype: str, bind):
+        """The run's unscaled values, chunk by chunk (`chunk` weights): the chunk's rank (the run's, plus
+        the set bits of the chunks before), one window per plane from it (`code_stream.window`: the
+        chunk's codes in order), then per weight the fp16 pattern of the windows' lowest fields, masked
+        by its bit, each window advanced by one field when the bit is set."""
+        from tvm import tirx
+
+        bits, offsets, *planes = stored[:-1]
+        widths = self.values.widths
+        rank, words = run_start(bits, offsets, row, col0, length, bind)
+        one, zero = tirx.const(1, "uint32"), tirx.const(0, "uint32")
+        values, mask = [], None
+        for c in range(length // self.chunk):
+            first = c * self.chunk
+            shifted = words[first // WORD_BITS] >> tirx.const(first % WORD_BITS, "uint32")
+            if mask is not None:
+                rank = bind(f"chunk_rank{c}", self.chunk_rank(rank, mask))
+            mask = bind(f"chunk_mask{c}", shifted & tirx.const((1 << self.chunk) - 1, "uint32"))
+            windows = [bind(f"window{c}_0_{w}", self.window(p, w, rank)) for p, w in zip(planes, widths)]
+            for j in range(self.chunk):
+                bit = (mask >> tirx.const(j, "uint32")) & one
+                h = self.values.field_fp16_bits(windows, [zero] * len(widths)) & (bit * tirx.const(0xFFFF, "uint32"))
+                values.append(tirx.reinterpret("float16", h.astype("uint16")).astype(dtype))
+                if j + 1 < self.chunk:
+                    windows = [
+                        bind(f"window{c}_{j + 1}_{w}", win >> (bit * tirx.const(w, "uint32")))
+                        for win, w in zip(windows, widths)
+                    ]
+        return values
+
+    def chunk_rank(self, rank, mask):
+        """The rank of a chunk from the previous chunk's rank and mask."""
+        from tvm import tirx
+
+        return rank + tirx.popcount(mask).astype("int32")
+
+    def window(self, plane, width: int, rank):
+        """The plane's fields of codes rank, rank + 1, ... (`code_stream.window`)."""
+        return code_stream.window(plane, width, rank)
 
     def row_scale(self, stored, row):
         return self.values.row_scale(stored, row)  # scales are the last buffer, as FPx's

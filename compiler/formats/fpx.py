@@ -316,6 +316,18 @@ class FPxDecode(DecodeStage):
                 bits = part if bits is None else bits | part
         return bits
 
+    def field_fp16_bits(self, words: list, offsets: list) -> tirx.PrimExpr:
+        """uint32 TIR: (sign << 15) | (magnitude << (10 - Y)) of the code whose field in each plane (widest
+        first) starts at bit offsets[i] (uint32) of words[i]: `fp16_bits`' plain shifts, for codes stored
+        in another order (a sparse code stream)."""
+        bits = None
+        sign_bit = self.ebits + self.mbits
+        for word, offset, width, shift in zip(words, offsets, self.widths, self.shifts):
+            target = shift + _FP16_MANTISSA_BITS - self.mbits
+            for part in _shifted_fields(word, offset, width, min(width, sign_bit - shift), target, 1):
+                bits = part if bits is None else bits | part
+        return bits
+
     def decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
         return self.scaled(self.unscaled_decode(stored, row, col, "float16"), stored[-1][row], dtype)
 

@@ -51,11 +51,13 @@ def read_element(packed, row: int, col: int, ebits: int, mbits: int) -> float:
     if not (words[position // 32] >> (position % 32)) & 1:
         return 0.0
     index = int(arrays["offsets"][tm, tk]) + sum((words[p // 32] >> (p % 32)) & 1 for p in range(position))
-    widest = fpx_layout.plane_widths(1 + ebits + mbits)[0]
-    length = arrays[f"plane{widest}"].shape[1] * 32 // widest
-    stream = fpx_layout.unpack_fpx_planes(arrays, 1, length, ebits, mbits)[0]
+    code = 0
+    for width, shift in zip(fpx_layout.plane_widths(1 + ebits + mbits), fpx_layout.plane_shifts(1 + ebits + mbits)):
+        plane = [int(x) for x in arrays[f"plane{width}"][0]]
+        first = index * width  # the field's first bit counted along the plane's words, bit 0 of word 0 first
+        code |= sum(((plane[(first + b) // 32] >> ((first + b) % 32)) & 1) << b for b in range(width)) << shift
     scale = arrays["scales"][row : row + 1]
-    return float(fpx_codes.decode(stream[None, index : index + 1], scale, ebits, mbits)[0, 0])
+    return float(fpx_codes.decode(np.array([[code]], np.uint8), scale, ebits, mbits)[0, 0])
 
 
 def test_registered_as_the_fpx_twin_of_bitmap():
