@@ -84,7 +84,7 @@ def join_fpx_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = No
     code stream padded with zero codes to `capacity` codes (default: the packer's own length); plus
     "exact", the float32 W they decode to."""
     from benchmarks.kit.cases import SPARSE_FPX_FORMAT
-    from tensorpress.compiler.formats import fpx_layout, get_weight_format
+    from tensorpress.compiler.formats import code_stream, fpx_layout, get_weight_format
 
     nonzeros = np.concatenate([p["nonzeros"] for p in parts])
     starts = np.cumsum([0] + [p["nonzeros"].size for p in parts[:-1]])
@@ -98,7 +98,7 @@ def join_fpx_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = No
             raise ValueError(f"{nonzeros.size} nonzero codes do not fit a stream of {capacity}")
         for width in fpx_layout.plane_widths(fmt.code_bits()):
             name = fpx_layout.plane_name(width)
-            grown = np.zeros(fpx_layout.plane_shape(1, capacity, width), np.uint32)
+            grown = np.zeros(code_stream.plane_shape(capacity, width), np.uint32)
             grown[:, : arrays[name].shape[1]] = arrays[name]
             arrays[name] = grown
     return {**arrays, "exact": exact}

@@ -52,7 +52,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from tensorpress.compiler.formats import code_stream, fpx_layout
+from tensorpress.compiler.formats import code_stream
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
 from tensorpress.compiler.formats.bitmap import (
     RUN_LENGTHS,
@@ -78,8 +78,9 @@ SPARE_CODES = 1 + WORD_BITS  # a code past the last (a rank may reach it) and a 
 
 
 def stream_length(nonzeros: int) -> int:
-    """Vp: codes in the stream for `nonzeros` nonzeros (the spare codes, rounded up to 128)."""
-    return fpx_layout.padded_k(nonzeros + SPARE_CODES)
+    """Vp: codes in the stream for `nonzeros` nonzeros (the spare codes, rounded up to 32: whole words in
+    every plane)."""
+    return -(-(nonzeros + SPARE_CODES) // WORD_BITS) * WORD_BITS
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class BitmapFPxDecode(DecodeStage):
         bits, offsets, *planes = stored[:-1]
         widths = self.values.widths
         rank, words = run_start(bits, offsets, row, col0, length, bind)
-        one, zero = tirx.const(1, "uint32"), tirx.const(0, "uint32")
+        one, zero, sixteen = (tirx.const(v, "uint32") for v in (1, 0, 16))
         values, mask = [], None
         for c in range(length // self.chunk):
             first = c * self.chunk
@@ -207,16 +208,26 @@ class BitmapFPxDecode(DecodeStage):
                 rank = bind(f"chunk_rank{c}", self.chunk_rank(rank, mask))
             mask = bind(f"chunk_mask{c}", shifted & tirx.const((1 << self.chunk) - 1, "uint32"))
             windows = [bind(f"window{c}_0_{w}", self.window(p, w, rank)) for p, w in zip(planes, widths)]
-            for j in range(self.chunk):
-                bit = (mask >> tirx.const(j, "uint32")) & one
-                h = self.values.field_fp16_bits(windows, [zero] * len(widths)) & (bit * tirx.const(0xFFFF, "uint32"))
-                values.append(tirx.reinterpret("float16", h.astype("uint16")).astype(dtype))
-                if j + 1 < self.chunk:
-                    windows = [
-                        bind(f"window{c}_{j + 1}_{w}", win >> (bit * tirx.const(w, "uint32")))
-                        for win, w in zip(windows, widths)
-                    ]
+            for j in range(0, self.chunk, 2):  # a pair of weights: one half2 of patterns
+                bits = [(mask >> tirx.const(j + i, "uint32")) & one for i in range(2)]
+                following = [self._advanced(windows, bits[0], widths, bind, f"{c}_{j + 1}")]
+                if j + 2 < self.chunk:
+                    following.append(self._advanced(following[0], bits[1], widths, bind, f"{c}_{j + 2}"))
+                low16 = tirx.const(0xFFFF, "uint32")
+                pairs = [(a & low16) | (b << sixteen) for a, b in zip(windows, following[0])]
+                kept = (bits[0] | (bits[1] << sixteen)) * low16
+                h = self.values.field_fp16_bits(pairs, [zero] * len(widths), pair=True) & kept
+                for half in (h & low16, h >> sixteen):
+                    values.append(tirx.reinterpret("float16", half.astype("uint16")).astype(dtype))
+                windows = following[-1]
         return values
+
+    @staticmethod
+    def _advanced(windows, bit, widths, bind, name: str) -> list:
+        """The windows past the current code when `bit` is 1 (one field each), bound."""
+        from tvm import tirx
+
+        return [bind(f"window{name}_{w}", win >> (bit * tirx.const(w, "uint32"))) for win, w in zip(windows, widths)]
 
     def chunk_rank(self, rank, mask):
         """The rank of a chunk from the previous chunk's rank and mask."""

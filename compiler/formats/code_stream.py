@@ -30,6 +30,11 @@ def field_bit(index, width: int):
     return index * width % WORD_BITS
 
 
+def plane_shape(length: int, width: int) -> tuple[int, int]:
+    """Shape [1, length·width/32] of the `width`-bit plane of a stream of `length` codes (a multiple of 32)."""
+    return 1, length * width // WORD_BITS
+
+
 def pack_planes(stream: np.ndarray, bits: int) -> dict[str, np.ndarray]:
     """uint8 codes [L] (L a multiple of 32) -> {"plane4": uint32 [1, L·4/32], ...}, widest first."""
     planes = {}

@@ -316,15 +316,17 @@ class FPxDecode(DecodeStage):
                 bits = part if bits is None else bits | part
         return bits
 
-    def field_fp16_bits(self, words: list, offsets: list) -> tirx.PrimExpr:
+    def field_fp16_bits(self, words: list, offsets: list, pair: bool = False) -> tirx.PrimExpr:
         """uint32 TIR: (sign << 15) | (magnitude << (10 - Y)) of the code whose field in each plane (widest
         first) starts at bit offsets[i] (uint32) of words[i]: `fp16_bits`' plain shifts, for codes stored
-        in another order (a sparse code stream)."""
+        in another order (a sparse code stream). pair=True: a second code's fields 16 bits above the
+        first's, its pattern in bits 16..31 (as `fp16_bits`)."""
         bits = None
         sign_bit = self.ebits + self.mbits
+        spread = 0x0001_0001 if pair else 1
         for word, offset, width, shift in zip(words, offsets, self.widths, self.shifts):
             target = shift + _FP16_MANTISSA_BITS - self.mbits
-            for part in _shifted_fields(word, offset, width, min(width, sign_bit - shift), target, 1):
+            for part in _shifted_fields(word, offset, width, min(width, sign_bit - shift), target, spread):
                 bits = part if bits is None else bits | part
         return bits
 
