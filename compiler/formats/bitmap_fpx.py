@@ -2,8 +2,8 @@
 
 The bitmap of `bitmap.py` (16 x 64 tiles, a bit per weight, an offset per tile) says where the nonzeros
 are; each nonzero is an eXmY code (`fpx_codes.py`) with FPx's fp16 scale per output row, and the codes
-travel as ONE row of FPx bit planes (`fpx_layout.py`): code i of the stream is column i of a 1-row
-weight, so plane4 + plane2 hold an FP6 code in 6 bits.
+travel as one code stream split in bit planes (`code_stream.py`: FPx's power-of-two planes, plane4 +
+plane2 for FP6, but sequential: code i's field follows code i - 1's, no lane interleave).
 
     W[M, K] (pruned) ──FPx encode──▶ codes uint8 [M, K] + scales fp16 [M]     (fpx.FPxFormat.encode)
     bitmap of the codes that are not +0, per 16 x 64 tile                       (bitmap.tile_bits)
@@ -12,15 +12,15 @@ weight, so plane4 + plane2 hold an FP6 code in 6 bits.
                                               (p = 64 r + c) holds a code other than +0 (bitmap.py's picture)
     stored "offsets":  int32   [TM, TK]       index in the code stream of the tile's first nonzero
     stored "plane4",   uint32  [1, Vp p/32]   the nonzero codes, tile after tile (tm-major), row-major in
-           "plane2"...                        a tile: the planes of `fpx_layout` for a 1 x Vp weight
+           "plane2"...                        a tile: code i's p-bit field at bit (i p) % 32 of word i p // 32
     stored "scales":   float16 [M]            FPx's per-row scale
-        Vp = nnz + 1 rounded up to 128 (fpx_layout.K_ALIGN), zero codes: a spare code keeps the index of
-        every position in bounds (the decode may load before it selects)
+        Vp = nnz + 33 rounded up to 32, zero codes: a spare code keeps the index of every position in
+        bounds (the decode may load before it selects), a spare word the word after it (a run's window)
 
-    tile (tm, tk) of the codes       the code stream (one 1-row FPx weight)
+    tile (tm, tk) of the codes       the code stream
       r=0  . a . . b ...             ... │ a b c d e ... │ next tile's codes ...
       r=1  c . . d . ...                 ▲ offsets[tm, tk]
-      ...                            plane4 [0, word_in_row(i, 4)], plane2 [0, word_in_row(i, 2)] hold code i
+      ...                            plane4 word 0: │ h g f e d c b a │ (a nibble a code, lowest first)
 
     W[row, col] = bit(row, col) ? value(code[offsets[tm, tk] + popcount(bits before p)]) * scales[row] : 0
 
@@ -31,15 +31,19 @@ dense FP6 below about 83% density (at 6 bits), which is what `--sparse-format au
 Exactness: unpack(pack(w)) equals FPx's unpack(pack(w)) bit for bit (the same codes and scales; a code
 of +0 is FPx's value +0, so leaving it out of the stream changes nothing; -0 is a stored code).
 
-Decode stage (`BitmapFPxDecode`): bitmap's rank (`bitmap.tile_rank`) then FPx's bit-plane field decode
-(`FPxDecode.unscaled_decode` on the 1-row stream) and its row scale, applied once per output in the GEMM's
-epilogue. On the Tensor Core template it takes the plain path of bitmap: the decode block runs inside the
-W-tile fetch, reading bits, offsets and planes from global memory (cached), and writes the dense fp16 W
-tile in shared memory that ldmatrix reads. Why not staged: the rank reads all 32 words of a tile's bitmap
-and the tile's codes start at a data-dependent offset, so neither is a rectangle indexed by (row, affine
-column) that the template's cp.async staging can copy (`decode_stage.py`). Why not bitmap's runs along K
-(`bitmap.tile_run`, one rank per run): tried, the FPx decodes of a run in flight spilled on the decode
-tile (runs of 64: 16 B on sm_90a; runs of 32: 4 B on sm_80), so each weight still pays the full rank.
+Decode stage (`BitmapFPxDecode`): bitmap's rank (`bitmap.tile_rank`) then the code's fields, placed in
+an fp16 pattern by FPx's plain shifts (`FPxDecode.field_fp16_bits`), and FPx's row scale, applied once
+per output in the GEMM's epilogue. On the Tensor Core template it decodes runs along K as bitmap does
+(`decode_run`, the template's `k_runs`): a thread decodes a tile row's 64 weights, the rank of the rows
+above popcounted once (`bitmap.run_start`); per chunk of 4 weights one rank (+ the previous chunk's
+popcount) and one window per plane (`code_stream.window`: a funnel shift of two words holds the chunk's
+codes in order); per pair of weights the windows' lowest fields make a half2 of patterns (SWAR), masked
+by the two bits, and each window advances one field past a set bit. Only a chunk's windows are live:
+an earlier try that read every code's words separately spilled (16 B on sm_90a for runs of 64, 4 B on
+sm_80 for runs of 32), and chunks of 8 (18.1 thread-instructions a weight at n16m128k64, 19.7 with 4)
+spilled 24 B at n32m128k64 on sm_90a. Tiles too small for whole warps of runs decode a
+weight a thread with the full rank. Not staged: the rank reads all 32 words of a tile's bitmap and the
+tile's codes start at a data-dependent offset (neither is a rectangle the template's cp.async copies).
 On the CPU the panel schedule decodes each weight once per call; `auto` does not choose it there (its
 rank costs every weight 32 popcounts: plain FPx, read word by word, is faster).
 """
@@ -176,7 +180,8 @@ class BitmapFPxDecode(DecodeStage):
     def __init__(self, name: str, values: FPxDecode):
         self.name = name
         self.values = values
-        self.chunk = min(8, WORD_BITS // values.widths[0])  # weights whose codes fit one window per plane
+        # weights whose codes one window per plane holds (4: chunks of 8 spilled 24 B at n32m128k64 on sm_90a)
+        self.chunk = min(4, WORD_BITS // values.widths[0])
         self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
 
     def unscaled_decode(self, stored, row, col, dtype: str):

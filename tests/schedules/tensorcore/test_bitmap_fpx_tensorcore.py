@@ -1,12 +1,13 @@
-"""bitmap x FPx sparse weights (`compiler/formats/bitmap_fpx.py`) on the Tensor Core template: the plain
-decode (the tile's bits and offset, then the code's bit-plane fields, read from global memory) fills the
-fp16 W tile the mma reads, and the FPx row scale multiplies Y in the epilogue. Replayed on the CPU
+"""bitmap x FPx sparse weights (`compiler/formats/bitmap_fpx.py`) on the Tensor Core template: runs along
+K (a thread decodes a tile row: a rank per chunk of 4, the chunk's codes read as one window per plane)
+or, on tiles too small for whole warps of runs, the plain decode (the full rank a weight), both filling
+the fp16 W tile the mma reads, and the FPx row scale multiplies Y in the epilogue. Replayed on the CPU
 (emulated ldmatrix / mma, shuffled threads, NaN-poisoned shared and register memory) against numpy for
-decode and prefill tiles and split-K, weights pruned 80% by magnitude; planted decode bugs (an
-off-by-one popcount, a wrong position bit) build for CUDA and fail the replay; built by nvcc for sm_80
-and sm_90a: HMMA, LDSM and LDGSTS in the SASS, nothing spilled. The nvcc builds (2.5 min for the decode
-tile alone on this machine), the split-K and prefill replays and the planted bugs' CUDA build are marked
-slow (`-m slow`); by default the decode tile is replayed and the planted bugs fail."""
+decode and prefill tiles and split-K, weights pruned 80% by magnitude; planted decode bugs (plain: an
+off-by-one popcount, a wrong position bit; runs: a chunk rank one short, a window word off by one) build
+for CUDA and fail the replay; built by nvcc for sm_80 and sm_90a: HMMA, LDSM and LDGSTS in the SASS,
+nothing spilled. The nvcc builds, the split-K and prefill replays and the planted bugs' CUDA build are
+marked slow (`-m slow`); by default the decode tile is replayed and the planted bugs fail."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def test_replay_matches_numpy(config):
     assert relative_error(out, ref) < TOLERANCE
 
 
+def test_runs_crossing_k_match_numpy():
+    out, ref = replay_weight_gemm(FORMAT, 64, 208, 9, SMALL, seed=5, bias=True)  # runs of 64 cross K = 208
+    assert relative_error(out, ref) < TOLERANCE
+
+
 @pytest.mark.parametrize("fmt, n", [("bitmap-e2m1", 1), pytest.param("bitmap-e2m3", 33, marks=SLOW)])
 def test_other_fpx_values_and_token_counts(fmt, n):
     out, ref = replay_weight_gemm(fmt, 64, 192, n, SMALL, seed=n, shuffle_seed=n + 1)
@@ -83,7 +89,7 @@ class _WrongPositionBit(BitmapFPxDecode):
 
 
 class _ChunkRankOneShort(BitmapFPxDecode):
-    """A run's chunk rank leaves out the previous chunk's last bit: the chunk after a set bit 7 reads
+    """A run's chunk rank leaves out the previous chunk's last bit: the chunk after a set last bit reads
     its codes from one code too early."""
 
     def chunk_rank(self, rank, mask):
