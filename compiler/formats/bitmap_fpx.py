@@ -40,10 +40,12 @@ popcount) and one window per plane (`code_stream.window`: a funnel shift of two 
 codes in order); per pair of weights the windows' lowest fields make a half2 of patterns (SWAR), masked
 by the two bits, and each window advances one field past a set bit. Only a chunk's windows are live:
 an earlier try that read every code's words separately spilled (16 B on sm_90a for runs of 64, 4 B on
-sm_80 for runs of 32), and chunks of 8 (18.1 thread-instructions a weight at n16m128k64, 19.7 with 4)
-spilled 24 B at n32m128k64 on sm_90a. Tiles too small for whole warps of runs decode a
-weight a thread with the full rank. Not staged: the rank reads all 32 words of a tile's bitmap and the
-tile's codes start at a data-dependent offset (neither is a rectangle the template's cp.async copies).
+sm_80 for runs of 32); chunks of 8 (18.1 thread-instructions a weight at n16m128k64, 19.7 with 4)
+spilled 24 B at n32m128k64 on sm_90a; keeping a window for the next chunks while it holds their codes
+(plane4's 8 codes serve 2 chunks, plane2's 16 serve 4: 18.0) spilled 8 B at n16m128k64 on sm_80, and
+sharing plane2's alone 32 B on sm_90a. Tiles too small for whole warps of runs decode a weight a thread
+with the full rank. Not staged: the rank reads all 32 words of a tile's bitmap and the tile's codes start
+at a data-dependent offset (neither is a rectangle the template's cp.async copies).
 On the CPU the panel schedule decodes each weight once per call; `auto` does not choose it there (its
 rank costs every weight 32 popcounts: plain FPx, read word by word, is faster).
 """
