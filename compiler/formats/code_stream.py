@@ -1,69 +1,51 @@
-"""The code stream of a sparse x FPx weight: its nonzero eXmY codes in order, as sequential bit planes.
+"""The code stream of a sparse x FPx weight: its nonzero b-bit eXmY codes back to back in one bit string.
 
-The codes are split in the power-of-two planes of `fpx_layout` (6 = 4 + 2, widest plane = lowest code
-bits), but a plane here is plain: code i's p-bit field is bits (i·p) % 32 .. + p - 1 of word i·p // 32,
-so consecutive codes are consecutive fields (no lane interleave) and a field never straddles a word:
+Code i is bits i·b .. i·b + b - 1 of the stream, the stream's bit n being bit n % 32 of word n // 32 of
+the stored "codes" (uint32 [1, L·b/32] for L codes, L a multiple of 32: whole words for any b). A code
+may straddle two words (b = 6: code 5 is bits 30..35):
 
-    plane4  word 0: │ c7 c6 c5 c4 c3 c2 c1 c0 │ word 1: │ c15 ... c8 │ ...     8 codes a word
-    plane2  word 0: │ c15 c14 ... c1 c0 │ word 1: │ c31 ... c16 │ ...         16 codes a word
+    word 0: │ c5 (low 2 bits) c4 c3 c2 c1 c0 │ word 1: │ c10 (low 4) c9 c8 c7 c6 c5 (high 4) │ ...
+            bit 31 ..........................  0
 
-A run of codes that starts at any index i is then one funnel shift away: the 64 bits of words
-i·p // 32 and the next, shifted right by (i·p) % 32, hold codes i, i + 1, ... in their low bits, p bits
-each, 32 / p of them (`window`). Planes are uint32 [1, L·p/32] for a stream of L codes, L a multiple of
-32 (whole words in every plane); the integer arithmetic works on numpy arrays and TVM PrimExprs alike.
+A run of codes from any index i is then one funnel shift away: the 64 bits of words i·b // 32 and the
+next, shifted right by (i·b) % 32, hold codes i, i + 1, ... in their low 32 bits, b bits each, 32 // b
+of them whole (`window`). The integer arithmetic works on numpy arrays and TVM PrimExprs alike.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tensorpress.compiler.formats.fpx_layout import WORD_BITS, plane_name, plane_shifts, plane_widths
+WORD_BITS = 32
+NAME = "codes"  # the stored array
 
 
-def field_word(index, width: int):
-    """The word of a `width`-bit plane holding code `index`'s field (int, numpy array or PrimExpr)."""
-    return index * width // WORD_BITS
+def stream_shape(length: int, bits: int) -> tuple[int, int]:
+    """Shape [1, length·bits/32] of the "codes" array of a stream of `length` codes (a multiple of 32)."""
+    return 1, length * bits // WORD_BITS
 
 
-def field_bit(index, width: int):
-    """The lowest bit of code `index`'s field in that word."""
-    return index * width % WORD_BITS
+def pack_stream(stream: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [L] (L a multiple of 32) -> the "codes" array uint32 [1, L·bits/32]."""
+    fields = (stream.astype(np.uint8)[:, None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)  # [L, bits]
+    string = fields.reshape(-1, WORD_BITS).astype(np.uint64)  # the bit string, 32 bits a word, low first
+    words = string @ (np.uint64(1) << np.arange(WORD_BITS, dtype=np.uint64))
+    return words.astype(np.uint32)[None, :]
 
 
-def plane_shape(length: int, width: int) -> tuple[int, int]:
-    """Shape [1, length·width/32] of the `width`-bit plane of a stream of `length` codes (a multiple of 32)."""
-    return 1, length * width // WORD_BITS
+def unpack_stream(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of `pack_stream`: the uint8 codes of the whole stream."""
+    string = (codes[0][:, None] >> np.arange(WORD_BITS, dtype=np.uint32)) & np.uint32(1)  # [words, 32]
+    fields = string.reshape(-1, bits).astype(np.uint32)  # [L, bits]
+    return (fields << np.arange(bits, dtype=np.uint32)).sum(axis=1).astype(np.uint8)
 
 
-def pack_planes(stream: np.ndarray, bits: int) -> dict[str, np.ndarray]:
-    """uint8 codes [L] (L a multiple of 32) -> {"plane4": uint32 [1, L·4/32], ...}, widest first."""
-    planes = {}
-    for width, shift in zip(plane_widths(bits), plane_shifts(bits)):
-        fields = (stream.astype(np.uint32) >> np.uint32(shift)) & np.uint32((1 << width) - 1)
-        fields = fields.reshape(-1, WORD_BITS // width)  # the fields of one word, lowest first
-        places = np.arange(WORD_BITS // width, dtype=np.uint32) * np.uint32(width)
-        planes[plane_name(width)] = np.bitwise_or.reduce(fields << places, axis=1).astype(np.uint32)[None, :]
-    return planes
-
-
-def unpack_planes(planes: dict[str, np.ndarray], bits: int) -> np.ndarray:
-    """Inverse of `pack_planes`: the uint8 codes of the whole stream, read field by field."""
-    widths = plane_widths(bits)
-    length = planes[plane_name(widths[0])].shape[1] * WORD_BITS // widths[0]
-    index = np.arange(length, dtype=np.int64)
-    codes = np.zeros(length, np.uint32)
-    for width, shift in zip(widths, plane_shifts(bits)):
-        words = planes[plane_name(width)][0, field_word(index, width)]
-        codes |= ((words >> field_bit(index, width).astype(np.uint32)) & np.uint32((1 << width) - 1)) << shift
-    return codes.astype(np.uint8)
-
-
-def window(plane, width: int, index):
-    """uint32 TIR: plane's fields of codes index, index + 1, ... (32 / width of them), lowest first.
-    Reads the word after index's: the stream keeps a spare word (`bitmap_fpx.stream_length`)."""
+def window(codes, bits: int, index):
+    """uint32 TIR: codes index, index + 1, ... (32 // bits of them whole), lowest first. Reads the word
+    after index's first bit's: the stream keeps a spare word (`bitmap_fpx.stream_length`)."""
     from tvm import tirx
 
-    word = field_word(index, width)
-    low, high = (plane[0, word + i].astype("uint64") for i in range(2))
+    first = index * bits
+    low, high = (codes[0, first // WORD_BITS + i].astype("uint64") for i in range(2))
     pair = (high << tirx.const(WORD_BITS, "uint64")) | low
-    return (pair >> field_bit(index, width).astype("uint64")).astype("uint32")
+    return (pair >> (first % WORD_BITS).astype("uint64")).astype("uint32")

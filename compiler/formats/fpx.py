@@ -316,19 +316,14 @@ class FPxDecode(DecodeStage):
                 bits = part if bits is None else bits | part
         return bits
 
-    def field_fp16_bits(self, words: list, offsets: list, pair: bool = False) -> tirx.PrimExpr:
-        """uint32 TIR: (sign << 15) | (magnitude << (10 - Y)) of the code whose field in each plane (widest
-        first) starts at bit offsets[i] (uint32) of words[i]: `fp16_bits`' plain shifts, for codes stored
-        in another order (a sparse code stream). pair=True: a second code's fields 16 bits above the
-        first's, its pattern in bits 16..31 (as `fp16_bits`)."""
-        bits = None
-        sign_bit = self.ebits + self.mbits
+    def code_fp16_bits(self, code: tirx.PrimExpr, pair: bool = False) -> tirx.PrimExpr:
+        """uint32 TIR: (sign << 15) | (magnitude << (10 - Y)) of the whole code in the low bits of `code`
+        (higher bits ignored): `fp16_bits`' pattern for codes stored unsplit (a sparse code stream).
+        pair=True: a second code in bits 16.., its pattern in bits 16..31."""
         spread = 0x0001_0001 if pair else 1
-        for word, offset, width, shift in zip(words, offsets, self.widths, self.shifts):
-            target = shift + _FP16_MANTISSA_BITS - self.mbits
-            for part in _shifted_fields(word, offset, width, min(width, sign_bit - shift), target, spread):
-                bits = part if bits is None else bits | part
-        return bits
+        sign_bit = self.ebits + self.mbits
+        magnitude = (code & _u32(((1 << sign_bit) - 1) * spread)) << _u32(_FP16_MANTISSA_BITS - self.mbits)
+        return magnitude | ((code & _u32((1 << sign_bit) * spread)) << _u32(15 - sign_bit))
 
     def decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
         return self.scaled(self.unscaled_decode(stored, row, col, "float16"), stored[-1][row], dtype)

@@ -1,5 +1,5 @@
-"""The sparse x FPx code stream (`compiler/formats/code_stream.py`): sequential bit planes checked bit by
-bit against the docstring's picture for every plane width, unpack inverting pack, and the plane shapes."""
+"""The sparse x FPx code stream (`compiler/formats/code_stream.py`): codes back to back in one bit string,
+checked bit by bit against the docstring's picture for every code width, and unpack inverting pack."""
 
 from __future__ import annotations
 
@@ -9,20 +9,14 @@ import pytest
 from tensorpress.compiler.formats import code_stream
 
 
-@pytest.mark.parametrize("bits", [2, 4, 5, 6, 7, 8])  # planes 2, 4, 4+1, 4+2, 4+2+1, 8
-def test_code_i_is_the_ith_field_of_each_plane(bits):
+@pytest.mark.parametrize("bits", [2, 4, 5, 6, 7, 8])
+def test_code_i_is_bits_i_b_onwards_of_the_stream(bits):
     rng = np.random.default_rng(bits)
     stream = rng.integers(0, 1 << bits, 96).astype(np.uint8)
-    planes = code_stream.pack_planes(stream, bits)
-    shift = 0
-    for width in (8, 4, 2, 1):
-        if not bits & width:
-            continue
-        words = [int(w) for w in planes[f"plane{width}"][0]]
-        assert planes[f"plane{width}"].shape == code_stream.plane_shape(96, width) == (1, 96 * width // 32)
-        for i, code in enumerate(stream):
-            first = i * width  # the stream's bits, bit 0 of word 0 first
-            field = sum(((words[(first + b) // 32] >> ((first + b) % 32)) & 1) << b for b in range(width))
-            assert field == (int(code) >> shift) & ((1 << width) - 1), (width, i)
-        shift += width
-    np.testing.assert_array_equal(code_stream.unpack_planes(planes, bits), stream)
+    codes = code_stream.pack_stream(stream, bits)
+    assert codes.dtype == np.uint32 and codes.shape == code_stream.stream_shape(96, bits) == (1, 96 * bits // 32)
+    words = [int(w) for w in codes[0]]
+    for i, code in enumerate(stream):
+        first = i * bits  # the stream's bits, bit 0 of word 0 first
+        assert sum(((words[(first + b) // 32] >> ((first + b) % 32)) & 1) << b for b in range(bits)) == code, i
+    np.testing.assert_array_equal(code_stream.unpack_stream(codes, bits), stream)

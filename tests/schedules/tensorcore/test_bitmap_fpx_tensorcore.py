@@ -1,5 +1,5 @@
 """bitmap x FPx sparse weights (`compiler/formats/bitmap_fpx.py`) on the Tensor Core template: runs along
-K (a thread decodes a tile row: a rank per chunk of 4, the chunk's codes read as one window per plane)
+K (a thread decodes a tile row: a rank per chunk of 4, the chunk's codes read as one window)
 or, on tiles too small for whole warps of runs, the plain decode (the full rank a weight), both filling
 the fp16 W tile the mma reads, and the FPx row scale multiplies Y in the epilogue. Replayed on the CPU
 (emulated ldmatrix / mma, shuffled threads, NaN-poisoned shared and register memory) against numpy for
@@ -72,12 +72,9 @@ class _OffByOnePopcount(BitmapFPxDecode):
     """Counts the weight's own bit in its rank: every stored weight reads its successor's code."""
 
     def unscaled_decode(self, stored, row, col, dtype):
-        bits, offsets, *planes = stored[:-1]
+        bits, offsets, codes = stored[:-1]
         is_set, index = tile_rank(bits, offsets, row, col)
-        index = index + 1
-        words = [plane[0, code_stream.field_word(index, w)] for plane, w in zip(planes, self.values.widths)]
-        starts = [code_stream.field_bit(index, w).astype("uint32") for w in self.values.widths]
-        h = tirx.reinterpret("float16", self.values.field_fp16_bits(words, starts).astype("uint16"))
+        h = tirx.reinterpret("float16", self.values.code_fp16_bits(self.window(codes, index + 1)).astype("uint16"))
         return tirx.Select(is_set, h, tirx.const(0, "float16")).astype(dtype)
 
 
@@ -98,15 +95,15 @@ class _ChunkRankOneShort(BitmapFPxDecode):
 
 
 class _WindowWordOffByOne(BitmapFPxDecode):
-    """A run's window reads the plane words one after the right ones (in bounds: the stream's spare word)."""
+    """A run's window reads the stream words one after the right ones (in bounds: the spare word)."""
 
-    def window(self, plane, width, rank):
+    def window(self, codes, rank):
         class _NextWord:
             def __getitem__(self, index):
                 row, word = index
-                return plane[row, word + 1]
+                return codes[row, word + 1]
 
-        return code_stream.window(_NextWord(), width, rank)
+        return code_stream.window(_NextWord(), self.values.bits, rank)
 
 
 PLANTED = {  # the plain decode (one weight a thread): on PLAIN, whose W tile has too few runs for a warp
