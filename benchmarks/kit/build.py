@@ -209,21 +209,17 @@ def tiled_csl_buffers(m: int, k: int) -> list:
 
 def bitmap_fpx_buffers(m: int, k: int) -> list:
     """The stored buffers of the kit's bitmap-e3m2 kernels for an [m, k] layer: bitmap's bits and
-    offsets, the code stream's planes at the kit's capacity (`cases.bitmap_fpx_stream_capacity`), scales."""
-    from tensorpress.compiler.formats import fpx_layout, get_weight_format
+    offsets, the code stream at the kit's capacity (`cases.bitmap_fpx_stream_capacity`), scales."""
+    from tensorpress.compiler.formats import code_stream, get_weight_format
     from tensorpress.compiler.formats.bitmap import WORDS_PER_TILE, tile_grid
     from tensorpress.schedules.decode_stage import StoredBuffer
 
     tm, tk = tile_grid(m, k)
-    stream = bitmap_fpx_stream_capacity(m, k)
-    planes = [
-        StoredBuffer(fpx_layout.plane_name(p), fpx_layout.plane_shape(1, stream, p), "uint32")
-        for p in fpx_layout.plane_widths(get_weight_format(SPARSE_FPX_FORMAT).code_bits())
-    ]
+    shape = code_stream.stream_shape(bitmap_fpx_stream_capacity(m, k), get_weight_format(SPARSE_FPX_FORMAT).code_bits())
     return [
         StoredBuffer("bits", (tm, tk, WORDS_PER_TILE), "uint32"),
         StoredBuffer("offsets", (tm, tk), "int32"),
-        *planes,
+        StoredBuffer(code_stream.NAME, shape, "uint32"),
         StoredBuffer("scales", (m,), "float16"),
     ]
 

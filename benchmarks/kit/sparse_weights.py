@@ -67,7 +67,7 @@ def join_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = None) 
 
 
 def _pack_fpx_band(band: np.ndarray) -> dict[str, np.ndarray]:
-    """A band's sparse x FPx arrays before the stream is split in planes, and its exact float32 W."""
+    """A band's sparse x FPx arrays before the stream is packed, and its exact float32 W."""
     from benchmarks.kit.cases import SPARSE_FPX_FORMAT
     from tensorpress.compiler.formats import fpx_codes, get_weight_format
     from tensorpress.compiler.formats.bitmap_fpx import tile_codes
@@ -84,7 +84,7 @@ def join_fpx_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = No
     code stream padded with zero codes to `capacity` codes (default: the packer's own length); plus
     "exact", the float32 W they decode to."""
     from benchmarks.kit.cases import SPARSE_FPX_FORMAT
-    from tensorpress.compiler.formats import fpx_layout, get_weight_format
+    from tensorpress.compiler.formats import code_stream, get_weight_format
 
     nonzeros = np.concatenate([p["nonzeros"] for p in parts])
     starts = np.cumsum([0] + [p["nonzeros"].size for p in parts[:-1]])
@@ -93,14 +93,12 @@ def join_fpx_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = No
     exact = np.concatenate([p["exact"] for p in parts])
     fmt = get_weight_format(SPARSE_FPX_FORMAT)
     arrays = dict(fmt.pack_stream(exact.shape, bits, offsets, nonzeros, scales).arrays)  # type: ignore[attr-defined]
-    if capacity is not None:  # more zero codes: each plane's row grows by whole zero words
+    if capacity is not None:  # more zero codes: the stream grows by whole zero words
         if capacity < nonzeros.size + 1:
             raise ValueError(f"{nonzeros.size} nonzero codes do not fit a stream of {capacity}")
-        for width in fpx_layout.plane_widths(fmt.code_bits()):
-            name = fpx_layout.plane_name(width)
-            grown = np.zeros(fpx_layout.plane_shape(1, capacity, width), np.uint32)
-            grown[:, : arrays[name].shape[1]] = arrays[name]
-            arrays[name] = grown
+        grown = np.zeros(code_stream.stream_shape(capacity, fmt.code_bits()), np.uint32)
+        grown[:, : arrays[code_stream.NAME].shape[1]] = arrays[code_stream.NAME]
+        arrays[code_stream.NAME] = grown
     return {**arrays, "exact": exact}
 
 
@@ -223,7 +221,7 @@ def make_sparse_fpx_weight(dense, packer: BandPacker, capacity: int) -> SparseWe
     import torch
 
     from benchmarks.kit.cases import SPARSE_FPX_FORMAT
-    from tensorpress.compiler.formats import fpx_layout, get_weight_format
+    from tensorpress.compiler.formats import code_stream, get_weight_format
     from tensorpress.compiler.formats.bitmap_fpx import stream_length
 
     start = time.perf_counter()
@@ -232,7 +230,7 @@ def make_sparse_fpx_weight(dense, packer: BandPacker, capacity: int) -> SparseWe
     packed = time.perf_counter()
     nnz = int(np.unpackbits(arrays["bits"].view(np.uint8)).sum())
     fmt = get_weight_format(SPARSE_FPX_FORMAT)
-    names = ["bits", "offsets", *(fpx_layout.plane_name(p) for p in fpx_layout.plane_widths(fmt.code_bits())), "scales"]
+    names = ["bits", "offsets", code_stream.NAME, "scales"]
     stored = [torch.from_numpy(np.ascontiguousarray(arrays[name])).to(dense.device) for name in names]
     exact = torch.from_numpy(arrays["exact"]).to(dense.device)
     stream_bytes = stream_length(nnz) * fmt.code_bits() // 8

@@ -130,6 +130,23 @@ def tile_run(bits, offsets, row, col0, length: int, bind):
     """
     from tvm import tirx
 
+    rank, words = run_start(bits, offsets, row, col0, length, bind)
+    one = tirx.const(1, "uint32")
+    is_set, index = [], []
+    for i in range(length):
+        bit = bind(f"bit{i}", (words[i // WORD_BITS] >> tirx.const(i % WORD_BITS, "uint32")) & one)
+        is_set.append(bit)
+        index.append(rank)
+        if i + 1 < length:
+            rank = bind(f"rank{i + 1}", rank + bit.astype("int32"))
+    return is_set, index
+
+
+def run_start(bits, offsets, row, col0, length: int, bind):
+    """TIR (rank, words) of the run W[row, col0 .. col0 + length) (`tile_run`): the index of the run's
+    first weight as if it were set (bound "rank0"), and the run's mask words (bound "word0", ...)."""
+    from tvm import tirx
+
     assert length in RUN_LENGTHS, length
     tm, tk, r = row // TILE_ROWS, col0 // TILE_COLS, row % TILE_ROWS
     half = (col0 % TILE_COLS) // WORD_BITS  # 0: the run starts in the row's first word, 1: its second
@@ -146,16 +163,7 @@ def tile_run(bits, offsets, row, col0, length: int, bind):
     if length < TILE_COLS:
         rank = rank + tirx.Select(half == 1, bind("first_word", popc(bits[tm, tk, 2 * r])), zero)
     rank = bind("rank0", rank)
-    words = [bind(f"word{w}", bits[tm, tk, 2 * r + half + w]) for w in range(length // WORD_BITS)]
-    one = tirx.const(1, "uint32")
-    is_set, index = [], []
-    for i in range(length):
-        bit = bind(f"bit{i}", (words[i // WORD_BITS] >> tirx.const(i % WORD_BITS, "uint32")) & one)
-        is_set.append(bit)
-        index.append(rank)
-        if i + 1 < length:
-            rank = bind(f"rank{i + 1}", rank + bit.astype("int32"))
-    return is_set, index
+    return rank, [bind(f"word{w}", bits[tm, tk, 2 * r + half + w]) for w in range(length // WORD_BITS)]
 
 
 def kept_if(bit, value):

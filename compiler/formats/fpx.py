@@ -316,6 +316,15 @@ class FPxDecode(DecodeStage):
                 bits = part if bits is None else bits | part
         return bits
 
+    def code_fp16_bits(self, code: tirx.PrimExpr, pair: bool = False) -> tirx.PrimExpr:
+        """uint32 TIR: (sign << 15) | (magnitude << (10 - Y)) of the whole code in the low bits of `code`
+        (higher bits ignored): `fp16_bits`' pattern for codes stored unsplit (a sparse code stream).
+        pair=True: a second code in bits 16.., its pattern in bits 16..31."""
+        spread = 0x0001_0001 if pair else 1
+        sign_bit = self.ebits + self.mbits
+        magnitude = (code & _u32(((1 << sign_bit) - 1) * spread)) << _u32(_FP16_MANTISSA_BITS - self.mbits)
+        return magnitude | ((code & _u32((1 << sign_bit) * spread)) << _u32(15 - sign_bit))
+
     def decode(self, stored: list[te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr, dtype: str):
         return self.scaled(self.unscaled_decode(stored, row, col, "float16"), stored[-1][row], dtype)
 

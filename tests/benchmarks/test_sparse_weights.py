@@ -74,8 +74,8 @@ def test_fpx_band_packing_equals_the_whole_weight_packed_at_once(monkeypatch, m,
     np.testing.assert_array_equal(joined["exact"], fmt.unpack(whole))
     capacity = bitmap_fpx_stream_capacity(m, k, (0.5,))
     padded = sparse_weights.BandPacker(0).pack_fpx(w, capacity)
-    assert padded["plane4"].shape == (1, capacity // 8) and padded["plane2"].shape == (1, capacity // 16)
-    grown = {**whole.arrays, "plane4": padded["plane4"], "plane2": padded["plane2"]}
+    assert padded["codes"].shape == (1, capacity * 6 // 32)
+    grown = {**whole.arrays, "codes": padded["codes"]}
     np.testing.assert_array_equal(fmt.unpack(type(whole)(whole.format, whole.shape, grown)), fmt.unpack(whole))
     with pytest.raises(ValueError, match="do not fit"):
         sparse_weights.BandPacker(0).pack_fpx(w, capacity=128)

@@ -1,12 +1,13 @@
-"""bitmap x FPx sparse weights (`compiler/formats/bitmap_fpx.py`) on the Tensor Core template: the plain
-decode (the tile's bits and offset, then the code's bit-plane fields, read from global memory) fills the
-fp16 W tile the mma reads, and the FPx row scale multiplies Y in the epilogue. Replayed on the CPU
+"""bitmap x FPx sparse weights (`compiler/formats/bitmap_fpx.py`) on the Tensor Core template: runs along
+K (a thread decodes a tile row: a rank per chunk of 4, the chunk's codes read as one window)
+or, on tiles too small for whole warps of runs, the plain decode (the full rank a weight), both filling
+the fp16 W tile the mma reads, and the FPx row scale multiplies Y in the epilogue. Replayed on the CPU
 (emulated ldmatrix / mma, shuffled threads, NaN-poisoned shared and register memory) against numpy for
-decode and prefill tiles and split-K, weights pruned 80% by magnitude; planted decode bugs (an
-off-by-one popcount, a wrong position bit) build for CUDA and fail the replay; built by nvcc for sm_80
-and sm_90a: HMMA, LDSM and LDGSTS in the SASS, nothing spilled. The nvcc builds (2.5 min for the decode
-tile alone on this machine), the split-K and prefill replays and the planted bugs' CUDA build are marked
-slow (`-m slow`); by default the decode tile is replayed and the planted bugs fail."""
+decode and prefill tiles and split-K, weights pruned 80% by magnitude; planted decode bugs (plain: an
+off-by-one popcount, a wrong position bit; runs: a chunk rank one short, a window word off by one) build
+for CUDA and fail the replay; built by nvcc for sm_80 and sm_90a: HMMA, LDSM and LDGSTS in the SASS,
+nothing spilled. The nvcc builds, the split-K and prefill replays and the planted bugs' CUDA build are
+marked slow (`-m slow`); by default the decode tile is replayed and the planted bugs fail."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import tvm
 from tensorcore_cases import check_tensor_core_kernels, once_per_session, relative_error, replay_weight_gemm
 from tvm import tirx
 
-from tensorpress.compiler.formats import decode_stage, get_weight_format
+from tensorpress.compiler.formats import code_stream, decode_stage, get_weight_format
 from tensorpress.compiler.formats.bitmap import tile_rank
 from tensorpress.compiler.formats.bitmap_fpx import BitmapFPxDecode
 from tensorpress.compiler.formats.fpx import fpx_decode_stage
 from tensorpress.compiler.pruning import prune
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
+from tensorpress.schedules.tensorcore.run_tile import run_length
 from tensorpress.schedules.tensorcore.template import TemplateBlocks, schedule_weight_gemm
 from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
 from tensorpress.schedules.verification.cuda_inspection import (
@@ -48,6 +50,11 @@ def test_replay_matches_numpy(config):
     assert relative_error(out, ref) < TOLERANCE
 
 
+def test_runs_crossing_k_match_numpy():
+    out, ref = replay_weight_gemm(FORMAT, 64, 208, 9, SMALL, seed=5, bias=True)  # runs of 64 cross K = 208
+    assert relative_error(out, ref) < TOLERANCE
+
+
 @pytest.mark.parametrize("fmt, n", [("bitmap-e2m1", 1), pytest.param("bitmap-e2m3", 33, marks=SLOW)])
 def test_other_fpx_values_and_token_counts(fmt, n):
     out, ref = replay_weight_gemm(fmt, 64, 192, n, SMALL, seed=n, shuffle_seed=n + 1)
@@ -65,9 +72,9 @@ class _OffByOnePopcount(BitmapFPxDecode):
     """Counts the weight's own bit in its rank: every stored weight reads its successor's code."""
 
     def unscaled_decode(self, stored, row, col, dtype):
-        bits, offsets, *planes = stored[:-1]
+        bits, offsets, codes = stored[:-1]
         is_set, index = tile_rank(bits, offsets, row, col)
-        h = self.values.unscaled_decode(planes, 0, index + 1, "float16")
+        h = tirx.reinterpret("float16", self.values.code_fp16_bits(self.window(codes, index + 1)).astype("uint16"))
         return tirx.Select(is_set, h, tirx.const(0, "float16")).astype(dtype)
 
 
@@ -78,10 +85,36 @@ class _WrongPositionBit(BitmapFPxDecode):
         return super().unscaled_decode(stored, row, tirx.bitwise_xor(col, 1), dtype)
 
 
-PLANTED = {
+class _ChunkRankOneShort(BitmapFPxDecode):
+    """A run's chunk rank leaves out the previous chunk's last bit: the chunk after a set last bit reads
+    its codes from one code too early."""
+
+    def chunk_rank(self, rank, mask):
+        last = (mask >> tirx.const(self.chunk - 1, "uint32")) & tirx.const(1, "uint32")
+        return super().chunk_rank(rank, mask) - last.astype("int32")
+
+
+class _WindowWordOffByOne(BitmapFPxDecode):
+    """A run's window reads the stream words one after the right ones (in bounds: the spare word)."""
+
+    def window(self, codes, rank):
+        class _NextWord:
+            def __getitem__(self, index):
+                row, word = index
+                return codes[row, word + 1]
+
+        return code_stream.window(_NextWord(), self.values.bits, rank)
+
+
+PLANTED = {  # the plain decode (one weight a thread): on PLAIN, whose W tile has too few runs for a warp
     "off-by-one popcount": _OffByOnePopcount("test-bitmap-fpx-popcount", fpx_decode_stage(3, 2)),
     "wrong position bit": _WrongPositionBit("test-bitmap-fpx-bit", fpx_decode_stage(3, 2)),
 }
+PLANTED_RUNS = {  # the runs along K: on SMALL
+    "chunk rank one short": _ChunkRankOneShort("test-bitmap-fpx-chunk-rank", fpx_decode_stage(3, 2)),
+    "window word off by one": _WindowWordOffByOne("test-bitmap-fpx-window", fpx_decode_stage(3, 2)),
+}
+PLAIN = TileConfig(block_n=16, block_m=16, block_k=32, warps=1, stages=2)  # 16 runs of 32: no runs
 
 
 def _buffers(m: int, k: int):
@@ -94,22 +127,33 @@ def _buffers(m: int, k: int):
 @pytest.mark.slow
 def test_planted_bugs_compile_for_cuda():
     functions = {}
-    for i, stage in enumerate(PLANTED.values()):
+    for i, (stage, config) in enumerate(_planted_cases().values()):
         func = make_weight_gemm(stage, 128, 256, buffers=_buffers(128, 256))
-        main = schedule_weight_gemm(func, SMALL, cuda_intrinsics()).mod["main"]
+        main = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
         functions[f"bug{i}"] = main.with_attr("global_symbol", f"bug{i}")
     cubin, _ = compile_cubin(cuda_source(tvm.IRModule(functions), "sm_80"), "sm_80")
     assert len(cubin) > 0
 
 
-def test_the_planted_bugs_driver_passes_without_a_bug():
-    out, ref = replay_weight_gemm(FORMAT, 128, 256, 9, SMALL, seed=2)
+def _planted_cases() -> dict:
+    return {**{b: (s, PLAIN) for b, s in PLANTED.items()}, **{b: (s, SMALL) for b, s in PLANTED_RUNS.items()}}
+
+
+def test_the_plain_and_run_paths():
+    stage = decode_stage(FORMAT)
+    assert (run_length(stage, PLAIN), run_length(stage, SMALL), run_length(stage, DECODE_TILE)) == (None, 64, 64)
+
+
+@pytest.mark.parametrize("config", [PLAIN, SMALL], ids=lambda c: c.label())
+def test_the_planted_bugs_driver_passes_without_a_bug(config):
+    out, ref = replay_weight_gemm(FORMAT, 128, 256, 9, config, seed=2)
     assert relative_error(out, ref) < TOLERANCE
 
 
-@pytest.mark.parametrize("bug", list(PLANTED))
+@pytest.mark.parametrize("bug", [*PLANTED, *PLANTED_RUNS])
 def test_planted_decode_bug_fails_the_replay(bug):
-    out, ref = replay_weight_gemm(FORMAT, 128, 256, 9, SMALL, seed=2, stage=PLANTED[bug])
+    stage, config = _planted_cases()[bug]
+    out, ref = replay_weight_gemm(FORMAT, 128, 256, 9, config, seed=2, stage=stage)
     assert relative_error(out, ref) > 0.05, bug
 
 
