@@ -331,7 +331,8 @@ def _single_use_weights(func: relax.Function, pats, func_weights) -> set[str]:
     relax.analysis.post_order_visit(func.body.body, count)
     var2val = relax.analysis.get_var2val(func)
     linear = _linear_maybe_reshaped(_any_linear(pats))
-    single, shared = set(), set()
+    single: set[str] = set()
+    shared: set[str] = set()
     for binding in bindings:
         match = linear.extract_matched_expr(binding.value, var2val)
         site = _site_from_match(match, func_weights, pats) if match else None
