@@ -5,8 +5,9 @@ lower to the VM), then the schedule rules that turn each TIR function into a ker
 (`schedules/rules.py`: the weight-GEMM template for compressed and dense linear layers, our CPU
 schedules, dlight for the rest on CUDA), then TVM's TIR lowering followed by PropagateNaN, which makes
 every float min/max return NaN where an operand is NaN (ReLU, clip, max reductions, the fast-math
-clamps), on every target. Every graph pass (ours and the TVM ones we choose) runs before, in
-`compiler/pipeline.py`.
+clamps), on every target, and RunSmallParallelLoopsSerially, which runs a parallel loop nest with little
+work on the calling thread (no thread-pool wake-up). Every graph pass (ours and the TVM ones we choose)
+runs before, in `compiler/pipeline.py`.
 """
 
 from __future__ import annotations
