@@ -5,8 +5,9 @@ lower to the VM), then the schedule rules that turn each TIR function into a ker
 (`schedules/rules.py`: the weight-GEMM template for compressed and dense linear layers, our CPU
 schedules, dlight for the rest on CUDA), then TVM's TIR lowering followed by PropagateNaN, which makes
 every float min/max return NaN where an operand is NaN (ReLU, clip, max reductions, the fast-math
-clamps), on every target. Every graph pass (ours and the TVM ones we choose) runs before, in
-`compiler/pipeline.py`.
+clamps), on every target, and RunSmallParallelLoopsSerially, which runs a parallel loop nest with little
+work on the calling thread (no thread-pool wake-up). Every graph pass (ours and the TVM ones we choose)
+runs before, in `compiler/pipeline.py`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ TIR_PIPELINE = "tensorpress_nan_propagating"
 def tir_pipeline() -> str:
     """The name of the TIR pipeline every build uses (registered with TVM on first call): TVM's own
     lowering (the s_tir pipeline), then PropagateNaN on every lowered kernel, so float min/max return
-    NaN when an operand is NaN, as onnxruntime and torch do (compiler/passes/propagate_nan.py)."""
+    NaN when an operand is NaN, as onnxruntime and torch do (compiler/passes/propagate_nan.py), then
+    RunSmallParallelLoopsSerially, so a small parallel loop nest does not wake the CPU thread pool."""
     from tvm.tirx.compilation_pipeline import register_tir_pipeline
 
     register_tir_pipeline(TIR_PIPELINE, _nan_propagating_tir_pipeline)
@@ -48,9 +50,11 @@ def _nan_propagating_tir_pipeline():
     from tvm.tirx.compilation_pipeline import get_tir_pipeline
 
     from tensorpress.compiler.passes.propagate_nan import propagate_nan
+    from tensorpress.compiler.passes.run_small_parallel_loops_serially import run_small_parallel_loops_serially
 
     lower, finalize_host, finalize_device = get_tir_pipeline("s_tir")
-    return tvm.transform.Sequential([lower, propagate_nan]), finalize_host, finalize_device
+    passes = [lower, propagate_nan, run_small_parallel_loops_serially]
+    return tvm.transform.Sequential(passes), finalize_host, finalize_device
 
 
 def relax_lowering() -> list:

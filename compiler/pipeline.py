@@ -9,7 +9,8 @@ plan     = plan_weights(sites, recipe, target, w)    which format each weight is
 packed   = compress_in_order(imported, feeds, ...)    with calibration: the compressed layers pruned / quantised
                                                      level by level from their inputs' X^T X
                                                      (compiler/calibration/): wanda, sparsegpt, act
-imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed
+imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed (CPU: a
+                                                     following GELU or residual add in the kernel's store)
 imported = mask_infinite_max_in_logsumexp(imported)  numerics: logsumexp of ±Inf rows as torch gives it
 imported = decompose_gelu, FastMathTransform (CPU)   transcendentals as fast polynomials, not libm calls
 library  = build_library(imported.mod, target, tuned) lower, schedules/ rules (tuned configs from the
@@ -186,7 +187,8 @@ def rewrite_for_target(
         return packed[name]
 
     with internal_errors_named("rewrite", target):
-        rewritten = RewriteLinearToWeightGemm(choices, pack)(imported)
+        # On CPUs a GELU or residual add reading a linear runs in the weight GEMM's store (one kernel)
+        rewritten = RewriteLinearToWeightGemm(choices, pack, fuse_epilogues=target.kind == "cpu")(imported)
         for graph_pass in numerics_passes(target):
             rewritten = graph_pass(rewritten)
     return RewrittenModel(rewritten, plans, packed, densities)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from tvm import tirx
 
+from tensorpress.schedules.gemm_epilogue import RESIDUAL_NAME
 from tensorpress.schedules.weight_gemm import FORMAT_ATTR, KERNEL_ATTR, N_HINT_ATTR
 
 CONFIG_ATTR = "tensorpress.template_config"
@@ -46,8 +47,9 @@ def kernel_signature(func: tirx.PrimFunc) -> dict[str, Any]:
     m, k = (int(v) for v in attrs["tensorpress.mk"])
     x = func.params[0]  # TVM 0.27: a PrimFunc's params are its buffers
     buffers = []
-    for buf in list(func.params)[1:-1]:  # X, the stored buffers, (bias,) Y
-        if buf.name != "bias":
+    # X, the stored buffers, (bias,) (residual,) Y: the epilogue's arguments leave the tiling as it is
+    for buf in list(func.params)[1:-1]:
+        if buf.name not in ("bias", RESIDUAL_NAME):
             buffers.append([buf.name, [int(d) for d in buf.shape], str(buf.dtype)])
     return {
         "kind": str(attrs[KERNEL_ATTR]),

@@ -11,7 +11,7 @@ the same PrimFunc, and tests compare it bit for bit with the format's numpy refe
 Blocks of the PrimFunc (schedules find them by these names):
     "decode"  W_decoded[m, k] = stage.decode(stored..., m, k)       (compute dtype)
     "gemm"    acc[n, m] += f32(X[n, k]) * f32(W_decoded[m, k])       (fp32 accumulation)
-    "store"   Y[n, m] = cast(acc[n, m] (+ bias[m]))
+    "store"   Y[n, m] = cast(epilogue(acc[n, m] (+ bias[m])))    epilogue: `gemm_epilogue.py`
 
 The PrimFunc carries attributes that schedule rules match on:
     tensorpress.kernel = "weight_gemm", tensorpress.format = stage.name, tensorpress.mk = [M, K]
@@ -23,6 +23,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from tensorpress.schedules.decode_stage import DecodeStage, StoredBuffer
+from tensorpress.schedules.gemm_epilogue import RESIDUAL_NAME, GemmEpilogue
 
 KERNEL_ATTR = "tensorpress.kernel"
 FORMAT_ATTR = "tensorpress.format"
@@ -58,11 +59,14 @@ def make_weight_gemm(
     n: int | None = None,
     row_scale_in_epilogue: bool = True,
     buffers: list[StoredBuffer] | None = None,
+    epilogue: GemmEpilogue | None = None,
 ) -> tirx.PrimFunc:
     """Build the weight-GEMM PrimFunc for an [m, k] weight stored as `stage` describes.
 
     Arguments of the PrimFunc, in order: X [n, k] act_dtype, each stored buffer, bias [m] (if
-    with_bias, act_dtype), Y [n, m] out_dtype (default act_dtype). `n=None` makes N symbolic.
+    with_bias, act_dtype), residual [n, m] out_dtype (if the epilogue adds one), Y [n, m] out_dtype
+    (default act_dtype). `n=None` makes N symbolic. `epilogue`: activation and residual applied in
+    the store stage (`gemm_epilogue.py`; default none).
     `buffers`: the stored buffers of the packed weight (default: `stage.stored_buffers(m, k)`, for
     formats whose buffers follow from the shape).
 
@@ -76,12 +80,13 @@ def make_weight_gemm(
     attribute tensorpress.row_scale_in_epilogue = True.
     """
     out_dtype = out_dtype or act_dtype
+    epilogue = epilogue or GemmEpilogue()
     rows = tirx.Var("n", "int64") if n is None else n
     x = te.placeholder((rows, k), act_dtype, name="X")
     buffers = stage.stored_buffers(m, k) if buffers is None else buffers
     stored = [te.placeholder(b.shape, b.dtype, name=b.name) for b in buffers]
     if stage.row_slots is not None:
-        return _row_slot_gemm(stage, stage.row_slots, m, k, x, stored, act_dtype, out_dtype, with_bias)
+        return _row_slot_gemm(stage, stage.row_slots, m, k, x, stored, act_dtype, out_dtype, with_bias, epilogue)
     factored = row_scale_in_epilogue and stage.scales_rows
     decode = stage.unscaled_decode if factored else stage.decode
     if stage.tile_scatter is not None:  # a zero placeholder, replaced below by the scatter
@@ -104,13 +109,15 @@ def make_weight_gemm(
     if with_bias:
         bias = te.placeholder((m,), act_dtype, name="bias")
         args.append(bias)
-    y = te.compute((rows, m), lambda i, j: with_bias_added(i, j).astype(out_dtype), name="store")
+    store = _store(epilogue, rows, m, out_dtype, args)
+    y = te.compute((rows, m), lambda i, j: store(with_bias_added(i, j), i, j), name="store")
     func = te.create_prim_func([*args, y])
     if stage.tile_scatter is not None:
         func = _with_scatter_decode(func, stage, m, k, len(stored))
     _STAGE_OF_FORMAT[stage.name] = stage
     return func.with_attrs(
         {
+            **({} if epilogue.empty else epilogue.attrs()),
             KERNEL_ATTR: KERNEL_NAME,
             FORMAT_ATTR: stage.name,
             ROW_SCALE_ATTR: bool(factored),
@@ -121,6 +128,20 @@ def make_weight_gemm(
             "op_pattern": 8,
         }
     )
+
+
+def _store(epilogue: GemmEpilogue, rows, m: int, out_dtype: str, args: list):
+    """store(value, i, j): Y[i, j] from the fp32 sum (after row scale and bias) through `epilogue`;
+    appends the residual placeholder to `args` when the epilogue reads one."""
+    residual = None
+    if epilogue.residual:
+        residual = te.placeholder((rows, m), out_dtype, name=RESIDUAL_NAME)
+        args.append(residual)
+
+    def store(value, i, j):
+        return epilogue.apply(value, residual[i, j] if residual is not None else None).astype(out_dtype)
+
+    return store
 
 
 def _with_scatter_decode(func: tirx.PrimFunc, stage: DecodeStage, m: int, k: int, num_stored: int) -> tirx.PrimFunc:
@@ -170,13 +191,13 @@ SLOT_TOKEN_PAD = 16
 ROW_SLOTS_ATTR = "tensorpress.row_slots"  # the stage's block_rows, on a GEMM defined over row slots
 
 
-def _row_slot_gemm(stage, slots, m, k, x, stored, act_dtype, out_dtype, with_bias) -> tirx.PrimFunc:
+def _row_slot_gemm(stage, slots, m, k, x, stored, act_dtype, out_dtype, with_bias, epilogue) -> tirx.PrimFunc:
     """The weight GEMM over the nonzeros of a row-slot stage (`decode_stage.py`, "Row slots"):
 
     "tokens"  X_t[k, t] = X[t, k] for t < N, 0 up to N rounded up to SLOT_TOKEN_PAD (X transposed)
     "gemm"    acc[n, r] = sum_s f32(X_t[column(r, s), n]) * f32(value(r, s))
               r over whole blocks of block_rows rows (padding rows have zero slots only)
-    "store"   Y[n, m] = cast(acc[n, m] (+ bias[m]))                           m < M
+    "store"   Y[n, m] = cast(epilogue(acc[n, m] (+ bias[m])))                 m < M
     """
     rows = x.shape[0]
     num_slots = int(stored[0].shape[1])
@@ -198,14 +219,17 @@ def _row_slot_gemm(stage, slots, m, k, x, stored, act_dtype, out_dtype, with_bia
         bias = te.placeholder((m,), act_dtype, name="bias")
         args.append(bias)
 
-    def epilogue(i, j):
-        return (acc[i, j] + bias[j].astype("float32") if with_bias else acc[i, j]).astype(out_dtype)
+    store = _store(epilogue, rows, m, out_dtype, args)
 
-    y = te.compute((rows, m), epilogue, name="store")
+    def stored_value(i, j):
+        return store(acc[i, j] + bias[j].astype("float32") if with_bias else acc[i, j], i, j)
+
+    y = te.compute((rows, m), stored_value, name="store")
     func = te.create_prim_func([*args, y])
     _STAGE_OF_FORMAT[stage.name] = stage
     return func.with_attrs(
         {
+            **({} if epilogue.empty else epilogue.attrs()),
             KERNEL_ATTR: KERNEL_NAME,
             FORMAT_ATTR: stage.name,
             ROW_SCALE_ATTR: False,

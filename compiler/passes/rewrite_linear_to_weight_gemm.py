@@ -23,12 +23,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from tensorpress.compiler.formats import PackedWeight, decode_stage
 from tensorpress.frontend.relax_params import rename_params
 from tensorpress.imported_model import ImportedModel
+from tensorpress.schedules.gemm_epilogue import GemmEpilogue
 from tensorpress.schedules.weight_gemm import N_HINT_ATTR, make_weight_gemm
 
 
@@ -164,11 +166,17 @@ class RewriteLinearToWeightGemm:
     """The pass. `choices` maps weight names to their LayerChoice; weights not in it are left alone.
 
     `pack(name, weight [M, K] float32, choice) -> PackedWeight` is the format's packer.
+    `fuse_epilogues`: a linear whose only reader is a GELU or an add of a tensor of its own shape (a
+    residual connection) becomes one kernel that computes that op in its store stage
+    (`schedules/gemm_epilogue.py`). For CPU targets only: the fused GELU's erf is the fast polynomial
+    the CPU pipeline gives every erf (FastMathTransform), which CUDA builds do not use, and the Tensor
+    Core template's store reads no residual.
     """
 
-    def __init__(self, choices: dict[str, LayerChoice], pack):
+    def __init__(self, choices: dict[str, LayerChoice], pack, fuse_epilogues: bool = False):
         self.choices = choices
         self.pack = pack
+        self.fuse_epilogues = fuse_epilogues
 
     def __call__(self, model: ImportedModel) -> ImportedModel:
         bb = relax.BlockBuilder(model.mod)
@@ -203,7 +211,7 @@ class RewriteLinearToWeightGemm:
         packed_vars: dict[str, relax.Var] = {}
         aliased: set[str] = set()  # packed arrays that are the original parameter itself
 
-        def rewriter(call, match):
+        def rewriter(call, match, epilogue=None, residual=None):
             site = _site_from_match(match, func_weights, pats)
             if site is None or site.weight not in self.choices:
                 return call
@@ -233,9 +241,15 @@ class RewriteLinearToWeightGemm:
             hint = token_count_hint(x, func_name)
             # the layer's own result dtype: a matmul may widen (out_dtype="float32" on fp16 operands)
             out_dtype = str(call.ty.dtype)
-            return _emit_weight_gemm(x, stored, site, choice, pw, match, pats, bb, kernels, hint, out_dtype)
+            fused = FusedEpilogue(epilogue or GemmEpilogue(), residual)
+            y = _emit_weight_gemm(x, stored, site, choice, pw, match, pats, bb, kernels, hint, out_dtype, fused)
+            return call if y is None else y
 
         body_func = func
+        if self.fuse_epilogues:  # a linear and the one op reading it, before the linears alone
+            single_use = _single_use_weights(func, pats, func_weights)
+            for pattern, fuse in _epilogue_patterns(pats, single_use, func_weights):
+                body_func = rewrite_call(pattern, lambda call, match, fuse=fuse: fuse(call, match, rewriter), body_func)
         for pattern in pats[4]:  # with-bias patterns first, so the add is fused into the kernel
             body_func = rewrite_call(pattern, rewriter, body_func)
         if not packed_vars:
@@ -252,6 +266,88 @@ class RewriteLinearToWeightGemm:
                 names = [packed_param_name(name, packed[name], a) for a in packed[name].arrays]
                 weights.extend(packed_vars[n] for n in names if n in packed_vars and n not in aliased)
         return relax.Function(inputs + weights, body_func.body, func.ret_ty, func.is_pure, func.attrs)
+
+
+@dataclass(frozen=True)
+class FusedEpilogue:
+    """What a weight-GEMM call computes after its sums: the epilogue, and the residual expression it adds."""
+
+    epilogue: GemmEpilogue
+    residual: relax.Expr | None = None
+
+
+def _epilogue_patterns(pats, single_use: set[str], func_weights):
+    """[(pattern, fuse)] for a linear (maybe reshaped, e.g. [b*s, M] -> [b, s, M]) read only by a GELU or
+    by an add of a tensor of its shape; fuse(call, match, rewriter) rewrites the match as one weight GEMM
+    (reshaped as the op's result), or returns `call` unchanged. `single_use`: the weights whose linears'
+    results are each read once (`_single_use_weights`)."""
+    linear = _any_linear(pats)
+    source = _linear_maybe_reshaped(linear)
+    other = wildcard()
+
+    def fused(call, match, rewriter, epilogue, residual=None):
+        site = _site_from_match(match, func_weights, pats)
+        if site is None or site.weight not in single_use:
+            return call
+        y = rewriter(call, match, epilogue, residual)
+        if y is call or match[source].same_as(match[linear]):
+            return y
+        return relax.op.reshape(y, call.ty.shape)  # the op read the linear reshaped: its result is too
+
+    def gelu(call, match, rewriter):
+        return fused(call, match, rewriter, GemmEpilogue(activation="gelu"))
+
+    def residual(call, match, rewriter):
+        res = match[other]
+        if not _same_tensor_type(match[source].ty, res.ty):
+            return call
+        return fused(call, match, rewriter, GemmEpilogue(residual=True), res)
+
+    # (relax.add matches either operand order: the pattern matcher knows it commutes)
+    return [(is_op("relax.nn.gelu")(source), gelu), (is_op("relax.add")(source, other), residual)]
+
+
+def _any_linear(pats):
+    return pats[4][0] | pats[4][1] | pats[4][2] | pats[4][3]
+
+
+def _linear_maybe_reshaped(linear):
+    return linear | is_op("relax.reshape")(linear, wildcard())
+
+
+def _single_use_weights(func: relax.Function, pats, func_weights) -> set[str]:
+    """The weights every linear of which (each binding a linear pattern matches: the matmul, the bias
+    add, a reshape of the result) has its result read once in `func`; a linear whose result something
+    else reads too stays a kernel of its own, so its epilogue op is not fused."""
+    uses: dict[relax.Var, int] = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    for binding in bindings:
+        relax.analysis.post_order_visit(binding.value, count)
+    relax.analysis.post_order_visit(func.body.body, count)
+    var2val = relax.analysis.get_var2val(func)
+    linear = _linear_maybe_reshaped(_any_linear(pats))
+    single: set[str] = set()
+    shared: set[str] = set()
+    for binding in bindings:
+        match = linear.extract_matched_expr(binding.value, var2val)
+        site = _site_from_match(match, func_weights, pats) if match else None
+        if site is not None:
+            (single if uses.get(binding.var, 0) == 1 else shared).add(site.weight)
+    return single - shared
+
+
+def _same_tensor_type(a, b) -> bool:
+    """Both tensors of one known shape (the same symbolic dims) and dtype: an add that broadcasts nothing."""
+    if not isinstance(a, relax.TensorType) or not isinstance(b, relax.TensorType):
+        return False
+    if a.shape is None or b.shape is None or str(a.dtype) != str(b.dtype):
+        return False
+    return bool(tvm_ffi.structural_equal(a.shape, b.shape))
 
 
 def _same_array(array: np.ndarray, original) -> bool:
@@ -277,9 +373,10 @@ def token_count_hint(x, func_name: str) -> int:
     return n
 
 
-def _emit_weight_gemm(x, stored, site, choice, packed, match, pats, bb, kernels, n_hint, out_dtype):
-    """y = reshape(call_tir(kernel, [x2d, *stored(, bias)]), out_shape), with dtype casts if needed
-    (x to the kernel's activation dtype, y to the layer's `out_dtype`)."""
+def _emit_weight_gemm(x, stored, site, choice, packed, match, pats, bb, kernels, n_hint, out_dtype, fused):
+    """y = reshape(call_tir(kernel, [x2d, *stored(, bias)(, residual2d)]), out_shape), with dtype casts if
+    needed (x to the kernel's activation dtype, y to the layer's `out_dtype`); `fused`: the epilogue the
+    kernel computes (returns None where it cannot: a result cast after the kernel)."""
     x_ty = x.ty
     orig_dtype = str(x_ty.dtype)
     lead = list(x_ty.shape.values[:-1])
@@ -290,9 +387,12 @@ def _emit_weight_gemm(x, stored, site, choice, packed, match, pats, bb, kernels,
     # A layer that widens its result (fp16 operands, float32 out) gets the kernel's fp32 sum itself,
     # not a copy rounded through fp16; any other dtype change is a cast after the kernel.
     kernel_out = "float32" if out_dtype == "float32" else choice.act_dtype
+    epilogue = fused.epilogue
+    if not epilogue.empty and out_dtype != kernel_out:
+        return None  # the epilogue would act on the sum before the cast the layer rounds it through
     # One kernel per stored layout: the packed weight's buffers (their sizes may depend on the data).
     stage_name = packed.format
-    key = (stage_name, tuple(packed.buffers), site.m, site.k, choice.act_dtype, kernel_out, has_bias, n_hint)
+    key = (stage_name, tuple(packed.buffers), site.m, site.k, choice.act_dtype, kernel_out, has_bias, n_hint, epilogue)
     if key not in kernels:
         func = make_weight_gemm(
             decode_stage(stage_name),
@@ -302,8 +402,10 @@ def _emit_weight_gemm(x, stored, site, choice, packed, match, pats, bb, kernels,
             out_dtype=kernel_out,
             with_bias=has_bias,
             buffers=packed.buffers,
+            epilogue=epilogue,
         )
         name = f"weight_gemm_{stage_name}_{site.m}x{site.k}_{choice.act_dtype}" + ("_bias" if has_bias else "")
+        name += epilogue.name_suffix()
         name += f"_out_{kernel_out}" if kernel_out != choice.act_dtype else ""
         name = f"{name}_n{n_hint}".replace("-", "_")
         # Layers of one shape whose stored buffers differ in size (tiled-csl's word count follows the
@@ -318,6 +420,9 @@ def _emit_weight_gemm(x, stored, site, choice, packed, match, pats, bb, kernels,
     if has_bias:
         bias = match[pats[2]]
         args.append(relax.op.astype(bias, choice.act_dtype) if str(bias.ty.dtype) != choice.act_dtype else bias)
+    if fused.residual is not None:
+        residual = fused.residual
+        args.append(relax.op.reshape(residual, [n, site.m]) if residual.ty.ndim != 2 else residual)
     y = relax.call_tir(kernels[key], args, relax.TensorType([n, site.m], kernel_out))
     if out_dtype != kernel_out:
         y = relax.op.astype(y, out_dtype)

@@ -7,7 +7,7 @@
         for each slot s:
           g = (x_row[column(8b+0, s)], ..., x_row[column(8b+7, s)])   8 scalar column loads + 8 X loads
           acc += g * f32(value(8b + 0..7, s))       one vector of values (vcvtph2ps), one FMA
-        Y[n, 8b + r] = acc[r] (+ bias), r with 8b + r < M
+        Y[n, 8b + r] = epilogue(acc[r] (+ bias)), r with 8b + r < M     (`gemm_epilogue.py`)
 
 Why not the schedule: vectorising the block's 8 rows makes the gather index a vector (one vector load
 of 8 columns, then 8 vpextrd to address X: 2 uops each on Zen), and scheduling the gather as an
@@ -30,6 +30,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from tensorpress.schedules.decode_stage import RowSlots
+from tensorpress.schedules.gemm_epilogue import epilogue_of
 
 LANES = 8
 
@@ -57,10 +58,13 @@ def with_one_token_gather(func: tirx.PrimFunc, slots: RowSlots, m: int, with_bia
 def gather_statement(func: tirx.PrimFunc, slots: RowSlots, m: int, with_bias: bool) -> tirx.Stmt:
     """The module docstring's loops over the arguments of the weight GEMM `func`."""
     assert slots.block_rows == LANES
-    buffers = list(func.params)  # tirx 0.27: the params are the buffers
+    buffers = list(func.params)  # tirx 0.27: the params are the buffers: X, stored, (bias,) (residual,) Y
+    epilogue = epilogue_of(func)
     x, y = buffers[0], buffers[-1]
-    bias = buffers[-2] if with_bias else None
-    stored = buffers[1 : len(buffers) - (2 if with_bias else 1)]
+    residual = buffers[-2] if epilogue.residual else None
+    after_stored = 1 + int(with_bias) + int(epilogue.residual)
+    bias = buffers[-after_stored] if with_bias else None
+    stored = buffers[1 : len(buffers) - after_stored]
     num_slots = int(stored[0].shape[1])
     blocks = int(stored[0].shape[0])
     k = int(x.shape[1])
@@ -81,5 +85,6 @@ def gather_statement(func: tirx.PrimFunc, slots: RowSlots, m: int, with_bias: bo
                 T.buffer_store(acc, acc[r] + gathered[r] * value, [r])
         with T.vectorized(0, LANES) as r, T.If(b * LANES + r < m), T.Then():
             out = acc[r] + bias[b * LANES + r].astype("float32") if bias is not None else acc[r]
+            out = epilogue.apply(out, residual[n, b * LANES + r] if residual is not None else None)
             T.buffer_store(y, out.astype(y.dtype), [n, b * LANES + r])
     return ib.get()
