@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tensorpress.compiler.calibration import LinearInputStatistics
-from tensorpress.compiler.pruning import dampened_hessian, prune, sparsegpt
+from tensorpress.compiler.pruning import dampened_hessian, least_squares_refit, prune, sparsegpt
 from tensorpress.errors import ConfigError, TensorpressError
 
 
@@ -114,6 +114,20 @@ def test_sparsegpt_refit_is_numpy_lstsq_on_the_raw_activations_for_its_mask(rese
     want = lstsq_refit(x, target, mask, lam)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     assert (got[:, 3] == 0).all() and ((got == 0).sum(axis=1) == 20).all()
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_least_squares_refit_solvers_equal_numpy_lstsq(solver):
+    x = outlier_activations(60, 48, seed=15)  # fewer tokens than channels, as with short calibrations
+    w = np.random.default_rng(16).standard_normal((10, 48))
+    gram = x.T @ x
+    mask = np.random.default_rng(17).random((10, 48)) < 0.4
+    mask[3] = False  # a row with nothing kept
+    lam = 0.1 * float(np.mean(np.diag(gram)))
+    got = least_squares_refit(w, mask, dampened_hessian(gram), solver=solver)
+    want = lstsq_refit(x, w, mask, lam)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-8 * np.abs(want).max())
+    assert (got[~mask] == 0).all()
 
 
 def test_sparsegpt_reselection_rescores_each_row_by_obs_saliency_after_restoring_its_pruned_weights():
