@@ -9,7 +9,9 @@ the compiler runs it (compiler/pruning.py):
            direct (LU per row) and cg (conjugate gradients to convergence, from the sweep's weights;
            the default at this size), timed on `--rows` rows and scaled to K rows (rows are solved
            independently; CG on few rows runs smaller, less efficient products: an upper bound);
-  cg_step  one CG step over all K rows at once (an [K, K] x [K, K] product): timed whole.
+  cg_step  one CG step over all K rows at once (an [K, K] x [K, K] product): timed whole; with the
+           steps CG takes to match the direct solve to 1e-9 on the timed rows, the estimate of CG on
+           the whole layer (refit_cg_estimate).
 
 Wall-clock seconds, median of `--rounds` rounds, with the load average (the machine is shared). Writes
 JSON (default benchmarks/results/sparsegpt_layer_cost_cpu.json).
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tensorpress.compiler import pruning
 from tensorpress.compiler.pruning import SPARSEGPT_RESELECT_ROUNDS, dampened_hessian, least_squares_refit, sparsegpt
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparsegpt_layer_cost_cpu.json"
@@ -48,6 +51,21 @@ def cg_step(w: np.ndarray, keep: np.ndarray, h: np.ndarray) -> None:
     p = w * keep
     hp = p @ h * keep
     np.einsum("mk,mk->m", p, hp)
+
+
+def cg_steps_to_match_direct(w, keep, h, start, limit: int = 300) -> int:
+    """The fewest CG steps (in tens) whose result is the direct solve's to 1e-9 of its largest weight."""
+    direct = least_squares_refit(w, keep, h, solver="direct")
+    saved = pruning.REFIT_CG_STEPS
+    try:
+        for steps in range(10, limit + 1, 10):
+            pruning.REFIT_CG_STEPS = steps
+            cg = least_squares_refit(w, keep, h, start=start, solver="cg")
+            if np.abs(cg - direct).max() <= 1e-9 * np.abs(direct).max():
+                return steps
+    finally:
+        pruning.REFIT_CG_STEPS = saved
+    return limit
 
 
 def median_seconds(f, rounds: int) -> tuple[float, list[float]]:
@@ -85,6 +103,7 @@ def main() -> None:
         lambda: least_squares_refit(w[rows], keep[rows], h, start=swept[rows], solver="cg"), args.rounds
     )
     step, step_all = median_seconds(lambda: cg_step(w, keep, h), args.rounds)
+    steps = cg_steps_to_match_direct(w[rows], keep[rows], h, swept[rows])
     direct, cg = direct_rows * k / args.rows, cg_rows * k / args.rows
     rounds_of_refit = 1 + SPARSEGPT_RESELECT_ROUNDS
     report = {
@@ -98,6 +117,9 @@ def main() -> None:
             "refit_cg_scaled_from_rows": round(cg, 1),
             "refit_rows_timed": args.rows,
             "cg_step_all_rows": round(step, 2),
+            "cg_steps_to_converge": steps,
+            "refit_cg_estimate": round(steps * step, 1),
+            "sparsegpt_total_cg_estimate": round(sweep + rounds_of_refit * steps * step, 1),
             "sparsegpt_sweep_total": round(sweep, 1),
             "sparsegpt_total_direct": round(sweep + rounds_of_refit * direct, 1),
             "sparsegpt_total_cg_bound": round(sweep + rounds_of_refit * cg, 1),

@@ -13,15 +13,17 @@ Every method leaves exactly floor(sparsity * K) zeros in each output row (a row 
     columns to its right by the OBS update. That sweep only approximates the best kept weights for
     the mask it picks, so they are then refitted (`least_squares_refit`): each row's kept weights
     become the exact minimiser of (w' - w)^T H (w' - w) = ||X (w' - w)||^2 + dampening ||w' - w||^2,
-    i.e. H_SS w'_S = (H w)_S, a direct solve per row. Then SPARSEGPT_RESELECT_ROUNDS rounds of: each
-    row's mask re-picked at the same count from the refitted weights (`reselected_mask`: the pruned
-    weights restored to their best single value, then the OBS saliency w^2 / [H^-1]_jj), and refitted.
+    i.e. H_SS w'_S = (H w)_S: a direct solve per row, or CG to convergence where cheaper. Then
+    SPARSEGPT_RESELECT_ROUNDS rounds of: each row's mask re-picked at the same count from the refitted
+    weights (`reselected_mask`: the pruned weights restored to their best single value, then the OBS
+    saliency w^2 / [H^-1]_jj), and refitted.
     H = X^T X + 10% of its mean diagonal (dampening), from `stats.gram`. Cost: the sweep ~M K^2 flops,
-    each refit 2/3 |S|^3 a row (|S| = kept weights): on a 4096 x 4096 layer at 50% from 512 tokens, on
-    2 loaded cores, the sweep took 61 s and each refit ~2500 s, 42x as long
-    (benchmarks/results/sparsegpt_layer_cost_cpu.json), hence
+    a refit by CG ~100 steps of 2 M K^2 (`least_squares_refit`): a 4096 x 4096 layer at 50% from 512 tokens, on 2
+    shared cores (load 3.7), took 25 s to sweep, then ~230 s a refit (CG, 80 steps; direct LU ~900 s),
+    ~490 s in all (benchmarks/results/sparsegpt_layer_cost_cpu.json), hence
 "sparsegpt-sweep": the OBS sweep alone, as in the paper (no refit, no reselection), for such layers.
-    MiniLM at 50%: benchmarks/results/calibrated_quality_minilm_cpu.json (204 calibration lines).
+    MiniLM (204 calibration lines), min cosine of ten held-out sentences, sparsegpt-sweep -> sparsegpt:
+    0.897 -> 0.928 at 50%, 0.672 -> 0.770 at 70% (benchmarks/results/calibrated_quality_minilm_cpu.json).
 "none": the weights as given (models that arrive already pruned).
 Ties go to the lower column index. Pure numpy (float64 for sparsegpt); the pipeline prunes each linear
 weight a sparse format stores, right before packing it.
@@ -199,8 +201,8 @@ def least_squares_refit(
     (w' - w)^T H (w' - w) = ||X (w' - w)||^2 + dampening ||w' - w||^2 for its mask: H_SS w'_S = (H w)_S.
     `solver`: "direct" (`direct_refit`, 2/3 |S|^3 flops a row) or "cg" (`conjugate_gradient_refit`,
     2 K^2 a row and step, to convergence); None: direct where it costs at most REFIT_CG_STEPS_EXPECTED
-    steps of CG (on MiniLM's layers), else CG (a 4096 x 4096 layer from 512 tokens: converged within
-    100 steps, 5x fewer flops than direct). `start`: where CG starts (zero if None)."""
+    steps of CG (MiniLM's layers), else CG (a 4096 x 4096 layer from 512 tokens: converged in 80 steps
+    from the sweep's weights, ~230 s against ~900 s direct). `start`: where CG starts (zero if None)."""
     if solver is None:
         kept = float(keep.sum(axis=1).max(initial=0))
         solver = "direct" if 2 / 3 * kept**3 <= REFIT_CG_STEPS_EXPECTED * 2 * w.shape[1] ** 2 else "cg"
