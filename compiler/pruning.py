@@ -11,12 +11,19 @@ Every method leaves exactly floor(sparsity * K) zeros in each output row (a row 
     each row's mask in the block is chosen by w^2 / [H^-1]_jj^2 (the OBS saliency, with the inverse
     Hessian of the columns still free), and every pruned weight's error is spread over the row's
     columns to its right by the OBS update. That sweep only approximates the best kept weights for
-    the mask it picks, so they are then refitted by least squares (`least_squares_refit`): each row's
-    kept weights w'_S move toward the minimiser of (w' - w)^T H (w' - w) = ||X (w' - w)||^2 +
-    dampening ||w' - w||^2, i.e. H_SS w'_S = (H w)_S, by conjugate gradients from the sweep's result
-    (converged: at most REFIT_STEPS steps). H = X^T X + 10% of its mean diagonal (dampening), from `stats.gram`.
-    On MiniLM (48 calibration lines) the refit raised the min cosine of ten held-out sentences from
-    0.859 to 0.884 at 50%, from 0.580 to 0.640 at 70% (benchmarks/results/calibrated_quality_minilm_cpu.json).
+    the mask it picks, so they are then refitted (`least_squares_refit`): each row's kept weights
+    become the exact minimiser of (w' - w)^T H (w' - w) = ||X (w' - w)||^2 + dampening ||w' - w||^2,
+    i.e. H_SS w'_S = (H w)_S: a direct solve per row, or CG to convergence where cheaper. Then
+    SPARSEGPT_RESELECT_ROUNDS rounds of: each row's mask re-picked at the same count from the refitted
+    weights (`reselected_mask`: the pruned weights restored to their best single value, then the OBS
+    saliency w^2 / [H^-1]_jj), and refitted.
+    H = X^T X + 10% of its mean diagonal (dampening), from `stats.gram`. Cost: the sweep ~M K^2 flops,
+    a refit by CG ~100 steps of 2 M K^2 (`least_squares_refit`): a 4096 x 4096 layer at 50% from 512 tokens, on 2
+    shared cores (load 3.7), took 25 s to sweep, then ~230 s a refit (CG, 80 steps; direct LU ~900 s),
+    ~490 s in all (benchmarks/results/sparsegpt_layer_cost_cpu.json), hence
+"sparsegpt-sweep": the OBS sweep alone, as in the paper (no refit, no reselection), for such layers.
+    MiniLM (204 calibration lines), min cosine of ten held-out sentences, sparsegpt-sweep -> sparsegpt:
+    0.897 -> 0.928 at 50%, 0.672 -> 0.770 at 70% (benchmarks/results/calibrated_quality_minilm_cpu.json).
 "none": the weights as given (models that arrive already pruned).
 Ties go to the lower column index. Pure numpy (float64 for sparsegpt); the pipeline prunes each linear
 weight a sparse format stores, right before packing it.
@@ -30,8 +37,8 @@ import numpy as np
 
 from tensorpress.errors import ConfigError, TensorpressError
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "none")
-CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt")  # they read the layer's input activations
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-sweep", "none")
+CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt", "sparsegpt-sweep")  # they read the layer's input activations
 # Columns whose masks are chosen at once. On MiniLM at 50% with the refit converged, min cosine of the ten
 # held-out sentences: 0.854 at 32, 0.868 at 64, 0.884 at 128, 0.878 at 256, 0.878 with the whole row as one block.
 SPARSEGPT_BLOCK = 128
@@ -39,14 +46,17 @@ SPARSEGPT_BLOCK = 128
 # few hundred (fewer than K: X^T X is rank-deficient) the OBS update overfits them. On MiniLM at 50%
 # over 48 lines, the min cosine of ten held-out sentences was 0.817 at 1%, 0.860 at 10%, 0.868 at 30%
 # with the OBS sweep alone; with the least-squares refit converged (where it is also the ridge pulling the
-# kept weights to their old values) 0.862 at 3%, 0.883 at 10%, 0.876 at 30%.
+# kept weights to their old values) 0.862 at 3%, 0.883 at 10%, 0.876 at 30%. Over 204 lines with the refit and
+# one reselection round (torch-hook run): 0.928 at 3%, 0.929 at 10%.
 SPARSEGPT_DAMPENING = 0.1
-# Conjugate-gradient steps of the least-squares refit at most (each one [M, K] x [K, K] GEMM: up to 2 x 300
-# times the sweep's own M K^2). On MiniLM at 50 %, min cosine over the ten sentences: 0 steps 0.859, 10
-# steps 0.881, 25 steps 0.889, 50 steps 0.884, converged 0.884. The refit runs to convergence all the same:
-# a truncated iterate follows the calibration's last rounding (25 steps: a model compiled with its own
-# activations differed from one pruned on torch's by 1.5e-4), the solution does not.
-REFIT_STEPS = 300
+# Rounds of mask reselection after the first refit (`reselected_mask`). MiniLM at 50%, 204 calibration lines, min
+# cosine of the ten held-out sentences (torch-hook run): 0.919 without, 0.9289 with one round, 0.9293 with two.
+SPARSEGPT_RESELECT_ROUNDS = 1
+# CG steps a refit may take, and those it is assumed to take when choosing between CG and direct solves.
+REFIT_CG_STEPS = 300
+REFIT_CG_STEPS_EXPECTED = 100
+# Elements of the stack of H_SS matrices the refit solves at once (8 bytes each: 256 MiB).
+REFIT_STACK_ELEMENTS = 1 << 25
 
 
 class LayerInputStatistics(Protocol):
@@ -89,9 +99,9 @@ def prune(
         return w
     if method in CALIBRATED_PRUNE_METHODS and stats is None:
         raise TensorpressError(f"pruning with {method} was given no calibration statistics for this layer.")
-    if method == "sparsegpt":
+    if method in ("sparsegpt", "sparsegpt-sweep"):
         assert stats is not None
-        return sparsegpt(w, sparsity, stats.gram).astype(w.dtype)
+        return sparsegpt(w, sparsity, stats.gram, refit=method == "sparsegpt").astype(w.dtype)
     score = np.abs(w)
     if method == "wanda":
         assert stats is not None
@@ -122,10 +132,12 @@ def sparsegpt(
     block: int = SPARSEGPT_BLOCK,
     dampening: float = SPARSEGPT_DAMPENING,
     refit: bool = True,
+    reselect: int = SPARSEGPT_RESELECT_ROUNDS,
 ) -> np.ndarray:
     """float64 W[M, K] pruned by SparseGPT (module docstring): floor(sparsity * K) zeros per row, the
     kept weights updated so that ||(W - W') X^T|| stays small, X^T X = `gram` [K, K]. `refit`: re-solve
-    the kept weights by least squares after the OBS sweep (False: the sweep alone, as the paper)."""
+    the kept weights by least squares after the OBS sweep (False: the sweep alone, as the paper), then
+    `reselect` rounds of each row's mask re-picked from the refitted weights (`reselected_mask`) and refitted."""
     m, k = w.shape
     gram = _checked(gram, (k, k), "input Gram matrix")
     h = dampened_hessian(gram, dampening)
@@ -160,42 +172,97 @@ def sparsegpt(
     if refit:
         original[:, dead] = 0.0
         w = least_squares_refit(original, keep, h, start=w)
+        inverse_diagonal = np.einsum("ij,ij->j", u, u)  # diag(H^-1) = diag(U^T U)
+        for _ in range(reselect):
+            keep = reselected_mask(original, w, keep, h, inverse_diagonal, dead)
+            w = least_squares_refit(original, keep, h, start=w)
     return w
 
 
+def reselected_mask(
+    w: np.ndarray, fitted: np.ndarray, keep: np.ndarray, h: np.ndarray, inverse_diagonal: np.ndarray, dead: np.ndarray
+) -> np.ndarray:
+    """Each row's mask re-picked at its count of kept weights from `fitted` (the least-squares weights of
+    mask `keep`, target `w`): every pruned weight first takes its best value with the others held,
+    fitted_j + [H (w - fitted)]_j / H_jj, then the row keeps the weights of largest OBS saliency
+    v_j^2 / [H^-1]_jj. Ties go to the lower column index; channels no token uses stay pruned."""
+    restored = fitted + np.where(keep, 0.0, (w - fitted) @ h / np.diag(h)[None, :])
+    saliency = np.where(dead[None, :], -np.inf, restored**2 / inverse_diagonal[None, :])
+    order = np.argsort(-saliency, axis=1, kind="stable")
+    chosen = np.arange(keep.shape[1])[None, :] < keep.sum(axis=1)[:, None]  # the first `count` of each row
+    new = np.zeros_like(keep)
+    np.put_along_axis(new, order, chosen, axis=1)
+    return new
+
+
 def least_squares_refit(
-    w: np.ndarray,
-    keep: np.ndarray,
-    h: np.ndarray,
-    start: np.ndarray | None = None,
-    tolerance: float = 1e-8,
-    steps: int | None = None,
+    w: np.ndarray, keep: np.ndarray, h: np.ndarray, start: np.ndarray | None = None, solver: str | None = None
 ) -> np.ndarray:
     """float64 W'[M, K], zero where `keep` is False, each row's kept weights the exact minimiser of
     (w' - w)^T H (w' - w) = ||X (w' - w)||^2 + dampening ||w' - w||^2 for its mask: H_SS w'_S = (H w)_S.
-    Solved for all rows at once by Jacobi-preconditioned conjugate gradients (one [M, K] x [K, K] product
-    a step, where a direct solve per row would cost |S|^3 each), from `start` (the OBS result: close),
-    until each row's residual is `tolerance` of its first, or after `steps` steps (default REFIT_STEPS)."""
+    `solver`: "direct" (`direct_refit`, 2/3 |S|^3 flops a row) or "cg" (`conjugate_gradient_refit`,
+    2 K^2 a row and step, to convergence); None: direct where it costs at most REFIT_CG_STEPS_EXPECTED
+    steps of CG (MiniLM's layers), else CG (a 4096 x 4096 layer from 512 tokens: converged in 80 steps
+    from the sweep's weights, ~230 s against ~900 s direct). `start`: where CG starts (zero if None)."""
+    if solver is None:
+        kept = float(keep.sum(axis=1).max(initial=0))
+        solver = "direct" if 2 / 3 * kept**3 <= REFIT_CG_STEPS_EXPECTED * 2 * w.shape[1] ** 2 else "cg"
+    if solver == "cg":
+        return conjugate_gradient_refit(w, keep, h, start)
+    return direct_refit(w, keep, h)
+
+
+def conjugate_gradient_refit(
+    w: np.ndarray, keep: np.ndarray, h: np.ndarray, start: np.ndarray | None = None, tolerance: float = 1e-10
+) -> np.ndarray:
+    """`least_squares_refit` by Jacobi-preconditioned conjugate gradients, every row at once (one [M, K] x
+    [K, K] product a step), from `start` (zero if None) until each row's residual is `tolerance` of its first (at most
+    REFIT_CG_STEPS): converged, so that the weights do not follow the calibration's last rounding."""
     keep = keep.astype(np.float64)
-    x = (w if start is None else start) * keep
+    x = np.zeros_like(w) if start is None else start * keep
     r = (w - x) @ h * keep  # minus the gradient, masked: the residual of H_SS x_S = (H w)_S
     inv_diag = 1.0 / np.diag(h)[None, :]
     z = r * inv_diag
     p = z.copy()
     rz = np.einsum("mk,mk->m", r, z)
     first = np.einsum("mk,mk->m", r, r)
-    for _ in range(REFIT_STEPS if steps is None else steps):
+    tiny = np.finfo(np.float64).tiny
+    for _ in range(REFIT_CG_STEPS):
         if (np.einsum("mk,mk->m", r, r) <= tolerance**2 * first).all():
             break
         hp = p @ h * keep
-        alpha = rz / np.maximum(np.einsum("mk,mk->m", p, hp), np.finfo(np.float64).tiny)
+        alpha = rz / np.maximum(np.einsum("mk,mk->m", p, hp), tiny)
         x += alpha[:, None] * p
         r -= alpha[:, None] * hp
         z = r * inv_diag
         rz_next = np.einsum("mk,mk->m", r, z)
-        p = z + (rz_next / np.maximum(rz, np.finfo(np.float64).tiny))[:, None] * p
+        p = z + (rz_next / np.maximum(rz, tiny))[:, None] * p
         rz = rz_next
     return x
+
+
+def direct_refit(w: np.ndarray, keep: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """`least_squares_refit` by a direct solve per row (LU), rows with as many kept weights in one stack."""
+    from threadpoolctl import threadpool_limits
+
+    b = w @ h
+    out = np.zeros_like(b)
+    counts = keep.sum(axis=1)
+    # One BLAS thread: a stack of LU solves in threaded OpenBLAS ran 100x slower on a loaded 2-core machine
+    # (256 x 256: 560 ms a system against 4 ms single-threaded).
+    with threadpool_limits(limits=1, user_api="blas"):
+        for count in np.unique(counts[counts > 0]).tolist():
+            rows = np.nonzero(counts == count)[0]
+            stack = max(1, REFIT_STACK_ELEMENTS // count**2)
+            for first in range(0, len(rows), stack):
+                chunk = rows[first : first + stack]
+                kept = np.nonzero(keep[chunk])[1].reshape(len(chunk), count)  # each row's kept columns, ascending
+                h_kept = h[kept[:, :, None], kept[:, None, :]]
+                solved = np.linalg.solve(h_kept, np.take_along_axis(b[chunk], kept, axis=1)[:, :, None])[:, :, 0]
+                block = np.zeros((len(chunk), w.shape[1]))
+                np.put_along_axis(block, kept, solved, axis=1)
+                out[chunk] = block
+    return out
 
 
 def _checked(array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:

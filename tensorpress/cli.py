@@ -284,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune",
         choices=_prune_methods(),
         help="with --sparsity: magnitude (per output row, the default), wanda (|w| x input norm per output "
-        "row) or sparsegpt (pruned and corrected from the layer's Hessian), both with --calibration; or none "
-        "(the weights as given)",
+        "row), sparsegpt (pruned and corrected from the layer's Hessian, then refitted by exact least squares "
+        "per row: best quality, slow on large layers) or sparsegpt-sweep (the paper's sweep alone, no refit: "
+        "for LLM-sized layers), all three with --calibration; or none (the weights as given)",
     )
     p.add_argument(
         "--calibration",

@@ -65,7 +65,7 @@ def as_stored(w: torch.Tensor) -> torch.Tensor:
     return w.to(torch.float16).to(torch.float32)  # bitmap keeps each nonzero in fp16
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "sparsegpt-sweep"])
 def test_mlp_pruned_with_calibration_matches_torch_with_the_same_weights(tmp_path, method):
     model = mlp()
     np.savez(tmp_path / "calib.npz", input=SAMPLES)
@@ -84,7 +84,7 @@ def test_mlp_pruned_with_calibration_matches_torch_with_the_same_weights(tmp_pat
             if method == "wanda":
                 pruned = torch_wanda(w, np.sqrt(np.diag(gram)), 0.5)
             else:
-                pruned = torch.from_numpy(prune(w.numpy(), 0.5, "sparsegpt", GramStats(gram)))
+                pruned = torch.from_numpy(prune(w.numpy(), 0.5, method, GramStats(gram)))
             assert ((pruned == 0).sum(1) == w.shape[1] // 2).all()
             w.copy_(as_stored(pruned))
         want = model(x).numpy()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tensorpress.compiler.calibration import LinearInputStatistics
-from tensorpress.compiler.pruning import dampened_hessian, prune, sparsegpt
+from tensorpress.compiler.pruning import dampened_hessian, least_squares_refit, prune, sparsegpt
 from tensorpress.errors import ConfigError, TensorpressError
 
 
@@ -77,24 +77,80 @@ def test_sparsegpt_equals_a_brute_force_obs(block):
     assert ((got == 0).sum(axis=1) == 12).all()
 
 
-def test_sparsegpt_refit_is_numpy_lstsq_on_the_raw_activations_for_its_mask():
-    """Each row's kept weights minimise ||X (w' - w)||^2 + lambda ||w' - w||^2, lambda the dampening
-    added to H's diagonal: lstsq of [X; sqrt(lambda) I] restricted to the row's kept columns."""
+def test_prune_sparsegpt_sweep_is_the_obs_sweep_alone():
+    x = outlier_activations(200, 24, seed=3)
+    w = np.random.default_rng(4).standard_normal((6, 24)).astype(np.float32)
+    got = prune(w, 0.5, "sparsegpt-sweep", stats_of(x))
+    want = reference_sparsegpt(w, 0.5, dampened_hessian(x.T @ x), block=128)
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-5, atol=1e-6)
+    assert got.dtype == np.float32
+
+
+def lstsq_refit(x: np.ndarray, w: np.ndarray, mask: np.ndarray, lam: float) -> np.ndarray:
+    """Each row's kept weights minimising ||X (w' - w)||^2 + lam ||w' - w||^2: numpy lstsq of
+    [X; sqrt(lam) I] restricted to the row's kept columns."""
+    k = w.shape[1]
+    a = np.vstack([x, np.sqrt(lam) * np.eye(k)])
+    out = np.zeros_like(w)
+    for row in range(w.shape[0]):
+        kept = np.nonzero(mask[row])[0]
+        out[row, kept] = np.linalg.lstsq(a[:, kept], a @ w[row], rcond=None)[0]
+    return out
+
+
+@pytest.mark.parametrize("reselect", [0, 1, 2])
+def test_sparsegpt_refit_is_numpy_lstsq_on_the_raw_activations_for_its_mask(reselect):
+    """lambda: the dampening added to H's diagonal. Without reselection the mask is the OBS sweep's."""
     x = outlier_activations(120, 40, seed=9)
     x[:, 3] = 0.0  # a channel no token uses: stays zero
     w = np.random.default_rng(10).standard_normal((7, 40))
     gram = x.T @ x
-    got = sparsegpt(w, 0.5, gram)
+    got = sparsegpt(w, 0.5, gram, reselect=reselect)
     lam = 0.1 * float(np.mean(np.diag(dampened_hessian(gram, 0.0))))
-    a = np.vstack([x, np.sqrt(lam) * np.eye(40)])
-    mask = sparsegpt(w, 0.5, gram, refit=False) != 0
-    np.testing.assert_array_equal(got != 0, mask)  # the refit keeps the OBS mask
-    for row in range(7):
-        kept = np.nonzero(mask[row])[0]
-        target = np.where(np.arange(40) == 3, 0.0, w[row])
-        want = np.linalg.lstsq(a[:, kept], a @ target, rcond=None)[0]
-        np.testing.assert_allclose(got[row, kept], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    mask = got != 0
+    if reselect == 0:
+        np.testing.assert_array_equal(mask, sparsegpt(w, 0.5, gram, refit=False) != 0)
+    target = np.where(np.arange(40) == 3, 0.0, w)
+    want = lstsq_refit(x, target, mask, lam)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     assert (got[:, 3] == 0).all() and ((got == 0).sum(axis=1) == 20).all()
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_least_squares_refit_solvers_equal_numpy_lstsq(solver):
+    x = outlier_activations(60, 48, seed=15)  # fewer tokens than channels, as with short calibrations
+    w = np.random.default_rng(16).standard_normal((10, 48))
+    gram = x.T @ x
+    mask = np.random.default_rng(17).random((10, 48)) < 0.4
+    mask[3] = False  # a row with nothing kept
+    lam = 0.1 * float(np.mean(np.diag(gram)))
+    got = least_squares_refit(w, mask, dampened_hessian(gram), solver=solver)
+    want = lstsq_refit(x, w, mask, lam)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-8 * np.abs(want).max())
+    assert (got[~mask] == 0).all()
+
+
+def test_sparsegpt_reselection_rescores_each_row_by_obs_saliency_after_restoring_its_pruned_weights():
+    """Brute force per row: every pruned weight set to its optimum with all others held (a 1-D least
+    squares on the dampened objective), then keep the 20 of largest v_j^2 / [H^-1]_jj (np.linalg.inv)."""
+    x = outlier_activations(150, 40, seed=13)
+    w = np.random.default_rng(14).standard_normal((9, 40))
+    gram = x.T @ x
+    h = dampened_hessian(gram)
+    fitted = sparsegpt(w, 0.5, gram, reselect=0)
+    h_inv_diag = np.diag(np.linalg.inv(h))
+    want = np.zeros(w.shape, dtype=bool)
+    for row in range(9):
+        v = fitted[row].copy()
+        for j in np.nonzero(fitted[row] == 0)[0]:
+            others = fitted[row].copy()
+            others[j] = 0.0
+            # minimise (o + t e_j - w)^T H (o + t e_j - w) over t
+            v[j] = (h[j] @ (w[row] - others)) / h[j, j]
+        want[row, np.argsort(-(v**2) / h_inv_diag, kind="stable")[:20]] = True
+    got = sparsegpt(w, 0.5, gram, reselect=1)
+    np.testing.assert_array_equal(got != 0, want)
+    assert (want != (fitted != 0)).any()  # the reselection moved some weights
 
 
 def test_sparsegpt_refit_lowers_the_dampened_output_error_of_the_obs_sweep():
