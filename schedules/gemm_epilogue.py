@@ -53,6 +53,9 @@ class GemmEpilogue:
         return value + residual.astype("float32") if residual is not None else value
 
     def attrs(self) -> dict[str, object]:
+        """The PrimFunc attributes that carry it (none for the empty epilogue: `epilogue_of` reads that back)."""
+        if self.empty:
+            return {}
         return {EPILOGUE_ACTIVATION_ATTR: self.activation or "", EPILOGUE_RESIDUAL_ATTR: self.residual}
 
 

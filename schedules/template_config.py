@@ -20,8 +20,7 @@ from typing import Any, Protocol
 
 from tvm import tirx
 
-from tensorpress.schedules.gemm_epilogue import RESIDUAL_NAME
-from tensorpress.schedules.weight_gemm import FORMAT_ATTR, KERNEL_ATTR, N_HINT_ATTR
+from tensorpress.schedules.weight_gemm import FORMAT_ATTR, KERNEL_ATTR, N_HINT_ATTR, weight_gemm_params
 
 CONFIG_ATTR = "tensorpress.template_config"
 CONFIG_ORIGIN_ATTR = "tensorpress.config_origin"
@@ -45,19 +44,16 @@ def kernel_signature(func: tirx.PrimFunc) -> dict[str, Any]:
     None when unknown) and the activation dtype."""
     attrs = func.attrs
     m, k = (int(v) for v in attrs["tensorpress.mk"])
-    x = func.params[0]  # TVM 0.27: a PrimFunc's params are its buffers
-    buffers = []
-    # X, the stored buffers, (bias,) (residual,) Y: the epilogue's arguments leave the tiling as it is
-    for buf in list(func.params)[1:-1]:
-        if buf.name not in ("bias", RESIDUAL_NAME):
-            buffers.append([buf.name, [int(d) for d in buf.shape], str(buf.dtype)])
+    params = weight_gemm_params(func)
+    # the stored buffers only: the epilogue's arguments (bias, residual) leave the tiling as it is
+    buffers = [[buf.name, [int(d) for d in buf.shape], str(buf.dtype)] for buf in params.stored]
     return {
         "kind": str(attrs[KERNEL_ATTR]),
         "format": {"name": str(attrs[FORMAT_ATTR]), "buffers": buffers},
         "m": m,
         "k": k,
         "n": int(attrs[N_HINT_ATTR]) if N_HINT_ATTR in attrs else None,
-        "act_dtype": str(x.dtype),
+        "act_dtype": str(params.x.dtype),
     }
 
 

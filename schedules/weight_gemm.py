@@ -20,6 +20,8 @@ The PrimFunc carries attributes that schedule rules match on:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import te, tirx
 
 from tensorpress.schedules.decode_stage import DecodeStage, StoredBuffer
@@ -33,11 +35,31 @@ N_HINT_ATTR = "tensorpress.n_hint"
 # Set by make_weight_gemm: True when the format's per-row factor multiplies Y after the sum over k.
 ROW_SCALE_ATTR = "tensorpress.row_scale_in_epilogue"
 KERNEL_NAME = "weight_gemm"
+BIAS_NAME = "bias"  # the bias argument's buffer name
 
 
 # The stage each weight-GEMM PrimFunc was made with, under the format name the PrimFunc carries
 # (FORMAT_ATTR): the schedules ask `decode_stage_of(func)` for it. Filled by make_weight_gemm only.
 _STAGE_OF_FORMAT: dict[str, DecodeStage] = {}
+
+
+@dataclass(frozen=True)
+class WeightGemmParams:
+    """The buffers of a weight-GEMM PrimFunc by role (TVM 0.27: a PrimFunc's params are its buffers)."""
+
+    x: tirx.Buffer
+    stored: list[tirx.Buffer]
+    bias: tirx.Buffer | None
+    residual: tirx.Buffer | None
+    y: tirx.Buffer
+
+
+def weight_gemm_params(func: tirx.PrimFunc) -> WeightGemmParams:
+    """`make_weight_gemm`'s arguments X, the stored buffers, (bias,) (residual,) Y, told apart by name."""
+    x, *middle, y = func.params
+    by_name = {str(b.name): b for b in middle}
+    stored = [b for b in middle if str(b.name) not in (BIAS_NAME, RESIDUAL_NAME)]
+    return WeightGemmParams(x, stored, by_name.get(BIAS_NAME), by_name.get(RESIDUAL_NAME), y)
 
 
 def decode_stage_of(func: tirx.PrimFunc) -> DecodeStage:
@@ -107,7 +129,7 @@ def make_weight_gemm(
 
     args = [x, *stored]
     if with_bias:
-        bias = te.placeholder((m,), act_dtype, name="bias")
+        bias = te.placeholder((m,), act_dtype, name=BIAS_NAME)
         args.append(bias)
     store = _store(epilogue, rows, m, out_dtype, args)
     y = te.compute((rows, m), lambda i, j: store(with_bias_added(i, j), i, j), name="store")
@@ -117,7 +139,7 @@ def make_weight_gemm(
     _STAGE_OF_FORMAT[stage.name] = stage
     return func.with_attrs(
         {
-            **({} if epilogue.empty else epilogue.attrs()),
+            **epilogue.attrs(),
             KERNEL_ATTR: KERNEL_NAME,
             FORMAT_ATTR: stage.name,
             ROW_SCALE_ATTR: bool(factored),
@@ -216,7 +238,7 @@ def _row_slot_gemm(stage, slots, m, k, x, stored, act_dtype, out_dtype, with_bia
     )
     args = [x, *stored]
     if with_bias:
-        bias = te.placeholder((m,), act_dtype, name="bias")
+        bias = te.placeholder((m,), act_dtype, name=BIAS_NAME)
         args.append(bias)
 
     store = _store(epilogue, rows, m, out_dtype, args)
@@ -229,7 +251,7 @@ def _row_slot_gemm(stage, slots, m, k, x, stored, act_dtype, out_dtype, with_bia
     _STAGE_OF_FORMAT[stage.name] = stage
     return func.with_attrs(
         {
-            **({} if epilogue.empty else epilogue.attrs()),
+            **epilogue.attrs(),
             KERNEL_ATTR: KERNEL_NAME,
             FORMAT_ATTR: stage.name,
             ROW_SCALE_ATTR: False,

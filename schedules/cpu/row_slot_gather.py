@@ -31,23 +31,24 @@ from tvm.script.ir_builder import tirx as T
 
 from tensorpress.schedules.decode_stage import RowSlots
 from tensorpress.schedules.gemm_epilogue import epilogue_of
+from tensorpress.schedules.weight_gemm import weight_gemm_params
 
 LANES = 8
 
 
-def gather_row_slot_func(func: tirx.PrimFunc, slots: RowSlots, m: int, with_bias: bool) -> tirx.PrimFunc:
+def gather_row_slot_func(func: tirx.PrimFunc, slots: RowSlots, m: int) -> tirx.PrimFunc:
     """The weight GEMM `func` (made over `slots`, block_rows == LANES) rewritten as the module
     docstring's loops, same arguments and attributes."""
-    return func.with_body(gather_statement(func, slots, m, with_bias))
+    return func.with_body(gather_statement(func, slots, m))
 
 
-def with_one_token_gather(func: tirx.PrimFunc, slots: RowSlots, m: int, with_bias: bool) -> tirx.PrimFunc:
+def with_one_token_gather(func: tirx.PrimFunc, slots: RowSlots, m: int) -> tirx.PrimFunc:
     """The scheduled row-slot GEMM `func` (N symbolic), running the module docstring's loops instead
     when a call has one token: a decode step is built for 16 tokens (8 token lanes) but often sees one
     sequence, where the lanes would multiply 7 zero tokens (2.4 vs 1.1 ms at 4096 x 4096, 80 %)."""
     root = func.body.block
     one_token = func.params[0].shape[0] == 1
-    body = tirx.IfThenElse(one_token, gather_statement(func, slots, m, with_bias), root.body)
+    body = tirx.IfThenElse(one_token, gather_statement(func, slots, m), root.body)
     block = SBlock(
         root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
         root.alloc_buffers, root.match_buffers, root.annotations,
@@ -55,16 +56,12 @@ def with_one_token_gather(func: tirx.PrimFunc, slots: RowSlots, m: int, with_bia
     return func.with_body(SBlockRealize(func.body.iter_values, func.body.predicate, block))
 
 
-def gather_statement(func: tirx.PrimFunc, slots: RowSlots, m: int, with_bias: bool) -> tirx.Stmt:
+def gather_statement(func: tirx.PrimFunc, slots: RowSlots, m: int) -> tirx.Stmt:
     """The module docstring's loops over the arguments of the weight GEMM `func`."""
     assert slots.block_rows == LANES
-    buffers = list(func.params)  # tirx 0.27: the params are the buffers: X, stored, (bias,) (residual,) Y
+    params = weight_gemm_params(func)
     epilogue = epilogue_of(func)
-    x, y = buffers[0], buffers[-1]
-    residual = buffers[-2] if epilogue.residual else None
-    after_stored = 1 + int(with_bias) + int(epilogue.residual)
-    bias = buffers[-after_stored] if with_bias else None
-    stored = buffers[1 : len(buffers) - after_stored]
+    x, y, bias, residual, stored = params.x, params.y, params.bias, params.residual, params.stored
     num_slots = int(stored[0].shape[1])
     blocks = int(stored[0].shape[0])
     k = int(x.shape[1])

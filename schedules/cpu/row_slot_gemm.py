@@ -77,11 +77,9 @@ def schedule_row_slot_gemm(
 
 
 def _gather_arguments(func: tirx.PrimFunc) -> tuple:
-    """`row_slot_gather`'s (slots, M, with_bias) for `func`: whether "store" adds a bias is whether it
-    has an argument of that name (`make_weight_gemm` names it so)."""
-    with_bias = any(buffer.name == "bias" for buffer in func.params)  # tirx 0.27: the params are buffers
+    """`row_slot_gather`'s (slots, M) for `func`."""
     m = int(func.attrs["tensorpress.mk"][0])
-    return decode_stage_of(func).row_slots, m, with_bias
+    return decode_stage_of(func).row_slots, m
 
 
 def _gather(sch: s_tir.Schedule, block_rows: int) -> None:

@@ -31,6 +31,7 @@ from tvm.tirx import BufferRegion
 
 from tensorpress.schedules.decode_stage import DecodeStage
 from tensorpress.schedules.tensorcore.tile_config import WARP_SIZE, TileConfig
+from tensorpress.schedules.weight_gemm import weight_gemm_params
 
 VECTOR = 8  # fp16 weights in one 16-byte store
 
@@ -77,7 +78,7 @@ def install_k_runs(
     inner = _inner_block(old)
     func = sch.mod["main"]
     buffers = _global_buffers(func)
-    stored = [buffers[name] for name in _stored_names(func)]
+    stored = [buffers[str(b.name)] for b in weight_gemm_params(func).stored]
     decoded = [region.source for region in inner.reads if region.source.scope() == "global"]
     bound: list = []  # (local buffer, value): each shared value of the run, computed once, in order
 
@@ -140,13 +141,6 @@ def _inner_block(block: SBlock) -> SBlock:
     tvm_ffi.structural_map(block.body, [(SBlock, collect)])
     (inner,) = found
     return inner
-
-
-def _stored_names(func: tirx.PrimFunc) -> list[str]:
-    """The stored buffers' names, in order: `make_weight_gemm`'s parameters are X, the stored buffers,
-    bias (if any), Y."""
-    names = [str(p.name) for p in func.params][1:-1]
-    return names[:-1] if names and names[-1] == "bias" else names
 
 
 def _global_buffers(func: tirx.PrimFunc) -> dict:
