@@ -24,15 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import environment, write_json
 from tensorpress.compiler import pruning
 from tensorpress.compiler.pruning import SPARSEGPT_RESELECT_ROUNDS, dampened_hessian, least_squares_refit, sparsegpt
 
@@ -126,17 +128,14 @@ def main() -> None:
         },
         "rounds": {"sweep": sweep_all, "direct_rows": direct_all, "cg_rows": cg_all, "cg_step": step_all},
         "reselect_rounds": SPARSEGPT_RESELECT_ROUNDS,
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-        "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-        "numpy": np.__version__,
         "command": " ".join([".venv/bin/python", "benchmarks/sparsegpt_layer_cost_cpu.py", *sys.argv[1:]]),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "environment": environment(
+            extra={"load_average_before": load_before, "load_average_after": os.getloadavg(), "cpus": os.cpu_count()}
+        ),
     }
-    print(json.dumps(report["seconds"], indent=1), "load", report["loadavg_before"], report["loadavg_after"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    env = report["environment"]
+    print(json.dumps(report["seconds"], indent=1), "load", env["load_average_before"], env["load_average_after"])
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 
