@@ -85,6 +85,7 @@ def join_fpx_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = No
     "exact", the float32 W they decode to."""
     from benchmarks.kit.cases import SPARSE_FPX_FORMAT
     from tensorpress.compiler.formats import code_stream, get_weight_format
+    from tensorpress.compiler.formats.bitmap_fpx import stream_length
 
     nonzeros = np.concatenate([p["nonzeros"] for p in parts])
     starts = np.cumsum([0] + [p["nonzeros"].size for p in parts[:-1]])
@@ -94,8 +95,11 @@ def join_fpx_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = No
     fmt = get_weight_format(SPARSE_FPX_FORMAT)
     arrays = dict(fmt.pack_stream(exact.shape, bits, offsets, nonzeros, scales).arrays)  # type: ignore[attr-defined]
     if capacity is not None:  # more zero codes: the stream grows by whole zero words
-        if capacity < nonzeros.size + 1:
-            raise ValueError(f"{nonzeros.size} nonzero codes do not fit a stream of {capacity}")
+        if capacity < stream_length(nonzeros.size) or capacity % code_stream.WORD_BITS:
+            raise ValueError(
+                f"{nonzeros.size} nonzero codes do not fit a stream of {capacity} codes: it needs at least "
+                f"{stream_length(nonzeros.size)} (the spare codes included), in whole words of 32"
+            )
         grown = np.zeros(code_stream.stream_shape(capacity, fmt.code_bits()), np.uint32)
         grown[:, : arrays[code_stream.NAME].shape[1]] = arrays[code_stream.NAME]
         arrays[code_stream.NAME] = grown

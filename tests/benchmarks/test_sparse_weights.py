@@ -63,6 +63,7 @@ def test_a_capacity_too_small_for_the_nonzeros_is_refused():
 @pytest.mark.parametrize("m, k", [(100, 200), (17, 130)])
 def test_fpx_band_packing_equals_the_whole_weight_packed_at_once(monkeypatch, m, k):
     from benchmarks.kit.cases import bitmap_fpx_stream_capacity
+    from tensorpress.compiler.formats.bitmap_fpx import stream_length
 
     monkeypatch.setattr(sparse_weights, "BAND_ROWS", 32)
     w = sparse_weights.random_pruned(m, k, 0.8, torch.device("cpu"), seed=m).numpy()
@@ -79,6 +80,11 @@ def test_fpx_band_packing_equals_the_whole_weight_packed_at_once(monkeypatch, m,
     np.testing.assert_array_equal(fmt.unpack(type(whole)(whole.format, whole.shape, grown)), fmt.unpack(whole))
     with pytest.raises(ValueError, match="do not fit"):
         sparse_weights.BandPacker(0).pack_fpx(w, capacity=128)
+    # room for the nonzeros but not for the spare codes a window reads past the last one, or not whole words
+    needed = stream_length(int(np.unpackbits(whole.arrays["bits"].view(np.uint8)).sum()))  # nonzero codes
+    for short in (needed - 32, needed + 16):
+        with pytest.raises(ValueError, match="do not fit"):
+            sparse_weights.BandPacker(0).pack_fpx(w, short)
 
 
 @pytest.mark.parametrize("m, k", [(100, 200), (48, 1024), (17, 130)])
