@@ -115,9 +115,12 @@ def _weight(kernel: dict, device):
                 capacity = buffers["values"][0]
                 sparse = make_sparse_weight(m, k, _sparsity(m, k, capacity - 1), device, packer, capacity)
             else:
-                width, shape = max((int(n[5:]), s) for n, s in buffers.items() if n.startswith("plane"))
-                capacity = shape[1] * 32 // width
-                dense = random_pruned(m, k, _sparsity(m, k, capacity - 1), device, seed=0)
+                from tensorpress.compiler.formats import code_stream, get_weight_format
+                from tensorpress.compiler.formats.bitmap_fpx import SPARE_CODES
+
+                bits = get_weight_format(fmt).code_bits()
+                capacity = buffers[code_stream.NAME][1] * code_stream.WORD_BITS // bits  # codes the stream holds
+                dense = random_pruned(m, k, _sparsity(m, k, capacity - SPARE_CODES), device, seed=0)
                 sparse = make_sparse_fpx_weight(dense, packer, capacity)
         finally:
             packer.close()
