@@ -465,9 +465,13 @@ def linear_site_inputs(func: relax.Function) -> dict[str, list[relax.Expr]]:
 
         def record(call, match):
             site = _site_from_match(match, func_weights, pats)
-            if site is not None:  # the bias-less patterns match a biased linear's matmul again: once only
+            if site is not None:
+                # One input once: the bias-less patterns match a biased linear's matmul again, and the
+                # matcher may hand the same input back as a new, structurally equal expression (MiniLM's
+                # key and value were counted twice). Equal free variables compare by identity, so two
+                # different inputs of one shared weight stay two.
                 xs = found.setdefault(site.weight, [])
-                if not any(match[pats[0]].same_as(x) for x in xs):
+                if not any(tvm_ffi.structural_equal(match[pats[0]], x) for x in xs):
                     xs.append(match[pats[0]])
             return call
 

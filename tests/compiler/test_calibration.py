@@ -97,6 +97,33 @@ def test_a_weight_read_by_two_linears_sums_both_inputs_and_one_sample_layout(tmp
     np.testing.assert_allclose(stats.gram, want.T @ want, rtol=1e-5, atol=1e-4)
 
 
+class SeparateProjections(torch.nn.Module):
+    """Query, key and value as three nn.Linear reading one input (BERT's, Llama's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+        self.v = torch.nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+
+
+def test_linears_reading_one_input_each_count_it_once(tmp_path):
+    """The pattern matcher handed the key's and value's input back twice (MiniLM's key and value
+    statistics held every token twice); each weight's statistics are its one input's."""
+    torch.manual_seed(0)
+    model = SeparateProjections().eval()
+    x = torch.randn(2, 16, 64)
+    imported = import_model(model, example_inputs=(x,))
+    feed = {imported.inputs[0].name: x.numpy()}
+    stats = linear_input_statistics(imported, [feed], {f"{p}.weight": 64 for p in "qkv"})
+    want = torch_linear_inputs(model, [x])
+    for name, got in stats.items():
+        assert got.tokens == want[name].shape[0] == 32, name
+        np.testing.assert_allclose(got.gram, want[name].T @ want[name], rtol=1e-5, atol=1e-4)
+
+
 def _mlp_and_input():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)).eval()
