@@ -297,14 +297,11 @@ def _copy_weight_formats(package: Path) -> None:
 
 
 def _versions() -> dict:
-    import tvm
-    import tvm_ffi
-
-    from tensorpress import __version__
+    """The compiler's versions (what tuning records and artifacts are keyed by) and nvcc's."""
+    from tensorpress.compiler.build import compiler_versions
 
     nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    return {"tensorpress": __version__, "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__,
-            "nvcc": nvcc[-1] if nvcc else None}  # fmt: skip
+    return {**compiler_versions(), "nvcc": nvcc[-1] if nvcc else None}
 
 
 def main(argv: list[str] | None = None) -> int:
