@@ -47,7 +47,7 @@ import numpy as np
 
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
 from tensorpress.errors import TensorpressError
-from tensorpress.schedules.decode_stage import DecodeStage, KRuns
+from tensorpress.schedules.decode_stage import DecodeStage, KRuns, SetBits, TileScatter
 
 TILE_ROWS, TILE_COLS = 16, 64
 WORD_BITS = 32
@@ -226,13 +226,34 @@ class BitmapFormat(WeightFormat):
         return BitmapDecode(self.name)
 
 
+def bit_scatter(value) -> TileScatter:
+    """The tile scatter of a bitmap's tiles (`decode_stage.py`, "Tile scatter", bitmap words): the
+    "bits" words of tile (tm, tk) (stored first, [TM, TK, 32] read flat), its first nonzero's index
+    offsets[tm, tk] (stored second), and value(stored, index) the nonzero of that index."""
+
+    def word_range(stored, tile_row, tile_col):
+        first = (tile_row * int(stored[0].shape[1]) + tile_col) * WORDS_PER_TILE
+        return first, first + WORDS_PER_TILE
+
+    return TileScatter(
+        tile_rows=TILE_ROWS,
+        tile_cols=TILE_COLS,
+        words=0,
+        word_range=word_range,
+        vector=WORDS_PER_TILE // TILE_ROWS,  # a tile row a thread (one 64-bit load): more busy lanes a warp
+        set_bits=SetBits(first_index=lambda stored, tile_row, tile_col: stored[1][tile_row, tile_col], value=value),
+    )
+
+
 class BitmapDecode(DecodeStage):
-    """W[m, k] from the tile's bits, offset and values; a plain global-memory decode. Capability: runs
-    along K (`tile_run`: the rank shared by a run of a tile row)."""
+    """W[m, k] from the tile's bits, offset and values; a plain global-memory decode. Capabilities: a
+    tile scatter over the set bits (`bit_scatter`: the Tensor Core template's W tiles) and runs along
+    K (`tile_run`: the rank shared by a run of a tile row)."""
 
     def __init__(self, name: str):
         self.name = name
         self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
+        self.tile_scatter = bit_scatter(lambda stored, index: stored[2][index])
 
     def decode_run(self, stored, row, col0, length: int, dtype: str, bind):
         bits, offsets, values = stored

@@ -64,6 +64,7 @@ from tensorpress.compiler.formats.bitmap import (
     RUN_LENGTHS,
     WORD_BITS,
     WORDS_PER_TILE,
+    bit_scatter,
     run_start,
     tile_bits,
     tile_grid,
@@ -184,6 +185,14 @@ class BitmapFPxDecode(DecodeStage):
         self.name = name
         self.values = values
         self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
+        self.tile_scatter = bit_scatter(self.code_value)
+
+    def code_value(self, stored, index):
+        """float16 TIR: the unscaled value of the stream's code `index` (the tile scatter's value)."""
+        from tvm import tirx
+
+        h = self.values.code_fp16_bits(self.window(stored[2], index))  # the window's lowest code
+        return tirx.reinterpret("float16", h.astype("uint16"))
 
     def unscaled_decode(self, stored, row, col, dtype: str):
         from tvm import tirx

@@ -52,7 +52,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.stmt import SBlock, SBlockRealize
 
 from tensorpress.errors import ConfigError, ShapeError
-from tensorpress.schedules.decode_stage import DecodeStage, staged_buffer_names
+from tensorpress.schedules.decode_stage import DecodeStage, TileScatter, staged_buffer_names
 from tensorpress.schedules.tensorcore import fragments as frag
 from tensorpress.schedules.tensorcore.fragment_decode import install_fragment_decode
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
@@ -119,7 +119,7 @@ class _Template:
         stored = [p.name for p in func.params]
         self.staged = staged_buffer_names(self.stage, self.m, self.k, stored)
         self.fragment_decode = _fragment_decode_stage(self.stage, func, config, bool(self.staged))
-        self.scatter = self.stage.tile_scatter
+        self.scatter = _scatter_of(self.stage, func)
         self.run_length: int | None = None  # runs along K of the W-tile decode (`_fetch_operands`)
         _check_dtypes(func)
         # int32 index math everywhere (N is int64 in the PrimFunc; mixed widths break layout maps).
@@ -417,6 +417,17 @@ def _fragment_decode_stage(
     if stage.scales_rows and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
         return None
     return stage
+
+
+def _scatter_of(stage: DecodeStage, func: tirx.PrimFunc) -> TileScatter | None:
+    """The stage's tile scatter when the template builds its W tiles by it (preferred to runs along K):
+    a scatter gives the unscaled values, so a stage with a row scale needs a PrimFunc that applies it in
+    the epilogue (else its per-element decode, scaled, fills the W tile)."""
+    if stage.tile_scatter is None:
+        return None
+    if stage.decodes_elements and stage.scales_rows and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
+        return None
+    return stage.tile_scatter
 
 
 def _run_length(stage: DecodeStage, func: tirx.PrimFunc, config: TileConfig) -> int | None:
