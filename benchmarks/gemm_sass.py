@@ -14,10 +14,22 @@ the issue budget (`sass_cost.weight_budget`) says whether the decode keeps the k
 at full HBM bandwidth an H100 SM receives about 14 bytes per clock, i.e. 14·8/b weights of b bits,
 and issues 4 × 32 thread-instructions per clock, so it can spend at most ~1.15·b thread-instructions
 per weight (fp16: 18.5, FP6: 6.9, FP5: 5.8, FP4: 4.6) on everything (copy, decode, mma, loop); "ok"
-marks the rows within it. A sparse format (bitmap, tiled-csl) is built for a weight pruned at random to
---sparsity and its budget uses the bits it really stores per weight (tiled-csl at 80%: 32 bits a
-nonzero + offsets, about 6.5 bits, a budget of about 7.5). Its decode loops run as many times as its
-tiles hold words, so the steady state counts one trip of each (a lower bound for the scatter).
+marks the rows within it. A sparse format (bitmap, bitmap-eXmY, tiled-csl) is built for a weight pruned
+at random to --sparsity and its budget uses the bits it really stores per weight (tiled-csl at 80%: 32
+bits a nonzero + offsets, about 6.5 bits, a budget of about 7.5).
+
+Scatter formats (a stage with a tile scatter: tiled-csl, bitmap, bitmap-eXmY) run loops whose trips
+follow the data, so their steady state is weighted (`sass_cost.scatter_steady_state`): each loop of the
+main loop counts as often as it runs per K tile for one warp, and a warp runs a loop as often as its
+busiest lane. `scatter_trips` deals the packed weight's tiles to the config's threads as the template
+does (`tile_scatter.Dealing`) and takes, over every CTA tile of the weight, the mean of: the group loop's
+trips (a vector load of words each), per bitmap word the busiest lane's set bits (the loop over a word's
+set bits runs that often, over its STS per trip when nvcc unrolls it), and the zero-fill's 16-byte stores.
+The phase loop (fill | scatter, a BAR in it) counts once: its phases are branches. Forward branches
+count as taken both ways (an upper bound: nvcc's remainder code after an unrolled loop counts at every
+trip of the loop around it). Checked by hand on a small listing (tests/schedules/verification/
+test_sass_cost.py). n64m64k64's W tile (64 x 64) has half as many rows of runs or tile rows as its
+128 threads: half its decoding lanes idle, and its figure is about twice the other tiles'.
 
 --decode-only compiles just an FPx decode, the way one lane of an mma B fragment would run it (8
 weights of a 32-wide group per row: one word of plane4, half a word of plane2), per element and as

@@ -30,9 +30,13 @@ Why 16 x 64: the per-tile offset costs 4 B per 1024 weights (0.03 bit per weight
 weight stores 0.2 x 2 B + 1/8 B + 1/256 B = 0.529 B per weight, 3.78x fewer bytes than fp16, close to
 the bitmap's limit (3.8x); a row of a tile is two words, so the GEMM's 16-row mma tiles and 64-column K
 tiles cover whole tiles. The price is up to 32 masked popcounts per decoded weight (one per word of
-the tile), which a plain global-memory decode pays in full. The Tensor Core template shares them over a
-run of a tile row (`tile_run`, the stage's runs along K): the rows above popcounted once per run, then
-the rank advances by one bit a weight.
+the tile), which a plain global-memory decode pays in full (the PrimFunc's definition of W, the CPU's
+path). The Tensor Core template pays per nonzero instead: it zero-fills each W tile and scatters the
+nonzeros over the set bits of the tile's words (`bit_scatter`, the stage's tile scatter: a thread a tile
+row, its rank the tile's offset + the set bits of the rows above, counted by the CTA in shared memory;
+`schedules/tile_scatter.py`). Runs along K (`tile_run`: the rows above popcounted once per run of a tile
+row, then the rank advances by one bit a weight) are what it did before; the scatter costs fewer
+instructions at 80% sparsity (benchmarks/results/gemm_sass_sm_90a_sparse.md).
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
