@@ -28,8 +28,9 @@ set bits runs that often, over its STS per trip when nvcc unrolls it), and the z
 The phase loop (fill | scatter, a BAR in it) counts once: its phases are branches. Forward branches
 count as taken both ways (an upper bound: nvcc's remainder code after an unrolled loop counts at every
 trip of the loop around it). Checked by hand on a small listing (tests/schedules/verification/
-test_sass_cost.py). n64m64k64's W tile (64 x 64) has half as many rows of runs or tile rows as its
-128 threads: half its decoding lanes idle, and its figure is about twice the other tiles'.
+test_sass_cost.py). n64m64k64's W tile (64 x 64) has half as many tile rows (or rows of runs) as its 128
+threads: half its warps decode, and the other half's branches around the decode, counted as taken, raise
+its figure (about 1.5x the other tiles' for the scatter, 2x for runs).
 
 --decode-only compiles just an FPx decode, the way one lane of an mma B fragment would run it (8
 weights of a 32-wide group per row: one word of plane4, half a word of plane2), per element and as

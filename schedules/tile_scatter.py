@@ -23,6 +23,25 @@ thread: the CPU's path and the definition the tests check) and the Tensor Core t
         │  ...   │  ...   │
         └────────┴────────┘
 
+Bitmap words (`TileScatter.set_bits`: bitmap, bitmap x FPx; `_BitScatter`): a group is `vector` words
+(bitmap: 2, one tile row, one 64-bit load), L is at most the tile's groups (no lane without one), and
+
+    1. zero-fill + counts   as above, and each thread stores the set bits of each of its groups:
+                              counts[tile j, group g] = popcount(w[0]) + ... (shared memory, int32)
+    2. barrier
+    3. scatter              rank = first_index(tile) + counts[j, 0 .. g - 1] (masked sum, no branch)
+                            each word w[e] inside the region: for each set bit b, lowest first
+                              (b = popcount(~m & (m - 1)), m &= m - 1; a loop per set bit):
+                                out[row of word, 32 (its column) + b] = value(rank); rank += 1
+                            (one thread a tile, as the CPU's one thread: no counts, a running rank)
+
+      a tile's 16 rows, 2 words each:   row r: │ word 2r (cols 0..31) │ word 2r + 1 (cols 32..63) │
+      lane r of the tile's 16 takes row r; its first nonzero's index = offsets[tile] + the set bits of
+      rows 0 .. r - 1, which the 16 lanes counted before the barrier
+
+The counts buffer is allocated above the phase loop (a block's buffer goes where its uses meet, inside
+the loop, where the CPU replay would poison it again between the phases).
+
 Stores land at the buffer's own (row, col), so the W tile's layout (padded rows, see the template)
 is what both the scatter and ldmatrix address. Padding words repeat a stored value, so a tile may be
 written twice at one position with the same value; a fully dense tile has no padding and works alike.
@@ -152,6 +171,8 @@ class Dealing:
         self.along_k = -(-region.cols // tc_size)  # col0 is a multiple of tc_size, or the region lies in one tile
         self.tiles = self.along_m * self.along_k
         self.per_tile = max(1, count // self.tiles)  # L threads share a tile
+        if scatter.set_bits is not None:  # a bitmap tile has a known number of groups: no lane without one
+            self.per_tile = min(self.per_tile, tr_size * tc_size // WORD_BITS // scatter.vector)
         self.slots = count // self.per_tile
 
     def tiles_of(self, thread: int) -> list[int]:
