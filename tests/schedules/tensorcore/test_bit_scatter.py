@@ -2,7 +2,7 @@
 Tensor Core template zero-fills each W tile, then loops over the set bits of the bitmap's words, storing
 each nonzero at its position (bitmap: its fp16 value; bitmap x FPx: its code's unscaled value, the row
 scale in the epilogue). Replayed on the CPU (shuffled threads, NaN-poisoned scratch memory) against
-numpy at densities 0, 50%, 80% and 100%, odd N, M of one 16-row tile, K padded inside the kernel, W
+numpy at densities 0, 20%, 50%, 80% and 100%, odd N, M of one 16-row tile, K padded inside the kernel, W
 tiles of several format tiles, half of one (block_k 32) and split-K. Planted bugs must fail: a wrong
 position bit, a group popcount one too many, a rank one off, a missed word, a missed zero-fill."""
 
@@ -41,7 +41,9 @@ def _check(out: np.ndarray, ref: np.ndarray) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(
-    "sparsity, n", [(1.0, 1), (0.5, 5), (0.8, 17), (0.0, 3)], ids=["density0", "density50%", "density20%", "dense"]
+    "sparsity, n",
+    [(1.0, 1), (0.5, 5), (0.8, 17), (0.2, 9), (0.0, 3)],
+    ids=["density0", "density50%", "density20%", "density80%", "dense"],
 )
 def test_replay_matches_numpy(fmt, sparsity, n):
     out, ref = replay_weight_gemm(fmt, 64, 256, n, SMALL, seed=n, sparsity=sparsity, bias=True)
