@@ -14,10 +14,23 @@ the issue budget (`sass_cost.weight_budget`) says whether the decode keeps the k
 at full HBM bandwidth an H100 SM receives about 14 bytes per clock, i.e. 14·8/b weights of b bits,
 and issues 4 × 32 thread-instructions per clock, so it can spend at most ~1.15·b thread-instructions
 per weight (fp16: 18.5, FP6: 6.9, FP5: 5.8, FP4: 4.6) on everything (copy, decode, mma, loop); "ok"
-marks the rows within it. A sparse format (bitmap, tiled-csl) is built for a weight pruned at random to
---sparsity and its budget uses the bits it really stores per weight (tiled-csl at 80%: 32 bits a
-nonzero + offsets, about 6.5 bits, a budget of about 7.5). Its decode loops run as many times as its
-tiles hold words, so the steady state counts one trip of each (a lower bound for the scatter).
+marks the rows within it. A sparse format (bitmap, bitmap-eXmY, tiled-csl) is built for a weight pruned
+at random to --sparsity and its budget uses the bits it really stores per weight (tiled-csl at 80%: 32
+bits a nonzero + offsets, about 6.5 bits, a budget of about 7.5).
+
+Scatter formats (a stage with a tile scatter: tiled-csl, bitmap, bitmap-eXmY) run loops whose trips
+follow the data, so their steady state is weighted (`sass_cost.scatter_steady_state`): each loop of the
+main loop counts as often as it runs per K tile for one warp, and a warp runs a loop as often as its
+busiest lane. `scatter_trips` deals the packed weight's tiles to the config's threads as the template
+does (`tile_scatter.Dealing`) and takes, over every CTA tile of the weight, the mean of: the group loop's
+trips (a vector load of words each), per bitmap word the busiest lane's set bits (the loop over a word's
+set bits runs that often, over its STS per trip when nvcc unrolls it), and the zero-fill's 16-byte stores.
+The phase loop (fill | scatter, a BAR in it) counts once: its phases are branches. Forward branches
+count as taken both ways (an upper bound: nvcc's remainder code after an unrolled loop counts at every
+trip of the loop around it). Checked by hand on a small listing (tests/schedules/verification/
+test_sass_cost.py). n64m64k64's W tile (64 x 64) has half as many tile rows (or rows of runs) as its 128
+threads: half its warps decode, and the other half's branches around the decode, counted as taken, raise
+its figure (about 1.5x the other tiles' for the scatter, 2x for runs).
 
 --decode-only compiles just an FPx decode, the way one lane of an mma B fragment would run it (8
 weights of a 32-wide group per row: one word of plane4, half a word of plane2), per element and as
@@ -35,7 +48,9 @@ from dataclasses import replace
 from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES
 from tensorpress.schedules.verification.sass_cost import (
     INTEGER_OPS,
+    ScatterTrips,
     parse_listing,
+    scatter_steady_state,
     steady_state,
     summarize,
     weight_budget,
@@ -48,9 +63,9 @@ def format_bits(fmt: str) -> int:
     return get_weight_format(fmt).code_bits()
 
 
-def sparse_buffers(fmt: str, m: int, k: int, sparsity: float):
-    """(the stored buffers, bits stored per weight) of a random [m, k] weight pruned to `sparsity` in the
-    sparse format `fmt`; (None, code bits) for the formats whose buffers follow from the shape."""
+def sparse_weight(fmt: str, m: int, k: int, sparsity: float):
+    """(the packed weight or None, bits stored per weight) of a random [m, k] weight pruned to `sparsity`
+    in the sparse format `fmt`; (None, code bits) for the formats whose buffers follow from the shape."""
     import numpy as np
 
     from tensorpress.compiler.formats import get_weight_format
@@ -61,7 +76,53 @@ def sparse_buffers(fmt: str, m: int, k: int, sparsity: float):
         return None, weight_format.code_bits()
     w = prune(np.random.default_rng(0).standard_normal((m, k)).astype(np.float32), sparsity)
     packed = weight_format.pack(w)
-    return packed.buffers, packed.nbytes * 8 / (m * k)
+    return packed, packed.nbytes * 8 / (m * k)
+
+
+def scatter_trips(scatter, arrays: list, m: int, k: int, config) -> ScatterTrips:
+    """How often a tile scatter's loops run per K tile and warp (`sass_cost.ScatterTrips`) for the packed
+    weight `arrays` (its stored arrays in order), dealt to the config's threads as the template deals
+    them (`tile_scatter.Dealing`); means over every CTA tile (block_m x block_k) of the weight."""
+    import numpy as np
+
+    from tensorpress.schedules.tile_scatter import ZERO_LANES, Dealing, ScatterRegion
+
+    region = ScatterRegion(0, 0, config.block_m, config.block_k, m, k)
+    deal = Dealing(scatter, region, config.threads)
+    vec = scatter.vector
+    cta_m, cta_k = np.meshgrid(np.arange(m // config.block_m), np.arange(-(-k // config.block_k)), indexing="ij")
+    flat_words = np.asarray(arrays[scatter.words]).reshape(-1)
+    bit_counts = np.bitwise_count(flat_words) if scatter.set_bits is not None else None
+
+    def tile(j: int):  # (tile row, tile col, first word, groups) of tile j of every CTA tile
+        tile_row = cta_m * (config.block_m // scatter.tile_rows) + j // deal.along_k
+        tile_col = cta_k * max(1, config.block_k // scatter.tile_cols) + j % deal.along_k
+        inside = tile_col < deal.tiles_k
+        first, end = scatter.word_range(arrays, tile_row, np.minimum(tile_col, deal.tiles_k - 1))
+        return np.asarray(first), np.where(inside, (np.asarray(end) - first) // vec, 0)
+
+    groups_total, elements_total = 0.0, 0.0
+    for warp in range(config.warps):
+        threads = range(warp * 32, warp * 32 + 32)
+        steps = max(len(deal.tiles_of(t)) for t in threads)
+        for step in range(steps):
+            lanes = [(deal.lane_of(t), tile(deal.tiles_of(t)[step])) for t in threads if step < len(deal.tiles_of(t))]
+            counts = [np.maximum(0, -(-(groups - lane) // deal.per_tile)) for lane, (_, groups) in lanes]
+            most = np.max(counts, axis=0)
+            groups_total += most.mean()
+            if bit_counts is None:
+                continue
+            for q in range(int(most.max())):
+                for e in range(vec):
+                    busiest = np.zeros(cta_m.shape)
+                    for lane, (first, groups) in lanes:
+                        group = lane + q * deal.per_tile
+                        word = np.minimum(first + group * vec + e, flat_words.size - 1)
+                        busiest = np.maximum(busiest, np.where(group < groups, bit_counts[word], 0))
+                    elements_total += busiest.mean() / vec
+    fill = config.block_m * config.block_k // ZERO_LANES // config.threads
+    words = None if bit_counts is None else elements_total / config.warps
+    return ScatterTrips(groups_total / config.warps, words, fill, vec)
 
 
 def decode_only_kernel(fmt: str, pair: bool, m: int = 1024, k: int = 1024, rows_per_thread: int = 8):
@@ -148,15 +209,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     formats = args.format or ["dense-fp16"]
     configs = [replace(t, split_k=s) for t in SHIPPED_TILES for s in (args.split_k or [1, 2])]
-    functions, labels, bits = {}, {}, {}
+    functions, labels, bits, trips = {}, {}, {}, {}
     for fmt in formats:
-        buffers, bits[fmt] = sparse_buffers(fmt, args.m, args.k, args.sparsity)
+        packed, bits[fmt] = sparse_weight(fmt, args.m, args.k, args.sparsity)
+        buffers = None if packed is None else packed.buffers
+        scatter = decode_stage(fmt).tile_scatter
         for config in configs:
             func = make_weight_gemm(decode_stage(fmt), args.m, args.k, with_bias=True, buffers=buffers)
             symbol = f"{fmt.replace('-', '_')}_{config.label()}"
             main_func = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
             functions[symbol] = main_func.with_attr("global_symbol", symbol)
             labels[symbol] = (fmt, config)
+            if scatter is not None and packed is not None:  # the template builds its W tiles by the scatter
+                trips[symbol] = scatter_trips(scatter, list(packed.arrays.values()), args.m, args.k, config)
     module = tvm.IRModule(functions)
     print("| format | config | arch | kernel | regs | spill B | stack B | smem B | HMMA | LDSM | LDGSTS |"
           " per K tile & warp: HMMA | INT | INT/HMMA | FP16 | BAR | LDS | STS | instr/weight (budget) |")  # fmt: skip
@@ -176,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ops['HMMA']} | {ops['LDSM']} | {ops['LDGSTS']} |"
             )
             per_thread = config.block_m * config.block_k // config.threads
-            counts = None if rest else steady_state(instructions[name], per_thread)
+            if rest:
+                counts = None
+            elif symbol in trips:
+                counts = scatter_steady_state(instructions[name], trips[symbol])
+            else:
+                counts = steady_state(instructions[name], per_thread)
             if counts is None:
                 print(row + " | | | | | | | |")
                 continue
@@ -184,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             budget = weight_budget(bits[fmt])
             verdict = "ok" if s["instructions_per_weight"] <= budget else "over"
             print(
-                f"{row} {s['HMMA']} | {s['INT']} | {s['int_per_hmma']:.1f} | {s['FP16']} | {s['BAR']} | "
-                f"{s['LDS']} | {s['STS']} | {s['instructions_per_weight']:.2f} ({budget:.2f}, {verdict}) |"
+                f"{row} {s['HMMA']:.0f} | {s['INT']:.0f} | {s['int_per_hmma']:.1f} | {s['FP16']:.0f} | "
+                f"{s['BAR']:.0f} | {s['LDS']:.0f} | {s['STS']:.0f} | "
+                f"{s['instructions_per_weight']:.2f} ({budget:.2f}, {verdict}) |"
             )
     return 0
 

@@ -21,7 +21,9 @@ never ask a stage for its name:
                                                               nonzeros (no decode block); CPU only
     tile scatter         tile_scatter                         Tensor Core template: zero-filled W
                                                               tile, each stored word's value stored
-                                                              at its position (scatter formats)
+                                                              at its position (scatter formats), or
+                                                              each set bit's value (bitmap words);
+                                                              preferred to runs along K
     runs along K         k_runs                               Tensor Core template: each thread
                                                               decodes a run of consecutive weights
                                                               of a W-tile row, sharing its work
@@ -55,7 +57,18 @@ except that, for every word index j in word_range(stored, tr, tc) = [first, end)
 j of the stored buffer `words` (an index into the stored buffers),
     element(w) = (row r, column c in the tile, value) says W[tr·tile_rows + r, tc·tile_cols + c] = value.
 first and end are multiples of `vector` (whole 128-bit loads); a tile may hold the same word twice
-(its padding), and a position no word names is 0. `schedules/tensorcore/scatter.py` has the picture.
+(its padding), and a position no word names is 0. `schedules/tile_scatter.py` has the picture.
+
+Bitmap words (`set_bits`, e.g. bitmap: its bit words, bitmap x FPx too): the tile's words are
+[first, end) = its tile_rows x tile_cols / 32 words in position order, bit b of its word i set when
+position p = 32 i + b (row p // tile_cols, column p % tile_cols) holds an element; the elements' values
+are stored in position order from index first_index(stored, tr, tc), so the element at p has index
+first_index + the set bits of the tile before p, and value(stored, index). The scatter loops over the
+set bits only (lowest first, cleared one by one): its cost follows the nonzeros, not the weights. A
+stage may declare a scatter and also a per-element `decode` (bitmap's rank, the CPU's path): then
+`make_weight_gemm` defines W by the decode (`decodes_elements`), and the Tensor Core template builds its
+W tiles by the scatter, which must give the same values (the unscaled ones when the epilogue applies a
+row scale: the template takes the scatter of a scaling stage only then).
 
 Runs along K. A stage whose decode of W[m, k] repeats work that its neighbours along K share (a
 sparse rank: the popcounts of the words before a row, the row's own words, the tile offset) may decode
@@ -134,17 +147,29 @@ class KRuns:
 
 
 @dataclass(frozen=True)
+class SetBits:
+    """The words of a tile scatter that are bitmaps (see the module docstring, "Tile scatter"):
+    first_index(stored, tile_row, tile_col) -> int32 TIR index of the tile's first element's value;
+    value(stored, index) -> float TIR value of the element of that index."""
+
+    first_index: Callable[[list, Any, Any], Any]
+    value: Callable[[list, Any], Any]
+
+
+@dataclass(frozen=True)
 class TileScatter:
     """A stage's W as words scattered into zero tiles (see the module docstring, "Tile scatter"):
-    word_range(stored, tile_row, tile_col) -> (first, end) int32 TIR word indices; element(word) ->
-    (row, col, value) TIR (int32, int32, float16) of one word of the `words` stored buffer."""
+    word_range(stored, tile_row, tile_col) -> (first, end) int32 TIR word indices (into the `words`
+    stored buffer read as flat, row-major); then either element(word) -> (row, col, value) TIR (int32,
+    int32, float16) of one word (a word per element), or `set_bits` (a bitmap word per 32 positions)."""
 
     tile_rows: int
     tile_cols: int
     words: int
     word_range: Callable[[list, Any, Any], tuple[Any, Any]]
-    element: Callable[[Any], tuple[Any, Any, Any]]
+    element: Callable[[Any], tuple[Any, Any, Any]] | None = None
     vector: int = 4  # words per aligned 128-bit load
+    set_bits: SetBits | None = None
 
 
 class DecodeStage:
@@ -208,6 +233,7 @@ class DecodeStage:
     # -- Tensor Core template: tile scatter -------------------------------------------------------
 
     tile_scatter: TileScatter | None = None  # W as words scattered into zero tiles (scatter formats)
+    decodes_elements: bool = True  # False: no per-element `decode`; W is defined by the tile scatter
 
     # -- Tensor Core template: runs along K -------------------------------------------------------
 

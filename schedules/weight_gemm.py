@@ -111,7 +111,8 @@ def make_weight_gemm(
         return _row_slot_gemm(stage, stage.row_slots, m, k, x, stored, act_dtype, out_dtype, with_bias, epilogue)
     factored = row_scale_in_epilogue and stage.scales_rows
     decode = stage.unscaled_decode if factored else stage.decode
-    if stage.tile_scatter is not None:  # a zero placeholder, replaced below by the scatter
+    scatter_defines_w = stage.tile_scatter is not None and not stage.decodes_elements
+    if scatter_defines_w:  # a zero placeholder, replaced below by the scatter
         decode = lambda *_: tirx.const(0, act_dtype)  # noqa: E731
     w = te.compute((m, k), lambda r, c: decode(stored, r, c, act_dtype), name="decode")
     rk = te.reduce_axis((0, k), name="k")
@@ -134,7 +135,7 @@ def make_weight_gemm(
     store = _store(epilogue, rows, m, out_dtype, args)
     y = te.compute((rows, m), lambda i, j: store(with_bias_added(i, j), i, j), name="store")
     func = te.create_prim_func([*args, y])
-    if stage.tile_scatter is not None:
+    if scatter_defines_w:
         func = _with_scatter_decode(func, stage, m, k, len(stored))
     _STAGE_OF_FORMAT[stage.name] = stage
     return func.with_attrs(

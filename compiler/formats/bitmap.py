@@ -30,9 +30,13 @@ Why 16 x 64: the per-tile offset costs 4 B per 1024 weights (0.03 bit per weight
 weight stores 0.2 x 2 B + 1/8 B + 1/256 B = 0.529 B per weight, 3.78x fewer bytes than fp16, close to
 the bitmap's limit (3.8x); a row of a tile is two words, so the GEMM's 16-row mma tiles and 64-column K
 tiles cover whole tiles. The price is up to 32 masked popcounts per decoded weight (one per word of
-the tile), which a plain global-memory decode pays in full. The Tensor Core template shares them over a
-run of a tile row (`tile_run`, the stage's runs along K): the rows above popcounted once per run, then
-the rank advances by one bit a weight.
+the tile), which a plain global-memory decode pays in full (the PrimFunc's definition of W, the CPU's
+path). The Tensor Core template pays per nonzero instead: it zero-fills each W tile and scatters the
+nonzeros over the set bits of the tile's words (`bit_scatter`, the stage's tile scatter: a thread a tile
+row, its rank the tile's offset + the set bits of the rows above, counted by the CTA in shared memory;
+`schedules/tile_scatter.py`). Runs along K (`tile_run`: the rows above popcounted once per run of a tile
+row, then the rank advances by one bit a weight) are what it did before; the scatter costs fewer
+instructions at 80% sparsity (benchmarks/results/gemm_sass_sm_90a_sparse.md).
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
@@ -47,7 +51,7 @@ import numpy as np
 
 from tensorpress.compiler.formats.base import PackedWeight, WeightFormat, check_weight
 from tensorpress.errors import TensorpressError
-from tensorpress.schedules.decode_stage import DecodeStage, KRuns
+from tensorpress.schedules.decode_stage import DecodeStage, KRuns, SetBits, TileScatter
 
 TILE_ROWS, TILE_COLS = 16, 64
 WORD_BITS = 32
@@ -226,13 +230,34 @@ class BitmapFormat(WeightFormat):
         return BitmapDecode(self.name)
 
 
+def bit_scatter(value) -> TileScatter:
+    """The tile scatter of a bitmap's tiles (`decode_stage.py`, "Tile scatter", bitmap words): the
+    "bits" words of tile (tm, tk) (stored first, [TM, TK, 32] read flat), its first nonzero's index
+    offsets[tm, tk] (stored second), and value(stored, index) the nonzero of that index."""
+
+    def word_range(stored, tile_row, tile_col):
+        first = (tile_row * int(stored[0].shape[1]) + tile_col) * WORDS_PER_TILE
+        return first, first + WORDS_PER_TILE
+
+    return TileScatter(
+        tile_rows=TILE_ROWS,
+        tile_cols=TILE_COLS,
+        words=0,
+        word_range=word_range,
+        vector=WORDS_PER_TILE // TILE_ROWS,  # a tile row a thread (one 64-bit load): more busy lanes a warp
+        set_bits=SetBits(first_index=lambda stored, tile_row, tile_col: stored[1][tile_row, tile_col], value=value),
+    )
+
+
 class BitmapDecode(DecodeStage):
-    """W[m, k] from the tile's bits, offset and values; a plain global-memory decode. Capability: runs
-    along K (`tile_run`: the rank shared by a run of a tile row)."""
+    """W[m, k] from the tile's bits, offset and values; a plain global-memory decode. Capabilities: a
+    tile scatter over the set bits (`bit_scatter`: the Tensor Core template's W tiles) and runs along
+    K (`tile_run`: the rank shared by a run of a tile row)."""
 
     def __init__(self, name: str):
         self.name = name
         self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
+        self.tile_scatter = bit_scatter(lambda stored, index: stored[2][index])
 
     def decode_run(self, stored, row, col0, length: int, dtype: str, bind):
         bits, offsets, values = stored

@@ -33,8 +33,10 @@ of +0 is FPx's value +0, so leaving it out of the stream changes nothing; -0 is 
 
 Decode stage (`BitmapFPxDecode`): bitmap's rank (`bitmap.tile_rank`) then the code, placed in an fp16
 pattern by two masks and shifts (`FPxDecode.code_fp16_bits`), and FPx's row scale, applied once per
-output in the GEMM's epilogue. On the Tensor Core template it decodes runs along K as bitmap does
-(`decode_run`, the template's `k_runs`): a thread decodes a tile row's 64 weights, the rank of the rows
+output in the GEMM's epilogue. On the Tensor Core template it scatters as bitmap does (`bit_scatter`:
+after the zero-fill, per set bit the code at its rank, `code_value`: one window, two masks and shifts).
+Its runs along K (`decode_run`, the template's `k_runs`, used before the scatter and by stages without
+it) decode like this: a thread decodes a tile row's 64 weights, the rank of the rows
 above popcounted once (`bitmap.run_start`); per chunk of 4 weights a rank (+ the previous chunk's
 popcount) and the window of codes from it (`code_stream.window`: two loads and a funnel shift); per pair
 of weights the window's lowest codes make a half2 of patterns (SWAR), masked by the two bits, and the
@@ -64,6 +66,7 @@ from tensorpress.compiler.formats.bitmap import (
     RUN_LENGTHS,
     WORD_BITS,
     WORDS_PER_TILE,
+    bit_scatter,
     run_start,
     tile_bits,
     tile_grid,
@@ -184,6 +187,14 @@ class BitmapFPxDecode(DecodeStage):
         self.name = name
         self.values = values
         self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
+        self.tile_scatter = bit_scatter(self.code_value)
+
+    def code_value(self, stored, index):
+        """float16 TIR: the unscaled value of the stream's code `index` (the tile scatter's value)."""
+        from tvm import tirx
+
+        h = self.values.code_fp16_bits(self.window(stored[2], index))  # the window's lowest code
+        return tirx.reinterpret("float16", h.astype("uint16"))
 
     def unscaled_decode(self, stored, row, col, dtype: str):
         from tvm import tirx

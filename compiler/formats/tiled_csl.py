@@ -173,6 +173,8 @@ def word_value(word):
 class TiledCSLDecode(DecodeStage):
     """W as each tile's words scattered into a zero-filled tile (`TileScatter`); no per-element decode."""
 
+    decodes_elements = False
+
     def __init__(self, name: str):
         self.name = name
         self.tile_scatter = TileScatter(

@@ -206,7 +206,7 @@ def schedule_with_config(func: tirx.PrimFunc, target: Target, config: CpuGemmCon
     blocks = GemmBlocks(
         gemm=sch.get_sblock("gemm"),
         # a scatter decode builds all of W once per call (it is no per-element producer): read it in place
-        b_source=None if _stage(func).tile_scatter is not None else sch.get_sblock("decode"),
+        b_source=sch.get_sblock("decode") if _stage(func).decodes_elements else None,
         inline_b=panel is not None and panel % tile.cols == 0,
     )
     schedule_register_blocked_gemm(sch, blocks, tile, unit.lanes("float32"))

@@ -22,12 +22,14 @@ from tvm.tirx import BufferRegion
 
 from tensorpress.schedules.tensorcore.tile_config import WARP_SIZE, TileConfig
 from tensorpress.schedules.tile_scatter import ScatterRegion, ScatterThreads, cuda_threads, scatter_statement
-from tensorpress.schedules.weight_gemm import decode_stage_of
+from tensorpress.schedules.weight_gemm import decode_stage_of, weight_gemm_params
 
 
 def without_scatter_decode(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, list[tirx.Buffer]]:
-    """(`func` without its "decode" block, the stored buffers that block read). The W buffer it wrote stays
-    allocated and unwritten until `install_tile_scatter` drops it: the schedule reads it like an input."""
+    """(`func` without its "decode" block and the loops around it, the stored buffers in order). The W
+    buffer it wrote stays allocated and unwritten until `install_tile_scatter` drops it: the schedule
+    reads it like an input. The block is the whole-W scatter of a pure scatter stage, or the per-element
+    decode of a stage that offers both (`decode_stage.py`, "Tile scatter")."""
     found: list = []
 
     def drop(realize: SBlockRealize):
@@ -36,9 +38,16 @@ def without_scatter_decode(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, list[tir
             return tirx.Evaluate(0)
         return realize
 
-    func = tvm_ffi.structural_map(func, [(SBlockRealize, drop)])
-    (decode,) = found
-    return func, [region.source for region in decode.reads]
+    def drop_empty_loop(loop: tirx.For):
+        return loop.body if _is_nothing(loop.body) else loop
+
+    func = tvm_ffi.structural_map(func, [(SBlockRealize, drop), (tirx.For, drop_empty_loop)])
+    (_,) = found
+    return func, list(weight_gemm_params(func).stored)
+
+
+def _is_nothing(stmt) -> bool:
+    return isinstance(stmt, tirx.Evaluate) and isinstance(stmt.value, tirx.IntImm) and int(stmt.value) == 0
 
 
 def install_tile_scatter(

@@ -30,14 +30,21 @@ fastest across threads, and stores each 8 weights as one 16-byte STS (`run_tile.
                                           W tile ──ldmatrix──▶ B fragments ──▶ mma   (as a decoded tile)
 
 A scatter format (its stage's `tile_scatter`, e.g. Tiled-CSL: words of (fp16 value | position) per 16 x 64
-tile) is not a per-element decode: the PrimFunc's whole-W decode block is dropped and each K tile's W
-tile builds itself (`scatter_tile.py`, `schedules/tile_scatter.py`), one format for all such formats:
+tile; bitmap and bitmap x FPx: a bitmap word per 32 positions, the values in position order) builds its
+W tiles by the scatter, preferred to runs along K: the PrimFunc's whole-W decode block is dropped and
+each K tile's W tile builds itself (`scatter_tile.py`, `schedules/tile_scatter.py`), one seam for all such
+formats:
 
     W tile (shared, rows padded +16 B) ◀──STS.128 zeros (all threads)── ; __syncthreads()
     global words ──LDG.128: 4 words a thread──▶ registers ──STS value at (row, col) of its word──▶ W tile
                    (the block_m x block_k W tile covers whole 16 x 64 format tiles, or half of one when
                     block_k = 32; each format tile's words are dealt to threads / tiles threads)
                                           W tile ──ldmatrix──▶ B fragments ──▶ mma   (as a decoded tile)
+
+    bitmap words (`set_bits`): the fill phase also counts each thread's group of words into shared memory
+    (STS); after the barrier a thread's rank = the tile's first index + the counts of the groups before
+    (LDS), then for each of its words, for each set bit, lowest first (POPC(~m & (m - 1)), m &= m - 1):
+    global values / code stream ──LDG at rank──▶ value ──STS.U16 at (row, 32 word + bit)──▶ W tile
 
 N and K are padded to whole tiles inside the kernel (predicated, zero-filling cp.async; Y rows
 n >= N are never stored); block_m must divide M (TileConfig.check_shape).
@@ -52,7 +59,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.stmt import SBlock, SBlockRealize
 
 from tensorpress.errors import ConfigError, ShapeError
-from tensorpress.schedules.decode_stage import DecodeStage, staged_buffer_names
+from tensorpress.schedules.decode_stage import DecodeStage, TileScatter, staged_buffer_names
 from tensorpress.schedules.tensorcore import fragments as frag
 from tensorpress.schedules.tensorcore.fragment_decode import install_fragment_decode
 from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
@@ -119,7 +126,7 @@ class _Template:
         stored = [p.name for p in func.params]
         self.staged = staged_buffer_names(self.stage, self.m, self.k, stored)
         self.fragment_decode = _fragment_decode_stage(self.stage, func, config, bool(self.staged))
-        self.scatter = self.stage.tile_scatter
+        self.scatter = _scatter_of(self.stage, func)
         self.run_length: int | None = None  # runs along K of the W-tile decode (`_fetch_operands`)
         _check_dtypes(func)
         # int32 index math everywhere (N is int64 in the PrimFunc; mixed widths break layout maps).
@@ -417,6 +424,17 @@ def _fragment_decode_stage(
     if stage.scales_rows and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
         return None
     return stage
+
+
+def _scatter_of(stage: DecodeStage, func: tirx.PrimFunc) -> TileScatter | None:
+    """The stage's tile scatter when the template builds its W tiles by it (preferred to runs along K):
+    a scatter gives the unscaled values, so a stage with a row scale needs a PrimFunc that applies it in
+    the epilogue (else its per-element decode, scaled, fills the W tile)."""
+    if stage.tile_scatter is None:
+        return None
+    if stage.decodes_elements and stage.scales_rows and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
+        return None
+    return stage.tile_scatter
 
 
 def _run_length(stage: DecodeStage, func: tirx.PrimFunc, config: TileConfig) -> int | None:

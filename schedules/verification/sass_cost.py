@@ -103,6 +103,70 @@ def steady_state(instructions: list[Instruction], decoded_per_thread: int) -> Co
     return counts
 
 
+@dataclass(frozen=True)
+class ScatterTrips:
+    """How often the loops of a tile scatter (`schedules/tile_scatter.py`) run per K tile, for one warp
+    (a warp runs a loop as often as its busiest lane: the mean over the warps and K tiles of a weight):
+
+    groups:        trips of the loop over groups of words (one vector load of words a trip)
+    word_elements: per word of a group, the sum over its group trips of the busiest lane's set bits
+                   (bitmap words: the loop over a word's set bits); None for a word per element
+    fill_stores:   16-byte stores of zeros a thread makes (the zero-fill)
+    vector:        words a group holds
+    """
+
+    groups: float
+    word_elements: float | None
+    fill_stores: int
+    vector: int = 4
+
+
+def scatter_steady_state(instructions: list[Instruction], trips: ScatterTrips) -> Counter | None:
+    """Opcode counts one warp executes per K tile of the main loop of a tile-scatter kernel, each
+    instruction weighted by how often its innermost loop runs (`ScatterTrips`), loops told by what they
+    hold:
+
+        holds a BAR            the phase loop (fill, barrier | scatter): each phase is a branch, once
+        holds another loop     the loop over groups of words (bitmap words): trips.groups
+        only 16-byte STS       the zero-fill: fill_stores / its STS
+        other STS (2 bytes)    a word per element: the group loop, groups x vector / its STS;
+                               bitmap words: the loop over a word's set bits, word_elements / its STS
+                               (nvcc unrolls these loops; the remainder code sits in the loop around,
+                               counted at every trip of it)
+
+    Forward branches count as taken both ways (an upper bound, as in `steady_state`). None when the
+    kernel has no such main loop or a loop fits none of these."""
+    spans = loops(instructions)
+    holding_mma = [s for s in spans if any(ins.base == "HMMA" for ins in instructions[s[0] : s[1] + 1])]
+    if not holding_mma:
+        return None
+    main = max(holding_mma, key=lambda s: s[1] - s[0])
+    inner = sorted((s for s in spans if main[0] <= s[0] and s[1] <= main[1] and s != main), key=lambda s: s[1] - s[0])
+    runs: dict[tuple[int, int], float] = {}
+    for span in reversed(inner):  # outermost first: a loop's runs may depend on its parent's
+        body = instructions[span[0] : span[1] + 1]
+        wide = sum(ins.base == "STS" and ins.opcode.endswith(".128") for ins in body)
+        narrow = sum(ins.base == "STS" and not ins.opcode.endswith(".128") for ins in body)
+        nested = any(o != span and span[0] <= o[0] and o[1] <= span[1] for o in inner)
+        if any(ins.base == "BAR" for ins in body):
+            runs[span] = 1.0
+        elif nested:
+            runs[span] = trips.groups
+        elif wide and not narrow:
+            runs[span] = trips.fill_stores / wide
+        elif narrow:  # a word per element: the group loop stores them; else one word's set bits
+            each = trips.groups * trips.vector if trips.word_elements is None else trips.word_elements
+            runs[span] = each / narrow
+        else:
+            return None
+    weighted: dict[str, float] = {}
+    for i in range(main[0], main[1] + 1):
+        around = [s for s in inner if s[0] <= i <= s[1]]
+        base = instructions[i].base
+        weighted[base] = weighted.get(base, 0.0) + (runs[min(around, key=lambda s: s[1] - s[0])] if around else 1.0)
+    return Counter(weighted)
+
+
 def weight_budget(bits: float) -> float:
     """Thread-instructions an H100 SM may spend per b-bit weight and still stream W at full bandwidth."""
     weights_per_clock = H100_BYTES_PER_SM_CLOCK * 8 / bits

@@ -1,13 +1,16 @@
-"""bitmap x FPx sparse weights (`compiler/formats/bitmap_fpx.py`) on the Tensor Core template: runs along
-K (a thread decodes a tile row: a rank per chunk of 4, the chunk's codes read as one window)
-or, on tiles too small for whole warps of runs, the plain decode (the full rank a weight), both filling
-the fp16 W tile the mma reads, and the FPx row scale multiplies Y in the epilogue. Replayed on the CPU
+"""bitmap x FPx sparse weights (`compiler/formats/bitmap_fpx.py`) on the Tensor Core template: the tile
+scatter over the bitmap's set bits (each nonzero's code read from the stream at its rank, its unscaled
+value stored at its position in the zero-filled W tile; `test_bit_scatter.py` plants its bugs), which the
+template prefers; without it (a test stage) runs along K (a thread decodes a tile row: a rank per chunk
+of 4, the chunk's codes read as one window) or, on tiles too small for whole warps of runs, the plain
+decode (the full rank a weight). The FPx row scale multiplies Y in the epilogue. Replayed on the CPU
 (emulated ldmatrix / mma, shuffled threads, NaN-poisoned shared and register memory) against numpy for
 decode and prefill tiles and split-K, weights pruned 80% by magnitude; planted decode bugs (plain: an
 off-by-one popcount, a wrong position bit; runs: a chunk rank one short, a window word off by one) build
-for CUDA and fail the replay; built by nvcc for sm_80 and sm_90a: HMMA, LDSM and LDGSTS in the SASS,
-nothing spilled. The nvcc builds, the split-K and prefill replays and the planted bugs' CUDA build are
-marked slow (`-m slow`); by default the decode tile is replayed and the planted bugs fail."""
+for CUDA and fail the replay; built by nvcc for sm_80 and sm_90a (every shipped tile and split-K): HMMA,
+LDSM and LDGSTS in the SASS, nothing spilled. The nvcc builds, the split-K and prefill replays and the
+planted bugs' CUDA build are marked slow (`-m slow`); by default the decode tile is replayed and the
+planted bugs fail."""
 
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def test_replay_matches_numpy(config):
 
 
 def test_runs_crossing_k_match_numpy():
-    out, ref = replay_weight_gemm(FORMAT, 64, 208, 9, SMALL, seed=5, bias=True)  # runs of 64 cross K = 208
+    out, ref = replay_weight_gemm(FORMAT, 64, 208, 9, SMALL, seed=5, bias=True, stage=WITHOUT_SCATTER)  # K = 208
     assert relative_error(out, ref) < TOLERANCE
 
 
@@ -61,14 +64,25 @@ def test_other_fpx_values_and_token_counts(fmt, n):
     assert relative_error(out, ref) < TOLERANCE
 
 
-def test_takes_the_w_tile_path_with_the_scale_in_the_epilogue():
+def test_takes_the_scatter_path_with_the_scale_in_the_epilogue():
     func = make_weight_gemm(decode_stage(FORMAT), 64, 256, buffers=_buffers(64, 256))
     assert bool(func.attrs["tensorpress.row_scale_in_epilogue"])
-    blocks = TemplateBlocks.of(schedule_weight_gemm(func, SMALL, emulated_intrinsics()), emulated_intrinsics())
-    assert blocks.w_shared is not None  # decoded into the shared fp16 W tile (no staging: see the format)
+    scheduled = schedule_weight_gemm(func, SMALL, emulated_intrinsics()).mod.script()
+    assert "set_bit" in scheduled and "run_rank0" not in scheduled  # the bit scatter, not runs along K
+    unscaled = make_weight_gemm(decode_stage(FORMAT), 64, 256, buffers=_buffers(64, 256), row_scale_in_epilogue=False)
+    blocks = TemplateBlocks.of(schedule_weight_gemm(unscaled, SMALL, emulated_intrinsics()), emulated_intrinsics())
+    assert blocks.w_shared is not None  # scaled weights: the per-element decode fills the shared W tile
 
 
-class _OffByOnePopcount(BitmapFPxDecode):
+class _WithoutScatter(BitmapFPxDecode):
+    """bitmap x FPx without its tile scatter (which the template prefers): the plain and run decodes."""
+
+    def __init__(self, name: str, values):
+        super().__init__(name, values)
+        self.tile_scatter = None
+
+
+class _OffByOnePopcount(_WithoutScatter):
     """Counts the weight's own bit in its rank: every stored weight reads its successor's code."""
 
     def unscaled_decode(self, stored, row, col, dtype):
@@ -78,14 +92,14 @@ class _OffByOnePopcount(BitmapFPxDecode):
         return tirx.Select(is_set, h, tirx.const(0, "float16")).astype(dtype)
 
 
-class _WrongPositionBit(BitmapFPxDecode):
+class _WrongPositionBit(_WithoutScatter):
     """Tests bit (p ^ 1) for whether W[row, col] is stored: neighbouring columns swap their masks."""
 
     def unscaled_decode(self, stored, row, col, dtype):
         return super().unscaled_decode(stored, row, tirx.bitwise_xor(col, 1), dtype)
 
 
-class _ChunkRankOneShort(BitmapFPxDecode):
+class _ChunkRankOneShort(_WithoutScatter):
     """A run's chunk rank leaves out the previous chunk's last bit: the chunk after a set last bit reads
     its codes from one code too early."""
 
@@ -94,7 +108,7 @@ class _ChunkRankOneShort(BitmapFPxDecode):
         return super().chunk_rank(rank, mask) - last.astype("int32")
 
 
-class _WindowWordOffByOne(BitmapFPxDecode):
+class _WindowWordOffByOne(_WithoutScatter):
     """A run's window reads the stream words one after the right ones (in bounds: the spare word)."""
 
     def window(self, codes, rank):
@@ -144,9 +158,12 @@ def test_the_plain_and_run_paths():
     assert (run_length(stage, PLAIN), run_length(stage, SMALL), run_length(stage, DECODE_TILE)) == (None, 64, 64)
 
 
+WITHOUT_SCATTER = _WithoutScatter("test-bitmap-fpx-no-scatter", fpx_decode_stage(3, 2))
+
+
 @pytest.mark.parametrize("config", [PLAIN, SMALL], ids=lambda c: c.label())
 def test_the_planted_bugs_driver_passes_without_a_bug(config):
-    out, ref = replay_weight_gemm(FORMAT, 128, 256, 9, config, seed=2)
+    out, ref = replay_weight_gemm(FORMAT, 128, 256, 9, config, seed=2, stage=WITHOUT_SCATTER)
     assert relative_error(out, ref) < TOLERANCE
 
 
@@ -192,7 +209,7 @@ def test_sass_of_the_decode_tile_has_the_tensor_core_path(decode_tile_reports, a
     _check_sass(decode_tile_reports, arch, DECODE_TILE)
 
 
-OTHER_SASS = [SPLIT_K, SHIPPED_TILES[4]]
+OTHER_SASS = [SPLIT_K, *SHIPPED_TILES[1:]]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Runs along K (`schedules/tensorcore/run_tile.py`, `decode_stage.py` "Runs along K"): the Tensor Core
 template gives each thread whole runs of a decoded W-tile row and the stage decodes a run at once
-(bitmap: the rank computed once per run, then advanced one bit per weight). Replayed on the CPU against
+(bitmap without its tile scatter, which the template prefers: the rank computed once per run, then
+advanced one bit per weight). Replayed on the CPU against
 numpy where the K tiles pad K (a run crossing K, a run past K), and planted bugs in the per-run rank
 (a rank that stops advancing at a word's last bit, a row prefix one row short) fail the replay."""
 
@@ -31,11 +32,22 @@ def test_run_length_fits_the_tile_in_whole_warps():
 @pytest.mark.parametrize("config", [SMALL, NARROW, SHIPPED_TILES[0]], ids=lambda c: c.label())
 @pytest.mark.parametrize("k", [208, 240])  # K tiles pad K: runs of 64 cross K; 240: a run of 32 crosses it
 def test_runs_crossing_k_match_numpy(config, k):
-    out, ref = replay_weight_gemm("bitmap", 128, k, 9, config, seed=k, bias=True)
+    out, ref = replay_weight_gemm("bitmap", 128, k, 9, config, seed=k, bias=True, stage=RUNS)
     assert relative_error(out, ref) < TOLERANCE
 
 
-class _RankStopsAtWordEnd(BitmapDecode):
+class _RunsOnly(BitmapDecode):
+    """bitmap without its tile scatter (which the template prefers): its W tiles decoded in runs."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.tile_scatter = None
+
+
+RUNS = _RunsOnly("test-bitmap-runs")
+
+
+class _RankStopsAtWordEnd(_RunsOnly):
     """The rank does not advance past the last bit of the run's first word: weights of a row's second
     word (runs of 64) read the value before theirs when bit 31 is set."""
 
@@ -52,7 +64,7 @@ class _RankStopsAtWordEnd(BitmapDecode):
         return [kept_if(s, values[i]).astype(dtype) for s, i in zip(is_set, index)]
 
 
-class _PrefixOneRowShort(BitmapDecode):
+class _PrefixOneRowShort(_RunsOnly):
     """The row prefix leaves out the tile row just above: every row but the first reads too early (K = 64:
     one tile column)."""
 
@@ -77,7 +89,7 @@ PLANTED = {
 
 
 def test_the_planted_bugs_driver_passes_without_a_bug():
-    out, ref = replay_weight_gemm("bitmap", 128, 64, 9, SHIPPED_TILES[0], seed=2)
+    out, ref = replay_weight_gemm("bitmap", 128, 64, 9, SHIPPED_TILES[0], seed=2, stage=RUNS)
     assert relative_error(out, ref) < TOLERANCE
 
 
