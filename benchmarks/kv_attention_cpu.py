@@ -85,9 +85,9 @@ def build_decode(fmt, heads: int, kv_heads: int):
     from tensorpress.compiler.targets import TargetSpec
     from tensorpress.schedules.kv_attention import kv_attention_rules, paged_attention_func
 
-    func = paged_attention_func(fmt, heads, kv_heads, HEAD_DIM, PAGE, "float32", "decode")
     target = TargetSpec("cpu").tvm_target()  # the target `tensorpress compile --target cpu` builds for
-    with target:
+    with target:  # defined under it, as the compiler imports a decoder: the CPU's chunks (`chunk_tokens`)
+        func = paged_attention_func(fmt, heads, kv_heads, HEAD_DIM, PAGE, "float32", "decode")
         mod = dl.ApplyDefaultSchedule(*kv_attention_rules())(
             tvm.IRModule({"decode": func.with_attr("global_symbol", "decode")})
         )

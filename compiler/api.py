@@ -208,7 +208,9 @@ def import_for_compile(
         )
     log.info("importing %s", _described(model))
     start = time.perf_counter()
-    with internal_errors_named("import", target_spec):
+    # under the target: kernels the import defines may fit it (the paged attention's chunks, see
+    # `schedules/kv_attention.chunk_tokens`)
+    with internal_errors_named("import", target_spec), target_spec.tvm_target():
         imported = import_model(
             model,
             example_inputs=example_inputs,

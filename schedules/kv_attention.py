@@ -73,10 +73,26 @@ CHUNK_ATTR = "tensorpress.kv_chunk"
 SLOTS = 8  # a_c is summed as SLOTS interleaved partial sums (one per thread row on the GPU)
 
 
-def chunk_tokens(num_q_heads: int, num_kv_heads: int) -> int:
-    """Positions per chunk: 64 (enough CTAs at batch 1: 32 kv heads x 2048/64, few partials), or 32
-    when a kv head serves more than 4 query heads (the GPU's per-chunk p·V sums then fit in shared
-    memory in one pass; see `kv_attention_cuda.pv_plan`)."""
+CPU_CHUNK_TOKENS = 128  # llvm: few chunk partials (measured at 32k context, see chunk_tokens)
+
+
+def chunk_tokens(num_q_heads: int, num_kv_heads: int, target_kind: str | None = None) -> int:
+    """Positions per chunk for a build for `target_kind` (a TVM target kind; None: the kind of the current
+    target, `with target:`, and cuda's chunks when there is none).
+
+    cuda: 64 (enough CTAs at batch 1: 32 kv heads x 2048/64, few partials), or 32 when a kv head serves
+    more than 4 query heads (the GPU's per-chunk p·V sums then fit in shared memory in one pass; see
+    `kv_attention_cuda.pv_plan`). llvm: CPU_CHUNK_TOKENS whatever the group: a chunk's partials (D floats
+    per query head) are written and read back by the merge, and each chunk costs a task's set-up and a sum
+    of its slots. At 32k context, G8, batch 1, one thread (CPU time, in turns), chunks of 32 -> 128 took
+    fp32 44.1 -> 40.0 ms, int2-kitty 21.0 -> 17.9, int2-oscar 20.7 -> 16.9; at batch 8 and 2 threads
+    256 was no faster and 512 slower. 128 positions still give a 1k context 8 tasks per kv head and token.
+    """
+    if target_kind is None:
+        current = Target.current(allow_none=True)
+        target_kind = current.kind.name if current is not None else "cuda"
+    if target_kind == "llvm":
+        return CPU_CHUNK_TOKENS
     return 64 if num_q_heads // num_kv_heads <= 4 else 32
 
 
@@ -166,7 +182,8 @@ def paged_attention_func(
     chunk: int | None = None,
 ) -> tirx.PrimFunc:
     """Causal GQA attention of N query tokens over their sequences' pages; out = softmax(q·Kᵀ/√D)·V,
-    in chunks of `chunk` positions (default `chunk_tokens`, a multiple of SLOTS) merged in order.
+    in chunks of `chunk` positions (a multiple of SLOTS; default `chunk_tokens` for the current target,
+    so a build for the CPU defines fewer, longer chunks than one for CUDA) merged in order.
 
     Blocks, in order (stage 1 shares the loops n, g, c; j = query head in the group, t = position in
     the chunk):  q_scaled, keys, score, chunk_max, prob, chunk_sum, values, slot_acc, chunk_acc |

@@ -1,6 +1,7 @@
 """llvm schedules of the paged KV kernels (`kv_attention.py`).
 
-Attention stage 1 runs one parallel task per (token, kv head, chunk): for head_dim > 64 the chunk's
+Attention stage 1 runs one parallel task per (token, kv head, chunk) (defined for the CPU, a chunk is
+`kv_attention.CPU_CHUNK_TOKENS` positions: few partials for the merge to read): for head_dim > 64 the chunk's
 keys are gathered transposed ([D, CHUNK] in a task-local buffer) so q·k vectorises over the chunk's
 positions, as a register tile: all heads of the group × 1 or 2 vectors of positions, 8 sums held in
 registers over d, so a key vector is loaded once for all heads (for short rows q·k reads the pages

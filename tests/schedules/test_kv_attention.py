@@ -10,7 +10,13 @@ from kv_reference import attention_reference, chunked_attention_reference, paged
 from tvm.s_tir import dlight as dl
 
 from tensorpress.compiler.formats import get_kv_cache_format
-from tensorpress.schedules.kv_attention import chunk_tokens, kv_append_func, kv_attention_rules, paged_attention_func
+from tensorpress.schedules.kv_attention import (
+    CPU_CHUNK_TOKENS,
+    chunk_tokens,
+    kv_append_func,
+    kv_attention_rules,
+    paged_attention_func,
+)
 
 AUTO = get_kv_cache_format("auto")  # the unquantised cache in the model dtype: the kernels as they have always been
 
@@ -131,11 +137,59 @@ def test_the_chunked_form_is_the_softmax_of_all_positions():
         np.testing.assert_allclose(chunked_attention_reference(batch, chunk), attention_reference(batch), 1e-5, 1e-5)
 
 
+def _chunk(func) -> int:
+    return int(func.attrs["tensorpress.kv_chunk"])
+
+
 def test_chunk_size_follows_the_query_heads_per_kv_head():
     assert [chunk_tokens(g * 4, 4) for g in (1, 2, 4, 5, 7, 8)] == [64, 64, 64, 32, 32, 32]
-    assert int(paged_attention_func(AUTO, 32, 4, 128, 16, "float16", "decode").attrs["tensorpress.kv_chunk"]) == 32
+    assert [chunk_tokens(g * 4, 4, "cuda") for g in (1, 2, 4, 5, 7, 8)] == [64, 64, 64, 32, 32, 32]
+    assert _chunk(paged_attention_func(AUTO, 32, 4, 128, 16, "float16", "decode")) == 32
     with pytest.raises(ValueError, match="multiple of 8"):
         paged_attention_func(AUTO, 4, 2, 16, 4, "float32", "decode", chunk=12)
+
+
+def test_a_cpu_build_defines_the_cpu_chunk_whatever_the_group():
+    """Defined under an llvm target (as the compiler imports a decoder for the CPU), the attention has
+    CPU_CHUNK_TOKENS positions per chunk; under a cuda target or none, the GPU's 64 / 32."""
+    assert CPU_CHUNK_TOKENS % 8 == 0 and CPU_CHUNK_TOKENS not in (32, 64)
+    assert [chunk_tokens(g * 4, 4, "llvm") for g in (1, 4, 8)] == [CPU_CHUNK_TOKENS] * 3
+    with CPU:
+        assert [chunk_tokens(g * 4, 4) for g in (1, 4, 8)] == [CPU_CHUNK_TOKENS] * 3
+        assert _chunk(paged_attention_func(AUTO, 32, 4, 128, 16, "float32", "decode")) == CPU_CHUNK_TOKENS
+        assert _chunk(paged_attention_func(AUTO, 32, 4, 128, 16, "float32", "decode", chunk=16)) == 16
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}):
+        assert _chunk(paged_attention_func(AUTO, 32, 4, 128, 16, "float16", "decode")) == 32
+        assert _chunk(paged_attention_func(AUTO, 32, 16, 128, 16, "float16", "decode")) == 64
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, phase, new",
+    [
+        (16, 2, 128, "decode", [1, 1, 1, 1, 1]),  # G8, the gathered key tile
+        (8, 2, 32, "prefill", [4, 2, 1, 3, 1]),  # G4, keys read in place; rows on both sides of a chunk edge
+    ],
+)
+def test_cpu_chunks_over_long_contexts_match_numpy_and_rerun_bit_identical(heads, kv_heads, head_dim, phase, new):
+    """The CPU's long chunks over contexts of 1 to 9 of them: the last one partial, one of a single
+    position (1025 = 8 x 128 + 1), one short of full (255), and chunk counts that do not divide among the
+    2 threads. The kernel built as the compiler builds it for the CPU agrees with softmax attention (numpy,
+    float64) and with the chunked form at its chunk; a rerun gives the same bits."""
+    rng = np.random.default_rng(head_dim + heads)
+    lengths = [1025, 130, 5, 1000, 255]
+    batch = paged_batch(rng, heads, kv_heads, head_dim, 16, lengths, new)
+    with CPU:
+        func = paged_attention_func(AUTO, heads, kv_heads, head_dim, 16, "float32", phase)
+    assert _chunk(func) == CPU_CHUNK_TOKENS
+    lib = _build({phase: func}, CPU)
+    outs = []
+    for _ in range(2):
+        out = tvm.runtime.tensor(np.full(batch.q.shape, np.nan, np.float32))
+        lib[phase](*_tensors(*batch.arrays()), batch.layer, out)
+        outs.append(out.numpy())
+    np.testing.assert_allclose(outs[0], attention_reference(batch), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(outs[0], chunked_attention_reference(batch, CPU_CHUNK_TOKENS), rtol=2e-6, atol=2e-6)
+    assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
 
 
 def test_attention_is_deterministic(cpu_kernels):
