@@ -291,7 +291,14 @@ def _stacked_params(params: dict[str, np.ndarray], groups: list[FusedGroup]) -> 
 
 
 def _stack(arrays: list[np.ndarray], axis: int) -> np.ndarray:
-    return np.ascontiguousarray(np.concatenate([np.asarray(a) for a in arrays], axis=axis))
+    """The arrays joined along `axis`; arrays that are each one value broadcast (store_weights=False gives
+    shapes only, as zero-stride zeros) stay a broadcast, so a 7B-shaped model is not made in memory."""
+    arrays = [np.asarray(a) for a in arrays]
+    if all(a.size and not any(a.strides) for a in arrays) and len({a.flat[0] for a in arrays}) == 1:
+        shape = list(arrays[0].shape)
+        shape[axis] = sum(a.shape[axis] for a in arrays)
+        return np.broadcast_to(np.asarray(arrays[0].flat[0], arrays[0].dtype), tuple(shape))
+    return np.ascontiguousarray(np.concatenate(arrays, axis=axis))
 
 
 @expr_functor.mutator

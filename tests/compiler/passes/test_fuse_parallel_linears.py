@@ -10,7 +10,8 @@ import torch
 
 import tensorpress
 from tensorpress.compiler import pipeline
-from tensorpress.compiler.passes.fuse_parallel_linears import stacked_name
+from tensorpress.compiler.passes.fuse_parallel_linears import FUSED_LINEARS_INFO, FuseParallelLinears, stacked_name
+from tensorpress.frontend import import_model
 from tensorpress.runtime.inspect_artifact import describe_artifact
 
 
@@ -195,3 +196,14 @@ def test_stacked_name_keeps_what_the_names_share():
     assert stacked_name(names) == "model.layers.0.self_attn.{q_proj,k_proj,v_proj}.weight"
     assert stacked_name(["up", "gate"]) == "{up,gate}"
     assert stacked_name(["a.x.w", "a.y.z.w"]) == "a.{x,y.z}.w"
+
+
+def test_shapes_only_weights_stay_broadcasts_when_stacked():
+    """store_weights=False imports weights as zero-stride zeros: stacking them must not allocate the model."""
+    imported = import_model(LlamaBlock().eval(), example_inputs=(torch.randn(1, 4, 64),))
+    imported.params = {n: np.broadcast_to(np.zeros((), a.dtype), a.shape) for n, a in imported.params.items()}
+    fused = FuseParallelLinears(lambda weight: "one format")(imported)
+    assert sorted(fused.info[FUSED_LINEARS_INFO]) == ["{gate_proj,up_proj}.weight", "{q_proj,k_proj,v_proj}.weight"]
+    qkv = fused.params["{q_proj,k_proj,v_proj}.weight"]
+    assert qkv.shape == (128, 64) and not any(qkv.strides)
+    assert "q_proj.weight" not in fused.params  # the members are gone where nothing reads them
