@@ -2,14 +2,18 @@
 stacked by rows, its result cut back into each layer's columns for that layer's readers.
 
     q = x @ Wq^T + bq                        qkv = x @ [Wq; Wk; Wv]^T + [bq; bk; bv]    (one weight GEMM)
-    k = x @ Wk^T + bk            ──▶         q = qkv[..., 0 : Mq]                        (strided_slice: FuseOps
-    v = x @ Wv^T + bv                        k = qkv[..., Mq : Mq + Mk]                  puts each into its
-                                             v = qkv[..., Mq + Mk : M]                   reader's kernel)
+    k = x @ Wk^T + bk            ──▶         q, k, v = split(qkv, [Mq, Mq + Mk], axis=-1)
+    v = x @ Wv^T + bv                                  (one copy kernel writing all three)
 
 The stacked weight is a parameter of its own, named for its members (`layer.0.self.{query,key,value}.weight`),
 in the place of the first; a decoder's gate/up projections and a GQA layer's k/v (or q/k/v) fuse the same
 way. Fewer, larger calls: on a 2-core CPU a 384x384 weight GEMM over 128 tokens loses 0.06-0.10 ms to
-the thread pool's start and its last uneven tiles, so MiniLM's 18 q/k/v GEMMs become 6 of 1152x384.
+the thread pool's start and its last uneven tiles, so MiniLM's 18 q/k/v GEMMs become 6 of 1152x384:
+three 384x384 GEMMs 0.892 ms, one 1152x384 0.679 ms (N = 128; 1.04x at N = 1024; two 1536x384 as one:
+1.01x; benchmarks/results/stacked_linears_cpu.json). In a MiniLM pass the q/k/v GEMMs took 3.80 ms
+against 4.36 ms apart (VM profiler, 1x128), the split 0.12 ms (it was 0.13 ms as three strided_slices:
+the reshapes after them stay views, so no slice fuses into its reader); end to end the change was
+within this shared host's noise (benchmarks/results/minilm_tuned_cpu_fused_*.json).
 
 Which layers fuse (each a linear of `RewriteLinearToWeightGemm`'s patterns, plain: no astype or
 broadcast of W):
@@ -30,6 +34,7 @@ members' rows one after another. The groups are recorded in model.info["fused_li
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -310,7 +315,7 @@ class _Fuser(PyExprMutator):
         super().__init__(mod)
         self.params = params  # with the stacked arrays (`_stacked_params`)
         self.group_of = {name: g for g in groups for name in g.members}
-        self._members: dict[relax.Var, tuple[FusedGroup, int, int]] = {}  # top var -> (group, begin, end)
+        self._members: dict[relax.Var, tuple[FusedGroup, int]] = {}  # top var -> (group, its place in it)
         self._linears: dict[FusedGroup, list[_Linear]] = {}
         self._fused: dict[FusedGroup, relax.Var] = {}
         self._param_vars: dict[str, relax.Var] = {}
@@ -321,10 +326,8 @@ class _Fuser(PyExprMutator):
         for group in dict.fromkeys(self.group_of[n] for n in by_name if n in self.group_of):
             members = [by_name[n] for n in group.members]
             self._linears[group] = members
-            begin = 0
-            for lin in members:
-                self._members[lin.top] = (group, begin, begin + lin.m)
-                begin += lin.m
+            for index, lin in enumerate(members):
+                self._members[lin.top] = (group, index)
             for name in (group.weight, group.bias):
                 if name is not None:
                     value = self.params[name]
@@ -341,15 +344,16 @@ class _Fuser(PyExprMutator):
         member = self._members.get(binding.var)
         if member is None:
             return super().visit_var_binding_(binding)
-        group, begin, end = member
+        group, index = member
         if group not in self._fused:
-            self._fused[group] = self._emit_stacked(group)
-        ndim = binding.var.ty.ndim
-        piece = relax.op.strided_slice(self._fused[group], axes=[ndim - 1], begin=[begin], end=[end])
+            self._fused[group] = self._emit_stacked(group, binding.var.ty.ndim - 1)
+        piece = relax.TupleGetItem(self._fused[group], index)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(piece)))
 
-    def _emit_stacked(self, group: FusedGroup) -> relax.Var:
-        """x @ W_stacked (+ b_stacked) in the form the frontends give a linear, at the first member."""
+    def _emit_stacked(self, group: FusedGroup, axis: int) -> relax.Var:
+        """x @ W_stacked (+ b_stacked) in the form the frontends give a linear, at the first member, split
+        along `axis` into the members' results (one kernel writing them all: a strided_slice each could
+        not fuse into its reader past the reshapes, which stay views, and cost a kernel per member)."""
         first = self._linears[group][0]
         x = self.visit_expr(first.x)
         w: relax.Expr = self._param_vars[group.weight]
@@ -358,7 +362,8 @@ class _Fuser(PyExprMutator):
         y = self.builder_.emit(relax.op.matmul(x, w, out_dtype=first.out_dtype))
         if group.bias is not None:
             y = self.builder_.emit(relax.op.add(y, self._param_vars[group.bias]))
-        return y
+        ends = list(itertools.accumulate(lin.m for lin in self._linears[group]))
+        return self.builder_.emit(relax.op.split(y, indices_or_sections=ends[:-1], axis=axis))
 
 
 def _drop_unread_params(mod: tvm.IRModule) -> tvm.IRModule:
