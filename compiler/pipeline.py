@@ -9,6 +9,8 @@ plan     = plan_weights(sites, recipe, target, w)    which format each weight is
 packed   = compress_in_order(imported, feeds, ...)    with calibration: the compressed layers pruned / quantised
                                                      level by level from their inputs' X^T X
                                                      (compiler/calibration/): wanda, sparsegpt, act
+imported = fuse_parallel_linears(imported, plan)     CPU: linears reading one input, stored alike, as one
+                                                     (q/k/v, gate/up: their weights stacked by rows)
 imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed (CPU: a
                                                      following GELU or residual add in the kernel's store)
 imported = mask_infinite_max_in_logsumexp(imported)  numerics: logsumexp of ±Inf rows as torch gives it
@@ -41,9 +43,11 @@ from tensorpress.compiler.passes import GraphPass, on_module
 from tensorpress.compiler.passes.convolutions_as_weight_gemms import convolutions_as_weight_gemms
 from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
 from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
+from tensorpress.compiler.passes.fuse_parallel_linears import FUSED_LINEARS_INFO, FuseParallelLinears
 from tensorpress.compiler.passes.mask_infinite_max_in_logsumexp import mask_infinite_max_in_logsumexp
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
     LayerChoice,
+    LinearSite,
     RewriteLinearToWeightGemm,
     find_linear_sites,
 )
@@ -73,6 +77,7 @@ class RewrittenModel:
     plans: list[LayerPlan]
     packed: dict[str, PackedWeight]
     densities: dict[str, float]
+    fused_into: dict[str, str]  # member weight -> the stacked weight it is stored in (fuse_parallel_linears)
 
 
 def compile_imported(
@@ -112,6 +117,7 @@ def compile_imported(
             recipe_as_written,
             build.kernels,
             rewritten.densities,
+            rewritten.fused_into,
         )
         manifest["kernel_configs"] = build.kernel_configs
         manifest["tuned_generic_kernels"] = build.tuned_kernels  # scheduled from meta_schedule records
@@ -162,6 +168,10 @@ def rewrite_for_target(
     if sites:
         log.info("packing the weights of %d linear layers (%s)", len(sites), recipe.format or "dense")
     calibrated = _compress_calibrated(imported, sites, choices, recipe, calibration, target, pruned)
+    fused_into: dict[str, str] = {}
+    if target.kind == "cpu":  # where fusion was measured (issue 14); the Tensor Core records are per shape
+        with internal_errors_named("rewrite", target):
+            imported, fused_into = fuse_parallel_linears(imported, sites, choices, pruned, set(calibrated), recipe)
     packed: dict[str, PackedWeight] = {}
     packed_by_shape: dict[tuple, PackedWeight] = {}
 
@@ -191,7 +201,44 @@ def rewrite_for_target(
         rewritten = RewriteLinearToWeightGemm(choices, pack, fuse_epilogues=target.kind == "cpu")(imported)
         for graph_pass in numerics_passes(target):
             rewritten = graph_pass(rewritten)
-    return RewrittenModel(rewritten, plans, packed, densities)
+    return RewrittenModel(rewritten, plans, packed, densities, fused_into)
+
+
+def fuse_parallel_linears(
+    imported: ImportedModel,
+    sites: list[LinearSite],
+    choices: dict[str, LayerChoice],
+    pruned: set[str],
+    calibrated: set[str],
+    recipe: WeightRecipe,
+) -> tuple[ImportedModel, dict[str, str]]:
+    """`FuseParallelLinears` on the layers stored alike: one format (and activation dtype), pruned or
+    not, none calibrated one by one (its packing is made for its own rows) or read by another op (a tied
+    embedding). Updates `choices` and `pruned` in place (the stacked weight takes its members' entries);
+    returns the model and {member: stacked weight}."""
+    by_name = {site.weight: site for site in sites}
+
+    def storage(weight: str) -> tuple[LayerChoice, bool] | None:
+        site = by_name.get(weight)
+        if weight not in choices or weight in calibrated or site is None or site.also_read_by is not None:
+            return None
+        return choices[weight], weight in pruned
+
+    def accepts(key, m: int, k: int) -> bool:
+        return get_weight_format(key[0].format, recipe.scale_search).unsupported_reason(m, k) is None
+
+    imported = FuseParallelLinears(storage, accepts)(imported)
+    fused_into: dict[str, str] = {}
+    for stacked, members in imported.info.get(FUSED_LINEARS_INFO, {}).items():
+        choices[stacked] = choices[members[0]]
+        if members[0] in pruned:
+            pruned.add(stacked)
+        for member in members:
+            fused_into[member] = stacked
+            del choices[member]
+    if fused_into:
+        log.info("fused %d linear layers into %d weight GEMMs", len(fused_into), len(set(fused_into.values())))
+    return imported, fused_into
 
 
 def _compress_calibrated(imported, sites, choices, recipe, feeds, target, pruned) -> dict[str, PackedWeight]:
@@ -261,6 +308,7 @@ def _manifest(
     recipe: dict[str, Any],
     kernels: list[str],
     densities: dict[str, float],
+    fused_into: dict[str, str],
 ) -> dict[str, Any]:
     from tvm import relax
 
@@ -275,18 +323,24 @@ def _manifest(
     layers = []
     for plan in plans:
         m, k = plan.shape
-        stored = packed[plan.weight].nbytes if plan.weight in packed else int(model.params[plan.weight].nbytes)
+        # A fused layer is stored as rows of its stacked weight: its entry gives that weight's format, density
+        # and its rows' share of the stored bytes, and names the stacked weight (`fused_into`).
+        name = fused_into.get(plan.weight, plan.weight)
+        stored = packed[name].nbytes if name in packed else int(model.params[name].nbytes)
+        if name != plan.weight:
+            stored = stored * m // packed[name].shape[0]
         layers.append(
             {
                 "weight": plan.weight,
                 "shape": [m, k],
                 "format": plan.format or "generic",
-                "stored_format": packed[plan.weight].format if plan.weight in packed else None,
+                "stored_format": packed[name].format if name in packed else None,
                 "reason": plan.reason,
                 "stored_bytes": stored,
                 "fp16_bytes": m * k * 2,
             }
-            | ({"density": densities[plan.weight]} if plan.weight in densities else {})
+            | ({"density": densities[name]} if name in densities else {})
+            | ({"fused_into": name} if name != plan.weight else {})
         )
     weight_bytes = int(sum(np.asarray(v).nbytes for v in model.params.values()))
     return {

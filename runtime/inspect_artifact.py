@@ -59,6 +59,7 @@ def describe_artifact(path: str | os.PathLike, as_json: bool = False, verify: bo
                 + (f"{density:>8} " if sparse else "")
                 + f"{_size(layer['stored_bytes']):>10} {_size(layer['fp16_bytes']):>10}  {saved:6.1%}"
                 + (f"  ({layer['reason']})" if layer["reason"] not in ("compressed", "dense") else "")
+                + (f"  (rows of {layer['fused_into']}: one weight GEMM)" if "fused_into" in layer else "")
                 + _padding_note(layer)
             )
         stored = sum(layer["stored_bytes"] for layer in layers)
