@@ -158,6 +158,9 @@ def tune_generic_ops(
     each op (progress)."""
     budget = budget or SearchBudget()
     ops = ops_worth_tuning(find_generic_ops(lower_to_kernels(mod, target_spec)), budget.max_ops)
+    if not ops:  # e.g. every op has a symbolic shape (a batch, a sequence): leave no empty database behind
+        log.info("meta_schedule: no generic op with static shapes to search")
+        return []
     folder = database_folder(log_dir)
     database = open_tuning_database(folder)
     finished = finished_ops(log_dir)

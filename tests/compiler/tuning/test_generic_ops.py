@@ -172,6 +172,21 @@ def test_a_broken_or_missing_log_is_skipped_with_one_warning(recorded_log, tmp_p
     assert len(caplog.records) == 1 and str(records) in caplog.records[0].getMessage()
 
 
+def test_a_model_without_static_generic_ops_searches_nothing_and_writes_no_log(tmp_path):
+    """A softmax over a symbolic sequence (MiniLM's generic ops all have a batch and a sequence): no search,
+    and no empty meta_schedule database left in the log folder."""
+    from tvm import relax, tirx
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((HEADS, tirx.Var("seq", "int64")), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.softmax(x, axis=-1)))
+        bb.emit_func_output(out)
+    assert tune_generic_ops(bb.get(), CPU, tmp_path / "log", TINY) == []
+    assert not (tmp_path / "log").exists()
+
+
 @pytest.mark.slow
 def test_tuning_writes_records_resumes_and_the_build_applies_them(tmp_path):
     log_dir = tmp_path / "log"
