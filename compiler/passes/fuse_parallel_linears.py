@@ -165,13 +165,14 @@ def _plain_linears(func: relax.Function) -> list[_Linear]:
     num_input = _num_input(func) or 0
     weights = set(list(func.params)[num_input:])
     var2val = relax.analysis.get_var2val(func)
-    readers: dict[relax.Var, list[relax.Expr]] = {}
+    # var -> the variable of each binding reading it, once per read (None: the function's result reads it)
+    readers: dict[relax.Var, list[relax.Var | None]] = {}
     for block in func.body.blocks:
         for binding in block.bindings:
             for var in _vars_in(binding.value):
-                readers.setdefault(var, []).append(binding.value)
+                readers.setdefault(var, []).append(binding.var)
     for var in _vars_in(func.body.body):
-        readers.setdefault(var, []).append(func.body.body)
+        readers.setdefault(var, []).append(None)
 
     found: dict[relax.Var, _Linear] = {}
     rejected: set[relax.Var] = set()
@@ -268,15 +269,14 @@ def _read_only_by_epilogue(top: relax.Var, readers, var2val) -> bool:
     """Whether the linear's result (or its one reshape) is read once, by an op the CPU fuses into the
     weight GEMM's store (`RewriteLinearToWeightGemm`'s epilogues)."""
     users = readers.get(top, [])
-    if len(users) != 1:
+    if len(users) != 1 or users[0] is None:
         return False
-    user = users[0]
+    user = var2val.get(users[0])
     if isinstance(user, relax.Call) and getattr(user.op, "name", "") == "relax.reshape":
-        reshaped = [v for v, val in var2val.items() if val.same_as(user)]
-        users = readers.get(reshaped[0], []) if reshaped else []
-        if len(users) != 1:
+        users = readers.get(users[0], [])
+        if len(users) != 1 or users[0] is None:
             return False
-        user = users[0]
+        user = var2val.get(users[0])
     return isinstance(user, relax.Call) and getattr(user.op, "name", "") in _EPILOGUE_READERS
 
 
