@@ -52,7 +52,7 @@ from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
     find_linear_sites,
 )
 from tensorpress.compiler.pruning import prune
-from tensorpress.compiler.targets import CPU_REQUIRED_FLAGS, TargetSpec
+from tensorpress.compiler.targets import TargetSpec
 from tensorpress.compiler.weight_plan import LayerPlan, WeightRecipe, plan_weights
 from tensorpress.errors import TensorpressError
 from tensorpress.imported_model import ImportedModel
@@ -349,7 +349,7 @@ def _manifest(
         "built_on": {"python": platform.python_version(), "machine": platform.machine()},
         "source": model.source,
         "target": target.to_dict(),
-        "cpu_flags": list(CPU_REQUIRED_FLAGS),
+        "cpu_flags": list(target.cpu_flags),
         "inputs": [s.to_dict() for s in model.inputs],
         "outputs": [s.to_dict() for s in model.outputs],
         "functions": functions,

@@ -28,8 +28,8 @@ import numpy as np
 from tensorpress.errors import ArtifactError, DeviceMismatchError, InputError, TensorpressError
 from tensorpress.runtime import tvm_runtime
 from tensorpress.runtime.artifact import LIBRARY, SAFETENSORS_DTYPES, WEIGHTS, ArtifactFile, open_artifact
+from tensorpress.runtime.host_cpu import host_cpu_flags
 
-CPU_FLAGS_FILE = "/proc/cpuinfo"
 # The GPU architectures `tensorpress compile --target cuda:ARCH` accepts (compiler/targets.py CUDA_ARCHS,
 # copied because the runtime never imports the compiler; a test keeps the two equal).
 BUILDABLE_CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")
@@ -166,11 +166,11 @@ def check_device_fits(manifest: dict[str, Any], kind: str, index: int, path: Pat
             f"'{'cuda:0' if target['kind'] == 'cuda' else 'cpu'}' or recompile it with --target {kind}."
         )
     if kind == "cpu":
-        missing = [flag for flag in manifest.get("cpu_flags", []) if flag not in _host_cpu_flags()]
+        missing = [flag for flag in manifest.get("cpu_flags", []) if flag not in host_cpu_flags()]
         if missing:
             raise DeviceMismatchError(
                 f"{path} was built for CPUs with {', '.join(manifest['cpu_flags'])}; this CPU lacks "
-                f"{', '.join(missing)}."
+                f"{', '.join(missing)}; recompile it with --target cpu (x86-64-v3) or --target cpu:native."
             )
         return
     arch = target["arch"]
@@ -208,17 +208,6 @@ def cuda_arch_runs_on(built: str, device: str) -> bool:
     if b.group(3):
         return b.group(1) == d.group(1) and b.group(2) == d.group(2)
     return b.group(1) == d.group(1) and int(d.group(2)) >= int(b.group(2))
-
-
-def _host_cpu_flags() -> set[str]:
-    try:
-        with open(CPU_FLAGS_FILE) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def weight_specs(artifact: ArtifactFile) -> dict[str, tuple[tuple[int, ...], str]]:

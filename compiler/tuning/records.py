@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tensorpress.compiler.targets import CPU_MCPU, TargetSpec
+from tensorpress.compiler.targets import TargetSpec
 
 SCHEMA = "tensorpress-tuning/1"
 RECORDS_FILE = "templates.jsonl"
@@ -35,8 +35,8 @@ _KEY_FIELDS = ("template", "kind", "format", "m", "k", "n", "act_dtype", "arch",
 
 
 def arch_label(target: TargetSpec) -> str:
-    """The architecture records are kept under: `cpu-x86-64-v3` (the CPU baseline ISA), `sm_90a`, ..."""
-    return f"cpu-{CPU_MCPU}" if target.kind == "cpu" else str(target.arch)
+    """The architecture records are kept under: `cpu-x86-64-v3` (the CPU's x86-64 level), `sm_90a`, ..."""
+    return f"cpu-{target.mcpu}" if target.kind == "cpu" else str(target.arch)
 
 
 def default_log_dir(target: TargetSpec) -> Path:

@@ -138,6 +138,8 @@ def tune(
         options = dict(dtype=dtype, weights=weights, sparsity=sparsity, skip=skip, input_shapes=input_shapes)
         return _prepare_cuda_kit(model, target_spec, budget, trials, kit, kit_dry, options, import_options)
     space = _template_space(target_spec)
+    if rpc_tracker is None and measurer is None:
+        _check_host_runs(target_spec)
     if rpc_tracker is not None and measurer is None:
         from tensorpress.compiler.tuning.rpc_measure import RpcMeasurer
 
@@ -250,6 +252,18 @@ def _template_space(target: TargetSpec) -> TemplateSpace:
     from tensorpress.compiler.tuning.template_search import cpu_weight_gemm_space
 
     return cpu_weight_gemm_space()
+
+
+def _check_host_runs(target: TargetSpec) -> None:
+    """Candidates are timed on this CPU: refuse a level it cannot run before any work (not a SIGILL later)."""
+    from tensorpress.runtime.host_cpu import host_cpu_flags
+
+    missing = [flag for flag in target.cpu_flags if flag not in host_cpu_flags()]
+    if missing:
+        raise ConfigError(
+            f"this CPU lacks {', '.join(missing)}, so it cannot time kernels for --target {target.name}; tune on a "
+            "machine that has them (or through --rpc-tracker), or tune for --target cpu:native."
+        )
 
 
 def _default_log(target: TargetSpec) -> Path:
