@@ -55,6 +55,7 @@ from tensorpress.compiler.pruning import prune
 from tensorpress.compiler.targets import TargetSpec
 from tensorpress.compiler.weight_plan import LayerPlan, WeightRecipe, plan_weights
 from tensorpress.errors import TensorpressError
+from tensorpress.frontend.relax_params import is_model_function, split_params
 from tensorpress.imported_model import ImportedModel
 
 log = logging.getLogger("tensorpress.compile")  # a line per stage (see tensorpress.compiler.api)
@@ -314,12 +315,9 @@ def _manifest(
 
     functions = {}
     for gvar, func in model.mod.functions_items():
-        if isinstance(func, relax.Function) and func.attrs is not None and "num_input" in func.attrs:
-            num_input = int(func.attrs["num_input"])
-            functions[gvar.name_hint] = {
-                "num_input": num_input,
-                "params": [v.name for v in list(func.params)[num_input:]],
-            }
+        if isinstance(func, relax.Function) and is_model_function(func):
+            inputs, weights = split_params(func)
+            functions[gvar.name_hint] = {"num_input": len(inputs), "params": [v.name for v in weights]}
     layers = []
     for plan in plans:
         m, k = plan.shape

@@ -12,7 +12,7 @@ from typing import Any
 
 from tensorpress.errors import ModelImportError, UnsupportedOperatorError
 from tensorpress.frontend.onnx_normalise import default_opset, normalise_onnx
-from tensorpress.frontend.relax_params import output_specs, tensor_spec, to_numpy
+from tensorpress.frontend.relax_params import output_specs, split_params, tensor_spec, to_numpy
 from tensorpress.imported_model import ImportedModel
 
 
@@ -62,11 +62,10 @@ def import_onnx(
         raise _conversion_error(source, opset, converter_log.getvalue(), err) from err
     mod, detached = detach_params(mod)
     func = mod["main"]
-    num_input = int(func.attrs["num_input"])
+    input_vars, weight_vars = split_params(func)
     weights = detached.get("main", [])
-    weight_vars = list(func.params)[num_input:]
     params = {var.name: to_numpy(value) for var, value in zip(weight_vars, weights)}
-    inputs = [tensor_spec(var) for var in list(func.params)[:num_input]]
+    inputs = [tensor_spec(var) for var in input_vars]
     outputs = output_specs(func, [o.name for o in proto.graph.output])
     return ImportedModel(mod, params, inputs, outputs, kind="graph", source=f"onnx:{source}")
 

@@ -17,6 +17,22 @@ from tvm import relax
 from tensorpress.imported_model import TensorSpec
 
 
+def is_model_function(func: relax.Function) -> bool:
+    """Whether `func` follows the convention above (attribute num_input): main, a decoder's prefill/decode."""
+    return func.attrs is not None and "num_input" in func.attrs
+
+
+def split_params(func: relax.Function) -> tuple[list[relax.Var], list[relax.Var]]:
+    """(inputs, weights) of a function: the first `num_input` parameters are the model's inputs, the rest
+    its weights. A function without num_input is not a model function (a helper a frontend or pass made):
+    all its parameters are inputs, it has no weights."""
+    params = list(func.params)
+    if not is_model_function(func):
+        return params, []
+    num_input = int(func.attrs["num_input"])
+    return params[:num_input], params[num_input:]
+
+
 def rename_params(func: relax.Function, new_names: dict[str, str]) -> relax.Function:
     """Return `func` with parameters renamed (old name -> new name); others keep their names."""
     new_params, mapping = [], {}

@@ -7,7 +7,7 @@ import inspect
 from typing import Any
 
 from tensorpress.errors import ModelImportError, UnsupportedOperatorError
-from tensorpress.frontend.relax_params import output_specs, rename_params, tensor_spec, to_numpy
+from tensorpress.frontend.relax_params import output_specs, rename_params, split_params, tensor_spec, to_numpy
 from tensorpress.imported_model import ImportedModel
 
 
@@ -87,18 +87,17 @@ def _import_exported_program(program, input_names, output_names) -> ImportedMode
             weight_values[spec.arg.name] = (spec.target, value)
         elif spec.kind == kinds.CONSTANT_TENSOR:
             weight_values[spec.arg.name] = (spec.target, program.tensor_constants[spec.target])
-    func = mod["main"]
-    num_input = int(func.attrs["num_input"])
     renames = {old: new for old, (new, _) in weight_values.items()}
     if input_names:
         renames.update(dict(zip(user_inputs, input_names)))
-    func = rename_params(func, renames)
+    func = rename_params(mod["main"], renames)
     mod["main"] = func
+    input_vars, weight_vars = split_params(func)
     params = {}
-    for var in list(func.params)[num_input:]:
+    for var in weight_vars:
         old = next(o for o, (n, _) in weight_values.items() if n == var.name)
         params[var.name] = to_numpy(weight_values[old][1])
-    inputs = [tensor_spec(v) for v in list(func.params)[:num_input]]
+    inputs = [tensor_spec(v) for v in input_vars]
     return ImportedModel(mod, params, inputs, output_specs(func, output_names), source="torch.export")
 
 
@@ -121,22 +120,22 @@ def _import_fx(model, example_inputs, input_names, output_names) -> ImportedMode
     input_info = [(tuple(t.shape), dtypes[t.dtype]) for t in example_inputs]
     mod = from_fx(graph_module, input_info, keep_params_as_input=True, unwrap_unit_return_tuple=True)
     mod, detached = detach_params(mod)
-    func = mod["main"]
-    num_input = int(func.attrs["num_input"])
+    input_vars, weight_vars = split_params(mod["main"])
     if input_names is None:
         signature = inspect.signature(model.forward)
-        input_names = list(signature.parameters)[:num_input]
+        input_names = list(signature.parameters)[: len(input_vars)]
     # fx names weights by attribute path with '_' (fc1_weight); recover the state-dict names.
     state = dict(graph_module.named_parameters()) | dict(graph_module.named_buffers())
     by_flat = {name.replace(".", "_"): name for name in state}
-    renames = {var.name: input_names[i] for i, var in enumerate(list(func.params)[:num_input])}
-    for var in list(func.params)[num_input:]:
+    renames = {var.name: input_names[i] for i, var in enumerate(input_vars)}
+    for var in weight_vars:
         renames[var.name] = by_flat.get(var.name, var.name)
-    func = rename_params(func, renames)
+    func = rename_params(mod["main"], renames)
     mod["main"] = func
+    input_vars, weight_vars = split_params(func)
     values = detached.get("main", [])
-    params = {var.name: to_numpy(v) for var, v in zip(list(func.params)[num_input:], values)}
-    inputs = [tensor_spec(v) for v in list(func.params)[:num_input]]
+    params = {var.name: to_numpy(v) for var, v in zip(weight_vars, values)}
+    inputs = [tensor_spec(v) for v in input_vars]
     return ImportedModel(mod, params, inputs, output_specs(func, output_names), source="torch.fx")
 
 

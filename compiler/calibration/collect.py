@@ -23,6 +23,7 @@ import numpy as np
 from tensorpress.compiler.calibration.prefill_arguments import prefill_arguments
 from tensorpress.compiler.calibration.statistics import LinearInputStatistics
 from tensorpress.errors import ConfigError, TensorpressError
+from tensorpress.frontend.relax_params import split_params
 
 PREFILL = "prefill"  # a decoder's function that takes whole prompts (frontend/decoders/causal_lm.py)
 PREFILL_INPUTS = ("input_ids", "positions", "seq_slot", "block_table", "last_token_index")  # then the cache
@@ -159,7 +160,7 @@ class CalibrationRun:
             raise TensorpressError(f"calibration found no linear layer reading {', '.join(missing)}.")
         func = mod[self.entry]
         self.imported = imported
-        self.param_names = [v.name for v in list(func.params)[int(func.attrs["num_input"]) :]]
+        self.param_names = [v.name for v in split_params(func)[1]]
         with build_folder() as tmp:
             build = build_library(mod, parse_target("cpu"), Path(tmp) / "calibration.so")
             self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(build.library)), tvm.cpu())

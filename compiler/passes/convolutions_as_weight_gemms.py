@@ -25,6 +25,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax import PyExprMutator, expr_functor
 
+from tensorpress.frontend.relax_params import split_params
 from tensorpress.imported_model import ImportedModel
 
 _CONV = "relax.nn.conv2d"
@@ -120,8 +121,7 @@ class _ConvToLinear(PyExprMutator):
 
     def rewrite_function(self, func: relax.Function) -> relax.Function:
         self.weights_2d = {}
-        num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(func.params)
-        self.candidates = _convertible_weights(func, num_input)
+        self.candidates = _convertible_weights(func, split_params(func)[1])
         body = self.visit_expr(func)
         params = [self.weights_2d.get(p, p) for p in func.params]
         return relax.Function(params, body.body, body.ret_ty, body.is_pure, body.attrs)
@@ -218,9 +218,9 @@ class _ConvToLinear(PyExprMutator):
         return b
 
 
-def _convertible_weights(func: relax.Function, num_input: int) -> set[relax.Var]:
+def _convertible_weights(func: relax.Function, weight_params: list[relax.Var]) -> set[relax.Var]:
     """The 4-D weight parameters whose every use is one permute_dims to OHWI (so they can be replaced)."""
-    weights = [p for p in list(func.params)[num_input:] if isinstance(p.ty, relax.TensorType) and p.ty.ndim == 4]
+    weights = [p for p in weight_params if isinstance(p.ty, relax.TensorType) and p.ty.ndim == 4]
     uses: dict[relax.Var, list] = {w: [] for w in weights}
 
     def visit(expr):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tvm import relax
 
+from tensorpress.frontend.relax_params import is_model_function, split_params
 from tensorpress.imported_model import ImportedModel
 
 
@@ -12,13 +13,13 @@ def drop_unused_weights(model: ImportedModel) -> ImportedModel:
     mod = relax.transform.DeadCodeElimination()(model.mod)
     used: set[str] = set()
     for gvar, func in list(mod.functions_items()):
-        if not isinstance(func, relax.Function) or func.attrs is None or "num_input" not in func.attrs:
+        if not isinstance(func, relax.Function) or not is_model_function(func):
             continue
-        num_input = int(func.attrs["num_input"])
+        inputs, weights = split_params(func)
         free = {v.name for v in relax.analysis.free_vars(func.body)}
-        keep = list(func.params)[:num_input] + [v for v in list(func.params)[num_input:] if v.name in free]
-        if len(keep) != len(func.params):
-            mod[gvar] = relax.Function(keep, func.body, func.ret_ty, func.is_pure, func.attrs)
-        used.update(v.name for v in keep[num_input:])
+        kept_weights = [v for v in weights if v.name in free]
+        if len(kept_weights) != len(weights):
+            mod[gvar] = relax.Function(inputs + kept_weights, func.body, func.ret_ty, func.is_pure, func.attrs)
+        used.update(v.name for v in kept_weights)
     params = {name: value for name, value in model.params.items() if name in used}
     return model.with_module(mod, params)

@@ -43,6 +43,8 @@ import tvm
 from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
+from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
+from tensorpress.frontend.relax_params import is_model_function, split_params
 from tensorpress.imported_model import ImportedModel
 
 FUSED_LINEARS_INFO = "fused_linears"  # model.info key: {stacked weight: [member weights]}
@@ -106,7 +108,7 @@ class FuseParallelLinears:
         per_function = {
             gvar: _plain_linears(func)
             for gvar, func in model.mod.functions_items()
-            if isinstance(func, relax.Function) and _num_input(func) is not None
+            if isinstance(func, relax.Function) and is_model_function(func)
         }
         groups = self._groups(per_function)
         if not groups:
@@ -117,12 +119,9 @@ class FuseParallelLinears:
             func = model.mod[gvar]
             if any(lin.weight.name in mutator.group_of for lin in linears):
                 mutator.builder_.update_func(gvar, mutator.rewrite_function(func, linears))
-        mod = relax.transform.DeadCodeElimination()(mutator.builder_.get())
-        mod = _drop_unread_params(mod)
-        used = {v.name for _, f in mod.functions_items() if isinstance(f, relax.Function) for v in f.params}
-        params = {name: value for name, value in params.items() if name in used}
         info = {**model.info, FUSED_LINEARS_INFO: {g.weight: list(g.members) for g in groups}}
-        return dataclasses.replace(model, mod=mod, params=params, info=info)
+        # the members' own weights are read no more: dropped from the functions and the params
+        return drop_unused_weights(dataclasses.replace(model, mod=mutator.builder_.get(), params=params, info=info))
 
     def _groups(self, per_function: dict[relax.GlobalVar, list[_Linear]]) -> list[FusedGroup]:
         """The groups every function reading their weights agrees on (module docstring)."""
@@ -155,15 +154,10 @@ class FuseParallelLinears:
         return groups
 
 
-def _num_input(func: relax.Function) -> int | None:
-    return int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else None
-
-
 def _plain_linears(func: relax.Function) -> list[_Linear]:
     """The linears of `func` that could fuse: plain form, static 2-D weight parameter, each weight read by
     this one linear, its result read by something other than an epilogue op the CPU would fuse."""
-    num_input = _num_input(func) or 0
-    weights = set(list(func.params)[num_input:])
+    weights = set(split_params(func)[1])
     var2val = relax.analysis.get_var2val(func)
     # var -> the variable of each binding reading it, once per read (None: the function's result reads it)
     readers: dict[relax.Var, list[relax.Var | None]] = {}
@@ -332,7 +326,7 @@ class _Fuser(PyExprMutator):
                 if name is not None:
                     value = self.params[name]
                     self._param_vars[name] = relax.Var(name, relax.TensorType(value.shape, str(value.dtype)))
-        num_input = _num_input(func) or 0
+        num_input = len(split_params(func)[0])
         body = self.visit_expr(func)
         new_params = list(body.params)
         for group in self._linears:  # the stacked parameters go before their first member's
@@ -364,17 +358,3 @@ class _Fuser(PyExprMutator):
             y = self.builder_.emit(relax.op.add(y, self._param_vars[group.bias]))
         ends = list(itertools.accumulate(lin.m for lin in self._linears[group]))
         return self.builder_.emit(relax.op.split(y, indices_or_sections=ends[:-1], axis=axis))
-
-
-def _drop_unread_params(mod: tvm.IRModule) -> tvm.IRModule:
-    """Each function without the weight parameters its body no longer reads (the fused members)."""
-    for gvar, func in list(mod.functions_items()):
-        num_input = _num_input(func) if isinstance(func, relax.Function) else None
-        if num_input is None:
-            continue
-        free = set(relax.analysis.free_vars(func.body))
-        params = list(func.params)
-        kept = params[:num_input] + [p for p in params[num_input:] if p in free]
-        if len(kept) != len(params):
-            mod[gvar] = relax.Function(kept, func.body, func.ret_ty, func.is_pure, func.attrs)
-    return mod

@@ -28,7 +28,7 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from tensorpress.compiler.formats import PackedWeight, decode_stage
-from tensorpress.frontend.relax_params import rename_params
+from tensorpress.frontend.relax_params import rename_params, split_params
 from tensorpress.imported_model import ImportedModel
 from tensorpress.schedules.gemm_epilogue import GemmEpilogue
 from tensorpress.schedules.weight_gemm import N_HINT_ATTR, make_weight_gemm
@@ -67,8 +67,7 @@ def _linear_patterns():
 
 
 def _weight_params(func: relax.Function) -> dict[relax.Var, str]:
-    num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 0
-    return {var: var.name for var in list(func.params)[num_input:]}
+    return {var: var.name for var in split_params(func)[1]}
 
 
 def _site_from_match(match, func_weights, pats) -> LinearSite | None:
@@ -254,11 +253,10 @@ class RewriteLinearToWeightGemm:
             body_func = rewrite_call(pattern, rewriter, body_func)
         if not packed_vars:
             return func
-        num_input = int(func.attrs["num_input"])
-        inputs = list(func.params)[:num_input]
+        inputs, old_weights = split_params(func)
         free = set(relax.analysis.free_vars(body_func.body))
         weights: list[relax.Var] = []
-        old_by_name = {v.name: v for v in list(func.params)[num_input:]}
+        old_by_name = {v.name: v for v in old_weights}
         for name in model.params:
             if name in old_by_name and old_by_name[name] in free:
                 weights.append(old_by_name[name])
