@@ -24,8 +24,9 @@ broadcast of W):
 - `group_key(weight)` is equal and not None for all of them: the pipeline gives the storage decision
   (format, pruned), so only layers stored alike fuse, and a weight it leaves out (generic, calibrated)
   stays alone; `accepts(format key, M, K)` says whether the stacked shape can be stored that way;
-- no member's only reader is an op the CPU fuses into the GEMM's store (a GELU, an add: epilogues of
-  `schedules/gemm_epilogue.py`), which one kernel for the group could not keep.
+- no member is a linear the CPU build fuses with its one reader (a GELU, a residual add: epilogues of
+  `schedules/gemm_epilogue.py`; `epilogue_fused_weights` says which, from the rewrite pass's own
+  patterns), which one kernel for the group could not keep.
 Every weight format stores W row by row (per-row scales, row pruning), so the stacked weight packs to the
 members' rows one after another. The groups are recorded in model.info["fused_linears"]
 ({stacked weight: [member weights]}) for the manifest.
@@ -44,11 +45,11 @@ from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
+from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import epilogue_fused_weights
 from tensorpress.frontend.relax_params import is_model_function, split_params
 from tensorpress.imported_model import ImportedModel
 
 FUSED_LINEARS_INFO = "fused_linears"  # model.info key: {stacked weight: [member weights]}
-_EPILOGUE_READERS = ("relax.nn.gelu", "relax.add")
 
 
 @dataclass(frozen=True)
@@ -184,12 +185,14 @@ def _plain_linears(func: relax.Function) -> list[_Linear]:
                 found.pop(lin.weight, None)
                 continue
             found[lin.weight] = lin
-    # Each weight read by exactly the plain linear found (permute_dims of it once, by its matmul).
+    # Each weight read by exactly the plain linear found (permute_dims of it once, by its matmul), and not
+    # one the CPU build makes one kernel with its reader (which a kernel for the group could not keep).
+    fused_with_epilogue = epilogue_fused_weights(func)
     kept = []
     for weight, lin in found.items():
         if len(readers.get(weight, [])) != 1:  # a transposed W: its permute_dims, read by the matmul alone
             continue
-        if _read_only_by_epilogue(lin.top, readers, var2val):
+        if lin.weight.name in fused_with_epilogue:
             continue
         if lin.bias is not None and len(readers.get(_matmul_operand(var2val[lin.top], var2val), [])) != 1:
             continue  # the bias-less product is read too
@@ -257,21 +260,6 @@ def _matmul_operand(add: relax.Call, var2val) -> relax.Var | None:
         if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.matmul":
             return arg
     return None
-
-
-def _read_only_by_epilogue(top: relax.Var, readers, var2val) -> bool:
-    """Whether the linear's result (or its one reshape) is read once, by an op the CPU fuses into the
-    weight GEMM's store (`RewriteLinearToWeightGemm`'s epilogues)."""
-    users = readers.get(top, [])
-    if len(users) != 1 or users[0] is None:
-        return False
-    user = var2val.get(users[0])
-    if isinstance(user, relax.Call) and getattr(user.op, "name", "") == "relax.reshape":
-        users = readers.get(users[0], [])
-        if len(users) != 1 or users[0] is None:
-            return False
-        user = var2val.get(users[0])
-    return isinstance(user, relax.Call) and getattr(user.op, "name", "") in _EPILOGUE_READERS
 
 
 def _stacked_params(params: dict[str, np.ndarray], groups: list[FusedGroup]) -> dict[str, np.ndarray]:

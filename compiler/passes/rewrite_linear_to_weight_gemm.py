@@ -305,6 +305,24 @@ def _epilogue_patterns(pats, single_use: set[str], func_weights):
     return [(is_op("relax.nn.gelu")(source), gelu), (is_op("relax.add")(source, other), residual)]
 
 
+def epilogue_fused_weights(func: relax.Function) -> set[str]:
+    """The weights of `func` whose linear `RewriteLinearToWeightGemm(fuse_epilogues=True)` makes one kernel
+    with the op reading it (a GELU, a residual add): the same patterns, matched without rewriting."""
+    pats = _linear_patterns()
+    func_weights = _weight_params(func)
+    found: set[str] = set()
+
+    def record(call, match, epilogue=None, residual=None):
+        site = _site_from_match(match, func_weights, pats)
+        if site is not None and (site.bias is None or match[pats[2]] is not None):
+            found.add(site.weight)
+        return call
+
+    for pattern, fuse in _epilogue_patterns(pats, _single_use_weights(func, pats, func_weights), func_weights):
+        rewrite_call(pattern, lambda call, match, fuse=fuse: fuse(call, match, record), func)
+    return found
+
+
 def _any_linear(pats):
     return pats[4][0] | pats[4][1] | pats[4][2] | pats[4][3]
 

@@ -191,6 +191,27 @@ def test_a_linear_whose_gelu_fuses_into_its_store_is_not_stacked(tmp_path):
     np.testing.assert_allclose(got, _float64_reference(module, x), rtol=1e-4, atol=1e-4)
 
 
+def test_only_the_epilogues_the_rewrite_pass_fuses_keep_a_linear_apart(tmp_path):
+    """A residual add (a tensor of the linear's own shape) is fused into its GEMM's store, so that linear
+    stays alone; an add that broadcasts is not an epilogue, so its linear still stacks."""
+
+    class Readers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b, self.c, self.d = torch.nn.Linear(32, 16), torch.nn.Linear(32, 16), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            residual = x[:, :16] * 2
+            return (self.b(x) + residual) * (self.c(x) + x[:, :1]) - self.d(x)
+
+    torch.manual_seed(5)
+    module, x = Readers().eval(), torch.randn(3, 32)
+    report, got = _compile(module, x, tmp_path, "fused", tuning_log=False)
+    assert _fused_groups(report.manifest) == {"{c,d}.weight": ["c.weight", "d.weight"]}
+    assert any("_16x32_float32_bias_residual" in k for k in _weight_gemms(report.manifest))
+    np.testing.assert_allclose(got, _float64_reference(module, x), rtol=1e-4, atol=1e-4)
+
+
 def test_stacked_name_keeps_what_the_names_share():
     names = [f"model.layers.0.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")]
     assert stacked_name(names) == "model.layers.0.self_attn.{q_proj,k_proj,v_proj}.weight"
