@@ -230,10 +230,14 @@ class BitmapFormat(WeightFormat):
         return BitmapDecode(self.name)
 
 
-def bit_scatter(value) -> TileScatter:
+SCATTER_CHUNK = 4  # set bits a trip of the scatter's loop (benchmarks/results/gemm_sass_sm_90a_sparse.md)
+
+
+def bit_scatter(value, chunk: int, values=None, redirect_missing: bool = False) -> TileScatter:
     """The tile scatter of a bitmap's tiles (`decode_stage.py`, "Tile scatter", bitmap words): the
     "bits" words of tile (tm, tk) (stored first, [TM, TK, 32] read flat), its first nonzero's index
-    offsets[tm, tk] (stored second), and value(stored, index) the nonzero of that index."""
+    offsets[tm, tk] (stored second), and value(stored, index) the nonzero of that index; `chunk` set
+    bits a loop trip, their values by `values` when given (`SetBits`, as `redirect_missing`)."""
 
     def word_range(stored, tile_row, tile_col):
         first = (tile_row * int(stored[0].shape[1]) + tile_col) * WORDS_PER_TILE
@@ -245,7 +249,13 @@ def bit_scatter(value) -> TileScatter:
         words=0,
         word_range=word_range,
         vector=WORDS_PER_TILE // TILE_ROWS,  # a tile row a thread (one 64-bit load): more busy lanes a warp
-        set_bits=SetBits(first_index=lambda stored, tile_row, tile_col: stored[1][tile_row, tile_col], value=value),
+        set_bits=SetBits(
+            first_index=lambda stored, tile_row, tile_col: stored[1][tile_row, tile_col],
+            value=value,
+            chunk=chunk,
+            values=values,
+            redirect_missing=redirect_missing,
+        ),
     )
 
 
@@ -257,7 +267,7 @@ class BitmapDecode(DecodeStage):
     def __init__(self, name: str):
         self.name = name
         self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
-        self.tile_scatter = bit_scatter(lambda stored, index: stored[2][index])
+        self.tile_scatter = bit_scatter(lambda stored, index: stored[2][index], SCATTER_CHUNK)
 
     def decode_run(self, stored, row, col0, length: int, dtype: str, bind):
         bits, offsets, values = stored
