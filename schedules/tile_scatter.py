@@ -369,7 +369,7 @@ class _BitScatter:
                 stores.append(store if j == 0 else tirx.IfThenElse(exists[j], store, None))
         bound = [tirx.LetStmt(var, value) for var, value in lets]  # a binding, in order, before its readers
         trip = tirx.SeqStmt([*bound, *stores, tirx.BufferStore(self.mask, masks[chunk], [0])])
-        trips = (self._popcount(e) + (chunk - 1)) // chunk if chunk > 1 else self._popcount(e)
+        trips = chunk_trips(self._popcount(e), chunk)
         # not unrolled: nvcc's unrolled copies and remainder code cost more issue slots than the loop
         # branch saves when a warp's busiest lane has a dozen bits
         loop = tirx.For(t, 0, trips, tirx.ForKind.SERIAL, trip, annotations={"disable_unroll": 1})
@@ -387,6 +387,12 @@ class _BitScatter:
 def lowest_set_bit(mask: tirx.PrimExpr) -> tirx.PrimExpr:
     """int32 TIR: the index of the lowest set bit of the uint32 `mask` (not 0): its trailing zeros."""
     return tirx.popcount(tirx.bitwise_not(mask) & (mask - tirx.const(1, "uint32"))).astype("int32")
+
+
+def chunk_trips(bits: tirx.PrimExpr, chunk: int) -> tirx.PrimExpr:
+    """int32 TIR: the trips of the loop over a word's `bits` set bits, `chunk` a trip (the last may hold
+    fewer)."""
+    return (bits + (chunk - 1)) // chunk if chunk > 1 else bits
 
 
 def group_popcount(words: list) -> tirx.PrimExpr:
