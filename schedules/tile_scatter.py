@@ -30,9 +30,16 @@ Bitmap words (`TileScatter.set_bits`: bitmap, bitmap x FPx; `_BitScatter`): a gr
                               counts[tile j, group g] = popcount(w[0]) + ... (shared memory, int32)
     2. barrier
     3. scatter              rank = first_index(tile) + counts[j, 0 .. g - 1] (masked sum, no branch)
-                            each word w[e] inside the region: for each set bit b, lowest first
-                              (b = popcount(~m & (m - 1)), m &= m - 1; a loop per set bit):
-                                out[row of word, 32 (its column) + b] = value(rank); rank += 1
+                            each word w[e] inside the region: its set bits, lowest first, C = chunk
+                              at a time (a loop of ceil(popcount(w) / C) trips, t = 0, 1, ...):
+                                m_0 = m, m_(j+1) = m_j & (m_j - 1)   (m: the bits not yet stored)
+                                b_j = popcount(~m_j & (m_j - 1))     (the lowest set bit of m_j)
+                                out[row of word, 32 (its column) + b_j] = value(rank + C t + j)
+                                  for j < C where m_j != 0 (j = 0 always); m = m_C
+                              (the values of a trip from `SetBits.values` when the stage has it: one
+                               window of the code stream for the C codes; a missing bit's store is
+                               skipped, or with `redirect_missing` sent to b_0's position, stored
+                               last: no branch); rank += popcount(w)
                             (one thread a tile, as the CPU's one thread: no counts, a running rank)
 
       a tile's 16 rows, 2 words each:   row r: │ word 2r (cols 0..31) │ word 2r + 1 (cols 32..63) │
@@ -251,7 +258,8 @@ def _load_words(buffer: tirx.Buffer, flat: tirx.PrimExpr, lanes: int) -> tirx.Pr
 
 
 class _BitScatter:
-    """Bitmap words (`TileScatter.set_bits`): per loaded word, a loop over its set bits, lowest first.
+    """Bitmap words (`TileScatter.set_bits`): per loaded word, a loop over its set bits, lowest first,
+    `chunk` a trip (the module docstring).
 
     rank of a group's first element = first_index(tile) + the set bits of the tile's groups before
         L threads a tile (L > 1): each group's count stored in shared memory (`counts`, in the

@@ -34,7 +34,9 @@ of +0 is FPx's value +0, so leaving it out of the stream changes nothing; -0 is 
 Decode stage (`BitmapFPxDecode`): bitmap's rank (`bitmap.tile_rank`) then the code, placed in an fp16
 pattern by two masks and shifts (`FPxDecode.code_fp16_bits`), and FPx's row scale, applied once per
 output in the GEMM's epilogue. On the Tensor Core template it scatters as bitmap does (`bit_scatter`:
-after the zero-fill, per set bit the code at its rank, `code_value`: one window, two masks and shifts).
+after the zero-fill, the set bits `SCATTER_CHUNK` a loop trip, their codes from one window of the stream
+at the trip's first rank, the next code 6 bits up, decoded in pairs (`chunk_values`); a trip's missing
+bits store at its first bit's position, overwritten, instead of a branch around each store).
 Its runs along K (`decode_run`, the template's `k_runs`, used before the scatter and by stages without
 it) decode like this: a thread decodes a tile row's 64 weights, the rank of the rows
 above popcounted once (`bitmap.run_start`); per chunk of 4 weights a rank (+ the previous chunk's
