@@ -34,9 +34,10 @@ the tile), which a plain global-memory decode pays in full (the PrimFunc's defin
 path). The Tensor Core template pays per nonzero instead: it zero-fills each W tile and scatters the
 nonzeros over the set bits of the tile's words (`bit_scatter`, the stage's tile scatter: a thread a tile
 row, its rank the tile's offset + the set bits of the rows above, counted by the CTA in shared memory;
-`SCATTER_CHUNK` set bits a loop trip; `schedules/tile_scatter.py`). Runs along K (`tile_run`: the rows above popcounted once per run of a tile
-row, then the rank advances by one bit a weight) are what it did before; the scatter costs fewer
-instructions at 80% sparsity (benchmarks/results/gemm_sass_sm_90a_sparse.md).
+`SCATTER_CHUNK` set bits a loop trip; `schedules/tile_scatter.py`). Runs along K (`tile_run`: the
+rows above popcounted once per run of a tile row, then the rank advances by one bit a weight) are what
+it did before; the scatter costs fewer instructions at 80% sparsity
+(benchmarks/results/gemm_sass_sm_90a_sparse.md).
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
