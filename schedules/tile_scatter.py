@@ -38,8 +38,8 @@ Bitmap words (`TileScatter.set_bits`: bitmap, bitmap x FPx; `_BitScatter`): a gr
                                   for j < C where m_j != 0 (j = 0 always); m = m_C
                               (the values of a trip from `SetBits.values` when the stage has it: one
                                window of the code stream for the C codes; a missing bit's store is
-                               skipped, or with `redirect_missing` sent to b_0's position, stored
-                               last: no branch); rank += popcount(w)
+                               skipped, or with `redirect_missing` sent to b_0's position before b_0's
+                               own store: no branch); rank += popcount(w)
                             (one thread a tile, as the CPU's one thread: no counts, a running rank)
 
       a tile's 16 rows, 2 words each:   row r: │ word 2r (cols 0..31) │ word 2r + 1 (cols 32..63) │
@@ -385,11 +385,17 @@ class _BitScatter:
 
     def _chunk_values(self, index: tirx.PrimExpr, exists: list, bind) -> list:
         """The values of indices index .. index + len(exists) - 1, any value where its bit does not exist
-        (`exists[j]`, TIR bool: the scatter stores value j only then): the stage's `values` (work shared,
-        read in bounds), else `value` each (read under the store's condition)."""
+        (`exists[j]`, TIR bool): the stage's `values` (work shared, read in bounds), else `value` each,
+        read under the store's condition, or (redirected stores: read unconditionally) at `index` where
+        the bit does not exist, in bounds."""
         if self.bits.values is not None:
             return self.bits.values(self.stored, index, len(exists), bind)
-        return [self.bits.value(self.stored, index + j) for j in range(len(exists))]
+        if not self.bits.redirect_missing:
+            return [self.bits.value(self.stored, index + j) for j in range(len(exists))]
+        return [
+            self.bits.value(self.stored, index + j if j == 0 else tirx.Select(exists[j], index + j, index))
+            for j in range(len(exists))
+        ]
 
 
 def lowest_set_bit(mask: tirx.PrimExpr) -> tirx.PrimExpr:
