@@ -23,8 +23,9 @@ follow the data, so their steady state is weighted (`sass_cost.scatter_steady_st
 main loop counts as often as it runs per K tile for one warp, and a warp runs a loop as often as its
 busiest lane. `scatter_trips` deals the packed weight's tiles to the config's threads as the template
 does (`tile_scatter.Dealing`) and takes, over every CTA tile of the weight, the mean of: the group loop's
-trips (a vector load of words each), per bitmap word the busiest lane's set bits (the loop over a word's
-set bits runs that often, over its STS per trip when nvcc unrolls it), and the zero-fill's 16-byte stores.
+trips (a vector load of words each), per bitmap word the busiest lane's set bits rounded up to whole
+chunks (`SetBits.chunk`: the loop over a word's set bits runs that often, over its STS per trip: one
+per bit of a chunk, more when nvcc unrolls it), and the zero-fill's 16-byte stores.
 The phase loop (fill | scatter, a BAR in it) counts once: its phases are branches. Forward branches
 count as taken both ways (an upper bound: nvcc's remainder code after an unrolled loop counts at every
 trip of the loop around it). Checked by hand on a small listing (tests/schedules/verification/
@@ -92,7 +93,10 @@ def scatter_trips(scatter, arrays: list, m: int, k: int, config) -> ScatterTrips
     vec = scatter.vector
     cta_m, cta_k = np.meshgrid(np.arange(m // config.block_m), np.arange(-(-k // config.block_k)), indexing="ij")
     flat_words = np.asarray(arrays[scatter.words]).reshape(-1)
-    bit_counts = np.bitwise_count(flat_words) if scatter.set_bits is not None else None
+    bit_counts = None
+    if scatter.set_bits is not None:  # a word's loop issues its STS a chunk at a time: its trips x chunk
+        chunk = scatter.set_bits.chunk
+        bit_counts = -(-np.bitwise_count(flat_words).astype(np.int64) // chunk) * chunk
 
     def tile(j: int):  # (tile row, tile col, first word, groups) of tile j of every CTA tile
         tile_row = cta_m * (config.block_m // scatter.tile_rows) + j // deal.along_k

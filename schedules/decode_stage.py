@@ -64,7 +64,12 @@ Bitmap words (`set_bits`, e.g. bitmap: its bit words, bitmap x FPx too): the til
 position p = 32 i + b (row p // tile_cols, column p % tile_cols) holds an element; the elements' values
 are stored in position order from index first_index(stored, tr, tc), so the element at p has index
 first_index + the set bits of the tile before p, and value(stored, index). The scatter loops over the
-set bits only (lowest first, cleared one by one): its cost follows the nonzeros, not the weights. A
+set bits only (lowest first, cleared one by one): its cost follows the nonzeros, not the weights. It
+takes them `chunk` at a time (one loop trip: fewer trips for the warp's busiest lane, the loop's
+counter and branch once a chunk), the chunk's values from `values(stored, index, count, bind)` when the
+stage has it: the `count` values of indices index .. index + count - 1, sharing work through `bind` as a
+run along K does (bitmap x FPx: one window of the code stream for the chunk's codes, decoded in pairs);
+a value past the last set bit may be garbage (it is not stored) but must read in bounds. A
 stage may declare a scatter and also a per-element `decode` (bitmap's rank, the CPU's path): then
 `make_weight_gemm` defines W by the decode (`decodes_elements`), and the Tensor Core template builds its
 W tiles by the scatter, which must give the same values (the unscaled ones when the epilogue applies a
@@ -150,10 +155,18 @@ class KRuns:
 class SetBits:
     """The words of a tile scatter that are bitmaps (see the module docstring, "Tile scatter"):
     first_index(stored, tile_row, tile_col) -> int32 TIR index of the tile's first element's value;
-    value(stored, index) -> float TIR value of the element of that index."""
+    value(stored, index) -> float TIR value of the element of that index; `chunk` set bits a loop trip,
+    their values by values(stored, index, count, bind) -> [count float TIR values] when given (else by
+    `value` each; see the module docstring, "Tile scatter": values past the last set bit read in bounds);
+    `redirect_missing`: a trip's stores past the word's last set bit go to the trip's first bit's
+    position (a select, overwritten by that bit's store) instead of being skipped (a condition each: nvcc
+    branches around a store whose value is computed, but predicates a load and a store)."""
 
     first_index: Callable[[list, Any, Any], Any]
     value: Callable[[list, Any], Any]
+    chunk: int = 1
+    values: Callable[[list, Any, int, Callable[[str, Any], Any]], list] | None = None
+    redirect_missing: bool = False  # a chunk's missing bits stored at its first bit's position, not skipped
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,16 @@ Bitmap words (`TileScatter.set_bits`: bitmap, bitmap x FPx; `_BitScatter`): a gr
                               counts[tile j, group g] = popcount(w[0]) + ... (shared memory, int32)
     2. barrier
     3. scatter              rank = first_index(tile) + counts[j, 0 .. g - 1] (masked sum, no branch)
-                            each word w[e] inside the region: for each set bit b, lowest first
-                              (b = popcount(~m & (m - 1)), m &= m - 1; a loop per set bit):
-                                out[row of word, 32 (its column) + b] = value(rank); rank += 1
+                            each word w[e] inside the region: its set bits, lowest first, C = chunk
+                              at a time (a loop of ceil(popcount(w) / C) trips, t = 0, 1, ...):
+                                m_0 = m, m_(j+1) = m_j & (m_j - 1)   (m: the bits not yet stored)
+                                b_j = popcount(~m_j & (m_j - 1))     (the lowest set bit of m_j)
+                                out[row of word, 32 (its column) + b_j] = value(rank + C t + j)
+                                  for j < C where m_j != 0 (j = 0 always); m = m_C
+                              (the values of a trip from `SetBits.values` when the stage has it: one
+                               window of the code stream for the C codes; a missing bit's store is
+                               skipped, or with `redirect_missing` sent to b_0's position before b_0's
+                               own store: no branch); rank += popcount(w)
                             (one thread a tile, as the CPU's one thread: no counts, a running rank)
 
       a tile's 16 rows, 2 words each:   row r: │ word 2r (cols 0..31) │ word 2r + 1 (cols 32..63) │
@@ -251,7 +258,8 @@ def _load_words(buffer: tirx.Buffer, flat: tirx.PrimExpr, lanes: int) -> tirx.Pr
 
 
 class _BitScatter:
-    """Bitmap words (`TileScatter.set_bits`): per loaded word, a loop over its set bits, lowest first.
+    """Bitmap words (`TileScatter.set_bits`): per loaded word, a loop over its set bits, lowest first,
+    `chunk` a trip (the module docstring).
 
     rank of a group's first element = first_index(tile) + the set bits of the tile's groups before
         L threads a tile (L > 1): each group's count stored in shared memory (`counts`, in the
@@ -320,32 +328,85 @@ class _BitScatter:
         return self.deal.loops(self.stored, index, tile_start, group_body)
 
     def _word(self, g: _Group, e: int) -> tirx.Stmt:
-        """The set bits of word e of group g stored at their positions, when the word is in the region."""
+        """The set bits of word e of group g stored at their positions, when the word is in the region:
+        `chunk` bits a loop trip, the trip's values at ranks rank + chunk t .. (`_chunk_values`)."""
         scatter, region, out = self.scatter, self.region, self.out
+        chunk = self.bits.chunk
         one = tirx.const(1, "uint32")
         position = (g.base - g.first + e) * WORD_BITS  # of the word's bit 0 in its tile
         row = g.tile_row * scatter.tile_rows + tirx.floormod(position // scatter.tile_cols, scatter.tile_rows)
-        col0 = g.tile_col * scatter.tile_cols + position % scatter.tile_cols
         inside = tirx.all(
-            region.row0 <= row, row < region.row0 + region.rows, region.col0 <= col0, col0 < region.col0 + region.cols
+            region.row0 <= row,
+            row < region.row0 + region.rows,
+            region.col0 <= g.tile_col * scatter.tile_cols + position % scatter.tile_cols,
+            g.tile_col * scatter.tile_cols + position % scatter.tile_cols < region.col0 + region.cols,
         )
-        m = self.mask[0]
-        below = m - one
-        bit = lowest_set_bit(m)
-        # the column wrapped into the tile (a no-op): stores provably stay in the region's tiles (compaction)
-        col = g.tile_col * scatter.tile_cols + tirx.floormod(position % scatter.tile_cols + bit, scatter.tile_cols)
         t = tirx.Var("set_bit", "int32")
-        value = self.bits.value(self.stored, self.rank[0] + t).astype(out.dtype)
-        trip = tirx.SeqStmt([tirx.BufferStore(out, value, [row, col]), tirx.BufferStore(self.mask, m & below, [0])])
+        lets: list[tuple[tirx.Var, tirx.PrimExpr]] = []
+
+        def bind(name: str, value: tirx.PrimExpr) -> tirx.Var:
+            var = tirx.Var(f"chunk_{name}", str(value.ty))
+            lets.append((var, value))
+            return var
+
+        # bit j of the trip: the lowest set bit of masks[j] (the word's mask with j more bits cleared);
+        # it exists when masks[j] != 0 (always for j = 0: the trip count is ceil(bits / chunk))
+        masks = [self.mask[0]]
+        for j in range(1, chunk + 1):
+            cleared = masks[-1] & (masks[-1] - one)
+            masks.append(bind(f"mask{j}", cleared) if j < chunk else cleared)
+        rank = self.rank[0] + t * chunk
+        exists = [masks[j] != tirx.const(0, "uint32") for j in range(chunk)]
+        values = self._chunk_values(rank, exists, bind)
+
+        def column(j: int) -> tirx.PrimExpr:
+            # wrapped into the tile (a no-op): stores provably stay in the region's tiles (compaction)
+            bit = lowest_set_bit(masks[j])
+            return g.tile_col * scatter.tile_cols + tirx.floormod(position % scatter.tile_cols + bit, scatter.tile_cols)
+
+        stores: list[tirx.Stmt] = []
+        if self.bits.redirect_missing:
+            # branch-free: a missing bit's store goes to the trip's first bit's position (selected), which
+            # the first bit's own store, last, overwrites
+            for j in reversed(range(chunk)):
+                col = column(j) if j == 0 else tirx.Select(exists[j], column(j), column(0))
+                stores.append(tirx.BufferStore(out, values[j].astype(out.dtype), [row, col]))
+        else:  # a missing bit's store skipped (nvcc predicates a load and a store)
+            for j in range(chunk):
+                store = tirx.BufferStore(out, values[j].astype(out.dtype), [row, column(j)])
+                stores.append(store if j == 0 else tirx.IfThenElse(exists[j], store, None))
+        bound = [tirx.LetStmt(var, value) for var, value in lets]  # a binding, in order, before its readers
+        trip = tirx.SeqStmt([*bound, *stores, tirx.BufferStore(self.mask, masks[chunk], [0])])
+        trips = chunk_trips(self._popcount(e), chunk)
         # not unrolled: nvcc's unrolled copies and remainder code cost more issue slots than the loop
         # branch saves when a warp's busiest lane has a dozen bits
-        loop = tirx.For(t, 0, self._popcount(e), tirx.ForKind.SERIAL, trip, annotations={"disable_unroll": 1})
+        loop = tirx.For(t, 0, trips, tirx.ForKind.SERIAL, trip, annotations={"disable_unroll": 1})
         return tirx.IfThenElse(inside, tirx.SeqStmt([tirx.BufferStore(self.mask, self.words[e], [0]), loop]), None)
+
+    def _chunk_values(self, index: tirx.PrimExpr, exists: list, bind) -> list:
+        """The values of indices index .. index + len(exists) - 1, any value where its bit does not exist
+        (`exists[j]`, TIR bool): the stage's `values` (work shared, read in bounds), else `value` each,
+        read under the store's condition, or (redirected stores: read unconditionally) at `index` where
+        the bit does not exist, in bounds."""
+        if self.bits.values is not None:
+            return self.bits.values(self.stored, index, len(exists), bind)
+        if not self.bits.redirect_missing:
+            return [self.bits.value(self.stored, index + j) for j in range(len(exists))]
+        return [
+            self.bits.value(self.stored, index + j if j == 0 else tirx.Select(exists[j], index + j, index))
+            for j in range(len(exists))
+        ]
 
 
 def lowest_set_bit(mask: tirx.PrimExpr) -> tirx.PrimExpr:
     """int32 TIR: the index of the lowest set bit of the uint32 `mask` (not 0): its trailing zeros."""
     return tirx.popcount(tirx.bitwise_not(mask) & (mask - tirx.const(1, "uint32"))).astype("int32")
+
+
+def chunk_trips(bits: tirx.PrimExpr, chunk: int) -> tirx.PrimExpr:
+    """int32 TIR: the trips of the loop over a word's `bits` set bits, `chunk` a trip (the last may hold
+    fewer)."""
+    return (bits + (chunk - 1)) // chunk if chunk > 1 else bits
 
 
 def group_popcount(words: list) -> tirx.PrimExpr:

@@ -34,9 +34,10 @@ the tile), which a plain global-memory decode pays in full (the PrimFunc's defin
 path). The Tensor Core template pays per nonzero instead: it zero-fills each W tile and scatters the
 nonzeros over the set bits of the tile's words (`bit_scatter`, the stage's tile scatter: a thread a tile
 row, its rank the tile's offset + the set bits of the rows above, counted by the CTA in shared memory;
-`schedules/tile_scatter.py`). Runs along K (`tile_run`: the rows above popcounted once per run of a tile
-row, then the rank advances by one bit a weight) are what it did before; the scatter costs fewer
-instructions at 80% sparsity (benchmarks/results/gemm_sass_sm_90a_sparse.md).
+`SCATTER_CHUNK` set bits a loop trip; `schedules/tile_scatter.py`). Runs along K (`tile_run`: the
+rows above popcounted once per run of a tile row, then the rank advances by one bit a weight) are what
+it did before; the scatter costs fewer instructions at 80% sparsity
+(benchmarks/results/gemm_sass_sm_90a_sparse.md).
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
@@ -230,10 +231,14 @@ class BitmapFormat(WeightFormat):
         return BitmapDecode(self.name)
 
 
-def bit_scatter(value) -> TileScatter:
+SCATTER_CHUNK = 4  # set bits a trip of the scatter's loop (benchmarks/results/gemm_sass_sm_90a_sparse.md)
+
+
+def bit_scatter(value, chunk: int, values=None, redirect_missing: bool = False) -> TileScatter:
     """The tile scatter of a bitmap's tiles (`decode_stage.py`, "Tile scatter", bitmap words): the
     "bits" words of tile (tm, tk) (stored first, [TM, TK, 32] read flat), its first nonzero's index
-    offsets[tm, tk] (stored second), and value(stored, index) the nonzero of that index."""
+    offsets[tm, tk] (stored second), and value(stored, index) the nonzero of that index; `chunk` set
+    bits a loop trip, their values by `values` when given (`SetBits`, as `redirect_missing`)."""
 
     def word_range(stored, tile_row, tile_col):
         first = (tile_row * int(stored[0].shape[1]) + tile_col) * WORDS_PER_TILE
@@ -245,7 +250,13 @@ def bit_scatter(value) -> TileScatter:
         words=0,
         word_range=word_range,
         vector=WORDS_PER_TILE // TILE_ROWS,  # a tile row a thread (one 64-bit load): more busy lanes a warp
-        set_bits=SetBits(first_index=lambda stored, tile_row, tile_col: stored[1][tile_row, tile_col], value=value),
+        set_bits=SetBits(
+            first_index=lambda stored, tile_row, tile_col: stored[1][tile_row, tile_col],
+            value=value,
+            chunk=chunk,
+            values=values,
+            redirect_missing=redirect_missing,
+        ),
     )
 
 
@@ -257,7 +268,7 @@ class BitmapDecode(DecodeStage):
     def __init__(self, name: str):
         self.name = name
         self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
-        self.tile_scatter = bit_scatter(lambda stored, index: stored[2][index])
+        self.tile_scatter = bit_scatter(lambda stored, index: stored[2][index], SCATTER_CHUNK)
 
     def decode_run(self, stored, row, col0, length: int, dtype: str, bind):
         bits, offsets, values = stored

@@ -34,7 +34,9 @@ of +0 is FPx's value +0, so leaving it out of the stream changes nothing; -0 is 
 Decode stage (`BitmapFPxDecode`): bitmap's rank (`bitmap.tile_rank`) then the code, placed in an fp16
 pattern by two masks and shifts (`FPxDecode.code_fp16_bits`), and FPx's row scale, applied once per
 output in the GEMM's epilogue. On the Tensor Core template it scatters as bitmap does (`bit_scatter`:
-after the zero-fill, per set bit the code at its rank, `code_value`: one window, two masks and shifts).
+after the zero-fill, the set bits `SCATTER_CHUNK` a loop trip, their codes from one window of the stream
+at the trip's first rank, the next code 6 bits up, decoded in pairs (`chunk_values`); a trip's missing
+bits store at its first bit's position, overwritten, instead of a branch around each store).
 Its runs along K (`decode_run`, the template's `k_runs`, used before the scatter and by stages without
 it) decode like this: a thread decodes a tile row's 64 weights, the rank of the rows
 above popcounted once (`bitmap.run_start`); per chunk of 4 weights a rank (+ the previous chunk's
@@ -83,6 +85,7 @@ from tensorpress.schedules.decode_stage import DecodeStage, KRuns
 LAYOUT = "bitmap"
 
 
+SCATTER_CHUNK = 3  # set bits (codes) a trip of the tile scatter (benchmarks/results/gemm_sass_sm_90a_sparse.md)
 SPARE_CODES = 1 + WORD_BITS  # a code past the last (a rank may reach it) and a word past its first bit's
 
 
@@ -187,7 +190,39 @@ class BitmapFPxDecode(DecodeStage):
         self.name = name
         self.values = values
         self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
-        self.tile_scatter = bit_scatter(self.code_value)
+        self.tile_scatter = bit_scatter(self.code_value, self.scatter_chunk, self.chunk_values, redirect_missing=True)
+
+    @property
+    def scatter_chunk(self) -> int:
+        """Set bits a trip of the tile scatter: as many codes as one window holds whole, at most SCATTER_CHUNK
+        (benchmarks/results/gemm_sass_sm_90a_sparse.md)."""
+        return min(SCATTER_CHUNK, WORD_BITS // self.values.bits)
+
+    def chunk_values(self, stored, index, count: int, bind):
+        """The unscaled values of the stream's codes index .. index + count - 1 (the tile scatter's
+        chunk): one window from `index` (a running code offset: code j is j·b bits up), decoded in pairs
+        (SWAR, as `decode_run`)."""
+        from tvm import tirx
+
+        width = self.values.bits
+        assert count * width <= WORD_BITS, (count, width)
+        window = bind("window", self.window(stored[2], index))
+        low16, sixteen = tirx.const(0xFFFF, "uint32"), tirx.const(16, "uint32")
+
+        def code(j: int):
+            return window >> tirx.const(j * width, "uint32") if j else window
+
+        def fp16(h):
+            return tirx.reinterpret("float16", h.astype("uint16"))
+
+        values = []
+        for j in range(0, count, 2):
+            if j + 1 == count:
+                values.append(fp16(self.values.code_fp16_bits(code(j)) & low16))
+                continue
+            h = bind(f"pair{j}", self.values.code_fp16_bits((code(j) & low16) | (code(j + 1) << sixteen), pair=True))
+            values += [fp16(h & low16), fp16(h >> sixteen)]
+        return values
 
     def code_value(self, stored, index):
         """float16 TIR: the unscaled value of the stream's code `index` (the tile scatter's value)."""

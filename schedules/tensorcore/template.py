@@ -43,8 +43,9 @@ formats:
 
     bitmap words (`set_bits`): the fill phase also counts each thread's group of words into shared memory
     (STS); after the barrier a thread's rank = the tile's first index + the counts of the groups before
-    (LDS), then for each of its words, for each set bit, lowest first (POPC(~m & (m - 1)), m &= m - 1):
-    global values / code stream ──LDG at rank──▶ value ──STS.U16 at (row, 32 word + bit)──▶ W tile
+    (LDS), then for each of its words, its set bits lowest first (POPC(~m & (m - 1)), m &= m - 1), a
+    chunk of them a loop trip (the format's `SetBits.chunk`: bitmap 4, bitmap x FPx 3):
+    global values / code stream ──LDG at rank (FPx: a window a chunk)──▶ values ──STS.U16 at (row, bit)──▶ W tile
 
 N and K are padded to whole tiles inside the kernel (predicated, zero-filling cp.async; Y rows
 n >= N are never stored); block_m must divide M (TileConfig.check_shape).

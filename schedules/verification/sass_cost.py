@@ -109,8 +109,9 @@ class ScatterTrips:
     (a warp runs a loop as often as its busiest lane: the mean over the warps and K tiles of a weight):
 
     groups:        trips of the loop over groups of words (one vector load of words a trip)
-    word_elements: per word of a group, the sum over its group trips of the busiest lane's set bits
-                   (bitmap words: the loop over a word's set bits); None for a word per element
+    word_elements: per word of a group, the sum over its group trips of the busiest lane's set bits,
+                   rounded up to whole chunks (bitmap words: the loop over a word's set bits, a chunk
+                   and its STS a trip); None for a word per element
     fill_stores:   16-byte stores of zeros a thread makes (the zero-fill)
     vector:        words a group holds
     """

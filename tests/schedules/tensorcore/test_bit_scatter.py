@@ -3,8 +3,11 @@ Tensor Core template zero-fills each W tile, then loops over the set bits of the
 each nonzero at its position (bitmap: its fp16 value; bitmap x FPx: its code's unscaled value, the row
 scale in the epilogue). Replayed on the CPU (shuffled threads, NaN-poisoned scratch memory) against
 numpy at densities 0, 20%, 50%, 80% and 100%, odd N, M of one 16-row tile, K padded inside the kernel, W
-tiles of several format tiles, half of one (block_k 32) and split-K. Planted bugs must fail: a wrong
-position bit, a group popcount one too many, a rank one off, a missed word, a missed zero-fill."""
+tiles of several format tiles, half of one (block_k 32) and split-K. The loop over a word's set bits
+takes a chunk of them a trip (`SetBits.chunk`), so the densities also give trips with a chunk's last
+bits missing. Planted bugs must fail: a wrong position bit, a group popcount one too many, a rank one
+off, a missed word, a missed zero-fill, a lane skipping the end of its share (its trips rounded down to
+whole chunks), a code read one code off in the stream (bitmap x FPx)."""
 
 from __future__ import annotations
 
@@ -59,6 +62,28 @@ def test_replay_odd_shapes_padded_k_and_split_k(fmt, config):
     _check(out, ref)
 
 
+@pytest.mark.parametrize("redirect", [False, True], ids=["skipped", "redirected"])
+@pytest.mark.parametrize("fmt, chunk", [("bitmap", 1), ("bitmap", 3), ("bitmap-e3m2", 2), ("bitmap-e3m2", 5)])
+def test_replay_every_chunk_and_missing_bit_store(monkeypatch, fmt, chunk, redirect):
+    """The shipped chunks are checked above; other chunks (odd, a window's last whole code) and both
+    ways of storing a chunk's missing bits give W too, at 80% and 50% sparsity."""
+    import dataclasses
+
+    import tensorpress.compiler.formats.bitmap as bitmap
+    import tensorpress.compiler.formats.bitmap_fpx as bitmap_fpx
+
+    monkeypatch.setattr(bitmap, "SCATTER_CHUNK", chunk)
+    monkeypatch.setattr(bitmap_fpx, "SCATTER_CHUNK", chunk)
+    stage = decode_stage(fmt)
+    assert stage.tile_scatter is not None and stage.tile_scatter.set_bits is not None
+    assert stage.tile_scatter.set_bits.chunk == chunk
+    bits = dataclasses.replace(stage.tile_scatter.set_bits, redirect_missing=redirect)
+    stage.tile_scatter = dataclasses.replace(stage.tile_scatter, set_bits=bits)
+    for sparsity, seed in ((0.8, 11), (0.5, 12)):
+        out, ref = replay_weight_gemm(fmt, 64, 256, 5, SMALL, seed=seed, sparsity=sparsity, stage=stage)
+        _check(out, ref)
+
+
 def test_the_template_takes_the_scatter_and_keeps_the_gather_as_the_definition():
     """bitmap declares the scatter and a per-element decode: the PrimFunc keeps the decode (W[m, k], the
     CPU's path); the Tensor Core template builds its W tiles by the scatter (no run blocks)."""
@@ -94,6 +119,16 @@ class _CodeWindowOffByOne(BitmapFPxDecode):
         return super().window(codes, rank + tirx.const(32 // self.values.bits, "int32"))
 
 
+class _CodeOneOff(BitmapFPxDecode):
+    """bitmap x FPx: each chunk's window starts one code late (a running code offset one code off)."""
+
+    def __init__(self):
+        super().__init__("test-bitmap-fpx-scatter-code", fpx_decode_stage(3, 2))
+
+    def window(self, codes, rank):
+        return super().window(codes, rank + 1)
+
+
 def _wrong_position_bit(monkeypatch):
     lowest = tile_scatter.lowest_set_bit
     monkeypatch.setattr(tile_scatter, "lowest_set_bit", lambda mask: lowest(mask) ^ 1)
@@ -114,11 +149,17 @@ def _missed_zero_fill(monkeypatch):
     monkeypatch.setattr(tile_scatter, "_zero_fill", lambda *args: tirx.Evaluate(0))
 
 
+def _share_rounded_down(monkeypatch):
+    # a lane stops at its last whole chunk: the set bits of its word past it are never stored
+    monkeypatch.setattr(tile_scatter, "chunk_trips", lambda bits, chunk: bits // chunk)
+
+
 SEAM_BUGS = {
     "wrong position bit": _wrong_position_bit,
     "group popcount one too many": _popcount_one_too_many,
     "missed word": _missed_word,
     "missed zero-fill": _missed_zero_fill,
+    "share rounded down to whole chunks": _share_rounded_down,
 }
 
 
@@ -137,7 +178,9 @@ def test_planted_scatter_bugs_fail(monkeypatch, fmt, bug):
 
 
 @pytest.mark.parametrize(
-    "fmt, stage", [("bitmap", _RankOneOff), ("bitmap-e3m2", _CodeWindowOffByOne)], ids=["rank one off", "code window"]
+    "fmt, stage",
+    [("bitmap", _RankOneOff), ("bitmap-e3m2", _CodeWindowOffByOne), ("bitmap-e3m2", _CodeOneOff)],
+    ids=["rank one off", "code window", "code one off"],
 )
 def test_planted_value_bugs_fail(fmt, stage):
     out, ref = replay_weight_gemm(fmt, 64, 256, 5, SMALL, seed=5, sparsity=0.5, stage=stage())
