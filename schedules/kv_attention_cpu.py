@@ -3,14 +3,15 @@
 Attention stage 1 runs one parallel task per (token, kv head, chunk) (defined for the CPU, a chunk is
 `kv_attention.CPU_CHUNK_TOKENS` positions: few partials for the merge to read): for head_dim > 64 the chunk's
 keys are gathered transposed ([D, CHUNK] in a task-local buffer) so q·k vectorises over the chunk's
-positions, as a register tile: all heads of the group × 1 or 2 vectors of positions, 8 sums held in
-registers over d, so a key vector is loaded once for all heads (for short rows q·k reads the pages
+positions, as a register tile: up to 4 heads of the group × 2 or more vectors of positions, 8 sums held
+in registers over d, so a key vector is loaded once for the tile's heads (for short rows q·k reads the pages
 directly). p = e^(s - m) is computed as vector arithmetic (`cpu/vector_exp.py`), not a libm call per
 score. The gather walks the pages row by row (a row's page address once, its elements in memory order)
 and writes the tile's columns: twice as fast as walking the tile's rows at head_dim 128 (the page lookup
 per element dominated). The chunk's values are read once
 into a task-local [D, CHUNK] tile too (a quantised row is decoded once, not once per query head of the
-group), and p·V vectorises over the SLOTS slot sums (a vector of 8 positions). The merge runs one
+group), and p·V vectorises over the SLOTS slot sums (a vector of 8 positions), a register tile of up to 4
+heads × 2 or more channels (independent sums: no chain of dependent FMAs, see `_schedule_pv`). The merge runs one
 parallel task per (token, query head), vectorised over head_dim. Chunks past a token's position are
 skipped (the CUDA schedule cannot, see there).
 
@@ -78,12 +79,15 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     else:  # the chunk's keys transposed, [D, CHUNK], so q·k vectorises over the chunk's positions
         sch.transform_layout(keys, ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
         j, t, d = sch.get_loops(score)[-3:]  # (the gather keeps its loops (t, d): rows in memory order)
-        # register tile: every head of the group times `vectors` vectors of positions, so a key vector
-        # loaded once serves all heads (SCORE_ACCUMULATORS sums in registers over d)
-        group = int(sch.get(j).extent)
-        vectors = _largest_divisor(chunk // GATHER_ROWS, max(1, SCORE_ACCUMULATORS // group))
+        # register tile: up to TILE_HEADS heads of the group times `vectors` vectors of positions
+        # (SCORE_ACCUMULATORS sums in registers over d), so a key vector loaded once serves those heads
+        # and a broadcast q element serves `vectors` key vectors: at G8 4 heads x 2 vectors (6 loads
+        # per 8 FMAs) beat 8 heads x 1 vector (9 loads; 32k, one thread, int2-kitty 15.4 -> 14.6 ms)
+        heads = _largest_divisor(int(sch.get(j).extent), TILE_HEADS)
+        vectors = _largest_divisor(chunk // GATHER_ROWS, max(1, SCORE_ACCUMULATORS // heads))
+        head_tiles, j = sch.split(j, [None, heads])
         positions, tile, lanes = sch.split(t, [None, vectors, GATHER_ROWS])
-        sch.reorder(positions, d, j, tile, lanes)
+        sch.reorder(head_tiles, positions, d, j, tile, lanes)
         sch.unroll(j)
         sch.unroll(tile)
         sch.vectorize(lanes)
@@ -100,11 +104,7 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     # t = step·SLOTS + s, in step order, as defined), into slot sums kept [D, SLOTS]; chunk_acc adds a
     # channel's SLOTS sums in slot order
     sch.transform_layout(sch.get_sblock("values"), ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
-    slot_acc = sch.get_sblock("slot_acc")
-    sch.transform_layout(slot_acc, ("write", 0), lambda n, h, c, s, d: (n, h, c, d, s))
-    s, j, d, step = sch.get_loops(slot_acc)[-4:]
-    sch.reorder(j, d, step, s)
-    sch.vectorize(s)
+    _schedule_pv(sch, sch.get_sblock("slot_acc"), head_dim)
 
     merged_acc = sch.get_sblock("merged_acc")
     d, c = sch.get_loops(merged_acc)[-2:]
@@ -138,6 +138,39 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
 
 GATHER_ROWS = 8  # rows of a key gather's vector (an AVX2 register of fp32)
 SCORE_ACCUMULATORS = 8  # q·k sums held in registers (of 16 ymm: the rest for keys and broadcast q)
+PV_ACCUMULATORS = 8  # p·V slot-sum vectors held in registers (the rest for value vectors)
+TILE_HEADS = 4  # query heads of a q·k or p·V register tile (the rest of its sums: positions or channels)
+
+
+def _schedule_pv(sch: s_tir.Schedule, slot_acc, head_dim: int) -> None:
+    """p·V as a register tile of PV_ACCUMULATORS slot-sum vectors: up to TILE_HEADS heads of the group
+    times `channels` channels, over the chunk's steps. Each (head, channel) sums its SLOTS slots in step
+    order, as defined (so results are what one chain per (head, channel) gives, bit for bit), but the
+    tile's sums are independent chains: a step's FMAs no longer wait on the previous step's, a value
+    vector loaded once serves the tile's heads and a p vector its channels (6 loads per 8 FMAs at G8).
+    One chain per (head, channel), its 16 dependent FMAs waiting on FMA latency, took 31% of the kernel
+    (32k, G8, one thread, int2-kitty 17.9 -> 15.4 ms with the tile). The sums live in a local tile
+    (constant indices once unrolled: LLVM keeps them in registers) written to slot_acc as whole vectors
+    (written slot by slot, LLVM copied the tile through the stack in pieces, 20% of the kernel)."""
+    sch.transform_layout(slot_acc, ("write", 0), lambda n, h, c, s, d: (n, h, c, d, s))
+    s, j, d, step = sch.get_loops(slot_acc)[-4:]
+    heads = _largest_divisor(int(sch.get(j).extent), TILE_HEADS)
+    channels = _largest_divisor(head_dim, PV_ACCUMULATORS // heads)
+    head_tiles, j = sch.split(j, [None, heads])
+    channel_tiles, d = sch.split(d, [None, channels])
+    sch.reorder(head_tiles, channel_tiles, step, j, d, s)
+    sch.unroll(j)
+    sch.unroll(d)
+    sch.vectorize(s)
+    in_registers = sch.cache_write(slot_acc, 0, "local")
+    sch.reverse_compute_at(in_registers, channel_tiles)
+    sch.decompose_reduction(slot_acc, step)
+    tile_heads, tile_channels, slots = sch.get_loops(in_registers)[-3:]
+    sch.unroll(tile_heads)
+    sch.unroll(tile_channels)
+    sch.vectorize(slots)
+
+
 GATHER_VECTORS = 2  # vectors of rows per channel step: a channel's terms (scale, boost) serve 16 rows
 BYTE_CODES = 4  # channels read together: the 2-bit codes of one byte (see _gather_rows)
 
