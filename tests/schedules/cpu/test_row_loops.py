@@ -1,6 +1,6 @@
 """RowLoops (row-wise normalisations over rows of symbolic length, written out) against numpy/torch:
-softmax with MiniLM's fully-masked-row epilogue, layer norm, rows shorter than, equal to and not a
-multiple of the vector width."""
+softmax with MiniLM's fully-masked-row epilogue and the row flag it reads, layer norm, a row sum; rows
+shorter than, equal to and not a multiple of the vector width."""
 
 import numpy as np
 import pytest
@@ -91,16 +91,49 @@ def test_layer_norm_over_a_symbolic_row():
         np.testing.assert_allclose(y, want.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_declines_constant_rows_and_non_row_functions():
+def _row_flag_func():
+    """MiniLM's other kernel on the scores: per row, whether some score is not -inf (max of an int8
+    cast), the flag the masked softmax reads."""
+    b, n = sym("b"), sym("n")
+    x = te.placeholder((b, 3, n, n), "float32", name="x")
+    finite = te.compute(x.shape, lambda *i: tirx.Not(x[i] == tirx.const(-np.inf, "float32")), name="finite")
+    as_int = te.compute(x.shape, lambda *i: finite[i].astype("int8"), name="as_int")
+    k = te.reduce_axis((0, n), name="k")
+    flag = te.compute((b, 3, n, 1), lambda i, h, r, _: te.max(as_int[i, h, r, k], axis=k), name="flag")
+    return te.create_prim_func([x, flag])
+
+
+def test_row_flag_of_fully_masked_rows():
+    sch = schedule(RowLoops(), _row_flag_func())
+    call = compiled(sch)
+    r = rng(4)
+    for batch, length in LENGTHS:
+        x = r.standard_normal((batch, 3, length, length)).astype("float32")
+        x[r.random(x.shape) < 0.5] = -np.inf
+        x[0, 2, length - 1, :] = -np.inf
+        (flag,) = call([x], [((batch, 3, length, 1), "int8")])
+        np.testing.assert_array_equal(flag, (~np.isneginf(x)).any(-1, keepdims=True).astype("int8"))
+
+
+def test_row_sum_over_a_symbolic_row():
+    n = sym("n")
+    x = te.placeholder((5, n), "float32", name="x")
+    k = te.reduce_axis((0, n), name="k")
+    total = te.compute((5,), lambda i: te.sum(x[i, k], axis=k), name="total")
+    call = compiled(schedule(RowLoops(), te.create_prim_func([x, total])))
+    for length in (1, 7, 8, 70):
+        a = rng(length).standard_normal((5, length)).astype("float32")
+        (y,) = call([a], [((5,), "float32")])
+        np.testing.assert_allclose(y, a.astype(np.float64).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_declines_constant_rows_and_elementwise_functions():
     """Constant-length rows stay with RowReduction's schedule (measured the same on layer norm 128 x 384);
-    a lone reduction or elementwise function is no row program."""
+    an elementwise function is no row program."""
     mod = relax_graph([("x", [4, 16], "float32")], lambda bb, x: bb.emit(relax.op.nn.softmax(x)))
     assert RowLoops().apply(only_prim_func(mod), AVX2, False) is None
     n = sym("n")
     x = te.placeholder((4, n), "float32", name="x")
-    k = te.reduce_axis((0, n), name="k")
-    total = te.compute((4,), lambda i: te.sum(x[i, k], axis=k), name="total")
-    assert RowLoops().apply(te.create_prim_func([x, total]), AVX2, False) is None
     y = te.compute((4, n), lambda i, j: x[i, j] * 2.0, name="y")
     assert RowLoops().apply(te.create_prim_func([x, y]), AVX2, False) is None
 
