@@ -81,6 +81,8 @@ def row_loops_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     if root is None:
         return None
     blocks = [sch.get(b) for b in sch.get_child_blocks(root)]
+    if _has_predicates(sch.mod["main"]):
+        return None  # a block over part of its loops: not a whole row
     out = blocks[-1].writes[0].source
     if not any(p.same_as(out) for p in func.params):
         return None
@@ -105,6 +107,12 @@ def _under_root_block(func: tirx.PrimFunc, body: tirx.Stmt) -> tirx.Stmt:
     root = func.body.block
     block = SBlock(root.iter_vars, [], [], root.name_hint, body, None, [], root.match_buffers, root.annotations)
     return SBlockRealize(func.body.iter_values, func.body.predicate, block)
+
+
+def _has_predicates(func: tirx.PrimFunc) -> bool:
+    realizes: list = []
+    tvm_ffi.structural_walk(func.body, [(SBlockRealize, realizes.append)])
+    return any(not (isinstance(r.predicate, tirx.IntImm) and int(r.predicate) == 1) for r in realizes)
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:
