@@ -8,6 +8,7 @@ Rules are tried in order, the first that takes a function wins:
     DepthwiseConv  channels-last depthwise convolutions               depthwise_conv.py
     Matmul         legalised matmuls: linear, batched attention       matmul.py
     GEMV           dlight's matrix-vector rule (one row or column)
+    RowLoops       the same over rows of symbolic length, written out  row_loops.py
     RowReduction   softmax, layer norm, RMS norm                      row_reduction.py
     Injective      elementwise, broadcast, transpose, gather          injective.py
     Fallback       anything else: inlined, parallel, vectorised       fallback.py
@@ -23,6 +24,7 @@ from tensorpress.schedules.cpu.depthwise_conv import DepthwiseConv
 from tensorpress.schedules.cpu.fallback import Fallback
 from tensorpress.schedules.cpu.injective import Injective
 from tensorpress.schedules.cpu.matmul import Matmul
+from tensorpress.schedules.cpu.row_loops import RowLoops
 from tensorpress.schedules.cpu.row_reduction import RowReduction
 from tensorpress.schedules.cpu.weight_gemm import WeightGemm
 from tensorpress.schedules.template_config import ConfigLookup
@@ -30,4 +32,13 @@ from tensorpress.schedules.template_config import ConfigLookup
 
 def cpu_rules(configs: ConfigLookup | None = None) -> list[dl.ScheduleRule]:
     """Rules for llvm targets, most specific first; `configs`: tuned template configs (None: defaults)."""
-    return [WeightGemm(configs), DepthwiseConv(), Matmul(), dl.cpu.GEMV(), RowReduction(), Injective(), Fallback()]
+    return [
+        WeightGemm(configs),
+        DepthwiseConv(),
+        Matmul(),
+        dl.cpu.GEMV(),
+        RowLoops(),
+        RowReduction(),
+        Injective(),
+        Fallback(),
+    ]
