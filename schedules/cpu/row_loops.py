@@ -59,6 +59,12 @@ class _Step:
     operand: Any = None  # a reduction's value per element (a PrimExpr)
 
 
+# At most 8 float32 lanes, AVX-512 targets included: with 16, building MiniLM for x86-64-v4 did not finish
+# (minutes inside TVM 0.27's RewriteSimplifier on one store's nest of Select / Max: the NaN-keeping clamps
+# of the vector exp); 8 lanes build in seconds, and on Zen 4 a 512-bit op costs two 256-bit ones anyway.
+MAX_LANES = 8
+
+
 class RowLoops(CPUScheduleRule):
     """Row-wise normalisations as explicit row loops (see the module docstring); None for anything
     else, and for rows of a constant length (the schedule in row_reduction.py handles those)."""
@@ -67,7 +73,7 @@ class RowLoops(CPUScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         try:
-            written = row_loops_func(with_vector_exp(func), vector_unit(target).lanes("float32"))
+            written = row_loops_func(with_vector_exp(func), min(MAX_LANES, vector_unit(target).lanes("float32")))
         except (s_tir.ScheduleError, ValueError):
             return None
         return None if written is None else s_tir.Schedule(written)
