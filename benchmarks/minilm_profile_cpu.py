@@ -1,6 +1,6 @@
 """Where MiniLM's CPU time goes, per kernel: tensorpress (Relax VM profiler) beside onnxruntime's own profile.
 
-    .venv/bin/python benchmarks/minilm_profile_cpu.py [--batch 1 --seq 128] [--runs 20] [--untuned]
+    .venv/bin/python benchmarks/minilm_profile_cpu.py [--batch 1 --seq 128] [--runs 20] [--untuned] [--target T]
 
 Compiles the all-MiniLM-L6-v2 folder as benchmarks/minilm_tuned_cpu.py does, loads its library into the
 Relax VM's profiler (`vm_profiler_load_executable`, every call_tir timed alone) and sums each kernel's
@@ -35,6 +35,7 @@ def parse_args(argv):
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--untuned", action="store_true", help="every template kernel at its default config")
+    parser.add_argument("--target", default="cpu", help="cpu, cpu:x86-64-v4 or cpu:native (tensorpress compile's)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="minilm-profile-") as tmp:
         report = tensorpress.compile(
-            folder, Path(tmp) / "m.tpk", target="cpu", **({"tuning_log": False} if args.untuned else {})
+            folder, Path(tmp) / "m.tpk", target=args.target, **({"tuning_log": False} if args.untuned else {})
         )
         model = tensorpress.runtime.load(report.artifact, device="cpu")
         names = [s.name for s in model.signature.inputs]
