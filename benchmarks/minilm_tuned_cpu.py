@@ -44,6 +44,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def minilm_feeds(batch: int, seq: int, seed: int | None = None) -> dict:
+    """MiniLM's three int64 inputs by name: random token ids (seed: batch * 1000 + seq unless given), no
+    padding, one segment."""
+    import numpy as np
+
+    rng = np.random.default_rng(batch * 1000 + seq if seed is None else seed)
+    return {
+        "input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int64),
+        "attention_mask": np.ones((batch, seq), np.int64),
+        "token_type_ids": np.zeros((batch, seq), np.int64),
+    }
+
+
 def export_onnx(model, path: Path) -> None:
     """`model` (a transformers BertModel) as ONNX: three int64 inputs by name, last_hidden_state out."""
     import torch
@@ -109,12 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for batch, seq in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:
-        rng = np.random.default_rng(batch * 1000 + seq)
-        inputs = {
-            "input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int64),
-            "attention_mask": np.ones((batch, seq), np.int64),
-            "token_type_ids": np.zeros((batch, seq), np.int64),
-        }
+        inputs = minilm_feeds(batch, seq)
         torch_inputs = {name: torch.from_numpy(value) for name, value in inputs.items()}
         calls = {
             "tuned": lambda feeds=inputs: models["tuned"].run(feeds)[0],

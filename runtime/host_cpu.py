@@ -15,3 +15,9 @@ def host_cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def missing_cpu_flags(needed) -> list[str]:
+    """The flags of `needed` this machine's CPU lacks, in `needed`'s order."""
+    have = host_cpu_flags()
+    return [flag for flag in needed if flag not in have]

@@ -28,7 +28,7 @@ import numpy as np
 from tensorpress.errors import ArtifactError, DeviceMismatchError, InputError, TensorpressError
 from tensorpress.runtime import tvm_runtime
 from tensorpress.runtime.artifact import LIBRARY, SAFETENSORS_DTYPES, WEIGHTS, ArtifactFile, open_artifact
-from tensorpress.runtime.host_cpu import host_cpu_flags
+from tensorpress.runtime.host_cpu import missing_cpu_flags
 
 # The GPU architectures `tensorpress compile --target cuda:ARCH` accepts (compiler/targets.py CUDA_ARCHS,
 # copied because the runtime never imports the compiler; a test keeps the two equal).
@@ -166,7 +166,7 @@ def check_device_fits(manifest: dict[str, Any], kind: str, index: int, path: Pat
             f"'{'cuda:0' if target['kind'] == 'cuda' else 'cpu'}' or recompile it with --target {kind}."
         )
     if kind == "cpu":
-        missing = [flag for flag in manifest.get("cpu_flags", []) if flag not in host_cpu_flags()]
+        missing = missing_cpu_flags(manifest.get("cpu_flags", []))
         if missing:
             raise DeviceMismatchError(
                 f"{path} was built for CPUs with {', '.join(manifest['cpu_flags'])}; this CPU lacks "

@@ -256,9 +256,9 @@ def _template_space(target: TargetSpec) -> TemplateSpace:
 
 def _check_host_runs(target: TargetSpec) -> None:
     """Candidates are timed on this CPU: refuse a level it cannot run before any work (not a SIGILL later)."""
-    from tensorpress.runtime.host_cpu import host_cpu_flags
+    from tensorpress.runtime.host_cpu import missing_cpu_flags
 
-    missing = [flag for flag in target.cpu_flags if flag not in host_cpu_flags()]
+    missing = missing_cpu_flags(target.cpu_flags)
     if missing:
         raise ConfigError(
             f"this CPU lacks {', '.join(missing)}, so it cannot time kernels for --target {target.name}; tune on a "
