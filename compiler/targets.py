@@ -16,7 +16,6 @@ CPU_LEVELS = {
     "x86-64-v4": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
 }
 CPU_MCPU = "x86-64-v3"
-CPU_REQUIRED_FLAGS = CPU_LEVELS[CPU_MCPU]
 CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")
 # Every name `parse_target` takes (and `llvm` for cpu); the CLI's --target help and the errors list these.
 # `cpu:native` is the highest level of CPU_LEVELS that this machine runs.
