@@ -5,7 +5,7 @@ as a tiled program, one parallel task per (batch, head, block of QUERY_BLOCK que
         kt[D, Sp] = k[b, :, h, :]ᵀ · k_scale        keys transposed, so q·k runs over 8 keys a vector; the
                                                    Sp - S pad columns are zeros (Sp: S up to KEY_TILE)
         for each ROWS query rows i (rows past S are clamped to S - 1: computed twice, stored alike):
-            s[ROWS, Sp] = (q_i · q_scale) · kt      register tile ROWS rows x KEY_VECTORS vectors of keys
+            s[ROWS, Sp] = (q_i · q_scale) · kt      register tile ROWS rows x key vectors (`Tiles`)
             per row: s = s · s_scale + mask; pads = -inf; m = max; any = some s != -inf;
                      s = exp(s - m) (vector exp, 8 lanes) or 0 where the row is all -inf; l = Σ s
             out[i] = (s · v[b, :, h, :]) / l        register tile ROWS rows x PV_VECTORS vectors of channels
@@ -18,6 +18,8 @@ keys) is added in a scalar loop. At most 8 float32 lanes, AVX-512 included (`row
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.script.ir_builder import IRBuilder
@@ -26,13 +28,26 @@ from tvm.target import Target
 
 from tensorpress.schedules.cpu.row_loops import MAX_LANES
 from tensorpress.schedules.cpu.vector_exp import vector_exp
-from tensorpress.schedules.cpu.vector_unit import vector_unit
+from tensorpress.schedules.cpu.vector_unit import VectorUnit, vector_unit
 from tensorpress.schedules.encoder_attention import AttentionBuffers, attention_buffers, config_of, kernel_func
 
 QUERY_BLOCK = 64  # query rows per task (the keys are transposed once per task)
 ROWS = 4  # query rows of a register tile
-KEY_VECTORS = 2  # key vectors of the q·k tile: ROWS x KEY_VECTORS sums in registers over d
-ACCUMULATORS = 8  # sums a tile keeps in registers (of 16 ymm: the rest for the operands)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Register tiles: the q·k tile holds ROWS x key_vectors sums over d, the p·v tile ROWS x pv_vectors
+    (at most half the vector registers: the rest hold the operands)."""
+
+    key_vectors: int
+    accumulators: int
+
+
+def tiles_for(unit: VectorUnit) -> Tiles:
+    """AVX2's 16 registers: 4 x 2 tiles; AVX-512's 32 (ymm still, see MAX_LANES): 4 x 4."""
+    accumulators = unit.registers // 2
+    return Tiles(key_vectors=accumulators // ROWS, accumulators=accumulators)
 
 
 class EncoderAttention(CPUScheduleRule):
@@ -46,10 +61,10 @@ class EncoderAttention(CPUScheduleRule):
         if config.head_dim % lanes:
             return None
         bufs = attention_buffers(config)
-        return s_tir.Schedule(kernel_func(bufs, attention_program(bufs, lanes)))
+        return s_tir.Schedule(kernel_func(bufs, attention_program(bufs, lanes, tiles_for(vector_unit(target)))))
 
 
-def attention_program(bufs: AttentionBuffers, lanes: int) -> tirx.Stmt:
+def attention_program(bufs: AttentionBuffers, lanes: int, tiles: Tiles = Tiles(2, 8)) -> tirx.Stmt:
     """The module docstring's loops over `bufs` (vectors of `lanes` float32)."""
     config = bufs.config
     B, S = bufs.batch, bufs.seq
@@ -57,10 +72,10 @@ def attention_program(bufs: AttentionBuffers, lanes: int) -> tirx.Stmt:
     i64 = lambda v: tirx.const(v, "int64")  # noqa: E731
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     neg_inf = f32(float("-inf"))
-    key_tile = lanes * KEY_VECTORS
+    key_tile = lanes * tiles.key_vectors
     padded = tirx.floordiv(S + key_tile - 1, key_tile) * key_tile
     blocks = tirx.floordiv(S + QUERY_BLOCK - 1, QUERY_BLOCK)
-    pv_vectors = min(D // lanes, max(1, ACCUMULATORS // ROWS))
+    pv_vectors = min(D // lanes, max(1, tiles.accumulators // ROWS))
     while (D // lanes) % pv_vectors:
         pv_vectors -= 1
 
@@ -81,7 +96,7 @@ def attention_program(bufs: AttentionBuffers, lanes: int) -> tirx.Stmt:
             for r in range(ROWS):
                 with T.vectorized(i64(0), i64(D)) as d:
                     T.buffer_store(q, bufs.load(0, b, rows[r], h, d) * f32(config.q_scale), [r, d])
-            _scores(scores, q, kt, padded, key_tile, lanes, D)
+            _scores(scores, q, kt, padded, tiles.key_vectors, lanes, D)
             inverse = T.decl_buffer((ROWS,), "float32", scope="local")
             for r in range(ROWS):
                 _softmax_row(bufs, scores, inverse, r, b, h, rows[r], lanes, neg_inf)
@@ -89,18 +104,19 @@ def attention_program(bufs: AttentionBuffers, lanes: int) -> tirx.Stmt:
     return ib.get()
 
 
-def _scores(scores, q, kt, padded, key_tile: int, lanes: int, D: int) -> None:
-    """scores[r, j] = q[r] · kt[:, j] for the tile's rows, KEY_VECTORS vectors of keys at a time."""
+def _scores(scores, q, kt, padded, key_vectors: int, lanes: int, D: int) -> None:
+    """scores[r, j] = q[r] · kt[:, j] for the tile's rows, `key_vectors` vectors of keys at a time."""
+    key_tile = key_vectors * lanes
     i64 = lambda v: tirx.const(v, "int64")  # noqa: E731
     with T.serial(i64(0), tirx.floordiv(padded, key_tile)) as kb:
         acc = T.decl_buffer((ROWS, key_tile), "float32", scope="local")
-        with T.unroll(0, ROWS) as r, T.unroll(0, KEY_VECTORS) as kv, T.vectorized(0, lanes) as lane:
+        with T.unroll(0, ROWS) as r, T.unroll(0, key_vectors) as kv, T.vectorized(0, lanes) as lane:
             T.buffer_store(acc, tirx.const(0.0, "float32"), [r, kv * lanes + lane])
-        loops = (T.serial(i64(0), i64(D)), T.unroll(0, ROWS), T.unroll(0, KEY_VECTORS), T.vectorized(0, lanes))
+        loops = (T.serial(i64(0), i64(D)), T.unroll(0, ROWS), T.unroll(0, key_vectors), T.vectorized(0, lanes))
         with loops[0] as d, loops[1] as r, loops[2] as kv, loops[3] as lane:
             at = [r, kv * lanes + lane]
             T.buffer_store(acc, acc[at] + q[r, d] * kt[d, kb * key_tile + kv * lanes + lane], at)
-        with T.unroll(0, ROWS) as r, T.unroll(0, KEY_VECTORS) as kv, T.vectorized(0, lanes) as lane:
+        with T.unroll(0, ROWS) as r, T.unroll(0, key_vectors) as kv, T.vectorized(0, lanes) as lane:
             T.buffer_store(scores, acc[r, kv * lanes + lane], [r, kb * key_tile + kv * lanes + lane])
 
 

@@ -19,30 +19,32 @@ from tvm import tirx
 import tensorpress.schedules.cpu.encoder_attention as rule_module
 from tensorpress.compiler.build import tir_pipeline
 from tensorpress.compiler.targets import parse_target
+from tensorpress.runtime.host_cpu import missing_cpu_flags
 from tensorpress.schedules.encoder_attention import EncoderAttention, encoder_attention_func
 
 BERT = EncoderAttention(heads=3, head_dim=16, q_scale=0.5, k_scale=0.5, mask_broadcast=(False, True, True))
 TORCH_SDPA = dataclasses.replace(BERT, mask_broadcast=(False, True, False), zero_masked_rows=True)
 
 
-def _build(func: tirx.PrimFunc):
-    target = parse_target("cpu").tvm_target()
+def _build(func: tirx.PrimFunc, level: str = "cpu"):
+    target = parse_target(level).tvm_target()
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     with target:
         return tvm.compile(mod, target=target, tir_pipeline=tir_pipeline())["main"]
 
 
-def _scheduled(config: EncoderAttention):
-    target = parse_target("cpu").tvm_target()
+def _scheduled(config: EncoderAttention, level: str = "cpu"):
+    """The kernel as the CPU rule schedules it for `level` (cpu: x86-64-v3, AVX2's 16 registers)."""
+    target = parse_target(level).tvm_target()
     with target:
         sch = rule_module.EncoderAttention().apply(encoder_attention_func(config), target, False)
     assert sch is not None
-    return _build(sch.mod["main"])
+    return _build(sch.mod["main"], level)
 
 
 @functools.cache
-def _kernel(config: EncoderAttention):
-    return _scheduled(config)
+def _kernel(config: EncoderAttention, level: str = "cpu"):
+    return _scheduled(config, level)
 
 
 def _inputs(config: EncoderAttention, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -122,6 +124,15 @@ def test_each_variant_matches_the_unfused_graph(config):
         _assert_matches(_run(_kernel(config), config, arrays), _reference(config, arrays))
 
 
+@pytest.mark.skipif(bool(missing_cpu_flags(parse_target("cpu:x86-64-v4").cpu_flags)), reason="no AVX-512 here")
+def test_avx512_targets_larger_register_tiles_match_the_unfused_graph():
+    for batch, seq in ((2, 37), (1, 128)):
+        arrays = _padded(TORCH_SDPA, batch, seq, seed=seq)
+        arrays["mask"][0, 0, 3, :] = -np.inf
+        got = _run(_kernel(TORCH_SDPA, "cpu:x86-64-v4"), TORCH_SDPA, arrays)
+        _assert_matches(got, _reference(TORCH_SDPA, arrays))
+
+
 def test_fully_masked_rows_give_zeros_as_torchs_export_and_nan_otherwise():
     arrays = _inputs(TORCH_SDPA, 2, 19)
     arrays["mask"][0, 0, 4, :] = -np.inf  # query row 4 of sequence 0 sees no key
@@ -170,7 +181,7 @@ def test_the_definition_itself_matches_the_reference():
 
 def _with_program_mutated(monkeypatch, mutate):
     program = rule_module.attention_program
-    monkeypatch.setattr(rule_module, "attention_program", lambda bufs, lanes: mutate(bufs, program(bufs, lanes)))
+    monkeypatch.setattr(rule_module, "attention_program", lambda bufs, *rest: mutate(bufs, program(bufs, *rest)))
 
 
 def _key_tail_off_by_one(bufs, body):
@@ -206,9 +217,9 @@ def _plant(monkeypatch, bug: str) -> None:
     elif bug == "wrong_scale":
         program = rule_module.attention_program
 
-        def wrong_scale(bufs, lanes):
+        def wrong_scale(bufs, *rest):
             config = dataclasses.replace(bufs.config, k_scale=bufs.config.k_scale * 1.1)
-            return program(dataclasses.replace(bufs, config=config), lanes)
+            return program(dataclasses.replace(bufs, config=config), *rest)
 
         monkeypatch.setattr(rule_module, "attention_program", wrong_scale)
 
