@@ -137,7 +137,9 @@ def _softmax_row(bufs: AttentionBuffers, scores, inverse, r: int, b, h, i, lanes
         return s + bufs.mask_at(b, h, i, j) if config.mask_broadcast is not None else s
 
     # scale, mask and the row's max in one pass: `lanes` partial maxima over the whole vectors, the tail
-    # into partial[0] (each value is computed once for its store and its max: no store read back)
+    # into partial[0] (each value is computed once for its store and its max: no store read back). The
+    # vector max is a select that skips NaN (PropagateNaN rewrites only max, and its NaN checks cost 5% of
+    # the kernel): a NaN score still makes its row NaN, through its e = exp(NaN - m) in the row's sum.
     partial = T.decl_buffer((lanes,), "float32", scope="local")
     with T.vectorized(0, lanes) as lane:
         T.buffer_store(partial, neg_inf, [lane])
@@ -145,7 +147,8 @@ def _softmax_row(bufs: AttentionBuffers, scores, inverse, r: int, b, h, i, lanes
     with T.serial(i64(0), tirx.floordiv(S, lanes)) as c, T.vectorized(i64(0), i64(lanes)) as lane:
         if rewrites:
             T.buffer_store(scores, masked(c * lanes + lane), [r, c * lanes + lane])
-        T.buffer_store(partial, tirx.max(partial[lane], masked(c * lanes + lane)), [lane])
+        value = masked(c * lanes + lane)
+        T.buffer_store(partial, tirx.Select(value > partial[lane], value, partial[lane]), [lane])
     with T.serial(whole, S) as j:
         if rewrites:
             T.buffer_store(scores, masked(j), [r, j])

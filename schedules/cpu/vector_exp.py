@@ -42,7 +42,10 @@ def vector_exp(x: tirx.PrimExpr, nan_select: bool = True, at_most_zero: bool = F
         raise ValueError(f"vector_exp computes float32 only, got {x.ty}")
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
-    clamped = tirx.max(x if at_most_zero else tirx.min(x, f32(HIGHEST)), f32(LOWEST))
+    if at_most_zero:  # a select, not max: it keeps NaN without PropagateNaN's checks
+        clamped = tirx.Select(x < f32(LOWEST), f32(LOWEST), x)
+    else:
+        clamped = tirx.max(tirx.min(x, f32(HIGHEST)), f32(LOWEST))
     n = tirx.floor(clamped * f32(LOG2E) + f32(0.5))
     r = clamped - n * f32(C1) - n * f32(C2)
     poly = f32(POLY[0])
