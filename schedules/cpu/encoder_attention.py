@@ -31,7 +31,7 @@ from tensorpress.schedules.cpu.vector_exp import vector_exp
 from tensorpress.schedules.cpu.vector_unit import VectorUnit, vector_unit
 from tensorpress.schedules.encoder_attention import AttentionBuffers, attention_buffers, config_of, kernel_func
 
-QUERY_BLOCK = 64  # query rows per task (the keys are transposed once per task)
+QUERY_BLOCK = 128  # query rows per task (the keys are transposed once per task)
 ROWS = 4  # query rows of a register tile
 
 
