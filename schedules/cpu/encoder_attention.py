@@ -3,16 +3,16 @@ as a tiled program, one parallel task per (batch, head, block of QUERY_BLOCK que
 
     task (b, h, block):
         kt[D, Sp] = k[b, :, h, :]ᵀ · k_scale        keys transposed, so q·k runs over 8 keys a vector; the
-                                                   Sp - S pad columns are zeros (Sp: S up to KEY_TILE)
+                                                   Sp - S pad columns are zeros (Sp: S up to a key tile)
         for each ROWS query rows i (rows past S are clamped to S - 1: computed twice, stored alike):
             s[ROWS, Sp] = (q_i · q_scale) · kt      register tile ROWS rows x key vectors (`Tiles`)
-            per row: s = s · s_scale + mask; pads = -inf; m = max; any = some s != -inf;
-                     s = exp(s - m) (vector exp, 8 lanes) or 0 where the row is all -inf; l = Σ s
-            out[i] = (s · v[b, :, h, :]) / l        register tile ROWS rows x PV_VECTORS vectors of channels
+            per row: s = s · s_scale + mask; pads = -inf; m = max (m = -inf: every s is -inf);
+                     s = exp(s - m) (vector exp, 8 lanes; m taken as 0 for an all -inf row); l = Σ s
+            out[i] = (s · v[b, :, h, :]) / l        register tile ROWS rows x channel vectors (`Tiles`)
 
 The scores of a row block stay in a task-local [ROWS, Sp] buffer (S <= a few hundred: L1), never in a
 [B, H, S, S] tensor; the full rows make softmax exact in two passes (max, then exp and sum). Every
-vector loop covers whole vectors: the pads make Sp a multiple of KEY_TILE, and the mask's tail (S % 8
+vector loop covers whole vectors: the pads make Sp a multiple of the key tile, and the mask's tail (S % 8
 keys) is added in a scalar loop. At most 8 float32 lanes, AVX-512 included (`row_loops.MAX_LANES`).
 """
 
