@@ -207,6 +207,7 @@ def schedule_with_config(func: tirx.PrimFunc, target: Target, config: CpuGemmCon
     if config.schedule == "along_k":
         return schedule_decode_along_k(func, _stage(func), n_tile=config.token_tile, m_tile=config.weight_tile)
     unit = vector_unit(target)
+    lanes = unit.lanes("float32")
     panel = _stage(func).cpu_panel_width
     tile = RegisterTile(rows=config.token_tile, cols=config.weight_tile)
     sch = s_tir.Schedule(func)
@@ -214,8 +215,9 @@ def schedule_with_config(func: tirx.PrimFunc, target: Target, config: CpuGemmCon
         gemm=sch.get_sblock("gemm"),
         # a scatter decode builds all of W once per call (it is no per-element producer): read it in place
         b_source=sch.get_sblock("decode") if _stage(func).decodes_elements else None,
-        # stored panels as wide as the tile, a multiple or a whole fraction of it: read in place
-        inline_b=panel is not None and (panel % tile.cols == 0 or tile.cols % panel == 0),
+        # stored panels as wide as the tile, a multiple of it, or a whole fraction of it in whole vectors
+        # (each vector load then stays within one panel): read in place
+        inline_b=panel is not None and (panel % tile.cols == 0 or (tile.cols % panel == 0 and panel % lanes == 0)),
     )
-    schedule_register_blocked_gemm(sch, blocks, tile, unit.lanes("float32"))
+    schedule_register_blocked_gemm(sch, blocks, tile, lanes)
     return sch
