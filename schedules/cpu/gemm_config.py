@@ -45,7 +45,14 @@ SCHEDULES = ("panel", "along_k", "row_slots")
 ALONG_K_MAX_TOKENS = 16
 _ALONG_K_DEFAULT_TILES = {True: (1, 4), False: (4, 2)}  # n_hint == 1 (one token: more rows), else
 _ALONG_K_TILES = (1, 2, 3, 4, 6, 8)
-_PANEL_MAX_ROWS = 12
+# The panel kernel's rows at most: 12 with 16 vector registers (AVX2), twice that with 32 (AVX-512, NEON),
+# where a one-vector-wide tile of up to 24 rows still fits the registers.
+_PANEL_MAX_ROWS_PER_16_REGISTERS = 12
+
+
+def panel_max_rows(unit: VectorUnit) -> int:
+    """The most rows (tokens) a panel register tile may have on `unit` (the search's upper bound)."""
+    return _PANEL_MAX_ROWS_PER_16_REGISTERS * unit.registers // 16
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ def _check_panel(config: CpuGemmConfig, unit: VectorUnit, where: str) -> None:
         raise ConfigError(f"{where}: the panel width must be whole vectors of {lanes} floats.")
     vectors = config.weight_tile // lanes
     needed = config.token_tile * vectors + vectors + 1  # accumulators, B vectors, the broadcast A value
-    if config.token_tile > _PANEL_MAX_ROWS or needed > unit.registers:
+    if config.token_tile > panel_max_rows(unit) or needed > unit.registers:
         raise ConfigError(f"{where}: needs {needed} vector registers, the target has {unit.registers}.")
 
 
@@ -177,7 +184,7 @@ def search_space(func: tirx.PrimFunc, target: Target) -> list[CpuGemmConfig]:
     else:
         candidates += [
             CpuGemmConfig("panel", rows, vectors * lanes)
-            for rows in range(1, _PANEL_MAX_ROWS + 1)
+            for rows in range(1, panel_max_rows(unit) + 1)
             for vectors in (1, 2, 3, 4)
         ]
         candidates += [CpuGemmConfig("along_k", n, m) for n in _ALONG_K_TILES for m in _ALONG_K_TILES]
@@ -200,6 +207,7 @@ def schedule_with_config(func: tirx.PrimFunc, target: Target, config: CpuGemmCon
     if config.schedule == "along_k":
         return schedule_decode_along_k(func, _stage(func), n_tile=config.token_tile, m_tile=config.weight_tile)
     unit = vector_unit(target)
+    lanes = unit.lanes("float32")
     panel = _stage(func).cpu_panel_width
     tile = RegisterTile(rows=config.token_tile, cols=config.weight_tile)
     sch = s_tir.Schedule(func)
@@ -207,7 +215,9 @@ def schedule_with_config(func: tirx.PrimFunc, target: Target, config: CpuGemmCon
         gemm=sch.get_sblock("gemm"),
         # a scatter decode builds all of W once per call (it is no per-element producer): read it in place
         b_source=sch.get_sblock("decode") if _stage(func).decodes_elements else None,
-        inline_b=panel is not None and panel % tile.cols == 0,
+        # stored panels as wide as the tile, a multiple of it, or a whole fraction of it in whole vectors
+        # (each vector load then stays within one panel): read in place
+        inline_b=panel is not None and (panel % tile.cols == 0 or (tile.cols % panel == 0 and panel % lanes == 0)),
     )
-    schedule_register_blocked_gemm(sch, blocks, tile, unit.lanes("float32"))
+    schedule_register_blocked_gemm(sch, blocks, tile, lanes)
     return sch

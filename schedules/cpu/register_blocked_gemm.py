@@ -52,7 +52,7 @@ class GemmBlocks:
     """The blocks of one GEMM: `gemm` (the reduction); `a_source` / `b_source`, the blocks producing
     A and B (a reindex copy, a decode), None when the operand is read straight from a buffer; and
     whether to read B in place (`inline_b`: B is already laid out with cols contiguous, e.g. a
-    pre-packed weight panel)."""
+    pre-packed weight panel, as wide as the tile or a whole fraction of it)."""
 
     gemm: SBlockRV
     a_source: SBlockRV | None = None
@@ -94,6 +94,11 @@ def schedule_register_blocked_gemm(sch: s_tir.Schedule, blocks: GemmBlocks, tile
 
     sch.parallel(outer)
     sch.unroll(r_i)
+    if blocks.inline_b and inline_b and tile_cols > lanes:
+        # B read in place from stored panels narrower than the tile: one vector per step of the
+        # unrolled loop, so each load stays within one panel (a 2-vector load would straddle two)
+        c_v, c_i = sch.split(c_i, [None, lanes])
+        sch.unroll(c_v)
     sch.vectorize(c_i)
     init = sch.decompose_reduction(gemm, k)
     sch.vectorize(sch.get_loops(init)[-1])

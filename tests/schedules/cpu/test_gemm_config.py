@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from cpu_schedule_harness import AVX2, compiled, rng
+from cpu_schedule_harness import AVX2, AVX512, compiled, host_has, rng
 
 from tensorpress.compiler.formats import decode_stage, get_weight_format
 from tensorpress.errors import ConfigError
@@ -15,10 +15,12 @@ from tensorpress.schedules.cpu.gemm_config import (
     CpuGemmConfig,
     check_config,
     default_config,
+    panel_max_rows,
     schedule_with_config,
     search_space,
 )
 from tensorpress.schedules.cpu.register_blocked_gemm import GemmBlocks, RegisterTile, schedule_register_blocked_gemm
+from tensorpress.schedules.cpu.vector_unit import vector_unit
 from tensorpress.schedules.cpu.weight_gemm import WeightGemm
 from tensorpress.schedules.template_config import CPU_WEIGHT_GEMM, stamp_of
 from tensorpress.schedules.weight_gemm import N_HINT_ATTR, make_weight_gemm
@@ -78,6 +80,62 @@ def test_configs_of_the_search_space_compute_the_gemm(fmt, n_hint):
         call = compiled(schedule_with_config(func, AVX2, config))
         (y,) = call([x, *packed.arrays.values(), bias], [((5, m), "float32")])
         np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-4, err_msg=config.label())
+
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - TVM raises its own error type for a missing block
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "fmt, target, config",
+    [
+        ("dense-fp32-panel", AVX2, CpuGemmConfig("panel", 2, 32)),  # 4 vectors over 2 stored panels
+        ("dense-fp16-panel", AVX2, CpuGemmConfig("panel", 2, 32)),  # the fp16 -> fp32 cast inlined too
+        ("dense-fp32-panel", AVX512, CpuGemmConfig("panel", 8, 48)),  # 3 panels of one vector each
+        ("dense-fp32-panel", AVX512, CpuGemmConfig("panel", 5, 32)),  # rows padded to the tile
+    ],
+)
+def test_tiles_wider_than_the_stored_panels_read_them_in_place(fmt, target, config):
+    m, k, n = 96, 40, 13
+    func = _gemm(fmt, m, k, 128)
+    check_config(config, func, target)
+    sch = schedule_with_config(func, target, config)
+    # no panel packed per call: the decode (a read or a cast of the stored panel) is inlined into the GEMM
+    assert not _has_block(sch, "decode")
+    # each vector load stays within one stored panel: the tile's columns are unrolled whole vectors
+    # (a vector as wide as the tile straddles panels, and LLVM then builds it lane by lane: 3-25x slower)
+    *_, vectors, lanes = (sch.get(loop) for loop in sch.get_loops(sch.get_sblock("gemm_update")))
+    assert lanes.kind == tvm.tirx.ForKind.VECTORIZED and int(lanes.extent) == vector_unit(target).lanes("float32")
+    assert vectors.kind == tvm.tirx.ForKind.UNROLLED and int(vectors.extent) * int(lanes.extent) == config.weight_tile
+    if target is AVX512 and not host_has("avx512f"):
+        return  # built, not run: this CPU cannot run AVX-512 code
+    g = rng(11)
+    weight_format = get_weight_format(fmt)
+    packed = weight_format.pack(g.standard_normal((m, k)).astype(np.float32))
+    w = weight_format.unpack(packed).astype(np.float64)
+    bias = g.standard_normal(m).astype(np.float32)
+    x = g.standard_normal((n, k)).astype(np.float32)
+    (y,) = compiled(sch, target)([x, *packed.arrays.values(), bias], [((n, m), "float32")])
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_panel_rows_widen_with_the_register_file():
+    func = _gemm("dense-fp32-panel", 64, 64, 128)
+    for target, rows in ((AVX2, 12), (AVX512, 24)):
+        unit = vector_unit(target)
+        assert panel_max_rows(unit) == rows
+        panels = [c for c in search_space(func, target) if c.schedule == "panel"]
+        assert max(c.token_tile for c in panels) == rows
+        lanes = unit.lanes("float32")
+        for c in panels:  # accumulators + B vectors + the broadcast A value fit the registers
+            vectors = c.weight_tile // lanes
+            assert c.token_tile * vectors + vectors + 1 <= unit.registers, c.label()
+    with pytest.raises(ConfigError, match="vector registers"):
+        check_config(CpuGemmConfig("panel", 25, 16), func, AVX512)
 
 
 @pytest.mark.parametrize(
