@@ -13,6 +13,7 @@ imported = fuse_parallel_linears(imported, plan)     CPU: linears reading one in
                                                      (q/k/v, gate/up: their weights stacked by rows)
 imported = RewriteLinearToWeightGemm(plan)(imported) linears -> weight-GEMM kernels, weights packed (CPU: a
                                                      following GELU or residual add in the kernel's store)
+imported = fuse_encoder_attention(imported)          CPU: an encoder's softmax(q·kᵀ + mask)·v as one kernel
 imported = mask_infinite_max_in_logsumexp(imported)  numerics: logsumexp of ±Inf rows as torch gives it
 imported = decompose_gelu, FastMathTransform (CPU)   transcendentals as fast polynomials, not libm calls
 library  = build_library(imported.mod, target, tuned) lower, schedules/ rules (tuned configs from the
@@ -43,6 +44,7 @@ from tensorpress.compiler.passes import GraphPass, on_module
 from tensorpress.compiler.passes.convolutions_as_weight_gemms import convolutions_as_weight_gemms
 from tensorpress.compiler.passes.decompose_gelu import decompose_gelu
 from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
+from tensorpress.compiler.passes.fuse_encoder_attention import fuse_encoder_attention
 from tensorpress.compiler.passes.fuse_parallel_linears import FUSED_LINEARS_INFO, FuseParallelLinears
 from tensorpress.compiler.passes.mask_infinite_max_in_logsumexp import mask_infinite_max_in_logsumexp
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import (
@@ -200,6 +202,8 @@ def rewrite_for_target(
     with internal_errors_named("rewrite", target):
         # On CPUs a GELU or residual add reading a linear runs in the weight GEMM's store (one kernel)
         rewritten = RewriteLinearToWeightGemm(choices, pack, fuse_epilogues=target.kind == "cpu")(imported)
+        if target.kind == "cpu":  # the kernel has a CPU schedule only (issue 14)
+            rewritten = fuse_encoder_attention(rewritten)
         for graph_pass in numerics_passes(target):
             rewritten = graph_pass(rewritten)
     return RewrittenModel(rewritten, plans, packed, densities, fused_into)

@@ -4,6 +4,7 @@
     mod = dl.ApplyDefaultSchedule(*rules)(mod)  # inside `with target:`
 
 Rules are tried in order, the first that takes a function wins:
+    EncoderAttention  the fused encoder attention kernel             encoder_attention.py
     WeightGemm     the weight-GEMM kernel (every decode stage)        weight_gemm.py
     DepthwiseConv  channels-last depthwise convolutions               depthwise_conv.py
     Matmul         legalised matmuls: linear, batched attention       matmul.py
@@ -21,6 +22,7 @@ from __future__ import annotations
 from tvm.s_tir import dlight as dl
 
 from tensorpress.schedules.cpu.depthwise_conv import DepthwiseConv
+from tensorpress.schedules.cpu.encoder_attention import EncoderAttention
 from tensorpress.schedules.cpu.fallback import Fallback
 from tensorpress.schedules.cpu.injective import Injective
 from tensorpress.schedules.cpu.matmul import Matmul
@@ -33,6 +35,7 @@ from tensorpress.schedules.template_config import ConfigLookup
 def cpu_rules(configs: ConfigLookup | None = None) -> list[dl.ScheduleRule]:
     """Rules for llvm targets, most specific first; `configs`: tuned template configs (None: defaults)."""
     return [
+        EncoderAttention(),
         WeightGemm(configs),
         DepthwiseConv(),
         Matmul(),

@@ -31,13 +31,21 @@ HIGHEST = 88.72283935546875  # the largest float32 whose exp is finite
 _EXP = "tirx.exp"
 
 
-def vector_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """e^x of a float32 expression, as arithmetic that vectorises (see the module docstring)."""
+def vector_exp(x: tirx.PrimExpr, nan_select: bool = True, at_most_zero: bool = False) -> tirx.PrimExpr:
+    """e^x of a float32 expression, as arithmetic that vectorises (see the module docstring).
+
+    nan_select=False leaves out the final `isnan(x) ? x : ...`: NaN then stays NaN only through the
+    build's PropagateNaN (the clamps' min/max keep it, the int cast is guarded), which every build runs.
+    TVM 0.27's vectoriser cannot vectorise `isnan` and runs the whole loop scalar where it appears.
+    at_most_zero: x is known to be <= 0 or NaN (softmax's s - max): no upper clamp, no +inf case."""
     if str(x.ty) != "float32":
         raise ValueError(f"vector_exp computes float32 only, got {x.ty}")
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
-    clamped = tirx.max(tirx.min(x, f32(HIGHEST)), f32(LOWEST))
+    if at_most_zero:  # a select, not max: it keeps NaN without PropagateNaN's checks
+        clamped = tirx.Select(x < f32(LOWEST), f32(LOWEST), x)
+    else:
+        clamped = tirx.max(tirx.min(x, f32(HIGHEST)), f32(LOWEST))
     n = tirx.floor(clamped * f32(LOG2E) + f32(0.5))
     r = clamped - n * f32(C1) - n * f32(C2)
     poly = f32(POLY[0])
@@ -48,7 +56,10 @@ def vector_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
     half = tirx.shift_right(k, i32(1))  # floor(k / 2), also for negative k
     power = lambda e: tirx.reinterpret("float32", tirx.shift_left(e + i32(127), i32(23)))  # noqa: E731
     value = exp_r * power(half) * power(k - half)
-    value = tirx.Select(x > f32(HIGHEST), f32(float("inf")), value)
+    if not at_most_zero:
+        value = tirx.Select(x > f32(HIGHEST), f32(float("inf")), value)
+    if not nan_select:
+        return value
     return tirx.Select(tirx.isnan(x), x, value)  # NaN stays NaN (the clamp's min/max would drop it)
 
 
