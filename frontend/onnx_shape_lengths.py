@@ -61,12 +61,15 @@ def _computed_lengths(func: relax.Function) -> dict[tirx.Var, tirx.PrimExpr]:
             lengths = getattr(binding.ty, "values", None)
             if lengths is None:
                 continue
-            new = [v for v in lengths if isinstance(v, tirx.Var) and v not in defined]
-            values = evaluator.shape_values(binding.value) if new else None
+            new = [isinstance(v, tirx.Var) and v not in defined for v in lengths]
+            values = evaluator.shape_values(binding.value) if any(new) else None
             if values is not None and len(values) == len(lengths):
-                for length, value in zip(lengths, values):
-                    if isinstance(length, tirx.Var) and length not in defined:
+                for length, value, is_new in zip(lengths, values, new):
+                    if is_new:
+                        # bound in the analyzer too: a later length computed from this one is then
+                        # written over the input shapes (bind_symbolic_vars does not chain its map)
                         mapping[length] = analyzer.simplify(value)
+                        analyzer.bind(length, mapping[length])
             defined.update(v for v in lengths if isinstance(v, tirx.Var))
     return mapping
 

@@ -21,42 +21,71 @@ def _onnxruntime(path_or_model, feeds):
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def _range_over_the_sequence():
-    """y[b, s] = x[b, s] * s + (s + 1) over Range(0, len, 1) and Range(1, len + 1, 1), len = x's length
-    (Shape -> Gather -> Add, as exporters write it)."""
-    ints = lambda name, v: helper.make_node(  # noqa: E731
-        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [], [v])
-    )
-    nodes = [
-        helper.make_node("Shape", ["x"], ["shape"]),
-        ints("one", 1),
-        ints("zero", 0),
-        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
-        helper.make_node("Add", ["length", "one"], ["length_1"]),
-        helper.make_node("Range", ["zero", "length", "one"], ["r0"]),
-        helper.make_node("Range", ["one", "length_1", "one"], ["r1"]),
-        helper.make_node("Cast", ["r0"], ["f0"], to=TensorProto.FLOAT),
-        helper.make_node("Cast", ["r1"], ["f1"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["x", "f0"], ["xm"]),
-        helper.make_node("Add", ["xm", "f1"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "g", [V("x", TensorProto.FLOAT, ["batch", "seq"])], [V("y", TensorProto.FLOAT, ["batch", "seq"])]
-    )
+def _int(name, value):
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [], [value]))
+
+
+def _model(nodes):
+    x, y = (V(n, TensorProto.FLOAT, ["batch", "seq"]) for n in ("x", "y"))
+    graph = helper.make_graph([_int("zero", 0), _int("one", 1), *nodes], "g", [x], [y])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_range_lengths_become_the_input_lengths():
-    imported = import_onnx(_range_over_the_sequence())
+def _range_over_the_sequence():
+    """y[b, s] = x[b, s] * s + (s + 1) over Range(0, len, 1) and Range(1, len + 1, 1), len = x's length
+    (Shape -> Gather -> Add, as exporters write it)."""
+    return _model(
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+            helper.make_node("Add", ["length", "one"], ["length_1"]),
+            helper.make_node("Range", ["zero", "length", "one"], ["r0"]),
+            helper.make_node("Range", ["one", "length_1", "one"], ["r1"]),
+            helper.make_node("Cast", ["r0"], ["f0"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["r1"], ["f1"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x", "f0"], ["xm"]),
+            helper.make_node("Add", ["xm", "f1"], ["y"]),
+        ]
+    )
+
+
+def _range_over_a_ranges_length():
+    """y[b, s] = x[b, s] + 2 s: the second Range's length is the first Range's, read by Shape (a length
+    computed from a length the converter made fresh)."""
+    return _model(
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+            helper.make_node("Range", ["zero", "length", "one"], ["r0"]),
+            helper.make_node("Shape", ["r0"], ["r0_shape"]),
+            helper.make_node("Gather", ["r0_shape", "zero"], ["r0_length"], axis=0),
+            helper.make_node("Range", ["zero", "r0_length", "one"], ["r1"]),
+            helper.make_node("Add", ["r0", "r1"], ["r01"]),
+            helper.make_node("Cast", ["r01"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["x", "f"], ["y"]),
+        ]
+    )
+
+
+GRAPHS = {
+    "ranges over the sequence": _range_over_the_sequence,
+    "a range over a range's length": _range_over_a_ranges_length,
+}
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_range_lengths_become_the_input_lengths(graph):
+    imported = import_onnx(GRAPHS[graph]())
     text = imported.mod["main"].script()
     assert "range_len" not in text, "a Range's length is still a fresh variable"
     lengths = [line for line in text.splitlines() if "R.match_cast" in line and "R.Shape([" in line]
     assert len(lengths) == 2 and all("R.Shape([seq])" in line for line in lengths), lengths  # lengths >= 0
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("shape", [(2, 5), (1, 1), (3, 17)])
-def test_a_graph_of_ranges_over_the_sequence_matches_onnxruntime(shape, tmp_path):
-    model = _range_over_the_sequence()
+def test_graphs_of_ranges_over_the_sequence_match_onnxruntime(graph, shape, tmp_path):
+    model = GRAPHS[graph]()
     report = tensorpress.compile(model, tmp_path / "m.tpk", target="cpu")
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     ours = tensorpress.runtime.load(report.artifact).run([x])[0]
