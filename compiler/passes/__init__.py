@@ -23,3 +23,23 @@ def on_module(tvm_pass: Any, name: str) -> GraphPass:
 
     graph_pass.__name__ = name
     return graph_pass
+
+
+def binding_readers(func: Any) -> dict[Any, list[Any]]:
+    """var -> the variable of each binding of the Relax function `func` that reads it, once per read
+    (None where the function's result reads it): how a pass tells a value it may consume alone."""
+    from tvm import relax
+
+    def vars_in(expr: Any) -> list[Any]:
+        found: list[Any] = []
+        relax.analysis.post_order_visit(expr, lambda e: found.append(e) if isinstance(e, relax.Var) else None)
+        return found
+
+    readers: dict[Any, list[Any]] = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            for var in vars_in(binding.value):
+                readers.setdefault(var, []).append(binding.var)
+    for var in vars_in(func.body.body):
+        readers.setdefault(var, []).append(None)
+    return readers

@@ -31,6 +31,7 @@ from tvm import relax, tirx
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
+from tensorpress.compiler.passes import binding_readers
 from tensorpress.frontend.relax_params import is_model_function
 from tensorpress.imported_model import ImportedModel
 from tensorpress.schedules.encoder_attention import EncoderAttention, encoder_attention_func
@@ -83,13 +84,7 @@ def find_attention_sites(func: relax.Function) -> list[AttentionSite]:
 class _Finder:
     def __init__(self, func: relax.Function):
         self.var2val = relax.analysis.get_var2val(func)
-        self.readers: dict[relax.Var, int] = {}
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                for var in _vars_in(binding.value):
-                    self.readers[var] = self.readers.get(var, 0) + 1
-        for var in _vars_in(func.body.body):
-            self.readers[var] = self.readers.get(var, 0) + 1
+        self.readers = binding_readers(func)
         self.analyzer = Analyzer()
 
     # -- small helpers over the bindings ----------------------------------------------------------------
@@ -179,7 +174,7 @@ class _Finder:
                 ),
                 None,
             )
-            if reshape is None or self.readers.get(var, 0) != 1:
+            if reshape is None or len(self.readers.get(var, [])) != 1:
                 return None
             if not self._merges_leading(self.shape(var), self.shape(reshape)):
                 return None
@@ -349,12 +344,6 @@ class _Finder:
         ]:
             return None
         return source
-
-
-def _vars_in(expr) -> list[relax.Var]:
-    found: list[relax.Var] = []
-    relax.analysis.post_order_visit(expr, lambda e: found.append(e) if isinstance(e, relax.Var) else None)
-    return found
 
 
 def _scalar(expr) -> float | None:

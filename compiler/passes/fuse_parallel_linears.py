@@ -44,6 +44,7 @@ import tvm
 from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
+from tensorpress.compiler.passes import binding_readers
 from tensorpress.compiler.passes.drop_unused_weights import drop_unused_weights
 from tensorpress.compiler.passes.rewrite_linear_to_weight_gemm import epilogue_fused_weights
 from tensorpress.frontend.relax_params import is_model_function, split_params
@@ -160,14 +161,7 @@ def _plain_linears(func: relax.Function) -> list[_Linear]:
     this one linear, its result read by something other than an epilogue op the CPU would fuse."""
     weights = set(split_params(func)[1])
     var2val = relax.analysis.get_var2val(func)
-    # var -> the variable of each binding reading it, once per read (None: the function's result reads it)
-    readers: dict[relax.Var, list[relax.Var | None]] = {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            for var in _vars_in(binding.value):
-                readers.setdefault(var, []).append(binding.var)
-    for var in _vars_in(func.body.body):
-        readers.setdefault(var, []).append(None)
+    readers = binding_readers(func)
 
     found: dict[relax.Var, _Linear] = {}
     rejected: set[relax.Var] = set()
@@ -198,12 +192,6 @@ def _plain_linears(func: relax.Function) -> list[_Linear]:
             continue  # the bias-less product is read too
         kept.append(lin)
     return kept
-
-
-def _vars_in(expr: relax.Expr) -> list[relax.Var]:
-    found: list[relax.Var] = []
-    relax.analysis.post_order_visit(expr, lambda e: found.append(e) if isinstance(e, relax.Var) else None)
-    return found
 
 
 def _linear_at(binding, var2val, weights, readers) -> _Linear | None:
