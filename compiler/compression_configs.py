@@ -151,7 +151,10 @@ class KVCacheConfig(_Config):
 
     The options of a page-granular format (None: the format's default): boost_fraction (int2-kitty: key
     channels at 4 bits, 0, 0.125 or 0.25), sink and window (tokens kept full precision at the start and
-    at the end of each sequence), page_tokens (tokens of one quantised page).
+    at the end of each sequence), page_tokens (tokens of one quantised page), int8_query (int2-kitty and
+    int2-oscar on a CPU target: q·k over 2-bit pages as integer dot products with q rounded to int8 per
+    token and head, like llama.cpp's q8 dot products; faster, and the scores move by the query's
+    rounding, far less than by the keys' 2 bits; `schedules/cpu/int8_query_scores.py`).
     """
 
     format: str = "auto"
@@ -159,6 +162,7 @@ class KVCacheConfig(_Config):
     sink: int | None = None
     window: int | None = None
     page_tokens: int | None = None
+    int8_query: bool | None = None
 
     kind: ClassVar[str] = "kv_cache"
     implemented: ClassVar[bool] = True
@@ -173,7 +177,7 @@ class KVCacheConfig(_Config):
     def kv_cache_format(self) -> KVCacheFormat:
         """The registry's format for this config, with its options set."""
         fmt = get_kv_cache_format(self.format)
-        options = {k: getattr(self, k) for k in ("boost_fraction", "sink", "window", "page_tokens")}
+        options = {k: getattr(self, k) for k in ("boost_fraction", "sink", "window", "page_tokens", "int8_query")}
         given = sorted(k for k, v in options.items() if v is not None)
         if not given:
             return fmt

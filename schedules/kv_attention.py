@@ -58,10 +58,13 @@ from typing import Any, Protocol
 
 import tvm_ffi
 from tvm import s_tir, tirx
+from tvm.ir import Range
 from tvm.s_tir import dlight as dl
 from tvm.s_tir import stmt as sblock_stmt
 from tvm.script import tirx as T
 from tvm.target import Target
+
+from tensorpress.schedules.cpu.int8_query_scores import int8_query_scores, prepare_query
 
 KERNEL_ATTR = "tensorpress.kernel"
 APPEND_KERNEL = "kv_append"
@@ -70,6 +73,7 @@ QUANTIZE_KERNEL = "kv_quantize_pages"  # page-granular formats: fp pages -> a qu
 PHASE_ATTR = "tensorpress.kv_phase"
 CHUNK_ATTR = "tensorpress.kv_chunk"
 
+AVX2_CPUS = ("x86-64-v3", "x86-64-v4")  # the CPU levels of compiler/targets.py: all have AVX2
 SLOTS = 8  # a_c is summed as SLOTS interleaved partial sums (one per thread row on the GPU)
 
 
@@ -180,6 +184,7 @@ def paged_attention_func(
     dtype: str,
     phase: str,
     chunk: int | None = None,
+    int8_query: bool | None = None,
 ) -> tirx.PrimFunc:
     """Causal GQA attention of N query tokens over their sequences' pages; out = softmax(q·Kᵀ/√D)·V,
     in chunks of `chunk` positions (a multiple of SLOTS; default `chunk_tokens` for the current target,
@@ -191,6 +196,10 @@ def paged_attention_func(
     through the format's one page read (`kv_cache.read`, dequantising to `dtype`); a position past the
     token's own is clamped to it (so every read is in bounds) and masked to p = 0. The cache tensors
     are the params after q, in the format's order.
+
+    int8_query (None: the format's `int8_query` option on an llvm target, where the format gives its key
+    planes and the shape fits): `keys` and `score` become one block per task whose scores over quantised
+    rows are integer dot products with q rounded to int8 (`cpu/int8_query_scores.py` defines them).
     """
     chunk = chunk or chunk_tokens(num_q_heads, num_kv_heads)
     if chunk % SLOTS:
@@ -202,6 +211,11 @@ def paged_attention_func(
     scale = 1.0 / math.sqrt(head_dim)
     f32_min = T.min_value("float32")  # identity of max (what TVM's reducers expect)
     cache = _cache_buffers(kv_cache, num_kv_heads, head_dim, page_size, dtype)
+    int8_keys = _int8_query_keys(kv_cache, head_dim, page_size, int8_query)
+    int8_scores = (
+        int8_query_scores(int8_keys, cache, group, head_dim, page_size, chunk) if int8_keys is not None else None
+    )
+    prepare = prepare_query(head_dim)
 
     def page_row(layer, kv: int, n, g, c, t, d, positions, seq_slot, block_table):
         """Element d of the row at chunk position (c, t) of token n's sequence, kv head g."""
@@ -237,7 +251,19 @@ def paged_attention_func(
         with T.sblock("root"):
             # C = number of chunks that cover the block table: (M * PS + CH - 1) // CH
             q_scaled = T.sblock_alloc_buffer((N, H, D), "float32")
-            keys = T.sblock_alloc_buffer((N, KVH, (M * PS + CH - 1) // CH, CH, D), dtype)
+            if int8_scores is None:
+                keys = T.sblock_alloc_buffer((N, KVH, (M * PS + CH - 1) // CH, CH, D), dtype)
+            else:
+                q_perm = T.sblock_alloc_buffer((N, H, D), "float32")
+                q_codes = T.sblock_alloc_buffer((N, H, D), "int8")
+                q_sigma = T.sblock_alloc_buffer((N, H), "float32")
+                q_total = T.sblock_alloc_buffer((N, H), "float32")
+                for n, h in T.grid(N, H):
+                    with T.sblock("q_prepared"):
+                        vn, vh = T.axis.remap("SS", [n, h])
+                        T.reads(q[vn, vh, 0:D])
+                        T.writes(q_perm[vn, vh, 0:D], q_codes[vn, vh, 0:D], q_sigma[vn, vh], q_total[vn, vh])
+                        prepare(vn, vh, q, T.float32(scale), q_perm, q_codes, q_sigma, q_total)
             score = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH, CH), "float32")
             prob = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH, CH), "float32")
             values = T.sblock_alloc_buffer((N, KVH, (M * PS + CH - 1) // CH, CH, D), dtype)
@@ -255,22 +281,36 @@ def paged_attention_func(
                         vh = T.axis.spatial(H, g * G + j)
                         vd = T.axis.spatial(D, d)
                         q_scaled[vn, vh, vd] = T.Cast("float32", q[vn, vh, vd]) * T.float32(scale)
-                for t, d in T.grid(CH, D):
-                    with T.sblock("keys"):
-                        vn, vg, vc, vt, vd = T.axis.remap("SSSSS", [n, g, c, t, d])
-                        keys[vn, vg, vc, vt, vd] = page_row(
-                            layer, 0, vn, vg, vc, vt, vd, positions, seq_slot, block_table
-                        )
-                for j, t, d in T.grid(G, CH, D):
+                if int8_scores is not None:
                     with T.sblock("score"):
-                        vn = T.axis.spatial(N, n)
-                        vh = T.axis.spatial(H, g * G + j)
-                        vc, vt, vd = T.axis.remap("SSR", [c, t, d])
-                        with T.init():
-                            score[vn, vh, vc, vt] = T.float32(0)
-                        score[vn, vh, vc, vt] = score[vn, vh, vc, vt] + q_scaled[vn, vh, vd] * T.Cast(
-                            "float32", keys[vn, vh // G, vc, vt, vd]
-                        )
+                        vn, vg, vc = T.axis.remap("SSS", [n, g, c])
+                        T.reads(
+                            q_scaled[vn, vg * G : vg * G + G, 0:D], q_perm[vn, vg * G : vg * G + G, 0:D],
+                            q_codes[vn, vg * G : vg * G + G, 0:D], q_sigma[vn, vg * G : vg * G + G],
+                            q_total[vn, vg * G : vg * G + G], positions[vn], seq_slot[vn], block_table[0:B, 0:M],
+                        )  # fmt: skip
+                        T.writes(score[vn, vg * G : vg * G + G, vc, 0:CH])
+                        int8_scores(
+                            vn, vg, vc, layer, q_scaled, q_perm, q_codes, q_sigma, q_total, positions, seq_slot,
+                            block_table, score,
+                        )  # fmt: skip
+                else:
+                    for t, d in T.grid(CH, D):
+                        with T.sblock("keys"):
+                            vn, vg, vc, vt, vd = T.axis.remap("SSSSS", [n, g, c, t, d])
+                            keys[vn, vg, vc, vt, vd] = page_row(
+                                layer, 0, vn, vg, vc, vt, vd, positions, seq_slot, block_table
+                            )
+                    for j, t, d in T.grid(G, CH, D):
+                        with T.sblock("score"):
+                            vn = T.axis.spatial(N, n)
+                            vh = T.axis.spatial(H, g * G + j)
+                            vc, vt, vd = T.axis.remap("SSR", [c, t, d])
+                            with T.init():
+                                score[vn, vh, vc, vt] = T.float32(0)
+                            score[vn, vh, vc, vt] = score[vn, vh, vc, vt] + q_scaled[vn, vh, vd] * T.Cast(
+                                "float32", keys[vn, vh // G, vc, vt, vd]
+                            )
                 for j, t in T.grid(G, CH):
                     with T.sblock("chunk_max"):
                         vn = T.axis.spatial(N, n)
@@ -364,9 +404,44 @@ def paged_attention_func(
     # the cache buffers join the params after q (their count is the format's)
     params = [paged_attention.params[0], *cache, *paged_attention.params[1:]]
     body = _with_page_reads_detected(paged_attention.body, params, cache)
+    if int8_scores is not None:
+        body = _int8_scores_declared(body, cache)
     func = tirx.PrimFunc(params, body, paged_attention.ret_type, paged_attention.attrs)
     s_tir.analysis.verify_well_formed(func)
     return func
+
+
+def _int8_query_keys(kv_cache: Any, head_dim: int, page_size: int, wanted: bool | None):
+    """The format's key planes for the int8-query scores when they apply (module docstring of
+    `cpu/int8_query_scores.py`), else None: asked for (`wanted`, default the format's `int8_query` option)
+    on an llvm target, by a format that gives them, for a shape the block takes."""
+    from tensorpress.schedules.cpu.int8_query_scores import supported
+
+    current = Target.current(allow_none=True)
+    if wanted is None:
+        wanted = bool(getattr(kv_cache, "int8_query", False)) and current is not None and current.kind.name == "llvm"
+    if not wanted or not hasattr(kv_cache, "int8_query_keys"):
+        return None
+    if current is not None and str(current.attrs.get("mcpu", "")) not in AVX2_CPUS:
+        return None  # vpmaddubsw needs AVX2: the project's CPU levels have it (a bare llvm target may not)
+    keys = kv_cache.int8_query_keys(head_dim)
+    return keys if supported(keys, head_dim, page_size) else None
+
+
+def _int8_scores_declared(body: tirx.Stmt, cache: list[tirx.Buffer]) -> tirx.Stmt:
+    """`body` with the int8-query "score" block reading every cache tensor whole (the parser could not see
+    them: they became params after it ran, and the block's loads are by computed pages)."""
+    whole = [tirx.BufferRegion(c, [Range.from_min_extent(0, e) for e in c.shape]) for c in cache]
+
+    def declare(block: sblock_stmt.SBlock) -> sblock_stmt.SBlock:
+        if block.name_hint != "score":
+            return block
+        return sblock_stmt.SBlock(
+            block.iter_vars, [*whole, *block.reads], block.writes, block.name_hint, block.body, block.init,
+            block.alloc_buffers, block.match_buffers, block.annotations,
+        )  # fmt: skip
+
+    return tvm_ffi.structural_map(body, (sblock_stmt.SBlock, declare))
 
 
 def _with_page_reads_detected(body: tirx.Stmt, params: list[Any], cache: list[tirx.Buffer]) -> tirx.Stmt:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import tvm_ffi
 from tvm import s_tir, tirx
-from tvm.ir import TensorLoad
+from tvm.ir import Call, TensorLoad
 from tvm.s_tir import stmt as sblock_stmt
 
 from tensorpress.schedules.cpu.vector_exp import with_vector_exp
@@ -71,12 +71,16 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     sch.parallel(task)
     task_var = sch.get(task).loop_var
 
-    keys = sch.get_sblock("keys")
-    if head_dim <= INLINE_KEYS_UP_TO:  # short rows: q·k straight from the pages beats a gathered tile
+    int8_scores = not _has_block(sch, "keys")  # scores by one block (`cpu/int8_query_scores.py`)
+    if int8_scores:  # q's int8 codes once per token and head, before the tasks
+        sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("q_prepared"))))
+    elif head_dim <= INLINE_KEYS_UP_TO:
+        keys = sch.get_sblock("keys")  # short rows: q·k straight from the pages beats a gathered tile
         sch.compute_inline(keys)
         j, t, d = sch.get_loops(score)[-3:]
         sch.reorder(t, j, d)  # a key row's address once for all heads of the group
     else:  # the chunk's keys transposed, [D, CHUNK], so q·k vectorises over the chunk's positions
+        keys = sch.get_sblock("keys")
         sch.transform_layout(keys, ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
         j, t, d = sch.get_loops(score)[-3:]  # (the gather keeps its loops (t, d): rows in memory order)
         # register tile: up to TILE_HEADS heads of the group times `vectors` vectors of positions
@@ -128,12 +132,19 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     position = positions[token].astype("int64")
     versioned = _versioned_task(scheduled, task_var, start + chunk - 1 <= position, start <= position)
     sch = s_tir.Schedule(versioned)
-    if head_dim > INLINE_KEYS_UP_TO:
+    if head_dim > INLINE_KEYS_UP_TO and not int8_scores:
         _gather_rows(sch, sch.get_sblock("keys" + FULL), head_dim)
-    _gather_rows(sch, sch.get_sblock("values" + FULL), head_dim)
+    value_rows = _gather_rows(sch, sch.get_sblock("values" + FULL), head_dim)
     for prob in ("prob", "prob" + FULL):  # p = e^(s - m) over the chunk's positions, a vector at a time
         sch.vectorize(sch.get_loops(sch.get_sblock(prob))[-1])
+    if page_size % (GATHER_VECTORS * GATHER_ROWS) == 0:  # a row group's 16 rows in one page
+        rows_var = sch.get(value_rows).loop_var
+        return s_tir.Schedule(_page_kind_unswitched(sch.mod["main"], rows_var, "values" + FULL))
     return sch
+
+
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
+    return any(sch.get(b).name_hint == name for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 GATHER_ROWS = 8  # rows of a key gather's vector (an AVX2 register of fp32)
@@ -180,7 +191,100 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(k for k in range(1, max(1, at_most) + 1) if n % k == 0)
 
 
-def _gather_rows(sch: s_tir.Schedule, keys, head_dim: int) -> None:
+def _page_kind_unswitched(func: tirx.PrimFunc, rows_var: tirx.Var, block_name: str) -> tirx.PrimFunc:
+    """`func` with the body of the gather's loop over row groups (`rows_var`, 16 rows of one page in a full
+    chunk) run as one of two copies, chosen once per group: the page read's `if_then_else(page kind, a, b)`
+    (a page-granular format: full-precision or quantised page) replaced by a in one and b in the other.
+    LLVM unswitches that branch out of the channel loop only while the kernel is small enough, and the
+    per-row scales of a quantised page are then loaded once per group instead of once per channel; this does
+    it in TIR, whatever else the kernel holds (the int8-query scores made the kernel too large for LLVM, and
+    the gather then re-read each byte of codes for each of its 4 channels). The group's block-table entry is
+    read once, before the choice, and every page lookup of the copies uses it."""
+    found = []
+
+    def first_page_choice(block):
+        choices = []
+
+        def visit(call):  # the choice between the page kinds: its condition reads the block table
+            if call.op.name == "prim.if_then_else" and not choices and _reads_table(call.args[0]):
+                choices.append(call)
+            return call
+
+        tvm_ffi.structural_map(block.body, (Call, visit))
+        return choices[0] if choices else None
+
+    def unswitch(loop: tirx.For):
+        if not loop.loop_var.same_as(rows_var):
+            return loop
+        realizes, inner = [], []
+
+        def visit_realize(realize):
+            if realize.block.name_hint == block_name:
+                realizes.append(realize)
+            return realize
+
+        def visit_loop(inner_loop):
+            inner.append(inner_loop.loop_var)
+            return inner_loop
+
+        tvm_ffi.structural_map(loop.body, [(sblock_stmt.SBlockRealize, visit_realize), (tirx.For, visit_loop)])
+        if len(realizes) != 1 or (choice := first_page_choice(realizes[0].block)) is None:
+            return loop
+        realize = realizes[0]
+        bound = {iv.var: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
+        at_group_start = {v: tirx.const(0, v.ty) for v in inner}
+        # the group's block-table entry, read once: every element's page lookup becomes this variable (the same
+        # page for all the group's rows), so that LLVM sees one address a row and shares a byte between channels
+        entries: list = []
+
+        def visit_table(load):
+            if load.source.name == "block_table" and not any(tvm_ffi.structural_equal(load, e) for e, _ in entries):
+                entries.append((load, tirx.Var("group_entry", load.ty)))
+            return load
+
+        tvm_ffi.structural_map(realize.block.body, (TensorLoad, visit_table))
+
+        def hoisted(node):
+            return next((var for load, var in entries if tvm_ffi.structural_equal(node, load)), node)
+
+        condition = _substituted(
+            _substituted(tvm_ffi.structural_map(choice.args[0], (TensorLoad, hoisted)), bound), at_group_start
+        )
+        copies = [
+            tvm_ffi.structural_map(
+                loop.body, [(Call, lambda c, arm=arm: arm if c.same_as(choice) else c), (TensorLoad, hoisted)]
+            )
+            for arm in (choice.args[1], choice.args[2])
+        ]
+        found.append(loop)
+        body = tirx.IfThenElse(condition, copies[0], _fresh_defs(func, copies[1]))
+        lets = [tirx.LetStmt(var, _substituted(_substituted(load, bound), at_group_start)) for load, var in entries]
+        body = tirx.SeqStmt([*lets, body])
+        return tirx.For(
+            loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations,
+            loop.step, loop.span,
+        )  # fmt: skip
+
+    body = tvm_ffi.structural_map(func.body, (tirx.For, unswitch))
+    return func.with_body(body) if found else func
+
+
+def _reads_table(expr) -> bool:
+    names = []
+
+    def visit(load):
+        names.append(load.source.name)
+        return load
+
+    tvm_ffi.structural_map(expr, (TensorLoad, visit))
+    return "block_table" in names
+
+
+def _substituted(expr, mapping: dict):
+    return tvm_ffi.structural_map(expr, (tirx.Var, lambda v: mapping.get(v, v)))
+
+
+def _gather_rows(sch: s_tir.Schedule, keys, head_dim: int):
     """A full chunk's key or value gather into its [D, CHUNK] tile, vectorised over GATHER_ROWS rows: one
     element of 8 consecutive rows per vector, so the page lookup (the same for all 8 rows when the page
     size is a multiple of 8: no clamp in a full chunk) and a channel's per-channel terms (a per-channel
@@ -198,6 +302,7 @@ def _gather_rows(sch: s_tir.Schedule, keys, head_dim: int) -> None:
     if head_dim % BYTE_CODES == 0:
         _, codes = sch.split(d, [None, BYTE_CODES])
         sch.unroll(codes)
+    return rows
 
 
 FULL = "_full"  # suffix of the blocks of a chunk wholly at or before the token's position

@@ -35,7 +35,7 @@ def _compile(args: argparse.Namespace) -> int:
         skip=args.skip or (),
         scale_search=args.scale_search,
         calibration=args.calibration,
-        kv_cache=args.kv_cache_dtype,
+        kv_cache=_kv_cache_config(args),
         input_shapes=shapes or None,
         record_time=args.record_time,
         tuning_log=args.tuning_log,
@@ -53,6 +53,21 @@ def _compile(args: argparse.Namespace) -> int:
             f"{fp16 / 1e6:.2f} MB as fp16 ({size_vs_fp16(stored, fp16)}){_pruning_summary(layers)}"
         )
     return 0
+
+
+def _kv_cache_config(args: argparse.Namespace):
+    """--kv-cache-dtype as compile takes it: the name, or a KVCacheConfig when --kv-int8-query is given."""
+    if not args.kv_int8_query:
+        return args.kv_cache_dtype
+    from tensorpress.compiler.compression_configs import KVCacheConfig
+
+    if args.kv_cache_dtype not in ("int2-kitty", "int2-oscar"):
+        from tensorpress.errors import ConfigError
+
+        raise ConfigError(
+            f"--kv-int8-query applies to --kv-cache-dtype int2-kitty or int2-oscar, not {args.kv_cache_dtype!r}."
+        )
+    return KVCacheConfig(args.kv_cache_dtype, int8_query=True)
 
 
 def _pruning_summary(layers: list[dict]) -> str:
@@ -303,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-dtype",
         help=f"decoders: how the KV cache is stored, one of {', '.join(_kv_cache_choices())} (default auto: the "
         "model's dtype; int8: int8 codes with a float32 scale per token and head)",
+    )
+    p.add_argument(
+        "--kv-int8-query",
+        action="store_true",
+        help="with --kv-cache-dtype int2-kitty or int2-oscar on a CPU target: q·k over the 2-bit pages as integer "
+        "dot products, q rounded to int8 (faster; the scores move by q's rounding)",
     )
     p.add_argument(
         "--input-shape", action="append", help="ONNX graphs: override an input shape, name=1,128 (repeatable)"

@@ -193,6 +193,7 @@ class Int2KittyKVCache(PageQuantisedKVFormat):
     sink: int = 32
     window: int = 128
     page_tokens: int = PAGE_SIZE
+    int8_query: bool = False  # CPU: q·k over 2-bit pages as int8 x code dot products (int8_query_keys)
     name: str = "int2-kitty"
 
     def __post_init__(self):
@@ -250,6 +251,40 @@ class Int2KittyKVCache(PageQuantisedKVFormat):
         return _quantize_pages_func(
             kv_heads, head_dim, page_size, self.page_tokens, self.boosted(head_dim), model_dtype
         )
+
+    def int8_query_keys(self, head_dim: int):
+        """The key planes (low: codes[.., 0, ..], high: key_high, both as words), the slot map and the
+        per-channel (scale, min) for the int8-query scores (`schedules/cpu/int8_query_scores.py`)."""
+        from tensorpress.schedules.cpu.int8_query_scores import Int8QueryKeys, row_words, strided_load
+
+        def low_row(quantised, layer, qpage, head, row, byte):
+            return row_words(quantised[0], [layer, qpage, 0, head, row, byte])
+
+        def high_row(quantised, layer, qpage, head, row, chunk):
+            from tvm import tirx
+
+            eight = quantised[1][
+                layer, qpage, head, row, tirx.Ramp(tirx.Cast("int64", chunk * 8), tirx.IntImm("int64", 1), 8)
+            ]
+            return tirx.reinterpret("uint64", eight)
+
+        def slot(quantised, layer, qpage, head, d):
+            return quantised[2][layer, qpage, head, d].astype("int32")
+
+        def channel_vector(quantised, layer, qpage, head, channel, part):  # part 0: scale, 1: min
+            scales = strided_load(quantised[3], [layer, qpage, head, channel, 1 - part], 3, lanes=4, step=4)
+            return scales.astype("float32x4")
+
+        def rows_to_prefetch(quantised, layer, qpage, head, row):  # 8 rows: codes, high bits, value scales
+            codes, high, _, _, value_min_scale = quantised
+            lines = [codes[layer, qpage, kv, head, row + 2 * i, 0] for kv in (0, 1) for i in range(4)]
+            return [*lines, high[layer, qpage, head, row, 0], value_min_scale[layer, qpage, head, row, 0]]
+
+        return Int8QueryKeys(
+            "channel", low_row, channel_vector=channel_vector, high_row=high_row,
+            rows_to_prefetch=rows_to_prefetch,
+            high_count=self.boosted(head_dim), slot=slot,
+        )  # fmt: skip
 
     def read_quantised(self, quantised, layer, page, kv, head, row, d, dtype):
         from tvm import tirx

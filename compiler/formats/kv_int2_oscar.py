@@ -102,6 +102,7 @@ class Int2OscarKVCache(PageQuantisedKVFormat):
     page_tokens: int = 16
     key_clip: float = KEY_CLIP
     value_clip: float = VALUE_CLIP
+    int8_query: bool = False  # CPU: q·k over 2-bit rows as int8 x 2-bit dot products (kv_page_quantised)
     name: str = "int2-oscar"
     attention_rotations: ClassVar[bool] = True  # R_K and R_V per layer and kv head, model parameters
 
@@ -154,6 +155,26 @@ class Int2OscarKVCache(PageQuantisedKVFormat):
         self.check_head_dim(head_dim)
         ranks = (clip_rank(head_dim, self.key_clip), clip_rank(head_dim, self.value_clip))
         return _quantize_pages_func(kv_heads, head_dim, page_size, self.page_tokens, ranks, model_dtype)
+
+    def int8_query_keys(self, head_dim: int):
+        """The key plane (codes[.., 0, ..] as words) and per-token (scale, min) for the int8-query scores."""
+        from tvm import tirx
+
+        from tensorpress.schedules.cpu.int8_query_scores import ROWS, Int8QueryKeys, row_words, strided_load
+
+        def low_row(quantised, layer, qpage, head, row, byte):
+            return row_words(quantised[0], [layer, qpage, 0, head, row, byte])
+
+        def row_affine(quantised, layer, qpage, head, row, part):  # part 0: scale, 1: min
+            rows = strided_load(quantised[1], [layer, qpage, 0, head, row, 1 - part], 4)
+            return tirx.Cast(f"float32x{ROWS}", rows)
+
+        def rows_to_prefetch(quantised, layer, qpage, head, row):  # 8 rows: 4 lines of codes, 1 of scales
+            codes, min_scale = quantised
+            lines = [codes[layer, qpage, kv, head, row + 2 * i, 0] for kv in (0, 1) for i in range(4)]
+            return lines + [min_scale[layer, qpage, kv, head, row, 0] for kv in (0, 1)]
+
+        return Int8QueryKeys("token", low_row, row_affine=row_affine, rows_to_prefetch=rows_to_prefetch)
 
     def read_quantised(self, quantised, layer, page, kv, head, row, d, dtype):
         codes, min_scale = quantised

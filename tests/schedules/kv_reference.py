@@ -106,3 +106,68 @@ def append_reference(pool, block_table, positions, seq_slot, k, v, layer):
         out[layer, page, 0, :, p % page_size] = k[i]
         out[layer, page, 1, :, p % page_size] = v[i]
     return out
+
+
+def _int8_query_key_rows(fmt_name: str, stored, layer: int, qpage: int, head: int, rows):
+    """(codes [R, D] int, a, b) of quantised rows `rows` of quantised page `qpage`: a, b [R, 1] per token
+    (int2-oscar) or [1, D] per channel (int2-kitty), float32."""
+    from tensorpress.compiler.formats.kv_int2_kitty import NOT_BOOSTED, unpack_2bit
+
+    if fmt_name == "int2-oscar":
+        codes, min_scale = stored
+        ms = min_scale[layer, qpage, 0, head, rows].astype(np.float32)
+        return unpack_2bit(codes[layer, qpage, 0, head, rows]).astype(np.int64), ms[:, 1:], ms[:, :1]
+    codes, high, slots, key_ms, _ = stored
+    code = unpack_2bit(codes[layer, qpage, 0, head, rows]).astype(np.int64)
+    slot = slots[layer, qpage, head].astype(np.int64)
+    boosted = slot != NOT_BOOSTED
+    high_codes = unpack_2bit(high[layer, qpage, head, rows]).astype(np.int64)
+    code[:, boosted] |= high_codes[:, slot[boosted]] << 2
+    ms = key_ms[layer, qpage, head].astype(np.float32)
+    return code, ms[None, :, 1], ms[None, :, 0]
+
+
+def int8_query_scores_reference(fmt, batch: PagedBatch, tagged, stored, token: int, head: int) -> np.ndarray:
+    """The scores (float32) of query token `token`, head `head`, over positions 0..its own, as the
+    int8-query block defines them (`schedules/cpu/int8_query_scores.py`): fp rows q·k, quantised rows the
+    integer dot product with q (per token) or q·a (per channel) rounded to int8."""
+    page_size, head_dim = batch.pool.shape[4], batch.pool.shape[5]
+    group = batch.q.shape[1] // batch.pool.shape[3]
+    g = head // group
+    quantised_rows = stored[0].shape[4]
+    q = batch.q[token, head].astype(np.float32) * np.float32(1.0 / np.sqrt(head_dim))
+    t = np.arange(batch.positions[token] + 1)
+    entries = tagged[batch.seq_slot[token], t // page_size].astype(np.int64)
+    scores = np.zeros(len(t), np.float32)
+    for i, (entry, row) in enumerate(zip(entries, t % page_size)):
+        if entry >= 0:
+            k = batch.pool[batch.layer, entry, 0, g, row].astype(np.float32)
+            scores[i] = np.add.accumulate(q * k, dtype=np.float32)[-1]
+            continue
+        tag = -1 - entry
+        qpage, qrow = tag // (quantised_rows // page_size), (tag % (quantised_rows // page_size)) * page_size + row
+        code, a, b = _int8_query_key_rows(fmt.name, stored, batch.layer, qpage, g, [qrow])
+        if a.shape[1] == 1:  # per token
+            w, bias = q, np.add.accumulate(q, dtype=np.float32)[-1] * b[0, 0]
+        else:
+            w, bias = q * a[0], np.add.accumulate(q * b[0], dtype=np.float32)[-1]
+        sigma = np.float32(np.abs(w).max() / np.float32(127))
+        w8 = np.rint(w / sigma).astype(np.int64) if sigma > 0 else np.zeros(head_dim, np.int64)
+        isum = np.float32(int(w8 @ code[0]))
+        scale = a[0, 0] * sigma if a.shape[1] == 1 else sigma
+        scores[i] = isum * np.float32(scale) + np.float32(bias)
+    return scores
+
+
+def int8_query_attention_reference(fmt, batch: PagedBatch, tagged, stored) -> np.ndarray:
+    """Attention (float64 softmax and p·v over the values in `batch.pool`) with the int8-query scores."""
+    n_tokens, heads, head_dim = batch.q.shape
+    group = heads // batch.pool.shape[3]
+    out = np.zeros((n_tokens, heads, head_dim))
+    for i in range(n_tokens):
+        _, values = gather_kv(batch, i)
+        for h in range(heads):
+            s = int8_query_scores_reference(fmt, batch, tagged, stored, i, h).astype(np.float64)
+            w = np.exp(s - s.max())
+            out[i, h] = (w / w.sum()) @ values[:, h // group]
+    return out

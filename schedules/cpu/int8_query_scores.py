@@ -1,0 +1,399 @@
+"""q·k over 2-bit key pages as integer dot products (x86 `vpmaddubsw`): the int8-query scores of a chunk.
+
+With `int8_query` (a page-granular KV format's option, llvm builds only), the paged attention's stage 1
+computes the scores of a (token n, kv head g, chunk c) task with this one block instead of gathering the
+keys into an fp32 tile and multiplying by q in fp32: q's products with a quantised key row become integer
+dot products, 32 of them per instruction (u8 code x s8 query, pairs summed into int16), instead of 8 fp32
+FMAs, and the 2-bit codes are decoded in registers (a shift and a mask per 4 channels of 8 rows).
+
+The scores it defines (the numpy reference: `int8_query_scores_reference`), for query head h, its query
+q = q_scaled[n, h] (fp32, already times 1/√D) and a position t of the chunk:
+
+    full-precision row k:   s_t = Σ_d q_d · k_d                         (fp32, d in order)
+    quantised row, keys x̂_d = a · code_d + b:
+      per token (a, b the row's: int2-oscar)
+        σ = max_d |q_d| / 127,  q8_d = rint(q_d / σ)  (0 when σ = 0),  Q = Σ_d q_d  (d in order)
+        s_t = (Σ_d q8_d · code_d) · (a · σ) + b · Q
+      per channel (a_d, b_d the quantised page's: int2-kitty, code = low | high << 2 up to 15)
+        w_d = q_d · a_d,  σ = max_d |w_d| / 127,  w8_d = rint(w_d / σ)  (0 when σ = 0),  B = Σ_d q_d · b_d
+        s_t = (Σ_d w8_d · code_d) · σ + B
+
+The integer sums are exact (|Σ| < 2^24). The approximation against fp32 dequantised keys is q's (or w's)
+rounding to 8 bits: at most σ/2 per channel, against the 2-bit key's own error of a/2 per channel.
+
+How a task runs (8 rows a vector: one page lookup per vector, PS a multiple of 8):
+
+    per head j of the group     σ_j, Q_j and the s8 query packed as dwords: dword (m, k) holds channels
+                                16m + k, 16m + 4 + k, 16m + 8 + k, 16m + 12 + k (one per byte)
+    per vector of 8 rows        the page entry; full precision: fp32 FMAs over d; quantised:
+        word m of 8 rows        uint32 x 8 (16 channels of each row: bytes 4m..4m+3 of the row's codes)
+        (word >> 2k) & 0x03030303   the codes of channels 16m + 4i + k (i = byte), one per byte
+        vpmaddubsw with dword (m, k) of head j, summed in int16 (|sum| <= 32 · 2 · 15 · 127 < 2^15 per
+        plane); vpmaddwd with 1 widens to int32 once a plane
+    per-channel formats         w8, σ, B recomputed when the vector's quantised page changes (a page of
+                                int2-kitty is 128 rows: twice a chunk at most)
+
+Positions past the token's own (a partial chunk) are computed from the rows of the last live vector's
+page or skipped: their scores are masked out by the definition's `prob` and `chunk_max`, like its clamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+ROWS = 8  # rows of a vector: uint32 x 8 words, one int32 lane a row
+PREFETCH_VECTORS = 2  # vectors of rows ahead whose pages are prefetched (~2 x 600 instructions: DRAM latency)
+HEADS_A_TILE = 8  # int16 accumulators held in registers (of 16 ymm)
+MADDUBS = "llvm.x86.avx2.pmadd.ub.sw"
+MADDWD = "llvm.x86.avx2.pmadd.wd"
+
+
+@dataclass(frozen=True)
+class Int8QueryKeys:
+    """What a format gives the int8-query scores (`PageQuantisedKVFormat.int8_query_keys`).
+
+    scale_axis   "token" (a, b per row) or "channel" (a_d, b_d per quantised page)
+    low_row      (quantised, layer, qpage, head, row, byte) -> uint32 x 8: 32 bytes of one row's 2-bit plane
+    high_row     kitty: (quantised, layer, qpage, head, row, chunk) -> uint64: 8 bytes (32 boosted channels,
+                 in slot order) of one row's high plane, chunk `chunk` (`high_count` channels, a multiple of 32)
+    rows_to_prefetch  (quantised, layer, qpage, head, row) -> the loads whose cache lines hold 8 rows of
+                 the page (K and V codes and per-row metadata): fetched a few vectors ahead
+    slot         kitty: (quantised, layer, qpage, head, d) -> int32 slot of channel d in the high plane
+                 (255: not boosted)
+    row_affine   per token: (quantised, layer, qpage, head, rows) -> (a, b) float32 x 8
+    channel_vector  per channel: (quantised, layer, qpage, head, channel, part) -> float32 x 4: a (part 0)
+                 or b (part 1) of channels channel + 4i, i = 0..3 (4 neighbours in the query's packed order)
+    """
+
+    scale_axis: str
+    low_row: Callable[..., Any]
+    row_affine: Callable[..., Any] | None = None
+    channel_vector: Callable[..., Any] | None = None
+    rows_to_prefetch: Callable[..., Any] | None = None
+    high_row: Callable[..., Any] | None = None
+    high_count: int = 0
+    slot: Callable[..., Any] | None = None
+
+
+def strided_load(buffer, indices: list, axis: int, lanes: int = ROWS, words: bool = False, step: int = 1):
+    """buffer[indices] and the next lanes - 1 elements `step` apart along `axis`, as one vector built from
+    scalar loads (TIR takes a vector index on the last axis only). words: a uint8 buffer read as uint32
+    words, 4 bytes of its last axis a word (the last index counts words).
+
+    Not a flat view of the buffer: a second buffer over the same memory costs LLVM its alias facts about
+    that buffer in the whole kernel (the value gather then reloads its per-row scales for every channel)."""
+    from tvm import tirx
+
+    def element(lane: int):
+        at = list(indices)
+        at[axis] = at[axis] + lane * step
+        if words:  # 4 byte loads LLVM combines into one (a uint8x4 load would cost the alias facts too)
+            parts = [buffer[(*at[:-1], at[-1] * 4 + i)].astype("uint32") for i in range(4)]
+            return parts[0] | (parts[1] << 8) | (parts[2] << 16) | (parts[3] << 24)
+        return buffer[tuple(at)]
+
+    return tirx.Shuffle([element(lane) for lane in range(lanes)], [tirx.IntImm("int32", i) for i in range(lanes)])
+
+
+_LO32, _HI32 = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+_LO64, _HI64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+_LOW128, _HIGH128 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+
+
+def row_words(buffer, indices: list):
+    """32 bytes of a uint8 buffer from indices (the last counts bytes) as uint32 x 8: 8 words of one row."""
+    from tvm import tirx
+
+    last = tirx.Cast("int64", indices[-1])
+    load = buffer[(*indices[:-1], tirx.Ramp(last, tirx.IntImm("int64", 1), 32))]
+    return tirx.reinterpret("uint32x8", load)
+
+
+def transposed_column(rows: list, m: int):
+    """Column m of the 8 x 8 words `rows` (uint32 x 8 each): word m of every row, as 24 two-vector
+    shuffles would give it (unpack 32, unpack 64, 128-bit halves; LLVM shares the common ones)."""
+    from tvm import tirx
+
+    def shuffle(a, b, lanes):
+        return tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in lanes])
+
+    pair = m % 4  # columns m and m + 4 share the unpacked pairs
+    lo_hi32 = _LO32 if pair < 2 else _HI32
+    lo_hi64 = _LO64 if pair % 2 == 0 else _HI64
+    t = [shuffle(rows[2 * i], rows[2 * i + 1], lo_hi32) for i in range(4)]
+    u = [shuffle(t[0], t[1], lo_hi64), shuffle(t[2], t[3], lo_hi64)]
+    return shuffle(u[0], u[1], _LOW128 if m < 4 else _HIGH128)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(k for k in range(1, at_most + 1) if n % k == 0)
+
+
+def supported(keys: Int8QueryKeys | None, head_dim: int, page_size: int) -> bool:
+    """Whether the block can take this shape: rows of whole 8-word chunks (head_dim a multiple of 128), a
+    high plane of whole words, whole vectors of rows in a page."""
+    return keys is not None and head_dim % 128 == 0 and keys.high_count % 32 == 0 and page_size % ROWS == 0
+
+
+def permuted(p: int) -> int:
+    """The channel at position p of the query's packed order: p = 128·chunk + 32·k + 4·m + i holds channel
+    128·chunk + 16·m + 4·i + k, so 32 bytes (chunk, k) line up with (row's 32 bytes >> 2k) & 0x03030303."""
+    chunk, k, m, i = p // 128, (p % 128) // 32, (p % 32) // 4, p % 4
+    return 128 * chunk + 16 * m + 4 * i + k
+
+
+def packed_position(d: int):
+    """The inverse of `permuted` (TIR or int): where channel d sits in the query's packed order."""
+    return (d // 128) * 128 + (d % 4) * 32 + ((d % 128) // 16) * 4 + (d % 16) // 4
+
+
+def prepare_query(head_dim: int):
+    """The TVMScript macro of the "q_prepared" block (one per token and query head, before the tasks):
+    `prepare(n, h, q, scale, q_perm, q_codes, q_sigma, q_total)` writes q · scale in the packed order, its
+    int8 codes in that order with σ = max |q| / 127, and Q = Σ_d q_d (d in order)."""
+    from tvm.script import tirx as T
+
+    D = head_dim
+
+    @T.macro
+    def prepare(n, h, q, scale, q_perm, q_codes, q_sigma, q_total):
+        q_sigma[n, h] = T.float32(0)
+        q_total[n, h] = T.float32(0)
+        for d in range(D):
+            q_sigma[n, h] = T.max(q_sigma[n, h], T.abs(T.Cast("float32", q[n, h, d]) * scale))
+            q_total[n, h] = q_total[n, h] + T.Cast("float32", q[n, h, d]) * scale
+        q_sigma[n, h] = q_sigma[n, h] / T.float32(127)
+        for d in range(D):
+            q_perm[n, h, packed_position(d)] = T.Cast("float32", q[n, h, d]) * scale
+            q_codes[n, h, packed_position(d)] = T.if_then_else(
+                q_sigma[n, h] > T.float32(0),
+                T.Cast("int8", T.nearbyint(T.Cast("float32", q[n, h, d]) * scale / q_sigma[n, h])),
+                T.int8(0),
+            )
+
+    return prepare
+
+
+def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: int, page_size: int, chunk: int):
+    """The TVMScript macro of the block's body, for the paged attention definition: called as
+    `scores(n, g, c, layer, q_scaled, q_perm, q_codes, q_sigma, q_total, positions, seq_slot, block_table,
+    score)` inside its block (the q_* buffers: `prepare_query`'s)."""
+    from tvm.script import tirx as T
+
+    pages, *quantised = cache
+    G, D, PS, CH = group, head_dim, page_size, chunk
+    GP = int(quantised[0].shape[4]) // PS  # rows of a quantised page over runtime page rows
+    HW, HC = keys.high_count // 32, keys.high_count  # 8-byte chunks of a row's high plane; boosted channels
+    HT = _largest_divisor(G, HEADS_A_TILE)
+    per_token = keys.scale_axis == "token"
+    i64 = T.int64
+    mask = T.broadcast(T.uint32(0x03030303), ROWS)
+    ones = T.broadcast(T.int16(1), 16)
+    lanes8 = lambda start: T.ramp(start, 1, 8)  # noqa: E731
+
+    def plane_bytes(word, k, shift_up):
+        codes = T.bitwise_and(T.shift_right(word, T.broadcast(T.uint32(2 * k), ROWS)), mask)
+        if shift_up:  # the high plane: code bits 2..3
+            codes = T.shift_left(codes, T.broadcast(T.uint32(2), ROWS))
+        return T.reinterpret("int8x32", codes)
+
+    def maddubs(codes, query4):  # query4: int8 x 4, one dword broadcast to the 8 rows
+        dword = T.reinterpret("int32", query4)
+        return T.call_llvm_pure_intrin("int16x16", MADDUBS, codes, T.reinterpret("int8x32", T.broadcast(dword, ROWS)))
+
+    @T.macro
+    def page_query(n, g, layer, qpage, q_perm, w8, hw8, sigma, total, ap, bp, slot_of, vmax, vsum):
+        """Per-channel formats: w = q · a rounded to int8 (σ, B) for every head, for quantised page qpage."""
+        for chunk, k, m in T.grid(D // 128, 4, 8):
+            ap[T.ramp(chunk * 128 + k * 32 + m * 4, 1, 4)] = keys.channel_vector(
+                quantised, layer, qpage, g, chunk * 128 + m * 16 + k, 0
+            )
+            bp[T.ramp(chunk * 128 + k * 32 + m * 4, 1, 4)] = keys.channel_vector(
+                quantised, layer, qpage, g, chunk * 128 + m * 16 + k, 1
+            )
+        if HW > 0:
+            for d in range(D):
+                if keys.slot(quantised, layer, qpage, g, d) < HC:  # 255: not boosted
+                    slot_of[keys.slot(quantised, layer, qpage, g, d)] = T.int32(packed_position(d))
+        for j in range(G):
+            vmax[0:8] = T.broadcast(T.float32(0), 8)
+            vsum[0:8] = T.broadcast(T.float32(0), 8)
+            for v in range(D // 8):
+                vmax[lanes8(0)] = T.max(vmax[lanes8(0)], T.abs(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)]))
+                vsum[lanes8(0)] = vsum[lanes8(0)] + q_perm[n, g * G + j, lanes8(v * 8)] * bp[lanes8(v * 8)]
+            sigma[j] = T.float32(0)
+            total[j] = T.float32(0)
+            for lane in range(8):
+                sigma[j] = T.max(sigma[j], vmax[lane])
+                total[j] = total[j] + vsum[lane]
+            sigma[j] = sigma[j] / T.float32(127)
+            for v in range(D // 8):
+                w8[j, lanes8(v * 8)] = T.if_then_else(
+                    sigma[j] > T.float32(0),
+                    T.Cast(
+                        "int8x8",
+                        T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] / T.broadcast(sigma[j], 8)),
+                    ),
+                    T.broadcast(T.int8(0), 8),
+                )
+            if HW > 0:
+                for s in range(HC):
+                    hw8[j, (s // 32) * 32 + (s % 4) * 8 + (s % 32) // 4] = w8[j, slot_of[s]]
+
+    def prefetch(load):
+        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), T.int32(0), T.int32(3), T.int32(1))
+
+    def prefetch_nth(i, layer, g, ahead, row):
+        """Prefetch the i-th line of the 8 rows at `row` of the page the tagged entry `ahead` names (a no-op
+        past the format's list)."""
+        lines = keys.rows_to_prefetch(quantised, layer, T.floordiv(i64(-1) - ahead, GP), g, row)
+        return prefetch(lines[i]) if i < len(lines) else T.int32(0)
+
+    @T.macro
+    def prefetch_ahead(n, c, v, layer, g, positions, seq_slot, block_table):
+        """The rows of the vector PREFETCH_VECTORS ahead, when it is in a quantised page: those pages are
+        scattered, which the hardware prefetcher does not follow (the score's loads waited on DRAM)."""
+        if v + PREFETCH_VECTORS < CH // ROWS and c * CH + (v + PREFETCH_VECTORS) * ROWS <= T.Cast(
+            "int64", positions[n]
+        ):
+            ahead = T.Cast("int64", block_table[seq_slot[n], (c * CH + (v + PREFETCH_VECTORS) * ROWS) // PS])
+            if ahead < i64(0):
+                row = T.floormod(i64(-1) - ahead, GP) * PS + T.floormod(c * CH + (v + PREFETCH_VECTORS) * ROWS, PS)
+                T.evaluate(prefetch_nth(0, layer, g, ahead, row))
+                T.evaluate(prefetch_nth(1, layer, g, ahead, row))
+                T.evaluate(prefetch_nth(2, layer, g, ahead, row))
+                T.evaluate(prefetch_nth(3, layer, g, ahead, row))
+                T.evaluate(prefetch_nth(4, layer, g, ahead, row))
+                T.evaluate(prefetch_nth(5, layer, g, ahead, row))
+                T.evaluate(prefetch_nth(6, layer, g, ahead, row))
+                T.evaluate(prefetch_nth(7, layer, g, ahead, row))
+                T.evaluate(prefetch_nth(8, layer, g, ahead, row))
+                T.evaluate(prefetch_nth(9, layer, g, ahead, row))
+
+    def high_bytes(chunk8):
+        """8 bytes of 2-bit fields -> 32 bytes (field k of byte j at byte 8k + j), times 4 (code bits 2..3)."""
+        fields = T.shift_right(T.broadcast(chunk8, 4), T.ramp(T.uint64(0), T.uint64(2), 4))
+        return T.reinterpret(
+            "int8x32",
+            T.shift_left(
+                T.bitwise_and(fields, T.broadcast(T.uint64(0x0303030303030303), 4)), T.broadcast(T.uint64(2), 4)
+            ),
+        )
+
+    def maddubs32(codes, query32):  # query32: int8 x 32, the 32 bytes of (chunk, k)
+        return T.call_llvm_pure_intrin("int16x16", MADDUBS, codes, query32)
+
+    def row_sum(per_row, j):
+        """The 8 rows' int32 sums of lanes, as one int32 x 8 (row r in lane r): per_row[j, r] holds row r's
+        8 partial sums. Pairwise adds of shuffled lanes (vphaddd-like), then the two 128-bit halves."""
+        from tvm import tirx
+
+        def shuffle(a, b, lanes):
+            return tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in lanes])
+
+        def hadd(a, b):
+            return shuffle(a, b, [0, 2, 8, 10, 4, 6, 12, 14]) + shuffle(a, b, [1, 3, 9, 11, 5, 7, 13, 15])
+
+        v = [per_row[j, r, lanes8(0)] for r in range(ROWS)]
+        quads = [hadd(hadd(v[0], v[1]), hadd(v[2], v[3])), hadd(hadd(v[4], v[5]), hadd(v[6], v[7]))]
+        return shuffle(quads[0], quads[1], _LOW128) + shuffle(quads[0], quads[1], _HIGH128)
+
+    @T.macro
+    def scores(n, g, c, layer, q_scaled, q_perm, q_codes, q_sigma, q_total, positions, seq_slot, block_table, score):
+        w8 = T.alloc_buffer((G, D), "int8", scope="local")
+        hw8 = T.alloc_buffer((G, max(HC, 4)), "int8", scope="local")
+        sigma = T.alloc_buffer((G,), "float32", scope="local")
+        total = T.alloc_buffer((G,), "float32", scope="local")
+        ap = T.alloc_buffer((D,), "float32", scope="local")
+        bp = T.alloc_buffer((D,), "float32", scope="local")
+        slot_of = T.alloc_buffer((max(HC, 1),), "int32", scope="local")
+        vmax = T.alloc_buffer((8,), "float32", scope="local")
+        vsum = T.alloc_buffer((8,), "float32", scope="local")
+        current = T.alloc_buffer((1,), "int64", scope="local")
+        acc = T.alloc_buffer((HT, 16), "int16", scope="local")
+        acc32 = T.alloc_buffer((HT, ROWS), "int32", scope="local")
+        accf = T.alloc_buffer((G, ROWS), "float32", scope="local")
+        per_row = T.alloc_buffer((HT, ROWS, ROWS), "int32", scope="local")
+        acc_row = T.alloc_buffer((HT, 16), "int16", scope="local")
+        ra = T.alloc_buffer((ROWS,), "float32", scope="local")
+        rb = T.alloc_buffer((ROWS,), "float32", scope="local")
+        current[0] = i64(-1)
+        for v in range(CH // ROWS):
+            if c * CH + v * ROWS <= T.Cast("int64", positions[n]):
+                entry = T.Cast("int64", block_table[seq_slot[n], (c * CH + v * ROWS) // PS])
+                row = T.floormod(c * CH + v * ROWS, PS)
+                if entry >= i64(0):
+                    for j in T.unroll(G):
+                        accf[j, lanes8(0)] = T.broadcast(T.float32(0), ROWS)
+                    for d in range(D):
+                        for j in T.unroll(G):
+                            accf[j, lanes8(0)] = accf[j, lanes8(0)] + T.broadcast(
+                                q_scaled[n, g * G + j, d], ROWS
+                            ) * T.Cast("float32x8", strided_load(pages, [layer, entry, 0, g, row, d], 4))
+                    for j in T.unroll(G):
+                        score[n, g * G + j, c, T.ramp(v * ROWS, i64(1), ROWS)] = accf[j, lanes8(0)]
+                else:
+                    qpage = T.floordiv(i64(-1) - entry, GP)
+                    qrow = T.floormod(i64(-1) - entry, GP) * PS + row
+                    if keys.rows_to_prefetch is not None:
+                        prefetch_ahead(n, c, v, layer, g, positions, seq_slot, block_table)
+                    if not per_token:  # noqa: SIM102 - a Python (parse-time) test, then a TIR one
+                        if qpage != current[0]:
+                            current[0] = qpage
+                            page_query(n, g, layer, qpage, q_perm, w8, hw8, sigma, total, ap, bp, slot_of, vmax, vsum)
+                    if per_token:
+                        ra[lanes8(0)] = keys.row_affine(quantised, layer, qpage, g, qrow, 0)
+                        rb[lanes8(0)] = keys.row_affine(quantised, layer, qpage, g, qrow, 1)
+                    for ht in range(G // HT):
+                        for r in T.unroll(ROWS):  # a row's 32 bytes: 128 channels, 4 shifts
+                            for j in T.unroll(HT):
+                                acc_row[j, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+                            for chunk in range(D // 128):
+                                for k in T.unroll(4):
+                                    for j in T.unroll(HT):
+                                        if per_token:
+                                            acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                                                plane_bytes(
+                                                    keys.low_row(quantised, layer, qpage, g, qrow + r, chunk * 32),
+                                                    k,
+                                                    False,
+                                                ),
+                                                q_codes[n, g * G + ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
+                                            )
+                                        else:
+                                            acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                                                plane_bytes(
+                                                    keys.low_row(quantised, layer, qpage, g, qrow + r, chunk * 32),
+                                                    k,
+                                                    False,
+                                                ),
+                                                w8[ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
+                                            )
+                            if HW > 0:  # kitty: the high bits of the boosted channels, into the same sums
+                                for hc in range(HW):
+                                    for j in T.unroll(HT):
+                                        acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                                            high_bytes(keys.high_row(quantised, layer, qpage, g, qrow + r, hc)),
+                                            hw8[ht * HT + j, T.ramp(hc * 32, 1, 32)],
+                                        )
+                            for j in T.unroll(HT):
+                                per_row[j, r, lanes8(0)] = T.call_llvm_pure_intrin(
+                                    "int32x8", MADDWD, acc_row[j, T.ramp(0, 1, 16)], ones
+                                )
+                        for j in T.unroll(HT):
+                            acc32[j, lanes8(0)] = row_sum(per_row, j)
+                        for j in T.unroll(HT):
+                            if per_token:
+                                score[n, g * G + ht * HT + j, c, T.ramp(v * ROWS, i64(1), ROWS)] = T.Cast(
+                                    "float32x8", acc32[j, lanes8(0)]
+                                ) * (ra[lanes8(0)] * T.broadcast(q_sigma[n, g * G + ht * HT + j], ROWS)) + rb[
+                                    lanes8(0)
+                                ] * T.broadcast(q_total[n, g * G + ht * HT + j], ROWS)
+                            else:
+                                score[n, g * G + ht * HT + j, c, T.ramp(v * ROWS, i64(1), ROWS)] = T.Cast(
+                                    "float32x8", acc32[j, lanes8(0)]
+                                ) * T.broadcast(sigma[ht * HT + j], ROWS) + T.broadcast(total[ht * HT + j], ROWS)
+
+    return scores
