@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import tvm_ffi
 from tvm import s_tir, tirx
+from tvm.ir import Range
 from tvm.s_tir.stmt import MatchBufferRegion, SBlock
+from tvm.sym.analyzer import Analyzer
 
 from tensorpress.schedules.decode_stage import DecodeStage
 from tensorpress.schedules.tensorcore.intrinsics import PAIRS_PER_TILE, FragmentWriter
@@ -71,19 +73,47 @@ def _fragment_decode_block(old: SBlock, stage: DecodeStage, staged: list, writer
         offset_factor=16,
     )
     lane = tirx.Var("lane", "int32")
+    # Every pair decoded into registers before the first fragment store, and what pairs share (a
+    # stage's `bind`: a row's rank) computed once into a register: nvcc shares work between pairs
+    # only with no store through the fragment's pointer between them, and TVM lowers a select of
+    # loads to a branch, across which nothing is shared.
+    decoded = tirx.decl_buffer((tiles * PAIRS_PER_TILE,), "uint32", name="decoded", scope="local")
+    computed: list = []  # the bound values' and the pairs' register stores, in order
+    registers = [decoded]
+    bound: list = []  # (value, its register)
+
+    analyzer = Analyzer()  # one spelling of equal values: (16 t + g + 8 p) // 16 differs per pair p
+    analyzer.bind(lane, Range(0, WARP_SIZE))
+    for iter_var in old.iter_vars:
+        analyzer.bind(iter_var.var, iter_var.dom)
+
+    def bind(name: str, value):
+        value = analyzer.simplify(value)
+        for earlier, register in bound:
+            if tvm_ffi.structural_equal(earlier, value):
+                return tirx.BufferLoad(register, [0])
+        register = tirx.decl_buffer((1,), str(value.ty), name=name, scope="local")
+        registers.append(register)
+        bound.append((value, register))
+        computed.append(tirx.BufferStore(register, value, [0]))
+        return tirx.BufferLoad(register, [0])
+
     stores = []
     for tile in range(tiles):
         for pair in range(PAIRS_PER_TILE):
             col_in_tile, k_in_tile = writer.addressing.pair_element(lane, pair)
             row = row_tile.min * MMA_TILE + col_in_tile  # a B tile's "cols" are W's rows
             col = (k_tiles.min + tile) * MMA_TILE + k_in_tile
-            stores.append(writer.store_pair(fragment, tile, lane, pair, stage.fragment_pair(staged, row, col)))
+            slot = tile * PAIRS_PER_TILE + pair
+            computed.append(tirx.BufferStore(decoded, stage.fragment_pair(staged, row, col, bind), [slot]))
+            stores.append(writer.store_pair(fragment, tile, lane, pair, tirx.BufferLoad(decoded, [slot])))
     return SBlock(
         old.iter_vars,
         old.reads,
         old.writes,
         old.name_hint,
-        writer.lane_loop(lane, tirx.SeqStmt(stores)),
+        writer.lane_loop(lane, tirx.SeqStmt([*computed, *stores])),
+        alloc_buffers=registers,
         match_buffers=[MatchBufferRegion(fragment, write)],
         annotations=old.annotations,
     )
