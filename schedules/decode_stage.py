@@ -13,7 +13,7 @@ never ask a stage for its name:
     shared staging       staged_buffers(m, k)                 Tensor Core template: cp.async of the
                                                               packed tiles, decode from shared memory
     fragment decode      fragment_k + fragment_pair           Tensor Core template: staged words
-                                                              decoded straight into mma B registers
+                         (+ fragment_decode_preferred)        decoded straight into mma B registers
     stored panels        cpu_panel_width                      CPU GEMM: W read in place, no decode
     word-order decode    cpu_decode_order                     CPU GEMM at few tokens: 8 codes per
                                                               vector instruction along K

@@ -37,7 +37,11 @@ row, its rank the tile's offset + the set bits of the rows above, counted by the
 `SCATTER_CHUNK` set bits a loop trip; `schedules/tile_scatter.py`). Runs along K (`tile_run`: the
 rows above popcounted once per run of a tile row, then the rank advances by one bit a weight) are what
 it did before; the scatter costs fewer instructions at 80% sparsity
-(benchmarks/results/gemm_sass_sm_90a_sparse.md).
+(benchmarks/results/gemm_sass_sm_90a_sparse.md). From FRAGMENT_MIN_DENSITY (50 %) up the template
+decodes W straight into the mma B fragments instead (`fragment_pair`, `fragment_rank`: each lane the
+rank of its two rows from the staged bit words once a 16 x 64 unit, then per pair of weights a popcount
+and two value loads), whose cost does not depend on the density: about 11 instructions a weight against
+the scatter's 11.6 at 50 % and 7.75 at 80 % (sm_90a, n16m128k64).
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
@@ -300,8 +304,9 @@ def bit_scatter(value, chunk: int, values=None, redirect_missing: bool = False) 
 
 class BitmapDecode(DecodeStage):
     """W[m, k] from the tile's bits, offset and values; a plain global-memory decode. Capabilities: a
-    tile scatter over the set bits (`bit_scatter`: the Tensor Core template's W tiles) and runs along
-    K (`tile_run`: the rank shared by a run of a tile row)."""
+    tile scatter over the set bits (`bit_scatter`: the Tensor Core template's W tiles below
+    FRAGMENT_MIN_DENSITY), fragment decode from the staged bits (`fragment_pair`: from it up) and runs
+    along K (`tile_run`: the rank shared by a run of a tile row)."""
 
     def __init__(self, name: str):
         self.name = name

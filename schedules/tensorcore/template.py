@@ -20,6 +20,12 @@ format whose stage offers fragment decode skips the W tile: each warp decodes th
 into its B fragments, two weights per register (`fragment_decode.py` has the picture):
 
     global ──cp.async──▶ staged words (shared, rows padded) ──LDS + pair decode──▶ B fragments ──▶ mma
+                                  (bitmap: + offsets and values, LDG at a pair's rank) ──┘
+
+A stage offering both fragment decode and a tile scatter (bitmap) says per weight which the template
+takes (`fragment_decode_preferred`: bitmap from 50 % density up; fragment decode costs the same at any
+density, the scatter a loop trip per set bit); a config whose block_k the stage's unit does not divide
+takes the scatter.
 
 A stage offering runs along K (its `k_runs`, e.g. bitmap: the rank of a tile row shared by its weights)
 decodes its W tile in runs: each thread takes whole runs of L consecutive weights of one row, rows
