@@ -51,7 +51,7 @@ every possible content of the staged words: beyond K the template zero-fills X, 
 reads global memory at an index it decodes must keep that index in bounds there too). What a unit's
 pairs share (bitmap: a row's rank, popcounts of the rows above) goes through `bind`. A stage that also
 offers a tile scatter says per weight which of the two the template takes (`fragment_decode_preferred`;
-bitmap: fragment decode costs the same at any density, the scatter follows the nonzeros).
+bitmap above 50 % density: fragment decode costs the same at any density, the scatter follows the nonzeros).
 
 Tile scatter. A sparse stage whose stored words each say where in a tile their value goes (Tiled-CSL)
 is a scatter, not a per-element gather: its `decode` still defines W[m, k] (a search, the CPU's path

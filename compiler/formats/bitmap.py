@@ -37,7 +37,7 @@ row, its rank the tile's offset + the set bits of the rows above, counted by the
 `SCATTER_CHUNK` set bits a loop trip; `schedules/tile_scatter.py`). Runs along K (`tile_run`: the
 rows above popcounted once per run of a tile row, then the rank advances by one bit a weight) are what
 it did before; the scatter costs fewer instructions at 80% sparsity
-(benchmarks/results/gemm_sass_sm_90a_sparse.md). From FRAGMENT_MIN_DENSITY (50 %) up the template
+(benchmarks/results/gemm_sass_sm_90a_sparse.md). Above FRAGMENT_MIN_DENSITY (50 %) the template
 decodes W straight into the mma B fragments instead (`fragment_pair`, `fragment_rank`: each lane the
 rank of its two rows from the staged bit words once a 16 x 64 unit, then per pair of weights a popcount
 and two value loads), whose cost does not depend on the density: about 11 instructions a weight against
@@ -272,7 +272,7 @@ class BitmapFormat(WeightFormat):
         return BitmapDecode(self.name)
 
 
-FRAGMENT_MIN_DENSITY = 0.5  # from here up the template decodes bitmap W into B fragments, not by scatter
+FRAGMENT_MIN_DENSITY = 0.5  # above it the template decodes bitmap W into B fragments, not by scatter
 SCATTER_CHUNK = 4  # set bits a trip of the scatter's loop (benchmarks/results/gemm_sass_sm_90a_sparse.md)
 
 
@@ -304,8 +304,8 @@ def bit_scatter(value, chunk: int, values=None, redirect_missing: bool = False) 
 
 class BitmapDecode(DecodeStage):
     """W[m, k] from the tile's bits, offset and values; a plain global-memory decode. Capabilities: a
-    tile scatter over the set bits (`bit_scatter`: the Tensor Core template's W tiles below
-    FRAGMENT_MIN_DENSITY), fragment decode from the staged bits (`fragment_pair`: from it up) and runs
+    tile scatter over the set bits (`bit_scatter`: the Tensor Core template's W tiles up to
+    FRAGMENT_MIN_DENSITY), fragment decode from the staged bits (`fragment_pair`: above it) and runs
     along K (`tile_run`: the rank shared by a run of a tile row)."""
 
     def __init__(self, name: str):
@@ -322,8 +322,11 @@ class BitmapDecode(DecodeStage):
 
     def fragment_decode_preferred(self, stored: list, m: int, k: int) -> bool:
         """Fragment decode costs the same at any density, the scatter a loop trip per set bit: the
-        template takes fragment decode from FRAGMENT_MIN_DENSITY up (gemm_sass_sm_90a_sparse.md)."""
-        return int(stored[2].shape[0]) - VALUES_MULTIPLE >= FRAGMENT_MIN_DENSITY * m * k
+        template takes fragment decode above FRAGMENT_MIN_DENSITY (gemm_sass_sm_90a_sparse.md), the
+        nonzeros counted from the values' length (at least it - the spare slots and the rounding; a
+        kernel built for a larger capacity, as the GPU kit's, counts that)."""
+        fewest_nonzeros = int(stored[2].shape[0]) - VALUES_SPARE - (VALUES_MULTIPLE - 1)
+        return fewest_nonzeros > FRAGMENT_MIN_DENSITY * m * k
 
     def fragment_pair(self, stored, row, col, bind=None):
         """The fp16 patterns of W[row, col], W[row, col + 1] (col even) from the staged bit words,

@@ -23,7 +23,7 @@ into its B fragments, two weights per register (`fragment_decode.py` has the pic
                                   (bitmap: + offsets and values, LDG at a pair's rank) ──┘
 
 A stage offering both fragment decode and a tile scatter (bitmap) says per weight which the template
-takes (`fragment_decode_preferred`: bitmap from 50 % density up; fragment decode costs the same at any
+takes (`fragment_decode_preferred`: bitmap above 50 % density; fragment decode costs the same at any
 density, the scatter a loop trip per set bit); a config whose block_k the stage's unit does not divide
 takes the scatter.
 
