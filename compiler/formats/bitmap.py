@@ -22,9 +22,10 @@ p = 64 r + c (r, c: row and column in the tile, row-major) is bit p % 32 of word
         for j = p // 32, none after (one clamp per word, no nested selects: 0 spills at 64 registers)
 
 The values array holds at least two spare slots, so the index of any position and the one after it
-are in bounds (the decode may load before it selects). The packer does not prune: it stores W's nonzeros as they are,
-rounded to fp16 (a weight that rounds to zero in fp16 is stored as a set bit with value 0; -0.0 is a
-nonzero bit pattern and is kept). Pruning is `compiler/pruning.py`'s, before packing.
+are in bounds (the decode may load before it selects). The packer does not prune: it stores W's
+nonzeros as they are, rounded to fp16 (a weight that rounds to zero in fp16 is stored as a set bit
+with value 0; -0.0 is a nonzero bit pattern and is kept). Pruning is `compiler/pruning.py`'s, before
+packing.
 
 Why 16 x 64: the per-tile offset costs 4 B per 1024 weights (0.03 bit per weight), so an 80%-sparse
 weight stores 0.2 x 2 B + 1/8 B + 1/256 B = 0.529 B per weight, 3.78x fewer bytes than fp16, close to
@@ -334,8 +335,8 @@ class BitmapDecode(DecodeStage):
         from tvm import tirx
 
         bits, offsets, values = stored
-        rank, word, shift = fragment_rank(bits, offsets, row, col, bind or (lambda name, value: value))
         bind = bind or (lambda name, value: value)
+        rank, word, shift = fragment_rank(bits, offsets, row, col, bind)
         # both loaded (VALUES_SPARE keeps rank + 1 in bounds), then selected: a select of loads is a branch
         low = bind("low", tirx.reinterpret("uint16", values[rank]).astype("uint32"))
         high = bind("high", tirx.reinterpret("uint16", values[rank + 1]).astype("uint32"))
