@@ -42,7 +42,7 @@ it did before; the scatter costs fewer instructions at 80% sparsity
 decodes W straight into the mma B fragments instead (`fragment_pair`, `fragment_rank`: each lane the
 rank of its two rows from the staged bit words once a 16 x 64 unit, then per pair of weights a popcount
 and two value loads), whose cost does not depend on the density: about 11 instructions a weight against
-the scatter's 11.6 at 50 % and 7.75 at 80 % (sm_90a, n16m128k64).
+the scatter's 12.6 at 40 %, 11.6 at 50 % and 7.75 at 80 % (sm_90a, n16m128k64).
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
