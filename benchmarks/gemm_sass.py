@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tensorpress.compiler.formats import decode_stage
     from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
-    from tensorpress.schedules.tensorcore.template import schedule_weight_gemm
+    from tensorpress.schedules.tensorcore.template import builds_w_by_scatter, schedule_weight_gemm
     from tensorpress.schedules.verification import cuda_inspection as inspection
     from tensorpress.schedules.weight_gemm import make_weight_gemm
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             main_func = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
             functions[symbol] = main_func.with_attr("global_symbol", symbol)
             labels[symbol] = (fmt, config)
-            if scatter is not None and packed is not None:  # the template builds its W tiles by the scatter
+            if scatter is not None and packed is not None and builds_w_by_scatter(func, config):
                 trips[symbol] = scatter_trips(scatter, list(packed.arrays.values()), args.m, args.k, config)
     module = tvm.IRModule(functions)
     print("| format | config | arch | kernel | regs | spill B | stack B | smem B | HMMA | LDSM | LDGSTS |"

@@ -13,7 +13,7 @@ never ask a stage for its name:
     shared staging       staged_buffers(m, k)                 Tensor Core template: cp.async of the
                                                               packed tiles, decode from shared memory
     fragment decode      fragment_k + fragment_pair           Tensor Core template: staged words
-                                                              decoded straight into mma B registers
+                         (+ fragment_decode_preferred)        decoded straight into mma B registers
     stored panels        cpu_panel_width                      CPU GEMM: W read in place, no decode
     word-order decode    cpu_decode_order                     CPU GEMM at few tokens: 8 codes per
                                                               vector instruction along K
@@ -47,7 +47,11 @@ mma.m16n8k16 B fragment, from the staged words (`schedules/tensorcore/fragment_d
 The template asks for (row, col), (row, col + 1) pairs, col even, in whatever order the B fragment
 layout gives each lane; the stage never hears of lanes. Its answer must equal the PrimFunc's decode
 block (the unscaled values, when the PrimFunc scales rows in the epilogue), and must be finite for
-every possible content of the staged words: beyond K the template zero-fills X, not W.
+every possible content of the staged words: beyond K the template zero-fills X, not W (a stage that
+reads global memory at an index it decodes must keep that index in bounds there too). What a unit's
+pairs share (bitmap: a row's rank, popcounts of the rows above) goes through `bind`. A stage that also
+offers a tile scatter says per weight which of the two the template takes (`fragment_decode_preferred`;
+bitmap above 50 % density: fragment decode costs the same at any density, the scatter follows the nonzeros).
 
 Tile scatter. A sparse stage whose stored words each say where in a tile their value goes (Tiled-CSL)
 is a scatter, not a per-element gather: its `decode` still defines W[m, k] (a search, the CPU's path
@@ -231,11 +235,18 @@ class DecodeStage:
 
     fragment_k: int | None = None  # k columns of one fragment-decode unit (a multiple of 16), or None
 
-    def fragment_pair(self, staged: list, row: tirx.PrimExpr, col: tirx.PrimExpr) -> Any:
+    def fragment_pair(self, stored: list, row: tirx.PrimExpr, col: tirx.PrimExpr, bind=None) -> Any:
         """uint32 TIR expression: the fp16 bit patterns of W[row, col] (bits 0..15) and W[row, col + 1]
-        (bits 16..31), col even, reading only `staged` (the staged buffers, in that order, indexed as
-        the stored buffers are). The values are those of the PrimFunc's decode block."""
+        (bits 16..31), col even, reading `stored` (the stored buffers in order, each staged one
+        replaced by its shared copy, indexed as the stored buffer is). The values are those of the
+        PrimFunc's decode block. `bind(name, value)`, when given, computes a value once a unit for all
+        its pairs (as a run along K's `bind`; equal values bound by different pairs are one register)."""
         raise NotImplementedError
+
+    def fragment_decode_preferred(self, stored: list, m: int, k: int) -> bool:
+        """For a stage offering fragment decode and a tile scatter: whether the template takes fragment
+        decode for this weight (`stored`: its stored buffers, sized by the packed weight)."""
+        return True
 
     # -- CPU schedules ----------------------------------------------------------------------------
 

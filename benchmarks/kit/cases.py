@@ -151,9 +151,11 @@ def bitmap_fpx_stream_capacity(m: int, k: int, sparsities=SPARSE_FPX_SPARSITIES)
 
 def bitmap_value_capacity(m: int, k: int, sparsities=SPARSITIES) -> int:
     """Length of the bitmap kernels' "values" buffer for an [m, k] layer: the nonzeros of the densest
-    sparsity plus the format's spare slot, rounded up to its multiple of 8 (`bitmap.VALUES_MULTIPLE`)."""
+    sparsity plus the format's spare slots, rounded up to its multiple of 8 (`bitmap.VALUES_MULTIPLE`)."""
+    from tensorpress.compiler.formats.bitmap import VALUES_MULTIPLE, VALUES_SPARE
+
     nnz = m * kept_per_row(k, min(sparsities))
-    return -(-(nnz + 1) // 8) * 8
+    return -(-(nnz + VALUES_SPARE) // VALUES_MULTIPLE) * VALUES_MULTIPLE
 
 
 # Tiled-CSL (`compiler/formats/tiled_csl.py`, Flash-LLM's format): the same layers and masks as bitmap, its

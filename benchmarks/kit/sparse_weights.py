@@ -51,9 +51,11 @@ def _pack_band(band: np.ndarray) -> dict[str, np.ndarray]:
 def join_bands(parts: list[dict[str, np.ndarray]], capacity: int | None = None) -> dict[str, np.ndarray]:
     """The bitmap arrays of a weight from those of its row bands (each a whole number of tile rows),
     in order; "values" padded with zeros to `capacity` (default: the packer's own length)."""
+    from tensorpress.compiler.formats.bitmap import VALUES_MULTIPLE, VALUES_SPARE
+
     total = sum(int(p["nnz"]) for p in parts)
-    size = -(-(total + 1) // 8) * 8 if capacity is None else capacity
-    if size < total + 1:
+    size = -(-(total + VALUES_SPARE) // VALUES_MULTIPLE) * VALUES_MULTIPLE if capacity is None else capacity
+    if size < total + VALUES_SPARE:
         raise ValueError(f"{total} nonzeros do not fit a values buffer of {size}")
     values = np.zeros(size, np.float16)
     offsets, start = [], 0
@@ -213,7 +215,9 @@ def make_sparse_weight(
     packed = time.perf_counter()
     nnz = int(np.count_nonzero(host.view(np.uint16)))
     stored = [torch.from_numpy(arrays[name]).to(device) for name in ("bits", "offsets", "values")]
-    real_values = -(-(nnz + 1) // 8) * 8  # what the packer alone stores (no kit padding)
+    from tensorpress.compiler.formats.bitmap import VALUES_MULTIPLE, VALUES_SPARE
+
+    real_values = -(-(nnz + VALUES_SPARE) // VALUES_MULTIPLE) * VALUES_MULTIPLE  # the packer's own (no kit padding)
     nbytes = arrays["bits"].nbytes + arrays["offsets"].nbytes + 2 * real_values
     seconds = {"mask": masked - start, "pack": packed - masked, "upload": time.perf_counter() - packed}
     return SparseWeight(stored, dense, int(nbytes), nnz, seconds)

@@ -14,17 +14,18 @@ p = 64 r + c (r, c: row and column in the tile, row-major) is bit p % 32 of word
     stored "bits":    uint32  [TM, TK, 32]    TM = ceil(M / 16), TK = ceil(K / 64)
     stored "offsets": int32   [TM, TK]        index in "values" of the tile's first nonzero
     stored "values":  float16 [V]             the nonzeros, tile after tile (tm-major), row-major in a
-                                              tile; V = nnz + 1 rounded up to a multiple of 8 (zeros)
+                                              tile; V = nnz + 2 rounded up to a multiple of 8 (zeros)
 
     W[row, col] = bit(row, col) ? values[offsets[tm, tk] + popcount(the tile's bits before p)] : 0
     popcount(bits before p) = sum over words j of popcount(bits[tm, tk, j] & mask_j),
         mask_j = the low clamp(p - 32 j, 0, 32) bits: all ones for j < p // 32, the low p % 32 bits
         for j = p // 32, none after (one clamp per word, no nested selects: 0 spills at 64 registers)
 
-The values array holds at least one spare slot, so the index of any position is in bounds (the
-decode may load before it selects). The packer does not prune: it stores W's nonzeros as they are,
-rounded to fp16 (a weight that rounds to zero in fp16 is stored as a set bit with value 0; -0.0 is a
-nonzero bit pattern and is kept). Pruning is `compiler/pruning.py`'s, before packing.
+The values array holds at least two spare slots, so the index of any position and the one after it
+are in bounds (the decode may load before it selects). The packer does not prune: it stores W's
+nonzeros as they are, rounded to fp16 (a weight that rounds to zero in fp16 is stored as a set bit
+with value 0; -0.0 is a nonzero bit pattern and is kept). Pruning is `compiler/pruning.py`'s, before
+packing.
 
 Why 16 x 64: the per-tile offset costs 4 B per 1024 weights (0.03 bit per weight), so an 80%-sparse
 weight stores 0.2 x 2 B + 1/8 B + 1/256 B = 0.529 B per weight, 3.78x fewer bytes than fp16, close to
@@ -37,7 +38,11 @@ row, its rank the tile's offset + the set bits of the rows above, counted by the
 `SCATTER_CHUNK` set bits a loop trip; `schedules/tile_scatter.py`). Runs along K (`tile_run`: the
 rows above popcounted once per run of a tile row, then the rank advances by one bit a weight) are what
 it did before; the scatter costs fewer instructions at 80% sparsity
-(benchmarks/results/gemm_sass_sm_90a_sparse.md).
+(benchmarks/results/gemm_sass_sm_90a_sparse.md). Above FRAGMENT_MIN_DENSITY (50 %) the template
+decodes W straight into the mma B fragments instead (`fragment_pair`, `fragment_rank`: each lane the
+rank of its two rows from the staged bit words once a 16 x 64 unit, then per pair of weights a popcount
+and two value loads), whose cost does not depend on the density: about 11 instructions a weight against
+the scatter's 12.6 at 40 %, 11.6 at 50 % and 7.75 at 80 % (sm_90a, n16m128k64).
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
@@ -58,6 +63,7 @@ TILE_ROWS, TILE_COLS = 16, 64
 WORD_BITS = 32
 WORDS_PER_TILE = TILE_ROWS * TILE_COLS // WORD_BITS  # 32
 VALUES_MULTIPLE = 8  # 16 bytes of fp16: a 128-bit load never runs past the array
+VALUES_SPARE = 2  # zeros after the nonzeros: the decode loads the values at rank and rank + 1 of any position
 
 
 def tile_grid(m: int, k: int) -> tuple[int, int]:
@@ -181,6 +187,42 @@ def kept_if(bit, value):
     return tirx.reinterpret("float16", tirx.reinterpret("uint16", value) & mask)
 
 
+def fragment_rank(bits, offsets, row, col, bind):
+    """TIR (rank, word, shift) of the pair W[row, col], W[row, col + 1] (col even, one word): the index
+    of W[row, col]'s value if set, the row's mask word holding both bits, and the first bit's place.
+
+        rank = offsets[tile] + (the set bits of the tile rows above: 15 row pairs, each times (q < r))
+               + popcount(the row's first word) when col is in its second + popcount(word below the bit)
+
+    A tile beyond the stored ones (K padded past the last tile) reads as no bits and offset 0: every
+    index in bounds, whatever the staged words there hold. `bind` shares a row's work between pairs.
+    """
+    from tvm import tirx
+
+    tiles_k = int(bits.shape[1])
+    tm, tk, r = row // TILE_ROWS, col // TILE_COLS, row % TILE_ROWS
+    c = col % TILE_COLS
+    shift = (c % WORD_BITS).astype("uint32")
+    stored_tile = tk < tiles_k
+    none = tirx.const(0, "uint32")
+
+    def word_at(index):
+        return tirx.Select(stored_tile, bits[tm, tk, index], none)  # a select of a load: bound, then 0 or it
+
+    def popc(word):
+        return tirx.popcount(word).astype("int32")
+
+    rank = bind("offset", tirx.Select(stored_tile, offsets[tm, tirx.min(tk, tiles_k - 1)], 0))
+    for q in range(TILE_ROWS - 1):
+        pair = bind(f"row{q}", popc(word_at(2 * q)) + popc(word_at(2 * q + 1)))
+        rank = rank + pair * (q < r).astype("int32")  # not a select: TVM makes a select of loads a branch
+    words = [bind("word0", word_at(2 * r)), bind("word1", word_at(2 * r + 1))]
+    half = c // WORD_BITS
+    word = tirx.Select(half == 1, words[1], words[0])
+    rank = bind("rank", rank + popc(words[0]) * half)
+    return rank + popc(word & ((tirx.const(1, "uint32") << shift) - tirx.const(1, "uint32"))), word, shift
+
+
 @dataclass(frozen=True)
 class BitmapFormat(WeightFormat):
     """Per 16 x 64 tile a bitmask and the packed fp16 nonzeros (see the module docstring)."""
@@ -202,7 +244,7 @@ class BitmapFormat(WeightFormat):
         nonzero = tiles.view(np.uint16) != 0  # bit patterns: -0.0 counts as a stored value
         words, offsets = tile_bits(nonzero)
         nnz = int(nonzero.sum())
-        size = -(-(nnz + 1) // VALUES_MULTIPLE) * VALUES_MULTIPLE
+        size = -(-(nnz + VALUES_SPARE) // VALUES_MULTIPLE) * VALUES_MULTIPLE
         values = np.zeros(size, np.float16)
         values[:nnz] = tiles[nonzero]  # tile-major, row-major inside a tile (C order of `tiles`)
         arrays = {"bits": words, "offsets": offsets, "values": values}
@@ -221,7 +263,7 @@ class BitmapFormat(WeightFormat):
 
     def sparse_bytes(self, m: int, k: int, row_nonzeros: np.ndarray) -> int:
         tm, tk = tile_grid(m, k)
-        values = -(-(int(row_nonzeros.sum()) + 1) // VALUES_MULTIPLE) * VALUES_MULTIPLE
+        values = -(-(int(row_nonzeros.sum()) + VALUES_SPARE) // VALUES_MULTIPLE) * VALUES_MULTIPLE
         return 2 * values + tm * tk * (WORDS_PER_TILE + 1) * 4
 
     def code_bits(self) -> int:
@@ -231,6 +273,7 @@ class BitmapFormat(WeightFormat):
         return BitmapDecode(self.name)
 
 
+FRAGMENT_MIN_DENSITY = 0.5  # above it the template decodes bitmap W into B fragments, not by scatter
 SCATTER_CHUNK = 4  # set bits a trip of the scatter's loop (benchmarks/results/gemm_sass_sm_90a_sparse.md)
 
 
@@ -262,13 +305,47 @@ def bit_scatter(value, chunk: int, values=None, redirect_missing: bool = False) 
 
 class BitmapDecode(DecodeStage):
     """W[m, k] from the tile's bits, offset and values; a plain global-memory decode. Capabilities: a
-    tile scatter over the set bits (`bit_scatter`: the Tensor Core template's W tiles) and runs along
-    K (`tile_run`: the rank shared by a run of a tile row)."""
+    tile scatter over the set bits (`bit_scatter`: the Tensor Core template's W tiles up to
+    FRAGMENT_MIN_DENSITY), fragment decode from the staged bits (`fragment_pair`: above it) and runs
+    along K (`tile_run`: the rank shared by a run of a tile row)."""
 
     def __init__(self, name: str):
         self.name = name
         self.k_runs = KRuns(RUN_LENGTHS, self.decode_run)
         self.tile_scatter = bit_scatter(lambda stored, index: stored[2][index], SCATTER_CHUNK)
+
+    fragment_k = TILE_COLS  # a fragment-decode unit: 16 rows x one tile's 64 columns (a lane: 2 rows)
+
+    def staged_buffers(self, m: int, k: int) -> list[str]:
+        """The bit words (a K tile of them is [block_m / 16, block_k / 64, 32]); offsets and values stay
+        global (the values a lane reads follow the data)."""
+        return ["bits"]
+
+    def fragment_decode_preferred(self, stored: list, m: int, k: int) -> bool:
+        """Fragment decode costs the same at any density, the scatter a loop trip per set bit: the
+        template takes fragment decode above FRAGMENT_MIN_DENSITY (gemm_sass_sm_90a_sparse.md), the
+        nonzeros counted from the values' length (at least it - the spare slots and the rounding; a
+        kernel built for a larger capacity, as the GPU kit's, counts that)."""
+        fewest_nonzeros = int(stored[2].shape[0]) - VALUES_SPARE - (VALUES_MULTIPLE - 1)
+        return fewest_nonzeros > FRAGMENT_MIN_DENSITY * m * k
+
+    def fragment_pair(self, stored, row, col, bind=None):
+        """The fp16 patterns of W[row, col], W[row, col + 1] (col even) from the staged bit words,
+        the tile offset and the values (`fragment_rank`): a lane's rank of its row once a unit."""
+        from tvm import tirx
+
+        bits, offsets, values = stored
+        bind = bind or (lambda name, value: value)
+        rank, word, shift = fragment_rank(bits, offsets, row, col, bind)
+        # both loaded (VALUES_SPARE keeps rank + 1 in bounds), then selected: a select of loads is a branch
+        low = bind("low", tirx.reinterpret("uint16", values[rank]).astype("uint32"))
+        high = bind("high", tirx.reinterpret("uint16", values[rank + 1]).astype("uint32"))
+        zero = tirx.const(0, "uint32")
+        first = (word & (tirx.const(1, "uint32") << shift)) != zero
+        second = (word & (tirx.const(2, "uint32") << shift)) != zero
+        lo = tirx.Select(first, low, zero)
+        hi = tirx.Select(second, tirx.Select(first, high, low), zero)  # the second's rank: + the first's bit
+        return lo | (hi << tirx.const(16, "uint32"))
 
     def decode_run(self, stored, row, col0, length: int, dtype: str, bind):
         bits, offsets, values = stored

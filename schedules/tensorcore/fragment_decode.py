@@ -16,6 +16,26 @@ template moves W like this (FP6 shown):
         ▼
     fp32 accumulators ──▶ epilogue: Y[n, m] = acc[n, m] · row_scale(m) (+ bias)   (one fp32 multiply an output)
 
+bitmap (a sparse format, `compiler/formats/bitmap.py`) takes the same path with a unit of 16 rows x 64
+k (one format tile along K):
+
+    global memory        bits [TM, TK, 32] words        offsets [TM, TK]        values [V] fp16
+        │  cp.async (bits only)                             │ LDG                   │ LDG (data-dependent)
+        ▼                                                   │                       │
+    shared memory        bits tile [block_m / 16, block_k / 64, 32]                 │
+        │  per lane 4g + t, per unit (its rows g and g + 8, bound once: `bind`):    │
+        │    LDS the 30 words above each row, 30 POPC: the rank of each row's first weight
+        │  per pair (col, col + 1): rank + POPC(word below col), LDG values[rank], values[rank + 1],
+        │    each kept where its bit is set (the second's value is the first's when the first is 0)
+        ▼
+    registers            B fragments (fp16 values)  ──▶ mma, as above (no row scale)
+
+Every pair of a unit is decoded into registers ("decoded") before the first is stored into the
+fragment, and what pairs share goes through the stage's `bind` (registers computed once a unit, equal
+values bound by several pairs one register): nvcc shares nothing between pairs across a store through
+the fragment's pointer, and TVM lowers a select of loads to a branch, across which nothing is shared
+either (bitmap's row ranks were recomputed for every pair: 38 instructions a weight; 13.8 with `bind`).
+
 How it is put in the schedule. The template schedules W like any operand read into fragments: a
 cache_read into the fragment scope, laid out by `fragments.b_warp_layout`, computed once per unit
 of fragment_k columns, with the stage's per-element decode (the PrimFunc's "decode" block) inlined
@@ -24,21 +44,24 @@ fragment_k / 16 B tiles) and then `install_fragment_decode` replaces that block'
 per-lane pair decode: for each lane and register pair, the (col, k) that `PairAddressing` says the
 register holds becomes (row, col) of W, and `stage.fragment_pair` gives its two fp16 patterns, which
 the `FragmentWriter` of the intrinsic set stores (a register move on the GPU, two fp16 stores in the
-CPU replay). The block keeps its signature (iterators, read and write regions), so everything the
+CPU replay); the stage reads the stored buffers, the staged ones by their shared copies. The block
+keeps its signature (iterators, read and write regions), so everything the
 lowering derives from it (software pipeline, buffer compaction) is unchanged; the fragment is bound
 as a match buffer, like a tensorized ldmatrix, so its register offsets follow the compaction.
 
 This is a tensorization whose intrinsic is generated per format: TVM's `tensorize` cannot take it,
 as it compares the block with a fixed description index expression by index expression, and a
 format's field positions depend on the column in ways it cannot match. The replay checks the result
-against numpy instead (`tests/schedules/tensorcore/test_fpx_replay.py`).
+against numpy instead (`tests/schedules/tensorcore/test_fpx_replay.py`, `test_bitmap_fragment_decode.py`).
 """
 
 from __future__ import annotations
 
 import tvm_ffi
 from tvm import s_tir, tirx
+from tvm.ir import Range
 from tvm.s_tir.stmt import MatchBufferRegion, SBlock
+from tvm.sym.analyzer import Analyzer
 
 from tensorpress.schedules.decode_stage import DecodeStage
 from tensorpress.schedules.tensorcore.intrinsics import PAIRS_PER_TILE, FragmentWriter
@@ -46,18 +69,18 @@ from tensorpress.schedules.tensorcore.tile_config import MMA_TILE, WARP_SIZE
 
 
 def install_fragment_decode(
-    sch: s_tir.Schedule, unit, stage: DecodeStage, staged: list, writer: FragmentWriter
+    sch: s_tir.Schedule, unit, stage: DecodeStage, stored: list, writer: FragmentWriter
 ) -> s_tir.Schedule:
     """A new schedule of `sch.mod` in which the blockized unit block `unit` (writing B fragment
-    tiles [row tile, k tiles, 32, 8]) decodes with `stage.fragment_pair` from the shared buffers
-    `staged` (in `shared_staged_buffers` order)."""
+    tiles [row tile, k tiles, 32, 8]) decodes with `stage.fragment_pair` from `stored` (the stored
+    buffers in order, each staged one replaced by its shared copy)."""
     old = sch.get(unit)
-    new = _fragment_decode_block(old, stage, staged, writer)
+    new = _fragment_decode_block(old, stage, stored, writer)
     mod = tvm_ffi.structural_map(sch.mod, (SBlock, lambda block: new if block.same_as(old) else block))
     return s_tir.Schedule(mod)
 
 
-def _fragment_decode_block(old: SBlock, stage: DecodeStage, staged: list, writer: FragmentWriter) -> SBlock:
+def _fragment_decode_block(old: SBlock, stage: DecodeStage, stored: list, writer: FragmentWriter) -> SBlock:
     (write,) = old.writes
     *_, row_tile, k_tiles, lanes, slots = write.region
     tiles = int(k_tiles.extent)
@@ -71,19 +94,47 @@ def _fragment_decode_block(old: SBlock, stage: DecodeStage, staged: list, writer
         offset_factor=16,
     )
     lane = tirx.Var("lane", "int32")
+    # Every pair decoded into registers before the first fragment store, and what pairs share (a
+    # stage's `bind`: a row's rank) computed once into a register: nvcc shares work between pairs
+    # only with no store through the fragment's pointer between them, and TVM lowers a select of
+    # loads to a branch, across which nothing is shared.
+    decoded = tirx.decl_buffer((tiles * PAIRS_PER_TILE,), "uint32", name="decoded", scope="local")
+    computed: list = []  # the bound values' and the pairs' register stores, in order
+    registers = [decoded]
+    bound: list = []  # (value, its register)
+
+    analyzer = Analyzer()  # one spelling of equal values: (16 t + g + 8 p) // 16 differs per pair p
+    analyzer.bind(lane, Range(0, WARP_SIZE))
+    for iter_var in old.iter_vars:
+        analyzer.bind(iter_var.var, iter_var.dom)
+
+    def bind(name: str, value):
+        value = analyzer.simplify(value)
+        for earlier, register in bound:
+            if tvm_ffi.structural_equal(earlier, value):
+                return tirx.BufferLoad(register, [0])
+        register = tirx.decl_buffer((1,), str(value.ty), name=name, scope="local")
+        registers.append(register)
+        bound.append((value, register))
+        computed.append(tirx.BufferStore(register, value, [0]))
+        return tirx.BufferLoad(register, [0])
+
     stores = []
     for tile in range(tiles):
         for pair in range(PAIRS_PER_TILE):
             col_in_tile, k_in_tile = writer.addressing.pair_element(lane, pair)
             row = row_tile.min * MMA_TILE + col_in_tile  # a B tile's "cols" are W's rows
             col = (k_tiles.min + tile) * MMA_TILE + k_in_tile
-            stores.append(writer.store_pair(fragment, tile, lane, pair, stage.fragment_pair(staged, row, col)))
+            slot = tile * PAIRS_PER_TILE + pair
+            computed.append(tirx.BufferStore(decoded, stage.fragment_pair(stored, row, col, bind), [slot]))
+            stores.append(writer.store_pair(fragment, tile, lane, pair, tirx.BufferLoad(decoded, [slot])))
     return SBlock(
         old.iter_vars,
         old.reads,
         old.writes,
         old.name_hint,
-        writer.lane_loop(lane, tirx.SeqStmt(stores)),
+        writer.lane_loop(lane, tirx.SeqStmt([*computed, *stores])),
+        alloc_buffers=registers,
         match_buffers=[MatchBufferRegion(fragment, write)],
         annotations=old.annotations,
     )

@@ -20,6 +20,12 @@ format whose stage offers fragment decode skips the W tile: each warp decodes th
 into its B fragments, two weights per register (`fragment_decode.py` has the picture):
 
     global ──cp.async──▶ staged words (shared, rows padded) ──LDS + pair decode──▶ B fragments ──▶ mma
+                                  (bitmap: + offsets and values, LDG at a pair's rank) ──┘
+
+A stage offering both fragment decode and a tile scatter (bitmap) says per weight which the template
+takes (`fragment_decode_preferred`: bitmap above 50 % density; fragment decode costs the same at any
+density, the scatter a loop trip per set bit); a config whose block_k the stage's unit does not divide
+takes the scatter.
 
 A stage offering runs along K (its `k_runs`, e.g. bitmap: the rank of a tile row shared by its weights)
 decodes its W tile in runs: each thread takes whole runs of L consecutive weights of one row, rows
@@ -67,7 +73,7 @@ from tensorpress.schedules.tensorcore.intrinsics import IntrinsicSet
 from tensorpress.schedules.tensorcore.run_tile import install_k_runs, run_length, spread_runs
 from tensorpress.schedules.tensorcore.scatter_tile import install_tile_scatter, without_scatter_decode
 from tensorpress.schedules.tensorcore.tile_config import MMA_TILE, VECTOR_BYTES, WARP_SIZE, TileConfig
-from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, decode_stage_of, is_weight_gemm
+from tensorpress.schedules.weight_gemm import ROW_SCALE_ATTR, decode_stage_of, is_weight_gemm, weight_gemm_params
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,15 @@ def schedule_weight_gemm(func: tirx.PrimFunc, config: TileConfig, intrinsics: In
     return _Template(func, config, intrinsics).schedule()
 
 
+def builds_w_by_scatter(func: tirx.PrimFunc, config: TileConfig) -> bool:
+    """True when the template builds the W tiles of `func` with `config` by its stage's tile scatter
+    (whose loops run as often as the data says: `benchmarks/gemm_sass.py` weights them)."""
+    stage = decode_stage_of(func)
+    m, k = weight_gemm_shape(func)
+    staged = staged_buffer_names(stage, m, k, [str(p.name) for p in func.params])
+    return _fragment_decode_stage(stage, func, config, bool(staged)) is None and _scatter_of(stage, func) is not None
+
+
 class _Template:
     def __init__(self, func: tirx.PrimFunc, config: TileConfig, intrinsics: IntrinsicSet):
         self.cfg = config
@@ -127,7 +142,8 @@ class _Template:
         stored = [p.name for p in func.params]
         self.staged = staged_buffer_names(self.stage, self.m, self.k, stored)
         self.fragment_decode = _fragment_decode_stage(self.stage, func, config, bool(self.staged))
-        self.scatter = _scatter_of(self.stage, func)
+        # a stage offering both builds its W by fragment decode (`_fragment_decode_stage` says why)
+        self.scatter = None if self.fragment_decode is not None else _scatter_of(self.stage, func)
         self.run_length: int | None = None  # runs along K of the W-tile decode (`_fetch_operands`)
         _check_dtypes(func)
         # int32 index math everywhere (N is int64 in the PrimFunc; mixed widths break layout maps).
@@ -151,9 +167,8 @@ class _Template:
             k_tiles_pad_k = self.k % (self.cfg.split_k * self.cfg.block_k) != 0
             self.sch = install_k_runs(self.sch, self.w_runs, self.stage, self.run_length, self.k, k_tiles_pad_k)
         if self.fragment_decode is not None:
-            staged = [self.sch.get(b).writes[0].source for b in self.staged_blocks]
             self.sch = install_fragment_decode(
-                self.sch, self.frag_tiles[1], self.fragment_decode, staged, self.intr.decode_b
+                self.sch, self.frag_tiles[1], self.fragment_decode, self._stored_or_staged(), self.intr.decode_b
             )
         if self.scatter is not None:
             self.sch = install_tile_scatter(
@@ -379,6 +394,16 @@ class _Template:
 
     # -- helpers -------------------------------------------------------------------------------------
 
+    def _stored_or_staged(self) -> list:
+        """The stored buffers in order, each staged one replaced by its shared copy (what a stage's
+        `fragment_pair` reads)."""
+        copies = {}
+        for block in self.staged_blocks:
+            copy = self.sch.get(block)
+            copies[str(copy.reads[0].source.name)] = copy.writes[0].source
+        stored = weight_gemm_params(func_of(self.sch)).stored
+        return [copies.get(str(buffer.name), buffer) for buffer in stored]
+
     def _cooperative(self, block, anchor, vector: bool, vector_bytes: int = VECTOR_BYTES) -> None:
         """Spread the loop nest of `block` below `anchor` (its rows and columns, or a single loop when
         a row of the tile is one element: compute_at leaves no unit loop) over all threads of the
@@ -424,6 +449,10 @@ def _fragment_decode_stage(
         return None
     if stage.scales_rows and not bool(func.attrs.get(ROW_SCALE_ATTR, False)):
         return None
+    if stage.tile_scatter is not None:  # it offers both: the stage says which for this weight
+        m, k = weight_gemm_shape(func)
+        if not stage.fragment_decode_preferred(list(weight_gemm_params(func).stored), m, k):
+            return None
     return stage
 
 

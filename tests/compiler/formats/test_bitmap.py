@@ -65,7 +65,8 @@ def test_unpack_is_the_weight_in_fp16(sparsity, shape):
     tm, tk = -(-shape[0] // 16), -(-shape[1] // 64)
     assert packed.arrays["bits"].shape == (tm, tk, 32) and packed.arrays["offsets"].shape == (tm, tk)
     values = packed.arrays["values"]
-    assert values.dtype == np.float16 and values.size % 8 == 0 and nnz < values.size <= nnz + 8
+    # two spare values at least (the fragment decode loads rank + 1 of any position)
+    assert values.dtype == np.float16 and values.size % 8 == 0 and nnz + 2 <= values.size <= nnz + 9
     assert packed.nbytes == values.size * 2 + tm * tk * (32 * 4 + 4)
 
 

@@ -35,6 +35,13 @@ SPLIT_K = TileConfig(block_n=16, block_m=32, block_k=64, warps=2, stages=2, spli
 FORMATS = ["bitmap", "bitmap-e3m2"]
 
 
+@pytest.fixture(autouse=True)
+def scatter_at_every_density(monkeypatch):
+    """This module tests the scatter: bitmap's template takes it at every density here (the shipped
+    stage decodes into B fragments above 50 % density, `test_bitmap_fragment_decode.py`)."""
+    monkeypatch.setattr(BitmapDecode, "fragment_decode_preferred", lambda self, stored, m, k: False)
+
+
 def _check(out: np.ndarray, ref: np.ndarray) -> None:
     if not np.abs(ref).max():  # an all-zero weight: the zero-filled tiles, exactly
         assert not np.isnan(out).any() and not out.any()

@@ -138,8 +138,8 @@ class _WrongScaleRowDecode(FPxDecode):
 class _SwappedHalvesDecode(FPxDecode):
     """Puts W[row, col + 1] in the low half of the pair and W[row, col] in the high half."""
 
-    def fragment_pair(self, staged, row, col):
-        bits = super().fragment_pair(staged, row, col)
+    def fragment_pair(self, staged, row, col, bind=None):
+        bits = super().fragment_pair(staged, row, col, bind)
         return (bits >> tirx.const(16, "uint32")) | (bits << tirx.const(16, "uint32"))
 
 

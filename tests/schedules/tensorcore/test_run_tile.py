@@ -1,9 +1,9 @@
 """Runs along K (`schedules/tensorcore/run_tile.py`, `decode_stage.py` "Runs along K"): the Tensor Core
 template gives each thread whole runs of a decoded W-tile row and the stage decodes a run at once
-(bitmap without its tile scatter, which the template prefers: the rank computed once per run, then
-advanced one bit per weight). Replayed on the CPU against
-numpy where the K tiles pad K (a run crossing K, a run past K), and planted bugs in the per-run rank
-(a rank that stops advancing at a word's last bit, a row prefix one row short) fail the replay."""
+(bitmap without its tile scatter and fragment decode, which the template prefers: the rank computed
+once per run, then advanced one bit per weight). Replayed on the CPU against numpy where the K tiles
+pad K (a run crossing K, a run past K), and planted bugs in the per-run rank (a rank that stops
+advancing at a word's last bit, a row prefix one row short) fail the replay."""
 
 from __future__ import annotations
 
@@ -37,11 +37,17 @@ def test_runs_crossing_k_match_numpy(config, k):
 
 
 class _RunsOnly(BitmapDecode):
-    """bitmap without its tile scatter (which the template prefers): its W tiles decoded in runs."""
+    """bitmap without its tile scatter and fragment decode (which the template prefers): its W tiles
+    decoded in runs (a stage staging its bits would decode one weight a thread)."""
+
+    fragment_k = None
 
     def __init__(self, name: str):
         super().__init__(name)
         self.tile_scatter = None
+
+    def staged_buffers(self, m, k):
+        return []
 
 
 RUNS = _RunsOnly("test-bitmap-runs")
