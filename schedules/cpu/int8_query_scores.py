@@ -15,8 +15,8 @@ q = q_scaled[n, h] (fp32, already times 1/√D) and a position t of the chunk:
         σ = max_d |q_d| / 127,  q8_d = rint(q_d / σ)  (0 when σ = 0),  Q = Σ_d q_d  (d in order)
         s_t = (Σ_d q8_d · code_d) · (a · σ) + b · Q
       per channel (a_d, b_d the quantised page's: int2-kitty, code = low | high << 2 up to 15)
-        w_d = q_d · a_d,  σ = max_d |w_d| / 127,  w8_d = rint(w_d / σ)  (0 when σ = 0),  B = Σ_d q_d · b_d
-        s_t = (Σ_d w8_d · code_d) · σ + B
+        w_d = q_d · a_d,  σ = max_d |w_d| / 127,  w8_d = rint(w_d · (127 / max_d |w_d|))  (0 when the max is 0),
+        B = Σ_d q_d · b_d  (fp32, in the kernel's order),  s_t = (Σ_d w8_d · code_d) · σ + B
 
 The integer sums are exact (|Σ| < 2^24). The approximation against fp32 dequantised keys is q's (or w's)
 rounding to 8 bits: at most σ/2 per channel, against the 2-bit key's own error of a/2 per channel.
@@ -228,15 +228,13 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
             for lane in range(8):
                 sigma[j] = T.max(sigma[j], vmax[lane])
                 total[j] = total[j] + vsum[lane]
+            # w8 = rint(w · 127 / max): one division a head and page, not one a channel (vdivps is slow)
+            vsum[0] = T.if_then_else(sigma[j] > T.float32(0), T.float32(127) / sigma[j], T.float32(0))
             sigma[j] = sigma[j] / T.float32(127)
             for v in range(D // 8):
-                w8[j, lanes8(v * 8)] = T.if_then_else(
-                    sigma[j] > T.float32(0),
-                    T.Cast(
-                        "int8x8",
-                        T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] / T.broadcast(sigma[j], 8)),
-                    ),
-                    T.broadcast(T.int8(0), 8),
+                w8[j, lanes8(v * 8)] = T.Cast(
+                    "int8x8",
+                    T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] * T.broadcast(vsum[0], 8)),
                 )
             if HW > 0:
                 for s in range(HC):

@@ -151,8 +151,12 @@ def int8_query_scores_reference(fmt, batch: PagedBatch, tagged, stored, token: i
             w, bias = q, np.add.accumulate(q, dtype=np.float32)[-1] * b[0, 0]
         else:
             w, bias = q * a[0], np.add.accumulate(q * b[0], dtype=np.float32)[-1]
-        sigma = np.float32(np.abs(w).max() / np.float32(127))
-        w8 = np.rint(w / sigma).astype(np.int64) if sigma > 0 else np.zeros(head_dim, np.int64)
+        top = np.abs(w).max()
+        sigma = np.float32(top / np.float32(127))
+        if a.shape[1] == 1:  # per token: q / σ
+            w8 = np.rint(w / sigma).astype(np.int64) if sigma > 0 else np.zeros(head_dim, np.int64)
+        else:  # per channel: w · (127 / max), one division a page
+            w8 = np.rint(w * (np.float32(127) / top)).astype(np.int64) if top > 0 else np.zeros(head_dim, np.int64)
         isum = np.float32(int(w8 @ code[0]))
         scale = a[0, 0] * sigma if a.shape[1] == 1 else sigma
         scores[i] = isum * np.float32(scale) + np.float32(bias)
