@@ -23,15 +23,18 @@ rounding to 8 bits: at most σ/2 per channel, against the 2-bit key's own error 
 
 How a task runs (8 rows a vector: one page lookup per vector, PS a multiple of 8):
 
-    per head j of the group     σ_j, Q_j and the s8 query packed as dwords: dword (m, k) holds channels
-                                16m + k, 16m + 4 + k, 16m + 8 + k, 16m + 12 + k (one per byte)
-    per vector of 8 rows        the page entry; full precision: fp32 FMAs over d; quantised:
-        word m of 8 rows        uint32 x 8 (16 channels of each row: bytes 4m..4m+3 of the row's codes)
-        (word >> 2k) & 0x03030303   the codes of channels 16m + 4i + k (i = byte), one per byte
-        vpmaddubsw with dword (m, k) of head j, summed in int16 (|sum| <= 32 · 2 · 15 · 127 < 2^15 per
-        plane); vpmaddwd with 1 widens to int32 once a plane
-    per-channel formats         w8, σ, B recomputed when the vector's quantised page changes (a page of
-                                int2-kitty is 128 rows: twice a chunk at most)
+    per token and head (root)   σ, Q and q's int8 codes in the packed order: position 128·c + 32·k + 4·m + i
+                                holds channel 128·c + 16·m + 4·i + k (`permuted`)
+    per quantised page (kitty)  w8 in the same order, σ, B for the group's heads, when the vector's page
+                                changes (pages of 128 rows start at the sink's end: twice a chunk at most)
+    per vector of 8 rows        the page entry; full precision: fp32 FMAs over d; quantised, per row:
+        the row's 32 bytes      uint32 x 8, one load (128 channels of 2 bits)
+        (row >> 2k) & 0x03030303  byte 4m + i = the code of channel 16m + 4i + k: the packed order (chunk c, k)
+        vpmaddubsw with q's 32 bytes (c, k), per head, summed in int16; kitty's 4-bit channels: the row's
+                                8 high bytes spread to 32 (field k of byte j at byte 8k + j) times 4, into the
+                                same sums (|sum| <= 8 · 762 per 128 channels < 2^15)
+        vpmaddwd with 1         int32 x 8 a row; the 8 rows' vectors reduced and transposed by shuffles into
+                                one int32 x 8, row r in lane r; then the scale and the bias in fp32
 
 Positions past the token's own (a partial chunk) are computed from the rows of the last live vector's
 page or skipped: their scores are masked out by the definition's `prob` and `chunk_max`, like its clamps.
@@ -77,29 +80,21 @@ class Int8QueryKeys:
     slot: Callable[..., Any] | None = None
 
 
-def strided_load(buffer, indices: list, axis: int, lanes: int = ROWS, words: bool = False, step: int = 1):
+def strided_load(buffer, indices: list, axis: int, lanes: int = ROWS, step: int = 1):
     """buffer[indices] and the next lanes - 1 elements `step` apart along `axis`, as one vector built from
-    scalar loads (TIR takes a vector index on the last axis only). words: a uint8 buffer read as uint32
-    words, 4 bytes of its last axis a word (the last index counts words).
-
-    Not a flat view of the buffer: a second buffer over the same memory costs LLVM its alias facts about
-    that buffer in the whole kernel (the value gather then reloads its per-row scales for every channel)."""
+    scalar loads (TIR takes a vector index on the last axis only; a second buffer over the same memory, a
+    view, is what the other way would take)."""
     from tvm import tirx
 
     def element(lane: int):
         at = list(indices)
         at[axis] = at[axis] + lane * step
-        if words:  # 4 byte loads LLVM combines into one (a uint8x4 load would cost the alias facts too)
-            parts = [buffer[(*at[:-1], at[-1] * 4 + i)].astype("uint32") for i in range(4)]
-            return parts[0] | (parts[1] << 8) | (parts[2] << 16) | (parts[3] << 24)
         return buffer[tuple(at)]
 
     return tirx.Shuffle([element(lane) for lane in range(lanes)], [tirx.IntImm("int32", i) for i in range(lanes)])
 
 
-_LO32, _HI32 = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
-_LO64, _HI64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-_LOW128, _HIGH128 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+_LOW128, _HIGH128 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]  # 128-bit halves of two vectors
 
 
 def row_words(buffer, indices: list):
@@ -109,22 +104,6 @@ def row_words(buffer, indices: list):
     last = tirx.Cast("int64", indices[-1])
     load = buffer[(*indices[:-1], tirx.Ramp(last, tirx.IntImm("int64", 1), 32))]
     return tirx.reinterpret("uint32x8", load)
-
-
-def transposed_column(rows: list, m: int):
-    """Column m of the 8 x 8 words `rows` (uint32 x 8 each): word m of every row, as 24 two-vector
-    shuffles would give it (unpack 32, unpack 64, 128-bit halves; LLVM shares the common ones)."""
-    from tvm import tirx
-
-    def shuffle(a, b, lanes):
-        return tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in lanes])
-
-    pair = m % 4  # columns m and m + 4 share the unpacked pairs
-    lo_hi32 = _LO32 if pair < 2 else _HI32
-    lo_hi64 = _LO64 if pair % 2 == 0 else _HI64
-    t = [shuffle(rows[2 * i], rows[2 * i + 1], lo_hi32) for i in range(4)]
-    u = [shuffle(t[0], t[1], lo_hi64), shuffle(t[2], t[3], lo_hi64)]
-    return shuffle(u[0], u[1], _LOW128 if m < 4 else _HIGH128)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -193,15 +172,9 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
     ones = T.broadcast(T.int16(1), 16)
     lanes8 = lambda start: T.ramp(start, 1, 8)  # noqa: E731
 
-    def plane_bytes(word, k, shift_up):
+    def plane_bytes(word, k):  # field k of every byte of a row's 32 bytes: channels 16m + 4i + k
         codes = T.bitwise_and(T.shift_right(word, T.broadcast(T.uint32(2 * k), ROWS)), mask)
-        if shift_up:  # the high plane: code bits 2..3
-            codes = T.shift_left(codes, T.broadcast(T.uint32(2), ROWS))
         return T.reinterpret("int8x32", codes)
-
-    def maddubs(codes, query4):  # query4: int8 x 4, one dword broadcast to the 8 rows
-        dword = T.reinterpret("int32", query4)
-        return T.call_llvm_pure_intrin("int16x16", MADDUBS, codes, T.reinterpret("int8x32", T.broadcast(dword, ROWS)))
 
     @T.macro
     def page_query(n, g, layer, qpage, q_perm, w8, hw8, sigma, total, ap, bp, slot_of, vmax, vsum):
@@ -310,7 +283,6 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         vmax = T.alloc_buffer((8,), "float32", scope="local")
         vsum = T.alloc_buffer((8,), "float32", scope="local")
         current = T.alloc_buffer((1,), "int64", scope="local")
-        acc = T.alloc_buffer((HT, 16), "int16", scope="local")
         acc32 = T.alloc_buffer((HT, ROWS), "int32", scope="local")
         accf = T.alloc_buffer((G, ROWS), "float32", scope="local")
         per_row = T.alloc_buffer((HT, ROWS, ROWS), "int32", scope="local")
@@ -356,7 +328,6 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                                                 plane_bytes(
                                                     keys.low_row(quantised, layer, qpage, g, qrow + r, chunk * 32),
                                                     k,
-                                                    False,
                                                 ),
                                                 q_codes[n, g * G + ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
                                             )
@@ -365,7 +336,6 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                                                 plane_bytes(
                                                     keys.low_row(quantised, layer, qpage, g, qrow + r, chunk * 32),
                                                     k,
-                                                    False,
                                                 ),
                                                 w8[ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
                                             )
