@@ -212,9 +212,14 @@ def paged_attention_func(
     f32_min = T.min_value("float32")  # identity of max (what TVM's reducers expect)
     cache = _cache_buffers(kv_cache, num_kv_heads, head_dim, page_size, dtype)
     int8_keys = _int8_query_keys(kv_cache, head_dim, page_size, int8_query)
-    int8_scores = (
-        int8_query_scores(int8_keys, cache, group, head_dim, page_size, chunk) if int8_keys is not None else None
+    int8_scores, page_weights = (
+        int8_query_scores(int8_keys, cache, group, head_dim, page_size, chunk)
+        if int8_keys is not None
+        else (None, None)
     )
+    # per-channel key scales: w8, σ, B of each quantised page, one slot per quantised page of a sequence
+    GP = int(cache[1].shape[4]) // page_size if int8_keys is not None else 1
+    HCP = max(int8_keys.high_count, 4) if int8_keys is not None else 4
     prepare = prepare_query(head_dim)
 
     def page_row(layer, kv: int, n, g, c, t, d, positions, seq_slot, block_table):
@@ -264,6 +269,27 @@ def paged_attention_func(
                         T.reads(q[vn, vh, 0:D])
                         T.writes(q_perm[vn, vh, 0:D], q_codes[vn, vh, 0:D], q_sigma[vn, vh], q_total[vn, vh])
                         prepare(vn, vh, q, T.float32(scale), q_perm, q_codes, q_sigma, q_total)
+                if page_weights is None:
+                    page_w8, page_hw8, page_sigma, page_total = q_codes, q_codes, q_sigma, q_total  # unused
+                else:
+                    page_w8 = T.sblock_alloc_buffer((N, KVH, M // GP + 1, G, D), "int8")
+                    page_hw8 = T.sblock_alloc_buffer((N, KVH, M // GP + 1, G, HCP), "int8")
+                    page_sigma = T.sblock_alloc_buffer((N, KVH, M // GP + 1, G), "float32")
+                    page_total = T.sblock_alloc_buffer((N, KVH, M // GP + 1, G), "float32")
+                    for n, g, p in T.grid(N, KVH, M // GP + 1):
+                        with T.sblock("page_weights"):
+                            vn, vg, vp = T.axis.remap("SSS", [n, g, p])
+                            T.reads(
+                                q_perm[vn, vg * G : vg * G + G, 0:D], positions[vn], seq_slot[vn], block_table[0:B, 0:M]
+                            )
+                            T.writes(
+                                page_w8[vn, vg, vp, 0:G, 0:D], page_hw8[vn, vg, vp, 0:G, 0:HCP],
+                                page_sigma[vn, vg, vp, 0:G], page_total[vn, vg, vp, 0:G],
+                            )  # fmt: skip
+                            page_weights(
+                                vn, vg, vp, M, layer, q_perm, positions, seq_slot, block_table, page_w8, page_hw8,
+                                page_sigma, page_total,
+                            )  # fmt: skip
             score = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH, CH), "float32")
             prob = T.sblock_alloc_buffer((N, H, (M * PS + CH - 1) // CH, CH), "float32")
             values = T.sblock_alloc_buffer((N, KVH, (M * PS + CH - 1) // CH, CH, D), dtype)
@@ -284,15 +310,23 @@ def paged_attention_func(
                 if int8_scores is not None:
                     with T.sblock("score"):
                         vn, vg, vc = T.axis.remap("SSS", [n, g, c])
-                        T.reads(
-                            q_scaled[vn, vg * G : vg * G + G, 0:D], q_perm[vn, vg * G : vg * G + G, 0:D],
-                            q_codes[vn, vg * G : vg * G + G, 0:D], q_sigma[vn, vg * G : vg * G + G],
-                            q_total[vn, vg * G : vg * G + G], positions[vn], seq_slot[vn], block_table[0:B, 0:M],
-                        )  # fmt: skip
+                        if page_weights is None:
+                            T.reads(
+                                q_scaled[vn, vg * G : vg * G + G, 0:D], q_codes[vn, vg * G : vg * G + G, 0:D],
+                                q_sigma[vn, vg * G : vg * G + G], q_total[vn, vg * G : vg * G + G], positions[vn],
+                                seq_slot[vn], block_table[0:B, 0:M],
+                            )  # fmt: skip
+                        else:
+                            T.reads(
+                                q_scaled[vn, vg * G : vg * G + G, 0:D], page_w8[vn, vg, 0 : M // GP + 1, 0:G, 0:D],
+                                page_hw8[vn, vg, 0 : M // GP + 1, 0:G, 0:HCP], page_sigma[vn, vg, 0 : M // GP + 1, 0:G],
+                                page_total[vn, vg, 0 : M // GP + 1, 0:G], positions[vn], seq_slot[vn],
+                                block_table[0:B, 0:M],
+                            )  # fmt: skip
                         T.writes(score[vn, vg * G : vg * G + G, vc, 0:CH])
                         int8_scores(
-                            vn, vg, vc, layer, q_scaled, q_perm, q_codes, q_sigma, q_total, positions, seq_slot,
-                            block_table, score,
+                            vn, vg, vc, layer, q_scaled, q_codes, q_sigma, q_total, page_w8, page_hw8, page_sigma,
+                            page_total, positions, seq_slot, block_table, score,
                         )  # fmt: skip
                 else:
                     for t, d in T.grid(CH, D):

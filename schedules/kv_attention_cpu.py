@@ -72,8 +72,10 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     task_var = sch.get(task).loop_var
 
     int8_scores = not _has_block(sch, "keys")  # scores by one block (`cpu/int8_query_scores.py`)
-    if int8_scores:  # q's int8 codes once per token and head, before the tasks
+    if int8_scores:  # q's int8 codes once per token and head, the pages' weights once a page, before the tasks
         sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("q_prepared"))))
+        if _has_block(sch, "page_weights"):
+            sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("page_weights"))))
     elif head_dim <= INLINE_KEYS_UP_TO:
         keys = sch.get_sblock("keys")  # short rows: q·k straight from the pages beats a gathered tile
         sch.compute_inline(keys)

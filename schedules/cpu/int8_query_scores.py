@@ -25,8 +25,10 @@ How a task runs (8 rows a vector: one page lookup per vector, PS a multiple of 8
 
     per token and head (root)   σ, Q and q's int8 codes in the packed order: position 128·c + 32·k + 4·m + i
                                 holds channel 128·c + 16·m + 4·i + k (`permuted`)
-    per quantised page (kitty)  w8 in the same order, σ, B for the group's heads, when the vector's page
-                                changes (pages of 128 rows start at the sink's end: twice a chunk at most)
+    per quantised page (kitty)  w8 in the same order, σ, B for the group's heads, once, in a root block
+                                ("page_weights", slot p·G.. of the block table) before the tasks: pages of
+                                128 rows start at the sink's end, so each straddles two chunks (done in the
+                                tasks, the set-up was 14% of int2-kitty's time at G8 B8)
     per vector of 8 rows        the page entry; full precision: fp32 FMAs over d; quantised, per row:
         the row's 32 bytes      uint32 x 8, one load (128 channels of 2 bits)
         (row >> 2k) & 0x03030303  byte 4m + i = the code of channel 16m + 4i + k: the packed order (chunk c, k)
@@ -177,8 +179,9 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         return T.reinterpret("int8x32", codes)
 
     @T.macro
-    def page_query(n, g, layer, qpage, q_perm, w8, hw8, sigma, total, ap, bp, slot_of, vmax, vsum):
-        """Per-channel formats: w = q · a rounded to int8 (σ, B) for every head, for quantised page qpage."""
+    def page_query(n, g, layer, qpage, slot, q_perm, w8, hw8, sigma, total, ap, bp, slot_of, vmax, vsum):
+        """Per-channel formats: w = q · a rounded to int8 (σ, B) for every head, for quantised page qpage, into
+        the page workspace's entry `slot` of (n, g)."""
         for chunk, k, m in T.grid(D // 128, 4, 8):
             ap[T.ramp(chunk * 128 + k * 32 + m * 4, 1, 4)] = keys.channel_vector(
                 quantised, layer, qpage, g, chunk * 128 + m * 16 + k, 0
@@ -196,22 +199,24 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
             for v in range(D // 8):
                 vmax[lanes8(0)] = T.max(vmax[lanes8(0)], T.abs(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)]))
                 vsum[lanes8(0)] = vsum[lanes8(0)] + q_perm[n, g * G + j, lanes8(v * 8)] * bp[lanes8(v * 8)]
-            sigma[j] = T.float32(0)
-            total[j] = T.float32(0)
+            sigma[n, g, slot, j] = T.float32(0)
+            total[n, g, slot, j] = T.float32(0)
             for lane in range(8):
-                sigma[j] = T.max(sigma[j], vmax[lane])
-                total[j] = total[j] + vsum[lane]
+                sigma[n, g, slot, j] = T.max(sigma[n, g, slot, j], vmax[lane])
+                total[n, g, slot, j] = total[n, g, slot, j] + vsum[lane]
             # w8 = rint(w · 127 / max): one division a head and page, not one a channel (vdivps is slow)
-            vsum[0] = T.if_then_else(sigma[j] > T.float32(0), T.float32(127) / sigma[j], T.float32(0))
-            sigma[j] = sigma[j] / T.float32(127)
+            vsum[0] = T.if_then_else(
+                sigma[n, g, slot, j] > T.float32(0), T.float32(127) / sigma[n, g, slot, j], T.float32(0)
+            )
+            sigma[n, g, slot, j] = sigma[n, g, slot, j] / T.float32(127)
             for v in range(D // 8):
-                w8[j, lanes8(v * 8)] = T.Cast(
+                w8[n, g, slot, j, lanes8(v * 8)] = T.Cast(
                     "int8x8",
                     T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] * T.broadcast(vsum[0], 8)),
                 )
             if HW > 0:
                 for s in range(HC):
-                    hw8[j, (s // 32) * 32 + (s % 4) * 8 + (s % 32) // 4] = w8[j, slot_of[s]]
+                    hw8[n, g, slot, j, (s // 32) * 32 + (s % 4) * 8 + (s % 32) // 4] = w8[n, g, slot, j, slot_of[s]]
 
     def prefetch(load):
         return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), T.int32(0), T.int32(3), T.int32(1))
@@ -272,24 +277,36 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         return shuffle(quads[0], quads[1], _LOW128) + shuffle(quads[0], quads[1], _HIGH128)
 
     @T.macro
-    def scores(n, g, c, layer, q_scaled, q_perm, q_codes, q_sigma, q_total, positions, seq_slot, block_table, score):
-        w8 = T.alloc_buffer((G, D), "int8", scope="local")
-        hw8 = T.alloc_buffer((G, max(HC, 4)), "int8", scope="local")
-        sigma = T.alloc_buffer((G,), "float32", scope="local")
-        total = T.alloc_buffer((G,), "float32", scope="local")
+    def page_weights(n, g, p, pages_wide, layer, q_perm, positions, seq_slot, block_table, w8, hw8, sigma, total):
+        """The "page_weights" block (per-channel formats), slot p of token n and kv head g: the quantised page
+        whose first runtime page m lies in p·G .. p·G + G - 1 (a sequence's quantised pages start G runtime
+        pages apart, so at most one does) and within the token's positions gets its w8, σ and B for the
+        group's heads, once (the scores' tasks read them there: such a page straddles two chunks)."""
         ap = T.alloc_buffer((D,), "float32", scope="local")
         bp = T.alloc_buffer((D,), "float32", scope="local")
         slot_of = T.alloc_buffer((max(HC, 1),), "int32", scope="local")
         vmax = T.alloc_buffer((8,), "float32", scope="local")
         vsum = T.alloc_buffer((8,), "float32", scope="local")
-        current = T.alloc_buffer((1,), "int64", scope="local")
+        for i in range(GP):
+            if p * GP + i < pages_wide and (p * GP + i) * PS <= T.Cast("int64", positions[n]):
+                entry = T.Cast("int64", block_table[seq_slot[n], p * GP + i])
+                if entry < i64(0) and T.floormod(i64(-1) - entry, GP) == i64(0):
+                    page_query(
+                        n, g, layer, T.floordiv(i64(-1) - entry, GP), p, q_perm, w8, hw8, sigma, total, ap, bp,
+                        slot_of, vmax, vsum,
+                    )  # fmt: skip
+
+    @T.macro
+    def scores(
+        n, g, c, layer, q_scaled, q_codes, q_sigma, q_total, page_w8, page_hw8, page_sigma, page_total, positions,
+        seq_slot, block_table, score,
+    ):  # fmt: skip
         acc32 = T.alloc_buffer((HT, ROWS), "int32", scope="local")
         accf = T.alloc_buffer((G, ROWS), "float32", scope="local")
         per_row = T.alloc_buffer((HT, ROWS, ROWS), "int32", scope="local")
         acc_row = T.alloc_buffer((HT, 16), "int16", scope="local")
         ra = T.alloc_buffer((ROWS,), "float32", scope="local")
         rb = T.alloc_buffer((ROWS,), "float32", scope="local")
-        current[0] = i64(-1)
         for v in range(CH // ROWS):
             if c * CH + v * ROWS <= T.Cast("int64", positions[n]):
                 entry = T.Cast("int64", block_table[seq_slot[n], (c * CH + v * ROWS) // PS])
@@ -309,10 +326,7 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                     qrow = T.floormod(i64(-1) - entry, GP) * PS + row
                     if keys.rows_to_prefetch is not None:
                         prefetch_ahead(n, c, v, layer, g, positions, seq_slot, block_table)
-                    if not per_token:  # noqa: SIM102 - a Python (parse-time) test, then a TIR one
-                        if qpage != current[0]:
-                            current[0] = qpage
-                            page_query(n, g, layer, qpage, q_perm, w8, hw8, sigma, total, ap, bp, slot_of, vmax, vsum)
+                    slot = T.floordiv((c * CH + v * ROWS) // PS - T.floormod(i64(-1) - entry, GP), GP)
                     if per_token:
                         ra[lanes8(0)] = keys.row_affine(quantised, layer, qpage, g, qrow, 0)
                         rb[lanes8(0)] = keys.row_affine(quantised, layer, qpage, g, qrow, 1)
@@ -337,14 +351,14 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                                                     keys.low_row(quantised, layer, qpage, g, qrow + r, chunk * 32),
                                                     k,
                                                 ),
-                                                w8[ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
+                                                page_w8[n, g, slot, ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
                                             )
                             if HW > 0:  # kitty: the high bits of the boosted channels, into the same sums
                                 for hc in range(HW):
                                     for j in T.unroll(HT):
                                         acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
                                             high_bytes(keys.high_row(quantised, layer, qpage, g, qrow + r, hc)),
-                                            hw8[ht * HT + j, T.ramp(hc * 32, 1, 32)],
+                                            page_hw8[n, g, slot, ht * HT + j, T.ramp(hc * 32, 1, 32)],
                                         )
                             for j in T.unroll(HT):
                                 per_row[j, r, lanes8(0)] = T.call_llvm_pure_intrin(
@@ -362,6 +376,8 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                             else:
                                 score[n, g * G + ht * HT + j, c, T.ramp(v * ROWS, i64(1), ROWS)] = T.Cast(
                                     "float32x8", acc32[j, lanes8(0)]
-                                ) * T.broadcast(sigma[ht * HT + j], ROWS) + T.broadcast(total[ht * HT + j], ROWS)
+                                ) * T.broadcast(page_sigma[n, g, slot, ht * HT + j], ROWS) + T.broadcast(
+                                    page_total[n, g, slot, ht * HT + j], ROWS
+                                )
 
-    return scores
+    return scores, (None if per_token else page_weights)
