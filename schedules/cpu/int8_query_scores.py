@@ -67,7 +67,8 @@ class Int8QueryKeys:
                  the page (K and V codes and per-row metadata): fetched a few vectors ahead
     slot         kitty: (quantised, layer, qpage, head, d) -> int32 slot of channel d in the high plane
                  (255: not boosted)
-    row_affine   per token: (quantised, layer, qpage, head, rows) -> (a, b) float32 x 8
+    row_affine   per token: (quantised, layer, qpage, head, row, part) -> float32 x 8: the scale a (part 0)
+                 or the min b (part 1) of rows row .. row + 7
     channel_vector  per channel: (quantised, layer, qpage, head, channel, part) -> float32 x 4: a (part 0)
                  or b (part 1) of channels channel + 4i, i = 0..3 (4 neighbours in the query's packed order)
     """

@@ -53,10 +53,24 @@ FORMATS = {
 }
 
 
-@pytest.mark.parametrize("name", FORMATS)
+G4, G8 = (8, 2, "decode", [1, 1, 1, 1, 1]), (16, 2, "decode", [1, 1, 1, 1, 1])
+PREFILL = (8, 1, "prefill", [5, 1, 3, 2, 1])
+SLOW = pytest.mark.slow  # the default run keeps one case of each format and path
+
+
 @pytest.mark.parametrize(
-    "heads, kv_heads, phase, new",
-    [(8, 2, "decode", [1, 1, 1, 1, 1]), (16, 2, "decode", [1, 1, 1, 1, 1]), (8, 1, "prefill", [5, 1, 3, 2, 1])],
+    "name, heads, kv_heads, phase, new",
+    [
+        ("int2-kitty", *G8),
+        ("int2-kitty", *PREFILL),
+        ("int2-kitty-no-boost", *G4),
+        ("int2-oscar", *G8),
+        ("int2-oscar", *PREFILL),
+        pytest.param("int2-kitty", *G4, marks=SLOW),
+        pytest.param("int2-kitty-no-boost", *G8, marks=SLOW),
+        pytest.param("int2-kitty-no-boost", *PREFILL, marks=SLOW),
+        pytest.param("int2-oscar", *G4, marks=SLOW),
+    ],
 )
 def test_int8_query_scores_match_their_numpy_definition_over_mixed_pages(name, heads, kv_heads, phase, new):
     """Contexts of 20 to 420 tokens (pages of 16; chunks of 128 that end partial, mixing the sink's and the

@@ -120,7 +120,7 @@ def test_planted_bugs_fail(monkeypatch, bug):
 
 # -- SASS ----------------------------------------------------------------------------------------------
 
-ARCHS = [pytest.param("sm_80", marks=pytest.mark.slow), "sm_90a"]
+ARCHS = [pytest.param("sm_80", marks=pytest.mark.slow), pytest.param("sm_90a", marks=pytest.mark.slow)]  # 25 s each
 
 
 @pytest.fixture(scope="module")
