@@ -31,6 +31,7 @@ from tvm import s_tir, tirx
 from tvm.ir import Call, TensorLoad
 from tvm.s_tir import stmt as sblock_stmt
 
+from tensorpress.schedules.cpu.loop_helpers import largest_divisor
 from tensorpress.schedules.cpu.vector_exp import with_vector_exp
 from tensorpress.schedules.kv_attention import attention_shape, cache_params, row_blocks
 
@@ -89,8 +90,8 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
         # (SCORE_ACCUMULATORS sums in registers over d), so a key vector loaded once serves those heads
         # and a broadcast q element serves `vectors` key vectors: at G8 4 heads x 2 vectors (6 loads
         # per 8 FMAs) beat 8 heads x 1 vector (9 loads; 32k, one thread, int2-kitty 15.4 -> 14.6 ms)
-        heads = _largest_divisor(int(sch.get(j).extent), TILE_HEADS)
-        vectors = _largest_divisor(chunk // GATHER_ROWS, max(1, SCORE_ACCUMULATORS // heads))
+        heads = largest_divisor(int(sch.get(j).extent), TILE_HEADS)
+        vectors = largest_divisor(chunk // GATHER_ROWS, max(1, SCORE_ACCUMULATORS // heads))
         head_tiles, j = sch.split(j, [None, heads])
         positions, tile, lanes = sch.split(t, [None, vectors, GATHER_ROWS])
         sch.reorder(head_tiles, positions, d, j, tile, lanes)
@@ -167,8 +168,8 @@ def _schedule_pv(sch: s_tir.Schedule, slot_acc, head_dim: int) -> None:
     (written slot by slot, LLVM copied the tile through the stack in pieces, 20% of the kernel)."""
     sch.transform_layout(slot_acc, ("write", 0), lambda n, h, c, s, d: (n, h, c, d, s))
     s, j, d, step = sch.get_loops(slot_acc)[-4:]
-    heads = _largest_divisor(int(sch.get(j).extent), TILE_HEADS)
-    channels = _largest_divisor(head_dim, PV_ACCUMULATORS // heads)
+    heads = largest_divisor(int(sch.get(j).extent), TILE_HEADS)
+    channels = largest_divisor(head_dim, PV_ACCUMULATORS // heads)
     head_tiles, j = sch.split(j, [None, heads])
     channel_tiles, d = sch.split(d, [None, channels])
     sch.reorder(head_tiles, channel_tiles, step, j, d, s)
@@ -188,11 +189,6 @@ GATHER_VECTORS = 2  # vectors of rows per channel step: a channel's terms (scale
 BYTE_CODES = 4  # channels read together: the 2-bit codes of one byte (see _gather_rows)
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    """The largest divisor of n that is at most `at_most` (1 at least)."""
-    return max(k for k in range(1, max(1, at_most) + 1) if n % k == 0)
-
-
 def _page_kind_unswitched(func: tirx.PrimFunc, rows_var: tirx.Var, block_name: str) -> tirx.PrimFunc:
     """`func` with the body of the gather's loop over row groups (`rows_var`, 16 rows of one page in a full
     chunk) run as one of two copies, chosen once per group: the page read's `if_then_else(page kind, a, b)`
@@ -202,13 +198,14 @@ def _page_kind_unswitched(func: tirx.PrimFunc, rows_var: tirx.Var, block_name: s
     it in TIR, whatever else the kernel holds (the int8-query scores made the kernel too large for LLVM, and
     the gather then re-read each byte of codes for each of its 4 channels). The group's block-table entry is
     read once, before the choice, and every page lookup of the copies uses it."""
+    block_table = func.params[[p.name for p in func.params].index("block_table")]
     found = []
 
     def first_page_choice(block):
         choices = []
 
         def visit(call):  # the choice between the page kinds: its condition reads the block table
-            if call.op.name == "prim.if_then_else" and not choices and _reads_table(call.args[0]):
+            if call.op.name == "prim.if_then_else" and not choices and _reads(call.args[0], block_table):
                 choices.append(call)
             return call
 
@@ -240,7 +237,7 @@ def _page_kind_unswitched(func: tirx.PrimFunc, rows_var: tirx.Var, block_name: s
         entries: list = []
 
         def visit_table(load):
-            if load.source.name == "block_table" and not any(tvm_ffi.structural_equal(load, e) for e, _ in entries):
+            if load.source.same_as(block_table) and not any(tvm_ffi.structural_equal(load, e) for e, _ in entries):
                 entries.append((load, tirx.Var("group_entry", load.ty)))
             return load
 
@@ -269,17 +266,6 @@ def _page_kind_unswitched(func: tirx.PrimFunc, rows_var: tirx.Var, block_name: s
 
     body = tvm_ffi.structural_map(func.body, (tirx.For, unswitch))
     return func.with_body(body) if found else func
-
-
-def _reads_table(expr) -> bool:
-    names = []
-
-    def visit(load):
-        names.append(load.source.name)
-        return load
-
-    tvm_ffi.structural_map(expr, (TensorLoad, visit))
-    return "block_table" in names
 
 
 def _substituted(expr, mapping: dict):

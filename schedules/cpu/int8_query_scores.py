@@ -48,6 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tensorpress.schedules.cpu.loop_helpers import largest_divisor
+
 ROWS = 8  # rows of a vector: uint32 x 8 words, one int32 lane a row
 PREFETCH_VECTORS = 2  # vectors of rows ahead whose pages are prefetched (~2 x 600 instructions: DRAM latency)
 HEADS_A_TILE = 8  # int16 accumulators held in registers (of 16 ymm)
@@ -109,10 +111,6 @@ def row_words(buffer, indices: list):
     return tirx.reinterpret("uint32x8", load)
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(k for k in range(1, at_most + 1) if n % k == 0)
-
-
 def supported(keys: Int8QueryKeys | None, head_dim: int, page_size: int) -> bool:
     """Whether the block can take this shape: rows of whole 8-word chunks (head_dim a multiple of 128), a
     high plane of whole words, whole vectors of rows in a page."""
@@ -168,7 +166,7 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
     G, D, PS, CH = group, head_dim, page_size, chunk
     GP = int(quantised[0].shape[4]) // PS  # rows of a quantised page over runtime page rows
     HW, HC = keys.high_count // 32, keys.high_count  # 8-byte chunks of a row's high plane; boosted channels
-    HT = _largest_divisor(G, HEADS_A_TILE)
+    HT = largest_divisor(G, HEADS_A_TILE)
     per_token = keys.scale_axis == "token"
     i64 = T.int64
     mask = T.broadcast(T.uint32(0x03030303), ROWS)

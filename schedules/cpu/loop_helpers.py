@@ -10,6 +10,11 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 MIN_PARALLEL_ELEMENTS = 4096
 
 
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n that is at most `at_most` (1 at least): a tile that splits n evenly."""
+    return max(k for k in range(1, max(1, at_most) + 1) if n % k == 0)
+
+
 def static_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
     """The loop's extent when it is a constant, else None (a symbolic dimension)."""
     extent = sch.get(loop).extent

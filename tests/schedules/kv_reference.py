@@ -55,15 +55,19 @@ def gather_kv(batch: PagedBatch, token: int):
     return keys, values
 
 
-def attention_reference(batch: PagedBatch) -> np.ndarray:
-    """softmax(q·kᵀ/√D)·v per token and head, causal, GQA, in float64 (the plain definition)."""
+def attention_reference(batch: PagedBatch, scores_of=None) -> np.ndarray:
+    """softmax(q·kᵀ/√D)·v per token and head, causal, GQA, in float64 (the plain definition); `scores_of`
+    (token, head) -> the scores over positions 0..the token's own replaces q·kᵀ/√D where given."""
     n_tokens, heads, head_dim = batch.q.shape
     group = heads // batch.pool.shape[3]
     out = np.zeros((n_tokens, heads, head_dim))
     for i in range(n_tokens):
         keys, values = gather_kv(batch, i)
         for h in range(heads):
-            scores = keys[:, h // group] @ batch.q[i, h].astype(np.float64) / np.sqrt(head_dim)
+            if scores_of is None:
+                scores = keys[:, h // group] @ batch.q[i, h].astype(np.float64) / np.sqrt(head_dim)
+            else:
+                scores = scores_of(i, h).astype(np.float64)
             w = np.exp(scores - scores.max())
             out[i, h] = (w / w.sum()) @ values[:, h // group]
     return out
@@ -165,13 +169,4 @@ def int8_query_scores_reference(fmt, batch: PagedBatch, tagged, stored, token: i
 
 def int8_query_attention_reference(fmt, batch: PagedBatch, tagged, stored) -> np.ndarray:
     """Attention (float64 softmax and p·v over the values in `batch.pool`) with the int8-query scores."""
-    n_tokens, heads, head_dim = batch.q.shape
-    group = heads // batch.pool.shape[3]
-    out = np.zeros((n_tokens, heads, head_dim))
-    for i in range(n_tokens):
-        _, values = gather_kv(batch, i)
-        for h in range(heads):
-            s = int8_query_scores_reference(fmt, batch, tagged, stored, i, h).astype(np.float64)
-            w = np.exp(s - s.max())
-            out[i, h] = (w / w.sum()) @ values[:, h // group]
-    return out
+    return attention_reference(batch, lambda i, h: int8_query_scores_reference(fmt, batch, tagged, stored, i, h))
