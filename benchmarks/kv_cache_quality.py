@@ -23,7 +23,9 @@ perplexity texts are scored up to --ppl-tokens 256 tokens. Each record states th
 tokens that sit in 2-bit pages at the sequences' longest (greedy / perplexity): the results file was run
 with --prompt-tokens 48 so that the greedy continuations reach 2-bit pages too (the ablation's file,
 kv_cache_quality_tiny_llama_oscar_ablation.json, with --formats fp16 int2-kitty-w32 int2-oscar-w32
-int2-oscar-w32-hadamard).
+int2-oscar-w32-hadamard). `int2-kitty-w32-q8` / `int2-oscar-w32-q8` are kitty-w32 / oscar-w32 with
+`int8_query` (q·k as int8 x 2-bit dot products on the CPU; kv_cache_quality_tiny_llama_int8_query.json, with
+--formats fp16 int2-kitty-w32 int2-kitty-w32-q8 int2-oscar-w32 int2-oscar-w32-q8 --prompt-tokens 48).
 
 Writes JSON (default benchmarks/results/kv_cache_quality_tiny_llama.json) with versions and commit.
 """
@@ -54,6 +56,9 @@ VARIANTS = {
     "int2-oscar-w32": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32},
     # the ablation: the same quantiser with Hadamard-only rotations (no calibrated eigenvectors)
     "int2-oscar-w32-hadamard": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32},
+    # the same with q·k as int8 x 2-bit dot products (--kv-int8-query: q rounded to int8 per token and head)
+    "int2-kitty-w32-q8": {"format": "int2-kitty", "sink": 16, "window": 32, "page_tokens": 32, "int8_query": True},
+    "int2-oscar-w32-q8": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32, "int8_query": True},
 }  # fmt: skip
 HADAMARD_ONLY = ("int2-oscar-w32-hadamard",)
 CALIBRATION_DOCS = 64  # int2-oscar's rotations: calibrated on this many of the model's training docstrings

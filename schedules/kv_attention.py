@@ -64,7 +64,12 @@ from tvm.s_tir import stmt as sblock_stmt
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from tensorpress.schedules.cpu.int8_query_scores import int8_query_scores, prepare_query
+from tensorpress.schedules.cpu.int8_query_scores import (
+    high_packed_length,
+    int8_query_scores,
+    packed_length,
+    prepare_query,
+)
 
 KERNEL_ATTR = "tensorpress.kernel"
 APPEND_KERNEL = "kv_append"
@@ -219,7 +224,8 @@ def paged_attention_func(
     )
     # per-channel key scales: w8, σ, B of each quantised page, one slot per quantised page of a sequence
     GP = int(cache[1].shape[4]) // page_size if int8_keys is not None else 1
-    HCP = max(int8_keys.high_count, 4) if int8_keys is not None else 4
+    HCP = high_packed_length(int8_keys.high_count) if int8_keys is not None else 4
+    DP = packed_length(head_dim)  # the query's packed positions (int8-query: whole chunks of 128)
     prepare = prepare_query(head_dim)
 
     def page_row(layer, kv: int, n, g, c, t, d, positions, seq_slot, block_table):
@@ -259,20 +265,20 @@ def paged_attention_func(
             if int8_scores is None:
                 keys = T.sblock_alloc_buffer((N, KVH, (M * PS + CH - 1) // CH, CH, D), dtype)
             else:
-                q_perm = T.sblock_alloc_buffer((N, H, D), "float32")
-                q_codes = T.sblock_alloc_buffer((N, H, D), "int8")
+                q_perm = T.sblock_alloc_buffer((N, H, DP), "float32")
+                q_codes = T.sblock_alloc_buffer((N, H, DP), "int8")
                 q_sigma = T.sblock_alloc_buffer((N, H), "float32")
                 q_total = T.sblock_alloc_buffer((N, H), "float32")
                 for n, h in T.grid(N, H):
                     with T.sblock("q_prepared"):
                         vn, vh = T.axis.remap("SS", [n, h])
                         T.reads(q[vn, vh, 0:D])
-                        T.writes(q_perm[vn, vh, 0:D], q_codes[vn, vh, 0:D], q_sigma[vn, vh], q_total[vn, vh])
+                        T.writes(q_perm[vn, vh, 0:DP], q_codes[vn, vh, 0:DP], q_sigma[vn, vh], q_total[vn, vh])
                         prepare(vn, vh, q, T.float32(scale), q_perm, q_codes, q_sigma, q_total)
                 if page_weights is None:
                     page_w8, page_hw8, page_sigma, page_total = q_codes, q_codes, q_sigma, q_total  # unused
                 else:
-                    page_w8 = T.sblock_alloc_buffer((N, KVH, M // GP + 1, G, D), "int8")
+                    page_w8 = T.sblock_alloc_buffer((N, KVH, M // GP + 1, G, DP), "int8")
                     page_hw8 = T.sblock_alloc_buffer((N, KVH, M // GP + 1, G, HCP), "int8")
                     page_sigma = T.sblock_alloc_buffer((N, KVH, M // GP + 1, G), "float32")
                     page_total = T.sblock_alloc_buffer((N, KVH, M // GP + 1, G), "float32")
@@ -280,10 +286,13 @@ def paged_attention_func(
                         with T.sblock("page_weights"):
                             vn, vg, vp = T.axis.remap("SSS", [n, g, p])
                             T.reads(
-                                q_perm[vn, vg * G : vg * G + G, 0:D], positions[vn], seq_slot[vn], block_table[0:B, 0:M]
+                                q_perm[vn, vg * G : vg * G + G, 0:DP],
+                                positions[vn],
+                                seq_slot[vn],
+                                block_table[0:B, 0:M],
                             )
                             T.writes(
-                                page_w8[vn, vg, vp, 0:G, 0:D], page_hw8[vn, vg, vp, 0:G, 0:HCP],
+                                page_w8[vn, vg, vp, 0:G, 0:DP], page_hw8[vn, vg, vp, 0:G, 0:HCP],
                                 page_sigma[vn, vg, vp, 0:G], page_total[vn, vg, vp, 0:G],
                             )  # fmt: skip
                             page_weights(
@@ -312,13 +321,13 @@ def paged_attention_func(
                         vn, vg, vc = T.axis.remap("SSS", [n, g, c])
                         if page_weights is None:
                             T.reads(
-                                q_scaled[vn, vg * G : vg * G + G, 0:D], q_codes[vn, vg * G : vg * G + G, 0:D],
+                                q_scaled[vn, vg * G : vg * G + G, 0:D], q_codes[vn, vg * G : vg * G + G, 0:DP],
                                 q_sigma[vn, vg * G : vg * G + G], q_total[vn, vg * G : vg * G + G], positions[vn],
                                 seq_slot[vn], block_table[0:B, 0:M],
                             )  # fmt: skip
                         else:
                             T.reads(
-                                q_scaled[vn, vg * G : vg * G + G, 0:D], page_w8[vn, vg, 0 : M // GP + 1, 0:G, 0:D],
+                                q_scaled[vn, vg * G : vg * G + G, 0:D], page_w8[vn, vg, 0 : M // GP + 1, 0:G, 0:DP],
                                 page_hw8[vn, vg, 0 : M // GP + 1, 0:G, 0:HCP], page_sigma[vn, vg, 0 : M // GP + 1, 0:G],
                                 page_total[vn, vg, 0 : M // GP + 1, 0:G], positions[vn], seq_slot[vn],
                                 block_table[0:B, 0:M],

@@ -255,18 +255,13 @@ class Int2KittyKVCache(PageQuantisedKVFormat):
     def int8_query_keys(self, head_dim: int):
         """The key planes (low: codes[.., 0, ..], high: key_high, both as words), the slot map and the
         per-channel (scale, min) for the int8-query scores (`schedules/cpu/int8_query_scores.py`)."""
-        from tensorpress.schedules.cpu.int8_query_scores import Int8QueryKeys, row_words, strided_load
+        from tensorpress.schedules.cpu.int8_query_scores import Int8QueryKeys, row_bytes, row_words, strided_load
 
-        def low_row(quantised, layer, qpage, head, row, byte):
-            return row_words(quantised[0], [layer, qpage, 0, head, row, byte])
+        def low_row(quantised, layer, qpage, head, row, byte, words=8):
+            return row_words(quantised[0], [layer, qpage, 0, head, row, byte], words)
 
-        def high_row(quantised, layer, qpage, head, row, chunk):
-            from tvm import tirx
-
-            eight = quantised[1][
-                layer, qpage, head, row, tirx.Ramp(tirx.Cast("int64", chunk * 8), tirx.IntImm("int64", 1), 8)
-            ]
-            return tirx.reinterpret("uint64", eight)
+        def high_row(quantised, layer, qpage, head, row, chunk, count=8):
+            return row_bytes(quantised[1], [layer, qpage, head, row, chunk * 8], count)
 
         def slot(quantised, layer, qpage, head, d):
             return quantised[2][layer, qpage, head, d].astype("int32")

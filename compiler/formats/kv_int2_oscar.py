@@ -162,8 +162,8 @@ class Int2OscarKVCache(PageQuantisedKVFormat):
 
         from tensorpress.schedules.cpu.int8_query_scores import ROWS, Int8QueryKeys, row_words, strided_load
 
-        def low_row(quantised, layer, qpage, head, row, byte):
-            return row_words(quantised[0], [layer, qpage, 0, head, row, byte])
+        def low_row(quantised, layer, qpage, head, row, byte, words=8):
+            return row_words(quantised[0], [layer, qpage, 0, head, row, byte], words)
 
         def row_affine(quantised, layer, qpage, head, row, part):  # part 0: scale, 1: min
             rows = strided_load(quantised[1], [layer, qpage, 0, head, row, 1 - part], 4)

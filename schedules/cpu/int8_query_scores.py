@@ -21,7 +21,8 @@ q = q_scaled[n, h] (fp32, already times 1/√D) and a position t of the chunk:
 The integer sums are exact (|Σ| < 2^24). The approximation against fp32 dequantised keys is q's (or w's)
 rounding to 8 bits: at most σ/2 per channel, against the 2-bit key's own error of a/2 per channel.
 
-How a task runs (8 rows a vector: one page lookup per vector, PS a multiple of 8):
+How a task runs (8 rows a vector: one page lookup per vector, PS a multiple of 8; head_dim a multiple of 16,
+chunks of 128 channels, a partial last one read as its words followed by zero words, its query positions 0):
 
     per token and head (root)   σ, Q and q's int8 codes in the packed order: position 128·c + 32·k + 4·m + i
                                 holds channel 128·c + 16·m + 4·i + k (`permuted`)
@@ -33,8 +34,11 @@ How a task runs (8 rows a vector: one page lookup per vector, PS a multiple of 8
         the row's 32 bytes      uint32 x 8, one load (128 channels of 2 bits)
         (row >> 2k) & 0x03030303  byte 4m + i = the code of channel 16m + 4i + k: the packed order (chunk c, k)
         vpmaddubsw with q's 32 bytes (c, k), per head, summed in int16; kitty's 4-bit channels: the row's
-                                8 high bytes spread to 32 (field k of byte j at byte 8k + j) times 4, into the
-                                same sums (|sum| <= 8 · 762 per 128 channels < 2^15)
+                                8 high bytes (a partial last chunk: its bytes, then zeros) spread to 32 (field
+                                k of byte j at byte 8k + j) times 4, into the same sums. A lane's sum: per
+                                chunk 4 x 2 x 3 x 127 = 3048 from the low codes, per 32 boosted channels
+                                2 x 12 x 127 = 3048 from the high bits; at head_dim 512 and f = 0.25,
+                                4 x 3048 + 4 x 3048 = 24384 < 2^15 (MAX_HEAD_DIM)
         vpmaddwd with 1         int32 x 8 a row; the 8 rows' vectors reduced and transposed by shuffles into
                                 one int32 x 8, row r in lane r; then the scale and the bias in fp32
 
@@ -62,9 +66,11 @@ class Int8QueryKeys:
     """What a format gives the int8-query scores (`PageQuantisedKVFormat.int8_query_keys`).
 
     scale_axis   "token" (a, b per row) or "channel" (a_d, b_d per quantised page)
-    low_row      (quantised, layer, qpage, head, row, byte) -> uint32 x 8: 32 bytes of one row's 2-bit plane
-    high_row     kitty: (quantised, layer, qpage, head, row, chunk) -> uint64: 8 bytes (32 boosted channels,
-                 in slot order) of one row's high plane, chunk `chunk` (`high_count` channels, a multiple of 32)
+    low_row      (quantised, layer, qpage, head, row, byte, words=8) -> uint32 x 8: 32 bytes of one row's 2-bit
+                 plane (`row_words`: only the first `words` words read, the rest zero: a partial last chunk)
+    high_row     kitty: (quantised, layer, qpage, head, row, chunk, count=8) -> uint64: 8 bytes (32 boosted
+                 channels, in slot order) of one row's high plane, chunk `chunk` (`row_bytes`: only the first
+                 `count` bytes read, the rest zero: the last chunk when `high_count` is not a multiple of 32)
     rows_to_prefetch  (quantised, layer, qpage, head, row) -> the loads whose cache lines hold 8 rows of
                  the page (K and V codes and per-row metadata): fetched a few vectors ahead
     slot         kitty: (quantised, layer, qpage, head, d) -> int32 slot of channel d in the high plane
@@ -102,19 +108,59 @@ def strided_load(buffer, indices: list, axis: int, lanes: int = ROWS, step: int 
 _LOW128, _HIGH128 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]  # 128-bit halves of two vectors
 
 
-def row_words(buffer, indices: list):
-    """32 bytes of a uint8 buffer from indices (the last counts bytes) as uint32 x 8: 8 words of one row."""
+def row_words(buffer, indices: list, words: int = 8):
+    """`words` words (4 bytes each) of a uint8 buffer from indices (the last counts bytes) as uint32 x 8, the
+    words past `words` zero: 8 words of one row, or the last, partial chunk of a row (head_dim % 128)."""
     from tvm import tirx
 
     last = tirx.Cast("int64", indices[-1])
-    load = buffer[(*indices[:-1], tirx.Ramp(last, tirx.IntImm("int64", 1), 32))]
-    return tirx.reinterpret("uint32x8", load)
+    load = buffer[(*indices[:-1], tirx.Ramp(last, tirx.IntImm("int64", 1), 4 * words))]
+    if words == 8:
+        return tirx.reinterpret("uint32x8", load)
+    part = tirx.reinterpret("uint32" if words == 1 else f"uint32x{words}", load)
+    return _zero_extended(part, words, tirx.const(0, "uint32"))
+
+
+def row_bytes(buffer, indices: list, count: int = 8):
+    """`count` bytes of a uint8 buffer from indices (the last counts bytes) as one uint64, the bytes past
+    `count` zero: a chunk of int2-kitty's high plane, or its last, partial chunk (high_count % 32)."""
+    from tvm import tirx
+
+    last = tirx.Cast("int64", indices[-1])
+    if count == 1:
+        return tirx.Cast("uint64", buffer[(*indices[:-1], last)])
+    load = buffer[(*indices[:-1], tirx.Ramp(last, tirx.IntImm("int64", 1), count))]
+    if count < 8:
+        load = _zero_extended(load, count, tirx.const(0, "uint8"))
+    return tirx.reinterpret("uint64", load)
+
+
+def _zero_extended(part, lanes: int, zero):
+    """`part` (a scalar or a vector of `lanes`) followed by zeros, 8 lanes in all."""
+    from tvm import tirx
+
+    return tirx.Shuffle([part, tirx.Broadcast(zero, 8 - lanes)], [tirx.IntImm("int32", i) for i in range(8)])
+
+
+MAX_HEAD_DIM = 512  # the int16 sums' bound (module docstring) holds up to here
 
 
 def supported(keys: Int8QueryKeys | None, head_dim: int, page_size: int) -> bool:
-    """Whether the block can take this shape: rows of whole 8-word chunks (head_dim a multiple of 128), a
-    high plane of whole words, whole vectors of rows in a page."""
-    return keys is not None and head_dim % 128 == 0 and keys.high_count % 32 == 0 and page_size % ROWS == 0
+    """Whether the block can take this shape: rows of whole words (head_dim a multiple of 16; a last chunk
+    of fewer than 128 channels is read as its words and zeros), int16 sums that cannot overflow, whole
+    vectors of rows in a page."""
+    return keys is not None and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM and page_size % ROWS == 0
+
+
+def packed_length(head_dim: int) -> int:
+    """Positions of the query's packed order: whole chunks of 128 (a partial last chunk's missing channels
+    are zeros there, multiplied by the zero words `row_words` puts past the row)."""
+    return -(-head_dim // 128) * 128
+
+
+def high_packed_length(high_count: int) -> int:
+    """Positions of int2-kitty's high weights (hw8): whole chunks of 32 boosted channels, at least one."""
+    return max(-(-high_count // 32), 1) * 32
 
 
 def permuted(p: int) -> int:
@@ -132,13 +178,18 @@ def packed_position(d: int):
 def prepare_query(head_dim: int):
     """The TVMScript macro of the "q_prepared" block (one per token and query head, before the tasks):
     `prepare(n, h, q, scale, q_perm, q_codes, q_sigma, q_total)` writes q · scale in the packed order, its
-    int8 codes in that order with σ = max |q| / 127, and Q = Σ_d q_d (d in order)."""
+    int8 codes in that order with σ = max |q| / 127, and Q = Σ_d q_d (d in order); the positions of a partial
+    last chunk's missing channels hold zeros."""
     from tvm.script import tirx as T
 
-    D = head_dim
+    D, DP = head_dim, packed_length(head_dim)
 
     @T.macro
     def prepare(n, h, q, scale, q_perm, q_codes, q_sigma, q_total):
+        if DP > D:
+            for p in range(DP):
+                q_perm[n, h, p] = T.float32(0)
+                q_codes[n, h, p] = T.int8(0)
         q_sigma[n, h] = T.float32(0)
         q_total[n, h] = T.float32(0)
         for d in range(D):
@@ -164,8 +215,10 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
 
     pages, *quantised = cache
     G, D, PS, CH = group, head_dim, page_size, chunk
+    DP, FC, PW = packed_length(D), D // 128, (D % 128) // 16  # packed positions; whole chunks; a last one's words
     GP = int(quantised[0].shape[4]) // PS  # rows of a quantised page over runtime page rows
-    HW, HC = keys.high_count // 32, keys.high_count  # 8-byte chunks of a row's high plane; boosted channels
+    HC, HP = keys.high_count, high_packed_length(keys.high_count)  # boosted channels; their packed positions
+    HW, HB = HC // 32, (HC % 32) // 4  # whole 8-byte chunks of a row's high plane; a last one's bytes
     HT = largest_divisor(G, HEADS_A_TILE)
     per_token = keys.scale_axis == "token"
     i64 = T.int64
@@ -178,24 +231,36 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         return T.reinterpret("int8x32", codes)
 
     @T.macro
+    def page_channels(layer, qpage, g, ap, bp, chunk, k, m):
+        """a (ap) and b (bp) of channels chunk·128 + 16m + k + 4i, i = 0..3, at their packed positions."""
+        ap[T.ramp(chunk * 128 + k * 32 + m * 4, 1, 4)] = keys.channel_vector(
+            quantised, layer, qpage, g, chunk * 128 + m * 16 + k, 0
+        )
+        bp[T.ramp(chunk * 128 + k * 32 + m * 4, 1, 4)] = keys.channel_vector(
+            quantised, layer, qpage, g, chunk * 128 + m * 16 + k, 1
+        )
+
+    @T.macro
     def page_query(n, g, layer, qpage, slot, q_perm, w8, hw8, sigma, total, ap, bp, slot_of, vmax, vsum):
         """Per-channel formats: w = q · a rounded to int8 (σ, B) for every head, for quantised page qpage, into
         the page workspace's entry `slot` of (n, g)."""
-        for chunk, k, m in T.grid(D // 128, 4, 8):
-            ap[T.ramp(chunk * 128 + k * 32 + m * 4, 1, 4)] = keys.channel_vector(
-                quantised, layer, qpage, g, chunk * 128 + m * 16 + k, 0
-            )
-            bp[T.ramp(chunk * 128 + k * 32 + m * 4, 1, 4)] = keys.channel_vector(
-                quantised, layer, qpage, g, chunk * 128 + m * 16 + k, 1
-            )
-        if HW > 0:
+        if DP > D:  # a partial last chunk: its missing channels weigh 0
+            for v in range(DP // 8):
+                ap[lanes8(v * 8)] = T.broadcast(T.float32(0), 8)
+                bp[lanes8(v * 8)] = T.broadcast(T.float32(0), 8)
+        for chunk, k, m in T.grid(FC, 4, 8):
+            page_channels(layer, qpage, g, ap, bp, chunk, k, m)
+        if PW > 0:
+            for k, m in T.grid(4, PW):
+                page_channels(layer, qpage, g, ap, bp, FC, k, m)
+        if HC > 0:
             for d in range(D):
                 if keys.slot(quantised, layer, qpage, g, d) < HC:  # 255: not boosted
                     slot_of[keys.slot(quantised, layer, qpage, g, d)] = T.int32(packed_position(d))
         for j in range(G):
             vmax[0:8] = T.broadcast(T.float32(0), 8)
             vsum[0:8] = T.broadcast(T.float32(0), 8)
-            for v in range(D // 8):
+            for v in range(DP // 8):
                 vmax[lanes8(0)] = T.max(vmax[lanes8(0)], T.abs(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)]))
                 vsum[lanes8(0)] = vsum[lanes8(0)] + q_perm[n, g * G + j, lanes8(v * 8)] * bp[lanes8(v * 8)]
             sigma[n, g, slot, j] = T.float32(0)
@@ -208,12 +273,15 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                 sigma[n, g, slot, j] > T.float32(0), T.float32(127) / sigma[n, g, slot, j], T.float32(0)
             )
             sigma[n, g, slot, j] = sigma[n, g, slot, j] / T.float32(127)
-            for v in range(D // 8):
+            for v in range(DP // 8):
                 w8[n, g, slot, j, lanes8(v * 8)] = T.Cast(
                     "int8x8",
                     T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] * T.broadcast(vsum[0], 8)),
                 )
-            if HW > 0:
+            if HC > 0:
+                if HP > HC:  # a partial last chunk: zero weights where its zero bytes are
+                    for s in range(HP):
+                        hw8[n, g, slot, j, s] = T.int8(0)
                 for s in range(HC):
                     hw8[n, g, slot, j, (s // 32) * 32 + (s % 4) * 8 + (s % 32) // 4] = w8[n, g, slot, j, slot_of[s]]
 
@@ -281,8 +349,8 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         whose first runtime page m lies in p·G .. p·G + G - 1 (a sequence's quantised pages start G runtime
         pages apart, so at most one does) and within the token's positions gets its w8, σ and B for the
         group's heads, once (the scores' tasks read them there: such a page straddles two chunks)."""
-        ap = T.alloc_buffer((D,), "float32", scope="local")
-        bp = T.alloc_buffer((D,), "float32", scope="local")
+        ap = T.alloc_buffer((DP,), "float32", scope="local")
+        bp = T.alloc_buffer((DP,), "float32", scope="local")
         slot_of = T.alloc_buffer((max(HC, 1),), "int32", scope="local")
         vmax = T.alloc_buffer((8,), "float32", scope="local")
         vsum = T.alloc_buffer((8,), "float32", scope="local")
@@ -294,6 +362,33 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                         n, g, layer, T.floordiv(i64(-1) - entry, GP), p, q_perm, w8, hw8, sigma, total, ap, bp,
                         slot_of, vmax, vsum,
                     )  # fmt: skip
+
+    @T.macro
+    def low_products(n, g, layer, qpage, row, slot, ht, chunk, words, q_codes, page_w8, acc_row):
+        """acc_row[j] += the 2-bit codes of chunk `chunk` of the row (its first `words` words) times the query's
+        (or the page's weights') int8 codes at the chunk's packed positions, for the heads of tile ht."""
+        for k in T.unroll(4):
+            for j in T.unroll(HT):
+                if per_token:
+                    acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                        plane_bytes(keys.low_row(quantised, layer, qpage, g, row, chunk * 32, words), k),
+                        q_codes[n, g * G + ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
+                    )
+                else:
+                    acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                        plane_bytes(keys.low_row(quantised, layer, qpage, g, row, chunk * 32, words), k),
+                        page_w8[n, g, slot, ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
+                    )
+
+    @T.macro
+    def high_products(n, g, layer, qpage, row, slot, ht, hc, count, page_hw8, acc_row):
+        """acc_row[j] += 4 x the high bits of the row's boosted channels 32·hc .. (its first `count` bytes)
+        times the page's int8 weights of those channels, for the heads of tile ht (int2-kitty)."""
+        for j in T.unroll(HT):
+            acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                high_bytes(keys.high_row(quantised, layer, qpage, g, row, hc, count)),
+                page_hw8[n, g, slot, ht * HT + j, T.ramp(hc * 32, 1, 32)],
+            )
 
     @T.macro
     def scores(
@@ -333,32 +428,17 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                         for r in T.unroll(ROWS):  # a row's 32 bytes: 128 channels, 4 shifts
                             for j in T.unroll(HT):
                                 acc_row[j, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
-                            for chunk in range(D // 128):
-                                for k in T.unroll(4):
-                                    for j in T.unroll(HT):
-                                        if per_token:
-                                            acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
-                                                plane_bytes(
-                                                    keys.low_row(quantised, layer, qpage, g, qrow + r, chunk * 32),
-                                                    k,
-                                                ),
-                                                q_codes[n, g * G + ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
-                                            )
-                                        else:
-                                            acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
-                                                plane_bytes(
-                                                    keys.low_row(quantised, layer, qpage, g, qrow + r, chunk * 32),
-                                                    k,
-                                                ),
-                                                page_w8[n, g, slot, ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
-                                            )
+                            for chunk in range(FC):
+                                low_products(
+                                    n, g, layer, qpage, qrow + r, slot, ht, chunk, 8, q_codes, page_w8, acc_row
+                                )  # noqa: E501
+                            if PW > 0:  # a partial last chunk: its words, then zeros
+                                low_products(n, g, layer, qpage, qrow + r, slot, ht, FC, PW, q_codes, page_w8, acc_row)  # noqa: E501
                             if HW > 0:  # kitty: the high bits of the boosted channels, into the same sums
                                 for hc in range(HW):
-                                    for j in T.unroll(HT):
-                                        acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
-                                            high_bytes(keys.high_row(quantised, layer, qpage, g, qrow + r, hc)),
-                                            page_hw8[n, g, slot, ht * HT + j, T.ramp(hc * 32, 1, 32)],
-                                        )
+                                    high_products(n, g, layer, qpage, qrow + r, slot, ht, hc, 8, page_hw8, acc_row)
+                            if HB > 0:
+                                high_products(n, g, layer, qpage, qrow + r, slot, ht, HW, HB, page_hw8, acc_row)
                             for j in T.unroll(HT):
                                 per_row[j, r, lanes8(0)] = T.call_llvm_pure_intrin(
                                     "int32x8", MADDWD, acc_row[j, T.ramp(0, 1, 16)], ones

@@ -48,6 +48,9 @@ def _run(kernel, batch, tagged, stored):
 
 FORMATS = {
     "int2-kitty": Int2KittyKVCache(boost_fraction=0.25, sink=16, window=32, page_tokens=32, int8_query=True),
+    "int2-kitty-boost-0.125": Int2KittyKVCache(
+        boost_fraction=0.125, sink=16, window=32, page_tokens=32, int8_query=True
+    ),
     "int2-kitty-no-boost": Int2KittyKVCache(boost_fraction=0.0, sink=16, window=32, page_tokens=64, int8_query=True),
     "int2-oscar": Int2OscarKVCache(sink=16, window=32, int8_query=True),
 }
@@ -59,32 +62,39 @@ SLOW = pytest.mark.slow  # the default run keeps one case of each format and pat
 
 
 @pytest.mark.parametrize(
-    "name, heads, kv_heads, phase, new",
+    "name, heads, kv_heads, phase, new, head_dim",
     [
-        ("int2-kitty", *G8),
-        ("int2-kitty", *PREFILL),
-        ("int2-kitty-no-boost", *G4),
-        ("int2-oscar", *G8),
-        ("int2-oscar", *PREFILL),
-        pytest.param("int2-kitty", *G4, marks=SLOW),
-        pytest.param("int2-kitty-no-boost", *G8, marks=SLOW),
-        pytest.param("int2-kitty-no-boost", *PREFILL, marks=SLOW),
-        pytest.param("int2-oscar", *G4, marks=SLOW),
+        ("int2-kitty", *G8, 128),
+        ("int2-kitty", *PREFILL, 128),
+        ("int2-kitty-no-boost", *G4, 128),
+        ("int2-oscar", *G8, 128),
+        ("int2-oscar", *PREFILL, 128),
+        # a partial last chunk of the row (96: 6 words) and of kitty's high plane (24 channels: 6 bytes)
+        ("int2-kitty", *G4, 96),
+        ("int2-oscar", *PREFILL, 32),
+        pytest.param("int2-kitty", *G4, 128, marks=SLOW),
+        pytest.param("int2-kitty-no-boost", *G8, 128, marks=SLOW),
+        pytest.param("int2-kitty-no-boost", *PREFILL, 128, marks=SLOW),
+        pytest.param("int2-oscar", *G4, 128, marks=SLOW),
+        pytest.param("int2-kitty-boost-0.125", *G8, 128, marks=SLOW),  # 16 boosted channels: 4 bytes
+        pytest.param("int2-kitty", *PREFILL, 32, marks=SLOW),  # the demo's head_dim: 2 words, 2 high bytes
+        pytest.param("int2-kitty-boost-0.125", *G4, 192, marks=SLOW),  # a whole chunk, then 4 words
+        pytest.param("int2-oscar", *G8, 64, marks=SLOW),
     ],
 )
-def test_int8_query_scores_match_their_numpy_definition_over_mixed_pages(name, heads, kv_heads, phase, new):
+def test_int8_query_scores_match_their_numpy_definition_over_mixed_pages(name, heads, kv_heads, phase, new, head_dim):
     """Contexts of 20 to 420 tokens (pages of 16; chunks of 128 that end partial, mixing the sink's and the
     window's full-precision pages with 2-bit ones); channels of uneven scale so the boost and the query's
     rounding matter. The kernel equals the int8-query definition to float32 rounding, differs from fp32
     q·k over the dequantised keys (the integer path ran) by no more than the query's rounding allows,
     and reruns bit for bit."""
     fmt = FORMATS[name]
-    rng = np.random.default_rng(len(name) + heads)
-    batch = paged_batch(rng, heads, kv_heads, 128, 16, [420, 20, 300, 129, 257], new)
-    batch.pool *= rng.uniform(0.2, 4, 128).astype(np.float32)
+    rng = np.random.default_rng(len(name) + heads + head_dim)
+    batch = paged_batch(rng, heads, kv_heads, head_dim, 16, [420, 20, 300, 129, 257], new)
+    batch.pool *= rng.uniform(0.2, 4, head_dim).astype(np.float32)
     tagged, stored, quantised_pages = mixed_cache(fmt, batch, sink_pages=1, window_pages=2)
     assert quantised_pages > 0
-    kernel, ir = _build(fmt, heads, kv_heads, 128, 16, phase)
+    kernel, ir = _build(fmt, heads, kv_heads, head_dim, 16, phase)
     assert "q_prepared" in ir and "pmadd.ub.sw" in ir
     out = _run(kernel, batch, tagged, stored)
     np.testing.assert_allclose(out, int8_query_attention_reference(fmt, batch, tagged, stored), rtol=2e-5, atol=2e-5)
@@ -107,10 +117,10 @@ def test_int8_query_moves_the_scores_far_less_than_the_2bit_keys_do():
     assert with_int8_query < 1.1 * two_bit, (with_int8_query, two_bit)
 
 
-@pytest.mark.parametrize("head_dim, boost", [(64, 0.25), (128, 0.125)])
+@pytest.mark.parametrize("head_dim, boost", [(40, 0.0)])
 def test_shapes_the_block_cannot_take_build_the_plain_kernel(head_dim, boost):
-    """head_dim 64 (the block reads rows of 128 channels) and a high plane of 16 channels (it reads 32 at
-    a time) keep the fp32 q·k: the same kernel as without the option, bit for bit."""
+    """head_dim 40 (the block reads rows of whole 4-byte words: 16 channels) keeps the fp32 q·k: the same
+    kernel as without the option, bit for bit."""
     asked = Int2KittyKVCache(boost_fraction=boost, sink=16, window=32, page_tokens=32, int8_query=True)
     plain = Int2KittyKVCache(boost_fraction=boost, sink=16, window=32, page_tokens=32)
     rng = np.random.default_rng(head_dim)
