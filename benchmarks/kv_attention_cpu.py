@@ -1,6 +1,6 @@
 """CPU decode attention over the paged KV cache, per KV format, against torch's scaled_dot_product_attention.
 
-For each context length T (1k / 8k / 32k), batch B (1, 8) and GQA group G (4, 8) at head_dim 128 (32 query
+For each context length T (1k / 8k / 32k), batch B (1, 8) and GQA group G (4, 8) at head_dim 128 (--head-dim; 32 query
 heads over 8 or 4 kv heads, one layer), one decode step: B query tokens, each attending to its own T cached
 tokens. Side by side in one process, on the same machine state:
 
@@ -151,6 +151,7 @@ def main() -> None:
         default="cpu",
         help="CPU target every kernel of ours is built for, fp32 included (cpu = x86-64-v3, cpu:x86-64-v4)",
     )
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="channels a head (Llama 7B's: 128)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="1k and 8k context, batch 1, 3 runs")
@@ -158,6 +159,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.contexts, args.batches, args.runs = [1024, 8192], [1], 3
+    global HEAD_DIM
+    HEAD_DIM = args.head_dim  # read by the builders and the caches above
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"kv_attention_cpu{'_quick' if args.quick else ''}.json")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 

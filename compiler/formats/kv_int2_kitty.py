@@ -255,10 +255,12 @@ class Int2KittyKVCache(PageQuantisedKVFormat):
     def int8_query_keys(self, head_dim: int):
         """The key planes (low: codes[.., 0, ..], high: key_high, both as words), the slot map and the
         per-channel (scale, min) for the int8-query scores (`schedules/cpu/int8_query_scores.py`)."""
-        from tensorpress.schedules.cpu.int8_query_scores import Int8QueryKeys, row_bytes, row_words, strided_load
-
-        def low_row(quantised, layer, qpage, head, row, byte, words=8):
-            return row_words(quantised[0], [layer, qpage, 0, head, row, byte], words)
+        from tensorpress.schedules.cpu.int8_query_scores import (
+            Int8QueryKeys,
+            key_codes_row,
+            row_bytes,
+            strided_load,
+        )
 
         def high_row(quantised, layer, qpage, head, row, chunk, count=8):
             return row_bytes(quantised[1], [layer, qpage, head, row, chunk * 8], count)
@@ -276,7 +278,7 @@ class Int2KittyKVCache(PageQuantisedKVFormat):
             return [*lines, high[layer, qpage, head, row, 0], value_min_scale[layer, qpage, head, row, 0]]
 
         return Int8QueryKeys(
-            "channel", low_row, channel_vector=channel_vector, high_row=high_row,
+            "channel", key_codes_row, channel_vector=channel_vector, high_row=high_row,
             rows_to_prefetch=rows_to_prefetch,
             high_count=self.boosted(head_dim), slot=slot,
         )  # fmt: skip

@@ -160,10 +160,7 @@ class Int2OscarKVCache(PageQuantisedKVFormat):
         """The key plane (codes[.., 0, ..] as words) and per-token (scale, min) for the int8-query scores."""
         from tvm import tirx
 
-        from tensorpress.schedules.cpu.int8_query_scores import ROWS, Int8QueryKeys, row_words, strided_load
-
-        def low_row(quantised, layer, qpage, head, row, byte, words=8):
-            return row_words(quantised[0], [layer, qpage, 0, head, row, byte], words)
+        from tensorpress.schedules.cpu.int8_query_scores import ROWS, Int8QueryKeys, key_codes_row, strided_load
 
         def row_affine(quantised, layer, qpage, head, row, part):  # part 0: scale, 1: min
             rows = strided_load(quantised[1], [layer, qpage, 0, head, row, 1 - part], 4)
@@ -174,7 +171,7 @@ class Int2OscarKVCache(PageQuantisedKVFormat):
             lines = [codes[layer, qpage, kv, head, row + 2 * i, 0] for kv in (0, 1) for i in range(4)]
             return lines + [min_scale[layer, qpage, kv, head, row, 0] for kv in (0, 1)]
 
-        return Int8QueryKeys("token", low_row, row_affine=row_affine, rows_to_prefetch=rows_to_prefetch)
+        return Int8QueryKeys("token", key_codes_row, row_affine=row_affine, rows_to_prefetch=rows_to_prefetch)
 
     def read_quantised(self, quantised, layer, page, kv, head, row, d, dtype):
         codes, min_scale = quantised

@@ -121,6 +121,12 @@ def row_words(buffer, indices: list, words: int = 8):
     return _zero_extended(part, words, tirx.const(0, "uint32"))
 
 
+def key_codes_row(quantised: list, layer, qpage, head, row, byte, words: int = 8):
+    """`Int8QueryKeys.low_row` of a format whose first cache tensor is its 2-bit codes, [layers, pages,
+    2 (keys, values), kv heads, rows, head_dim / 4] uint8 (int2-kitty's and int2-oscar's)."""
+    return row_words(quantised[0], [layer, qpage, 0, head, row, byte], words)
+
+
 def row_bytes(buffer, indices: list, count: int = 8):
     """`count` bytes of a uint8 buffer from indices (the last counts bytes) as one uint64, the bytes past
     `count` zero: a chunk of int2-kitty's high plane, or its last, partial chunk (high_count % 32)."""
