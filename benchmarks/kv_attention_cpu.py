@@ -141,6 +141,7 @@ def dequantised_dense(fmt, cache, batch: int, context: int, kv_heads: int):
 
 
 def main() -> None:
+    global HEAD_DIM  # --head-dim
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -159,7 +160,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.contexts, args.batches, args.runs = [1024, 8192], [1], 3
-    global HEAD_DIM
     HEAD_DIM = args.head_dim  # read by the builders and the caches above
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"kv_attention_cpu{'_quick' if args.quick else ''}.json")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)

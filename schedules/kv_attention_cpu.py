@@ -1,19 +1,20 @@
 """llvm schedules of the paged KV kernels (`kv_attention.py`).
 
 Attention stage 1 runs one parallel task per (token, kv head, chunk) (defined for the CPU, a chunk is
-`kv_attention.CPU_CHUNK_TOKENS` positions: few partials for the merge to read): for head_dim > 64 the chunk's
-keys are gathered transposed ([D, CHUNK] in a task-local buffer) so q·k vectorises over the chunk's
-positions, as a register tile: up to 4 heads of the group × 2 or more vectors of positions, 8 sums held
-in registers over d, so a key vector is loaded once for the tile's heads (for short rows q·k reads the pages
-directly). p = e^(s - m) is computed as vector arithmetic (`cpu/vector_exp.py`), not a libm call per
-score. The gather walks the pages row by row (a row's page address once, its elements in memory order)
-and writes the tile's columns: twice as fast as walking the tile's rows at head_dim 128 (the page lookup
-per element dominated). The chunk's values are read once
-into a task-local [D, CHUNK] tile too (a quantised row is decoded once, not once per query head of the
-group), and p·V vectorises over the SLOTS slot sums (a vector of 8 positions), a register tile of up to 4
-heads × 2 or more channels (independent sums: no chain of dependent FMAs, see `_schedule_pv`). The merge runs one
-parallel task per (token, query head), vectorised over head_dim. Chunks past a token's position are
-skipped (the CUDA schedule cannot, see there).
+`kv_attention.CPU_CHUNK_TOKENS` positions: few partials for the merge to read): the chunk's keys are gathered
+transposed ([D, CHUNK] in a task-local buffer) so q·k vectorises over the chunk's positions, as a register
+tile: up to 4 heads of the group × 2 or more vectors of positions, 8 sums held in registers over d, so a key
+vector is loaded once for the tile's heads. (q·k straight from the pages, once kept for head_dim <= 64,
+dequantised a key element once per head of the group and ran scalar: at head_dim 32 and 64 the tile is 7-10x
+faster at 32k for the 2-bit formats and 3-6x at 1k.) p = e^(s - m) is computed as vector arithmetic
+(`cpu/vector_exp.py`), not a libm call per score. The gather walks the pages row by row (a row's page address
+once, its elements in memory order) and writes the tile's columns: twice as fast as walking the tile's rows at
+head_dim 128 (the page lookup per element dominated). The chunk's values are read once into a task-local [D,
+CHUNK] tile too (a quantised row is decoded once, not once per query head of the group), and p·V vectorises
+over the SLOTS slot sums (a vector of 8 positions), a register tile of up to 4 heads × 2 or more channels
+(independent sums: no chain of dependent FMAs, see `_schedule_pv`). The merge runs one parallel task per
+(token, query head), vectorised over head_dim. Chunks past a token's position are skipped (the CUDA schedule
+cannot, see there).
 
 A chunk wholly at or before its token's position (every chunk of a decode token but its last) runs a copy
 of the task body in which the definition's clamp of a position to the token's (min(t, position)) and its
@@ -34,8 +35,6 @@ from tvm.s_tir import stmt as sblock_stmt
 from tensorpress.schedules.cpu.loop_helpers import largest_divisor
 from tensorpress.schedules.cpu.vector_exp import with_vector_exp
 from tensorpress.schedules.kv_attention import attention_shape, cache_params, row_blocks
-
-INLINE_KEYS_UP_TO = 64  # head_dim up to which q·k reads the pages directly (measured on AVX2)
 
 
 def schedule_append(func: tirx.PrimFunc) -> s_tir.Schedule:
@@ -77,11 +76,6 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
         sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("q_prepared"))))
         if _has_block(sch, "page_weights"):
             sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("page_weights"))))
-    elif head_dim <= INLINE_KEYS_UP_TO:
-        keys = sch.get_sblock("keys")  # short rows: q·k straight from the pages beats a gathered tile
-        sch.compute_inline(keys)
-        j, t, d = sch.get_loops(score)[-3:]
-        sch.reorder(t, j, d)  # a key row's address once for all heads of the group
     else:  # the chunk's keys transposed, [D, CHUNK], so q·k vectorises over the chunk's positions
         keys = sch.get_sblock("keys")
         sch.transform_layout(keys, ("write", 0), lambda n, g, c, t, d: (n, g, c, d, t))
@@ -135,7 +129,7 @@ def schedule_attention(func: tirx.PrimFunc) -> s_tir.Schedule:
     position = positions[token].astype("int64")
     versioned = _versioned_task(scheduled, task_var, start + chunk - 1 <= position, start <= position)
     sch = s_tir.Schedule(versioned)
-    if head_dim > INLINE_KEYS_UP_TO and not int8_scores:
+    if not int8_scores:
         _gather_rows(sch, sch.get_sblock("keys" + FULL), head_dim)
     value_rows = _gather_rows(sch, sch.get_sblock("values" + FULL), head_dim)
     for prob in ("prob", "prob" + FULL):  # p = e^(s - m) over the chunk's positions, a vector at a time
