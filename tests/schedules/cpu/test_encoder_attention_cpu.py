@@ -135,6 +135,10 @@ def test_avx512_targets_larger_register_tiles_match_the_unfused_graph():
         arrays["mask"][0, 0, 3, :] = -np.inf
         got = _run(_kernel(TORCH_SDPA, "cpu:x86-64-v4"), TORCH_SDPA, arrays)
         _assert_matches(got, _reference(TORCH_SDPA, arrays))
+    config, arrays, zeroed = _onnx_nan_case("q", 37, stacked=True)
+    got = _run(_kernel(config, "cpu:x86-64-v4"), config, arrays)
+    _assert_matches(got, _reference(config, arrays))
+    assert (got[zeroed] == 0).all()
 
 
 def test_fully_masked_rows_give_zeros_as_torchs_export_and_nan_otherwise():
