@@ -54,6 +54,10 @@ class EncoderAttention:
     stacked_qkv: bool = False
     zero_nan_rows: bool = False
 
+    def __post_init__(self):
+        if self.zero_masked_rows and self.zero_nan_rows:  # one guard: the CPU rule implements each alone
+            raise ValueError("zero_nan_rows already zeroes the fully masked rows: set one guard, not both")
+
     def name(self) -> str:
         mask = (
             "nomask"

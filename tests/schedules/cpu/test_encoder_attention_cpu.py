@@ -209,6 +209,11 @@ def test_zero_nan_rows_zeroes_what_where_isnan_zeroes(where, stacked):
     assert (got[zeroed & ~expected_nan] == 0).all() and (got[~zeroed] != 0).all()
 
 
+def test_one_guard_at_a_time():
+    with pytest.raises(ValueError, match="one guard"):
+        dataclasses.replace(ONNX_SDPA, zero_masked_rows=True)
+
+
 def test_zero_nan_rows_definition_matches_the_reference():
     for where in ("q", "k_of_masked_key", "mask", "v"):
         config, arrays, _ = _onnx_nan_case(where, 13)
