@@ -1,7 +1,7 @@
 """MiniLM (all-MiniLM-L6-v2) end to end on the CPU: tensorpress tuned vs untuned vs torch eager vs onnxruntime.
 
     .venv/bin/python -m tensorpress tune <MiniLM folder> --trials 32     (writes tuning_logs/cpu-x86-64-v3/)
-    .venv/bin/python benchmarks/minilm_tuned_cpu.py [--shapes 1x128,8x128] [--rounds 15]
+    .venv/bin/python benchmarks/minilm_tuned_cpu.py [--shapes 1x128,8x128] [--rounds 15] [--onnx]
 
 Four sides, same process, same token ids: the Hugging Face folder compiled twice with
 `tensorpress.compile(..., target="cpu")` (x86-64-v3: AVX2), once reading the committed tuning logs (tuned)
@@ -9,7 +9,9 @@ and once with tuning_log=False (every kernel its default config), both run with 
 on a CPU with AVX-512 a fifth side, `native`: compiled for target="cpu:native" (x86-64-v4) with that
 level's logs (tuning_logs/cpu-x86-64-v4/), the level onnxruntime's MLAS picks on such a CPU;
 torch eager (`transformers.AutoModel`, no_grad, default threads); onnxruntime's default CPU session
-on the same model exported with torch.onnx (dynamic batch and sequence). Outputs are compared first.
+on the same model exported with torch.onnx (dynamic batch and sequence). --onnx adds a side `onnx`: that
+exported file compiled by tensorpress (target="cpu", the committed logs), beside `tuned` from the folder.
+Outputs are compared first.
 Each round runs every side once, each after a 50 ms pause (idle thread pools fall asleep); a side's
 figure is its fastest round (the machine is shared), the median is kept beside it, and beside that
 the CPU time of all the process's threads in its cheapest round (process_time: what a call costs the
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shapes", default="1x128,8x128", help="batch x seq list")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--onnx", action="store_true", help="add a side: the ONNX export compiled by tensorpress")
     return parser.parse_args(argv)
 
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     native = parse_target("cpu:native")
     sides = (*BASE_SIDES, "native") if native.arch is not None else BASE_SIDES
+    sides = (*sides, "onnx") if args.onnx else sides
     with tempfile.TemporaryDirectory(prefix="minilm-tuned-") as tmp:
         tuned = tensorpress.compile(folder, Path(tmp) / "tuned.tpk", target="cpu")
         untuned = tensorpress.compile(folder, Path(tmp) / "untuned.tpk", target="cpu", tuning_log=False)
@@ -119,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         reference = transformers.AutoModel.from_pretrained(folder).eval()
         export_onnx(reference, Path(tmp) / "minilm.onnx")
         session = ort.InferenceSession(str(Path(tmp) / "minilm.onnx"), providers=["CPUExecutionProvider"])
+        onnx_kernels: list[str] = []
+        if "onnx" in sides:
+            built = tensorpress.compile(Path(tmp) / "minilm.onnx", Path(tmp) / "onnx.tpk", target="cpu")
+            onnx_kernels = sorted(built.manifest["kernels"])
+            print("onnx: attention kernels " + ", ".join(k for k in onnx_kernels if "attention" in k or "softmax" in k))
+            models["onnx"] = tensorpress.runtime.load(built.artifact, device="cpu")
 
     rows = []
     for batch, seq in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:
@@ -128,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "tuned": lambda feeds=inputs: models["tuned"].run(feeds)[0],
             "untuned": lambda feeds=inputs: models["untuned"].run(feeds)[0],
             "native": lambda feeds=inputs: models["native"].run(feeds)[0],
+            "onnx": lambda feeds=inputs: models["onnx"].run(feeds)[0],
             "torch": lambda feeds=torch_inputs: reference(**feeds).last_hidden_state.numpy(),
             "onnxruntime": lambda feeds=inputs: session.run(None, feeds)[0],
         }
@@ -156,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         row["tuned_vs_onnxruntime"] = row["onnxruntime_ms"] / row["tuned_ms"]
         if "native" in sides:
             row["native_vs_onnxruntime"] = row["onnxruntime_ms"] / row["native_ms"]
+        if "onnx" in sides:
+            row["onnx_vs_onnxruntime"] = row["onnxruntime_ms"] / row["onnx_ms"]
+            row["onnx_vs_tuned"] = row["tuned_ms"] / row["onnx_ms"]
         rows.append(row)
         print(
             f"{batch}x{seq}: " + ", ".join(f"{side} {row[f'{side}_ms']:.2f} ms" for side in sides)
@@ -179,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_configs": configs,
         "native_target": native.name if "native" in sides else None,
         "native_kernel_configs": native_configs,
+        "onnx_kernels": onnx_kernels,
         "records": rows,
     }
     write_json(args.output, payload)

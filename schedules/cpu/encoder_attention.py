@@ -8,6 +8,7 @@ as a tiled program, one parallel task per (batch, head, block of QUERY_BLOCK que
             s[ROWS, Sp] = (q_i · q_scale) · kt      register tile ROWS rows x key vectors (`Tiles`)
             per row: s = s · s_scale + mask; pads = -inf; m = max (m = -inf: every s is -inf);
                      s = exp(s - m) (vector exp, 8 lanes; m taken as 0 for an all -inf row); l = Σ s
+                     (zero_nan_rows: l NaN -> s = 0, l = 1; a branch only such rows take)
             out[i] = (s · v[b, :, h, :]) / l        register tile ROWS rows x channel vectors (`Tiles`)
 
 The scores of a row block stay in a task-local [ROWS, Sp] buffer (S <= a few hundred: L1), never in a
@@ -124,7 +125,8 @@ def _softmax_row(bufs: AttentionBuffers, scores, inverse, r: int, b, h, i, lanes
     """Row r of the tile: scale and mask, then e = exp(s - max) in place; inverse[r] = 1 / Σ e. A row
     whose every score is -inf has max -inf: with zero_masked_rows it takes max 0 instead (every e is 0)
     and inverse 1, so its output is Σ 0·v as the unfused where(any, softmax, 0)·v gives; without, its
-    e are NaN as softmax's are. (max != -inf is "some score is not -inf": a NaN score makes max NaN.)"""
+    e are NaN as softmax's are. (max != -inf is "some score is not -inf": a NaN score makes max NaN.)
+    With zero_nan_rows a row whose Σ e is NaN gets e = 0 and inverse 1 after the sum."""
     config = bufs.config
     S = bufs.seq
     i64 = lambda v: tirx.const(v, "int64")  # noqa: E731
@@ -176,7 +178,16 @@ def _softmax_row(bufs: AttentionBuffers, scores, inverse, r: int, b, h, i, lanes
     for lane in range(1, lanes):
         total = total + sums[lane]
     inv = f32(1.0) / total
-    T.buffer_store(inverse, tirx.Select(keep, inv, f32(1.0)) if config.zero_masked_rows else inv, [r])
+    if config.zero_nan_rows:
+        # the sum is NaN exactly where softmax's row is (a NaN or +inf score, or every score -inf): then
+        # p = 0. A branch taken by such rows only; `isnan` is scalar here, outside the vector loops.
+        nan_row = tirx.isnan(total)
+        zero_row = (T.If(nan_row), T.Then(), T.serial(i64(0), tirx.floordiv(padded, lanes)))
+        with zero_row[0], zero_row[1], zero_row[2] as c, T.vectorized(i64(0), i64(lanes)) as lane:
+            T.buffer_store(scores, f32(0.0), [r, c * lanes + lane])
+        T.buffer_store(inverse, tirx.Select(nan_row, f32(1.0), inv), [r])
+    else:
+        T.buffer_store(inverse, tirx.Select(keep, inv, f32(1.0)) if config.zero_masked_rows else inv, [r])
 
 
 def _probabilities_times_values(bufs: AttentionBuffers, scores, inverse, rows, b, h, lanes: int, vectors: int) -> None:

