@@ -55,7 +55,7 @@ FORMAT_NAMES = {
     "int4": "int4",
     "int2-kitty": "int2-kitty",
     "int2-oscar": "int2-oscar",
-    "int2-kitty-q8": "int2-kitty",  # -q8: the format's int8_query option (q·k as int8 x 2-bit dot products)
+    "int2-kitty-q8": "int2-kitty",  # -q8: int8_query on (q·k as int8 x 2-bit dot products); without: off
     "int2-oscar-q8": "int2-oscar",
 }
 INT8_QUERY = "-q8"
@@ -178,8 +178,8 @@ def main() -> None:
     copy_bandwidth = measure_copy_bandwidth(torch.device("cpu"))
     print(f"copy bandwidth {copy_bandwidth / 1e9:.1f} GB/s (read + write), {args.threads} threads")
     formats = {label: get_kv_cache_format(FORMAT_NAMES[label]) for label in args.formats}
-    formats = {
-        label: fmt.with_options(int8_query=True) if label.endswith(INT8_QUERY) else fmt
+    formats = {  # int2-*: the plain fp q·k (--no-kv-int8-query); int2-*-q8: the integer q·k (the CPU default)
+        label: fmt.with_options(int8_query=label.endswith(INT8_QUERY)) if hasattr(fmt, "int8_query") else fmt
         for label, fmt in formats.items()
     }
     rng = np.random.default_rng(0)

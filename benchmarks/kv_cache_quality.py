@@ -48,14 +48,18 @@ DEMO_PROMPT = "Return a new list containing"
 BASELINE = "fp16"
 # label -> KVCacheConfig options: the int2-kitty variants that quantise the short sequences of this model
 VARIANTS = {
-    "int2-kitty-w32": {"format": "int2-kitty", "sink": 16, "window": 32, "page_tokens": 32},
+    # (int8_query False: q·k in fp32 over the dequantised keys, the format's own quality; -q8 below: the default)
+    "int2-kitty-w32": {"format": "int2-kitty", "sink": 16, "window": 32, "page_tokens": 32, "int8_query": False},
     "int2-kitty-w32-noboost": {
         "format": "int2-kitty", "boost_fraction": 0.0, "sink": 16, "window": 32, "page_tokens": 32,
+        "int8_query": False,
     },
     # per-token 2-bit needs no page group; pages of 32 all the same, so its 2-bit share is kitty-w32's
-    "int2-oscar-w32": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32},
+    "int2-oscar-w32": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32, "int8_query": False},
     # the ablation: the same quantiser with Hadamard-only rotations (no calibrated eigenvectors)
-    "int2-oscar-w32-hadamard": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32},
+    "int2-oscar-w32-hadamard": {
+        "format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32, "int8_query": False,
+    },
     # the same with q·k as int8 x 2-bit dot products (--kv-int8-query: q rounded to int8 per token and head)
     "int2-kitty-w32-q8": {"format": "int2-kitty", "sink": 16, "window": 32, "page_tokens": 32, "int8_query": True},
     "int2-oscar-w32-q8": {"format": "int2-oscar", "sink": 16, "window": 32, "page_tokens": 32, "int8_query": True},

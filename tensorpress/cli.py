@@ -56,18 +56,17 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _kv_cache_config(args: argparse.Namespace):
-    """--kv-cache-dtype as compile takes it: the name, or a KVCacheConfig when --kv-int8-query is given."""
-    if not args.kv_int8_query:
+    """--kv-cache-dtype as compile takes it: the name, or a KVCacheConfig when --[no-]kv-int8-query is given."""
+    if args.kv_int8_query is None:
         return args.kv_cache_dtype
     from tensorpress.compiler.compression_configs import KVCacheConfig
 
     if args.kv_cache_dtype not in ("int2-kitty", "int2-oscar"):
         from tensorpress.errors import ConfigError
 
-        raise ConfigError(
-            f"--kv-int8-query applies to --kv-cache-dtype int2-kitty or int2-oscar, not {args.kv_cache_dtype!r}."
-        )
-    return KVCacheConfig(args.kv_cache_dtype, int8_query=True)
+        flag = "--kv-int8-query" if args.kv_int8_query else "--no-kv-int8-query"
+        raise ConfigError(f"{flag} applies to --kv-cache-dtype int2-kitty or int2-oscar, not {args.kv_cache_dtype!r}.")
+    return KVCacheConfig(args.kv_cache_dtype, int8_query=args.kv_int8_query)
 
 
 def _pruning_summary(layers: list[dict]) -> str:
@@ -321,9 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--kv-int8-query",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="with --kv-cache-dtype int2-kitty or int2-oscar on a CPU target: q·k over the 2-bit pages as integer "
-        "dot products, q rounded to int8 (faster; the scores move by q's rounding)",
+        "dot products, q rounded to int8 (the default: faster; the scores move by q's rounding, far less than by "
+        "the 2-bit keys); --no-kv-int8-query keeps q·k in fp32",
     )
     p.add_argument(
         "--input-shape", action="append", help="ONNX graphs: override an input shape, name=1,128 (repeatable)"

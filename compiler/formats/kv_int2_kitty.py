@@ -193,7 +193,7 @@ class Int2KittyKVCache(PageQuantisedKVFormat):
     sink: int = 32
     window: int = 128
     page_tokens: int = PAGE_SIZE
-    int8_query: bool = False  # CPU: q·k over 2-bit pages as int8 x code dot products (int8_query_keys)
+    int8_query: bool = True  # CPU: q·k over 2-bit pages as int8 x code dot products (int8_query_keys)
     name: str = "int2-kitty"
 
     def __post_init__(self):

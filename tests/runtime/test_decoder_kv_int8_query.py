@@ -51,7 +51,7 @@ def models(tmp_path_factory):
                 calibration = folder.parent / "calib.npz"
                 rng = np.random.default_rng(1)
                 np.savez(calibration, input_ids=rng.integers(3, 256, (4, 96)).astype(np.int64))
-            compile_decoder(folder, path, kv_cache=KVCacheConfig(fmt, int8_query=int8 or None, **OPTIONS),
+            compile_decoder(folder, path, kv_cache=KVCacheConfig(fmt, int8_query=int8, **OPTIONS),
                             calibration=calibration)  # fmt: skip
             built[fmt, int8] = DecoderModel(load_artifact(path, "cpu"), max_total_tokens=2048)
         return built[fmt, int8]

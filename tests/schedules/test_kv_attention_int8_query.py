@@ -122,7 +122,7 @@ def test_shapes_the_block_cannot_take_build_the_plain_kernel(head_dim, boost):
     """head_dim 40 (the block reads rows of whole 4-byte words: 16 channels) keeps the fp32 q·k: the same
     kernel as without the option, bit for bit."""
     asked = Int2KittyKVCache(boost_fraction=boost, sink=16, window=32, page_tokens=32, int8_query=True)
-    plain = Int2KittyKVCache(boost_fraction=boost, sink=16, window=32, page_tokens=32)
+    plain = Int2KittyKVCache(boost_fraction=boost, sink=16, window=32, page_tokens=32, int8_query=False)
     rng = np.random.default_rng(head_dim)
     batch = paged_batch(rng, 8, 2, head_dim, 16, [200, 90], [1, 1])
     tagged, stored, _ = mixed_cache(plain, batch, sink_pages=1, window_pages=2)
@@ -137,15 +137,21 @@ def test_the_packed_query_order_is_a_permutation_and_its_inverse():
     assert all(packed_position(permuted(p)) == p for p in range(256))
 
 
-def test_the_option_reaches_the_format_and_is_refused_where_it_does_not_apply(tmp_path):
-    assert KVCacheConfig("int2-kitty", int8_query=True).kv_cache_format().int8_query is True
-    assert KVCacheConfig("int2-oscar", int8_query=True).kv_cache_format().int8_query is True
+def test_the_option_is_on_by_default_reaches_the_format_and_is_refused_where_it_does_not_apply(tmp_path):
+    for name in ("int2-kitty", "int2-oscar"):
+        assert KVCacheConfig(name).kv_cache_format().int8_query is True
+        assert KVCacheConfig(name, int8_query=False).kv_cache_format().int8_query is False
+    with tvm.target.Target(TARGET):  # the default format's CPU definition has the int8-query blocks
+        for int8_query, blocks in ((None, True), (False, False)):
+            fmt = KVCacheConfig("int2-kitty", int8_query=int8_query).kv_cache_format()
+            assert ("q_prepared" in str(paged_attention_func(fmt, 8, 2, 32, 16, "float32", "decode"))) is blocks
     with pytest.raises(ConfigError, match="page-granular"):
         KVCacheConfig("int4", int8_query=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "tensorpress", "compile", "examples/tiny_llama", "-o", str(tmp_path / "a.tpk"),
-         "--kv-cache-dtype", "int4", "--kv-int8-query"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode != 0 and "--kv-int8-query applies to" in result.stderr
-    assert not list(tmp_path.iterdir())
+    for flag in ("--kv-int8-query", "--no-kv-int8-query"):
+        result = subprocess.run(
+            [sys.executable, "-m", "tensorpress", "compile", "examples/tiny_llama", "-o", str(tmp_path / "a.tpk"),
+             "--kv-cache-dtype", "int4", flag],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode != 0 and f"{flag} applies to" in result.stderr
+        assert not list(tmp_path.iterdir())
