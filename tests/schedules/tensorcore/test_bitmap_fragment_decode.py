@@ -20,6 +20,7 @@ from tensorcore_cases import (
 from tensorpress.compiler.formats import bitmap, decode_stage, get_weight_format
 from tensorpress.compiler.formats.bitmap import BitmapDecode
 from tensorpress.compiler.pruning import prune
+from tensorpress.schedules.tensorcore import fragment_decode
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
 from tensorpress.schedules.tensorcore.template import builds_w_by_scatter, find_blocks, schedule_weight_gemm
 from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
@@ -108,12 +109,37 @@ def _wrong_position_bit(rank):
 
 
 def _missed_tile(rank):  # every K tile of a row of tiles decoded from its first tile
-    return lambda bits, offsets, row, col, bind: rank(bits, offsets, row, col % bitmap.TILE_COLS, bind)
+    return lambda bits, offsets, row, col, bind, above: rank(bits, offsets, row, col % bitmap.TILE_COLS, bind, above)
 
 
 @pytest.mark.parametrize("bug", [_off_by_one_popcount, _wrong_position_bit, _missed_tile])
 def test_planted_bugs_fail(monkeypatch, bug):
     monkeypatch.setattr(bitmap, "fragment_rank", bug(bitmap.fragment_rank))
+    out, ref = replay(64, 256, 5, SHIPPED_TILES[1], 0.5, seed=5)
+    assert relative_error(out, ref) > 0.05
+
+
+# The rows above a pair come from the template's scan of the lanes' row counts (`fragment_decode.py`).
+
+
+def _row_count_off_by_one(count):
+    return lambda bits, row, col0, bind: count(bits, row, col0, bind) + 1
+
+
+def _row_count_of_the_next_tile(count):  # the counts read from the next K tile's words
+    return lambda bits, row, col0, bind: count(bits, row, col0 + bitmap.TILE_COLS, bind)
+
+
+@pytest.mark.parametrize("bug", [_row_count_off_by_one, _row_count_of_the_next_tile])
+def test_planted_row_count_bugs_fail(monkeypatch, bug):
+    monkeypatch.setattr(bitmap, "fragment_row_count", bug(bitmap.fragment_row_count))
+    out, ref = replay(64, 256, 5, SHIPPED_TILES[1], 0.5, seed=5)
+    assert relative_error(out, ref) > 0.05
+
+
+@pytest.mark.parametrize("deltas", [(4, 8), (4, 8, 8), (1, 2, 4)], ids=["a step short", "a step twice", "by lanes"])
+def test_planted_scan_bugs_fail(monkeypatch, deltas):
+    monkeypatch.setattr(fragment_decode, "ROW_SCAN_DELTAS", deltas)
     out, ref = replay(64, 256, 5, SHIPPED_TILES[1], 0.5, seed=5)
     assert relative_error(out, ref) > 0.05
 
