@@ -55,7 +55,7 @@ rows above it (bitmap: their set bits) the stage need not count in every lane: w
 template hands each pair `rows_above`, the sum over the unit's rows above, by a scan across the warp's
 lanes (`fragment_decode.py`: three shuffles up, one broadcast). A stage that also
 offers a tile scatter says per weight which of the two the template takes (`fragment_decode_preferred`;
-bitmap above 50 % density: fragment decode costs the same at any density, the scatter follows the nonzeros).
+bitmap above 33 % density: fragment decode costs the same at any density, the scatter follows the nonzeros).
 
 Tile scatter. A sparse stage whose stored words each say where in a tile their value goes (Tiled-CSL)
 is a scatter, not a per-element gather: its `decode` still defines W[m, k] (a search, the CPU's path

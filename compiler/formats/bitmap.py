@@ -38,11 +38,13 @@ row, its rank the tile's offset + the set bits of the rows above, counted by the
 `SCATTER_CHUNK` set bits a loop trip; `schedules/tile_scatter.py`). Runs along K (`tile_run`: the
 rows above popcounted once per run of a tile row, then the rank advances by one bit a weight) are what
 it did before; the scatter costs fewer instructions at 80% sparsity
-(benchmarks/results/gemm_sass_sm_90a_sparse.md). Above FRAGMENT_MIN_DENSITY (50 %) the template
-decodes W straight into the mma B fragments instead (`fragment_pair`, `fragment_rank`: each lane the
-rank of its two rows from the staged bit words once a 16 x 64 unit, then per pair of weights a popcount
-and two value loads), whose cost does not depend on the density: about 11 instructions a weight against
-the scatter's 12.6 at 40 %, 11.6 at 50 % and 7.75 at 80 % (sm_90a, n16m128k64).
+(benchmarks/results/gemm_sass_sm_90a_sparse.md). Above FRAGMENT_MIN_DENSITY (33 %) the template
+decodes W straight into the mma B fragments instead (`fragment_pair`, `fragment_rank`: each lane counts
+its two rows' set bits from the staged bit words once a 16 x 64 unit, the template's scan of those
+counts across the warp gives the rows above each, then per pair of weights a popcount and two value
+loads), whose cost does not depend on the density: 8.6 instructions a weight against the scatter's
+11.6 at 50 % sparsity, 9.8 at 65 %, 9.15 at 70 % and 7.75 at 80 % (sm_90a, n16m128k64; fragment decode
+ahead on 6-7 of the 7 shipped tiles up to 65 %, behind on 4-5 from 70 %).
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
@@ -286,7 +288,7 @@ class BitmapFormat(WeightFormat):
         return BitmapDecode(self.name)
 
 
-FRAGMENT_MIN_DENSITY = 0.5  # above it the template decodes bitmap W into B fragments, not by scatter
+FRAGMENT_MIN_DENSITY = 0.33  # above it the template decodes bitmap W into B fragments, not by scatter
 SCATTER_CHUNK = 4  # set bits a trip of the scatter's loop (benchmarks/results/gemm_sass_sm_90a_sparse.md)
 
 

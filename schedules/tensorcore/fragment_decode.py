@@ -24,17 +24,30 @@ k (one format tile along K):
         ▼                                                   │                       │
     shared memory        bits tile [block_m / 16, block_k / 64, 32]                 │
         │  per lane 4g + t, per unit (its rows g and g + 8, bound once: `bind`):    │
-        │    LDS the 30 words above each row, 30 POPC: the rank of each row's first weight
+        │    LDS its rows' 4 words, 4 POPC: the counts c(g), c(g + 8), packed c(g) | c(g + 8) << 16
+        │    scan across the warp: 3 SHFL.UP (by 4, 8, 16 lanes: groups g - 1, g - 2, g - 4) and
+        │      adds, minus its own: the rows above g | above g + 8 among 8 .. 15; + rows 0..7's total
+        │      (SHFL from lane 28) for g + 8: each row's rank without counting any other row
         │  per pair (col, col + 1): rank + POPC(word below col), LDG values[rank], values[rank + 1],
         │    each kept where its bit is set (the second's value is the first's when the first is 0)
         ▼
     registers            B fragments (fp16 values)  ──▶ mma, as above (no row scale)
+
+    the scan (`_rows_above`, the stage's `fragment_row_count` a row), lanes 4g (t = 1..3 alike):
+        lane       0      4      8     ...    28
+        packed     c0|c8  c1|c9  c2|c10 ...   c7|c15
+        inclusive  Σ0..0  Σ0..1  Σ0..2  ...   Σ0..7      (low and high halves summed apart)
+        rows above row g = inclusive - own (low half); row g + 8: high half + lane 28's low half
 
 Every pair of a unit is decoded into registers ("decoded") before the first is stored into the
 fragment, and what pairs share goes through the stage's `bind` (registers computed once a unit, equal
 values bound by several pairs one register): nvcc shares nothing between pairs across a store through
 the fragment's pointer, and TVM lowers a select of loads to a branch, across which nothing is shared
 either (bitmap's row ranks were recomputed for every pair: 38 instructions a weight; 13.8 with `bind`).
+Values lanes exchange (the scan) are lane registers of the writer's (`FragmentWriter.lane_register`):
+on the GPU one register a lane read by warp shuffles, each shuffle stored to a register before any
+select uses it (a shuffle under `?:` would run in some lanes only); in the replay a [32] array, each
+phase of the exchange its own serial lane loop, so a lane reads what every lane wrote before.
 
 How it is put in the schedule. The template schedules W like any operand read into fragments: a
 cache_read into the fragment scope, laid out by `fragments.b_warp_layout`, computed once per unit

@@ -34,7 +34,7 @@ TOLERANCE = 2e-3  # fp16 output of fp32 sums
 
 
 class FragmentAlways(BitmapDecode):
-    """bitmap whose template takes fragment decode at every density (the shipped stage: above 50 %)."""
+    """bitmap whose template takes fragment decode at every density (the shipped stage: above 33 %)."""
 
     def fragment_decode_preferred(self, stored, m, k):
         return True
@@ -81,11 +81,13 @@ def _schedule(sparsity: float, config: TileConfig):
     [
         (0.4, SHIPPED_TILES[0], True),
         (0.2, SHIPPED_TILES[1], True),
-        (0.5, SHIPPED_TILES[0], False),
+        (0.5, SHIPPED_TILES[0], True),
+        (0.65, SHIPPED_TILES[0], True),
+        (0.7, SHIPPED_TILES[0], False),
         (0.8, SHIPPED_TILES[0], False),
         (0.2, SMALL, False),
     ],
-    ids=["40%", "20%", "50%: scatter", "80%: scatter", "block_k 32: scatter"],
+    ids=["40%", "20%", "50%", "65%", "70%: scatter", "80%: scatter", "block_k 32: scatter"],
 )
 def test_the_template_takes_fragment_decode_from_its_density_up(sparsity, config, fragment):
     func, sch = _schedule(sparsity, config)
