@@ -184,7 +184,10 @@ def test_sass_decodes_w_in_registers(reports, arch, config):
     counts = steady_state(parse_listing(build.listing)[gemm.name], config.block_m * config.block_k // config.threads)
     assert counts is not None, gemm.summary()
     assert counts["LDSM"] == (config.block_k // 16) * (config.block_n // 16), dict(counts)  # X only, none for W
-    assert counts["POPC"] > 0, dict(counts)
+    units = (config.warp_tile_m // 16) * (config.block_k // bitmap.TILE_COLS)  # a warp's per K tile
+    assert counts["SHFL"] == 4 * units, dict(counts)  # the row scan: 3 up and 1 broadcast a unit
+    # a lane counts its 2 rows (4) and each pair's bits below it (16), not the rows above (30 more before)
+    assert 0 < counts["POPC"] <= 24 * units, dict(counts)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
