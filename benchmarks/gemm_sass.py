@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/gemm_sass.py --format fp6 --format fp5 --format fp4 --arch sm_90a
     .venv/bin/python benchmarks/gemm_sass.py --decode-only --format fp6 --format fp5 --format fp4
     .venv/bin/python benchmarks/gemm_sass.py --format tiled-csl --format bitmap --sparsity 0.8 --arch sm_90a
+    .venv/bin/python benchmarks/gemm_sass.py --format bitmap --sparsity 0.8 --w-path fragment --split-k 1
 
 One row per (format, config, arch, kernel): registers, spill and stack bytes, shared memory (static +
 dynamic), and the count of HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) instructions in
@@ -129,6 +130,18 @@ def scatter_trips(scatter, arrays: list, m: int, k: int, config) -> ScatterTrips
     return ScatterTrips(groups_total / config.warps, words, fill, vec)
 
 
+def forced_w_path(stage, path: str):
+    """`stage`, or a copy whose choice between fragment decode and the tile scatter is `path` at any density
+    (the template still takes the scatter where the stage's fragment unit does not divide block_k)."""
+    import copy
+
+    if path == "stage":
+        return stage
+    forced = copy.copy(stage)
+    forced.fragment_decode_preferred = lambda stored, m, k: path == "fragment"
+    return forced
+
+
 def decode_only_kernel(fmt: str, pair: bool, m: int = 1024, k: int = 1024, rows_per_thread: int = 8):
     """A CUDA PrimFunc: thread (group g, lane t) decodes, for `rows_per_thread` rows, the 8 codes
     k = 32g + 2t + 8j + h (j < 4, h < 2) into fp16 bit patterns, per element or as 4 half2 pairs."""
@@ -206,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-k", type=int, action="append", help="split_k values (default: 1 and 2)")
     parser.add_argument("--decode-only", action="store_true", help="FPx decode cost per element vs per pair")
     parser.add_argument("--sparsity", type=float, default=0.8, help="sparse formats: the weight's zeros")
+    parser.add_argument(
+        "--w-path",
+        choices=["stage", "fragment", "scatter"],
+        default="stage",
+        help="a stage offering fragment decode and a tile scatter (bitmap): the one its density picks, or either",
+    )
     args = parser.parse_args(argv)
     if args.decode_only:
         for arch in args.arch or ["sm_90a"]:
@@ -217,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in formats:
         packed, bits[fmt] = sparse_weight(fmt, args.m, args.k, args.sparsity)
         buffers = None if packed is None else packed.buffers
-        scatter = decode_stage(fmt).tile_scatter
+        stage = forced_w_path(decode_stage(fmt), args.w_path)
+        scatter = stage.tile_scatter
         for config in configs:
-            func = make_weight_gemm(decode_stage(fmt), args.m, args.k, with_bias=True, buffers=buffers)
+            func = make_weight_gemm(stage, args.m, args.k, with_bias=True, buffers=buffers)
             symbol = f"{fmt.replace('-', '_')}_{config.label()}"
             main_func = schedule_weight_gemm(func, config, cuda_intrinsics()).mod["main"]
             functions[symbol] = main_func.with_attr("global_symbol", symbol)

@@ -49,9 +49,13 @@ layout gives each lane; the stage never hears of lanes. Its answer must equal th
 block (the unscaled values, when the PrimFunc scales rows in the epilogue), and must be finite for
 every possible content of the staged words: beyond K the template zero-fills X, not W (a stage that
 reads global memory at an index it decodes must keep that index in bounds there too). What a unit's
-pairs share (bitmap: a row's rank, popcounts of the rows above) goes through `bind`. A stage that also
+pairs share (bitmap: a row's rank, its two words) goes through `bind`. What a pair's rank needs of the
+rows above it (bitmap: their set bits) the stage need not count in every lane: with
+`fragment_counts_rows` it counts its own row (`fragment_row_count`, each lane its two rows) and the
+template hands each pair `rows_above`, the sum over the unit's rows above, by a scan across the warp's
+lanes (`fragment_decode.py`: three shuffles up, one broadcast). A stage that also
 offers a tile scatter says per weight which of the two the template takes (`fragment_decode_preferred`;
-bitmap above 50 % density: fragment decode costs the same at any density, the scatter follows the nonzeros).
+bitmap above 33 % density: fragment decode costs the same at any density, the scatter follows the nonzeros).
 
 Tile scatter. A sparse stage whose stored words each say where in a tile their value goes (Tiled-CSL)
 is a scatter, not a per-element gather: its `decode` still defines W[m, k] (a search, the CPU's path
@@ -235,12 +239,21 @@ class DecodeStage:
 
     fragment_k: int | None = None  # k columns of one fragment-decode unit (a multiple of 16), or None
 
-    def fragment_pair(self, stored: list, row: tirx.PrimExpr, col: tirx.PrimExpr, bind=None) -> Any:
+    def fragment_pair(self, stored: list, row: tirx.PrimExpr, col: tirx.PrimExpr, bind=None, rows_above=None) -> Any:
         """uint32 TIR expression: the fp16 bit patterns of W[row, col] (bits 0..15) and W[row, col + 1]
         (bits 16..31), col even, reading `stored` (the stored buffers in order, each staged one
         replaced by its shared copy, indexed as the stored buffer is). The values are those of the
         PrimFunc's decode block. `bind(name, value)`, when given, computes a value once a unit for all
-        its pairs (as a run along K's `bind`; equal values bound by different pairs are one register)."""
+        its pairs (as a run along K's `bind`; equal values bound by different pairs are one register).
+        `rows_above` (int32 TIR; a stage with `fragment_counts_rows`): the sum of `fragment_row_count`
+        over the unit's rows above `row`, which the template gives (a scan across the warp's lanes)."""
+        raise NotImplementedError
+
+    fragment_counts_rows: bool = False  # True: fragment_pair takes rows_above from fragment_row_count
+
+    def fragment_row_count(self, stored: list, row: tirx.PrimExpr, col0: tirx.PrimExpr, bind) -> Any:
+        """int32 TIR: what row `row` of the fragment-decode unit whose first column is col0 adds to
+        the rows below it (bitmap: its set bits); under 2^12, so a unit's 16 sums fit 16 bits."""
         raise NotImplementedError
 
     def fragment_decode_preferred(self, stored: list, m: int, k: int) -> bool:

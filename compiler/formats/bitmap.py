@@ -38,11 +38,13 @@ row, its rank the tile's offset + the set bits of the rows above, counted by the
 `SCATTER_CHUNK` set bits a loop trip; `schedules/tile_scatter.py`). Runs along K (`tile_run`: the
 rows above popcounted once per run of a tile row, then the rank advances by one bit a weight) are what
 it did before; the scatter costs fewer instructions at 80% sparsity
-(benchmarks/results/gemm_sass_sm_90a_sparse.md). Above FRAGMENT_MIN_DENSITY (50 %) the template
-decodes W straight into the mma B fragments instead (`fragment_pair`, `fragment_rank`: each lane the
-rank of its two rows from the staged bit words once a 16 x 64 unit, then per pair of weights a popcount
-and two value loads), whose cost does not depend on the density: about 11 instructions a weight against
-the scatter's 12.6 at 40 %, 11.6 at 50 % and 7.75 at 80 % (sm_90a, n16m128k64).
+(benchmarks/results/gemm_sass_sm_90a_sparse.md). Above FRAGMENT_MIN_DENSITY (33 %) the template
+decodes W straight into the mma B fragments instead (`fragment_pair`, `fragment_rank`: each lane counts
+its two rows' set bits from the staged bit words once a 16 x 64 unit, the template's scan of those
+counts across the warp gives the rows above each, then per pair of weights a popcount and two value
+loads), whose cost does not depend on the density: 8.6 instructions a weight against the scatter's
+11.6 at 50 % sparsity, 9.8 at 65 %, 9.15 at 70 % and 7.75 at 80 % (sm_90a, n16m128k64; fragment decode
+ahead on 6-7 of the 7 shipped tiles up to 65 %, behind on 4-5 from 70 %).
 
 Stored bytes depend on the nonzero count: `stored_bytes(m, k)` gives the bytes at the break-even
 density (fp16's bytes, about 93.5% dense); the packed weight's `nbytes` is what the manifest reports.
@@ -187,40 +189,53 @@ def kept_if(bit, value):
     return tirx.reinterpret("float16", tirx.reinterpret("uint16", value) & mask)
 
 
-def fragment_rank(bits, offsets, row, col, bind):
+def fragment_words(bits, row, col, bind):
+    """TIR [word0, word1] (bound): the mask words of W[row, col]'s tile row. A tile beyond the stored
+    ones (K padded past the last tile) reads as no bits, whatever the staged words there hold."""
+    from tvm import tirx
+
+    tm, tk, r = row // TILE_ROWS, col // TILE_COLS, row % TILE_ROWS
+    stored_tile = tk < int(bits.shape[1])
+    none = tirx.const(0, "uint32")
+    # a select of a load is lowered to a branch: bound (loaded), then 0 or it
+    return [bind(f"word{h}", tirx.Select(stored_tile, bits[tm, tk, 2 * r + h], none)) for h in range(2)]
+
+
+def _popc(word):
+    from tvm import tirx
+
+    return tirx.popcount(word).astype("int32")
+
+
+def fragment_row_count(bits, row, col0, bind):
+    """TIR int32: the set bits of W[row, col0]'s tile row (what it adds to the ranks of the rows below)."""
+    words = fragment_words(bits, row, col0, bind)
+    return _popc(words[0]) + _popc(words[1])
+
+
+def fragment_rank(bits, offsets, row, col, bind, rows_above):
     """TIR (rank, word, shift) of the pair W[row, col], W[row, col + 1] (col even, one word): the index
     of W[row, col]'s value if set, the row's mask word holding both bits, and the first bit's place.
 
-        rank = offsets[tile] + (the set bits of the tile rows above: 15 row pairs, each times (q < r))
-               + popcount(the row's first word) when col is in its second + popcount(word below the bit)
+        rank = offsets[tile] + rows_above (the set bits of the tile rows above, `fragment_row_count`
+               summed by the template's scan across lanes) + popcount(the row's first word) when col
+               is in its second + popcount(word below the bit)
 
-    A tile beyond the stored ones (K padded past the last tile) reads as no bits and offset 0: every
-    index in bounds, whatever the staged words there hold. `bind` shares a row's work between pairs.
+    A tile beyond the stored ones reads as no bits and offset 0: every index in bounds. `bind` shares a
+    row's work between pairs.
     """
     from tvm import tirx
 
     tiles_k = int(bits.shape[1])
-    tm, tk, r = row // TILE_ROWS, col // TILE_COLS, row % TILE_ROWS
+    tm, tk = row // TILE_ROWS, col // TILE_COLS
     c = col % TILE_COLS
     shift = (c % WORD_BITS).astype("uint32")
-    stored_tile = tk < tiles_k
-    none = tirx.const(0, "uint32")
-
-    def word_at(index):
-        return tirx.Select(stored_tile, bits[tm, tk, index], none)  # a select of a load: bound, then 0 or it
-
-    def popc(word):
-        return tirx.popcount(word).astype("int32")
-
-    rank = bind("offset", tirx.Select(stored_tile, offsets[tm, tirx.min(tk, tiles_k - 1)], 0))
-    for q in range(TILE_ROWS - 1):
-        pair = bind(f"row{q}", popc(word_at(2 * q)) + popc(word_at(2 * q + 1)))
-        rank = rank + pair * (q < r).astype("int32")  # not a select: TVM makes a select of loads a branch
-    words = [bind("word0", word_at(2 * r)), bind("word1", word_at(2 * r + 1))]
+    offset = bind("offset", tirx.Select(tk < tiles_k, offsets[tm, tirx.min(tk, tiles_k - 1)], 0))
+    words = fragment_words(bits, row, col, bind)
     half = c // WORD_BITS
     word = tirx.Select(half == 1, words[1], words[0])
-    rank = bind("rank", rank + popc(words[0]) * half)
-    return rank + popc(word & ((tirx.const(1, "uint32") << shift) - tirx.const(1, "uint32"))), word, shift
+    rank = bind("rank", offset + rows_above + _popc(words[0]) * half)
+    return rank + _popc(word & ((tirx.const(1, "uint32") << shift) - tirx.const(1, "uint32"))), word, shift
 
 
 @dataclass(frozen=True)
@@ -273,7 +288,7 @@ class BitmapFormat(WeightFormat):
         return BitmapDecode(self.name)
 
 
-FRAGMENT_MIN_DENSITY = 0.5  # above it the template decodes bitmap W into B fragments, not by scatter
+FRAGMENT_MIN_DENSITY = 0.33  # above it the template decodes bitmap W into B fragments, not by scatter
 SCATTER_CHUNK = 4  # set bits a trip of the scatter's loop (benchmarks/results/gemm_sass_sm_90a_sparse.md)
 
 
@@ -329,14 +344,22 @@ class BitmapDecode(DecodeStage):
         fewest_nonzeros = int(stored[2].shape[0]) - VALUES_SPARE - (VALUES_MULTIPLE - 1)
         return fewest_nonzeros > FRAGMENT_MIN_DENSITY * m * k
 
-    def fragment_pair(self, stored, row, col, bind=None):
+    fragment_counts_rows = True  # a lane counts its two rows; the template scans the counts across lanes
+
+    def fragment_row_count(self, stored, row, col0, bind):
+        return fragment_row_count(stored[0], row, col0, bind)
+
+    def fragment_pair(self, stored, row, col, bind=None, rows_above=None):
         """The fp16 patterns of W[row, col], W[row, col + 1] (col even) from the staged bit words,
-        the tile offset and the values (`fragment_rank`): a lane's rank of its row once a unit."""
+        the tile offset, the set bits of the rows above (the template's `rows_above`) and the values
+        (`fragment_rank`): a lane's rank of its row once a unit."""
         from tvm import tirx
 
         bits, offsets, values = stored
         bind = bind or (lambda name, value: value)
-        rank, word, shift = fragment_rank(bits, offsets, row, col, bind)
+        if rows_above is None:
+            raise ValueError("internal: bitmap's fragment decode takes the rows above from the template's scan")
+        rank, word, shift = fragment_rank(bits, offsets, row, col, bind, rows_above)
         # both loaded (VALUES_SPARE keeps rank + 1 in bounds), then selected: a select of loads is a branch
         low = bind("low", tirx.reinterpret("uint16", values[rank]).astype("uint32"))
         high = bind("high", tirx.reinterpret("uint16", values[rank + 1]).astype("uint32"))

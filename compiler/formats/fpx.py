@@ -357,7 +357,9 @@ class FPxDecode(DecodeStage):
 
         return stored[-1][row].astype("float32") * tirx.const(self.exponent_fix, "float32")
 
-    def fragment_pair(self, staged: list, row: tirx.PrimExpr, col: tirx.PrimExpr, bind=None) -> tirx.PrimExpr:
+    def fragment_pair(
+        self, staged: list, row: tirx.PrimExpr, col: tirx.PrimExpr, bind=None, rows_above=None
+    ) -> tirx.PrimExpr:
         """The half2 of the unscaled W[row, col], W[row, col + 1] (col even): `fp16_bits(pair=True)`."""
         return self.fp16_bits(staged, row, col, pair=True)
 

@@ -24,17 +24,30 @@ k (one format tile along K):
         ▼                                                   │                       │
     shared memory        bits tile [block_m / 16, block_k / 64, 32]                 │
         │  per lane 4g + t, per unit (its rows g and g + 8, bound once: `bind`):    │
-        │    LDS the 30 words above each row, 30 POPC: the rank of each row's first weight
+        │    LDS its rows' 4 words, 4 POPC: the counts c(g), c(g + 8), packed c(g) | c(g + 8) << 16
+        │    scan across the warp: 3 SHFL.UP (by 4, 8, 16 lanes: groups g - 1, g - 2, g - 4) and
+        │      adds, minus its own: the rows above g | above g + 8 among 8 .. 15; + rows 0..7's total
+        │      (SHFL from lane 28) for g + 8: each row's rank without counting any other row
         │  per pair (col, col + 1): rank + POPC(word below col), LDG values[rank], values[rank + 1],
         │    each kept where its bit is set (the second's value is the first's when the first is 0)
         ▼
     registers            B fragments (fp16 values)  ──▶ mma, as above (no row scale)
+
+    the scan (`_rows_above`, the stage's `fragment_row_count` a row), lanes 4g (t = 1..3 alike):
+        lane       0      4      8     ...    28
+        packed     c0|c8  c1|c9  c2|c10 ...   c7|c15
+        inclusive  Σ0..0  Σ0..1  Σ0..2  ...   Σ0..7      (low and high halves summed apart)
+        rows above row g = inclusive - own (low half); row g + 8: high half + lane 28's low half
 
 Every pair of a unit is decoded into registers ("decoded") before the first is stored into the
 fragment, and what pairs share goes through the stage's `bind` (registers computed once a unit, equal
 values bound by several pairs one register): nvcc shares nothing between pairs across a store through
 the fragment's pointer, and TVM lowers a select of loads to a branch, across which nothing is shared
 either (bitmap's row ranks were recomputed for every pair: 38 instructions a weight; 13.8 with `bind`).
+Values lanes exchange (the scan) are lane registers of the writer's (`FragmentWriter.lane_register`):
+on the GPU one register a lane read by warp shuffles, each shuffle stored to a register before any
+select uses it (a shuffle under `?:` would run in some lanes only); in the replay a [32] array, each
+phase of the exchange its own serial lane loop, so a lane reads what every lane wrote before.
 
 How it is put in the schedule. The template schedules W like any operand read into fragments: a
 cache_read into the fragment scope, laid out by `fragments.b_warp_layout`, computed once per unit
@@ -119,6 +132,15 @@ def _fragment_decode_block(old: SBlock, stage: DecodeStage, stored: list, writer
         computed.append(tirx.BufferStore(register, value, [0]))
         return tirx.BufferLoad(register, [0])
 
+    rows_above = None
+    setup: list = []
+    scan: list = []
+    if stage.fragment_counts_rows:
+        row0, col0 = row_tile.min * MMA_TILE, k_tiles.min * MMA_TILE
+        rows_above, scan = _rows_above(stage, stored, writer, lane, row0, col0, bind, registers)
+        setup = list(computed)  # the lane's rows' registers, which the scan and the pairs read
+        computed.clear()
+
     stores = []
     for tile in range(tiles):
         for pair in range(PAIRS_PER_TILE):
@@ -126,15 +148,77 @@ def _fragment_decode_block(old: SBlock, stage: DecodeStage, stored: list, writer
             row = row_tile.min * MMA_TILE + col_in_tile  # a B tile's "cols" are W's rows
             col = (k_tiles.min + tile) * MMA_TILE + k_in_tile
             slot = tile * PAIRS_PER_TILE + pair
-            computed.append(tirx.BufferStore(decoded, stage.fragment_pair(stored, row, col, bind), [slot]))
+            if rows_above is None:
+                value = stage.fragment_pair(stored, row, col, bind)
+            else:
+                above = _lane_row_value(analyzer, rows_above, col_in_tile, lane)
+                value = stage.fragment_pair(stored, row, col, bind, rows_above=above)
+            computed.append(tirx.BufferStore(decoded, value, [slot]))
             stores.append(writer.store_pair(fragment, tile, lane, pair, tirx.BufferLoad(decoded, [slot])))
+    body = (
+        writer.lane_phases(lane, setup, [*scan[:-1], [*scan[-1], *computed, *stores]])
+        if scan
+        else writer.lane_loop(lane, tirx.SeqStmt([*computed, *stores]))
+    )
     return SBlock(
         old.iter_vars,
         old.reads,
         old.writes,
         old.name_hint,
-        writer.lane_loop(lane, tirx.SeqStmt([*computed, *stores])),
+        body,
         alloc_buffers=registers,
         match_buffers=[MatchBufferRegion(fragment, write)],
         annotations=old.annotations,
     )
+
+
+ROW_SCAN_DELTAS = (4, 8, 16)  # lanes 4g .. 4g + 3 hold rows g and g + 8: a scan over g in 3 shuffle steps
+ROW_HALF_BITS = 16  # the two rows' counts travel as one 32-bit value (a unit's sums stay below 2^16)
+
+
+def _rows_above(stage: DecodeStage, stored: list, writer: FragmentWriter, lane, row0, col0, bind, registers: list):
+    """({0: rows above row g, 8: rows above row g + 8} of lane 4g + t, the scan's phases): the sums
+    of `stage.fragment_row_count` over the unit's rows before each of the lane's two rows, by an
+    inclusive scan over the warp's row groups (shuffles up by 4, 8, 16 lanes) of both counts packed in
+    one word, then the rows 0..7's total (lane 28's) added to the upper rows'. No lane recounts another
+    row: a row's count once a unit, its rank from the scan (bitmap: 15 row popcounts a lane before)."""
+    g = lane // 4
+    half = tirx.const(ROW_HALF_BITS, "uint32")
+    low_mask = tirx.const((1 << ROW_HALF_BITS) - 1, "uint32")
+    counts = [stage.fragment_row_count(stored, row0 + g + 8 * h, col0, bind).astype("uint32") for h in range(2)]
+    step = writer.lane_register("row_counts")
+    registers.append(step)
+    phases = [[tirx.BufferStore(step, counts[0] | (counts[1] << half), writer.own(step, lane))]]
+    first = step
+    for delta in ROW_SCAN_DELTAS:
+        # the shuffle into a register of its own: under a select only some lanes would run it
+        up = tirx.decl_buffer((1,), "uint32", name=f"rows_up{delta}", scope="local")
+        following = writer.lane_register(f"rows_scan{delta}")
+        registers += [up, following]
+        taken = (lane >= delta).astype("uint32")
+        own = tirx.BufferLoad(step, writer.own(step, lane))
+        phases.append(
+            [
+                tirx.BufferStore(up, writer.read_up(step, lane, delta), [0]),
+                tirx.BufferStore(following, own + tirx.BufferLoad(up, [0]) * taken, writer.own(following, lane)),
+            ]
+        )
+        step = following
+    low_total = tirx.decl_buffer((1,), "uint32", name="rows_low_total", scope="local")
+    registers.append(low_total)
+    last_group = 4 * (MMA_TILE // 2 - 1)  # lane 28: rows 0 .. 7 inclusive in its low half
+    phases.append([tirx.BufferStore(low_total, writer.read_lane(step, last_group) & low_mask, [0])])
+    exclusive = tirx.BufferLoad(step, writer.own(step, lane)) - tirx.BufferLoad(first, writer.own(first, lane))
+    above = {
+        0: (exclusive & low_mask).astype("int32"),
+        8: ((exclusive >> half) + tirx.BufferLoad(low_total, [0])).astype("int32"),
+    }
+    return above, phases
+
+
+def _lane_row_value(analyzer: Analyzer, values: dict, col_in_tile, lane):
+    """values[0] or values[8]: the one for the row `col_in_tile` (lane // 4 or lane // 4 + 8)."""
+    for offset, value in values.items():
+        if analyzer.can_prove_equal(col_in_tile, lane // 4 + offset):
+            return value
+    raise ValueError(f"internal: a row scan needs lane 4g + t to hold rows g and g + 8, not {col_in_tile}")

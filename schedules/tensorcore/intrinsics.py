@@ -97,6 +97,30 @@ class FragmentWriter:
     def store_pair(self, fragment, tile: Any, lane: Any, pair: Any, bits: tirx.PrimExpr) -> tirx.Stmt:
         raise NotImplementedError
 
+    # Lanes that read one another's values (a scan over a unit's rows): each exchanged value is a
+    # lane register of its own, written in one phase and read, by any lane, in a later one.
+
+    def lane_register(self, name: str) -> tirx.Buffer:
+        """A uint32 register of every lane that other lanes may read (`read_up`, `read_lane`)."""
+        raise NotImplementedError
+
+    def own(self, register: tirx.Buffer, lane: Any) -> list:
+        """The index of `lane`'s own element of a `lane_register`."""
+        raise NotImplementedError
+
+    def read_up(self, register: tirx.Buffer, lane: Any, delta: int) -> tirx.PrimExpr:
+        """The register of lane `lane - delta` (of `lane` itself when lane < delta, as shfl.up)."""
+        raise NotImplementedError
+
+    def read_lane(self, register: tirx.Buffer, source: int) -> tirx.PrimExpr:
+        """The register of lane `source`."""
+        raise NotImplementedError
+
+    def lane_phases(self, lane: tirx.Var, setup: list, phases: list[list]) -> tirx.Stmt:
+        """The phases (statement lists) of the lanes' work in order, each finished by every lane before a
+        lane reads, in a later phase, what it wrote; `setup` (per-lane registers the phases read) first."""
+        raise NotImplementedError
+
 
 # One register move: the fragment is a per-lane register array (TransformMmaBufferLayout), which the
 # lowering lets only opaque calls touch, as ldmatrix and mma do; nvcc inlines it to a MOV (or nothing).
@@ -104,6 +128,18 @@ _SET_B32 = "tensorpress_set_b32"
 _SET_B32_SOURCE = (
     f"__device__ __forceinline__ void {_SET_B32}(void* reg, unsigned int bits) {{\n"
     "  *reinterpret_cast<unsigned int*>(reg) = bits;\n}\n"
+)
+
+# Warp shuffles of the whole warp (every lane of a fragment decode runs them): a lane register read by
+# another lane. Always stored to a register before any select: a shuffle under `?:` would diverge.
+_SHFL_UP, _SHFL = "tensorpress_shfl_up", "tensorpress_shfl"
+_SHFL_UP_SOURCE = (  # one function a source: the codegen includes each source once per name
+    f"__device__ __forceinline__ unsigned int {_SHFL_UP}(unsigned int v, int delta) {{\n"
+    "  return __shfl_up_sync(0xffffffffu, v, delta);\n}\n"
+)
+_SHFL_SOURCE = (
+    f"__device__ __forceinline__ unsigned int {_SHFL}(unsigned int v, int lane) {{\n"
+    "  return __shfl_sync(0xffffffffu, v, lane);\n}\n"
 )
 
 
@@ -123,6 +159,28 @@ class CudaFragmentWriter(FragmentWriter):
             "handle", "tirx.tvm_access_ptr", tirx.type_annotation("float16"), fragment.data, offset, 2, 2
         )
         return tirx.Evaluate(cuda_func_call(_SET_B32, pointer, bits, source_code=_SET_B32_SOURCE))
+
+    def lane_register(self, name: str) -> tirx.Buffer:
+        return tirx.decl_buffer((1,), "uint32", name=name, scope="local")
+
+    def own(self, register: tirx.Buffer, lane: Any) -> list:
+        return [0]
+
+    def read_up(self, register: tirx.Buffer, lane: Any, delta: int) -> tirx.PrimExpr:
+        from tvm.backend.cuda.op import cuda_func_call
+
+        value = tirx.BufferLoad(register, [0])
+        return cuda_func_call(_SHFL_UP, value, delta, source_code=_SHFL_UP_SOURCE, return_type="uint32")
+
+    def read_lane(self, register: tirx.Buffer, source: int) -> tirx.PrimExpr:
+        from tvm.backend.cuda.op import cuda_func_call
+
+        value = tirx.BufferLoad(register, [0])
+        return cuda_func_call(_SHFL, value, source, source_code=_SHFL_SOURCE, return_type="uint32")
+
+    def lane_phases(self, lane: tirx.Var, setup: list, phases: list[list]) -> tirx.Stmt:
+        # one thread a lane, in program order: a warp's shuffles keep its lanes in step
+        return self.lane_loop(lane, tirx.SeqStmt([*setup, *(s for phase in phases for s in phase)]))
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ into its B fragments, two weights per register (`fragment_decode.py` has the pic
 
     global ──cp.async──▶ staged words (shared, rows padded) ──LDS + pair decode──▶ B fragments ──▶ mma
                                   (bitmap: + offsets and values, LDG at a pair's rank) ──┘
+      (bitmap: a lane counts its two rows' set bits; the rows above each come from a scan of the
+       counts across the warp, shuffles, not from recounting them in every lane)
 
 A stage offering both fragment decode and a tile scatter (bitmap) says per weight which the template
-takes (`fragment_decode_preferred`: bitmap above 50 % density; fragment decode costs the same at any
+takes (`fragment_decode_preferred`: bitmap above 33 % density; fragment decode costs the same at any
 density, the scatter a loop trip per set bit); a config whose block_k the stage's unit does not divide
 takes the scatter.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import tvm_ffi
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -122,6 +123,29 @@ class EmulatedFragmentWriter(FragmentWriter):
         halves = [bits & tirx.const(0xFFFF, "uint32"), bits >> tirx.const(16, "uint32")]
         values = [tirx.reinterpret("float16", half.astype("uint16")) for half in halves]
         return tirx.SeqStmt([tirx.BufferStore(fragment, v, [tile, lane, 2 * pair + i]) for i, v in enumerate(values)])
+
+    def lane_register(self, name: str) -> tirx.Buffer:
+        return tirx.decl_buffer((32,), "uint32", name=name, scope="local")  # every lane's, poisoned
+
+    def own(self, register: tirx.Buffer, lane: Any) -> list:
+        return [lane]
+
+    def read_up(self, register: tirx.Buffer, lane: Any, delta: int) -> tirx.PrimExpr:
+        return tirx.BufferLoad(register, [tirx.Select(lane >= delta, lane - delta, lane)])  # shfl.up's rule
+
+    def read_lane(self, register: tirx.Buffer, source: int) -> tirx.PrimExpr:
+        return tirx.BufferLoad(register, [source])
+
+    def lane_phases(self, lane: tirx.Var, setup: list, phases: list[list]) -> tirx.Stmt:
+        # a serial lane loop a phase: every lane's writes land before any lane reads them
+        loops = []
+        for phase in phases:
+            own = tirx.Var(lane.name, lane.ty)  # a loop variable is defined once in a function
+            body = tvm_ffi.structural_map(
+                tirx.SeqStmt([*setup, *phase]), (tirx.Var, lambda v, own=own: own if v.same_as(lane) else v)
+            )
+            loops.append(self.lane_loop(own, body))
+        return tirx.SeqStmt(loops)
 
 
 def emulated_intrinsics(

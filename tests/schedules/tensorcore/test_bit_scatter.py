@@ -38,7 +38,7 @@ FORMATS = ["bitmap", "bitmap-e3m2"]
 @pytest.fixture(autouse=True)
 def scatter_at_every_density(monkeypatch):
     """This module tests the scatter: bitmap's template takes it at every density here (the shipped
-    stage decodes into B fragments above 50 % density, `test_bitmap_fragment_decode.py`)."""
+    stage decodes into B fragments above 33 % density, `test_bitmap_fragment_decode.py`)."""
     monkeypatch.setattr(BitmapDecode, "fragment_decode_preferred", lambda self, stored, m, k: False)
 
 

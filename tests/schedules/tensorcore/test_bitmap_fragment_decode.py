@@ -20,6 +20,7 @@ from tensorcore_cases import (
 from tensorpress.compiler.formats import bitmap, decode_stage, get_weight_format
 from tensorpress.compiler.formats.bitmap import BitmapDecode
 from tensorpress.compiler.pruning import prune
+from tensorpress.schedules.tensorcore import fragment_decode
 from tensorpress.schedules.tensorcore.intrinsics import cuda_intrinsics
 from tensorpress.schedules.tensorcore.template import builds_w_by_scatter, find_blocks, schedule_weight_gemm
 from tensorpress.schedules.tensorcore.tile_config import SHIPPED_TILES, TileConfig
@@ -33,7 +34,7 @@ TOLERANCE = 2e-3  # fp16 output of fp32 sums
 
 
 class FragmentAlways(BitmapDecode):
-    """bitmap whose template takes fragment decode at every density (the shipped stage: above 50 %)."""
+    """bitmap whose template takes fragment decode at every density (the shipped stage: above 33 %)."""
 
     def fragment_decode_preferred(self, stored, m, k):
         return True
@@ -80,11 +81,13 @@ def _schedule(sparsity: float, config: TileConfig):
     [
         (0.4, SHIPPED_TILES[0], True),
         (0.2, SHIPPED_TILES[1], True),
-        (0.5, SHIPPED_TILES[0], False),
+        (0.5, SHIPPED_TILES[0], True),
+        (0.65, SHIPPED_TILES[0], True),
+        (0.7, SHIPPED_TILES[0], False),
         (0.8, SHIPPED_TILES[0], False),
         (0.2, SMALL, False),
     ],
-    ids=["40%", "20%", "50%: scatter", "80%: scatter", "block_k 32: scatter"],
+    ids=["40%", "20%", "50%", "65%", "70%: scatter", "80%: scatter", "block_k 32: scatter"],
 )
 def test_the_template_takes_fragment_decode_from_its_density_up(sparsity, config, fragment):
     func, sch = _schedule(sparsity, config)
@@ -108,12 +111,37 @@ def _wrong_position_bit(rank):
 
 
 def _missed_tile(rank):  # every K tile of a row of tiles decoded from its first tile
-    return lambda bits, offsets, row, col, bind: rank(bits, offsets, row, col % bitmap.TILE_COLS, bind)
+    return lambda bits, offsets, row, col, bind, above: rank(bits, offsets, row, col % bitmap.TILE_COLS, bind, above)
 
 
 @pytest.mark.parametrize("bug", [_off_by_one_popcount, _wrong_position_bit, _missed_tile])
 def test_planted_bugs_fail(monkeypatch, bug):
     monkeypatch.setattr(bitmap, "fragment_rank", bug(bitmap.fragment_rank))
+    out, ref = replay(64, 256, 5, SHIPPED_TILES[1], 0.5, seed=5)
+    assert relative_error(out, ref) > 0.05
+
+
+# The rows above a pair come from the template's scan of the lanes' row counts (`fragment_decode.py`).
+
+
+def _row_count_off_by_one(count):
+    return lambda bits, row, col0, bind: count(bits, row, col0, bind) + 1
+
+
+def _row_count_of_the_next_tile(count):  # the counts read from the next K tile's words
+    return lambda bits, row, col0, bind: count(bits, row, col0 + bitmap.TILE_COLS, bind)
+
+
+@pytest.mark.parametrize("bug", [_row_count_off_by_one, _row_count_of_the_next_tile])
+def test_planted_row_count_bugs_fail(monkeypatch, bug):
+    monkeypatch.setattr(bitmap, "fragment_row_count", bug(bitmap.fragment_row_count))
+    out, ref = replay(64, 256, 5, SHIPPED_TILES[1], 0.5, seed=5)
+    assert relative_error(out, ref) > 0.05
+
+
+@pytest.mark.parametrize("deltas", [(4, 8), (4, 8, 8), (1, 2, 4)], ids=["a step short", "a step twice", "by lanes"])
+def test_planted_scan_bugs_fail(monkeypatch, deltas):
+    monkeypatch.setattr(fragment_decode, "ROW_SCAN_DELTAS", deltas)
     out, ref = replay(64, 256, 5, SHIPPED_TILES[1], 0.5, seed=5)
     assert relative_error(out, ref) > 0.05
 
@@ -156,7 +184,10 @@ def test_sass_decodes_w_in_registers(reports, arch, config):
     counts = steady_state(parse_listing(build.listing)[gemm.name], config.block_m * config.block_k // config.threads)
     assert counts is not None, gemm.summary()
     assert counts["LDSM"] == (config.block_k // 16) * (config.block_n // 16), dict(counts)  # X only, none for W
-    assert counts["POPC"] > 0, dict(counts)
+    units = (config.warp_tile_m // 16) * (config.block_k // bitmap.TILE_COLS)  # a warp's per K tile
+    assert counts["SHFL"] == 4 * units, dict(counts)  # the row scan: 3 up and 1 broadcast a unit
+    # a lane counts its 2 rows (4) and each pair's bits below it (16), not the rows above (30 more before)
+    assert 0 < counts["POPC"] <= 24 * units, dict(counts)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
