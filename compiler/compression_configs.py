@@ -152,11 +152,11 @@ class KVCacheConfig(_Config):
     The options of a page-granular format (None: the format's default): boost_fraction (int2-kitty: key
     channels at 4 bits, 0, 0.125 or 0.25), sink and window (tokens kept full precision at the start and
     at the end of each sequence), page_tokens (tokens of one quantised page), int8_query (int2-kitty and
-    int2-oscar on a CPU target, on by default: q·k over 2-bit pages as integer dot products with q rounded
-    to int8 per token and head, like llama.cpp's q8 dot products; faster, and the scores move by the
-    query's rounding, far less than by the keys' 2 bits: on the demo model the held-out perplexity moved
-    by 0.002 of 32.4 and the greedy tokens not at all; False keeps q·k in fp32;
-    `schedules/cpu/int8_query_scores.py`).
+    int2-oscar on a CPU target: q·k over 2-bit pages as integer dot products with q rounded to int8 per
+    token and head, like llama.cpp's q8 dot products; the scores move by the query's rounding, far less
+    than by the keys' 2 bits: on the demo model the held-out perplexity moved by 0.002 of 32.4 and the
+    greedy tokens not at all. None (the default): where it is faster, head_dim a multiple of 128 (16-21%
+    at 32k); True: any head_dim a multiple of 16; False: q·k in fp32; `schedules/cpu/int8_query_scores.py`).
     """
 
     format: str = "auto"

@@ -456,13 +456,16 @@ def paged_attention_func(
 
 def _int8_query_keys(kv_cache: Any, head_dim: int, page_size: int, wanted: bool | None):
     """The format's key planes for the int8-query scores when they apply (module docstring of
-    `cpu/int8_query_scores.py`), else None: asked for (`wanted`, default the format's `int8_query` option)
-    on an llvm target, by a format that gives them, for a shape the block takes."""
-    from tensorpress.schedules.cpu.int8_query_scores import supported
+    `cpu/int8_query_scores.py`), else None: asked for (`wanted`, default the format's `int8_query` option:
+    True, or None where the block is the faster, `faster_by_default`) on an llvm target, by a format that
+    gives them, for a shape the block takes."""
+    from tensorpress.schedules.cpu.int8_query_scores import faster_by_default, supported
 
     current = Target.current(allow_none=True)
     if wanted is None:
-        wanted = bool(getattr(kv_cache, "int8_query", False)) and current is not None and current.kind.name == "llvm"
+        option = getattr(kv_cache, "int8_query", False)
+        on_cpu = current is not None and current.kind.name == "llvm"
+        wanted = on_cpu and (option is True or (option is None and faster_by_default(head_dim)))
     if not wanted or not hasattr(kv_cache, "int8_query_keys"):
         return None
     if current is not None and str(current.attrs.get("mcpu", "")) not in AVX2_CPUS:

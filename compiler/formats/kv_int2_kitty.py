@@ -193,7 +193,8 @@ class Int2KittyKVCache(PageQuantisedKVFormat):
     sink: int = 32
     window: int = 128
     page_tokens: int = PAGE_SIZE
-    int8_query: bool = True  # CPU: q·k over 2-bit pages as int8 x code dot products (int8_query_keys)
+    # CPU: q·k over 2-bit pages as int8 x code dot products (int8_query_keys); None: where they are faster
+    int8_query: bool | None = None
     name: str = "int2-kitty"
 
     def __post_init__(self):

@@ -102,7 +102,8 @@ class Int2OscarKVCache(PageQuantisedKVFormat):
     page_tokens: int = 16
     key_clip: float = KEY_CLIP
     value_clip: float = VALUE_CLIP
-    int8_query: bool = True  # CPU: q·k over 2-bit rows as int8 x 2-bit dot products (kv_page_quantised)
+    # CPU: q·k over 2-bit rows as int8 x 2-bit dot products (int8_query_keys); None: where they are faster
+    int8_query: bool | None = None
     name: str = "int2-oscar"
     attention_rotations: ClassVar[bool] = True  # R_K and R_V per layer and kv head, model parameters
 

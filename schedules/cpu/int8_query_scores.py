@@ -158,6 +158,15 @@ def supported(keys: Int8QueryKeys | None, head_dim: int, page_size: int) -> bool
     return keys is not None and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM and page_size % ROWS == 0
 
 
+def faster_by_default(head_dim: int) -> bool:
+    """Where the formats' default (int8_query None) takes the block: rows of whole 128-channel chunks. With a
+    partial chunk the block multiplies its padding too; measured at 32k and 1k context, G8, B1 and B8
+    (`benchmarks/kv_attention_cpu.py --head-dim`, x86-64-v3, 2 threads) against the fp32 q·k: head_dim 128,
+    int2-kitty 16-20% and int2-oscar 17-21% faster at 32k; head_dim 64, int2-kitty 2-10% slower, int2-oscar
+    9-13% faster; head_dim 32, int2-kitty 20% slower, int2-oscar level."""
+    return head_dim % 128 == 0
+
+
 def packed_length(head_dim: int) -> int:
     """Positions of the query's packed order: whole chunks of 128 (a partial last chunk's missing channels
     are zeros there, multiplied by the zero words `row_words` puts past the row)."""

@@ -137,14 +137,23 @@ def test_the_packed_query_order_is_a_permutation_and_its_inverse():
     assert all(packed_position(permuted(p)) == p for p in range(256))
 
 
-def test_the_option_is_on_by_default_reaches_the_format_and_is_refused_where_it_does_not_apply(tmp_path):
+def test_the_option_defaults_to_where_it_is_faster_reaches_the_format_and_is_refused_where_it_does_not_apply(
+    tmp_path,
+):
     for name in ("int2-kitty", "int2-oscar"):
-        assert KVCacheConfig(name).kv_cache_format().int8_query is True
-        assert KVCacheConfig(name, int8_query=False).kv_cache_format().int8_query is False
-    with tvm.target.Target(TARGET):  # the default format's CPU definition has the int8-query blocks
-        for int8_query, blocks in ((None, True), (False, False)):
+        for int8_query in (None, True, False):
+            assert KVCacheConfig(name, int8_query=int8_query).kv_cache_format().int8_query is int8_query
+    # the CPU definition has the int8-query blocks: by default at head_dim 128, not 32; asked for, at both
+    with tvm.target.Target(TARGET):
+        for int8_query, head_dim, blocks in (
+            (None, 128, True),
+            (None, 32, False),
+            (True, 32, True),
+            (False, 128, False),
+        ):
             fmt = KVCacheConfig("int2-kitty", int8_query=int8_query).kv_cache_format()
-            assert ("q_prepared" in str(paged_attention_func(fmt, 8, 2, 32, 16, "float32", "decode"))) is blocks
+            func = paged_attention_func(fmt, 8, 2, head_dim, 16, "float32", "decode")
+            assert ("q_prepared" in str(func)) is blocks, (int8_query, head_dim)
     with pytest.raises(ConfigError, match="page-granular"):
         KVCacheConfig("int4", int8_query=True)
     for flag in ("--kv-int8-query", "--no-kv-int8-query"):
