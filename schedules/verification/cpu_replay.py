@@ -5,7 +5,13 @@ as plain loops fed the same address expressions as on the GPU. Then:
 
 * every thread-bound loop (blockIdx.*, threadIdx.*) becomes a serial loop that visits its indices in
   a shuffled order (an affine permutation i -> (a·i + b) mod extent, or reversed for symbolic
-  extents), so a result that depends on which thread runs first differs between seeds;
+  extents), so a result that depends on which thread runs first differs between seeds. The loops
+  stay in natural order until TVM has compacted the buffers and lowered the blocks (the order rides
+  on the loop as an annotation; `shuffle_threads` applies it): TVM 0.27's CompactBufferAllocation
+  narrows a buffer's region by the predicates of the blocks that access it, and with a permuted
+  thread index in a predicate it can leave another loop's variable in the compacted buffer's offset
+  (the FPx e3m3 plane1 copy at 16x32x64: "variable ax0_ax1_fused_1 has been used before
+  definition" for 7 seeds in 100). The shuffle only reorders serial loops, so it may come late;
 * every shared-memory and warp/local buffer is filled with NaN (integers: all ones) right where it is
   allocated, so reading an element nobody wrote poisons the output instead of passing by luck;
 * the module is lowered by TVM's own s_tir pipeline minus the GPU-only passes (barriers, cp.async
@@ -33,30 +39,33 @@ from tvm.tirx.compilation_pipeline import register_tir_pipeline
 REPLAY_PIPELINE = "tensorpress_replay"
 SCRATCH_SCOPES = ("shared", "shared.dyn", "warp", "local")
 THREAD_ANNOTATION = "tensorpress.replay_thread"
+ORDER_ANNOTATION = "tensorpress.replay_order"  # a serialized thread loop's shuffled order (shuffle_threads)
 CUDA_LOOP_PRAGMAS = ("pragma_unroll", "disable_unroll")  # nvcc's business
 
 
 def serialize_threads(mod: tvm.IRModule, seed: int | None = None, keep_order: Sequence[tirx.Var] = ()) -> tvm.IRModule:
-    """Turn thread-bound loops into serial loops, in shuffled order unless `seed` is None.
+    """Turn thread-bound loops into serial loops, to be visited in a shuffled order unless `seed` is None.
 
-    Each loop keeps its thread tag as the annotation `tensorpress.replay_thread`. Loops over the
-    variables in `keep_order` keep their natural order (the KV replay's warp-reduction lanes, see
+    Each loop keeps its thread tag as the annotation `tensorpress.replay_thread`, and its shuffled
+    order as `tensorpress.replay_order` (see `shuffle_threads`, which the replay pipeline runs once the
+    buffers are compacted; until then the loop runs in natural order). Loops over the variables in
+    `keep_order` keep their natural order (the KV replay's warp-reduction lanes, see
     `kv_attention_replay.py`). Unrolled loops become plain serial loops too (same semantics, far
     shorter llvm builds), and nvcc's loop pragmas are dropped (llvm would warn about them).
     """
     rng = random.Random(seed)
 
-    def permute(index: tirx.Var, extent: tirx.PrimExpr, old: tirx.Var) -> tirx.PrimExpr:
+    def order(extent: tirx.PrimExpr, old: tirx.Var) -> list[int] | None:
+        """[stride, offset] of trip i -> (stride·i + offset) mod extent; [] reversed; None natural."""
         if seed is None or any(old.same_as(v) for v in keep_order):
-            return index
+            return None
         if isinstance(extent, tirx.IntImm):
             n = int(extent)
             if n <= 1:
-                return index
+                return None
             stride = rng.choice([a for a in range(1, n) if math.gcd(a, n) == 1] or [1])
-            offset = rng.randrange(n)
-            return tirx.floormod(index * stride + offset, n)
-        return extent - 1 - index
+            return [stride, rng.randrange(n)]
+        return []
 
     def serialize(loop: tirx.For) -> tirx.For:
         if loop.kind == tirx.ForKind.UNROLLED or any(k in loop.annotations for k in CUDA_LOOP_PRAGMAS):
@@ -68,17 +77,42 @@ def serialize_threads(mod: tvm.IRModule, seed: int | None = None, keep_order: Se
             )  # fmt: skip
         if loop.kind != tirx.ForKind.THREAD_BINDING:
             return loop
-        old = loop.loop_var
-        index = tirx.Var(old.name, old.ty)
-        order = permute(index, loop.extent, old)
-        body = tvm_ffi.structural_map(loop.body, (tirx.Var, lambda v: order if v.same_as(old) else v))
         annotations = dict(loop.annotations)
         annotations[THREAD_ANNOTATION] = loop.thread_binding.thread_tag
+        shuffled = order(loop.extent, loop.loop_var)
+        if shuffled is not None:
+            annotations[ORDER_ANNOTATION] = shuffled
         return tirx.For(
-            index, loop.min, loop.extent, tirx.ForKind.SERIAL, body, None, annotations, loop.step, loop.span
-        )
+            loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, None, annotations, loop.step,
+            loop.span,
+        )  # fmt: skip
 
     return tvm_ffi.structural_map(mod, (tirx.For, serialize))
+
+
+@tirx.transform.prim_func_pass(opt_level=0, name="tensorpress.ShuffleThreads")
+def shuffle_threads(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+    """Make each serial loop carrying a `tensorpress.replay_order` (`serialize_threads`) visit its
+    threads in that order: trip i runs thread min + (stride·i + offset) mod extent, or the threads
+    from last to first."""
+
+    def shuffle(loop: tirx.For) -> tirx.For:
+        order = loop.annotations.get(ORDER_ANNOTATION)
+        if order is None:
+            return loop
+        old = loop.loop_var
+        index = tirx.Var(old.name, old.ty)
+        trip = index - loop.min
+        if len(order) == 2:
+            thread = tirx.floormod(trip * int(order[0]) + int(order[1]), loop.extent)
+        else:
+            thread = loop.extent - 1 - trip
+        thread = thread + loop.min
+        body = tvm_ffi.structural_map(loop.body, (tirx.Var, lambda v: thread if v.same_as(old) else v))
+        annotations = {k: v for k, v in loop.annotations.items() if k != ORDER_ANNOTATION}
+        return tirx.For(index, loop.min, loop.extent, loop.kind, body, None, annotations, loop.step, loop.span)
+
+    return tvm_ffi.structural_map(func, (tirx.For, shuffle))
 
 
 def _poison_value(dtype: str) -> tirx.PrimExpr:
@@ -141,6 +175,7 @@ def _replay_pipeline():
             s_tir.transform.InjectSoftwarePipeline(),
             s_tir.transform.TransformMmaBufferLayout(),
             s_tir.transform.LowerOpaqueBlock(),
+            shuffle_threads,  # after the last pass that reads block predicates (module docstring)
             tirx.transform.FlattenBuffer(),
             poison_scratch_buffers,
             tirx.transform.BF16ComputeLegalize(),
