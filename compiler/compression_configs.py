@@ -155,8 +155,9 @@ class KVCacheConfig(_Config):
     int2-oscar on a CPU target: q·k over 2-bit pages as integer dot products with q rounded to int8 per
     token and head, like llama.cpp's q8 dot products; the scores move by the query's rounding, far less
     than by the keys' 2 bits: on the demo model the held-out perplexity moved by 0.002 of 32.4 and the
-    greedy tokens not at all. None (the default): where it is faster, head_dim a multiple of 128 (16-21%
-    at 32k); True: any head_dim a multiple of 16; False: q·k in fp32; `schedules/cpu/int8_query_scores.py`).
+    greedy tokens not at all. None (the default): where it is faster, head_dim 64 or a multiple of 128
+    (4-21% at 32k); True: any head_dim a multiple of 16; False: q·k in fp32;
+    `schedules/cpu/int8_query_scores.py`).
     """
 
     format: str = "auto"

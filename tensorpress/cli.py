@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --kv-cache-dtype int2-kitty or int2-oscar on a CPU target: q·k over the 2-bit pages as integer "
         "dot products, q rounded to int8 (the scores move by q's rounding, far less than by the 2-bit keys); by "
-        "default where it is faster (head_dim a multiple of 128); --no-kv-int8-query keeps q·k in fp32",
+        "default where it is faster (head_dim 64 or a multiple of 128); --no-kv-int8-query keeps q·k in fp32",
     )
     p.add_argument(
         "--input-shape", action="append", help="ONNX graphs: override an input shape, name=1,128 (repeatable)"

@@ -22,7 +22,9 @@ The integer sums are exact (|Σ| < 2^24). The approximation against fp32 dequant
 rounding to 8 bits: at most σ/2 per channel, against the 2-bit key's own error of a/2 per channel.
 
 How a task runs (8 rows a vector: one page lookup per vector, PS a multiple of 8; head_dim a multiple of 16,
-chunks of 128 channels, a partial last one read as its words followed by zero words, its query positions 0):
+chunks of 128 channels, a partial last one read as its words followed by zero words, its query positions 0;
+at head_dim <= 64 two rows share each vector instead, `pairs_rows`: row r's word m at word 2m, row r + 1's at
+2m + 1, q's codes at both (`paired_position`), kitty's high bytes 0..3 and 4..7, and `pair_sum` for the sums):
 
     per token and head (root)   σ, Q and q's int8 codes in the packed order: position 128·c + 32·k + 4·m + i
                                 holds channel 128·c + 16·m + 4·i + k (`permuted`)
@@ -159,12 +161,13 @@ def supported(keys: Int8QueryKeys | None, head_dim: int, page_size: int) -> bool
 
 
 def faster_by_default(head_dim: int) -> bool:
-    """Where the formats' default (int8_query None) takes the block: rows of whole 128-channel chunks. With a
-    partial chunk the block multiplies its padding too; measured at 32k and 1k context, G8, B1 and B8
-    (`benchmarks/kv_attention_cpu.py --head-dim`, x86-64-v3, 2 threads) against the fp32 q·k: head_dim 128,
-    int2-kitty 16-20% and int2-oscar 17-21% faster at 32k; head_dim 64, int2-kitty 2-10% slower, int2-oscar
-    9-13% faster; head_dim 32, int2-kitty 20% slower, int2-oscar level."""
-    return head_dim % 128 == 0
+    """Where the formats' default (int8_query None) takes the block: where it measured faster than the fp32
+    q·k for both formats (`benchmarks/kv_attention_cpu.py --head-dim D --contexts 32768 --groups 8`,
+    x86-64-v3, 2 threads): head_dim 128, int2-kitty 16-20% and int2-oscar 17-21% faster (B1, B8); head_dim 64
+    with paired rows, int2-kitty 4-6% and int2-oscar 8-17% faster (quiet machine, two runs); head_dim 32,
+    int2-kitty 10-15% slower (q·k is too little of the work there), int2-oscar level to 12% faster. Other
+    head dims (a partial chunk of more than 64 channels, padded) were not measured."""
+    return head_dim % 128 == 0 or head_dim == 64
 
 
 def packed_length(head_dim: int) -> int:
@@ -185,6 +188,18 @@ def permuted(p: int) -> int:
     return 128 * chunk + 16 * m + 4 * i + k
 
 
+def pairs_rows(head_dim: int) -> bool:
+    """Whether a vector holds two rows: at head_dim <= 64 a row's codes fill at most half of 32 bytes, so rows
+    r and r + 1 share each vpmaddubsw, their words interleaved (row r's word m at 2m, row r + 1's at 2m + 1)."""
+    return head_dim <= 64
+
+
+def paired_position(d, half: int):
+    """Where channel d's int8 code sits for paired rows (`pairs_rows`): the packed order's word m = d // 16 at
+    word 2m + half of the 32 bytes (k, so half 0 meets row r's word m and half 1 row r + 1's)."""
+    return (d % 4) * 32 + (2 * (d // 16) + half) * 4 + (d % 16) // 4
+
+
 def packed_position(d: int):
     """The inverse of `permuted` (TIR or int): where channel d sits in the query's packed order."""
     return (d // 128) * 128 + (d % 4) * 32 + ((d % 128) // 16) * 4 + (d % 16) // 4
@@ -197,7 +212,7 @@ def prepare_query(head_dim: int):
     last chunk's missing channels hold zeros."""
     from tvm.script import tirx as T
 
-    D, DP = head_dim, packed_length(head_dim)
+    D, DP, PAIRS = head_dim, packed_length(head_dim), pairs_rows(head_dim)
 
     @T.macro
     def prepare(n, h, q, scale, q_perm, q_codes, q_sigma, q_total):
@@ -213,11 +228,19 @@ def prepare_query(head_dim: int):
         q_sigma[n, h] = q_sigma[n, h] / T.float32(127)
         for d in range(D):
             q_perm[n, h, packed_position(d)] = T.Cast("float32", q[n, h, d]) * scale
-            q_codes[n, h, packed_position(d)] = T.if_then_else(
-                q_sigma[n, h] > T.float32(0),
-                T.Cast("int8", T.nearbyint(T.Cast("float32", q[n, h, d]) * scale / q_sigma[n, h])),
-                T.int8(0),
-            )
+            if PAIRS:  # each code twice: once for each row of a pair
+                for half in range(2):
+                    q_codes[n, h, paired_position(d, half)] = T.if_then_else(
+                        q_sigma[n, h] > T.float32(0),
+                        T.Cast("int8", T.nearbyint(T.Cast("float32", q[n, h, d]) * scale / q_sigma[n, h])),
+                        T.int8(0),
+                    )
+            else:
+                q_codes[n, h, packed_position(d)] = T.if_then_else(
+                    q_sigma[n, h] > T.float32(0),
+                    T.Cast("int8", T.nearbyint(T.Cast("float32", q[n, h, d]) * scale / q_sigma[n, h])),
+                    T.int8(0),
+                )
 
     return prepare
 
@@ -234,6 +257,7 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
     GP = int(quantised[0].shape[4]) // PS  # rows of a quantised page over runtime page rows
     HC, HP = keys.high_count, high_packed_length(keys.high_count)  # boosted channels; their packed positions
     HW, HB = HC // 32, (HC % 32) // 4  # whole 8-byte chunks of a row's high plane; a last one's bytes
+    PAIRS = pairs_rows(D)  # two rows a vector (then FC = HW = 0: PW <= 4 words, HB <= 4 bytes a row)
     HT = largest_divisor(G, HEADS_A_TILE)
     per_token = keys.scale_axis == "token"
     i64 = T.int64
@@ -256,7 +280,7 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         )
 
     @T.macro
-    def page_query(n, g, layer, qpage, slot, q_perm, w8, hw8, sigma, total, ap, bp, slot_of, vmax, vsum):
+    def page_query(n, g, layer, qpage, slot, q_perm, w8, hw8, sigma, total, ap, bp, slot_of, vmax, vsum, w_std):
         """Per-channel formats: w = q · a rounded to int8 (σ, B) for every head, for quantised page qpage, into
         the page workspace's entry `slot` of (n, g)."""
         if DP > D:  # a partial last chunk: its missing channels weigh 0
@@ -288,17 +312,32 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                 sigma[n, g, slot, j] > T.float32(0), T.float32(127) / sigma[n, g, slot, j], T.float32(0)
             )
             sigma[n, g, slot, j] = sigma[n, g, slot, j] / T.float32(127)
-            for v in range(DP // 8):
-                w8[n, g, slot, j, lanes8(v * 8)] = T.Cast(
-                    "int8x8",
-                    T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] * T.broadcast(vsum[0], 8)),
-                )
-            if HC > 0:
-                if HP > HC:  # a partial last chunk: zero weights where its zero bytes are
+            if PAIRS:  # w8 in the packed order first, then each code at its two paired positions
+                for v in range(DP // 8):
+                    w_std[lanes8(v * 8)] = T.Cast(
+                        "int8x8",
+                        T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] * T.broadcast(vsum[0], 8)),
+                    )
+                    w8[n, g, slot, j, lanes8(v * 8)] = T.broadcast(T.int8(0), 8)
+                for d, half in T.grid(D, 2):
+                    w8[n, g, slot, j, paired_position(d, half)] = w_std[packed_position(d)]
+                if HC > 0:  # high bytes j of field k: row r's at 8k + j, row r + 1's at 8k + 4 + j
                     for s in range(HP):
                         hw8[n, g, slot, j, s] = T.int8(0)
-                for s in range(HC):
-                    hw8[n, g, slot, j, (s // 32) * 32 + (s % 4) * 8 + (s % 32) // 4] = w8[n, g, slot, j, slot_of[s]]
+                    for s, half in T.grid(HC, 2):
+                        hw8[n, g, slot, j, (s % 4) * 8 + half * 4 + s // 4] = w_std[slot_of[s]]
+            else:
+                for v in range(DP // 8):
+                    w8[n, g, slot, j, lanes8(v * 8)] = T.Cast(
+                        "int8x8",
+                        T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] * T.broadcast(vsum[0], 8)),
+                    )
+                if HC > 0:
+                    if HP > HC:  # a partial last chunk: zero weights where its zero bytes are
+                        for s in range(HP):
+                            hw8[n, g, slot, j, s] = T.int8(0)
+                    for s in range(HC):
+                        hw8[n, g, slot, j, (s // 32) * 32 + (s % 4) * 8 + (s % 32) // 4] = w8[n, g, slot, j, slot_of[s]]
 
     def prefetch(load):
         return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), T.int32(0), T.int32(3), T.int32(1))
@@ -358,6 +397,67 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         quads = [hadd(hadd(v[0], v[1]), hadd(v[2], v[3])), hadd(hadd(v[4], v[5]), hadd(v[6], v[7]))]
         return shuffle(quads[0], quads[1], _LOW128) + shuffle(quads[0], quads[1], _HIGH128)
 
+    def pair_sum(per_row, j):
+        """The 8 rows' int32 sums as one int32 x 8 (row r in lane r) from 4 pair vectors: per_row[j, p] holds
+        rows 2p (even lanes) and 2p + 1 (odd lanes). Lanes c and c + 2 added, then the two 128-bit halves."""
+        from tvm import tirx
+
+        def shuffle(a, b, lanes):
+            return tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in lanes])
+
+        def fold(a, b):
+            return shuffle(a, b, [0, 1, 8, 9, 4, 5, 12, 13]) + shuffle(a, b, [2, 3, 10, 11, 6, 7, 14, 15])
+
+        v = [per_row[j, p, lanes8(0)] for p in range(ROWS // 2)]
+        x, y = fold(v[0], v[1]), fold(v[2], v[3])
+        return shuffle(x, y, _LOW128) + shuffle(x, y, _HIGH128)
+
+    def pair_words(row_a, row_b):
+        """Two rows' words interleaved: row a's word m at 2m, row b's at 2m + 1 (m < 4)."""
+        from tvm import tirx
+
+        return tirx.Shuffle([row_a, row_b], [tirx.IntImm("int32", i) for i in (0, 8, 1, 9, 2, 10, 3, 11)])
+
+    @T.macro
+    def pair_products(n, g, layer, qpage, row, slot, ht, q_codes, page_w8, page_hw8, acc_row):
+        """acc_row[j] += rows row and row + 1 (two rows a vector, `pairs_rows`): their 2-bit codes times the
+        query's (or the page's weights') int8 codes in the paired order, and kitty's high bits likewise."""
+        for k in T.unroll(4):
+            for j in T.unroll(HT):
+                if per_token:
+                    acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                        plane_bytes(
+                            pair_words(
+                                keys.low_row(quantised, layer, qpage, g, row, 0, PW),
+                                keys.low_row(quantised, layer, qpage, g, row + 1, 0, PW),
+                            ),
+                            k,
+                        ),
+                        q_codes[n, g * G + ht * HT + j, T.ramp(k * 32, 1, 32)],
+                    )
+                else:
+                    acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                        plane_bytes(
+                            pair_words(
+                                keys.low_row(quantised, layer, qpage, g, row, 0, PW),
+                                keys.low_row(quantised, layer, qpage, g, row + 1, 0, PW),
+                            ),
+                            k,
+                        ),
+                        page_w8[n, g, slot, ht * HT + j, T.ramp(k * 32, 1, 32)],
+                    )
+        if HB > 0:  # bytes 0..3 row's, 4..7 the next row's
+            for j in T.unroll(HT):
+                acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                    high_bytes(
+                        T.bitwise_or(
+                            keys.high_row(quantised, layer, qpage, g, row, 0, HB),
+                            T.shift_left(keys.high_row(quantised, layer, qpage, g, row + 1, 0, HB), T.uint64(32)),
+                        )
+                    ),
+                    page_hw8[n, g, slot, ht * HT + j, T.ramp(0, 1, 32)],
+                )
+
     @T.macro
     def page_weights(n, g, p, pages_wide, layer, q_perm, positions, seq_slot, block_table, w8, hw8, sigma, total):
         """The "page_weights" block (per-channel formats), slot p of token n and kv head g: the quantised page
@@ -369,13 +469,14 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         slot_of = T.alloc_buffer((max(HC, 1),), "int32", scope="local")
         vmax = T.alloc_buffer((8,), "float32", scope="local")
         vsum = T.alloc_buffer((8,), "float32", scope="local")
+        w_std = T.alloc_buffer((DP,), "int8", scope="local")  # paired rows: w8 in the packed order
         for i in range(GP):
             if p * GP + i < pages_wide and (p * GP + i) * PS <= T.Cast("int64", positions[n]):
                 entry = T.Cast("int64", block_table[seq_slot[n], p * GP + i])
                 if entry < i64(0) and T.floormod(i64(-1) - entry, GP) == i64(0):
                     page_query(
                         n, g, layer, T.floordiv(i64(-1) - entry, GP), p, q_perm, w8, hw8, sigma, total, ap, bp,
-                        slot_of, vmax, vsum,
+                        slot_of, vmax, vsum, w_std,
                     )  # fmt: skip
 
     @T.macro
@@ -440,26 +541,42 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                         ra[lanes8(0)] = keys.row_affine(quantised, layer, qpage, g, qrow, 0)
                         rb[lanes8(0)] = keys.row_affine(quantised, layer, qpage, g, qrow, 1)
                     for ht in range(G // HT):
-                        for r in T.unroll(ROWS):  # a row's 32 bytes: 128 channels, 4 shifts
-                            for j in T.unroll(HT):
-                                acc_row[j, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
-                            for chunk in range(FC):
-                                low_products(
-                                    n, g, layer, qpage, qrow + r, slot, ht, chunk, 8, q_codes, page_w8, acc_row
-                                )  # noqa: E501
-                            if PW > 0:  # a partial last chunk: its words, then zeros
-                                low_products(n, g, layer, qpage, qrow + r, slot, ht, FC, PW, q_codes, page_w8, acc_row)  # noqa: E501
-                            if HW > 0:  # kitty: the high bits of the boosted channels, into the same sums
-                                for hc in range(HW):
-                                    high_products(n, g, layer, qpage, qrow + r, slot, ht, hc, 8, page_hw8, acc_row)
-                            if HB > 0:
-                                high_products(n, g, layer, qpage, qrow + r, slot, ht, HW, HB, page_hw8, acc_row)
-                            for j in T.unroll(HT):
-                                per_row[j, r, lanes8(0)] = T.call_llvm_pure_intrin(
-                                    "int32x8", MADDWD, acc_row[j, T.ramp(0, 1, 16)], ones
+                        if PAIRS:
+                            for pair in T.unroll(ROWS // 2):
+                                for j in T.unroll(HT):
+                                    acc_row[j, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+                                pair_products(
+                                    n, g, layer, qpage, qrow + 2 * pair, slot, ht, q_codes, page_w8, page_hw8, acc_row
                                 )
-                        for j in T.unroll(HT):
-                            acc32[j, lanes8(0)] = row_sum(per_row, j)
+                                for j in T.unroll(HT):
+                                    per_row[j, pair, lanes8(0)] = T.call_llvm_pure_intrin(
+                                        "int32x8", MADDWD, acc_row[j, T.ramp(0, 1, 16)], ones
+                                    )
+                            for j in T.unroll(HT):
+                                acc32[j, lanes8(0)] = pair_sum(per_row, j)
+                        else:
+                            for r in T.unroll(ROWS):  # a row's 32 bytes: 128 channels, 4 shifts
+                                for j in T.unroll(HT):
+                                    acc_row[j, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+                                for chunk in range(FC):
+                                    low_products(
+                                        n, g, layer, qpage, qrow + r, slot, ht, chunk, 8, q_codes, page_w8, acc_row
+                                    )
+                                if PW > 0:  # a partial last chunk: its words, then zeros
+                                    low_products(
+                                        n, g, layer, qpage, qrow + r, slot, ht, FC, PW, q_codes, page_w8, acc_row
+                                    )
+                                if HW > 0:  # kitty: the high bits of the boosted channels, into the same sums
+                                    for hc in range(HW):
+                                        high_products(n, g, layer, qpage, qrow + r, slot, ht, hc, 8, page_hw8, acc_row)
+                                if HB > 0:
+                                    high_products(n, g, layer, qpage, qrow + r, slot, ht, HW, HB, page_hw8, acc_row)
+                                for j in T.unroll(HT):
+                                    per_row[j, r, lanes8(0)] = T.call_llvm_pure_intrin(
+                                        "int32x8", MADDWD, acc_row[j, T.ramp(0, 1, 16)], ones
+                                    )
+                            for j in T.unroll(HT):
+                                acc32[j, lanes8(0)] = row_sum(per_row, j)
                         for j in T.unroll(HT):
                             if per_token:
                                 score[n, g * G + ht * HT + j, c, T.ramp(v * ROWS, i64(1), ROWS)] = T.Cast(

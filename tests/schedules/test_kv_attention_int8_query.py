@@ -72,6 +72,7 @@ SLOW = pytest.mark.slow  # the default run keeps one case of each format and pat
         # a partial last chunk of the row (96: 6 words) and of kitty's high plane (24 channels: 6 bytes)
         ("int2-kitty", *G4, 96),
         ("int2-oscar", *PREFILL, 32),
+        ("int2-kitty", *G4, 64),  # two rows a vector (head_dim <= 64), kitty's 16 boosted channels: 4 bytes a row
         pytest.param("int2-kitty", *G4, 128, marks=SLOW),
         pytest.param("int2-kitty-no-boost", *G8, 128, marks=SLOW),
         pytest.param("int2-kitty-no-boost", *PREFILL, 128, marks=SLOW),
@@ -80,6 +81,8 @@ SLOW = pytest.mark.slow  # the default run keeps one case of each format and pat
         pytest.param("int2-kitty", *PREFILL, 32, marks=SLOW),  # the demo's head_dim: 2 words, 2 high bytes
         pytest.param("int2-kitty-boost-0.125", *G4, 192, marks=SLOW),  # a whole chunk, then 4 words
         pytest.param("int2-oscar", *G8, 64, marks=SLOW),
+        pytest.param("int2-kitty-boost-0.125", *PREFILL, 64, marks=SLOW),  # paired rows, 2 high bytes a row
+        pytest.param("int2-kitty-no-boost", *G8, 32, marks=SLOW),
     ],
 )
 def test_int8_query_scores_match_their_numpy_definition_over_mixed_pages(name, heads, kv_heads, phase, new, head_dim):
@@ -143,10 +146,11 @@ def test_the_option_defaults_to_where_it_is_faster_reaches_the_format_and_is_ref
     for name in ("int2-kitty", "int2-oscar"):
         for int8_query in (None, True, False):
             assert KVCacheConfig(name, int8_query=int8_query).kv_cache_format().int8_query is int8_query
-    # the CPU definition has the int8-query blocks: by default at head_dim 128, not 32; asked for, at both
+    # the CPU definition has the int8-query blocks: by default at head_dim 128 and 64, not 32; asked for, at 32
     with tvm.target.Target(TARGET):
         for int8_query, head_dim, blocks in (
             (None, 128, True),
+            (None, 64, True),
             (None, 32, False),
             (True, 32, True),
             (False, 128, False),
