@@ -110,6 +110,13 @@ def strided_load(buffer, indices: list, axis: int, lanes: int = ROWS, step: int 
 _LOW128, _HIGH128 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]  # 128-bit halves of two vectors
 
 
+def _shuffle(a, b, lanes: list[int]):
+    """Lanes of the concatenation of vectors a and b."""
+    from tvm import tirx
+
+    return tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in lanes])
+
+
 def row_words(buffer, indices: list, words: int = 8):
     """`words` words (4 bytes each) of a uint8 buffer from indices (the last counts bytes) as uint32 x 8, the
     words past `words` zero: 8 words of one row, or the last, partial chunk of a row (head_dim % 128)."""
@@ -214,6 +221,9 @@ def prepare_query(head_dim: int):
 
     D, DP, PAIRS = head_dim, packed_length(head_dim), pairs_rows(head_dim)
 
+    def code_position(d, half):
+        return paired_position(d, half) if PAIRS else packed_position(d)
+
     @T.macro
     def prepare(n, h, q, scale, q_perm, q_codes, q_sigma, q_total):
         if DP > D:
@@ -228,15 +238,8 @@ def prepare_query(head_dim: int):
         q_sigma[n, h] = q_sigma[n, h] / T.float32(127)
         for d in range(D):
             q_perm[n, h, packed_position(d)] = T.Cast("float32", q[n, h, d]) * scale
-            if PAIRS:  # each code twice: once for each row of a pair
-                for half in range(2):
-                    q_codes[n, h, paired_position(d, half)] = T.if_then_else(
-                        q_sigma[n, h] > T.float32(0),
-                        T.Cast("int8", T.nearbyint(T.Cast("float32", q[n, h, d]) * scale / q_sigma[n, h])),
-                        T.int8(0),
-                    )
-            else:
-                q_codes[n, h, packed_position(d)] = T.if_then_else(
+            for half in range(2 if PAIRS else 1):  # paired rows: each code twice, once for each row of a pair
+                q_codes[n, h, code_position(d, half)] = T.if_then_else(
                     q_sigma[n, h] > T.float32(0),
                     T.Cast("int8", T.nearbyint(T.Cast("float32", q[n, h, d]) * scale / q_sigma[n, h])),
                     T.int8(0),
@@ -268,6 +271,23 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
     def plane_bytes(word, k):  # field k of every byte of a row's 32 bytes: channels 16m + 4i + k
         codes = T.bitwise_and(T.shift_right(word, T.broadcast(T.uint32(2 * k), ROWS)), mask)
         return T.reinterpret("int8x32", codes)
+
+    def rounded_weights(n, g, j, v, q_perm, ap, vsum):
+        """w8 at packed positions 8v .. 8v + 7 of head j: rint(q · a · 127 / max), the factor in vsum[0]."""
+        return T.Cast(
+            "int8x8", T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] * T.broadcast(vsum[0], 8))
+        )
+
+    def packed_weight(n, g, slot, j, position, w8, w_std):
+        """w8 of head j at a packed-order position: paired rows keep the packed order in w_std."""
+        return w_std[position] if PAIRS else w8[n, g, slot, j, position]
+
+    def high_position(s, half):
+        """Where boosted channel s's weight sits in hw8: field k = s % 4 of byte s // 4 of its chunk (byte j of
+        field k at 8k + j); paired rows: row r's bytes at 8k + j, row r + 1's at 8k + 4 + j."""
+        if PAIRS:
+            return (s % 4) * 8 + half * 4 + s // 4
+        return (s // 32) * 32 + (s % 4) * 8 + (s % 32) // 4
 
     @T.macro
     def page_channels(layer, qpage, g, ap, bp, chunk, k, m):
@@ -312,32 +332,21 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
                 sigma[n, g, slot, j] > T.float32(0), T.float32(127) / sigma[n, g, slot, j], T.float32(0)
             )
             sigma[n, g, slot, j] = sigma[n, g, slot, j] / T.float32(127)
-            if PAIRS:  # w8 in the packed order first, then each code at its two paired positions
-                for v in range(DP // 8):
-                    w_std[lanes8(v * 8)] = T.Cast(
-                        "int8x8",
-                        T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] * T.broadcast(vsum[0], 8)),
-                    )
+            for v in range(DP // 8):
+                if PAIRS:  # w8 in the packed order first, then each code at its two paired positions
+                    w_std[lanes8(v * 8)] = rounded_weights(n, g, j, v, q_perm, ap, vsum)
                     w8[n, g, slot, j, lanes8(v * 8)] = T.broadcast(T.int8(0), 8)
+                else:
+                    w8[n, g, slot, j, lanes8(v * 8)] = rounded_weights(n, g, j, v, q_perm, ap, vsum)
+            if PAIRS:
                 for d, half in T.grid(D, 2):
                     w8[n, g, slot, j, paired_position(d, half)] = w_std[packed_position(d)]
-                if HC > 0:  # high bytes j of field k: row r's at 8k + j, row r + 1's at 8k + 4 + j
+            if HC > 0:
+                if HP > HC:  # a partial last chunk: zero weights where its zero bytes are
                     for s in range(HP):
                         hw8[n, g, slot, j, s] = T.int8(0)
-                    for s, half in T.grid(HC, 2):
-                        hw8[n, g, slot, j, (s % 4) * 8 + half * 4 + s // 4] = w_std[slot_of[s]]
-            else:
-                for v in range(DP // 8):
-                    w8[n, g, slot, j, lanes8(v * 8)] = T.Cast(
-                        "int8x8",
-                        T.nearbyint(q_perm[n, g * G + j, lanes8(v * 8)] * ap[lanes8(v * 8)] * T.broadcast(vsum[0], 8)),
-                    )
-                if HC > 0:
-                    if HP > HC:  # a partial last chunk: zero weights where its zero bytes are
-                        for s in range(HP):
-                            hw8[n, g, slot, j, s] = T.int8(0)
-                    for s in range(HC):
-                        hw8[n, g, slot, j, (s // 32) * 32 + (s % 4) * 8 + (s % 32) // 4] = w8[n, g, slot, j, slot_of[s]]
+                for s, half in T.grid(HC, 2 if PAIRS else 1):
+                    hw8[n, g, slot, j, high_position(s, half)] = packed_weight(n, g, slot, j, slot_of[s], w8, w_std)
 
     def prefetch(load):
         return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), T.int32(0), T.int32(3), T.int32(1))
@@ -385,38 +394,35 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
     def row_sum(per_row, j):
         """The 8 rows' int32 sums of lanes, as one int32 x 8 (row r in lane r): per_row[j, r] holds row r's
         8 partial sums. Pairwise adds of shuffled lanes (vphaddd-like), then the two 128-bit halves."""
-        from tvm import tirx
-
-        def shuffle(a, b, lanes):
-            return tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in lanes])
 
         def hadd(a, b):
-            return shuffle(a, b, [0, 2, 8, 10, 4, 6, 12, 14]) + shuffle(a, b, [1, 3, 9, 11, 5, 7, 13, 15])
+            return _shuffle(a, b, [0, 2, 8, 10, 4, 6, 12, 14]) + _shuffle(a, b, [1, 3, 9, 11, 5, 7, 13, 15])
 
         v = [per_row[j, r, lanes8(0)] for r in range(ROWS)]
         quads = [hadd(hadd(v[0], v[1]), hadd(v[2], v[3])), hadd(hadd(v[4], v[5]), hadd(v[6], v[7]))]
-        return shuffle(quads[0], quads[1], _LOW128) + shuffle(quads[0], quads[1], _HIGH128)
+        return _shuffle(quads[0], quads[1], _LOW128) + _shuffle(quads[0], quads[1], _HIGH128)
 
     def pair_sum(per_row, j):
         """The 8 rows' int32 sums as one int32 x 8 (row r in lane r) from 4 pair vectors: per_row[j, p] holds
         rows 2p (even lanes) and 2p + 1 (odd lanes). Lanes c and c + 2 added, then the two 128-bit halves."""
-        from tvm import tirx
-
-        def shuffle(a, b, lanes):
-            return tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in lanes])
 
         def fold(a, b):
-            return shuffle(a, b, [0, 1, 8, 9, 4, 5, 12, 13]) + shuffle(a, b, [2, 3, 10, 11, 6, 7, 14, 15])
+            return _shuffle(a, b, [0, 1, 8, 9, 4, 5, 12, 13]) + _shuffle(a, b, [2, 3, 10, 11, 6, 7, 14, 15])
 
         v = [per_row[j, p, lanes8(0)] for p in range(ROWS // 2)]
         x, y = fold(v[0], v[1]), fold(v[2], v[3])
-        return shuffle(x, y, _LOW128) + shuffle(x, y, _HIGH128)
+        return _shuffle(x, y, _LOW128) + _shuffle(x, y, _HIGH128)
 
     def pair_words(row_a, row_b):
         """Two rows' words interleaved: row a's word m at 2m, row b's at 2m + 1 (m < 4)."""
-        from tvm import tirx
+        return _shuffle(row_a, row_b, [0, 8, 1, 9, 2, 10, 3, 11])
 
-        return tirx.Shuffle([row_a, row_b], [tirx.IntImm("int32", i) for i in (0, 8, 1, 9, 2, 10, 3, 11)])
+    def query_bytes(n, g, slot, head, start, q_codes, page_w8):
+        """The 32 int8 codes a row's codes meet from `start` for query head `head` of the group: the query's
+        own (per-token scales) or the quantised page's weights w8 (per-channel scales)."""
+        if per_token:
+            return q_codes[n, g * G + head, T.ramp(start, 1, 32)]
+        return page_w8[n, g, slot, head, T.ramp(start, 1, 32)]
 
     @T.macro
     def pair_products(n, g, layer, qpage, row, slot, ht, q_codes, page_w8, page_hw8, acc_row):
@@ -424,28 +430,16 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         query's (or the page's weights') int8 codes in the paired order, and kitty's high bits likewise."""
         for k in T.unroll(4):
             for j in T.unroll(HT):
-                if per_token:
-                    acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
-                        plane_bytes(
-                            pair_words(
-                                keys.low_row(quantised, layer, qpage, g, row, 0, PW),
-                                keys.low_row(quantised, layer, qpage, g, row + 1, 0, PW),
-                            ),
-                            k,
+                acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                    plane_bytes(
+                        pair_words(
+                            keys.low_row(quantised, layer, qpage, g, row, 0, PW),
+                            keys.low_row(quantised, layer, qpage, g, row + 1, 0, PW),
                         ),
-                        q_codes[n, g * G + ht * HT + j, T.ramp(k * 32, 1, 32)],
-                    )
-                else:
-                    acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
-                        plane_bytes(
-                            pair_words(
-                                keys.low_row(quantised, layer, qpage, g, row, 0, PW),
-                                keys.low_row(quantised, layer, qpage, g, row + 1, 0, PW),
-                            ),
-                            k,
-                        ),
-                        page_w8[n, g, slot, ht * HT + j, T.ramp(k * 32, 1, 32)],
-                    )
+                        k,
+                    ),
+                    query_bytes(n, g, slot, ht * HT + j, k * 32, q_codes, page_w8),
+                )
         if HB > 0:  # bytes 0..3 row's, 4..7 the next row's
             for j in T.unroll(HT):
                 acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
@@ -485,16 +479,10 @@ def int8_query_scores(keys: Int8QueryKeys, cache: list, group: int, head_dim: in
         (or the page's weights') int8 codes at the chunk's packed positions, for the heads of tile ht."""
         for k in T.unroll(4):
             for j in T.unroll(HT):
-                if per_token:
-                    acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
-                        plane_bytes(keys.low_row(quantised, layer, qpage, g, row, chunk * 32, words), k),
-                        q_codes[n, g * G + ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
-                    )
-                else:
-                    acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
-                        plane_bytes(keys.low_row(quantised, layer, qpage, g, row, chunk * 32, words), k),
-                        page_w8[n, g, slot, ht * HT + j, T.ramp(chunk * 128 + k * 32, 1, 32)],
-                    )
+                acc_row[j, T.ramp(0, 1, 16)] = acc_row[j, T.ramp(0, 1, 16)] + maddubs32(
+                    plane_bytes(keys.low_row(quantised, layer, qpage, g, row, chunk * 32, words), k),
+                    query_bytes(n, g, slot, ht * HT + j, chunk * 128 + k * 32, q_codes, page_w8),
+                )
 
     @T.macro
     def high_products(n, g, layer, qpage, row, slot, ht, hc, count, page_hw8, acc_row):
